@@ -1,0 +1,35 @@
+"""SecureHealth-ML settings: edit a default here, or override it on any script
+with `--name value` (e.g. `python simulation.py --epsilon 2 --rounds 5`).
+
+Every value below is validated before anything starts (see settings.py).
+"""
+
+# --- Federation ---------------------------------------------------------------
+num_clients = 3  # hospitals taking part (simulated SuperNodes in simulation.py)
+rounds = 10  # federated rounds: the server averages the hospitals' models once per round
+local_epochs = 1  # passes over its own data each hospital makes per round
+join_timeout = 120  # seconds the server waits for all hospitals to connect
+
+# --- Synthetic patients (data_utils.py) ----------------------------------------
+num_patients = 4000  # patients over all hospitals; sizes follow a 5:3:2 pattern
+test_fraction = 0.2  # share of each hospital's patients held out from training
+global_test_patients = 2000  # the server's separate reference test population
+
+# --- Model (model.py) -----------------------------------------------------------
+hidden_layers = (16,)  # widths of the MLP's hidden layers, e.g. (32, 16); () = logistic
+decision_threshold = 0.5  # predicted risk at or above which a patient is called positive
+
+# --- Local training: DP-SGD with Opacus ----------------------------------------------
+batch_size = 128  # expected batch size; batches are Poisson-sampled at rate 1/ceil(n/batch)
+learning_rate = 0.5  # SGD step size (small data under DP favours SGD+momentum over Adam)
+momentum = 0.9  # SGD momentum, reset at the start of every round
+max_grad_norm = 1.0  # per-patient gradient clipping bound C; noise std is sigma * C
+
+# --- Privacy budget (per hospital, over the whole training) -------------------------
+epsilon = 1.0  # TOTAL epsilon each hospital may spend over all rounds together
+delta = 1e-5  # delta of the (epsilon, delta) guarantee; keep it well below 1/patients
+accountant = "rdp"  # "rdp" (conservative Renyi DP) or "prv" (tighter); calibrates and reports
+
+# --- Run -----------------------------------------------------------------------------
+seed = 42  # seeds the synthetic data and the initial model (DP noise uses secret randomness)
+run_dir = ""  # where results go; empty = a new runs/<UTC timestamp>/

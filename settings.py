@@ -1,0 +1,146 @@
+"""Effective settings: config.py's defaults, overridden from the command line or
+from a Flower run config, and validated once so that bad input stops early with
+one clear line instead of a traceback halfway through training."""
+
+import argparse
+import difflib
+import inspect
+import json
+import math
+import re
+from types import SimpleNamespace
+
+import config
+
+DEFAULTS = {
+    name: value
+    for name, value in vars(config).items()
+    if not name.startswith("_") and isinstance(value, (int, float, str, tuple))
+}
+
+# The comment after each default in config.py doubles as its --help text.
+HELP = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", inspect.getsource(config), re.M))
+
+RULES = {
+    "num_clients": (lambda v: v >= 1, "must be at least 1"),
+    "rounds": (lambda v: v >= 1, "must be at least 1"),
+    "local_epochs": (lambda v: v >= 1, "must be at least 1"),
+    "join_timeout": (lambda v: v >= 1, "must be at least 1 (seconds)"),
+    "num_patients": (lambda v: v >= 1, "must be at least 1"),
+    "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
+    "global_test_patients": (lambda v: v >= 50, "must be at least 50"),
+    "hidden_layers": (lambda v: all(w >= 1 for w in v), "widths must be >= 1"),
+    "decision_threshold": (lambda v: 0 < v < 1, "must be between 0 and 1"),
+    "batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "learning_rate": (lambda v: v > 0, "must be > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "max_grad_norm": (lambda v: v > 0, "must be > 0"),
+    "epsilon": (lambda v: v > 0, "must be > 0 (it is the total privacy budget)"),
+    "delta": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive), e.g. 1e-5"),
+    "accountant": (lambda v: v in ("rdp", "prv"), "must be 'rdp' or 'prv'"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+}
+
+MIN_PATIENTS_PER_HOSPITAL = 20
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names it and says what is allowed."""
+
+
+def _convert(name, raw):
+    """Turn a command-line or JSON value into the type of config.py's default."""
+    default = DEFAULTS[name]
+    try:
+        if isinstance(default, tuple):
+            if isinstance(raw, (list, tuple)):
+                return tuple(int(w) for w in raw)
+            return tuple(int(w) for w in str(raw).replace(" ", "").split(",") if w)
+        if isinstance(default, float):
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        if isinstance(default, int):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        kind = {tuple: "comma-separated integers, e.g. 32,16", float: "a finite number"}
+        expected = kind.get(type(default), "an integer")
+        raise SettingsError(f"{name} must be {expected}, got {raw!r}") from None
+
+
+def resolve(overrides=None):
+    """Defaults updated with `overrides` (a dict), converted and validated."""
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise SettingsError(_unknown_message(unknown[0]))
+    values = dict(DEFAULTS)
+    values.update({k: _convert(k, v) for k, v in overrides.items()})
+    for name, (is_valid, requirement) in RULES.items():
+        if not is_valid(values[name]):
+            raise SettingsError(f"{name} {requirement}, got {values[name]!r}")
+    smallest = values["num_patients"] // values["num_clients"]
+    if smallest < MIN_PATIENTS_PER_HOSPITAL:
+        raise SettingsError(
+            f"num_patients must give each of the {values['num_clients']} hospitals "
+            f"at least {MIN_PATIENTS_PER_HOSPITAL} patients, got {values['num_patients']}"
+        )
+    return SimpleNamespace(**values)
+
+
+def _unknown_message(name):
+    close = difflib.get_close_matches(name, DEFAULTS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else " (see config.py for the names)"
+    return f"unknown setting {name!r}{hint}"
+
+
+def to_json(cfg):
+    return json.dumps(vars(cfg))
+
+
+def from_run_config(run_config):
+    """Settings carried into Flower apps as JSON in the run config key `settings`."""
+    return resolve(json.loads(run_config.get("settings") or "{}"))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr and exit code 2, never a usage dump or traceback."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(description):
+    """An argparse parser with a --name (or --name-with-dashes) flag per setting."""
+    parser = _Parser(
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("settings (defaults from config.py)")
+    for name, default in DEFAULTS.items():
+        flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(
+            *flags,
+            dest=name,
+            metavar="VALUE",
+            help=f"{HELP.get(name, '')} [default: {shown!r}]".replace("%", "%%"),
+        )
+    return parser
+
+
+def parse(parser, argv=None):
+    """Parse the command line into (settings, the parsed arguments); exit 2 on error."""
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        if unknown:
+            flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+            raise SettingsError(_unknown_message(flag.lstrip("-").replace("-", "_")))
+        given = {n: getattr(args, n) for n in DEFAULTS if getattr(args, n) is not None}
+        return resolve(given), args
+    except SettingsError as error:
+        parser.error(str(error))

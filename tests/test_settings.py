@@ -1,0 +1,81 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    return settings.parse(settings.make_parser("test"), argv)[0]
+
+
+def test_defaults_come_from_config_module():
+    import config
+
+    cfg = parse([])
+    assert cfg.epsilon == config.epsilon == 1.0
+    assert cfg.delta == 1e-5
+    assert cfg.hidden_layers == config.hidden_layers
+
+
+def test_overrides_with_dashes_or_underscores_and_typed():
+    cfg = parse(["--learning-rate", "0.1", "--local_epochs", "2", "--hidden-layers", "32,16"])
+    assert cfg.learning_rate == 0.1 and isinstance(cfg.learning_rate, float)
+    assert cfg.local_epochs == 2 and isinstance(cfg.local_epochs, int)
+    assert cfg.hidden_layers == (32, 16)
+    assert parse(["--hidden-layers", ""]).hidden_layers == ()
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--epsilon", "0"], "epsilon"),
+        (["--epsilon", "-1"], "epsilon"),
+        (["--epsilon", "nan"], "epsilon"),
+        (["--delta", "0"], "delta"),
+        (["--delta", "1.5"], "delta"),
+        (["--rounds", "0"], "rounds"),
+        (["--rounds", "2.5"], "rounds"),
+        (["--batch-size", "many"], "batch_size"),
+        (["--accountant", "gdp"], "accountant"),
+        (["--num-clients", "300"], "num_patients"),
+        (["--epsilom", "2"], "epsilon"),  # unknown name: suggests the right one
+    ],
+)
+def test_invalid_values_exit_2_with_one_line_naming_the_setting(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "Traceback" not in err
+
+
+def test_run_config_round_trip():
+    cfg = parse(["--rounds", "3", "--hidden-layers", "8,4"])
+    assert settings.from_run_config({"settings": settings.to_json(cfg)}) == cfg
+    assert settings.from_run_config({"settings": ""}) == parse([])
+
+
+def test_run_config_is_validated_too():
+    with pytest.raises(settings.SettingsError, match="epsilon"):
+        settings.from_run_config({"settings": '{"epsilon": -1}'})
+
+
+@pytest.mark.parametrize("argv", [["--epsilon", "0"], ["--unknown-thing", "1"]])
+def test_simulation_script_rejects_bad_input_before_starting_anything(argv, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "simulation.py"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
