@@ -1,0 +1,89 @@
+"""The diagnosis model (a small MLP that outputs a risk logit), the exchange of its
+weights between hospitals and server, its clinical evaluation, and model.pt."""
+
+import io
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    log_loss,
+    recall_score,
+    roc_auc_score,
+)
+from torch import nn
+
+from results import write_atomic
+
+
+def build_model(in_features, hidden_layers):
+    """An MLP without BatchNorm (not compatible with per-patient DP gradients)."""
+    layers, width = [], in_features
+    for hidden in hidden_layers:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def get_weights(model):
+    """The model's weights as NumPy arrays, in state-dict order.
+
+    Pass the plain model, not Opacus' wrapper, whose keys carry a `_module.` prefix.
+    """
+    return [t.detach().cpu().numpy() for t in model.state_dict().values()]
+
+
+def set_weights(model, weights):
+    """Load arrays from get_weights() into the model, checking the architecture."""
+    state = model.state_dict()
+    if len(weights) != len(state):
+        raise ValueError(f"expected {len(state)} weight arrays, got {len(weights)}")
+    for (name, current), array in zip(state.items(), weights, strict=True):
+        if tuple(current.shape) != tuple(np.shape(array)):
+            raise ValueError(
+                f"weight {name} has shape {np.shape(array)}, model needs {tuple(current.shape)}"
+            )
+    model.load_state_dict({k: torch.as_tensor(w) for k, w in zip(state, weights, strict=True)})
+
+
+@torch.no_grad()
+def predict_risk(model, x):
+    """Predicted probability of the disease for each row of x."""
+    model.eval()
+    return torch.sigmoid(model(torch.as_tensor(x)).squeeze(-1)).numpy()
+
+
+def clinical_metrics(y_true, risk, threshold):
+    """Discrimination (AUC) and the threshold-dependent figures clinicians read."""
+    predicted = (risk >= threshold).astype(int)
+    return {
+        "auc": float(roc_auc_score(y_true, risk)),
+        "accuracy": float(accuracy_score(y_true, predicted)),
+        "sensitivity": float(recall_score(y_true, predicted, pos_label=1, zero_division=0)),
+        "specificity": float(recall_score(y_true, predicted, pos_label=0, zero_division=0)),
+        "loss": float(log_loss(y_true, np.clip(risk, 1e-7, 1 - 1e-7), labels=[0, 1])),
+    }
+
+
+def save_model(path, model, hidden_layers, feature_names, threshold):
+    """Write model.pt atomically: the weights plus what is needed to rebuild them."""
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hidden_layers": list(hidden_layers),
+            "feature_names": list(feature_names),
+            "decision_threshold": threshold,
+        },
+        buffer,
+    )
+    write_atomic(path, buffer.getvalue())
+
+
+def load_model(path):
+    """Rebuild the model saved in model.pt; returns (model, everything saved)."""
+    saved = torch.load(path, weights_only=True)
+    model = build_model(len(saved["feature_names"]), saved["hidden_layers"])
+    model.load_state_dict(saved["state_dict"])
+    return model, saved

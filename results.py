@@ -1,0 +1,51 @@
+"""The results contract: what every run leaves in its run directory, written so
+that a reader never sees a half-written file.
+
+    metrics.json  settings, per-round global metrics and per-hospital privacy,
+                  final metrics, and the privacy summary (status "running" until
+                  the last round is in, then "finished")
+    model.pt      final global weights plus what is needed to rebuild the model
+                  (model.save_model / model.load_model)
+    privacy/      each hospital's privacy ledger (simulation only: in deployment
+                  a hospital keeps its ledger at home)
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.pt"
+
+
+def write_atomic(path, data):
+    """Write bytes to path via a temporary file and a rename, so that the file is
+    always either the old or the new complete version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_directory(cfg, run_id):
+    """Where a run's results go: the run_dir setting (simulation.py and server.py
+    always set it), else runs/flower-run-<id> for a bare `flwr run`."""
+    return Path(cfg.run_dir or f"runs/flower-run-{run_id}").resolve()
