@@ -1,0 +1,59 @@
+"""What a hospital sends to the server, checked on the real Flower message."""
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.serde import message_to_proto
+from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
+from flwr.supercore.task_identity import TaskIdentity
+
+import client
+import data_utils
+import settings
+from model import build_model, get_weights
+
+PRIVACY_REPORT_KEYS = {
+    "hospital",
+    "patients",
+    "status",
+    "reason",
+    "epsilon",
+    "epsilon_budget",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "history",
+}
+
+
+def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path, monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    cfg = settings.resolve({"rounds": 2, "num_patients": 600, "run_dir": str(tmp_path)})
+    initial = get_weights(build_model(len(data_utils.FEATURE_NAMES), cfg.hidden_layers))
+    instruction = FitIns(ndarrays_to_parameters(initial), {"server_round": 1})
+    message = Message(fitins_to_recorddict(instruction, True), dst_node_id=1, message_type="train")
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={"settings": settings.to_json(cfg)},
+    )
+
+    reply = client.app(message, context)
+
+    result = recorddict_to_fitres(reply.content, keep_input=True)
+    weights = parameters_to_ndarrays(result.parameters)
+    assert [w.shape for w in weights] == [w.shape for w in initial]
+    trained = not all(np.array_equal(a, b) for a, b in zip(weights, initial, strict=True))
+    assert trained
+    (x, y), _ = data_utils.load_hospital(cfg, 0)
+    assert result.num_examples == len(y)
+    assert set(result.metrics) == PRIVACY_REPORT_KEYS
+    assert all(isinstance(v, (int, float, str)) for v in result.metrics.values())
+
+    wire = message_to_proto(reply).SerializeToString()  # what would cross the network
+    assert not any(row.tobytes() in wire for row in x)
+    assert y.tobytes() not in wire
