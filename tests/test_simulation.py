@@ -1,0 +1,156 @@
+"""End to end: `python simulation.py` on Flower's real simulation runtime (SuperLink,
+Ray, `flwr run`), with the real Opacus engine, on tiny settings."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+
+import data_utils
+import settings
+from model import clinical_metrics, load_model, predict_risk
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--rounds", "3", "--num-patients", "600", "--global-test-patients", "200"]
+
+
+def simulate(*args, **popen_args):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "simulation.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C must work even where the caller's shell ignores SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **popen_args,
+    )
+
+
+def flower_processes(run_dir):
+    """Live processes started for this run: Flower's and Ray's processes all carry
+    FLWR_HOME=<run_dir>/flower in their environment (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"{run_dir}/flower".encode() in (proc / "environ").read_bytes():
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100])
+        except OSError:
+            pass  # gone meanwhile, or not ours to read
+    return found
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sim") / "run"
+    process = simulate(*TINY, "--run-dir", str(run_dir))
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr, run_dir
+
+
+def test_simulation_finishes_cleanly(run):
+    returncode, stdout, stderr, run_dir = run
+    assert returncode == 0, stdout + stderr
+    for round_number in (1, 2, 3):
+        assert f"Round   {round_number}/3" in stdout
+    assert "Privacy spent per hospital" in stdout
+    logs = "".join(p.read_text() for p in (run_dir / "flower").glob("*.log"))
+    for output in (stdout, stderr, logs):
+        assert "DEPRECATED" not in output and "Traceback" not in output
+    time.sleep(1)
+    assert flower_processes(run_dir) == []  # SuperLink, Ray: all stopped
+
+
+def test_results_contract(run):
+    *_, run_dir = run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["config"]["rounds"] == 3 and metrics["config"]["run_dir"] == str(run_dir)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    for record in metrics["rounds"]:
+        assert {"accuracy", "auc"} <= set(record["global"])
+        assert sorted(record["hospitals"]) == ["0", "1", "2"]
+        assert all("epsilon" in h for h in record["hospitals"].values())
+    assert {"accuracy", "auc", "sensitivity", "specificity"} <= set(metrics["final"]["global"])
+    assert metrics["privacy"]["accountant"] == "rdp"
+    assert metrics["privacy"]["target_epsilon"] == 1.0 and metrics["privacy"]["delta"] == 1e-5
+
+    # model.pt is the final global model: it reproduces the final metrics.
+    cfg = settings.resolve({k: v for k, v in metrics["config"].items()})
+    model, _ = load_model(run_dir / "model.pt")
+    test_x, test_y = data_utils.global_test_set(cfg)
+    recomputed = clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
+    assert recomputed["auc"] == pytest.approx(metrics["final"]["global"]["auc"])
+
+
+def independent_epsilons(history, delta):
+    """Google's dp-accounting, RDP and PLD, on the reported mechanisms."""
+    rdp, pld = dp_accounting.rdp.RdpAccountant(), dp_accounting.pld.PLDAccountant()
+    for sigma, sample_rate, steps in history:
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(sigma)),
+            steps,
+        )
+        rdp.compose(event)
+        pld.compose(event)
+    return rdp.get_epsilon(delta), pld.get_epsilon(delta)
+
+
+def test_every_hospital_is_within_budget_and_honestly_accounted(run):
+    *_, run_dir = run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = settings.resolve(metrics["config"])
+    for hospital, p in metrics["privacy"]["hospitals"].items():
+        batches = math.ceil(p["patients"] / cfg.batch_size)
+        assert p["sample_rate"] == 1 / batches  # the rate Opacus really sampled at
+        assert p["steps"] == cfg.rounds * cfg.local_epochs * batches
+        assert p["history"] == [[p["noise_multiplier"], p["sample_rate"], p["steps"]]]
+        assert 0.95 * cfg.epsilon <= p["epsilon"] <= cfg.epsilon
+        rdp, pld = independent_epsilons(p["history"], p["delta"])
+        assert p["epsilon"] >= rdp - 1e-6  # never below an independent accountant
+        assert p["epsilon"] >= pld
+        per_round = [r["hospitals"][hospital]["epsilon"] for r in metrics["rounds"]]
+        assert per_round == sorted(per_round) and per_round[-1] == p["epsilon"]  # cumulative
+
+
+def test_each_hospital_ledger_records_every_release(run):
+    *_, run_dir = run
+    ledgers = [json.loads(p.read_text()) for p in (run_dir / "privacy").glob("ledger-*.json")]
+    assert len(ledgers) == 3
+    for ledger in ledgers:
+        assert [r["round"] for r in ledger["releases"]] == [1, 2, 3]
+        assert len(ledger["plans"]) == 1
+
+
+def test_a_run_directory_is_never_overwritten(run):
+    *_, run_dir = run
+    before = (run_dir / "metrics.json").read_bytes()
+    process = simulate(*TINY, "--run-dir", str(run_dir))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and "already holds a run" in stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    process = simulate("--rounds", "500", "--run-dir", str(run_dir))
+    metrics_path = run_dir / "metrics.json"
+    deadline = time.monotonic() + 120
+    while not (metrics_path.exists() and json.loads(metrics_path.read_text())["rounds"]):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)
+    assert len(flower_processes(run_dir)) >= 4  # SuperLink, SuperExec, simulation, Ray
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Interrupted" in stdout
+    assert json.loads(metrics_path.read_text())["status"] == "interrupted"
+    time.sleep(1)
+    assert flower_processes(run_dir) == []
+    assert np.isfinite(json.loads(metrics_path.read_text())["rounds"][0]["global"]["auc"])
