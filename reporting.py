@@ -4,6 +4,7 @@
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,6 +29,8 @@ def round_line(record, cfg):
     trained = record["hospitals_trained"]
     if trained < cfg.num_clients:
         line += f"  [yellow]({trained}/{cfg.num_clients} hospitals trained)[/]"
+    for reason in record["failures"]:
+        line += f"\n  [red]a hospital failed:[/] {escape(reason)}"
     return line
 
 
@@ -87,6 +90,9 @@ def print_summary(metrics, run_dir, console=None):
     for name in columns:
         privacy_table.add_column(name, justify="right")
     for hospital, p in privacy["hospitals"].items():
+        if "epsilon" not in p:
+            privacy_table.add_row(hospital, *["-"] * 7, style="red")
+            continue
         style = "red" if p["epsilon"] > privacy["target_epsilon"] else None
         privacy_table.add_row(
             hospital,
@@ -100,6 +106,12 @@ def print_summary(metrics, run_dir, console=None):
             style=style,
         )
     console.print(privacy_table)
+    failed_rounds = [r["round"] for r in metrics["rounds"] if r["failures"]]
+    if failed_rounds:
+        console.print(
+            f"[red]Hospitals failed in rounds {failed_rounds}[/]: the model was averaged "
+            f"without them there (reasons above and in metrics.json)."
+        )
     console.print(
         f"Each hospital's training patients are protected by record-level "
         f"(epsilon, delta)-differential privacy, cumulative over all "

@@ -7,6 +7,7 @@ data and reports what it has spent; the server records those reports.
 """
 
 import json
+import re
 import time
 from logging import INFO, WARNING
 
@@ -57,7 +58,7 @@ class HospitalFedAvg(FedAvg):
         self.test_x, self.test_y = data_utils.global_test_set(cfg)
         self.started = time.monotonic()
         self.reports = {}  # hospital id -> its latest report
-        self.round_reports, self.round_failures = {}, 0
+        self.round_reports, self.round_failures = {}, []
         self.results = {
             "status": "running",
             "config": vars(cfg),
@@ -85,10 +86,10 @@ class HospitalFedAvg(FedAvg):
                     server_round,
                     report["reason"],
                 )
-        for failure in failures:
-            log(WARNING, "A hospital failed in round %d: %s", server_round, failure)
+        self.round_failures = [failure_reason(f) for f in failures]
+        for reason in self.round_failures:
+            log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
         self.reports.update(self.round_reports)
-        self.round_failures = len(failures)
         return super().aggregate_fit(server_round, trained, failures)
 
     def _evaluate_global(self, server_round, weights, config):
@@ -141,8 +142,12 @@ class HospitalFedAvg(FedAvg):
             # Noise comes from a PRNG seeded from OS entropy, not a CSPRNG.
             "secure_rng": False,
             "hospitals": {
-                h: {k: r[k] for k in (*PRIVACY_KEYS, "patients", "status")}
-                for h, r in sorted(self.reports.items(), key=lambda item: int(item[0]))
+                str(h): (
+                    {k: self.reports[str(h)][k] for k in (*PRIVACY_KEYS, "patients", "status")}
+                    if str(h) in self.reports
+                    else {"status": "no report"}  # it failed in every round
+                )
+                for h in range(self.cfg.num_clients)
             },
         }
         self.results["status"] = "finished"
@@ -150,6 +155,16 @@ class HospitalFedAvg(FedAvg):
 
     def save(self):
         write_json(self.run_dir / METRICS_FILE, self.results)
+
+
+def failure_reason(failure):
+    """What a failed hospital's exception said. Flower reports it as
+    "<class '...'>:<'Exception ClientAppException occurred. Message: what it said'>"."""
+    if isinstance(failure, tuple):  # (client, FitRes) with an error status
+        return failure[1].status.message
+    error = failure.args[0] if failure.args else failure
+    reason = str(getattr(error, "reason", error))
+    return re.sub(r"(?s)^.*Message: |'>$", "", reason).strip()
 
 
 def wait_for_hospitals(grid, cfg):

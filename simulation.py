@@ -85,7 +85,7 @@ def main(argv=None):
         )
         return 1
     reporting.print_summary(metrics, run_dir, console)
-    return 0
+    return 1 if any(r["failures"] for r in metrics["rounds"]) else 0
 
 
 def mark_stopped(run_dir, status):

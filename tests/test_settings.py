@@ -80,7 +80,6 @@ def test_simulation_script_rejects_bad_input_before_starting_anything(argv, tmp_
     assert not (tmp_path / "runs").exists()
 
 
-
 def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in settings.DEFAULTS if f"| `{name}` |" not in readme]

@@ -1,0 +1,64 @@
+"""What a person reads: round lines and the summary, also when hospitals fail."""
+
+from flwr.app import Error
+from rich.console import Console
+
+import reporting
+import settings
+from server import failure_reason
+
+HOSPITAL = {
+    "epsilon": 0.42,
+    "delta": 1e-5,
+    "noise_multiplier": 3.5,
+    "sample_rate": 0.1,
+    "steps": 20,
+    "history": [[3.5, 0.1, 20]],
+    "patients": 160,
+    "status": "trained",
+}
+GLOBAL = {"auc": 0.8, "accuracy": 0.75, "sensitivity": 0.5, "specificity": 0.9, "loss": 0.5}
+
+
+def metrics_with_a_failed_hospital():
+    return {
+        "status": "finished",
+        "rounds": [
+            {
+                "round": 1,
+                "global": GLOBAL,
+                "hospitals_trained": 1,
+                "failures": ["disk full"],
+                "hospitals": {"0": HOSPITAL},
+            }
+        ],
+        "final": {"global": GLOBAL},
+        "privacy": {
+            "target_epsilon": 1.0,
+            "delta": 1e-5,
+            "accountant": "rdp",
+            "hospitals": {"0": HOSPITAL, "1": {"status": "no report"}},
+        },
+    }
+
+
+def test_round_line_shows_progress_and_names_failures():
+    cfg = settings.resolve({"num_clients": 2, "rounds": 5})
+    line = reporting.round_line(metrics_with_a_failed_hospital()["rounds"][0], cfg)
+    assert "Round   1/5" in line and "AUC 0.800" in line and "max epsilon 0.420 / 1" in line
+    assert "(1/2 hospitals trained)" in line and "disk full" in line
+
+
+def test_summary_shows_every_hospital_and_warns_about_failures():
+    console = Console(record=True, width=150)
+    reporting.print_summary(metrics_with_a_failed_hospital(), "runs/x", console)
+    text = console.export_text()
+    assert "0.4200" in text and "3.5000" in text and "160" in text
+    assert "│        1 │        - │" in text  # the hospital that never reported
+    assert "Hospitals failed in rounds [1]" in text
+
+
+def test_failure_reason_unwraps_flowers_error_message():
+    reason = "<class 'ClientAppException'>:<'\nException ClientAppException occurred. "
+    reason += "Message: boom in hospital'>"
+    assert failure_reason(Exception(Error(code=0, reason=reason))) == "boom in hospital"
