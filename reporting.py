@@ -79,7 +79,7 @@ def print_summary(metrics, run_dir, console=None):
     )
     columns = (
         "Hospital",
-        "Patients",
+        "Training patients",
         "Epsilon spent",
         "Budget",
         "Delta",
