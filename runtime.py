@@ -128,11 +128,30 @@ def _signal(pid, signal_number):
 
 
 @contextmanager
+def flower_process(command, flwr_home, log_name):
+    """Run a Flower command with its output in flwr_home/log_name; stop it (and
+    all it started) on leaving the block."""
+    with open(flwr_home / log_name, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=flwr_home,
+            env=flower_env(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+@contextmanager
 def superlink(flwr_home, *extra_args):
     """Run `flower-superlink` on a free local port; yield its address."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = flwr_home / "superlink.log"
     command = [
         executable("flower-superlink"),
         "--host",
@@ -143,21 +162,9 @@ def superlink(flwr_home, *extra_args):
         "--disable-runtime-dependency-installation",
         *extra_args,
     ]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=flwr_home,
-            env=flower_env(flwr_home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
-        )
-    try:
-        _wait_until_healthy(process, port, log_path)
+    with flower_process(command, flwr_home, "superlink.log") as process:
+        _wait_until_healthy(process, port, flwr_home / "superlink.log")
         yield f"127.0.0.1:{port}"
-    finally:
-        stop(process)
 
 
 def _wait_until_healthy(process, port, log_path):
@@ -173,10 +180,9 @@ def _wait_until_healthy(process, port, log_path):
     raise FlowerError(f"the SuperLink did not start within {STARTUP_TIMEOUT} s")
 
 
-@contextmanager
 def flwr_run(flwr_home, address, cfg, federation_config=()):
-    """Submit this app to the SuperLink with `flwr run --stream`; yield the process
-    (its output, Flower's logs, goes to flwr_home/flwr-run.log)."""
+    """Submit this app to the SuperLink with `flwr run --stream`: a context manager
+    yielding the process, whose output (Flower's logs) goes to flwr-run.log."""
     connection = {"superlink": {"run": {"address": address, "insecure": True}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
     run_config = flwr_home / "run-config.toml"
@@ -185,17 +191,4 @@ def flwr_run(flwr_home, address, cfg, federation_config=()):
     command += ["--run-config", str(run_config)]
     if federation_config:
         command += ["--federation-config", " ".join(federation_config)]
-    with open(flwr_home / "flwr-run.log", "ab") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=flwr_home,
-            env=flower_env(flwr_home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        yield process
-    finally:
-        stop(process)
+    return flower_process(command, flwr_home, "flwr-run.log")
