@@ -41,6 +41,11 @@ def hospital_sizes(num_patients, num_clients):
     return sizes.tolist()
 
 
+def test_size(n, test_fraction):
+    """Patients of a hospital of n held out from training (at least one)."""
+    return max(1, round(n * test_fraction))
+
+
 def _hospital_profile(seed, hospital):
     """Case mix of one hospital: who it treats, and how sick they tend to be."""
     rng = np.random.default_rng([seed, hospital, 0])
@@ -95,7 +100,7 @@ def load_hospital(cfg, hospital):
     rng = np.random.default_rng([cfg.seed, hospital, 1])
     raw, y = _patients(rng, _hospital_profile(cfg.seed, hospital), n)
     x, y = scale(raw), y.astype(np.float32)
-    n_test = max(1, round(n * cfg.test_fraction))
+    n_test = test_size(n, cfg.test_fraction)
     return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
 
 

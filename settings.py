@@ -11,6 +11,7 @@ import re
 from types import SimpleNamespace
 
 import config
+import data_utils
 
 DEFAULTS = {
     name: value
@@ -41,7 +42,7 @@ RULES = {
     "seed": (lambda v: v >= 0, "must be >= 0"),
 }
 
-MIN_PATIENTS_PER_HOSPITAL = 20
+MIN_TRAINING_PATIENTS = 10
 
 
 class SettingsError(ValueError):
@@ -83,11 +84,12 @@ def resolve(overrides=None):
     for name, (is_valid, requirement) in RULES.items():
         if not is_valid(values[name]):
             raise SettingsError(f"{name} {requirement}, got {values[name]!r}")
-    smallest = values["num_patients"] // values["num_clients"]
-    if smallest < MIN_PATIENTS_PER_HOSPITAL:
+    smallest = min(data_utils.hospital_sizes(values["num_patients"], values["num_clients"]))
+    if smallest - data_utils.test_size(smallest, values["test_fraction"]) < MIN_TRAINING_PATIENTS:
         raise SettingsError(
-            f"num_patients must give each of the {values['num_clients']} hospitals "
-            f"at least {MIN_PATIENTS_PER_HOSPITAL} patients, got {values['num_patients']}"
+            f"num_patients must leave each of the {values['num_clients']} hospitals at "
+            f"least {MIN_TRAINING_PATIENTS} training patients, got {values['num_patients']} "
+            f"(smallest hospital: {smallest}, test_fraction {values['test_fraction']})"
         )
     return SimpleNamespace(**values)
 
