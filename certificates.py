@@ -1,0 +1,104 @@
+"""TLS for deployment: a local certificate authority (CA) and a server certificate
+signed by it, made with the `cryptography` package.
+
+The server presents certs/server.crt (its private key certs/server.key never leaves
+the server); every hospital verifies it with a copy of certs/ca.crt. The CA's own
+key (certs/ca.key) signs new server certificates and should be kept offline.
+Private keys are written with mode 0600 and are git-ignored.
+"""
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT, SERVER_CERT, SERVER_KEY, CA_KEY = "ca.crt", "server.crt", "server.key", "ca.key"
+VALID_DAYS = 825  # the longest validity browsers and TLS libraries still accept
+
+
+def _name(common_name):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write_key(path, key):
+    """Create the file with mode 0600 from the start: never readable by others."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
+
+def _subject_alternative_name(hosts):
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_certificates(directory, hosts):
+    """Create ca.crt, ca.key, server.crt and server.key in `directory`, the server
+    certificate valid for each of `hosts` (names or IP addresses). Existing files
+    are never overwritten: hospitals may already trust the old CA."""
+    directory = Path(directory)
+    existing = [n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY) if (directory / n).exists()]
+    if existing:
+        raise FileExistsError(
+            f"{directory / existing[0]} already exists; hospitals may trust it. "
+            f"Delete {directory} deliberately to make new certificates"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    validity = {"not_valid_before": now, "not_valid_after": now + datetime.timedelta(VALID_DAYS)}
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("SecureHealth-ML federation CA")
+    ca_cert = (
+        x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, **validity)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder(subject_name=_name(hosts[0]), issuer_name=ca_name, **validity)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(_subject_alternative_name(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    _write_key(directory / CA_KEY, ca_key)
+    _write_key(directory / SERVER_KEY, server_key)
+    (directory / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / SERVER_CERT).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    return directory
