@@ -13,6 +13,7 @@ that a reader never sees a half-written file.
 import json
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 METRICS_FILE = "metrics.json"
@@ -49,3 +50,31 @@ def run_directory(cfg, run_id):
     """Where a run's results go: the run_dir setting (simulation.py and server.py
     always set it), else runs/flower-run-<id> for a bare `flwr run`."""
     return Path(cfg.run_dir or f"runs/flower-run-{run_id}").resolve()
+
+
+def new_run_dir(requested):
+    """Create the run directory: `requested`, or a new runs/<UTC timestamp>/. A
+    directory that already holds a run is refused: results are never overwritten."""
+    if requested:
+        run_dir = Path(requested).resolve()
+        if (run_dir / METRICS_FILE).exists():
+            raise FileExistsError(f"run_dir {run_dir} already holds a run; choose a new one")
+    else:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs", stamp).resolve()
+        suffix = 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = Path("runs", f"{stamp}-{suffix}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def mark_stopped(run_dir, status):
+    """Leave a clear status in metrics.json when the server could not."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.exists():
+        metrics = read_json(path)
+        if metrics["status"] == "running":
+            metrics["status"] = status
+            write_json(path, metrics)

@@ -1,10 +1,13 @@
-"""Flower's own runtime, driven for the user: a SuperLink and `flwr run`, with
-Flower's state and logs in the run directory, and nothing left running afterwards
-(also after Ctrl-C or an error)."""
+"""Flower's own runtime, driven for the user: a SuperLink and `flwr run` on the
+server's side, a SuperNode on a hospital's, with Flower's state and logs kept in
+the run's (or the hospital's) directory, and nothing left running afterwards (also
+after Ctrl-C or an error)."""
 
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -14,10 +17,14 @@ from pathlib import Path
 
 import tomli_w
 
+import reporting
 import settings
+from results import mark_stopped
 
 APP_DIR = Path(__file__).resolve().parent
 STARTUP_TIMEOUT = 60  # seconds for a SuperLink to answer its health check
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+DEFAULT_PORT = 9092  # where hospitals reach the server (Flower's traditional Fleet API port)
 
 
 class FlowerError(RuntimeError):
@@ -34,6 +41,23 @@ def flower_env(flwr_home):
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     }
+
+
+def split_address(address):
+    """("host", port) from "host:port", or ValueError saying what is expected."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, e.g. 127.0.0.1:9092, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def ensure_port_free(host, port):
+    """Fail early, with the port named, rather than deep inside Flower's logs."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host or "0.0.0.0", port))
+        except OSError as error:
+            raise FlowerError(f"port {port} on {host} is not free ({error.strerror})") from None
 
 
 def executable(name):
@@ -148,42 +172,52 @@ def flower_process(command, flwr_home, log_name):
 
 
 @contextmanager
-def superlink(flwr_home, *extra_args):
-    """Run `flower-superlink` on a free local port; yield its address."""
+def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None):
+    """Run `flower-superlink` (TLS when `ca_cert` is given, with the certificate
+    and key in extra_args); yield the address `flwr run` reaches it at."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     command = [
         executable("flower-superlink"),
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         # Use the installed packages; never `uv sync` the app into a per-run venv.
         "--disable-runtime-dependency-installation",
         *extra_args,
     ]
+    address = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
     with flower_process(command, flwr_home, "superlink.log") as process:
-        _wait_until_healthy(process, port, flwr_home / "superlink.log")
-        yield f"127.0.0.1:{port}"
+        _wait_until_healthy(process, address, ca_cert, flwr_home / "superlink.log")
+        yield address
 
 
-def _wait_until_healthy(process, port, log_path):
+def _wait_until_healthy(process, address, ca_cert, log_path):
+    scheme = "https" if ca_cert else "http"
+    context = ssl.create_default_context(cafile=ca_cert) if ca_cert else None
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FlowerError(f"the SuperLink exited at start-up:\n{log_tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+            url = f"{scheme}://{address}/health"
+            with urllib.request.urlopen(url, timeout=1, context=context):
                 return
+        except ssl.SSLCertVerificationError as error:
+            raise FlowerError(
+                f"the server certificate does not verify for {address}: {error.verify_message}"
+            ) from None
         except OSError:
             time.sleep(0.1)
     raise FlowerError(f"the SuperLink did not start within {STARTUP_TIMEOUT} s")
 
 
-def flwr_run(flwr_home, address, cfg, federation_config=()):
+def flwr_run(flwr_home, address, cfg, federation_config=(), ca_cert=None):
     """Submit this app to the SuperLink with `flwr run --stream`: a context manager
     yielding the process, whose output (Flower's logs) goes to flwr-run.log."""
-    connection = {"superlink": {"run": {"address": address, "insecure": True}}}
+    tls = {"root-certificates": str(ca_cert)} if ca_cert else {"insecure": True}
+    connection = {"superlink": {"run": {"address": address, **tls}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
     run_config = flwr_home / "run-config.toml"
     run_config.write_text(tomli_w.dumps({"settings": settings.to_json(cfg)}))
@@ -192,3 +226,95 @@ def flwr_run(flwr_home, address, cfg, federation_config=()):
     if federation_config:
         command += ["--federation-config", " ".join(federation_config)]
     return flower_process(command, flwr_home, "flwr-run.log")
+
+
+def supernode(flwr_home, server_address, node_config, ca_cert=None):
+    """Run `flower-supernode` for one hospital, connected to the server's SuperLink:
+    a context manager yielding the process. Its own Runtime API listens on a free
+    port of 127.0.0.1 only: a hospital opens no port to the outside."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
+    command = [
+        executable("flower-supernode"),
+        "--superlink",
+        server_address,
+        *(["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]),
+        "--node-config",
+        config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+    return flower_process(command, flwr_home, "supernode.log")
+
+
+def server_reachable(address):
+    """Whether something accepts connections at host:port."""
+    try:
+        with socket.create_connection(split_address(address), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def check_tls(address, ca_cert):
+    """Handshake with the server and verify its certificate with our CA, so that a
+    wrong or missing certificate is reported in words, not as endless retries."""
+    context = ssl.create_default_context(cafile=ca_cert)
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return
+    except ssl.SSLCertVerificationError as error:
+        raise FlowerError(
+            f"the server at {address} is not the one {ca_cert} vouches for "
+            f"({error.verify_message}); copy the server's certs/ca.crt"
+        ) from None
+    except ssl.SSLError as error:
+        raise FlowerError(
+            f"TLS with {address} failed ({error.reason}); is it in --insecure mode?"
+        ) from None
+
+
+def interrupt_on_signals():
+    """SIGTERM and SIGHUP stop a launcher like Ctrl-C does: everything it started is
+    stopped and the run's status recorded."""
+
+    def interrupt(signal_number, frame):
+        raise KeyboardInterrupt
+
+    for signal_number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signal_number, interrupt)
+
+
+def run_federation(cfg, console, superlink_args, federation_config=(), ca_cert=None, **where):
+    """One whole training on a SuperLink of our own: start it, submit the app, show
+    the rounds, print the summary; return the exit code. `where` (host, port) says
+    where the SuperLink listens."""
+    run_dir = Path(cfg.run_dir)
+    flwr_home = run_dir / "flower"
+    try:
+        with (
+            superlink(flwr_home, *superlink_args, ca_cert=ca_cert, **where) as address,
+            flwr_run(flwr_home, address, cfg, federation_config, ca_cert) as process,
+        ):
+            metrics = reporting.follow(process, run_dir, cfg, console)
+    except KeyboardInterrupt:
+        mark_stopped(run_dir, "interrupted")
+        console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")
+        return 130
+    except FlowerError as error:
+        mark_stopped(run_dir, "failed")
+        console.print(f"[red]Flower failed:[/] {error}")
+        return 1
+    if not metrics or metrics["status"] != "finished":
+        mark_stopped(run_dir, "failed")
+        error = (metrics or {}).get("error", "the server stopped without a result")
+        log = flwr_home / "flwr-run.log"
+        console.print(f"[red]The run failed:[/] {error}\nLast lines of {log}:\n{log_tail(log)}")
+        return 1
+    reporting.print_summary(metrics, run_dir, console)
+    # Dropouts are tolerated (min_fit_clients); a round that trained nobody is not.
+    return 1 if reporting.idle_rounds(metrics) else 0
