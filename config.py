@@ -8,7 +8,9 @@ Every value below is validated before anything starts (see settings.py).
 num_clients = 3  # hospitals taking part (simulated SuperNodes in simulation.py)
 rounds = 10  # federated rounds: the server averages the hospitals' models once per round
 local_epochs = 1  # passes over its own data each hospital makes per round
-join_timeout = 120  # seconds the server waits for all hospitals to connect
+join_timeout = 120  # seconds the server waits for all hospitals to connect before round 1
+min_available_clients = 2  # after round 1, hospitals that must be connected for a round
+min_fit_clients = 2  # hospitals a round trains with at the least (others may drop out)
 
 # --- Synthetic patients (data_utils.py) ----------------------------------------
 num_patients = 4000  # patients over all hospitals; sizes follow a 5:3:2 pattern

@@ -18,6 +18,9 @@ from results import read_json, write_json
 
 MAX_NOISE_MULTIPLIER = 1e6  # as in Opacus' get_noise_multiplier
 CALIBRATION_PRECISION = 1e-3  # relative precision of the calibrated noise multiplier
+# Below this share of the budget left, a new run is declined rather than trained with
+# noise so large that it could not learn anything.
+MIN_BUDGET_LEFT = 0.01
 
 # Opacus' RDP accountant warns when its bound could be tightened with larger orders:
 # the epsilon is then an over-estimate (safe), which happens while calibrating.
@@ -46,8 +49,11 @@ def calibrate_noise_multiplier(budget, delta, sample_rate, steps, accountant, pr
     """
     prior = list(prior)
     spent = epsilon_spent(prior, delta, accountant)
-    if spent >= budget:
-        raise BudgetExhausted(f"epsilon spent {spent:.3f} >= budget {budget:g}")
+    if spent >= budget * (1 - MIN_BUDGET_LEFT):
+        raise BudgetExhausted(
+            f"epsilon spent {spent:.4f} of the budget of {budget:g}, less than "
+            f"{MIN_BUDGET_LEFT:.0%} left"
+        )
 
     def epsilon_with(sigma):
         return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta, accountant)

@@ -18,20 +18,49 @@ from rich.table import Table
 from results import METRICS_FILE, read_json
 
 
+def make_console():
+    """Where launchers print; to a file or pipe with room for the tables."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def round_line(record, cfg):
-    epsilons = [h["epsilon"] for h in record["hospitals"].values()]
-    max_epsilon = max(epsilons, default=0.0)
+    """One round: global metrics, the largest epsilon spent (against that hospital's
+    own budget), and any hospital that declined or failed, with its reason."""
     g = record["global"]
     line = (
-        f"Round {record['round']:>3}/{cfg.rounds}  AUC {g['auc']:.3f}  "
-        f"accuracy {g['accuracy']:.3f}  max epsilon {max_epsilon:.3f} / {cfg.epsilon:g}"
+        f"Round {record['round']:>3}/{cfg.rounds}  AUC {g['auc']:.3f}  accuracy {g['accuracy']:.3f}"
     )
+    if record["hospitals"]:
+        top = max(record["hospitals"].values(), key=lambda h: h["epsilon"])
+        line += f"  max epsilon {top['epsilon']:.3f} / {top['epsilon_budget']:g}"
     trained = record["hospitals_trained"]
     if trained < cfg.num_clients:
         line += f"  [yellow]({trained}/{cfg.num_clients} hospitals trained)[/]"
+    for hospital, report in record["hospitals"].items():
+        if report["status"] != "trained":
+            line += f"\n  [yellow]hospital {hospital} declined:[/] {escape(report['reason'])}"
     for reason in record["failures"]:
         line += f"\n  [red]a hospital failed:[/] {escape(reason)}"
     return line
+
+
+def idle_rounds(metrics):
+    """Rounds in which no hospital trained, so the global model did not change."""
+    return [r["round"] for r in metrics["rounds"] if r["hospitals_trained"] == 0]
+
+
+def shortfalls(metrics):
+    """What went wrong in a finished run, in words (empty if nothing did)."""
+    failed = [r["round"] for r in metrics["rounds"] if r["failures"]]
+    found = []
+    if failed:
+        found.append(f"hospitals failed in rounds {failed}: the model was averaged without them")
+    if idle_rounds(metrics):
+        found.append(
+            f"no hospital trained in rounds {idle_rounds(metrics)}: the model did not change"
+        )
+    return found
 
 
 def follow(process, run_dir, cfg, console):
@@ -56,7 +85,10 @@ def follow(process, run_dir, cfg, console):
                 for record in metrics["rounds"][shown:]:
                     progress.console.print(round_line(record, cfg))
                 shown = len(metrics["rounds"])
-                progress.update(task, completed=shown, description="Federated training")
+                connected = metrics["hospitals_connected"]
+                waiting = f"Waiting for hospitals: {connected}/{cfg.num_clients} connected"
+                description = "Federated training" if connected == cfg.num_clients else waiting
+                progress.update(task, completed=shown, description=description)
             if finished or (metrics and metrics["status"] != "running"):
                 return metrics
             time.sleep(0.2)
@@ -86,32 +118,30 @@ def print_summary(metrics, run_dir, console=None):
         "Noise multiplier",
         "Sample rate",
         "Steps",
+        "Last round",
     )
     for name in columns:
         privacy_table.add_column(name, justify="right")
     for hospital, p in privacy["hospitals"].items():
         if "epsilon" not in p:
-            privacy_table.add_row(hospital, *["-"] * 7, style="red")
+            privacy_table.add_row(hospital, *["-"] * 7, p["status"], style="red")
             continue
-        style = "red" if p["epsilon"] > privacy["target_epsilon"] else None
+        style = "red" if p["epsilon"] > p["epsilon_budget"] else None
         privacy_table.add_row(
             hospital,
             str(p["patients"]),
             f"{p['epsilon']:.4f}",
-            f"{privacy['target_epsilon']:g}",
+            f"{p['epsilon_budget']:g}",
             f"{p['delta']:g}",
             f"{p['noise_multiplier']:.4f}",
             f"{p['sample_rate']:.4f}",
             str(p["steps"]),
+            p["status"],
             style=style,
         )
     console.print(privacy_table)
-    failed_rounds = [r["round"] for r in metrics["rounds"] if r["failures"]]
-    if failed_rounds:
-        console.print(
-            f"[red]Hospitals failed in rounds {failed_rounds}[/]: the model was averaged "
-            f"without them there (reasons above and in metrics.json)."
-        )
+    for problem in shortfalls(metrics):
+        console.print(f"[red]Warning:[/] {problem} (reasons above and in metrics.json).")
     console.print(
         f"Each hospital's training patients are protected by record-level "
         f"(epsilon, delta)-differential privacy, cumulative over all "

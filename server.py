@@ -1,27 +1,41 @@
 """The server: averages the hospitals' models (FedAvg, weighted by patients),
 evaluates the global model on its own reference test set after every round, and
-writes the run's results (results.py).
+writes the run's results (results.py). `app` is the Flower ServerApp.
 
 It never computes a hospital's epsilon itself: each hospital accounts for its own
 data and reports what it has spent; the server records those reports.
+
+Run as a script, it is the deployment server: a TLS SuperLink that hospitals
+(`python client.py --client-id N`) connect to, and one training run on it:
+
+    python server.py --make-certs            # once: a CA and server certificate
+    python server.py [--host H] [--port P] [--name value ...]
 """
 
 import json
 import re
+import sys
+import threading
 import time
 from logging import INFO, WARNING
+from pathlib import Path
 
 import torch
-from flwr.app import Context
-from flwr.common import ndarrays_to_parameters
+from flwr.app import Context, Message
+from flwr.common import GetPropertiesIns, ndarrays_to_parameters
+from flwr.common.constant import MessageTypeLegacy
 from flwr.common.logger import log
+from flwr.compat.common.recorddict_compat import getpropertiesins_to_recorddict
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 import data_utils
+import reporting
+import runtime
 import settings
+from certificates import CA_CERT, SERVER_CERT, SERVER_KEY, make_certificates
 from model import (
     build_model,
     clinical_metrics,
@@ -30,10 +44,19 @@ from model import (
     save_model,
     set_weights,
 )
-from results import METRICS_FILE, MODEL_FILE, run_directory, write_json
+from results import METRICS_FILE, MODEL_FILE, new_run_dir, run_directory, write_json
 
 # What a hospital reports about its own privacy spending, as metrics.json records it.
-PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "history")
+PRIVACY_KEYS = (
+    "epsilon",
+    "epsilon_budget",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "history",
+)
+END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
 
 
 class HospitalFedAvg(FedAvg):
@@ -48,8 +71,8 @@ class HospitalFedAvg(FedAvg):
             # No evaluation at the hospitals: metrics on their test rows would be a
             # release about those patients without DP. The server evaluates instead.
             fraction_evaluate=0.0,
-            min_fit_clients=cfg.num_clients,
-            min_available_clients=cfg.num_clients,
+            min_fit_clients=cfg.min_fit_clients,
+            min_available_clients=cfg.min_available_clients,
             initial_parameters=ndarrays_to_parameters(get_weights(self.model)),
             on_fit_config_fn=lambda server_round: {"server_round": server_round},
             evaluate_fn=self._evaluate_global,
@@ -61,6 +84,7 @@ class HospitalFedAvg(FedAvg):
         self.round_reports, self.round_failures = {}, []
         self.results = {
             "status": "running",
+            "hospitals_connected": 0,
             "config": vars(cfg),
             "rounds": [],
             "final": None,
@@ -126,7 +150,7 @@ class HospitalFedAvg(FedAvg):
         self.save()
 
     def finish(self):
-        """Write model.pt, then the final figures, then mark the run finished."""
+        """Write model.pt and the final figures (the status is set by the caller)."""
         save_model(
             self.run_dir / MODEL_FILE,
             self.model,
@@ -150,7 +174,6 @@ class HospitalFedAvg(FedAvg):
                 for h in range(self.cfg.num_clients)
             },
         }
-        self.results["status"] = "finished"
         self.save()
 
     def save(self):
@@ -167,11 +190,14 @@ def failure_reason(failure):
     return re.sub(r"(?s)^.*Message: |'>$", "", reason).strip()
 
 
-def wait_for_hospitals(grid, cfg):
+def wait_for_hospitals(grid, cfg, strategy):
     """Start only when exactly num_clients hospitals are connected; otherwise stop
     with a message that says what to change, instead of waiting for a day."""
     deadline = time.monotonic() + cfg.join_timeout
     while (connected := len(grid.get_node_ids())) < cfg.num_clients:
+        if connected != strategy.results["hospitals_connected"]:
+            strategy.results["hospitals_connected"] = connected
+            strategy.save()
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"only {connected} of {cfg.num_clients} hospitals connected within "
@@ -180,12 +206,71 @@ def wait_for_hospitals(grid, cfg):
                 f"num-supernodes={cfg.num_clients}"
             )
         log(INFO, "Waiting for hospitals: %d of %d connected", connected, cfg.num_clients)
-        time.sleep(2)
+        time.sleep(1)
     if connected > cfg.num_clients:
         raise RuntimeError(
             f"{connected} hospitals connected but num_clients is {cfg.num_clients}: "
             f"set num_clients to {connected} or connect fewer"
         )
+    strategy.results["hospitals_connected"] = connected
+    strategy.save()
+
+
+def tell_hospitals(grid, status):
+    """Tell every connected hospital that the run has ended, so that its launcher can
+    stop (a SuperNode never exits by itself). The NumPyClient API has no message
+    for this; a get_properties request carries it. Waiting for the hospitals'
+    acknowledgements is bounded: a hospital that vanishes midway must not hold the
+    server (Flower may retry pulling a half-sent reply for hours)."""
+    instruction = getpropertiesins_to_recorddict(GetPropertiesIns({"run-status": status}))
+    messages = [
+        Message(instruction, dst_node_id=node, message_type=MessageTypeLegacy.GET_PROPERTIES)
+        for node in grid.get_node_ids()
+    ]
+    notice = threading.Thread(target=grid.send_and_receive, args=(messages,), daemon=True)
+    notice.start()
+    notice.join(END_NOTICE_TIMEOUT)
+    if notice.is_alive():
+        log(WARNING, "Not every hospital acknowledged the end of the run")
+
+
+class PromptGrid(Grid):
+    """The run's Grid, collecting replies every 0.2 s where Flower's deployment Grid
+    waits 3 s between polls (measured: 1.5 s saved per round)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def set_run(self, run):
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs):  # deprecated by Flower; never called here
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            for reply in self.pull_messages(waiting):
+                replies.append(reply)
+                waiting.discard(reply.metadata.reply_to_message_id)
+            if waiting:
+                time.sleep(0.2)
+        return replies
 
 
 app = ServerApp()
@@ -196,16 +281,106 @@ def main(grid: Grid, context: Context) -> None:
     cfg = settings.from_run_config(context.run_config)
     run_dir = run_directory(cfg, context.run_id)
     log(INFO, "SecureHealth-ML: results go to %s", run_dir)
+    grid = PromptGrid(grid)
     strategy = HospitalFedAvg(cfg, run_dir)
     legacy_context = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy
     )
     try:
-        wait_for_hospitals(grid, cfg)
+        wait_for_hospitals(grid, cfg, strategy)
         DefaultWorkflow()(grid, legacy_context)
         strategy.finish()
+        status = "finished"
     except BaseException as error:
-        strategy.results["status"] = "failed"
         strategy.results["error"] = f"{type(error).__name__}: {error}"
-        strategy.save()
+        status = "failed"
         raise
+    finally:
+        try:
+            tell_hospitals(grid, status)
+        except Exception as error:  # the run's own outcome is what must be saved
+            log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
+        strategy.results["status"] = status
+        strategy.save()
+
+
+def serve(argv=None):
+    """`python server.py`: the deployment server, with TLS unless --insecure."""
+    runtime.interrupt_on_signals()
+    parser = settings.make_parser(__doc__)
+    group = parser.add_argument_group("deployment")
+    group.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for hospitals on other machines",
+    )
+    group.add_argument("--port", type=int, default=runtime.DEFAULT_PORT, help="port to listen on")
+    group.add_argument("--certs-dir", default="certs", help="where the TLS files are")
+    group.add_argument(
+        "--make-certs",
+        action="store_true",
+        help="create a CA and a server certificate in --certs-dir, then exit",
+    )
+    group.add_argument(
+        "--cert-hosts",
+        default="",
+        help="with --make-certs: more names or IPs hospitals reach the server by, comma-separated",
+    )
+    group.add_argument(
+        "--insecure", action="store_true", help="no TLS: everything crosses the network unencrypted"
+    )
+    cfg, args = settings.parse(parser, argv)
+    certs = Path(args.certs_dir).resolve()
+    console = reporting.make_console()
+    if args.make_certs:
+        named = [args.host] if args.host not in runtime.WILDCARD_HOSTS else []
+        hosts = ["localhost", "127.0.0.1", *named, *filter(None, args.cert_hosts.split(","))]
+        try:
+            make_certificates(certs, list(dict.fromkeys(hosts)))
+        except FileExistsError as error:
+            parser.error(str(error))
+        console.print(
+            f"Created {certs}/: server.crt and server.key for {', '.join(dict.fromkeys(hosts))}, "
+            f"and the CA (ca.crt, ca.key). Give every hospital a copy of {certs / CA_CERT}; "
+            f"the keys never leave this machine."
+        )
+        return 0
+    if args.insecure:
+        console.print(
+            "[bold red]WARNING: --insecure: no TLS, model updates cross the "
+            "network unencrypted and the server is not authenticated.[/]"
+        )
+        tls_args, ca_cert = ["--insecure"], None
+    else:
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (certs / name).is_file():
+                parser.error(
+                    f"no TLS file {certs / name}: create the certificates with "
+                    f"`python server.py --make-certs` (or use --insecure to test)"
+                )
+        ca_cert = certs / CA_CERT
+        tls_args = [
+            "--ssl-certfile",
+            str(certs / SERVER_CERT),
+            "--ssl-keyfile",
+            str(certs / SERVER_KEY),
+            "--ssl-ca-certfile",
+            str(ca_cert),
+        ]
+    try:
+        runtime.ensure_port_free(args.host, args.port)
+        cfg.run_dir = str(new_run_dir(cfg.run_dir))
+    except (runtime.FlowerError, FileExistsError) as error:
+        parser.error(f"{error}; choose another with --port" if "port" in str(error) else str(error))
+    console.print(
+        f"[bold]SecureHealth-ML[/] server on {args.host}:{args.port} "
+        f"({'TLS' if ca_cert else 'no TLS'}): {cfg.rounds} rounds once {cfg.num_clients} "
+        f"hospitals have joined. Start each with: python client.py --client-id N"
+    )
+    return runtime.run_federation(
+        cfg, console, tls_args, ca_cert=ca_cert, host=args.host, port=args.port
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -27,6 +27,8 @@ RULES = {
     "rounds": (lambda v: v >= 1, "must be at least 1"),
     "local_epochs": (lambda v: v >= 1, "must be at least 1"),
     "join_timeout": (lambda v: v >= 1, "must be at least 1 (seconds)"),
+    "min_available_clients": (lambda v: v >= 1, "must be at least 1"),
+    "min_fit_clients": (lambda v: v >= 1, "must be at least 1"),
     "num_patients": (lambda v: v >= 1, "must be at least 1"),
     "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
     "global_test_patients": (lambda v: v >= 50, "must be at least 50"),
@@ -84,6 +86,12 @@ def resolve(overrides=None):
     for name, (is_valid, requirement) in RULES.items():
         if not is_valid(values[name]):
             raise SettingsError(f"{name} {requirement}, got {values[name]!r}")
+    if not values["min_fit_clients"] <= values["min_available_clients"] <= values["num_clients"]:
+        raise SettingsError(
+            "min_fit_clients <= min_available_clients <= num_clients must hold, got "
+            f"{values['min_fit_clients']}, {values['min_available_clients']}, "
+            f"{values['num_clients']}: lower the first two"
+        )
     smallest = min(data_utils.hospital_sizes(values["num_patients"], values["num_clients"]))
     if smallest - data_utils.test_size(smallest, values["test_fraction"]) < MIN_TRAINING_PATIENTS:
         raise SettingsError(

@@ -55,6 +55,16 @@ def test_calibration_counts_what_earlier_runs_spent():
         calibrate_noise_multiplier(0.5, 1e-5, 0.1, 100, "rdp", prior)
 
 
+def test_a_nearly_spent_budget_counts_as_exhausted():
+    # What is left would need noise so large that training could learn nothing.
+    prior = [(3.77, 1 / 13, 130)]  # epsilon 0.9999 of 1
+    with pytest.raises(BudgetExhausted, match="less than 1% left"):
+        calibrate_noise_multiplier(1.0, 1e-5, 1 / 13, 13, "rdp", prior)
+    # Raised deliberately, the budget allows training again, within the new total.
+    sigma = calibrate_noise_multiplier(2.0, 1e-5, 1 / 13, 130, "rdp", prior)
+    assert epsilon_spent([*prior, (sigma, 1 / 13, 130)], 1e-5, "rdp") <= 2.0
+
+
 def test_ten_rounds_compose_to_more_than_one_round():
     # The trap of a fresh PrivacyEngine per round: each round alone looks cheap.
     # Measured here: about 0.32 for one round of the default job, 1.0 for ten.

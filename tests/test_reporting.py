@@ -11,6 +11,7 @@ from server import failure_reason
 
 HOSPITAL = {
     "epsilon": 0.42,
+    "epsilon_budget": 1.0,
     "delta": 1e-5,
     "noise_multiplier": 3.5,
     "sample_rate": 0.1,
@@ -57,7 +58,24 @@ def test_summary_shows_every_hospital_and_warns_about_failures():
     text = console.export_text()
     assert "0.4200" in text and "3.5000" in text and "160" in text
     assert re.search(r"│\s+1 │\s+- │", text)  # the hospital that never reported
-    assert "Hospitals failed in rounds [1]" in text
+    assert "hospitals failed in rounds [1]" in text
+    assert reporting.shortfalls(metrics_with_a_failed_hospital()) != []
+
+
+def test_a_round_nobody_trained_in_is_named_with_the_reasons():
+    declined = {**HOSPITAL, "status": "refused", "reason": "epsilon spent 0.9999 of 1"}
+    record = {
+        "round": 2,
+        "global": GLOBAL,
+        "hospitals_trained": 0,
+        "failures": [],
+        "hospitals": {"0": declined},
+    }
+    line = reporting.round_line(record, settings.resolve())
+    assert "hospital 0 declined" in line and "0.9999 of 1" in line
+    metrics = {"rounds": [record]}
+    assert reporting.idle_rounds(metrics) == [2]
+    assert "no hospital trained in rounds [2]" in reporting.shortfalls(metrics)[0]
 
 
 def test_failure_reason_unwraps_flowers_error_message():

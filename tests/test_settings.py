@@ -43,6 +43,8 @@ def test_overrides_with_dashes_or_underscores_and_typed():
         (["--batch-size", "many"], "batch_size"),
         (["--accountant", "gdp"], "accountant"),
         (["--num-clients", "300"], "num_patients"),
+        (["--num-clients", "1"], "min_fit_clients"),
+        (["--min-fit-clients", "3", "--min-available-clients", "2"], "min_available_clients"),
         (["--epsilom", "2"], "epsilon"),  # unknown name: suggests the right one
     ],
 )

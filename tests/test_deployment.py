@@ -1,0 +1,261 @@
+"""Deployment end to end: `python server.py` and three `python client.py` processes
+on loopback, with TLS, Flower's real SuperLink and SuperNodes, and real files."""
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import runtime
+from certificates import make_certificates
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-patients", "600", "--global-test-patients", "200"]
+
+
+class Processes:
+    """Launch the product's scripts; whatever happens, stop them all by pid."""
+
+    def __init__(self, workdir):
+        self.workdir, self.started = workdir, []
+
+    def start(self, script, *args, name):
+        out = open(self.workdir / f"{name}.out", "w")
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        process.name = name
+        self.started.append(process)
+        return process
+
+    def server(self, port, rounds, run_dir, name="server"):
+        args = ["--port", str(port), "--rounds", str(rounds), "--run-dir", run_dir, *TINY]
+        return self.start("server.py", *args, name=name)
+
+    def output(self, name):
+        return (self.workdir / f"{name}.out").read_text()
+
+    def kill(self, process):
+        """Like a crash: the launcher and all it started die at once."""
+        for pid in runtime.process_tree(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
+
+    def stop_all(self):
+        for process in self.started:
+            if process.poll() is None:
+                self.kill(process)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    processes = Processes(tmp_path)
+    yield processes, tmp_path, runtime.free_port()
+    processes.stop_all()
+
+
+def flower_processes(directory):
+    """Live processes whose FLWR_HOME lies under `directory` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"FLWR_HOME={directory}".encode() in (proc / "environ").read_bytes():
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(proc.name)
+        except OSError:
+            pass
+    return found
+
+
+def read_metrics(run_dir):
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_server_and_three_hospitals_over_tls(federation):
+    processes, workdir, port = federation
+    address = ["--server-address", f"127.0.0.1:{port}"]
+    # A hospital may start before the server: it waits.
+    first = processes.start("client.py", "--client-id", "0", *address, name="c0")
+    time.sleep(2)
+    server = processes.server(port, 2, "run", name="server")
+    others = [
+        processes.start("client.py", "--client-id", "1", *address, name="c1"),
+        # This hospital's own budget is smaller than what the server's config says.
+        processes.start("client.py", "--client-id", "2", "--epsilon", "0.5", *address, name="c2"),
+    ]
+    assert server.wait(timeout=300) == 0, processes.output("server")
+    for client in (first, *others):
+        assert client.wait(timeout=60) == 0, processes.output(client.name)
+
+    assert "Waiting for server at" in processes.output("c0")
+    for name in ("c0", "c1", "c2"):
+        out = processes.output(name)
+        assert "Round 2: trained" in out and "The server ended the run (finished)" in out
+    summary = processes.output("server")
+    assert "Round   2/2" in summary and "Privacy spent per hospital" in summary
+    outputs = [p.read_text() for p in workdir.glob("*.out")]
+    outputs += [p.read_text() for p in workdir.glob("**/flower/*.log")]
+    assert not any("DEPRECATED" in text or "Traceback" in text for text in outputs)
+
+    metrics = read_metrics(workdir / "run")
+    assert metrics["status"] == "finished"
+    assert [sorted(r["hospitals"]) for r in metrics["rounds"]] == [["0", "1", "2"]] * 2
+    assert (workdir / "run" / "model.pt").exists()
+    budgets = {h: p["epsilon_budget"] for h, p in metrics["privacy"]["hospitals"].items()}
+    assert budgets == {"0": 1.0, "1": 1.0, "2": 0.5}  # each hospital's own
+    for hospital, p in metrics["privacy"]["hospitals"].items():
+        assert 0.95 * p["epsilon_budget"] <= p["epsilon"] <= p["epsilon_budget"]
+        ledger = next((workdir / "state" / f"hospital-{hospital}").glob("ledger-*.json"))
+        assert len(json.loads(ledger.read_text())["releases"]) == 2  # at the hospital
+    assert not (workdir / "run" / "privacy").exists()  # not at the server
+    time.sleep(1)
+    assert flower_processes(workdir) == []
+
+    # A later run on the same patients spends from what is left: nothing, here.
+    server = processes.server(port, 1, "run2", name="server2")
+    clients = [
+        processes.start("client.py", "--client-id", "0", *address, name="again0"),
+        processes.start("client.py", "--client-id", "1", *address, name="again1"),
+        processes.start(
+            "client.py", "--client-id", "2", "--epsilon", "0.5", *address, name="again2"
+        ),
+    ]
+    assert server.wait(timeout=300) == 1  # no hospital trained: the model is unchanged
+    assert all(client.wait(timeout=60) == 0 for client in clients)
+    assert "declined to train" in processes.output("again0")
+    assert "no hospital trained" in processes.output("server2")
+    metrics = read_metrics(workdir / "run2")
+    assert {r["status"] for r in metrics["rounds"][0]["hospitals"].values()} == {"refused"}
+
+
+def test_a_hospital_that_crashes_and_comes_back(federation):
+    processes, workdir, port = federation
+    address = ["--server-address", f"127.0.0.1:{port}"]
+    server = processes.server(port, 4, "run", name="server")
+    clients = [
+        processes.start("client.py", "--client-id", str(h), *address, name=f"c{h}")
+        for h in range(3)
+    ]
+    deadline = time.monotonic() + 180
+    while not ((m := read_metrics(workdir / "run")) and m["rounds"]):
+        assert time.monotonic() < deadline and server.poll() is None
+        time.sleep(0.5)
+    processes.kill(clients[2])  # hospital 2 crashes after round 1
+    ledger_path = next((workdir / "state" / "hospital-2").glob("ledger-*.json"))
+    spent_before = json.loads(ledger_path.read_text())["releases"]
+    processes.start("client.py", "--client-id", "2", *address, name="c2-again")
+
+    assert server.wait(timeout=400) == 0, processes.output("server")
+    metrics = read_metrics(workdir / "run")
+    assert metrics["status"] == "finished" and len(metrics["rounds"]) == 4
+    trained = [r["hospitals_trained"] for r in metrics["rounds"]]
+    assert trained[0] == 3 and min(trained) >= 2  # the others carried on
+    assert "2" in metrics["rounds"][-1]["hospitals"]  # it rejoined the live run
+    ledger = json.loads(ledger_path.read_text())
+    assert ledger["releases"][: len(spent_before)] == spent_before  # never from zero
+    assert len(ledger["releases"]) > len(spent_before) and len(ledger["plans"]) == 1
+    assert metrics["privacy"]["hospitals"]["2"]["epsilon"] <= 1.0
+
+
+def run_script(script, *args, cwd, timeout=60):
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(result, code, *words):
+    assert result.returncode == code, result.stdout + result.stderr
+    text = (result.stderr or result.stdout).strip()
+    assert "Traceback" not in result.stderr + result.stdout
+    assert all(word in text for word in words), text
+
+
+def test_bad_input_is_reported_in_one_line(tmp_path):
+    assert_one_line_error(run_script("client.py", "--client-id", "3", cwd=tmp_path), 2, "0..2")
+    assert_one_line_error(
+        run_script("client.py", "--client-id", "0", cwd=tmp_path),
+        2,
+        "no CA certificate",
+        "--make-certs",
+    )
+    assert_one_line_error(
+        run_script("client.py", "--client-id", "0", "--server-address", "nowhere", cwd=tmp_path),
+        2,
+        "host:port",
+    )
+    assert_one_line_error(run_script("server.py", cwd=tmp_path), 2, "--make-certs")
+
+    make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert_one_line_error(
+            run_script("server.py", "--port", port, cwd=tmp_path), 2, f"port {port}"
+        )
+
+    nobody = str(runtime.free_port())
+    result = run_script(
+        "client.py",
+        "--client-id",
+        "0",
+        "--server-address",
+        f"127.0.0.1:{nobody}",
+        "--connect-timeout",
+        "2",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(result, 1, "no server at", nobody)
+
+
+def test_a_server_with_a_certificate_from_another_ca_is_refused(tmp_path):
+    make_certificates(tmp_path / "ours", ["localhost", "127.0.0.1"])
+    make_certificates(tmp_path / "theirs", ["localhost", "127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "theirs" / "server.crt", tmp_path / "theirs" / "server.key")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer():  # a TLS server that presents the other CA's certificate
+            while True:
+                connection, _ = listener.accept()
+                try:
+                    context.wrap_socket(connection, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    connection.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        port = listener.getsockname()[1]
+        result = run_script(
+            "client.py",
+            "--client-id",
+            "0",
+            "--server-address",
+            f"127.0.0.1:{port}",
+            "--root-certificates",
+            str(tmp_path / "ours" / "ca.crt"),
+            cwd=tmp_path,
+        )
+    assert_one_line_error(result, 1, "copy the server's certs/ca.crt")
