@@ -228,8 +228,7 @@ def join(argv=None):
         )
     try:
         wait_for_server(args.server_address, args.connect_timeout, console)
-        if ca_cert:
-            runtime.check_tls(args.server_address, ca_cert)
+        runtime.check_server(args.server_address, ca_cert)
     except runtime.FlowerError as error:
         console.print(f"[red]{escape(str(error))}[/]")
         return 1

@@ -258,11 +258,20 @@ def server_reachable(address):
         return False
 
 
-def check_tls(address, ca_cert):
-    """Handshake with the server and verify its certificate with our CA, so that a
-    wrong or missing certificate is reported in words, not as endless retries."""
-    context = ssl.create_default_context(cafile=ca_cert)
+def check_server(address, ca_cert=None):
+    """Talk to the server once before starting a SuperNode, so that a certificate
+    or TLS mismatch is reported in words instead of as endless retries."""
     host, port = split_address(address)
+    if not ca_cert:
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=5):
+                return
+        except OSError as error:
+            raise FlowerError(
+                f"the server at {address} does not answer plain HTTP ({error}); it "
+                f"probably uses TLS: drop --insecure and pass --root-certificates"
+            ) from None
+    context = ssl.create_default_context(cafile=ca_cert)
     try:
         with socket.create_connection((host, port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname=host):
@@ -272,9 +281,9 @@ def check_tls(address, ca_cert):
             f"the server at {address} is not the one {ca_cert} vouches for "
             f"({error.verify_message}); copy the server's certs/ca.crt"
         ) from None
-    except ssl.SSLError as error:
+    except (ssl.SSLError, OSError) as error:
         raise FlowerError(
-            f"TLS with {address} failed ({error.reason}); is it in --insecure mode?"
+            f"no TLS handshake with {address} ({error}); is the server in --insecure mode?"
         ) from None
 
 

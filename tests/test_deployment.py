@@ -40,9 +40,9 @@ class Processes:
         self.started.append(process)
         return process
 
-    def server(self, port, rounds, run_dir, name="server"):
+    def server(self, port, rounds, run_dir, *more, name="server"):
         args = ["--port", str(port), "--rounds", str(rounds), "--run-dir", run_dir, *TINY]
-        return self.start("server.py", *args, name=name)
+        return self.start("server.py", *args, *more, name=name)
 
     def output(self, name):
         return (self.workdir / f"{name}.out").read_text()
@@ -147,8 +147,9 @@ def test_server_and_three_hospitals_over_tls(federation):
 
 def test_a_hospital_that_crashes_and_comes_back(federation):
     processes, workdir, port = federation
-    address = ["--server-address", f"127.0.0.1:{port}"]
-    server = processes.server(port, 4, "run", name="server")
+    # Also the plain-text mode, which both sides must ask for explicitly.
+    address = ["--server-address", f"127.0.0.1:{port}", "--insecure"]
+    server = processes.server(port, 4, "run", "--insecure")
     clients = [
         processes.start("client.py", "--client-id", str(h), *address, name=f"c{h}")
         for h in range(3)
@@ -172,6 +173,7 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     assert ledger["releases"][: len(spent_before)] == spent_before  # never from zero
     assert len(ledger["releases"]) > len(spent_before) and len(ledger["plans"]) == 1
     assert metrics["privacy"]["hospitals"]["2"]["epsilon"] <= 1.0
+    assert "WARNING: --insecure" in processes.output("server") + processes.output("c0")
 
 
 def run_script(script, *args, cwd, timeout=60):
@@ -229,7 +231,7 @@ def test_bad_input_is_reported_in_one_line(tmp_path):
     assert_one_line_error(result, 1, "no server at", nobody)
 
 
-def test_a_server_with_a_certificate_from_another_ca_is_refused(tmp_path):
+def test_a_server_the_hospital_cannot_trust_is_refused(tmp_path):
     make_certificates(tmp_path / "ours", ["localhost", "127.0.0.1"])
     make_certificates(tmp_path / "theirs", ["localhost", "127.0.0.1"])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -258,4 +260,14 @@ def test_a_server_with_a_certificate_from_another_ca_is_refused(tmp_path):
             str(tmp_path / "ours" / "ca.crt"),
             cwd=tmp_path,
         )
-    assert_one_line_error(result, 1, "copy the server's certs/ca.crt")
+        assert_one_line_error(result, 1, "copy the server's certs/ca.crt")
+        plain = run_script(
+            "client.py",
+            "--client-id",
+            "0",
+            "--server-address",
+            f"127.0.0.1:{port}",
+            "--insecure",
+            cwd=tmp_path,
+        )
+        assert_one_line_error(plain, 1, "probably uses TLS")
