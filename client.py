@@ -34,11 +34,12 @@ import runtime
 import settings
 from model import build_model, get_weights, set_weights
 from privacy import BudgetExhausted, PrivacyLedger
-from results import read_json, run_directory, write_json
+from results import run_directory, write_json
 
 STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
-# Settings that belong to the hospital, not the server (see the module docstring).
+# Settings that belong to the hospital, not the server (see the module docstring);
+# the others are the server's to decide for the run.
 HOSPITAL_SETTINGS = ("epsilon", "delta", "accountant")
 
 # Opacus repeats this on every PrivacyEngine; metrics.json records secure_rng=false
@@ -171,7 +172,7 @@ app = ClientApp(client_fn=client_fn)
 def join(argv=None):
     """`python client.py --client-id N`: this hospital's SuperNode, until the run ends."""
     runtime.interrupt_on_signals()
-    parser = settings.make_parser(__doc__)
+    parser = settings.make_parser(__doc__, ("num_clients", *HOSPITAL_SETTINGS))
     group = parser.add_argument_group("hospital")
     group.add_argument(
         "--client-id", type=int, required=True, help="this hospital's number, 0 to num_clients - 1"
@@ -274,7 +275,7 @@ def follow_rounds(node, state_dir, args, console):
     while node.poll() is None:
         text = status_path.read_text() if status_path.exists() else None
         if text != last:
-            last, status = text, read_json(status_path)
+            last, status = text, json.loads(text)
             spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
             if status["status"] == "trained":
                 console.print(f"Round {status['round']}: trained; {spent}")

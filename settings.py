@@ -123,15 +123,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def make_parser(description):
-    """An argparse parser with a --name (or --name-with-dashes) flag per setting."""
+def make_parser(description, names=tuple(DEFAULTS)):
+    """An argparse parser with a --name (or --name-with-dashes) flag for each setting
+    in `names`: a script offers only the settings it really uses."""
     parser = _Parser(
         description=description,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.settings_names = names
     group = parser.add_argument_group("settings (defaults from config.py)")
-    for name, default in DEFAULTS.items():
+    for name in names:
+        default = DEFAULTS[name]
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
@@ -149,8 +152,15 @@ def parse(parser, argv=None):
     try:
         if unknown:
             flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-            raise SettingsError(_unknown_message(flag.lstrip("-").replace("-", "_")))
-        given = {n: getattr(args, n) for n in DEFAULTS if getattr(args, n) is not None}
+            name = flag.lstrip("-").replace("-", "_")
+            if name in DEFAULTS:
+                raise SettingsError(
+                    f"{name} is not this script's to set; it takes: "
+                    + ", ".join(parser.settings_names)
+                )
+            raise SettingsError(_unknown_message(name))
+        names = parser.settings_names
+        given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
         return resolve(given), args
     except SettingsError as error:
         parser.error(str(error))

@@ -194,6 +194,12 @@ def assert_one_line_error(result, code, *words):
 
 
 def test_bad_input_is_reported_in_one_line(tmp_path):
+    # The run's settings are the server's: a hospital cannot silently "set" them.
+    assert_one_line_error(
+        run_script("client.py", "--client-id", "0", "--rounds", "5", cwd=tmp_path),
+        2,
+        "rounds is not this script's to set",
+    )
     assert_one_line_error(run_script("client.py", "--client-id", "3", cwd=tmp_path), 2, "0..2")
     assert_one_line_error(
         run_script("client.py", "--client-id", "0", cwd=tmp_path),
