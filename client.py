@@ -14,50 +14,47 @@ same budget.
 """
 
 import json
-import secrets
 import sys
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.client import ClientApp, NumPyClient
-from opacus import PrivacyEngine
 from rich.markup import escape
-from torch.utils.data import DataLoader, TensorDataset
 
 import data_utils
 import reporting
 import runtime
 import settings
-from model import build_model, get_weights, set_weights
+import training
+from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from privacy import BudgetExhausted, PrivacyLedger
-from results import run_directory, write_json
+from results import read_json, run_directory, write_json
 
 STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
+EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its patients
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # Settings that belong to the hospital, not the server (see the module docstring);
 # the others are the server's to decide for the run.
 HOSPITAL_SETTINGS = ("epsilon", "delta", "accountant")
 
-# Opacus repeats this on every PrivacyEngine; metrics.json records secure_rng=false
-# and the README explains what it means, once.
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
-# Harmless for Opacus' per-sample gradient hooks, which need no input gradients.
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
 
 class HospitalClient(NumPyClient):
-    """A hospital's training for one round, accounted in its privacy ledger."""
+    """A hospital: trains a round with DP-SGD, accounted in its privacy ledger, and
+    evaluates every global model it receives on its own held-out patients. That
+    evaluation stays in its state directory: it is not covered by the DP guarantee,
+    so it is never sent."""
 
-    def __init__(self, hospital, cfg, run_id, ledger_dir, status_path=None):
+    def __init__(self, hospital, cfg, run_id, state_dir, data_file=None, schema_file=None):
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
-        self.status_path = status_path
-        (self.x, self.y), _ = data_utils.load_hospital(cfg, hospital)
+        self.state_dir = Path(state_dir)
+        (self.x, self.y), self.held_out = data_utils.hospital_data(
+            cfg, hospital, data_file, schema_file
+        )
         self.ledger = PrivacyLedger(
-            ledger_dir,
+            state_dir,
             data_utils.fingerprint(self.x, self.y),
             cfg.epsilon,
             cfg.delta,
@@ -65,60 +62,64 @@ class HospitalClient(NumPyClient):
         )
 
     def fit(self, parameters, config):
-        cfg = self.cfg
-        # Secret randomness for batch sampling and noise: with a seed known to
-        # others they could replay the noise and subtract it.
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
-        dataset = TensorDataset(torch.from_numpy(self.x), torch.from_numpy(self.y))
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=generator)
-        sample_rate = 1 / len(loader)  # the Poisson rate Opacus really uses
-        steps = cfg.local_epochs * len(loader)
+        server_round = int(config["server_round"])
+        self._evaluate_locally(parameters, server_round - 1)
+        sample_rate, steps = training.sample_rate_and_steps(len(self.y), self.cfg)
         try:
             sigma = self.ledger.noise_for_round(
-                self.run_id, sample_rate, steps, planned_steps=cfg.rounds * steps
+                self.run_id, sample_rate, steps, planned_steps=self.cfg.rounds * steps
             )
         except BudgetExhausted as refusal:
-            return parameters, 0, self._report("refused", config, str(refusal))
+            return parameters, 0, self._report("refused", server_round, str(refusal))
 
-        model = build_model(self.x.shape[1], cfg.hidden_layers)
-        set_weights(model, parameters)
-        engine = PrivacyEngine(accountant=cfg.accountant)
-        engine.accountant.history = self.ledger.history  # resume, never reset
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
-        dp_model, optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=generator,
+        model = self._model(parameters)
+        history = training.train_private(
+            model, self.x, self.y, self.cfg, sigma, self.ledger.history
         )
-        if dp_loader.sample_rate != sample_rate:
-            raise RuntimeError("Opacus sampled at another rate than was calibrated")
+        steps_taken = sum(s for *_, s in history) - self.ledger.steps
+        self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
+        return get_weights(model), len(self.y), self._report("trained", server_round)
 
-        loss_fn = torch.nn.BCEWithLogitsLoss()
-        dp_model.train()
-        for _ in range(cfg.local_epochs):
-            for x, y in dp_loader:
-                optimizer.zero_grad()
-                loss_fn(dp_model(x).squeeze(-1), y).backward()
-                optimizer.step()
+    def evaluate(self, parameters, config):
+        """The server's notice that the run has ended, with the final model (see
+        server.tell_hospitals). The hospital evaluates it for itself and sends
+        nothing back but the acknowledgement."""
+        status, rounds = config["run-status"], int(config["server_round"])
+        if status == "finished":
+            self._evaluate_locally(parameters, rounds)
+        self._report(status, rounds)
+        return 0.0, 0, {}
 
-        steps_taken = sum(s for *_, s in engine.accountant.history) - self.ledger.steps
-        self.ledger.record(
-            self.run_id, int(config["server_round"]), sigma, sample_rate, steps_taken
+    def _model(self, parameters):
+        model = build_model(self.x.shape[1], self.cfg.hidden_layers)
+        try:
+            set_weights(model, parameters)
+        except ValueError as error:
+            raise ValueError(
+                f"the global model does not fit this hospital's data ({error}): the "
+                f"server and every hospital must use the same data dictionary"
+            ) from None
+        return model
+
+    def _evaluate_locally(self, parameters, after_round):
+        """Clinical metrics of the global model after `after_round` on the held-out
+        patients, appended to this hospital's evaluation file."""
+        x, y = self.held_out
+        risk = predict_risk(self._model(parameters), x)
+        path = self.state_dir / EVALUATION_FILE
+        records = read_json(path) if path.exists() else []
+        records = [
+            r for r in records if r["run_id"] != str(self.run_id) or r["round"] != after_round
+        ]
+        metrics = clinical_metrics(y, risk, self.cfg.decision_threshold)
+        records.append(
+            {"run_id": str(self.run_id), "round": after_round, "patients": len(y), **metrics}
         )
-        return get_weights(model), len(self.y), self._report("trained", config)
+        write_json(path, records)
 
-    def get_properties(self, config):
-        """The server's notice that the run has ended (see server.tell_hospitals)."""
-        self._report(config["run-status"], config)
-        return {}
-
-    def _report(self, status, config, reason=""):
+    def _report(self, status, server_round, reason=""):
         """Scalars the server may see: this hospital's privacy spending, no data.
-        In deployment they also go to the hospital's status file, for its operator."""
+        They also go to the hospital's status file, for its operator."""
         history = self.ledger.history
         sigma, sample_rate, _ = history[-1] if history else (0.0, 0.0, 0)
         report = {
@@ -134,10 +135,8 @@ class HospitalClient(NumPyClient):
             "steps": self.ledger.steps,
             "history": json.dumps(history),
         }
-        if self.status_path:
-            round_number = config.get("server_round", 0)
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            write_json(self.status_path, {**report, "round": round_number, "utc": now})
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        write_json(self.state_dir / STATUS_FILE, {**report, "round": server_round, "utc": now})
         return report
 
 
@@ -155,15 +154,24 @@ def client_fn(context: Context):
             f"the federation has {node['num-partitions']} hospitals "
             f"but num_clients is {cfg.num_clients}"
         )
-    if "state-dir" in node:  # deployment: the hospital's own directory
-        state_dir = Path(node["state-dir"])
-        hospital_client = HospitalClient(
-            hospital, cfg, context.run_id, state_dir, state_dir / STATUS_FILE
+    if "data-file" in node and cfg.dataset != "csv":
+        raise ValueError(
+            f"this hospital brought its own data (--data) but the server's run uses "
+            f"dataset {cfg.dataset!r}: start the server with --dataset csv"
         )
-    else:  # simulation: each run is a fresh demo federation
-        ledger_dir = run_directory(cfg, context.run_id) / "privacy"
-        hospital_client = HospitalClient(hospital, cfg, context.run_id, ledger_dir)
-    return hospital_client.to_client()
+    # Deployment: the hospital's own directory. Simulation: one per simulated
+    # hospital inside the run directory (each run is a fresh demo federation).
+    state_dir = node.get("state-dir") or hospital_state_dir(
+        run_directory(cfg, context.run_id), hospital
+    )
+    return HospitalClient(
+        hospital, cfg, context.run_id, state_dir, node.get("data-file"), node.get("schema-file")
+    ).to_client()
+
+
+def hospital_state_dir(run_dir, hospital):
+    """Where a simulated hospital keeps its ledger, status and evaluations."""
+    return Path(run_dir) / "hospitals" / f"hospital-{hospital}"
 
 
 app = ClientApp(client_fn=client_fn)
@@ -199,6 +207,12 @@ def join(argv=None):
         "state and logs [default: state/hospital-<client id>]",
     )
     group.add_argument(
+        "--data", default="", help="this hospital's own CSV file (with --schema): dataset csv"
+    )
+    group.add_argument(
+        "--schema", default="", help="the federation's data dictionary (schema.json or .yaml)"
+    )
+    group.add_argument(
         "--connect-timeout",
         type=float,
         default=300,
@@ -221,6 +235,19 @@ def join(argv=None):
             f"(made by `python server.py --make-certs`) or pass --root-certificates"
         )
     state_dir = Path(args.state_dir or f"state/hospital-{args.client_id}").resolve()
+    own_data = {}
+    if args.data or args.schema:
+        if not (args.data and args.schema):
+            parser.error("--data and --schema go together: the file and its data dictionary")
+        own_data = {
+            "data-file": str(Path(args.data).resolve()),
+            "schema-file": str(Path(args.schema).resolve()),
+        }
+        try:  # check the file now, not in the middle of round 1
+            csv_cfg = settings.resolve({**vars(cfg), "dataset": "csv"})
+            data_utils.hospital_data(csv_cfg, args.client_id, args.data, args.schema)
+        except data_utils.DataError as error:
+            parser.error(str(error))
     console = reporting.make_console()
     if args.insecure:
         console.print(
@@ -237,6 +264,7 @@ def join(argv=None):
         "partition-id": args.client_id,
         "num-partitions": cfg.num_clients,
         "state-dir": str(state_dir),
+        **own_data,
         **{name: getattr(cfg, name) for name in HOSPITAL_SETTINGS},
     }
     flwr_home = state_dir / "flower"
@@ -287,6 +315,13 @@ def follow_rounds(node, state_dir, args, console):
                 )
             else:
                 console.print(f"The server ended the run ({status['status']}); {spent}.")
+                evaluation = state_dir / EVALUATION_FILE
+                if status["status"] == "finished" and evaluation.exists():
+                    final = read_json(evaluation)[-1]
+                    console.print(
+                        f"Final model on this hospital's {final['patients']} held-out patients "
+                        f"(kept here): {reporting.metrics_text(final)}"
+                    )
                 time.sleep(END_GRACE)  # for the SuperNode to send our acknowledgement
                 return 0 if status["status"] == "finished" else 1
         if runtime.server_reachable(args.server_address):

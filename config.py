@@ -12,10 +12,13 @@ join_timeout = 120  # seconds the server waits for all hospitals to connect befo
 min_available_clients = 2  # after round 1, hospitals that must be connected for a round
 min_fit_clients = 2  # hospitals a round trains with at the least (others may drop out)
 
-# --- Synthetic patients (data_utils.py) ----------------------------------------
-num_patients = 4000  # patients over all hospitals; sizes follow a 5:3:2 pattern
+# --- Data (data_utils.py) ------------------------------------------------------
+dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
+data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv
+missing_values = "fail"  # csv: an empty cell stops the run ("fail") or drops its row ("drop")
 test_fraction = 0.2  # share of each hospital's patients held out from training
-global_test_patients = 2000  # the server's separate reference test population
+num_patients = 4000  # synthetic: patients over all hospitals; sizes follow a 5:3:2 pattern
+global_test_patients = 2000  # synthetic: the server's separate reference test population
 
 # --- Model (model.py) -----------------------------------------------------------
 hidden_layers = (16,)  # widths of the MLP's hidden layers, e.g. (32, 16); () = logistic

@@ -1,20 +1,38 @@
-"""Synthetic patients for a federation of hospitals, and the fixed feature scaling
-every hospital and the server share.
+"""Patient data for a federation of hospitals, described by a data dictionary.
 
-Each hospital has its own case mix (age, smoking, baseline risk) and size, so the
-federation is non-IID like real hospitals. The diagnosis (coronary heart disease)
-follows a nonlinear risk model of the kind used in clinical risk scores. All data is
-generated from the seed: nothing is downloaded and every run is reproducible.
+Three sources (the `dataset` setting):
 
-Scaling uses declared physiological ranges (FEATURES), never statistics of a
-hospital's rows, so the transformation itself reveals nothing about any patient.
+    synthetic      generated patients (coronary heart disease), non-IID hospitals
+    breast-cancer  the Wisconsin diagnostic breast cancer data shipped inside
+                   scikit-learn (569 patients), split into hospitals
+    csv            your own tables: one file per hospital, DIR/hospital_<i>.csv,
+                   and a data dictionary DIR/schema.json (or .yaml); the server's
+                   reference test set is DIR/test.csv
+
+Every source has a data dictionary (Schema): the label column with its positive
+(disease) and negative values, and each feature's type with its declared valid
+range or categories. Inputs are encoded from the dictionary alone, never from
+statistics of a hospital's rows, so the encoding reveals nothing about any patient
+and every hospital feeds the shared model the same way.
+
+Each hospital's patients are split, seeded and stratified, into training rows (the
+only rows DP-SGD touches) and held-out rows (evaluated at the hospital itself).
 """
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
+import yaml
+from sklearn.datasets import load_breast_cancer
 
-# name: (unit, declared valid range). Values outside the range are clipped.
+SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
+SIZE_PATTERN = (5, 3, 2)  # hospitals are large, medium, small, large, ...
+MIN_TRAINING_PATIENTS = 10
+_SERVER_STREAM = 2**32 - 1  # random stream of the server's own reference population
+
+# Synthetic patients: name -> (unit, declared valid range).
 FEATURES = {
     "age": ("years", (18.0, 95.0)),
     "sex_male": ("0 = female, 1 = male", (0.0, 1.0)),
@@ -26,11 +44,124 @@ FEATURES = {
     "smoker": ("0 = no, 1 = current smoker", (0.0, 1.0)),
     "family_history": ("0 = no, 1 = premature CHD in a parent/sibling", (0.0, 1.0)),
 }
-FEATURE_NAMES = list(FEATURES)
-LABEL = "coronary_heart_disease"
+SYNTHETIC_SCHEMA = {
+    "name": "Synthetic patients: coronary heart disease",
+    "label": {"column": "coronary_heart_disease", "positive": 1, "negative": 0},
+    "features": [
+        {"name": name, "type": "numeric", "min": low, "max": high, "unit": unit}
+        for name, (unit, (low, high)) in FEATURES.items()
+    ],
+}
 
-SIZE_PATTERN = (5, 3, 2)  # hospitals are large, medium, small, large, ...
-_GLOBAL_TEST_STREAM = 2**32 - 1  # random stream of the server's reference population
+
+class DataError(ValueError):
+    """Bad data or data dictionary; the message names the file (row, column) and
+    says how to fix it."""
+
+
+class Schema:
+    """A data dictionary: validated on creation, then used to check and encode
+    tables the same way at every hospital and at the server."""
+
+    def __init__(self, spec, source):
+        self.spec, self.source = spec, str(source)
+        self.name = spec.get("name", self.source)
+        try:
+            label = spec["label"]
+            self.label, self.positive, self.negative = (
+                label["column"],
+                label["positive"],
+                label["negative"],
+            )
+            self.features = list(spec["features"])
+        except (KeyError, TypeError) as missing:
+            raise DataError(
+                f"{self.source}: the data dictionary needs label.column, label.positive, "
+                f"label.negative and a list of features; {missing} is missing"
+            ) from None
+        if str(self.positive) == str(self.negative):
+            raise DataError(f"{self.source}: label.positive and label.negative are the same")
+        names = [f.get("name") for f in self.features]
+        if not self.features or len(set(names)) != len(names) or self.label in names:
+            raise DataError(
+                f"{self.source}: feature names must be present, unique and "
+                f"differ from the label column"
+            )
+        for feature in self.features:
+            self._check_feature(feature)
+
+    def _check_feature(self, f):
+        where = f"{self.source}: feature {f.get('name')!r}"
+        if f.get("type") == "numeric":
+            low, high = f.get("min"), f.get("max")
+            if not all(isinstance(v, (int, float)) for v in (low, high)) or not low < high:
+                raise DataError(f"{where} needs numbers min < max (its declared valid range)")
+            if f.get("log") and low < 0:
+                raise DataError(f"{where}: a log-scaled feature needs min >= 0")
+        elif f.get("type") == "categorical":
+            categories = f.get("categories")
+            if not isinstance(categories, list) or len(categories) < 2:
+                raise DataError(f"{where} needs a list of at least two categories")
+        else:
+            raise DataError(f"{where}: type must be 'numeric' or 'categorical'")
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise DataError(f"{path}: cannot read the data dictionary ({error.strerror})") from None
+        try:
+            spec = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (ValueError, yaml.YAMLError) as error:
+            raise DataError(f"{path}: not valid {path.suffix[1:].upper()} ({error})") from None
+        if not isinstance(spec, dict):
+            raise DataError(f"{path}: the data dictionary must be a mapping")
+        return cls(spec, path)
+
+    @property
+    def columns(self):
+        return [self.label] + [f["name"] for f in self.features]
+
+    @property
+    def input_names(self):
+        """The model's inputs: one per numeric feature, one per category."""
+        names = []
+        for f in self.features:
+            if f["type"] == "numeric":
+                names.append(f["name"])
+            else:
+                names += [f"{f['name']}={c}" for c in f["categories"]]
+        return names
+
+    def encode(self, columns):
+        """Model inputs from checked feature columns (name -> array): numeric values
+        mapped from their declared range (log-scaled if declared) to [-1, 1], and
+        categories one-hot."""
+        encoded = []
+        for f in self.features:
+            values = columns[f["name"]]
+            if f["type"] == "numeric":
+                low, high, v = (
+                    f["min"],
+                    f["max"],
+                    np.clip(np.asarray(values, float), f["min"], f["max"]),
+                )
+                if f.get("log"):
+                    low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
+                encoded.append(2 * (v - low) / (high - low) - 1)
+            else:
+                as_text = np.asarray(values).astype(str)
+                encoded += [(as_text == str(c)).astype(float) for c in f["categories"]]
+        return np.column_stack(encoded).astype(np.float32)
+
+    def labels(self, values):
+        """1.0 for the positive (disease) value, 0.0 for the negative."""
+        return (np.asarray(values).astype(str) == str(self.positive)).astype(np.float32)
+
+
+# ---- Splitting ---------------------------------------------------------------------
 
 
 def hospital_sizes(num_patients, num_clients):
@@ -46,6 +177,28 @@ def test_size(n, test_fraction):
     return max(1, round(n * test_fraction))
 
 
+def stratified_parts(y, weights, rng):
+    """Row indices split into parts in proportion to `weights`, each class dealt out
+    separately so that every part keeps the overall share of the disease."""
+    parts = [[] for _ in weights]
+    for label in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        cuts = np.round(np.cumsum(weights)[:-1] / np.sum(weights) * len(rows)).astype(int)
+        for part, chunk in zip(parts, np.split(rows, cuts), strict=True):
+            part.extend(chunk)
+    return [np.sort(np.array(part, dtype=int)) for part in parts]
+
+
+def _held_out_split(x, y, test_fraction, rng):
+    """((train_x, train_y), (test_x, test_y)) of one hospital's rows, stratified."""
+    n_test = test_size(len(y), test_fraction)
+    test, train = stratified_parts(y, [n_test, len(y) - n_test], rng)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+# ---- Synthetic patients ---------------------------------------------------------------
+
+
 def _hospital_profile(seed, hospital):
     """Case mix of one hospital: who it treats, and how sick they tend to be."""
     rng = np.random.default_rng([seed, hospital, 0])
@@ -58,7 +211,8 @@ def _hospital_profile(seed, hospital):
 
 
 def _patients(rng, profile, n):
-    """Raw (unscaled) features and diagnoses of n patients of one hospital."""
+    """Raw features (name -> values) and diagnoses of n patients of one hospital,
+    from a nonlinear risk model of the kind used in clinical risk scores."""
     age = np.clip(rng.normal(profile["mean_age"], 14.0, n), 18, 95)
     male = rng.binomial(1, profile["share_male"], n)
     bmi = np.clip(rng.normal(27.0 + 0.03 * (age - 50), 4.5, n), 15, 50)
@@ -84,41 +238,203 @@ def _patients(rng, profile, n):
         + 0.6 * family
     )
     diagnosis = rng.binomial(1, 1 / (1 + np.exp(-logit)))
-    raw = np.column_stack([age, male, bmi, sbp, chol, hdl, hba1c, smoker, family])
-    return raw, diagnosis
+    values = (age, male, bmi, sbp, chol, hdl, hba1c, smoker, family)
+    return dict(zip(FEATURES, values, strict=True)), diagnosis
 
 
-def scale(raw):
-    """Map raw features to [-1, 1] with the declared ranges (clipping outliers)."""
-    low, high = np.array([r for _, r in FEATURES.values()]).T
-    return (2 * (np.clip(raw, low, high) - low) / (high - low) - 1).astype(np.float32)
-
-
-def load_hospital(cfg, hospital):
-    """One hospital's data as ((train_x, train_y), (test_x, test_y)), scaled."""
+def _synthetic_hospital(cfg, hospital, schema):
     n = hospital_sizes(cfg.num_patients, cfg.num_clients)[hospital]
     rng = np.random.default_rng([cfg.seed, hospital, 1])
-    raw, y = _patients(rng, _hospital_profile(cfg.seed, hospital), n)
-    x, y = scale(raw), y.astype(np.float32)
-    n_test = test_size(n, cfg.test_fraction)
-    return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
+    columns, y = _patients(rng, _hospital_profile(cfg.seed, hospital), n)
+    return schema.encode(columns), y.astype(np.float32)
 
 
-def global_test_set(cfg):
-    """The server's reference population: new patients from every hospital's case
-    mix in proportion to hospital size (no hospital's own rows)."""
-    sizes = hospital_sizes(cfg.global_test_patients, cfg.num_clients)
-    parts = [
-        _patients(
-            np.random.default_rng([cfg.seed, h, _GLOBAL_TEST_STREAM]),
-            _hospital_profile(cfg.seed, h),
-            n,
+def _synthetic_reference(cfg, schema):
+    """New patients from every hospital's case mix, in proportion to hospital size."""
+    parts = []
+    for h, n in enumerate(hospital_sizes(cfg.global_test_patients, cfg.num_clients)):
+        rng = np.random.default_rng([cfg.seed, h, _SERVER_STREAM])
+        columns, y = _patients(rng, _hospital_profile(cfg.seed, h), n)
+        parts.append((schema.encode(columns), y.astype(np.float32)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# ---- Breast cancer (bundled with scikit-learn) ---------------------------------------------
+
+
+def _breast_cancer_split(cfg, schema):
+    """The 569 patients split, seeded and stratified: a reference test set for the
+    server (test_fraction of them), the rest into hospitals of different sizes."""
+    data = load_breast_cancer()
+    columns = dict(zip(data.feature_names, data.data.T, strict=True))
+    x = schema.encode(columns)
+    y = schema.labels(np.where(data.target == 0, "malignant", "benign"))
+    rng = np.random.default_rng([cfg.seed, _SERVER_STREAM])
+    n_test = test_size(len(y), cfg.test_fraction)
+    reference, rest = stratified_parts(y, [n_test, len(y) - n_test], rng)
+    weights = [SIZE_PATTERN[h % len(SIZE_PATTERN)] for h in range(cfg.num_clients)]
+    hospitals = [rest[part] for part in stratified_parts(y[rest], weights, rng)]
+    return (x[reference], y[reference]), [(x[rows], y[rows]) for rows in hospitals]
+
+
+# ---- Your own CSV files --------------------------------------------------------------------
+
+
+def csv_paths(cfg):
+    """(schema file, hospital files, reference test file) of a csv data directory."""
+    if not cfg.data_dir:
+        raise DataError(
+            "dataset 'csv' needs --data-dir: the folder with hospital_<i>.csv and schema.json"
         )
-        for h, n in enumerate(sizes)
-    ]
-    raw = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts]).astype(np.float32)
-    return scale(raw), y
+    directory = Path(cfg.data_dir)
+    schemas = [directory / name for name in ("schema.json", "schema.yaml", "schema.yml")]
+    schema = next((p for p in schemas if p.exists()), schemas[0])
+    hospitals = [directory / f"hospital_{h}.csv" for h in range(cfg.num_clients)]
+    return schema, hospitals, directory / "test.csv"
+
+
+def read_csv(path, schema, missing_values):
+    """A hospital's (or the server's) table, checked cell by cell against the data
+    dictionary; returns (x, y). The first problem stops it, named with its line."""
+    import pandas as pd  # imported here: only CSV runs pay for it
+
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot read it as CSV ({error})") from None
+    extra = [c for c in frame.columns if c not in schema.columns]
+    if extra:
+        raise DataError(
+            f"{path}: column {extra[0]!r} is not in {schema.source}; add it to "
+            f"the data dictionary or remove it from the file"
+        )
+    absent = [c for c in schema.columns if c not in frame.columns]
+    if absent:
+        what = "the label column" if absent[0] == schema.label else "column"
+        raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
+
+    line = frame.index.to_numpy() + 2  # file line numbers: the header is line 1
+    blank = (frame[schema.columns].apply(lambda col: col.str.strip()) == "").to_numpy()
+    if blank.any():
+        if missing_values == "drop":
+            keep = ~blank.any(axis=1)
+            frame, line = frame[keep], line[keep]
+        else:
+            row, col = np.argwhere(blank)[0]
+            raise DataError(
+                f"{path} line {line[row]}, column {schema.columns[col]!r}: empty "
+                f"value; fill it in, or set missing_values to 'drop' to leave "
+                f"such patients out"
+            )
+
+    def fail(rows, column, problem):
+        first = np.flatnonzero(rows)[0]
+        value = frame[column].iloc[first]
+        raise DataError(f"{path} line {line[first]}, column {column!r}: {value!r} {problem}")
+
+    columns = {}
+    for f in schema.features:
+        raw = frame[f["name"]].str.strip()
+        if f["type"] == "numeric":
+            values = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+            if np.isnan(values).any():
+                fail(np.isnan(values), f["name"], "is not a number")
+            outside = (values < f["min"]) | (values > f["max"])
+            if outside.any():
+                fail(
+                    outside,
+                    f["name"],
+                    f"is outside the declared range [{f['min']}, "
+                    f"{f['max']}]; correct it or widen the range",
+                )
+            columns[f["name"]] = values
+        else:
+            unknown = ~raw.isin([str(c) for c in f["categories"]]).to_numpy()
+            if unknown.any():
+                fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
+            columns[f["name"]] = raw.to_numpy()
+    label = frame[schema.label].str.strip()
+    odd = ~label.isin([str(schema.positive), str(schema.negative)]).to_numpy()
+    if odd.any():
+        fail(
+            odd,
+            schema.label,
+            f"is neither the positive label {schema.positive!r} nor "
+            f"the negative {schema.negative!r}",
+        )
+    return schema.encode(columns), schema.labels(label.to_numpy())
+
+
+# ---- What the hospitals and the server use ------------------------------------------------
+
+
+def load_schema(cfg, schema_file=None):
+    if cfg.dataset == "synthetic":
+        return Schema(SYNTHETIC_SCHEMA, "synthetic data")
+    if cfg.dataset == "breast-cancer":
+        return Schema.load(SCHEMAS_DIR / "breast_cancer.json")
+    return Schema.load(schema_file or csv_paths(cfg)[0])
+
+
+def hospital_data(cfg, hospital, data_file=None, schema_file=None):
+    """One hospital's ((train_x, train_y), (test_x, test_y)). In deployment a csv
+    hospital passes its own file and data dictionary."""
+    schema = load_schema(cfg, schema_file)
+    if cfg.dataset == "synthetic":
+        x, y = _synthetic_hospital(cfg, hospital, schema)
+        source = f"synthetic hospital {hospital}"
+    elif cfg.dataset == "breast-cancer":
+        x, y = _breast_cancer_split(cfg, schema)[1][hospital]
+        source = f"breast-cancer hospital {hospital}"
+    else:
+        source = data_file or csv_paths(cfg)[1][hospital]
+        x, y = read_csv(source, schema, cfg.missing_values)
+    rng = np.random.default_rng([cfg.seed, hospital, 2])
+    (train_x, train_y), held_out = _held_out_split(x, y, cfg.test_fraction, rng)
+    if len(train_y) < MIN_TRAINING_PATIENTS:
+        raise DataError(
+            f"{source}: {len(y)} patients leave {len(train_y)} for training after holding "
+            f"out test_fraction {cfg.test_fraction:g}; DP-SGD needs at least "
+            f"{MIN_TRAINING_PATIENTS}: add patients or lower test_fraction"
+        )
+    return (train_x, train_y), held_out
+
+
+def reference_test_set(cfg):
+    """The server's own test set, (x, y, what it is): the model is judged on it."""
+    schema = load_schema(cfg)
+    if cfg.dataset == "synthetic":
+        return (*_synthetic_reference(cfg, schema), "new synthetic patients")
+    if cfg.dataset == "breast-cancer":
+        x, y = _breast_cancer_split(cfg, schema)[0]
+        return x, y, f"{len(y)} patients held out of the data set before the split"
+    test_file = csv_paths(cfg)[2]
+    if test_file.exists():
+        return (*read_csv(test_file, schema, cfg.missing_values), str(test_file))
+    # Simulation only: every hospital's held-out rows, pooled (see the README).
+    held_out = [hospital_data(cfg, h)[1] for h in range(cfg.num_clients)]
+    x = np.concatenate([h[0] for h in held_out])
+    y = np.concatenate([h[1] for h in held_out])
+    return x, y, "the hospitals' held-out patients, pooled (no test.csv given)"
+
+
+def check_all(cfg, pool_held_out=True):
+    """Load every hospital's data and the server's reference set once, before anything
+    starts, so that bad data stops a launcher with one line (DataError) rather than
+    a failed run. With pool_held_out=False (a deployed server) the csv reference set
+    must be the server's own test.csv."""
+    if cfg.dataset == "csv" and not pool_held_out and not csv_paths(cfg)[2].exists():
+        raise DataError(
+            f"{csv_paths(cfg)[2]}: file not found; the server needs its own reference test "
+            f"set to evaluate the model (the hospitals' files stay at the hospitals)"
+        )
+    if pool_held_out:  # simulation: this machine holds every hospital's data
+        for hospital in range(cfg.num_clients):
+            hospital_data(cfg, hospital)
+    reference_test_set(cfg)
 
 
 def fingerprint(x, y):

@@ -2,12 +2,16 @@
 weights between hospitals and server, its clinical evaluation, and model.pt."""
 
 import io
+import json
 
 import numpy as np
 import torch
 from sklearn.metrics import (
     accuracy_score,
+    brier_score_loss,
+    f1_score,
     log_loss,
+    precision_score,
     recall_score,
     roc_auc_score,
 )
@@ -55,25 +59,34 @@ def predict_risk(model, x):
 
 
 def clinical_metrics(y_true, risk, threshold):
-    """Discrimination (AUC) and the threshold-dependent figures clinicians read."""
+    """What clinicians read, from scikit-learn: discrimination (ROC-AUC, undefined
+    when only one class is present), the figures at the decision threshold, and
+    the calibration of the predicted risks (Brier score, log loss)."""
     predicted = (risk >= threshold).astype(int)
+    both_classes = len(np.unique(y_true)) == 2
     return {
-        "auc": float(roc_auc_score(y_true, risk)),
+        "auc": float(roc_auc_score(y_true, risk)) if both_classes else None,
         "accuracy": float(accuracy_score(y_true, predicted)),
         "sensitivity": float(recall_score(y_true, predicted, pos_label=1, zero_division=0)),
         "specificity": float(recall_score(y_true, predicted, pos_label=0, zero_division=0)),
+        "precision": float(precision_score(y_true, predicted, zero_division=0)),
+        "f1": float(f1_score(y_true, predicted, zero_division=0)),
+        "brier": float(brier_score_loss(y_true, risk, pos_label=1)),
         "loss": float(log_loss(y_true, np.clip(risk, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "threshold": threshold,
     }
 
 
-def save_model(path, model, hidden_layers, feature_names, threshold):
-    """Write model.pt atomically: the weights plus what is needed to rebuild them."""
+def save_model(path, model, hidden_layers, schema, threshold):
+    """Write model.pt atomically: the weights plus what is needed to rebuild and
+    use them (the model's inputs and the data dictionary that encodes them)."""
     buffer = io.BytesIO()
     torch.save(
         {
             "state_dict": model.state_dict(),
             "hidden_layers": list(hidden_layers),
-            "feature_names": list(feature_names),
+            "input_names": schema.input_names,
+            "data_dictionary": json.dumps(schema.spec),
             "decision_threshold": threshold,
         },
         buffer,
@@ -84,6 +97,6 @@ def save_model(path, model, hidden_layers, feature_names, threshold):
 def load_model(path):
     """Rebuild the model saved in model.pt; returns (model, everything saved)."""
     saved = torch.load(path, weights_only=True)
-    model = build_model(len(saved["feature_names"]), saved["hidden_layers"])
+    model = build_model(len(saved["input_names"]), saved["hidden_layers"])
     model.load_state_dict(saved["state_dict"])
     return model, saved

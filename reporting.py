@@ -94,17 +94,48 @@ def follow(process, run_dir, cfg, console):
             time.sleep(0.2)
 
 
+# Clinical metrics in the order clinicians read them: (key, column title).
+METRICS = (
+    ("auc", "AUC"),
+    ("accuracy", "Accuracy"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision"),
+    ("f1", "F1"),
+    ("brier", "Brier"),
+)
+
+
+def fmt(value):
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def metrics_text(metrics):
+    """One line of clinical metrics, e.g. for a hospital's own evaluation."""
+    return ", ".join(f"{title} {fmt(metrics[key])}" for key, title in METRICS)
+
+
+def metrics_table(title, rows):
+    """A table of clinical metrics, one row per (label, metrics)."""
+    table = Table(title=title)
+    table.add_column("Model", justify="left")
+    for _, name in METRICS:
+        table.add_column(name, justify="right")
+    for label, values in rows:
+        table.add_row(label, *(fmt(values[key]) for key, _ in METRICS))
+    return table
+
+
 def print_summary(metrics, run_dir, console=None):
     console = console or Console()
-    final, privacy = metrics["final"]["global"], metrics["privacy"]
-
-    model_table = Table(title="Global model on the server's reference test set")
-    for name in ("AUC", "Accuracy", "Sensitivity", "Specificity"):
-        model_table.add_column(name, justify="right")
-    model_table.add_row(
-        *(f"{final[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity"))
+    final, privacy, data = metrics["final"]["global"], metrics["privacy"], metrics["data"]
+    console.print(
+        metrics_table(
+            f"Global model on the server's reference test set ({data['test_patients']} "
+            f"patients; decision threshold {final['threshold']:g})",
+            [("Federated, DP", final), *metrics.get("baselines", {}).items()],
+        )
     )
-    console.print(model_table)
 
     privacy_table = Table(
         title=f"Privacy spent per hospital ({privacy['accountant'].upper()} accountant)"
@@ -146,5 +177,6 @@ def print_summary(metrics, run_dir, console=None):
         f"Each hospital's training patients are protected by record-level "
         f"(epsilon, delta)-differential privacy, cumulative over all "
         f"{len(metrics['rounds'])} rounds: epsilon as in the table, delta "
-        f"{privacy['delta']:g}. Results: {run_dir}"
+        f"{privacy['delta']:g}. Results, with the report for the privacy officer and "
+        f"the clinicians (report.md): {run_dir}"
     )

@@ -300,8 +300,8 @@ def interrupt_on_signals():
 
 def run_federation(cfg, console, superlink_args, federation_config=(), ca_cert=None, **where):
     """One whole training on a SuperLink of our own: start it, submit the app, show
-    the rounds, print the summary; return the exit code. `where` (host, port) says
-    where the SuperLink listens."""
+    the rounds. Returns (exit code, metrics of the finished run, or None after
+    saying what went wrong). `where` (host, port) says where the SuperLink listens."""
     run_dir = Path(cfg.run_dir)
     flwr_home = run_dir / "flower"
     try:
@@ -313,17 +313,16 @@ def run_federation(cfg, console, superlink_args, federation_config=(), ca_cert=N
     except KeyboardInterrupt:
         mark_stopped(run_dir, "interrupted")
         console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")
-        return 130
+        return 130, None
     except FlowerError as error:
         mark_stopped(run_dir, "failed")
         console.print(f"[red]Flower failed:[/] {error}")
-        return 1
+        return 1, None
     if not metrics or metrics["status"] != "finished":
         mark_stopped(run_dir, "failed")
         error = (metrics or {}).get("error", "the server stopped without a result")
         log = flwr_home / "flwr-run.log"
         console.print(f"[red]The run failed:[/] {error}\nLast lines of {log}:\n{log_tail(log)}")
-        return 1
-    reporting.print_summary(metrics, run_dir, console)
+        return 1, None
     # Dropouts are tolerated (min_fit_clients); a round that trained nobody is not.
-    return 1 if reporting.idle_rounds(metrics) else 0
+    return (1 if reporting.idle_rounds(metrics) else 0), metrics

@@ -21,11 +21,10 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
-from flwr.common import GetPropertiesIns, ndarrays_to_parameters
-from flwr.common.constant import MessageTypeLegacy
+from flwr.app import Context, Message, MessageType
+from flwr.common import EvaluateIns, ndarrays_to_parameters
 from flwr.common.logger import log
-from flwr.compat.common.recorddict_compat import getpropertiesins_to_recorddict
+from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow
@@ -64,8 +63,9 @@ class HospitalFedAvg(FedAvg):
     report and leaving out of the average any hospital that refused to train."""
 
     def __init__(self, cfg, run_dir):
+        self.schema = data_utils.load_schema(cfg)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(len(data_utils.FEATURE_NAMES), cfg.hidden_layers)
+        self.model = build_model(len(self.schema.input_names), cfg.hidden_layers)
         super().__init__(
             fraction_fit=1.0,
             # No evaluation at the hospitals: metrics on their test rows would be a
@@ -78,7 +78,7 @@ class HospitalFedAvg(FedAvg):
             evaluate_fn=self._evaluate_global,
         )
         self.cfg, self.run_dir = cfg, run_dir
-        self.test_x, self.test_y = data_utils.global_test_set(cfg)
+        self.test_x, self.test_y, reference = data_utils.reference_test_set(cfg)
         self.started = time.monotonic()
         self.reports = {}  # hospital id -> its latest report
         self.round_reports, self.round_failures = {}, []
@@ -86,6 +86,12 @@ class HospitalFedAvg(FedAvg):
             "status": "running",
             "hospitals_connected": 0,
             "config": vars(cfg),
+            "data": {
+                "name": self.schema.name,
+                "test_set": reference,
+                "test_patients": len(self.test_y),
+                "inputs": self.schema.input_names,
+            },
             "rounds": [],
             "final": None,
             "privacy": None,
@@ -155,7 +161,7 @@ class HospitalFedAvg(FedAvg):
             self.run_dir / MODEL_FILE,
             self.model,
             self.cfg.hidden_layers,
-            data_utils.FEATURE_NAMES,
+            self.schema,
             self.cfg.decision_threshold,
         )
         self.results["final"] = {"global": self.results["rounds"][-1]["global"]}
@@ -216,15 +222,23 @@ def wait_for_hospitals(grid, cfg, strategy):
     strategy.save()
 
 
-def tell_hospitals(grid, status):
+def tell_hospitals(grid, status, final_weights, rounds):
     """Tell every connected hospital that the run has ended, so that its launcher can
-    stop (a SuperNode never exits by itself). The NumPyClient API has no message
-    for this; a get_properties request carries it. Waiting for the hospitals'
-    acknowledgements is bounded: a hospital that vanishes midway must not hold the
-    server (Flower may retry pulling a half-sent reply for hours)."""
-    instruction = getpropertiesins_to_recorddict(GetPropertiesIns({"run-status": status}))
+    stop (a SuperNode never exits by itself), and give it the final model to
+    evaluate on its own held-out patients. The NumPyClient API has no message for
+    this; an evaluate request carries it, and its reply is only an acknowledgement.
+
+    Waiting for the acknowledgements is bounded: a hospital that vanishes midway
+    must not hold the server (Flower may retry pulling a half-sent reply for hours).
+    """
+    instruction = evaluateins_to_recorddict(
+        EvaluateIns(
+            ndarrays_to_parameters(final_weights), {"run-status": status, "server_round": rounds}
+        ),
+        keep_input=True,
+    )
     messages = [
-        Message(instruction, dst_node_id=node, message_type=MessageTypeLegacy.GET_PROPERTIES)
+        Message(instruction, dst_node_id=node, message_type=MessageType.EVALUATE)
         for node in grid.get_node_ids()
     ]
     notice = threading.Thread(target=grid.send_and_receive, args=(messages,), daemon=True)
@@ -297,10 +311,15 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         try:
-            tell_hospitals(grid, status)
+            rounds_done = len(strategy.results["rounds"])
+            tell_hospitals(grid, status, get_weights(strategy.model), rounds_done)
         except Exception as error:  # the run's own outcome is what must be saved
             log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
         strategy.results["status"] = status
+        if status == "finished":  # before metrics.json says so: readers may then stop us
+            import report  # matplotlib: loaded at the end, not before round 1
+
+            report.write_report(run_dir, strategy.results)
         strategy.save()
 
 
@@ -330,6 +349,8 @@ def serve(argv=None):
         "--insecure", action="store_true", help="no TLS: everything crosses the network unencrypted"
     )
     cfg, args = settings.parse(parser, argv)
+    if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
+        cfg.data_dir = str(Path(cfg.data_dir).resolve())
     certs = Path(args.certs_dir).resolve()
     console = reporting.make_console()
     if args.make_certs:
@@ -368,18 +389,22 @@ def serve(argv=None):
             str(ca_cert),
         ]
     try:
+        data_utils.check_all(cfg, pool_held_out=False)
         runtime.ensure_port_free(args.host, args.port)
         cfg.run_dir = str(new_run_dir(cfg.run_dir))
-    except (runtime.FlowerError, FileExistsError) as error:
+    except (data_utils.DataError, runtime.FlowerError, FileExistsError) as error:
         parser.error(f"{error}; choose another with --port" if "port" in str(error) else str(error))
     console.print(
         f"[bold]SecureHealth-ML[/] server on {args.host}:{args.port} "
         f"({'TLS' if ca_cert else 'no TLS'}): {cfg.rounds} rounds once {cfg.num_clients} "
         f"hospitals have joined. Start each with: python client.py --client-id N"
     )
-    return runtime.run_federation(
+    exit_code, metrics = runtime.run_federation(
         cfg, console, tls_args, ca_cert=ca_cert, host=args.host, port=args.port
     )
+    if metrics is not None:
+        reporting.print_summary(metrics, cfg.run_dir, console)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import re
 from types import SimpleNamespace
 
 import config
-import data_utils
 
 DEFAULTS = {
     name: value
@@ -22,6 +21,8 @@ DEFAULTS = {
 # The comment after each default in config.py doubles as its --help text.
 HELP = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", inspect.getsource(config), re.M))
 
+DATASETS = ("synthetic", "breast-cancer", "csv")
+
 RULES = {
     "num_clients": (lambda v: v >= 1, "must be at least 1"),
     "rounds": (lambda v: v >= 1, "must be at least 1"),
@@ -29,6 +30,8 @@ RULES = {
     "join_timeout": (lambda v: v >= 1, "must be at least 1 (seconds)"),
     "min_available_clients": (lambda v: v >= 1, "must be at least 1"),
     "min_fit_clients": (lambda v: v >= 1, "must be at least 1"),
+    "dataset": (lambda v: v in DATASETS, f"must be one of {', '.join(DATASETS)}"),
+    "missing_values": (lambda v: v in ("fail", "drop"), "must be 'fail' or 'drop'"),
     "num_patients": (lambda v: v >= 1, "must be at least 1"),
     "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
     "global_test_patients": (lambda v: v >= 50, "must be at least 50"),
@@ -43,8 +46,6 @@ RULES = {
     "accountant": (lambda v: v in ("rdp", "prv"), "must be 'rdp' or 'prv'"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
 }
-
-MIN_TRAINING_PATIENTS = 10
 
 
 class SettingsError(ValueError):
@@ -91,13 +92,6 @@ def resolve(overrides=None):
             "min_fit_clients <= min_available_clients <= num_clients must hold, got "
             f"{values['min_fit_clients']}, {values['min_available_clients']}, "
             f"{values['num_clients']}: lower the first two"
-        )
-    smallest = min(data_utils.hospital_sizes(values["num_patients"], values["num_clients"]))
-    if smallest - data_utils.test_size(smallest, values["test_fraction"]) < MIN_TRAINING_PATIENTS:
-        raise SettingsError(
-            f"num_patients must leave each of the {values['num_clients']} hospitals at "
-            f"least {MIN_TRAINING_PATIENTS} training patients, got {values['num_patients']} "
-            f"(smallest hospital: {smallest}, test_fraction {values['test_fraction']})"
         )
     return SimpleNamespace(**values)
 

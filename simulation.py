@@ -10,20 +10,31 @@ flower/ folder.
 """
 
 import sys
+from pathlib import Path
 
+import data_utils
 import reporting
 import runtime
 import settings
-from results import new_run_dir
+from results import METRICS_FILE, new_run_dir, write_json
 
 
 def main(argv=None):
     runtime.interrupt_on_signals()
     parser = settings.make_parser(__doc__)
-    cfg, _ = settings.parse(parser, argv)
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also train the baselines (pooled and FedAvg without DP, each hospital "
+        "alone with DP) and compare them in the summary and report",
+    )
+    cfg, args = settings.parse(parser, argv)
+    if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
+        cfg.data_dir = str(Path(cfg.data_dir).resolve())
     try:
+        data_utils.check_all(cfg)
         cfg.run_dir = str(new_run_dir(cfg.run_dir))
-    except FileExistsError as error:
+    except (data_utils.DataError, FileExistsError) as error:
         parser.error(str(error))
     console = reporting.make_console()
     console.print(
@@ -31,12 +42,31 @@ def main(argv=None):
         f"{cfg.rounds} rounds, privacy budget epsilon {cfg.epsilon:g} "
         f"(delta {cfg.delta:g}) per hospital"
     )
-    return runtime.run_federation(
+    exit_code, metrics = runtime.run_federation(
         cfg,
         console,
         superlink_args=["--simulation", "--insecure"],
         federation_config=[f"num-supernodes={cfg.num_clients}", "client-resources-num-cpus=1"],
     )
+    if metrics is None:
+        return exit_code
+    if args.baselines:
+        add_baselines(cfg, metrics, console)
+    reporting.print_summary(metrics, cfg.run_dir, console)
+    return exit_code
+
+
+def add_baselines(cfg, metrics, console):
+    """Train the baselines, add them to metrics.json and write the report again."""
+    import baselines  # loaded only when asked for, after the run
+    import report
+
+    with console.status(
+        "Training the baselines: pooled and FedAvg without DP, each hospital alone with DP"
+    ):
+        metrics["baselines"] = baselines.run_baselines(cfg)
+    write_json(Path(cfg.run_dir) / METRICS_FILE, metrics)
+    report.write_report(cfg.run_dir, metrics)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path, monkeypa
     for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
         monkeypatch.setattr(TaskIdentity, name, 1)
     cfg = settings.resolve({"rounds": 2, "num_patients": 600, "run_dir": str(tmp_path)})
-    initial = get_weights(build_model(len(data_utils.FEATURE_NAMES), cfg.hidden_layers))
+    inputs = len(data_utils.load_schema(cfg).input_names)
+    initial = get_weights(build_model(inputs, cfg.hidden_layers))
     instruction = FitIns(ndarrays_to_parameters(initial), {"server_round": 1})
     message = Message(fitins_to_recorddict(instruction, True), dst_node_id=1, message_type="train")
     context = Context(
@@ -49,11 +50,12 @@ def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path, monkeypa
     assert [w.shape for w in weights] == [w.shape for w in initial]
     trained = not all(np.array_equal(a, b) for a, b in zip(weights, initial, strict=True))
     assert trained
-    (x, y), _ = data_utils.load_hospital(cfg, 0)
+    (x, y), (held_out_x, _) = data_utils.hospital_data(cfg, 0)
     assert result.num_examples == len(y)
     assert set(result.metrics) == PRIVACY_REPORT_KEYS
     assert all(isinstance(v, (int, float, str)) for v in result.metrics.values())
 
     wire = message_to_proto(reply).SerializeToString()  # what would cross the network
     assert not any(row.tobytes() in wire for row in x)
+    assert not any(row.tobytes() in wire for row in held_out_x)
     assert y.tobytes() not in wire

@@ -1,6 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 import data_utils
 import settings
@@ -15,58 +23,106 @@ from model import (
 )
 
 
-@pytest.fixture
-def cfg():
-    return settings.resolve()
+@pytest.fixture(params=["synthetic", "breast-cancer"])
+def cfg(request):
+    return settings.resolve({"dataset": request.param})
 
 
 def test_hospitals_are_seeded_and_reproducible(cfg):
-    (x1, y1), (tx1, ty1) = data_utils.load_hospital(cfg, 1)
-    (x2, y2), (tx2, ty2) = data_utils.load_hospital(cfg, 1)
+    (x1, y1), (tx1, ty1) = data_utils.hospital_data(cfg, 1)
+    (x2, y2), (tx2, ty2) = data_utils.hospital_data(cfg, 1)
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(tx1, tx2)
-    other_seed = settings.resolve({"seed": cfg.seed + 1})
-    assert not np.array_equal(x1, data_utils.load_hospital(other_seed, 1)[0][0])
+    other_seed = settings.resolve({**vars(cfg), "seed": cfg.seed + 1})
+    assert not np.array_equal(x1, data_utils.hospital_data(other_seed, 1)[0][0])
 
 
-def test_hospital_sizes_differ_and_add_up(cfg):
-    sizes = data_utils.hospital_sizes(4000, 3)
-    assert sizes == [2000, 1200, 800]
-    assert sum(data_utils.hospital_sizes(1001, 7)) == 1001
-    (x, _), (tx, _) = data_utils.load_hospital(cfg, 2)
-    assert len(x) + len(tx) == 800 and len(tx) == 160
+def test_hospital_sizes_differ_and_splits_are_stratified(cfg):
+    train = [data_utils.hospital_data(cfg, h) for h in range(3)]
+    sizes = [len(t[0][1]) + len(t[1][1]) for t in train]
+    assert sizes[0] > sizes[1] > sizes[2]
+    for (_, y), (_, ty) in train:
+        assert len(ty) == data_utils.test_size(len(y) + len(ty), cfg.test_fraction)
+        if cfg.dataset == "breast-cancer":  # stratified: same share of disease
+            assert abs(y.mean() - ty.mean()) < 0.1
+    # No patient is in two places: hospitals, held-out rows and the server's set.
+    rows = [r.tobytes() for (x, _), (tx, _) in train for r in (*x, *tx)]
+    rows += [r.tobytes() for r in data_utils.reference_test_set(cfg)[0]]
+    assert len(rows) == len(set(rows))
 
 
-def test_hospitals_are_non_iid(cfg):
-    hospitals = [data_utils.load_hospital(cfg, h)[0] for h in range(3)]
-    ages = [x[:, data_utils.FEATURE_NAMES.index("age")].mean() for x, _ in hospitals]
+def test_synthetic_hospitals_are_non_iid():
+    cfg = settings.resolve()
+    hospitals = [data_utils.hospital_data(cfg, h)[0] for h in range(3)]
+    age = data_utils.load_schema(cfg).input_names.index("age")
+    ages = [x[:, age].mean() for x, _ in hospitals]
     prevalence = [y.mean() for _, y in hospitals]
     assert max(ages) - min(ages) > 0.1  # scaled units: about 4 years
     assert max(prevalence) - min(prevalence) > 0.1
 
 
-def test_scaling_uses_declared_ranges_not_the_data():
-    low = [r[0] for _, r in data_utils.FEATURES.values()]
-    high = [r[1] for _, r in data_utils.FEATURES.values()]
-    raw = np.array([low, high, np.add(high, 100)])
-    scaled = data_utils.scale(raw)
-    assert np.allclose(scaled[0], -1) and np.allclose(scaled[1:], 1)  # clipped
-    # Row by row: a row's scaling does not depend on the other rows.
-    assert np.array_equal(data_utils.scale(raw[:1])[0], scaled[0])
+def test_breast_cancer_is_the_real_data_set():
+    cfg = settings.resolve({"dataset": "breast-cancer"})
+    parts = [data_utils.hospital_data(cfg, h) for h in range(3)]
+    test_x, test_y, _ = data_utils.reference_test_set(cfg)
+    patients = len(test_y) + sum(len(t[0][1]) + len(t[1][1]) for t in parts)
+    malignant = test_y.sum() + sum(t[0][1].sum() + t[1][1].sum() for t in parts)
+    assert (patients, malignant) == (569, 212)
+    assert test_x.shape[1] == 30
 
 
-def test_global_test_set_is_not_made_of_hospital_rows(cfg):
-    gx, gy = data_utils.global_test_set(cfg)
-    assert len(gx) == cfg.global_test_patients and 0.1 < gy.mean() < 0.6
-    rows = {row.tobytes() for h in range(3) for row in data_utils.load_hospital(cfg, h)[0][0]}
-    assert not any(row.tobytes() in rows for row in gx)
+def test_encoding_comes_from_the_data_dictionary_alone():
+    schema = data_utils.Schema(
+        {
+            "label": {"column": "sick", "positive": "yes", "negative": "no"},
+            "features": [
+                {"name": "age", "type": "numeric", "min": 20, "max": 80},
+                {"name": "crp", "type": "numeric", "min": 0, "max": 99, "log": True},
+                {"name": "sex", "type": "categorical", "categories": ["f", "m"]},
+            ],
+        },
+        "test",
+    )
+    assert schema.input_names == ["age", "crp", "sex=f", "sex=m"]
+    columns = {
+        "age": np.array([20, 50, 80, 200]),
+        "crp": np.array([0, 9, 99, 1]),
+        "sex": np.array(["f", "m", "m", "f"]),
+    }
+    x = schema.encode(columns)
+    assert np.allclose(x[:, 0], [-1, 0, 1, 1])  # declared range -> [-1, 1], clipped
+    assert x[0, 1] == -1 and x[2, 1] == 1 and -1 < x[1, 1] < 1  # log-scaled range
+    assert np.array_equal(x[:, 2:], [[1, 0], [0, 1], [0, 1], [1, 0]])
+    # A row's encoding does not depend on the other rows (no statistics of the data):
+    # the same patient gets the same inputs at every hospital.
+    alone = schema.encode({k: v[1:2] for k, v in columns.items()})
+    assert np.array_equal(alone[0], x[1])
+    assert np.array_equal(schema.labels(np.array(["yes", "no"])), [1, 0])
 
 
-def test_fingerprint_changes_with_any_row(cfg):
-    (x, y), _ = data_utils.load_hospital(cfg, 0)
-    changed = x.copy()
-    changed[5, 0] += 0.01
-    assert data_utils.fingerprint(x, y) == data_utils.fingerprint(x.copy(), y.copy())
-    assert data_utils.fingerprint(x, y) != data_utils.fingerprint(changed, y)
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"features": []}, "label.column"),
+        ({"label": {"column": "y", "positive": 1, "negative": 1}, "features": []}, "same"),
+        (
+            {
+                "label": {"column": "y", "positive": 1, "negative": 0},
+                "features": [{"name": "a", "type": "numeric", "min": 5, "max": 1}],
+            },
+            "min < max",
+        ),
+        (
+            {
+                "label": {"column": "y", "positive": 1, "negative": 0},
+                "features": [{"name": "a", "type": "text"}],
+            },
+            "numeric' or 'categorical",
+        ),
+    ],
+)
+def test_bad_data_dictionaries_are_named(spec, problem):
+    with pytest.raises(data_utils.DataError, match=problem):
+        data_utils.Schema(spec, "schema.json")
 
 
 def test_model_shapes_and_weight_exchange():
@@ -88,21 +144,36 @@ def test_set_weights_rejects_another_architecture():
         set_weights(model, get_weights(build_model(9, (16, 8))))
 
 
-def test_clinical_metrics_on_a_known_case():
+def test_clinical_metrics_are_scikit_learns_on_a_known_case():
     y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
     risk = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.1, 0.1, 0.4])
     m = clinical_metrics(y, risk, threshold=0.5)
-    assert m["sensitivity"] == pytest.approx(2 / 3)
+    predicted = risk >= 0.5
+    assert m["sensitivity"] == pytest.approx(2 / 3) == recall_score(y, predicted)
     assert m["specificity"] == pytest.approx(4 / 5)
-    assert m["accuracy"] == pytest.approx(6 / 8)
-    assert m["auc"] == pytest.approx(13 / 15)  # 13 of 15 (diseased, healthy) pairs ordered
+    assert m["accuracy"] == pytest.approx(6 / 8) == accuracy_score(y, predicted)
+    assert m["auc"] == pytest.approx(13 / 15) == roc_auc_score(y, risk)  # pairs ordered
+    assert m["precision"] == pytest.approx(2 / 3) == precision_score(y, predicted)
+    assert m["f1"] == pytest.approx(2 / 3) == f1_score(y, predicted)
+    assert m["brier"] == pytest.approx(brier_score_loss(y, risk))
+    assert clinical_metrics(y, risk, threshold=0.25)["sensitivity"] == 1.0
+    assert clinical_metrics(np.zeros(3), np.array([0.1, 0.2, 0.3]), 0.5)["auc"] is None
 
 
 def test_model_file_rebuilds_the_same_model(tmp_path):
+    schema = data_utils.load_schema(settings.resolve())
     model = build_model(9, (16,))
-    save_model(tmp_path / "model.pt", model, (16,), data_utils.FEATURE_NAMES, 0.5)
+    save_model(tmp_path / "model.pt", model, (16,), schema, 0.5)
     loaded, saved = load_model(tmp_path / "model.pt")
     x = np.random.default_rng(0).uniform(-1, 1, (10, 9)).astype(np.float32)
     assert np.array_equal(predict_risk(model, x), predict_risk(loaded, x))
-    assert saved["feature_names"] == data_utils.FEATURE_NAMES
+    assert saved["input_names"] == schema.input_names
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left
+
+
+def test_fingerprint_changes_with_any_row():
+    (x, y), _ = data_utils.hospital_data(settings.resolve(), 0)
+    changed = x.copy()
+    changed[5, 0] += 0.01
+    assert data_utils.fingerprint(x, y) == data_utils.fingerprint(x.copy(), y.copy())
+    assert data_utils.fingerprint(x, y) != data_utils.fingerprint(changed, y)

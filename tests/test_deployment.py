@@ -3,6 +3,7 @@ on loopback, with TLS, Flower's real SuperLink and SuperNodes, and real files.""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -88,17 +89,39 @@ def read_metrics(run_dir):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def test_server_and_three_hospitals_over_tls(federation):
+def hand_out_csv_files(workdir):
+    """The example CSV directory as it lies in a real deployment: the server holds
+    the data dictionary and its own test set, each hospital its own table only."""
+    example = ROOT / "examples" / "csv"
+    (workdir / "server-data").mkdir()
+    for name in ("schema.json", "test.csv"):
+        shutil.copy(example / name, workdir / "server-data" / name)
+    own = []
+    for hospital in range(3):
+        home = workdir / f"hospital-{hospital}-data"
+        home.mkdir()
+        shutil.copy(example / f"hospital_{hospital}.csv", home / "patients.csv")
+        shutil.copy(example / "schema.json", home / "schema.json")
+        own.append(["--data", str(home / "patients.csv"), "--schema", str(home / "schema.json")])
+    return own
+
+
+def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation):
     processes, workdir, port = federation
+    own = hand_out_csv_files(workdir)
     address = ["--server-address", f"127.0.0.1:{port}"]
     # A hospital may start before the server: it waits.
-    first = processes.start("client.py", "--client-id", "0", *address, name="c0")
+    first = processes.start("client.py", "--client-id", "0", *address, *own[0], name="c0")
     time.sleep(2)
-    server = processes.server(port, 2, "run", name="server")
+    server = processes.server(
+        port, 2, "run", "--dataset", "csv", "--data-dir", "server-data", name="server"
+    )
     others = [
-        processes.start("client.py", "--client-id", "1", *address, name="c1"),
+        processes.start("client.py", "--client-id", "1", *address, *own[1], name="c1"),
         # This hospital's own budget is smaller than what the server's config says.
-        processes.start("client.py", "--client-id", "2", "--epsilon", "0.5", *address, name="c2"),
+        processes.start(
+            "client.py", "--client-id", "2", "--epsilon", "0.5", *address, *own[2], name="c2"
+        ),
     ]
     assert server.wait(timeout=300) == 0, processes.output("server")
     for client in (first, *others):
@@ -108,6 +131,7 @@ def test_server_and_three_hospitals_over_tls(federation):
     for name in ("c0", "c1", "c2"):
         out = processes.output(name)
         assert "Round 2: trained" in out and "The server ended the run (finished)" in out
+        assert "Final model on this hospital's" in out  # its own evaluation, kept there
     summary = processes.output("server")
     assert "Round   2/2" in summary and "Privacy spent per hospital" in summary
     outputs = [p.read_text() for p in workdir.glob("*.out")]
@@ -116,8 +140,9 @@ def test_server_and_three_hospitals_over_tls(federation):
 
     metrics = read_metrics(workdir / "run")
     assert metrics["status"] == "finished"
+    assert metrics["data"]["test_set"] == str(workdir / "server-data" / "test.csv")
     assert [sorted(r["hospitals"]) for r in metrics["rounds"]] == [["0", "1", "2"]] * 2
-    assert (workdir / "run" / "model.pt").exists()
+    assert (workdir / "run" / "model.pt").exists() and (workdir / "run" / "report.md").exists()
     budgets = {h: p["epsilon_budget"] for h, p in metrics["privacy"]["hospitals"].items()}
     assert budgets == {"0": 1.0, "1": 1.0, "2": 0.5}  # each hospital's own
     for hospital, p in metrics["privacy"]["hospitals"].items():
@@ -129,12 +154,14 @@ def test_server_and_three_hospitals_over_tls(federation):
     assert flower_processes(workdir) == []
 
     # A later run on the same patients spends from what is left: nothing, here.
-    server = processes.server(port, 1, "run2", name="server2")
+    server = processes.server(
+        port, 1, "run2", "--dataset", "csv", "--data-dir", "server-data", name="server2"
+    )
     clients = [
-        processes.start("client.py", "--client-id", "0", *address, name="again0"),
-        processes.start("client.py", "--client-id", "1", *address, name="again1"),
+        processes.start("client.py", "--client-id", "0", *address, *own[0], name="again0"),
+        processes.start("client.py", "--client-id", "1", *address, *own[1], name="again1"),
         processes.start(
-            "client.py", "--client-id", "2", "--epsilon", "0.5", *address, name="again2"
+            "client.py", "--client-id", "2", "--epsilon", "0.5", *address, *own[2], name="again2"
         ),
     ]
     assert server.wait(timeout=300) == 1  # no hospital trained: the model is unchanged

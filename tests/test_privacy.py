@@ -95,7 +95,7 @@ import client, settings
 from model import build_model, get_weights
 cfg = settings.from_run_config({"settings": sys.argv[1]})
 weights = [np.asarray(w, dtype=np.float32) for w in json.loads(sys.argv[2])]
-hospital = client.HospitalClient(1, cfg, run_id=99, ledger_dir=sys.argv[3])
+hospital = client.HospitalClient(1, cfg, run_id=99, state_dir=sys.argv[3])
 new_weights, n, report = hospital.fit(weights, {"server_round": int(sys.argv[4])})
 print(json.dumps(report))
 """
@@ -140,7 +140,7 @@ def test_a_hospital_refuses_a_round_past_its_budget(tmp_path):
     import client
 
     cfg = settings.resolve({"rounds": 2, "num_patients": 1000, "run_dir": str(tmp_path)})
-    hospital = client.HospitalClient(0, cfg, run_id=5, ledger_dir=tmp_path)
+    hospital = client.HospitalClient(0, cfg, run_id=5, state_dir=tmp_path)
     weights = get_weights(build_model(9, cfg.hidden_layers))
     for server_round in (1, 2):
         weights, n, report = hospital.fit(weights, {"server_round": server_round})
@@ -160,7 +160,7 @@ def test_opacus_samples_at_the_calibrated_rate(tmp_path):
     import client
 
     cfg = settings.resolve({"rounds": 1, "num_patients": 1000, "run_dir": str(tmp_path)})
-    hospital = client.HospitalClient(2, cfg, run_id=1, ledger_dir=tmp_path)
+    hospital = client.HospitalClient(2, cfg, run_id=1, state_dir=tmp_path)
     _, _, report = hospital.fit(get_weights(build_model(9, cfg.hidden_layers)), {"server_round": 1})
     batches = math.ceil(len(hospital.y) / cfg.batch_size)
     assert report["sample_rate"] == 1 / batches  # not batch_size / n

@@ -20,7 +20,17 @@ HOSPITAL = {
     "patients": 160,
     "status": "trained",
 }
-GLOBAL = {"auc": 0.8, "accuracy": 0.75, "sensitivity": 0.5, "specificity": 0.9, "loss": 0.5}
+GLOBAL = {
+    "auc": 0.8,
+    "accuracy": 0.75,
+    "sensitivity": 0.5,
+    "specificity": 0.9,
+    "precision": 0.6,
+    "f1": 0.55,
+    "brier": 0.17,
+    "loss": 0.5,
+    "threshold": 0.5,
+}
 
 
 def metrics_with_a_failed_hospital():
@@ -36,6 +46,7 @@ def metrics_with_a_failed_hospital():
             }
         ],
         "final": {"global": GLOBAL},
+        "data": {"test_patients": 200},
         "privacy": {
             "target_epsilon": 1.0,
             "delta": 1e-5,

@@ -42,7 +42,8 @@ def test_overrides_with_dashes_or_underscores_and_typed():
         (["--rounds", "2.5"], "rounds"),
         (["--batch-size", "many"], "batch_size"),
         (["--accountant", "gdp"], "accountant"),
-        (["--num-clients", "300"], "num_patients"),
+        (["--dataset", "mimic"], "dataset"),
+        (["--missing-values", "impute"], "missing_values"),
         (["--num-clients", "1"], "min_fit_clients"),
         (["--min-fit-clients", "3", "--min-available-clients", "2"], "min_available_clients"),
         (["--epsilom", "2"], "epsilon"),  # unknown name: suggests the right one
@@ -67,8 +68,16 @@ def test_run_config_is_validated_too():
         settings.from_run_config({"settings": '{"epsilon": -1}'})
 
 
-@pytest.mark.parametrize("argv", [["--epsilon", "0"], ["--unknown-thing", "1"]])
-def test_simulation_script_rejects_bad_input_before_starting_anything(argv, tmp_path):
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--epsilon", "0"], "epsilon"),
+        (["--unknown-thing", "1"], "unknown_thing"),
+        (["--num-clients", "300"], "training"),  # hospitals too small for DP-SGD
+        (["--dataset", "csv"], "--data-dir"),
+    ],
+)
+def test_simulation_script_rejects_bad_input_before_starting_anything(argv, named, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "simulation.py"), *argv],
         cwd=tmp_path,
@@ -77,7 +86,7 @@ def test_simulation_script_rejects_bad_input_before_starting_anything(argv, tmp_
         timeout=60,
     )
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and named in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
+from PIL import Image
 
 import data_utils
 import settings
@@ -85,7 +86,7 @@ def test_results_contract(run):
     # model.pt is the final global model: it reproduces the final metrics.
     cfg = settings.resolve({k: v for k, v in metrics["config"].items()})
     model, _ = load_model(run_dir / "model.pt")
-    test_x, test_y = data_utils.global_test_set(cfg)
+    test_x, test_y, _ = data_utils.reference_test_set(cfg)
     recomputed = clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
     assert recomputed["auc"] == pytest.approx(metrics["final"]["global"]["auc"])
 
@@ -122,7 +123,7 @@ def test_every_hospital_is_within_budget_and_honestly_accounted(run):
 
 def test_each_hospital_ledger_records_every_release(run):
     *_, run_dir = run
-    ledgers = [json.loads(p.read_text()) for p in (run_dir / "privacy").glob("ledger-*.json")]
+    ledgers = [json.loads(p.read_text()) for p in run_dir.glob("hospitals/*/ledger-*.json")]
     assert len(ledgers) == 3
     for ledger in ledgers:
         assert [r["round"] for r in ledger["releases"]] == [1, 2, 3]
@@ -154,3 +155,68 @@ def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
     time.sleep(1)
     assert flower_processes(run_dir) == []
     assert np.isfinite(json.loads(metrics_path.read_text())["rounds"][0]["global"]["auc"])
+
+
+def assert_report(run_dir):
+    """report.md and its three plots: present, linked, and real images."""
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Privacy", "## Model performance", "## Settings"):
+        assert section in report
+    for name in ("performance_per_round.png", "epsilon_per_round.png", "roc_curve.png"):
+        assert f"]({name})" in report
+        with Image.open(run_dir / name) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) >= 400
+
+
+def test_the_run_leaves_a_report_for_the_privacy_officer(run):
+    *_, run_dir = run
+    assert_report(run_dir)
+    report = (run_dir / "report.md").read_text()
+    assert "record-level (epsilon, delta)-differential privacy" in report
+    assert "### At each hospital" in report  # the simulated hospitals' own evaluations
+
+
+def test_breast_cancer_with_baselines(tmp_path):
+    process = simulate(
+        "--dataset",
+        "breast-cancer",
+        "--rounds",
+        "2",
+        "--baselines",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout + stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"]["test_patients"] == 114 and len(metrics["data"]["inputs"]) == 30
+    names = set(metrics["baselines"])
+    assert {"Pooled data, no DP", "FedAvg, no DP", "Hospital 2 alone, DP"} <= names
+    assert (
+        "Pooled data, no DP" in stdout
+        and "Pooled data, no DP" in (tmp_path / "run" / "report.md").read_text()
+    )
+    assert metrics["final"]["global"]["auc"] > 0.9  # real signal after two rounds
+    assert_report(tmp_path / "run")
+
+
+def test_a_csv_directory_end_to_end(tmp_path):
+    data_dir = ROOT / "examples" / "csv"
+    process = simulate(
+        "--dataset",
+        "csv",
+        "--data-dir",
+        str(data_dir),
+        "--rounds",
+        "2",
+        "--run-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout + stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"]["test_set"] == str(data_dir / "test.csv")
+    assert metrics["data"]["inputs"][-2:] == ["smoker=no", "smoker=yes"]
+    assert_report(tmp_path / "run")
