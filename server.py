@@ -319,7 +319,11 @@ def main(grid: Grid, context: Context) -> None:
         if status == "finished":  # before metrics.json says so: readers may then stop us
             import report  # matplotlib: loaded at the end, not before round 1
 
-            report.write_report(run_dir, strategy.results)
+            try:
+                report.write_report(run_dir, strategy.results)
+            except Exception as error:  # the model and metrics stand without it
+                strategy.results["report_error"] = f"{type(error).__name__}: {error}"
+                log(WARNING, "Could not write the report: %s", error)
         strategy.save()
 
 
