@@ -68,8 +68,9 @@ class HospitalFedAvg(FedAvg):
         self.model = build_model(len(self.schema.input_names), cfg.hidden_layers)
         super().__init__(
             fraction_fit=1.0,
-            # No evaluation at the hospitals: metrics on their test rows would be a
-            # release about those patients without DP. The server evaluates instead.
+            # No Flower evaluation round: it would send each hospital's figures on its
+            # held-out patients here, a release about them without DP. Hospitals
+            # evaluate for themselves and keep the figures; the server uses its own data.
             fraction_evaluate=0.0,
             min_fit_clients=cfg.min_fit_clients,
             min_available_clients=cfg.min_available_clients,
