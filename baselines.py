@@ -13,6 +13,7 @@ passes over the data as the federated run.
 
 import numpy as np
 import torch
+from flwr.server.strategy.aggregate import aggregate
 
 import data_utils
 import training
@@ -25,36 +26,48 @@ def _initial_model(cfg, inputs):
     return build_model(inputs, cfg.hidden_layers)
 
 
-def run_baselines(cfg):
-    """{name: clinical metrics on the reference test set} for each baseline."""
+def _hospitals_and_judge(cfg):
+    """Every hospital's training rows, and a function that scores a model on the
+    server's reference test set."""
     torch.set_num_threads(1)
     hospitals = [data_utils.hospital_data(cfg, h)[0] for h in range(cfg.num_clients)]
     test_x, test_y, _ = data_utils.reference_test_set(cfg)
-    inputs, epochs = test_x.shape[1], cfg.rounds * cfg.local_epochs
 
-    def judged(model):
+    def judge(model):
         return clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
 
-    results = {}
-    pooled = _initial_model(cfg, inputs)
+    return hospitals, judge
+
+
+def pooled_no_dp(cfg):
+    hospitals, judge = _hospitals_and_judge(cfg)
+    model = _initial_model(cfg, hospitals[0][0].shape[1])
     pooled_x = np.concatenate([x for x, _ in hospitals])
     pooled_y = np.concatenate([y for _, y in hospitals])
-    training.train_plain(pooled, pooled_x, pooled_y, cfg, epochs)
-    results["Pooled data, no DP"] = judged(pooled)
+    training.train_plain(model, pooled_x, pooled_y, cfg, cfg.rounds * cfg.local_epochs)
+    return judge(model)
 
-    federated = _initial_model(cfg, inputs)
+
+def fedavg_no_dp(cfg):
+    hospitals, judge = _hospitals_and_judge(cfg)
+    inputs = hospitals[0][0].shape[1]
+    model = _initial_model(cfg, inputs)
     for _ in range(cfg.rounds):
         updates = []
         for x, y in hospitals:
             local = _initial_model(cfg, inputs)
-            set_weights(local, get_weights(federated))
+            set_weights(local, get_weights(model))
             training.train_plain(local, x, y, cfg, cfg.local_epochs)
             updates.append((get_weights(local), len(y)))
-        total = sum(n for _, n in updates)
-        averaged = [sum(w[i] * n for w, n in updates) / total for i in range(len(updates[0][0]))]
-        set_weights(federated, averaged)
-    results["FedAvg, no DP"] = judged(federated)
+        set_weights(model, aggregate(updates))  # Flower's FedAvg average
+    return judge(model)
 
+
+def hospitals_alone(cfg):
+    """{hospital: metrics} of each hospital training alone with DP at its budget."""
+    hospitals, judge = _hospitals_and_judge(cfg)
+    inputs = hospitals[0][0].shape[1]
+    results = {}
     for hospital, (x, y) in enumerate(hospitals):
         sample_rate, steps = training.sample_rate_and_steps(len(y), cfg)
         sigma = calibrate_noise_multiplier(
@@ -66,5 +79,13 @@ def run_baselines(cfg):
             set_weights(copy, get_weights(alone))
             history = training.train_private(copy, x, y, cfg, sigma, history)
             set_weights(alone, get_weights(copy))
-        results[f"Hospital {hospital} alone, DP"] = judged(alone)
+        results[hospital] = judge(alone)
+    return results
+
+
+def run_baselines(cfg):
+    """{name: clinical metrics on the reference test set} for each baseline."""
+    results = {"Pooled data, no DP": pooled_no_dp(cfg), "FedAvg, no DP": fedavg_no_dp(cfg)}
+    for hospital, metrics in hospitals_alone(cfg).items():
+        results[f"Hospital {hospital} alone, DP"] = metrics
     return results

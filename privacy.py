@@ -12,6 +12,7 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import create_accountant
 
 from results import read_json, write_json
@@ -38,7 +39,8 @@ def epsilon_spent(history, delta, accountant):
         return 0.0
     engine = create_accountant(mechanism=accountant)
     engine.history = [tuple(entry) for entry in history]
-    return float(engine.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, correctly
+        return float(engine.get_epsilon(delta=delta))
 
 
 def calibrate_noise_multiplier(budget, delta, sample_rate, steps, accountant, prior=()):

@@ -5,8 +5,6 @@ writes it at the end of every run; to write it again (after adding baselines, sa
     python report.py --run-dir runs/<run>
 """
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,10 +14,12 @@ from sklearn.metrics import roc_curve
 import data_utils
 import settings
 from model import load_model, predict_risk
+from privacy import epsilon_spent
 from reporting import METRICS, fmt
-from results import METRICS_FILE, MODEL_FILE, read_json, write_atomic
+from results import METRICS_FILE, MODEL_FILE, finished_run_argument, read_json, write_atomic
 
 REPORT_FILE = "report.md"
+AUDIT_FILE = "audit.json"  # written by audit.py
 PLOTS = {
     "performance": "performance_per_round.png",
     "epsilon": "epsilon_per_round.png",
@@ -118,6 +118,51 @@ def _metric_rows(named):
     return [[name, *(fmt(values[key]) for key, _ in METRICS)] for name, values in named]
 
 
+def _tighter_epsilons(privacy):
+    """With the conservative RDP accountant, the tighter PRV figure for information."""
+    if privacy["accountant"] != "rdp":
+        return ""
+    tighter = [
+        f"{h}: {epsilon_spent(p['history'], p['delta'], 'prv'):.3f}"
+        for h, p in privacy["hospitals"].items()
+        if p.get("history")
+    ]
+    return (
+        f" (the tighter PRV accountant, for information, gives hospital "
+        f"{', '.join(tighter)}; the RDP figures above are the ones guaranteed)"
+    )
+
+
+def _audit_section(audit):
+    def interval(summary):
+        return f"{summary['mean']:.3f} ({summary['low']:.3f} to {summary['high']:.3f})"
+
+    return [
+        "## Membership-inference audit",
+        f"The {audit['attack']} tried to tell the hospitals' training patients "
+        f"({audit['members']}) from their held-out patients ({audit['non_members']}), "
+        f"in {audit['repetitions']} balanced draws; 95% intervals in brackets. An AUC "
+        f"of 0.5 is chance; the advantage is that of the best threshold found after "
+        f"the fact, so even a coin-flip attack shows some on this few patients.",
+        _table(
+            ["Model", "Attack ROC-AUC", "Attack advantage (TPR - FPR)"],
+            [
+                [name, interval(m["auc"]), interval(m["advantage"])]
+                for name, m in audit["models"].items()
+            ]
+            + [
+                [
+                    f"Most any attack can reach at epsilon {audit['epsilon']:.3g}, delta "
+                    f"{audit['delta']:g}",
+                    f"{audit['bound']['auc']:.3f}",
+                    f"{audit['bound']['advantage']:.3f}",
+                ]
+            ],
+        ),
+        audit["verdict"],
+    ]
+
+
 def hospital_evaluations(run_dir):
     """The simulated hospitals' own evaluations of the final model (in deployment
     they stay at the hospitals), {hospital: metrics}."""
@@ -186,7 +231,8 @@ def write_report(run_dir, metrics=None):
             ],
         ),
         f"Epsilon is computed by Opacus' {privacy['accountant'].upper()} accountant from the "
-        f"noise multiplier, sample rate and steps above, which anyone can recompute. "
+        f"noise multiplier, sample rate and steps above, which anyone can recompute"
+        f"{_tighter_epsilons(privacy)}. "
         f"What is not covered: a hospital's participation and its number of training "
         f"patients (they weight the average); patients appearing more than once; the "
         f"noise comes from a pseudo-random generator seeded from the operating system, "
@@ -224,6 +270,8 @@ def write_report(run_dir, metrics=None):
                 ],
             ),
         ]
+    if (run_dir / AUDIT_FILE).exists():
+        sections += _audit_section(read_json(run_dir / AUDIT_FILE))
     sections += [
         "## Settings",
         _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in metrics["config"].items()]),
@@ -234,15 +282,7 @@ def write_report(run_dir, metrics=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--run-dir", required=True, help="a finished run's directory")
-    args = parser.parse_args(argv)
-    metrics = Path(args.run_dir) / METRICS_FILE
-    if not metrics.exists() or json.loads(metrics.read_text())["status"] != "finished":
-        parser.exit(2, f"{parser.prog}: error: {args.run_dir} holds no finished run\n")
-    print(write_report(args.run_dir))
+    print(write_report(finished_run_argument(__doc__, argv)))
     return 0
 
 

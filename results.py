@@ -10,6 +10,7 @@ that a reader never sees a half-written file.
                   a hospital keeps its ledger at home)
 """
 
+import argparse
 import json
 import os
 import tempfile
@@ -78,3 +79,17 @@ def mark_stopped(run_dir, status):
         if metrics["status"] == "running":
             metrics["status"] = status
             write_json(path, metrics)
+
+
+def finished_run_argument(description, argv=None):
+    """`--run-dir DIR` of a script that works on a finished run: the directory, or
+    exit 2 with one line saying it holds none."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", required=True, help="a finished run's directory")
+    run_dir = Path(parser.parse_args(argv).run_dir)
+    metrics = run_dir / METRICS_FILE
+    if not metrics.exists() or read_json(metrics)["status"] != "finished":
+        parser.exit(2, f"{parser.prog}: error: {run_dir} holds no finished run\n")
+    return run_dir

@@ -177,6 +177,24 @@ def test_the_run_leaves_a_report_for_the_privacy_officer(run):
     assert "### At each hospital" in report  # the simulated hospitals' own evaluations
 
 
+def test_the_audit_attacks_the_model_and_reports_it(run):
+    *_, run_dir = run
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "audit.py"), "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    audit = json.loads((run_dir / "audit.json").read_text())
+    dp = audit["models"]["Federated, DP (this run)"]["auc"]
+    assert dp["low"] <= dp["mean"] <= dp["high"] <= audit["bound"]["auc"]
+    assert audit["bound"]["auc"] == pytest.approx(0.731, abs=0.01)  # epsilon 1, delta 1e-5
+    assert len(audit["models"]) == 3  # and the two models trained without DP
+    report = (run_dir / "report.md").read_text()
+    assert "## Membership-inference audit" in report and "does not prove privacy" in report
+
+
 def test_breast_cancer_with_baselines(tmp_path):
     process = simulate(
         "--dataset",
