@@ -5,6 +5,9 @@ The server presents certs/server.crt (its private key certs/server.key never lea
 the server); every hospital verifies it with a copy of certs/ca.crt. The CA's own
 key (certs/ca.key) signs new server certificates and should be kept offline.
 Private keys are written with mode 0600 and are git-ignored.
+
+Hospital authentication: each hospital's identity is an EC key pair
+(`make_hospital_key`); the server's operator enrolls the public halves.
 """
 
 import datetime
@@ -25,13 +28,9 @@ def _name(common_name):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_key(path, key):
+def _write_key(path, key, key_format=serialization.PrivateFormat.PKCS8):
     """Create the file with mode 0600 from the start: never readable by others."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, key_format, serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -102,3 +101,45 @@ def make_certificates(directory, hosts):
     (directory / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (directory / SERVER_CERT).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     return directory
+
+
+def make_hospital_key(private_key_path):
+    """Create a hospital's identity for SuperNode authentication: an EC (P-384) key
+    pair in OpenSSH format, the private key with mode 0600 and the public key beside
+    it (.pub), for the server's operator to enroll. Never overwrites a key."""
+    private_key_path = Path(private_key_path)
+    public_key_path = private_key_path.with_suffix(".pub")
+    for path in (private_key_path, public_key_path):
+        if path.exists():
+            raise FileExistsError(
+                f"{path} already exists; the server may have enrolled it. Delete it "
+                f"deliberately to make a new identity"
+            )
+    private_key_path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_key(private_key_path, key, serialization.PrivateFormat.OpenSSH)
+    public_key_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return public_key_path
+
+
+def check_hospital_keys(directory):
+    """The hospitals' public keys (*.pub) in `directory`, each checked to be one the
+    SuperLink accepts (EC on a NIST curve, OpenSSH format); ValueError otherwise."""
+    keys = sorted(Path(directory).glob("*.pub"))
+    if not keys:
+        raise ValueError(
+            f"no hospital public keys (*.pub) in {directory}: each hospital makes one with "
+            f"`python client.py --client-id N --make-key` and sends you the .pub file"
+        )
+    for path in keys:
+        try:
+            key = serialization.load_ssh_public_key(path.read_bytes())
+        except ValueError as error:
+            raise ValueError(f"{path} is not an OpenSSH public key ({error})") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError(f"{path} is not an elliptic-curve key: make it with --make-key")
+    return keys

@@ -10,7 +10,8 @@ server (`python server.py`), trains when asked, and exits when the run ends:
 The hospital owns its privacy budget: epsilon, delta and accountant come from this
 hospital's own settings, whatever the server asks for, and its privacy ledger lives
 in its own state directory, so that every run on the same patients spends from the
-same budget.
+same budget. It also decides whether its updates go out only through secure
+aggregation, and it runs only an app identical to its own copy (pinning.py).
 """
 
 import json
@@ -20,25 +21,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, MessageType
 from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from rich.markup import escape
 
 import data_utils
+import pinning
 import reporting
 import runtime
 import settings
 import training
+from certificates import make_hospital_key
 from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from privacy import BudgetExhausted, PrivacyLedger
 from results import read_json, run_directory, write_json
 
 STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
+AUTH_KEY = "hospital.key"  # ... its identity for servers that admit only enrolled hospitals
 EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its patients
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # Settings that belong to the hospital, not the server (see the module docstring);
 # the others are the server's to decide for the run.
-HOSPITAL_SETTINGS = ("epsilon", "delta", "accountant")
+HOSPITAL_SETTINGS = ("epsilon", "delta", "accountant", "secure_aggregation")
 
 
 class HospitalClient(NumPyClient):
@@ -63,6 +69,12 @@ class HospitalClient(NumPyClient):
 
     def fit(self, parameters, config):
         server_round = int(config["server_round"])
+        if self.cfg.secure_aggregation == "on" and len(self.y) > self.cfg.secagg_max_patients:
+            raise ValueError(
+                f"hospital {self.hospital} trains on {len(self.y)} patients, more than "
+                f"secagg_max_patients ({self.cfg.secagg_max_patients}) allows under secure "
+                f"aggregation: the server must raise secagg_max_patients"
+            )
         self._evaluate_locally(parameters, server_round - 1)
         sample_rate, steps = training.sample_rate_and_steps(len(self.y), self.cfg)
         try:
@@ -87,7 +99,7 @@ class HospitalClient(NumPyClient):
         status, rounds = config["run-status"], int(config["server_round"])
         if status == "finished":
             self._evaluate_locally(parameters, rounds)
-        self._report(status, rounds)
+        self._report(status, rounds, config.get("reason", ""))
         return 0.0, 0, {}
 
     def _model(self, parameters):
@@ -140,41 +152,71 @@ class HospitalClient(NumPyClient):
         return report
 
 
-def client_fn(context: Context):
-    """The hospital for this node: the server's settings for the run, with the
-    hospital's own budget (deployment: from its node config) taking precedence."""
+def hospital_settings(context: Context):
+    """The server's settings for the run, with this hospital's own (deployment: from
+    its node config) taking precedence: (hospital number, settings)."""
     node = context.node_config
     run_cfg = settings.from_run_config(context.run_config)
     own = {name: node[name] for name in HOSPITAL_SETTINGS if name in node}
-    cfg = settings.resolve({**vars(run_cfg), **own})
-    torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
+    cfg = settings.decide_auto(settings.resolve({**vars(run_cfg), **own}))
     hospital = int(node["partition-id"])
     if int(node["num-partitions"]) != cfg.num_clients:
         raise ValueError(
             f"the federation has {node['num-partitions']} hospitals "
             f"but num_clients is {cfg.num_clients}"
         )
+    return hospital, cfg
+
+
+def client_fn(context: Context):
+    """The hospital for this node."""
+    node = context.node_config
+    hospital, cfg = hospital_settings(context)
+    torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
     if "data-file" in node and cfg.dataset != "csv":
         raise ValueError(
             f"this hospital brought its own data (--data) but the server's run uses "
             f"dataset {cfg.dataset!r}: start the server with --dataset csv"
         )
-    # Deployment: the hospital's own directory. Simulation: one per simulated
-    # hospital inside the run directory (each run is a fresh demo federation).
-    state_dir = node.get("state-dir") or hospital_state_dir(
-        run_directory(cfg, context.run_id), hospital
-    )
     return HospitalClient(
-        hospital, cfg, context.run_id, state_dir, node.get("data-file"), node.get("schema-file")
+        hospital,
+        cfg,
+        context.run_id,
+        hospital_state_dir(context, cfg, hospital),
+        node.get("data-file"),
+        node.get("schema-file"),
     ).to_client()
 
 
-def hospital_state_dir(run_dir, hospital):
-    """Where a simulated hospital keeps its ledger, status and evaluations."""
-    return Path(run_dir) / "hospitals" / f"hospital-{hospital}"
+def secure_aggregation_mod(message, context, call_next):
+    """Take part in SecAgg+ (Flower's secaggplus_mod) exactly when this hospital's
+    secure_aggregation setting says so. A hospital that expects it never sends its
+    update in the clear, and a mismatch either way is an error the server reports
+    (otherwise SecAgg+ halts silently, round after round)."""
+    if message.metadata.message_type != MessageType.TRAIN:
+        return call_next(message, context)
+    asked = "on" if RECORD_KEY_CONFIGS in message.content.config_records else "off"
+    own = hospital_settings(context)[1].secure_aggregation
+    if asked != own:
+        raise ValueError(
+            f"the server asked for {'a secure (SecAgg+)' if asked == 'on' else 'a plain'} "
+            f"update but this hospital's secure_aggregation is {own}: both sides must "
+            f"agree (client.py --secure-aggregation {asked}, or ask the server's operator)"
+        )
+    return (
+        secaggplus_mod(message, context, call_next) if own == "on" else call_next(message, context)
+    )
 
 
-app = ClientApp(client_fn=client_fn)
+def hospital_state_dir(context, cfg, hospital):
+    """Where the hospital keeps its ledger, status and evaluations. Deployment: its
+    own directory. Simulation: one per simulated hospital inside the run directory
+    (each run is a fresh demo federation)."""
+    own = context.node_config.get("state-dir")
+    return Path(own or run_directory(cfg, context.run_id) / "hospitals" / f"hospital-{hospital}")
+
+
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 
 
 def join(argv=None):
@@ -213,6 +255,17 @@ def join(argv=None):
         "--schema", default="", help="the federation's data dictionary (schema.json or .yaml)"
     )
     group.add_argument(
+        "--make-key",
+        action="store_true",
+        help="create this hospital's identity key in --state-dir for a server that "
+        "admits only enrolled hospitals, then exit",
+    )
+    group.add_argument(
+        "--trust-server-app",
+        action="store_true",
+        help="run whatever app the server ships, not only one identical to this copy",
+    )
+    group.add_argument(
         "--connect-timeout",
         type=float,
         default=300,
@@ -224,6 +277,19 @@ def join(argv=None):
             f"--client-id must be in 0..{cfg.num_clients - 1} "
             f"(num_clients is {cfg.num_clients}), got {args.client_id}"
         )
+    state_dir = Path(args.state_dir or f"state/hospital-{args.client_id}").resolve()
+    auth_key = state_dir / AUTH_KEY
+    if args.make_key:
+        try:
+            public_key = make_hospital_key(auth_key)
+        except FileExistsError as error:
+            parser.error(str(error))
+        print(
+            f"Created this hospital's identity: {auth_key} (private: it never leaves this "
+            f"machine) and {public_key}. Send {public_key.name} to the server's operator "
+            f"to be enrolled (server.py --hospital-keys)."
+        )
+        return 0
     try:
         runtime.split_address(args.server_address)
     except ValueError as error:
@@ -234,7 +300,6 @@ def join(argv=None):
             f"no CA certificate at {ca_cert}: copy the server's certs/ca.crt "
             f"(made by `python server.py --make-certs`) or pass --root-certificates"
         )
-    state_dir = Path(args.state_dir or f"state/hospital-{args.client_id}").resolve()
     own_data = {}
     if args.data or args.schema:
         if not (args.data and args.schema):
@@ -254,6 +319,11 @@ def join(argv=None):
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
             "cross the network unencrypted to an unauthenticated server.[/]"
         )
+    if args.trust_server_app:
+        console.print(
+            "[bold red]WARNING: --trust-server-app: this hospital runs whatever code the "
+            "server ships, with access to its patients' data.[/]"
+        )
     try:
         wait_for_server(args.server_address, args.connect_timeout, console)
         runtime.check_server(args.server_address, ca_cert)
@@ -268,11 +338,28 @@ def join(argv=None):
         **{name: getattr(cfg, name) for name in HOSPITAL_SETTINGS},
     }
     flwr_home = state_dir / "flower"
+    status_file, pinned = state_dir / STATUS_FILE, not args.trust_server_app
+    launcher = pinning.install_launcher(flwr_home / "bin", status_file, pinned)
     try:
-        with runtime.supernode(flwr_home, args.server_address, node_config, ca_cert) as node:
+        with runtime.supernode(
+            flwr_home,
+            args.server_address,
+            node_config,
+            ca_cert,
+            auth_key if auth_key.exists() and ca_cert else None,
+            launcher,
+        ) as node:
             console.print(
                 f"Hospital {args.client_id} connected to {args.server_address}; its budget: "
-                f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}. State and logs: {state_dir}"
+                f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}; secure aggregation "
+                f"{cfg.secure_aggregation}; "
+                + ("identified by its key; " if auth_key.exists() else "")
+                + (
+                    "runs any app the server ships. "
+                    if args.trust_server_app
+                    else "runs only an app identical to this copy. "
+                )
+                + f"State and logs: {state_dir}"
             )
             return follow_rounds(node, state_dir, args, console)
     except KeyboardInterrupt:
@@ -303,27 +390,10 @@ def follow_rounds(node, state_dir, args, console):
     while node.poll() is None:
         text = status_path.read_text() if status_path.exists() else None
         if text != last:
-            last, status = text, json.loads(text)
-            spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
-            if status["status"] == "trained":
-                console.print(f"Round {status['round']}: trained; {spent}")
-            elif status["status"] == "refused":
-                console.print(
-                    f"[yellow]Round {status['round']}: declined to train: "
-                    f"{escape(status['reason'])}. Raise --epsilon deliberately "
-                    f"to continue.[/]"
-                )
-            else:
-                console.print(f"The server ended the run ({status['status']}); {spent}.")
-                evaluation = state_dir / EVALUATION_FILE
-                if status["status"] == "finished" and evaluation.exists():
-                    final = read_json(evaluation)[-1]
-                    console.print(
-                        f"Final model on this hospital's {final['patients']} held-out patients "
-                        f"(kept here): {reporting.metrics_text(final)}"
-                    )
-                time.sleep(END_GRACE)  # for the SuperNode to send our acknowledgement
-                return 0 if status["status"] == "finished" else 1
+            last = text
+            exit_code = show_status(json.loads(text), state_dir, console)
+            if exit_code is not None:
+                return exit_code
         if runtime.server_reachable(args.server_address):
             unreachable_since = None
         else:
@@ -336,8 +406,50 @@ def follow_rounds(node, state_dir, args, console):
                 return 1
         time.sleep(1)
     log = state_dir / "flower" / "supernode.log"
-    console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{runtime.log_tail(log)}")
+    if "Failed to activate SuperNode" in runtime.log_tail(log):
+        key = state_dir / AUTH_KEY
+        console.print(
+            "[red]The server refused this hospital: it admits only enrolled hospitals.[/] "
+            + (
+                f"This hospital's key is not enrolled there: send {key.with_suffix('.pub')} "
+                f"to the server's operator."
+                if key.exists()
+                else "Create this hospital's key with --make-key and send the .pub file "
+                "to the server's operator."
+            )
+        )
+    else:
+        console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{runtime.log_tail(log)}")
     return 1
+
+
+def show_status(status, state_dir, console):
+    """Print a change of this hospital's status; the exit code once the run is over
+    for this hospital, else None."""
+    if status["status"] == pinning.REFUSED:
+        console.print(f"[red]Refused to run the server's app:[/] {escape(status['reason'])}")
+        return 1
+    spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
+    if status["status"] == "trained":
+        console.print(f"Round {status['round']}: trained; {spent}")
+    elif status["status"] == "refused":
+        console.print(
+            f"[yellow]Round {status['round']}: declined to train: "
+            f"{escape(status['reason'])}. Raise --epsilon deliberately to continue.[/]"
+        )
+    else:
+        reason = f": {escape(status['reason'])}" if status["reason"] else ""
+        console.print(f"The server ended the run ({status['status']}{reason}); {spent}.")
+        evaluation = state_dir / EVALUATION_FILE
+        if status["status"] == "finished" and evaluation.exists():
+            final = read_json(evaluation)[-1]
+            console.print(
+                f"Final model on this hospital's {final['patients']} held-out patients "
+                f"(kept here): {reporting.metrics_text(final)}"
+            )
+        time.sleep(END_GRACE)  # for the SuperNode to send our acknowledgement
+        return 0 if status["status"] == "finished" else 1
+    return None
 
 
 if __name__ == "__main__":

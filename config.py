@@ -12,6 +12,16 @@ join_timeout = 120  # seconds the server waits for all hospitals to connect befo
 min_available_clients = 2  # after round 1, hospitals that must be connected for a round
 min_fit_clients = 2  # hospitals a round trains with at the least (others may drop out)
 
+# --- Security (server.py, client.py) ---------------------------------------------
+secure_aggregation = (
+    "auto"  # SecAgg+: "on", "off", or "auto" = on in deployment, off in simulation.py
+)
+secagg_max_patients = (
+    10000  # SecAgg+: most training patients a hospital may have (its weight's scale)
+)
+aggregation = "fedavg"  # "fedavg" (weighted mean), "median" or "trimmed-mean" (robust; no SecAgg+)
+max_update_norm = 100.0  # an update moving the model further than this (L2) is rejected as corrupt
+
 # --- Data (data_utils.py) ------------------------------------------------------
 dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
 data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv

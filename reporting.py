@@ -42,6 +42,11 @@ def round_line(record, cfg):
             line += f"\n  [yellow]hospital {hospital} declined:[/] {escape(report['reason'])}"
     for reason in record["failures"]:
         line += f"\n  [red]a hospital failed:[/] {escape(reason)}"
+    for rejection in record.get("rejected", []):
+        line += (
+            f"\n  [red]hospital {rejection['hospital']}'s update rejected:[/] "
+            f"{escape(rejection['reason'])}"
+        )
     return line
 
 
@@ -53,9 +58,14 @@ def idle_rounds(metrics):
 def shortfalls(metrics):
     """What went wrong in a finished run, in words (empty if nothing did)."""
     failed = [r["round"] for r in metrics["rounds"] if r["failures"]]
+    rejected = [r["round"] for r in metrics["rounds"] if r.get("rejected")]
     found = []
     if failed:
         found.append(f"hospitals failed in rounds {failed}: the model was averaged without them")
+    if rejected:
+        found.append(
+            f"updates were rejected in rounds {rejected}: the model was averaged without them"
+        )
     if idle_rounds(metrics):
         found.append(
             f"no hospital trained in rounds {idle_rounds(metrics)}: the model did not change"

@@ -152,14 +152,17 @@ def _signal(pid, signal_number):
 
 
 @contextmanager
-def flower_process(command, flwr_home, log_name):
-    """Run a Flower command with its output in flwr_home/log_name; stop it (and
-    all it started) on leaving the block."""
+def flower_process(command, flwr_home, log_name, bin_dir=None):
+    """Run a Flower command with its output in flwr_home/log_name, and bin_dir (if
+    given) first on its PATH; stop it (and all it started) on leaving the block."""
+    env = flower_env(flwr_home)
+    if bin_dir:
+        env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     with open(flwr_home / log_name, "ab") as log:
         process = subprocess.Popen(
             command,
             cwd=flwr_home,
-            env=flower_env(flwr_home),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -213,12 +216,32 @@ def _wait_until_healthy(process, address, ca_cert, log_path):
     raise FlowerError(f"the SuperLink did not start within {STARTUP_TIMEOUT} s")
 
 
-def flwr_run(flwr_home, address, cfg, federation_config=(), ca_cert=None):
-    """Submit this app to the SuperLink with `flwr run --stream`: a context manager
-    yielding the process, whose output (Flower's logs) goes to flwr-run.log."""
+def connect_cli(flwr_home, address, ca_cert=None):
+    """Point the `flwr` command at the SuperLink, as the federation named `run`."""
     tls = {"root-certificates": str(ca_cert)} if ca_cert else {"insecure": True}
     connection = {"superlink": {"run": {"address": address, **tls}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
+
+
+def enroll(flwr_home, public_keys):
+    """Register each hospital's public key with the SuperLink (started with
+    --enable-supernode-auth): only SuperNodes holding a matching private key join."""
+    for key in public_keys:
+        result = subprocess.run(
+            [executable("flwr"), "supernode", "register", str(key), "run"],
+            cwd=flwr_home,
+            env=flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0 or "registered successfully" not in result.stdout:
+            output = (result.stdout + result.stderr).strip()
+            raise FlowerError(f"could not enroll the hospital key {key}: {output[-500:]}")
+
+
+def flwr_run(flwr_home, address, cfg, federation_config=()):
+    """Submit this app to the SuperLink (see connect_cli) with `flwr run --stream`: a
+    context manager yielding the process, whose output goes to flwr-run.log."""
     run_config = flwr_home / "run-config.toml"
     run_config.write_text(tomli_w.dumps({"settings": settings.to_json(cfg)}))
     command = [executable("flwr"), "run", str(APP_DIR), "run", "--stream"]
@@ -228,10 +251,12 @@ def flwr_run(flwr_home, address, cfg, federation_config=(), ca_cert=None):
     return flower_process(command, flwr_home, "flwr-run.log")
 
 
-def supernode(flwr_home, server_address, node_config, ca_cert=None):
+def supernode(flwr_home, server_address, node_config, ca_cert=None, auth_key=None, bin_dir=None):
     """Run `flower-supernode` for one hospital, connected to the server's SuperLink:
-    a context manager yielding the process. Its own Runtime API listens on a free
-    port of 127.0.0.1 only: a hospital opens no port to the outside."""
+    a context manager yielding the process. It proves its identity with auth_key
+    (if given) and starts ClientApps with the `flwr-clientapp` in bin_dir (see
+    pinning.py). Its own Runtime API listens on a free port of 127.0.0.1 only: a
+    hospital opens no port to the outside."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
     command = [
@@ -239,6 +264,7 @@ def supernode(flwr_home, server_address, node_config, ca_cert=None):
         "--superlink",
         server_address,
         *(["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]),
+        *(["--auth-supernode-private-key", str(auth_key)] if auth_key else []),
         "--node-config",
         config,
         "--host",
@@ -246,7 +272,7 @@ def supernode(flwr_home, server_address, node_config, ca_cert=None):
         "--port",
         str(free_port()),
     ]
-    return flower_process(command, flwr_home, "supernode.log")
+    return flower_process(command, flwr_home, "supernode.log", bin_dir)
 
 
 def server_reachable(address):
@@ -298,18 +324,21 @@ def interrupt_on_signals():
         signal.signal(signal_number, interrupt)
 
 
-def run_federation(cfg, console, superlink_args, federation_config=(), ca_cert=None, **where):
-    """One whole training on a SuperLink of our own: start it, submit the app, show
-    the rounds. Returns (exit code, metrics of the finished run, or None after
-    saying what went wrong). `where` (host, port) says where the SuperLink listens."""
+def run_federation(
+    cfg, console, superlink_args, federation_config=(), ca_cert=None, hospital_keys=(), **where
+):
+    """One whole training on a SuperLink of our own: start it, enroll the hospitals'
+    keys (if any), submit the app, show the rounds. Returns (exit code, metrics of
+    the finished run, or None after saying what went wrong). `where` (host, port)
+    says where the SuperLink listens."""
     run_dir = Path(cfg.run_dir)
     flwr_home = run_dir / "flower"
     try:
-        with (
-            superlink(flwr_home, *superlink_args, ca_cert=ca_cert, **where) as address,
-            flwr_run(flwr_home, address, cfg, federation_config, ca_cert) as process,
-        ):
-            metrics = reporting.follow(process, run_dir, cfg, console)
+        with superlink(flwr_home, *superlink_args, ca_cert=ca_cert, **where) as address:
+            connect_cli(flwr_home, address, ca_cert)
+            enroll(flwr_home, hospital_keys)
+            with flwr_run(flwr_home, address, cfg, federation_config) as process:
+                metrics = reporting.follow(process, run_dir, cfg, console)
     except KeyboardInterrupt:
         mark_stopped(run_dir, "interrupted")
         console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")

@@ -13,6 +13,7 @@ Run as a script, it is the deployment server: a TLS SuperLink that hospitals
 """
 
 import json
+import math
 import re
 import sys
 import threading
@@ -20,21 +21,23 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType
-from flwr.common import EvaluateIns, ndarrays_to_parameters
+from flwr.common import EvaluateIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.strategy.aggregate import aggregate, aggregate_median, aggregate_trimmed_avg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 import data_utils
 import reporting
 import runtime
 import settings
-from certificates import CA_CERT, SERVER_CERT, SERVER_KEY, make_certificates
+from certificates import CA_CERT, SERVER_CERT, SERVER_KEY, check_hospital_keys, make_certificates
 from model import (
     build_model,
     clinical_metrics,
@@ -56,16 +59,32 @@ PRIVACY_KEYS = (
     "history",
 )
 END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
+# How the hospitals' accepted updates become the new global model (config.aggregation).
+AGGREGATIONS = {
+    "fedavg": aggregate,  # the mean, weighted by training patients
+    "median": aggregate_median,  # coordinate-wise median: one wild update cannot drag it
+    "trimmed-mean": lambda updates: aggregate_trimmed_avg(updates, 0.2),  # drops 20% each end
+}
+# SecAgg+: every hospital's key is shared with all the others, and any two thirds of
+# them can unmask a hospital that drops out mid-round (fewer cannot).
+SECAGG_SHARES, SECAGG_THRESHOLD = 1.0, 2 / 3
+SECAGG_TIMEOUT = 300  # seconds; a hospital silent this long in a SecAgg+ step has dropped out
+
+
+class AggregationError(RuntimeError):
+    """A round ended without a usable update: the run must stop, not pretend."""
 
 
 class HospitalFedAvg(FedAvg):
     """FedAvg over every hospital each round, recording each hospital's privacy
-    report and leaving out of the average any hospital that refused to train."""
+    report, leaving out any hospital that refused to train, and rejecting (by
+    hospital) any update that is not a sound model of the right shape."""
 
     def __init__(self, cfg, run_dir):
         self.schema = data_utils.load_schema(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(len(self.schema.input_names), cfg.hidden_layers)
+        self.global_weights = get_weights(self.model)
         super().__init__(
             fraction_fit=1.0,
             # No Flower evaluation round: it would send each hospital's figures on its
@@ -74,7 +93,7 @@ class HospitalFedAvg(FedAvg):
             fraction_evaluate=0.0,
             min_fit_clients=cfg.min_fit_clients,
             min_available_clients=cfg.min_available_clients,
-            initial_parameters=ndarrays_to_parameters(get_weights(self.model)),
+            initial_parameters=ndarrays_to_parameters(self.global_weights),
             on_fit_config_fn=lambda server_round: {"server_round": server_round},
             evaluate_fn=self._evaluate_global,
         )
@@ -82,7 +101,9 @@ class HospitalFedAvg(FedAvg):
         self.test_x, self.test_y, reference = data_utils.reference_test_set(cfg)
         self.started = time.monotonic()
         self.reports = {}  # hospital id -> its latest report
-        self.round_reports, self.round_failures = {}, []
+        self.round_reports, self.round_failures, self.round_rejections = {}, [], []
+        self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
+        self.round_accepted = 0  # updates that went into that round's model
         self.results = {
             "status": "running",
             "hospitals_connected": 0,
@@ -100,16 +121,17 @@ class HospitalFedAvg(FedAvg):
         self.save()
 
     def aggregate_fit(self, server_round, results, failures):
-        self.round_reports = {}
-        trained = []
-        for proxy, fit_res in results:
+        """The new global model from this round's sound updates. Under SecAgg+ every
+        result carries the same, already summed model: it is checked as a whole."""
+        self.aggregated_round = server_round
+        self.round_reports, self.round_rejections = {}, []
+        accepted = []
+        for _, fit_res in results:
             report = dict(fit_res.metrics)
             hospital = str(report.pop("hospital"))
             report["history"] = json.loads(report["history"])
             self.round_reports[hospital] = report
-            if report["status"] == "trained":
-                trained.append((proxy, fit_res))
-            else:
+            if report["status"] != "trained":
                 log(
                     WARNING,
                     "Hospital %s did not train in round %d: %s",
@@ -117,13 +139,71 @@ class HospitalFedAvg(FedAvg):
                     server_round,
                     report["reason"],
                 )
+                continue
+            weights = parameters_to_ndarrays(fit_res.parameters)
+            problem = None if self.secure else self.check_update(weights)
+            if problem:
+                log(
+                    WARNING,
+                    "Rejected hospital %s's update in round %d: %s",
+                    hospital,
+                    server_round,
+                    problem,
+                )
+                self.round_rejections.append({"hospital": hospital, "reason": problem})
+            else:
+                accepted.append((weights, fit_res.num_examples))
         self.round_failures = [failure_reason(f) for f in failures]
         for reason in self.round_failures:
             log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
         self.reports.update(self.round_reports)
-        return super().aggregate_fit(server_round, trained, failures)
+        self.round_accepted = len(accepted)
+        if not accepted:
+            return None, {}
+        if self.secure:
+            problem = self.check_update(accepted[0][0])
+            if problem:
+                raise AggregationError(
+                    f"round {server_round}: the securely aggregated model is unusable "
+                    f"({problem}). A hospital sent a corrupt update and secure "
+                    f"aggregation hides which one; rerun with secure_aggregation off "
+                    f"to have the server name and reject it"
+                )
+            return ndarrays_to_parameters(accepted[0][0]), {}
+        return ndarrays_to_parameters(AGGREGATIONS[self.cfg.aggregation](accepted)), {}
+
+    @property
+    def secure(self):
+        return self.cfg.secure_aggregation == "on"
+
+    def check_update(self, weights):
+        """Why an update cannot go into the average (None if it can): a wrong
+        number or shape of arrays, NaN or infinite values, or a change larger than
+        max_update_norm, which honest DP-SGD training never makes."""
+        expected = self.global_weights
+        if len(weights) != len(expected):
+            return f"{len(weights)} weight arrays where the model has {len(expected)}"
+        for i, (got, want) in enumerate(zip(weights, expected, strict=True)):
+            if got.shape != want.shape:
+                return f"weight array {i} has shape {got.shape}, the model's is {want.shape}"
+            if not np.issubdtype(got.dtype, np.floating):
+                return f"weight array {i} holds {got.dtype}, not floating-point numbers"
+            if not np.isfinite(got).all():
+                return f"weight array {i} holds NaN or infinite values"
+        change = math.sqrt(
+            sum(float(np.sum((g - w) ** 2)) for g, w in zip(weights, expected, strict=True))
+        )
+        if change > self.cfg.max_update_norm:
+            return (
+                f"it moves the model by {change:.3g} (L2 norm), more than "
+                f"max_update_norm {self.cfg.max_update_norm:g}"
+            )
+        return None
 
     def _evaluate_global(self, server_round, weights, config):
+        if server_round > 0:
+            self._check_round_applied(server_round)
+        self.global_weights = weights
         set_weights(self.model, weights)
         risk = predict_risk(self.model, self.test_x)
         metrics = clinical_metrics(self.test_y, risk, self.cfg.decision_threshold)
@@ -131,15 +211,35 @@ class HospitalFedAvg(FedAvg):
             self._record_round(server_round, metrics)
         return metrics["loss"], metrics
 
+    def _check_round_applied(self, server_round):
+        """Stop the run when a round's updates never reached the global model for a
+        reason other than spent budgets, instead of carrying on with a stale model."""
+        if self.aggregated_round != server_round:
+            raise AggregationError(
+                f"round {server_round}: no update reached the global model: secure "
+                f"aggregation halted before the sum was complete. Usually the server "
+                f"(secure_aggregation on) and a hospital disagree on secure_aggregation, "
+                f"or fewer than two thirds of the hospitals answered; see the hospitals' "
+                f"consoles"
+            )
+        if self.round_accepted or not (self.round_failures or self.round_rejections):
+            return  # an update went in, or every hospital declined (spent budgets)
+        reasons = self.round_failures + [
+            f"hospital {r['hospital']}: {r['reason']}" for r in self.round_rejections
+        ]
+        raise AggregationError(
+            f"round {server_round}: no hospital's update could be used: " + "; ".join(reasons)
+        )
+
     def _record_round(self, server_round, metrics):
-        trained = sum(r["status"] == "trained" for r in self.round_reports.values())
         self.results["rounds"].append(
             {
                 "round": server_round,
                 "seconds": round(time.monotonic() - self.started, 3),
                 "global": metrics,
-                "hospitals_trained": trained,
+                "hospitals_trained": self.round_accepted,  # updates in the average
                 "failures": self.round_failures,
+                "rejected": self.round_rejections,
                 "hospitals": self.round_reports,
             }
         )
@@ -223,7 +323,7 @@ def wait_for_hospitals(grid, cfg, strategy):
     strategy.save()
 
 
-def tell_hospitals(grid, status, final_weights, rounds):
+def tell_hospitals(grid, status, reason, final_weights, rounds):
     """Tell every connected hospital that the run has ended, so that its launcher can
     stop (a SuperNode never exits by itself), and give it the final model to
     evaluate on its own held-out patients. The NumPyClient API has no message for
@@ -234,7 +334,8 @@ def tell_hospitals(grid, status, final_weights, rounds):
     """
     instruction = evaluateins_to_recorddict(
         EvaluateIns(
-            ndarrays_to_parameters(final_weights), {"run-status": status, "server_round": rounds}
+            ndarrays_to_parameters(final_weights),
+            {"run-status": status, "reason": reason, "server_round": rounds},
         ),
         keep_input=True,
     )
@@ -293,7 +394,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = settings.from_run_config(context.run_config)
+    cfg = settings.decide_auto(settings.from_run_config(context.run_config))
     run_dir = run_directory(cfg, context.run_id)
     log(INFO, "SecureHealth-ML: results go to %s", run_dir)
     grid = PromptGrid(grid)
@@ -303,7 +404,13 @@ def main(grid: Grid, context: Context) -> None:
     )
     try:
         wait_for_hospitals(grid, cfg, strategy)
-        DefaultWorkflow()(grid, legacy_context)
+        secure = SecAggPlusWorkflow(
+            SECAGG_SHARES,
+            SECAGG_THRESHOLD,
+            max_weight=cfg.secagg_max_patients,
+            timeout=SECAGG_TIMEOUT,
+        )
+        DefaultWorkflow(fit_workflow=secure if strategy.secure else None)(grid, legacy_context)
         strategy.finish()
         status = "finished"
     except BaseException as error:
@@ -313,7 +420,8 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         try:
             rounds_done = len(strategy.results["rounds"])
-            tell_hospitals(grid, status, get_weights(strategy.model), rounds_done)
+            reason = strategy.results.get("error", "")
+            tell_hospitals(grid, status, reason, get_weights(strategy.model), rounds_done)
         except Exception as error:  # the run's own outcome is what must be saved
             log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
         strategy.results["status"] = status
@@ -353,6 +461,12 @@ def serve(argv=None):
     group.add_argument(
         "--insecure", action="store_true", help="no TLS: everything crosses the network unencrypted"
     )
+    group.add_argument(
+        "--hospital-keys",
+        default="",
+        help="a folder of enrolled hospitals' public keys (*.pub, from client.py --make-key): "
+        "only hospitals holding one of them may join",
+    )
     cfg, args = settings.parse(parser, argv)
     if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
@@ -386,6 +500,7 @@ def serve(argv=None):
                 )
         ca_cert = certs / CA_CERT
         tls_args = [
+            *(["--enable-supernode-auth"] if args.hospital_keys else []),
             "--ssl-certfile",
             str(certs / SERVER_CERT),
             "--ssl-keyfile",
@@ -393,6 +508,14 @@ def serve(argv=None):
             "--ssl-ca-certfile",
             str(ca_cert),
         ]
+    hospital_keys = []
+    if args.hospital_keys:
+        if args.insecure:
+            parser.error("--hospital-keys needs TLS: drop --insecure")
+        try:
+            hospital_keys = check_hospital_keys(args.hospital_keys)
+        except ValueError as error:
+            parser.error(str(error))
     try:
         data_utils.check_all(cfg, pool_held_out=False)
         runtime.ensure_port_free(args.host, args.port)
@@ -401,11 +524,19 @@ def serve(argv=None):
         parser.error(f"{error}; choose another with --port" if "port" in str(error) else str(error))
     console.print(
         f"[bold]SecureHealth-ML[/] server on {args.host}:{args.port} "
-        f"({'TLS' if ca_cert else 'no TLS'}): {cfg.rounds} rounds once {cfg.num_clients} "
+        f"({'TLS' if ca_cert else 'no TLS'}; secure aggregation {cfg.secure_aggregation}; "
+        f"{f'{len(hospital_keys)} enrolled hospitals' if hospital_keys else 'any hospital'} "
+        f"may join): {cfg.rounds} rounds once {cfg.num_clients} "
         f"hospitals have joined. Start each with: python client.py --client-id N"
     )
     exit_code, metrics = runtime.run_federation(
-        cfg, console, tls_args, ca_cert=ca_cert, host=args.host, port=args.port
+        cfg,
+        console,
+        tls_args,
+        ca_cert=ca_cert,
+        hospital_keys=hospital_keys,
+        host=args.host,
+        port=args.port,
     )
     if metrics is not None:
         reporting.print_summary(metrics, cfg.run_dir, console)

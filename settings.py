@@ -22,6 +22,8 @@ DEFAULTS = {
 HELP = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", inspect.getsource(config), re.M))
 
 DATASETS = ("synthetic", "breast-cancer", "csv")
+SWITCH = ("on", "off", "auto")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 
 RULES = {
     "num_clients": (lambda v: v >= 1, "must be at least 1"),
@@ -45,6 +47,10 @@ RULES = {
     "delta": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive), e.g. 1e-5"),
     "accountant": (lambda v: v in ("rdp", "prv"), "must be 'rdp' or 'prv'"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
+    "secure_aggregation": (lambda v: v in SWITCH, "must be 'on', 'off' or 'auto'"),
+    "secagg_max_patients": (lambda v: v >= 1, "must be at least 1"),
+    "aggregation": (lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
+    "max_update_norm": (lambda v: v > 0, "must be > 0"),
 }
 
 
@@ -93,7 +99,21 @@ def resolve(overrides=None):
             f"{values['min_fit_clients']}, {values['min_available_clients']}, "
             f"{values['num_clients']}: lower the first two"
         )
+    if values["aggregation"] != "fedavg" and values["secure_aggregation"] == "on":
+        raise SettingsError(
+            f"aggregation {values['aggregation']!r} needs each hospital's update, which "
+            f"secure aggregation hides: set secure_aggregation off, or aggregation fedavg"
+        )
     return SimpleNamespace(**values)
+
+
+def decide_auto(cfg, simulation=False):
+    """Settings with secure_aggregation "auto" decided: on between machines, off in
+    a simulation (one machine holds every hospital's data: there is nothing to hide
+    from the server, and the protocol costs three more exchanges a round)."""
+    if cfg.secure_aggregation != "auto":
+        return cfg
+    return resolve({**vars(cfg), "secure_aggregation": "off" if simulation else "on"})
 
 
 def _unknown_message(name):
@@ -140,8 +160,9 @@ def make_parser(description, names=tuple(DEFAULTS)):
     return parser
 
 
-def parse(parser, argv=None):
-    """Parse the command line into (settings, the parsed arguments); exit 2 on error."""
+def parse(parser, argv=None, simulation=False):
+    """Parse the command line into (settings, the parsed arguments), with "auto"
+    decided for a simulation or a deployment; exit 2 on error."""
     args, unknown = parser.parse_known_args(argv)
     try:
         if unknown:
@@ -155,6 +176,6 @@ def parse(parser, argv=None):
             raise SettingsError(_unknown_message(name))
         names = parser.settings_names
         given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-        return resolve(given), args
+        return decide_auto(resolve(given), simulation), args
     except SettingsError as error:
         parser.error(str(error))

@@ -28,7 +28,7 @@ def main(argv=None):
         help="also train the baselines (pooled and FedAvg without DP, each hospital "
         "alone with DP) and compare them in the summary and report",
     )
-    cfg, args = settings.parse(parser, argv)
+    cfg, args = settings.parse(parser, argv, simulation=True)
     if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
     try:
@@ -40,7 +40,7 @@ def main(argv=None):
     console.print(
         f"[bold]SecureHealth-ML[/] simulation: {cfg.num_clients} hospitals, "
         f"{cfg.rounds} rounds, privacy budget epsilon {cfg.epsilon:g} "
-        f"(delta {cfg.delta:g}) per hospital"
+        f"(delta {cfg.delta:g}) per hospital; secure aggregation {cfg.secure_aggregation}"
     )
     exit_code, metrics = runtime.run_federation(
         cfg,

@@ -110,7 +110,7 @@ def main(argv=None):
     parser = settings.make_parser(__doc__)
     parser.add_argument("--epsilons", default="0.5,1,2,4,8", help="budgets to train at")
     parser.add_argument("--seeds", type=int, default=3, help="seeds to average over")
-    cfg, args = settings.parse(parser, argv)
+    cfg, args = settings.parse(parser, argv, simulation=True)
     try:
         epsilons = sorted(float(e) for e in args.epsilons.split(","))
         if not epsilons or min(epsilons) <= 0 or args.seeds < 1:

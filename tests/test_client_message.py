@@ -1,6 +1,7 @@
 """What a hospital sends to the server, checked on the real Flower message."""
 
 import numpy as np
+import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.serde import message_to_proto
@@ -27,10 +28,8 @@ PRIVACY_REPORT_KEYS = {
 }
 
 
-def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path, monkeypatch):
-    for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
-        monkeypatch.setattr(TaskIdentity, name, 1)
-    cfg = settings.resolve({"rounds": 2, "num_patients": 600, "run_dir": str(tmp_path)})
+def plain_fit_request(cfg):
+    """The initial weights, a plain (not SecAgg+) fit message, and hospital 0's context."""
     inputs = len(data_utils.load_schema(cfg).input_names)
     initial = get_weights(build_model(inputs, cfg.hidden_layers))
     instruction = FitIns(ndarrays_to_parameters(initial), {"server_round": 1})
@@ -42,6 +41,20 @@ def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path, monkeypa
         state=RecordDict(),
         run_config={"settings": settings.to_json(cfg)},
     )
+    return initial, message, context
+
+
+@pytest.fixture(autouse=True)
+def inside_a_supernode(monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path):
+    cfg = settings.resolve(
+        {"rounds": 2, "num_patients": 600, "run_dir": str(tmp_path), "secure_aggregation": "off"}
+    )
+    initial, message, context = plain_fit_request(cfg)
 
     reply = client.app(message, context)
 
@@ -59,3 +72,11 @@ def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path, monkeypa
     assert not any(row.tobytes() in wire for row in x)
     assert not any(row.tobytes() in wire for row in held_out_x)
     assert y.tobytes() not in wire
+
+
+def test_a_hospital_expecting_secure_aggregation_never_sends_in_the_clear(tmp_path):
+    cfg = settings.resolve({"num_patients": 600, "run_dir": str(tmp_path)})  # "auto"
+    _, message, context = plain_fit_request(cfg)  # the hospital decides "auto": on
+    with pytest.raises(ValueError, match="asked for a plain update but this hospital's"):
+        client.app(message, context)
+    assert not (tmp_path / "hospitals").exists()  # it did not even start training

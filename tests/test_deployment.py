@@ -2,9 +2,7 @@
 on loopback, with TLS, Flower's real SuperLink and SuperNodes, and real files."""
 
 import json
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -13,62 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import runtime
 from certificates import make_certificates
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--num-patients", "600", "--global-test-patients", "200"]
-
-
-class Processes:
-    """Launch the product's scripts; whatever happens, stop them all by pid."""
-
-    def __init__(self, workdir):
-        self.workdir, self.started = workdir, []
-
-    def start(self, script, *args, name):
-        out = open(self.workdir / f"{name}.out", "w")
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / script), *args],
-            cwd=self.workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        process.name = name
-        self.started.append(process)
-        return process
-
-    def server(self, port, rounds, run_dir, *more, name="server"):
-        args = ["--port", str(port), "--rounds", str(rounds), "--run-dir", run_dir, *TINY]
-        return self.start("server.py", *args, *more, name=name)
-
-    def output(self, name):
-        return (self.workdir / f"{name}.out").read_text()
-
-    def kill(self, process):
-        """Like a crash: the launcher and all it started die at once."""
-        for pid in runtime.process_tree(process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        process.wait()
-
-    def stop_all(self):
-        for process in self.started:
-            if process.poll() is None:
-                self.kill(process)
-
-
-@pytest.fixture
-def federation(tmp_path):
-    make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
-    processes = Processes(tmp_path)
-    yield processes, tmp_path, runtime.free_port()
-    processes.stop_all()
 
 
 def flower_processes(directory):
@@ -174,9 +120,11 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
 
 def test_a_hospital_that_crashes_and_comes_back(federation):
     processes, workdir, port = federation
-    # Also the plain-text mode, which both sides must ask for explicitly.
-    address = ["--server-address", f"127.0.0.1:{port}", "--insecure"]
-    server = processes.server(port, 4, "run", "--insecure")
+    # Also the plain-text mode, which both sides must ask for explicitly; without
+    # SecAgg+ (four times faster here; tests/test_security.py covers it).
+    plain = ["--insecure", "--secure-aggregation", "off"]
+    address = ["--server-address", f"127.0.0.1:{port}", *plain]
+    server = processes.server(port, 4, "run", *plain)
     clients = [
         processes.start("client.py", "--client-id", str(h), *address, name=f"c{h}")
         for h in range(3)

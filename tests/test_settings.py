@@ -47,6 +47,11 @@ def test_overrides_with_dashes_or_underscores_and_typed():
         (["--num-clients", "1"], "min_fit_clients"),
         (["--min-fit-clients", "3", "--min-available-clients", "2"], "min_available_clients"),
         (["--epsilom", "2"], "epsilon"),  # unknown name: suggests the right one
+        (["--secure-aggregation", "yes"], "secure_aggregation"),
+        (["--aggregation", "mean"], "aggregation"),
+        (["--max-update-norm", "0"], "max_update_norm"),
+        # Robust aggregation needs single updates, which SecAgg+ hides.
+        (["--aggregation", "median", "--secure-aggregation", "on"], "secure aggregation hides"),
     ],
 )
 def test_invalid_values_exit_2_with_one_line_naming_the_setting(argv, named, capsys):
@@ -60,7 +65,7 @@ def test_invalid_values_exit_2_with_one_line_naming_the_setting(argv, named, cap
 def test_run_config_round_trip():
     cfg = parse(["--rounds", "3", "--hidden-layers", "8,4"])
     assert settings.from_run_config({"settings": settings.to_json(cfg)}) == cfg
-    assert settings.from_run_config({"settings": ""}) == parse([])
+    assert settings.from_run_config({"settings": ""}) == settings.resolve()  # config.py
 
 
 def test_run_config_is_validated_too():
@@ -95,3 +100,14 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in settings.DEFAULTS if f"| `{name}` |" not in readme]
     assert missing == []
+
+
+def test_auto_secure_aggregation_is_on_in_deployment_and_off_in_simulation():
+    cfg = settings.resolve()
+    assert cfg.secure_aggregation == "auto"
+    assert settings.decide_auto(cfg).secure_aggregation == "on"
+    assert settings.decide_auto(cfg, simulation=True).secure_aggregation == "off"
+    explicit = settings.resolve({"secure_aggregation": "on"})
+    assert settings.decide_auto(explicit, simulation=True).secure_aggregation == "on"
+    with pytest.raises(settings.SettingsError, match="secure aggregation hides"):
+        settings.decide_auto(settings.resolve({"aggregation": "median"}))  # deployment: on

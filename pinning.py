@@ -1,0 +1,105 @@
+"""A hospital runs only the code it approved.
+
+In a Flower deployment the server ships the app (this repository's modules) and
+every SuperNode runs what it receives: a hostile or compromised server could ship
+a client that uploads patient rows. Flower 1.42's own app verification
+(`flower-supernode --trusted-entities`) accepts only apps signed through Flower's
+hosted platform, which an open-source SuperLink cannot supply. So the hospital pins
+the app to its own reviewed copy of the code instead: before Flower installs a
+shipped app, every file in it must be identical to the hospital's copy (for
+pyproject.toml: the same content once parsed, as Flower rewrites its layout).
+Anything else is refused and never runs.
+
+How it is enforced: a SuperNode starts each ClientApp with the first
+`flwr-clientapp` command on its PATH; client.py puts the launcher written by
+`install_launcher` there, which checks the app before handing it to Flower.
+"""
+
+import importlib
+import io
+import json
+import os
+import sys
+import tomllib
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+APP_DIR = Path(__file__).resolve().parent
+LAUNCHER = "flwr-clientapp"  # the command a SuperNode runs for each ClientApp
+REFUSED = "untrusted-app"  # the status a refused app leaves in the hospital's status file
+
+
+def differences(bundle_bytes, app_dir=APP_DIR):
+    """The files of a shipped app bundle (a FAB, a zip file) that are not exactly as
+    in `app_dir`, or that lie outside it."""
+    differing = []
+    with zipfile.ZipFile(io.BytesIO(bundle_bytes)) as bundle:
+        for name in bundle.namelist():
+            path = PurePosixPath(name)
+            if name.endswith("/") or path.parts[0] == ".info":  # Flower's manifest
+                continue
+            local = Path(app_dir, *path.parts)
+            if path.is_absolute() or ".." in path.parts or not local.is_file():
+                differing.append(name)
+            elif name == "pyproject.toml":
+                shipped = tomllib.loads(bundle.read(name).decode())
+                if shipped != tomllib.loads(local.read_text(encoding="utf-8")):
+                    differing.append(name)
+            elif bundle.read(name) != local.read_bytes():
+                differing.append(name)
+    return differing
+
+
+def install_launcher(bin_dir, status_file, pinned=True):
+    """Write the `flwr-clientapp` command for this hospital's SuperNode; put
+    `bin_dir` first on the SuperNode's PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    launcher = bin_dir / LAUNCHER
+    launcher.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(APP_DIR)!r})\n"
+        "import pinning\n"
+        "sys.path.pop(0)  # the app itself is loaded from Flower's install\n"
+        f"pinning.run_clientapp({str(status_file)!r}, pinned={pinned!r})\n"
+    )
+    launcher.chmod(0o755)
+    return bin_dir
+
+
+def run_clientapp(status_file, pinned=True):
+    """Flower's `flwr-clientapp`, installing a shipped app only if it matches this
+    hospital's copy. Flower 1.42 offers no hook for this, so the check wraps its
+    installer (flwr is pinned; tests/test_security.py proves the refusal)."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    runner = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    if pinned:
+        install = runner.install_from_fab
+
+        def install_if_approved(bundle_bytes, *args, **kwargs):
+            differing = differences(bundle_bytes)
+            if differing:
+                reason = (
+                    f"the server shipped an app that differs from this hospital's approved "
+                    f"copy ({APP_DIR}) in {', '.join(differing)}; it was not run"
+                )
+                _record_refusal(Path(status_file), reason)
+                raise PermissionError(reason)
+            return install(bundle_bytes, *args, **kwargs)
+
+        runner.install_from_fab = install_if_approved
+    flwr_clientapp()
+
+
+def _record_refusal(status_file, reason):
+    """Tell the hospital's launcher (client.py), which watches its status file
+    (written whole, then renamed, as results.write_json does: the shipped app must
+    load its own modules, so this one imports none of ours)."""
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    partial = status_file.with_name(f".{status_file.name}.partial")
+    partial.write_text(json.dumps({**status, "status": REFUSED, "reason": reason, "utc": now}))
+    os.replace(partial, status_file)

@@ -1,0 +1,65 @@
+"""Shared by the deployment and security tests: the product's scripts as real
+processes, always stopped afterwards."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import runtime
+from certificates import make_certificates
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-patients", "600", "--global-test-patients", "200"]
+
+
+class Processes:
+    """Launch the product's scripts; whatever happens, stop them all by pid."""
+
+    def __init__(self, workdir):
+        self.workdir, self.started = workdir, []
+
+    def start(self, script, *args, name):
+        out = open(self.workdir / f"{name}.out", "w")
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        process.name = name
+        self.started.append(process)
+        return process
+
+    def server(self, port, rounds, run_dir, *more, name="server"):
+        args = ["--port", str(port), "--rounds", str(rounds), "--run-dir", run_dir, *TINY]
+        return self.start("server.py", *args, *more, name=name)
+
+    def output(self, name):
+        return (self.workdir / f"{name}.out").read_text()
+
+    def kill(self, process):
+        """Like a crash: the launcher and all it started die at once."""
+        for pid in runtime.process_tree(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
+
+    def stop_all(self):
+        for process in self.started:
+            if process.poll() is None:
+                self.kill(process)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    processes = Processes(tmp_path)
+    yield processes, tmp_path, runtime.free_port()
+    processes.stop_all()
