@@ -22,6 +22,11 @@ secagg_max_patients = (
 aggregation = "fedavg"  # "fedavg" (weighted mean), "median" or "trimmed-mean" (robust; no SecAgg+)
 max_update_norm = 100.0  # an update moving the model further than this (L2) is rejected as corrupt
 
+# --- Simulation on Ray (simulation.py) ------------------------------------------
+ray_address = ""  # an existing Ray cluster ("auto" or host:port); empty = a new local one
+client_cpus = 1  # CPUs Ray reserves for each simulated hospital while it trains (whole)
+client_gpus = 0.0  # GPUs (fractions allowed) Ray reserves for each simulated hospital
+
 # --- Data (data_utils.py) ------------------------------------------------------
 dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
 data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv

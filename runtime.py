@@ -31,11 +31,13 @@ class FlowerError(RuntimeError):
     """Flower could not be started or the run did not complete."""
 
 
-def flower_env(flwr_home):
+def flower_env(flwr_home, environment=None):
     """Environment for Flower's processes: state under flwr_home, no telemetry or
-    update checks (these machines may have no internet), quiet Ray."""
+    update checks (these machines may have no internet), quiet Ray, and
+    `environment` on top."""
     return {
         **os.environ,
+        **(environment or {}),
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -152,10 +154,11 @@ def _signal(pid, signal_number):
 
 
 @contextmanager
-def flower_process(command, flwr_home, log_name, bin_dir=None):
-    """Run a Flower command with its output in flwr_home/log_name, and bin_dir (if
-    given) first on its PATH; stop it (and all it started) on leaving the block."""
-    env = flower_env(flwr_home)
+def flower_process(command, flwr_home, log_name, bin_dir=None, environment=None):
+    """Run a Flower command with its output in flwr_home/log_name, with bin_dir (if
+    given) first on its PATH and `environment` added; stop it (and all it started)
+    on leaving the block."""
+    env = flower_env(flwr_home, environment)
     if bin_dir:
         env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     with open(flwr_home / log_name, "ab") as log:
@@ -175,7 +178,7 @@ def flower_process(command, flwr_home, log_name, bin_dir=None):
 
 
 @contextmanager
-def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None):
+def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None, environment=None):
     """Run `flower-superlink` (TLS when `ca_cert` is given, with the certificate
     and key in extra_args); yield the address `flwr run` reaches it at."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -191,7 +194,7 @@ def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None)
         *extra_args,
     ]
     address = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
-    with flower_process(command, flwr_home, "superlink.log") as process:
+    with flower_process(command, flwr_home, "superlink.log", environment=environment) as process:
         _wait_until_healthy(process, address, ca_cert, flwr_home / "superlink.log")
         yield address
 
@@ -325,16 +328,25 @@ def interrupt_on_signals():
 
 
 def run_federation(
-    cfg, console, superlink_args, federation_config=(), ca_cert=None, hospital_keys=(), **where
+    cfg,
+    console,
+    superlink_args,
+    federation_config=(),
+    ca_cert=None,
+    hospital_keys=(),
+    environment=None,
+    **where,
 ):
-    """One whole training on a SuperLink of our own: start it, enroll the hospitals'
-    keys (if any), submit the app, show the rounds. Returns (exit code, metrics of
-    the finished run, or None after saying what went wrong). `where` (host, port)
-    says where the SuperLink listens."""
+    """One whole training on a SuperLink of our own (with `environment` added to
+    its own): start it, enroll the hospitals' keys (if any), submit the app, show
+    the rounds. Returns (exit code, metrics of the finished run, or None after
+    saying what went wrong). `where` (host, port) says where the SuperLink listens."""
     run_dir = Path(cfg.run_dir)
     flwr_home = run_dir / "flower"
     try:
-        with superlink(flwr_home, *superlink_args, ca_cert=ca_cert, **where) as address:
+        with superlink(
+            flwr_home, *superlink_args, ca_cert=ca_cert, environment=environment, **where
+        ) as address:
             connect_cli(flwr_home, address, ca_cert)
             enroll(flwr_home, hospital_keys)
             with flwr_run(flwr_home, address, cfg, federation_config) as process:

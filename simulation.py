@@ -37,8 +37,9 @@ def main(argv=None):
     except (data_utils.DataError, FileExistsError) as error:
         parser.error(str(error))
     console = reporting.make_console()
+    where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
-        f"[bold]SecureHealth-ML[/] simulation: {cfg.num_clients} hospitals, "
+        f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "
         f"{cfg.rounds} rounds, privacy budget epsilon {cfg.epsilon:g} "
         f"(delta {cfg.delta:g}) per hospital; secure aggregation {cfg.secure_aggregation}"
     )
@@ -46,7 +47,14 @@ def main(argv=None):
         cfg,
         console,
         superlink_args=["--simulation", "--insecure"],
-        federation_config=[f"num-supernodes={cfg.num_clients}", "client-resources-num-cpus=1"],
+        federation_config=[
+            f"num-supernodes={cfg.num_clients}",
+            f"client-resources-num-cpus={cfg.client_cpus}",
+            f"client-resources-num-gpus={cfg.client_gpus}",
+        ],
+        # Flower's simulation engine starts Ray with ray.init(), which joins the
+        # cluster named in RAY_ADDRESS if there is one.
+        environment={"RAY_ADDRESS": cfg.ray_address} if cfg.ray_address else {},
     )
     if metrics is None:
         return exit_code

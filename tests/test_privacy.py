@@ -165,3 +165,14 @@ def test_opacus_samples_at_the_calibrated_rate(tmp_path):
     batches = math.ceil(len(hospital.y) / cfg.batch_size)
     assert report["sample_rate"] == 1 / batches  # not batch_size / n
     assert report["steps"] == batches
+
+
+def test_hospitals_of_the_same_size_calibrate_once_per_process():
+    from privacy import _calibrate
+
+    prior = [[3.0, 0.25, 4]]  # as a ledger read back from JSON holds it
+    first = calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "rdp", prior)
+    hits = _calibrate.cache_info().hits
+    assert calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "rdp", [tuple(prior[0])]) == first
+    assert _calibrate.cache_info().hits == hits + 1
+    assert epsilon_spent([*prior, (first, 0.5, 2)], 1e-5, "rdp") <= 2.0

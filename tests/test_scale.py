@@ -1,0 +1,103 @@
+"""Scale: Poisson sampling that costs the batch, not the hospital, per step, and a
+simulation on a Ray cluster that was already running."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from training import PoissonBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_poisson_batches_include_each_patient_independently_at_the_rate():
+    n, rate, steps = 40, 0.25, 20_000
+    counts, pairs, sizes = np.zeros(n), np.zeros((n, n)), []
+    for batch in PoissonBatches(n, rate, steps):
+        assert len(set(batch)) == len(batch)  # without replacement within a step
+        member = np.zeros(n)
+        member[batch] = 1
+        counts += member
+        pairs += np.outer(member, member)
+        sizes.append(len(batch))
+    assert len(sizes) == steps == len(PoissonBatches(n, rate, steps))
+    tolerance = 4 * np.sqrt(rate * (1 - rate) / steps)  # 4 standard errors
+    assert np.abs(counts / steps - rate).max() < tolerance
+    off_diagonal = pairs[~np.eye(n, dtype=bool)] / steps  # both in the same step
+    assert abs(off_diagonal.mean() - rate**2) < 0.002  # independent of each other
+    assert abs(np.mean(sizes) - n * rate) < 0.1 and abs(np.var(sizes) - n * rate * (1 - rate)) < 0.4
+
+
+def test_a_huge_hospital_is_sampled_quickly():
+    batches = PoissonBatches(1_000_000, 128 / 1_000_000, 2_000)
+    start = time.perf_counter()
+    sizes = [len(b) for b in batches]
+    elapsed = time.perf_counter() - start
+    assert abs(np.mean(sizes) - 128) < 2
+    # Opacus' own sampler draws a million numbers per step (about 9 ms here).
+    assert elapsed < 2.0, f"{elapsed:.2f} s for 2,000 steps"
+
+
+def stop_ray(temp_dir):
+    """Stop the Ray cluster whose files are in temp_dir, and nothing else."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(temp_dir).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must be short
+    port = runtime.free_port()
+    head = [ray, "start", "--head", "--port", str(port), "--num-cpus", "2"]
+    head += ["--temp-dir", temp_dir, "--include-dashboard=false", "--disable-usage-stats"]
+    try:
+        subprocess.run(head, check=True, capture_output=True, timeout=120)
+        address = f"127.0.0.1:{port}"
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "simulation.py"), "--ray-address", address, "--rounds", "2"]
+            + ["--num-patients", "600", "--global-test-patients", "200"]
+            + ["--run-dir", str(tmp_path / "run")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"on the Ray cluster at {address}" in " ".join(result.stdout.split())
+        # The hospitals ran as actors of that cluster, which is still up afterwards:
+        # the simulation only joined it, and leaves it to its owner.
+        logs = Path(temp_dir, "session_latest", "logs")
+        assert any("ClientAppActor" in p.read_text(errors="ignore") for p in logs.glob("*.err"))
+        status = subprocess.run([ray, "status", "--address", address], capture_output=True)
+        assert status.returncode == 0, status.stderr
+    finally:
+        stop_ray(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_bench_growth_rates_are_the_slopes_of_each_series():
+    import bench
+
+    points = [
+        {"hospitals": h, "patients": bench.SCALING_PATIENTS, "rounds": 1, "rounds_s": 5 + 0.1 * h}
+        for h in bench.HOSPITALS
+    ] + [
+        {"hospitals": 3, "patients": n, "rounds": 1, "rounds_s": 5 + 2e-6 * n}
+        for n in bench.PATIENTS
+    ]
+    points.append({"hospitals": 100, "patients": 10**6, "rounds": 10, "rounds_s": 60.0})
+    growth = bench.growth_rates(points)
+    assert growth["per_hospital_s"] == pytest.approx(0.1)
+    assert growth["per_patient_s"] == pytest.approx(2e-6)
