@@ -23,7 +23,7 @@ aggregation = "fedavg"  # "fedavg" (weighted mean), "median" or "trimmed-mean" (
 max_update_norm = 100.0  # an update moving the model further than this (L2) is rejected as corrupt
 
 # --- Simulation on Ray (simulation.py) ------------------------------------------
-ray_address = ""  # an existing Ray cluster ("auto" or host:port); empty = a new local one
+ray_address = ""  # an existing Ray cluster ("auto" or host:port); empty = a new private one
 client_cpus = 1  # CPUs Ray reserves for each simulated hospital while it trains (whole)
 client_gpus = 0.0  # GPUs (fractions allowed) Ray reserves for each simulated hospital
 

@@ -52,9 +52,9 @@ def main(argv=None):
             f"client-resources-num-cpus={cfg.client_cpus}",
             f"client-resources-num-gpus={cfg.client_gpus}",
         ],
-        # Flower's simulation engine starts Ray with ray.init(), which joins the
-        # cluster named in RAY_ADDRESS if there is one.
-        environment={"RAY_ADDRESS": cfg.ray_address} if cfg.ray_address else {},
+        # Flower's simulation engine calls ray.init(), which joins the cluster named
+        # in RAY_ADDRESS; "local" starts a private one even where `ray start` runs.
+        environment={"RAY_ADDRESS": cfg.ray_address or "local"},
     )
     if metrics is None:
         return exit_code
