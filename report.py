@@ -15,7 +15,7 @@ import data_utils
 import settings
 from model import load_model, predict_risk
 from privacy import epsilon_spent
-from reporting import METRICS, fmt
+from reporting import METRICS, PRIVACY_COLUMNS, fmt, privacy_cells
 from results import METRICS_FILE, MODEL_FILE, finished_run_argument, read_json, write_atomic
 
 REPORT_FILE = "report.md"
@@ -203,33 +203,7 @@ def write_report(run_dir, metrics=None):
         f"model, would be almost as likely had any one patient not been in its data; the "
         f"probability of any outcome changes by at most a factor e^epsilon (2.72 at "
         f"epsilon 1), except with probability delta ({delta:g}).",
-        _table(
-            [
-                "Hospital",
-                "Training patients",
-                "Epsilon spent",
-                "Budget",
-                "Delta",
-                "Noise multiplier",
-                "Sample rate",
-                "Noisy steps",
-                "Last round",
-            ],
-            [
-                [
-                    h,
-                    p.get("patients", "-"),
-                    fmt(p.get("epsilon")),
-                    p.get("epsilon_budget", "-"),
-                    p.get("delta", "-"),
-                    fmt(p.get("noise_multiplier")),
-                    fmt(p.get("sample_rate")),
-                    p.get("steps", "-"),
-                    p["status"],
-                ]
-                for h, p in hospitals.items()
-            ],
-        ),
+        _table(PRIVACY_COLUMNS, [privacy_cells(h, p) for h, p in hospitals.items()]),
         f"Epsilon is computed by Opacus' {privacy['accountant'].upper()} accountant from the "
         f"noise multiplier, sample rate and steps above, which anyone can recompute"
         f"{_tighter_epsilons(privacy)}. "

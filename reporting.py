@@ -24,6 +24,37 @@ def make_console():
     return console if console.is_terminal else Console(width=120)
 
 
+PRIVACY_COLUMNS = (
+    "Hospital",
+    "Training patients",
+    "Epsilon spent",
+    "Budget",
+    "Delta",
+    "Noise multiplier",
+    "Sample rate",
+    "Steps",
+    "Last round",
+)
+
+
+def privacy_cells(hospital, p):
+    """One hospital's row of the privacy table (summary and report.md), as text;
+    dashes for a hospital that never reported."""
+    if "epsilon" not in p:
+        return [hospital, *["-"] * 7, p["status"]]
+    return [
+        hospital,
+        str(p["patients"]),
+        f"{p['epsilon']:.4f}",
+        f"{p['epsilon_budget']:g}",
+        f"{p['delta']:g}",
+        f"{p['noise_multiplier']:.4f}",
+        f"{p['sample_rate']:.4f}",
+        str(p["steps"]),
+        p["status"],
+    ]
+
+
 def round_line(record, cfg):
     """One round: global metrics, the largest epsilon spent (against that hospital's
     own budget), and any hospital that declined or failed, with its reason."""
@@ -150,36 +181,11 @@ def print_summary(metrics, run_dir, console=None):
     privacy_table = Table(
         title=f"Privacy spent per hospital ({privacy['accountant'].upper()} accountant)"
     )
-    columns = (
-        "Hospital",
-        "Training patients",
-        "Epsilon spent",
-        "Budget",
-        "Delta",
-        "Noise multiplier",
-        "Sample rate",
-        "Steps",
-        "Last round",
-    )
-    for name in columns:
+    for name in PRIVACY_COLUMNS:
         privacy_table.add_column(name, justify="right")
     for hospital, p in privacy["hospitals"].items():
-        if "epsilon" not in p:
-            privacy_table.add_row(hospital, *["-"] * 7, p["status"], style="red")
-            continue
-        style = "red" if p["epsilon"] > p["epsilon_budget"] else None
-        privacy_table.add_row(
-            hospital,
-            str(p["patients"]),
-            f"{p['epsilon']:.4f}",
-            f"{p['epsilon_budget']:g}",
-            f"{p['delta']:g}",
-            f"{p['noise_multiplier']:.4f}",
-            f"{p['sample_rate']:.4f}",
-            str(p["steps"]),
-            p["status"],
-            style=style,
-        )
+        overspent = "epsilon" not in p or p["epsilon"] > p["epsilon_budget"]
+        privacy_table.add_row(*privacy_cells(hospital, p), style="red" if overspent else None)
     console.print(privacy_table)
     for problem in shortfalls(metrics):
         console.print(f"[red]Warning:[/] {problem} (reasons above and in metrics.json).")
