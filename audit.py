@@ -140,8 +140,14 @@ def run_audit(run_dir):
 
 
 def main(argv=None):
-    run_dir = finished_run_argument(__doc__, argv)
+    run_dir, args = finished_run_argument(__doc__, argv, settings.add_unaccounted_flag)
     console = reporting.make_console()
+    try:
+        cfg = settings.resolve(read_json(run_dir / METRICS_FILE)["config"])
+        settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the audit")
+    except settings.SettingsError as error:
+        print(f"audit.py: error: {error}", file=sys.stderr)
+        return 2
     try:
         with console.status("Attacking the model (membership inference)"):
             result = run_audit(run_dir)

@@ -71,13 +71,13 @@ def hospitals_alone(cfg):
     for hospital, (x, y) in enumerate(hospitals):
         sample_rate, steps = training.sample_rate_and_steps(len(y), cfg)
         sigma = calibrate_noise_multiplier(
-            cfg.epsilon, cfg.delta, sample_rate, cfg.rounds * steps, cfg.accountant
+            cfg.epsilon, cfg.delta, sample_rate, cfg.rounds * steps, cfg.adjacency
         )
-        alone, history = _initial_model(cfg, inputs), []
+        alone = _initial_model(cfg, inputs)
         for _ in range(cfg.rounds):  # a fresh copy per round, as the hospital trains
             copy = _initial_model(cfg, inputs)
             set_weights(copy, get_weights(alone))
-            history = training.train_private(copy, x, y, cfg, sigma, history)
+            training.train_private(copy, x, y, cfg, sigma)
             set_weights(alone, get_weights(copy))
         results[hospital] = judge(alone)
     return results

@@ -7,14 +7,16 @@ server (`python server.py`), trains when asked, and exits when the run ends:
 
     python client.py --client-id N [--server-address host:port] [--name value ...]
 
-The hospital owns its privacy budget: epsilon, delta and accountant come from this
-hospital's own settings, whatever the server asks for, and its privacy ledger lives
-in its own state directory, so that every run on the same patients spends from the
-same budget. It also decides whether its updates go out only through secure
-aggregation, and it runs only an app identical to its own copy (pinning.py).
+The hospital owns its privacy budget: epsilon, delta, adjacency and which of its
+patients it holds out (test_fraction) come from this hospital's own settings,
+whatever the server asks for, and its privacy ledger lives in its own state
+directory, so that every run on its patients spends from the same budget. It never
+trains without that ledger. It also decides whether its updates go out only through
+secure aggregation, and it runs only an app identical to its own copy (pinning.py).
 """
 
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -35,8 +37,8 @@ import settings
 import training
 from certificates import make_hospital_key
 from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
-from privacy import BudgetExhausted, PrivacyLedger
-from results import read_json, run_directory, write_json
+from privacy import ACCOUNTANT, BudgetExhausted, LedgerError, PrivacyLedger
+from results import HOSPITALS_DIR_VARIABLE, default_state_root, read_json, write_json
 
 STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
 AUTH_KEY = "hospital.key"  # ... its identity for servers that admit only enrolled hospitals
@@ -44,7 +46,10 @@ EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # Settings that belong to the hospital, not the server (see the module docstring);
 # the others are the server's to decide for the run.
-HOSPITAL_SETTINGS = ("epsilon", "delta", "accountant", "secure_aggregation")
+HOSPITAL_SETTINGS = ("epsilon", "delta", "adjacency", "test_fraction", "secure_aggregation")
+# What a release in the report to the server says: enough to recompute epsilon, and
+# no run ids of other federations (they would link this hospital's participation).
+RELEASE_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "adjacency")
 
 
 class HospitalClient(NumPyClient):
@@ -59,13 +64,7 @@ class HospitalClient(NumPyClient):
         (self.x, self.y), self.held_out = data_utils.hospital_data(
             cfg, hospital, data_file, schema_file
         )
-        self.ledger = PrivacyLedger(
-            state_dir,
-            data_utils.fingerprint(self.x, self.y),
-            cfg.epsilon,
-            cfg.delta,
-            cfg.accountant,
-        )
+        self.ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
 
     def fit(self, parameters, config):
         server_round = int(config["server_round"])
@@ -77,20 +76,20 @@ class HospitalClient(NumPyClient):
             )
         self._evaluate_locally(parameters, server_round - 1)
         sample_rate, steps = training.sample_rate_and_steps(len(self.y), self.cfg)
-        try:
-            sigma = self.ledger.noise_for_round(
-                self.run_id, sample_rate, steps, planned_steps=self.cfg.rounds * steps
-            )
-        except BudgetExhausted as refusal:
-            return parameters, 0, self._report("refused", server_round, str(refusal))
-
-        model = self._model(parameters)
-        history = training.train_private(
-            model, self.x, self.y, self.cfg, sigma, self.ledger.history
-        )
-        steps_taken = sum(s for *_, s in history) - self.ledger.steps
-        self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
-        return get_weights(model), len(self.y), self._report("trained", server_round)
+        # Read, check, train and record under the ledger's lock: a concurrent training
+        # on the same patients waits, and sees this one's release.
+        with self.ledger.transaction():
+            self.ledger.note_dataset(data_utils.fingerprint(self.x, self.y), len(self.y))
+            try:
+                sigma = self.ledger.noise_for_round(
+                    self.run_id, sample_rate, steps, planned_steps=self.cfg.rounds * steps
+                )
+            except BudgetExhausted as refusal:
+                return parameters, 0, self._report("refused", server_round, str(refusal))
+            model = self._model(parameters)
+            steps_taken = training.train_private(model, self.x, self.y, self.cfg, sigma)
+            self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
+            return get_weights(model), len(self.y), self._report("trained", server_round)
 
     def evaluate(self, parameters, config):
         """The server's notice that the run has ended, with the final model (see
@@ -99,7 +98,8 @@ class HospitalClient(NumPyClient):
         status, rounds = config["run-status"], int(config["server_round"])
         if status == "finished":
             self._evaluate_locally(parameters, rounds)
-        self._report(status, rounds, config.get("reason", ""))
+        with self.ledger.transaction():
+            self._report(status, rounds, config.get("reason", ""))
         return 0.0, 0, {}
 
     def _model(self, parameters):
@@ -131,9 +131,12 @@ class HospitalClient(NumPyClient):
 
     def _report(self, status, server_round, reason=""):
         """Scalars the server may see: this hospital's privacy spending, no data.
-        They also go to the hospital's status file, for its operator."""
-        history = self.ledger.history
-        sigma, sample_rate, _ = history[-1] if history else (0.0, 0.0, 0)
+        `epsilon` is cumulative over every release on these patients; the noise
+        multiplier, sample rate and steps are this run's; `releases` lists them all,
+        so that anyone can recompute epsilon. They also go to the hospital's status
+        file, for its operator."""
+        plan = self.ledger.data["plans"].get(str(self.run_id), {})
+        releases = self.ledger.releases
         report = {
             "hospital": self.hospital,
             "patients": len(self.y),
@@ -142,22 +145,37 @@ class HospitalClient(NumPyClient):
             "epsilon": self.ledger.epsilon(),
             "epsilon_budget": self.cfg.epsilon,
             "delta": self.cfg.delta,
-            "noise_multiplier": sigma,
-            "sample_rate": sample_rate,
-            "steps": self.ledger.steps,
-            "history": json.dumps(history),
+            "adjacency": self.cfg.adjacency,
+            "accountant": ACCOUNTANT,
+            "noise_multiplier": plan.get("noise_multiplier", 0.0),
+            "sample_rate": plan.get("sample_rate", 0.0),
+            "steps": sum(r["steps"] for r in releases if r["run_id"] == str(self.run_id)),
+            "releases": json.dumps(
+                [
+                    {**{k: r[k] for k in RELEASE_KEYS}, "this_run": r["run_id"] == str(self.run_id)}
+                    for r in releases
+                ]
+            ),
         }
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        write_json(self.state_dir / STATUS_FILE, {**report, "round": server_round, "utc": now})
+        write_json(
+            self.state_dir / STATUS_FILE,
+            {**report, "round": server_round, "utc": now, "ledger": str(self.ledger.path)},
+        )
         return report
 
 
 def hospital_settings(context: Context):
-    """The server's settings for the run, with this hospital's own (deployment: from
-    its node config) taking precedence: (hospital number, settings)."""
+    """The server's settings for the run, with this hospital's own taking
+    precedence: (hospital number, settings). In deployment the hospital's settings
+    come from its node config (client.py passes them all), else from its own
+    config.py: never from the server. Only simulated hospitals, which simulation.py
+    runs for the operator who also runs the server, take them from the run."""
     node = context.node_config
     run_cfg = settings.from_run_config(context.run_config)
-    own = {name: node[name] for name in HOSPITAL_SETTINGS if name in node}
+    simulated = "state-dir" not in node and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
+    own = {} if simulated else {name: settings.DEFAULTS[name] for name in HOSPITAL_SETTINGS}
+    own.update({name: node[name] for name in HOSPITAL_SETTINGS if name in node})
     cfg = settings.decide_auto(settings.resolve({**vars(run_cfg), **own}))
     hospital = int(node["partition-id"])
     if int(node["num-partitions"]) != cfg.num_clients:
@@ -182,7 +200,7 @@ def client_fn(context: Context):
         hospital,
         cfg,
         context.run_id,
-        hospital_state_dir(context, cfg, hospital),
+        hospital_state_dir(context, hospital),
         node.get("data-file"),
         node.get("schema-file"),
     ).to_client()
@@ -208,12 +226,21 @@ def secure_aggregation_mod(message, context, call_next):
     )
 
 
-def hospital_state_dir(context, cfg, hospital):
-    """Where the hospital keeps its ledger, status and evaluations. Deployment: its
-    own directory. Simulation: one per simulated hospital inside the run directory
-    (each run is a fresh demo federation)."""
+def hospital_state_dir(context, hospital):
+    """Where the hospital keeps its privacy ledger, status and evaluations: in
+    deployment its own directory (client.py's --state-dir); in simulation the one
+    simulation.py chose on this machine. Never a place the server names: without
+    one, the hospital does not train."""
     own = context.node_config.get("state-dir")
-    return Path(own or run_directory(cfg, context.run_id) / "hospitals" / f"hospital-{hospital}")
+    if own:
+        return Path(own)
+    if os.environ.get(HOSPITALS_DIR_VARIABLE):
+        return Path(os.environ[HOSPITALS_DIR_VARIABLE]) / f"hospital-{hospital}"
+    raise LedgerError(
+        "this hospital has no state directory for its privacy ledger, so it does not "
+        "train: start it with `python client.py --client-id N` (or give flower-supernode "
+        "--node-config \"state-dir='/absolute/path'\")"
+    )
 
 
 app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
@@ -246,7 +273,7 @@ def join(argv=None):
         "--state-dir",
         default="",
         help="the hospital's own directory: privacy ledger, status, Flower's "
-        "state and logs [default: state/hospital-<client id>]",
+        f"state and logs [default: {default_state_root()}/hospital-<client id>]",
     )
     group.add_argument(
         "--data", default="", help="this hospital's own CSV file (with --schema): dataset csv"
@@ -277,7 +304,8 @@ def join(argv=None):
             f"--client-id must be in 0..{cfg.num_clients - 1} "
             f"(num_clients is {cfg.num_clients}), got {args.client_id}"
         )
-    state_dir = Path(args.state_dir or f"state/hospital-{args.client_id}").resolve()
+    state_dir = Path(args.state_dir or default_state_root() / f"hospital-{args.client_id}")
+    state_dir = state_dir.resolve()
     auth_key = state_dir / AUTH_KEY
     if args.make_key:
         try:
@@ -290,6 +318,10 @@ def join(argv=None):
             f"to be enrolled (server.py --hospital-keys)."
         )
         return 0
+    try:  # no training without a ledger that can be written
+        ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+    except LedgerError as error:
+        parser.error(str(error))
     try:
         runtime.split_address(args.server_address)
     except ValueError as error:
@@ -351,7 +383,9 @@ def join(argv=None):
         ) as node:
             console.print(
                 f"Hospital {args.client_id} connected to {args.server_address}; its budget: "
-                f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}; secure aggregation "
+                f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
+                f"over all runs on its patients (privacy ledger: {ledger.path}); "
+                f"secure aggregation "
                 f"{cfg.secure_aggregation}; "
                 + ("identified by its key; " if auth_key.exists() else "")
                 + (

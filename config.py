@@ -31,7 +31,7 @@ client_gpus = 0.0  # GPUs (fractions allowed) Ray reserves for each simulated ho
 dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
 data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv
 missing_values = "fail"  # csv: an empty cell stops the run ("fail") or drops its row ("drop")
-test_fraction = 0.2  # share of each hospital's patients held out from training
+test_fraction = 0.2  # share of each hospital's patients it holds out from training
 num_patients = 4000  # synthetic: patients over all hospitals; sizes follow a 5:3:2 pattern
 global_test_patients = 2000  # synthetic: the server's separate reference test population
 
@@ -40,7 +40,7 @@ hidden_layers = (16,)  # widths of the MLP's hidden layers, e.g. (32, 16); () = 
 decision_threshold = 0.5  # predicted risk at or above which a patient is called positive
 
 # --- Local training: DP-SGD with Opacus ----------------------------------------------
-batch_size = 128  # expected batch size; batches are Poisson-sampled at rate 1/ceil(n/batch)
+batch_size = 256  # expected batch size; batches are Poisson-sampled at rate 1/ceil(n/batch)
 learning_rate = 0.5  # SGD step size (small data under DP favours SGD+momentum over Adam)
 momentum = 0.9  # SGD momentum, reset at the start of every round
 max_grad_norm = 1.0  # per-patient gradient clipping bound C; noise std is sigma * C
@@ -48,7 +48,7 @@ max_grad_norm = 1.0  # per-patient gradient clipping bound C; noise std is sigma
 # --- Privacy budget (per hospital, over the whole training) -------------------------
 epsilon = 1.0  # TOTAL epsilon each hospital may spend over all rounds together
 delta = 1e-5  # delta of the (epsilon, delta) guarantee; keep it well below 1/patients
-accountant = "rdp"  # "rdp" (conservative Renyi DP) or "prv" (tighter); calibrates and reports
+adjacency = "replace-one"  # "replace-one" (patient counts are released) or "add-remove"
 
 # --- Run -----------------------------------------------------------------------------
 seed = 42  # seeds the synthetic data and the initial model (DP noise uses secret randomness)

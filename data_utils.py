@@ -15,8 +15,10 @@ range or categories. Inputs are encoded from the dictionary alone, never from
 statistics of a hospital's rows, so the encoding reveals nothing about any patient
 and every hospital feeds the shared model the same way.
 
-Each hospital's patients are split, seeded and stratified, into training rows (the
-only rows DP-SGD touches) and held-out rows (evaluated at the hospital itself).
+Each hospital splits its own patients, stratified, into training rows (the only rows
+DP-SGD touches) and held-out rows (evaluated at the hospital itself), by a rule on
+its own rows alone: nothing the server sets (seed, a new run) moves a patient
+between the two.
 """
 
 import hashlib
@@ -79,13 +81,21 @@ class Schema:
                 f"{self.source}: the data dictionary needs label.column, label.positive, "
                 f"label.negative and a list of features; {missing} is missing"
             ) from None
+        self.patient_id = spec.get("patient_id")
+        if self.patient_id is not None and not isinstance(self.patient_id, str):
+            raise DataError(f'{self.source}: patient_id must name a column, e.g. "mrn"')
         if str(self.positive) == str(self.negative):
             raise DataError(f"{self.source}: label.positive and label.negative are the same")
         names = [f.get("name") for f in self.features]
-        if not self.features or len(set(names)) != len(names) or self.label in names:
+        if (
+            not self.features
+            or len(set(names)) != len(names)
+            or self.label in names
+            or self.patient_id in (self.label, *names)
+        ):
             raise DataError(
                 f"{self.source}: feature names must be present, unique and "
-                f"differ from the label column"
+                f"differ from the label and patient_id columns"
             )
         for feature in self.features:
             self._check_feature(feature)
@@ -122,7 +132,9 @@ class Schema:
 
     @property
     def columns(self):
-        return [self.label] + [f["name"] for f in self.features]
+        """The columns a table must have (the patient-id column too, if declared)."""
+        ids = [self.patient_id] if self.patient_id else []
+        return [self.label] + ids + [f["name"] for f in self.features]
 
     @property
     def input_names(self):
@@ -177,23 +189,43 @@ def test_size(n, test_fraction):
     return max(1, round(n * test_fraction))
 
 
-def stratified_parts(y, weights, rng):
+def stratified_parts(y, weights, order):
     """Row indices split into parts in proportion to `weights`, each class dealt out
-    separately so that every part keeps the overall share of the disease."""
+    separately, in the order `order(rows)` gives, so that every part keeps the
+    overall share of the disease."""
     parts = [[] for _ in weights]
     for label in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == label))
+        rows = order(np.flatnonzero(y == label))
         cuts = np.round(np.cumsum(weights)[:-1] / np.sum(weights) * len(rows)).astype(int)
         for part, chunk in zip(parts, np.split(rows, cuts), strict=True):
             part.extend(chunk)
     return [np.sort(np.array(part, dtype=int)) for part in parts]
 
 
-def _held_out_split(x, y, test_fraction, rng):
-    """((train_x, train_y), (test_x, test_y)) of one hospital's rows, stratified."""
+def row_keys(x, y, patient_ids=None):
+    """A stable pseudo-random key per patient: a hash of its identifier if the data
+    dictionary declares one, else of its row. The hospital's held-out rule."""
+    if patient_ids is not None:
+        rows = [str(p).encode() for p in patient_ids]
+    else:
+        table = np.column_stack([x, y]).astype(np.float32)
+        rows = [row.tobytes() for row in table]
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(r, digest_size=8).digest(), "big") for r in rows],
+        dtype=np.uint64,
+    )
+
+
+def _held_out_split(x, y, test_fraction, patient_ids=None):
+    """Row indices (train, held out) of one hospital's rows, stratified. Decided by
+    the rows themselves (row_keys), so the same patients are held out in every run,
+    whatever the server's settings; adding a patient moves nobody else."""
+    keys = row_keys(x, y, patient_ids)
     n_test = test_size(len(y), test_fraction)
-    test, train = stratified_parts(y, [n_test, len(y) - n_test], rng)
-    return (x[train], y[train]), (x[test], y[test])
+    test, train = stratified_parts(
+        y, [n_test, len(y) - n_test], lambda rows: rows[np.argsort(keys[rows], kind="stable")]
+    )
+    return train, test
 
 
 # ---- Synthetic patients ---------------------------------------------------------------
@@ -271,9 +303,9 @@ def _breast_cancer_split(cfg, schema):
     y = schema.labels(np.where(data.target == 0, "malignant", "benign"))
     rng = np.random.default_rng([cfg.seed, _SERVER_STREAM])
     n_test = test_size(len(y), cfg.test_fraction)
-    reference, rest = stratified_parts(y, [n_test, len(y) - n_test], rng)
+    reference, rest = stratified_parts(y, [n_test, len(y) - n_test], rng.permutation)
     weights = [SIZE_PATTERN[h % len(SIZE_PATTERN)] for h in range(cfg.num_clients)]
-    hospitals = [rest[part] for part in stratified_parts(y[rest], weights, rng)]
+    hospitals = [rest[part] for part in stratified_parts(y[rest], weights, rng.permutation)]
     return (x[reference], y[reference]), [(x[rows], y[rows]) for rows in hospitals]
 
 
@@ -295,7 +327,8 @@ def csv_paths(cfg):
 
 def read_csv(path, schema, missing_values):
     """A hospital's (or the server's) table, checked cell by cell against the data
-    dictionary; returns (x, y). The first problem stops it, named with its line."""
+    dictionary; returns (x, y, patient ids or None if the dictionary declares no
+    patient_id). The first problem stops it, named with its line."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
     path = Path(path)
@@ -356,6 +389,12 @@ def read_csv(path, schema, missing_values):
             if unknown.any():
                 fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
             columns[f["name"]] = raw.to_numpy()
+    patient_ids = None
+    if schema.patient_id:
+        patient_ids = frame[schema.patient_id].str.strip().to_numpy()
+        repeated = frame[schema.patient_id].str.strip().duplicated().to_numpy()
+        if repeated.any():
+            fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
     label = frame[schema.label].str.strip()
     odd = ~label.isin([str(schema.positive), str(schema.negative)]).to_numpy()
     if odd.any():
@@ -365,7 +404,7 @@ def read_csv(path, schema, missing_values):
             f"is neither the positive label {schema.positive!r} nor "
             f"the negative {schema.negative!r}",
         )
-    return schema.encode(columns), schema.labels(label.to_numpy())
+    return schema.encode(columns), schema.labels(label.to_numpy()), patient_ids
 
 
 # ---- What the hospitals and the server use ------------------------------------------------
@@ -383,6 +422,7 @@ def hospital_data(cfg, hospital, data_file=None, schema_file=None):
     """One hospital's ((train_x, train_y), (test_x, test_y)). In deployment a csv
     hospital passes its own file and data dictionary."""
     schema = load_schema(cfg, schema_file)
+    ids = None
     if cfg.dataset == "synthetic":
         x, y = _synthetic_hospital(cfg, hospital, schema)
         source = f"synthetic hospital {hospital}"
@@ -391,16 +431,15 @@ def hospital_data(cfg, hospital, data_file=None, schema_file=None):
         source = f"breast-cancer hospital {hospital}"
     else:
         source = data_file or csv_paths(cfg)[1][hospital]
-        x, y = read_csv(source, schema, cfg.missing_values)
-    rng = np.random.default_rng([cfg.seed, hospital, 2])
-    (train_x, train_y), held_out = _held_out_split(x, y, cfg.test_fraction, rng)
-    if len(train_y) < MIN_TRAINING_PATIENTS:
+        x, y, ids = read_csv(source, schema, cfg.missing_values)
+    train, test = _held_out_split(x, y, cfg.test_fraction, ids)
+    if len(train) < MIN_TRAINING_PATIENTS:
         raise DataError(
-            f"{source}: {len(y)} patients leave {len(train_y)} for training after holding "
+            f"{source}: {len(y)} patients leave {len(train)} for training after holding "
             f"out test_fraction {cfg.test_fraction:g}; DP-SGD needs at least "
             f"{MIN_TRAINING_PATIENTS}: add patients or lower test_fraction"
         )
-    return (train_x, train_y), held_out
+    return (x[train], y[train]), (x[test], y[test])
 
 
 def reference_test_set(cfg):
@@ -413,7 +452,7 @@ def reference_test_set(cfg):
         return x, y, f"{len(y)} patients held out of the data set before the split"
     test_file = csv_paths(cfg)[2]
     if test_file.exists():
-        return (*read_csv(test_file, schema, cfg.missing_values), str(test_file))
+        return (*read_csv(test_file, schema, cfg.missing_values)[:2], str(test_file))
     # Simulation only: every hospital's held-out rows, pooled (see the README).
     held_out = [hospital_data(cfg, h)[1] for h in range(cfg.num_clients)]
     x = np.concatenate([h[0] for h in held_out])
@@ -438,7 +477,8 @@ def check_all(cfg, pool_held_out=True):
 
 
 def fingerprint(x, y):
-    """SHA-256 of a dataset's rows: the key of its privacy ledger."""
+    """SHA-256 of a dataset's rows: names a version of a hospital's data in its
+    privacy ledger (which holds one budget for all of them)."""
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(x).tobytes())
     digest.update(np.ascontiguousarray(y).tobytes())

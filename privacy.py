@@ -1,72 +1,116 @@
 """Record-level privacy accounting for one hospital.
 
-Every noisy DP-SGD step on a hospital's data is a release of information about its
-patients. This module decides how much noise a run needs so that ALL releases on a
-dataset, over all rounds and all runs, stay within the hospital's (epsilon, delta)
-budget, and it keeps the ledger that proves it. The epsilon arithmetic is Opacus'
-own accountant (RDP or PRV); the ledger persists its history, which a fresh Opacus
-PrivacyEngine per round would otherwise forget.
+Every noisy DP-SGD step on a hospital's patients is a release of information about
+them. This module decides how much noise a run needs so that ALL releases on the
+hospital's patients, over all rounds, runs and versions of its data, stay within
+its (epsilon, delta) budget, and it keeps the ledger that proves it.
+
+What is guaranteed is stated for what is released. Each hospital's update comes
+with its exact number of training patients (the FedAvg weight; the sample rate and
+step count follow from it), so the neighbouring datasets that matter have the same
+size: one patient's record replaced by any other (`replace-one`). `add-remove` is
+available for a hospital whose patient count is public knowledge anyway.
+
+The epsilon arithmetic is Google's dp-accounting: its privacy loss distribution
+(PLD) accountant, the tight one, and the only one of its accountants that handles
+replace-one adjacency for the Poisson-sampled Gaussian mechanism of DP-SGD.
 """
 
+import fcntl
 import functools
-import warnings
+import os
+import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-from opacus.accountants import create_accountant
+from dp_accounting import dp_event, mechanism_calibration, pld
+from dp_accounting.privacy_accountant import NeighboringRelation
 
 from results import read_json, write_json
 
+ADJACENCIES = {
+    "replace-one": NeighboringRelation.REPLACE_ONE,
+    "add-remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
+}
+ACCOUNTANT = "pld"  # dp-accounting's privacy loss distribution accountant
+# PLD's grid for privacy-loss values. Its estimate is pessimistic (an upper bound) at
+# any grid; 1e-3 is 7x faster than the default 1e-4 and adds about 1e-4 to epsilon.
+PLD_DISCRETIZATION = 1e-3
+CALIBRATION_TOLERANCE = 1e-3  # of the noise multiplier, absolute
 MAX_NOISE_MULTIPLIER = 1e6  # as in Opacus' get_noise_multiplier
-CALIBRATION_PRECISION = 1e-3  # relative precision of the calibrated noise multiplier
+# The least noise calibration goes down to: the PLD of smaller multipliers takes
+# seconds to minutes, and only budgets far beyond any meaningful epsilon (over 100
+# at the defaults) would allow less.
+MIN_NOISE_MULTIPLIER = 0.25
 # Below this share of the budget left, a new run is declined rather than trained with
 # noise so large that it could not learn anything.
 MIN_BUDGET_LEFT = 0.01
-
-# Opacus' RDP accountant warns when its bound could be tightened with larger orders:
-# the epsilon is then an over-estimate (safe), which happens while calibrating.
-warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+LEDGER_FILE = "privacy-ledger.json"
+LOCK_FILE = "privacy-ledger.lock"
+LEDGER_FORMAT = 2
 
 
 class BudgetExhausted(Exception):
     """Training would take a hospital's cumulative epsilon past its budget."""
 
 
-def epsilon_spent(history, delta, accountant):
+class LedgerError(Exception):
+    """The privacy ledger cannot be used (not writable, held by another training,
+    unreadable); the message says how to fix it."""
+
+
+def _event(history):
+    """The DP event of DP-SGD releases: (noise_multiplier, sample_rate, steps) each."""
+    return dp_event.ComposedDpEvent(
+        [
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(sigma)),
+                int(steps),
+            )
+            for sigma, sample_rate, steps in history
+        ]
+    )
+
+
+def _accountant(adjacency):
+    return pld.PLDAccountant(
+        neighboring_relation=ADJACENCIES[adjacency],
+        value_discretization_interval=PLD_DISCRETIZATION,
+    )
+
+
+def epsilon_spent(history, delta, adjacency):
     """Cumulative epsilon at `delta` of the (noise_multiplier, sample_rate, steps)
-    mechanisms in `history`, composed by Opacus' accountant. Remembered per process
-    (0.1 s a time with RDP at sample rates near 0.5, asked three times a round)."""
-    return _epsilon(tuple(tuple(entry) for entry in history), delta, accountant)
+    releases in `history` under `adjacency`. Remembered per process: each costs
+    10-100 ms, and a round asks the same question several times."""
+    return _epsilon(tuple(tuple(entry) for entry in history), delta, adjacency)
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(history, delta, accountant):
+def _epsilon(history, delta, adjacency):
     if not history:
         return 0.0
-    engine = create_accountant(mechanism=accountant)
-    engine.history = list(history)
-    with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, correctly
-        return float(engine.get_epsilon(delta=delta))
+    accountant = _accountant(adjacency)
+    accountant.compose(_event(history))
+    return float(accountant.get_epsilon(delta))
 
 
-def calibrate_noise_multiplier(budget, delta, sample_rate, steps, accountant, prior=()):
-    """The smallest noise multiplier (to 0.1%) for which `steps` more noisy steps at
-    `sample_rate`, on top of the `prior` releases, keep epsilon within `budget`.
-
-    The search is Opacus' get_noise_multiplier, which cannot take prior releases.
+def calibrate_noise_multiplier(budget, delta, sample_rate, steps, adjacency, prior=()):
+    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) for which `steps`
+    more noisy steps at `sample_rate`, on top of the `prior` releases, keep epsilon
+    within `budget`: dp-accounting's own calibration search.
 
     Remembered per process: in a simulation many hospitals of the same size ask the
-    same question, and one answer takes 1-2 s at sample rates near 0.5 (measured).
+    same question. A run calibrates once, when it first trains (see PrivacyLedger).
     """
     prior = tuple(tuple(release) for release in prior)
-    return _calibrate(budget, delta, sample_rate, steps, accountant, prior)
+    return _calibrate(budget, delta, sample_rate, steps, adjacency, prior)
 
 
 @functools.lru_cache(maxsize=1024)
-def _calibrate(budget, delta, sample_rate, steps, accountant, prior):
-    prior = list(prior)
-    spent = epsilon_spent(prior, delta, accountant)
+def _calibrate(budget, delta, sample_rate, steps, adjacency, prior):
+    spent = epsilon_spent(prior, delta, adjacency)
     if spent >= budget * (1 - MIN_BUDGET_LEFT):
         raise BudgetExhausted(
             f"epsilon spent {spent:.4f} of the budget of {budget:g}, less than "
@@ -74,78 +118,199 @@ def _calibrate(budget, delta, sample_rate, steps, accountant, prior):
         )
 
     def epsilon_with(sigma):
-        return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta, accountant)
+        return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta, adjacency)
 
-    low, high = 0.0, 10.0
+    # A bracket [low, high] of the answer, found by doubling from sigma 1: PLDs of
+    # small multipliers are large and slow, so the search starts where they are not.
+    low, high = 1.0, 1.0
     while epsilon_with(high) > budget:
         low, high = high, 2 * high
         if high > MAX_NOISE_MULTIPLIER:
             raise BudgetExhausted(f"budget {budget:g} too small for {steps} more steps")
-    while high - low > CALIBRATION_PRECISION * high:
-        middle = (low + high) / 2
-        if epsilon_with(middle) > budget:
-            low = middle
-        else:
-            high = middle
-    return high
+    while high == low or epsilon_with(low) <= budget:
+        if low <= MIN_NOISE_MULTIPLIER:
+            return low  # within budget; less noise would only make the PLD huge
+        low /= 2
+    return mechanism_calibration.calibrate_dp_mechanism(
+        lambda: _accountant(adjacency),
+        lambda sigma: _event([*prior, (sigma, sample_rate, steps)]),
+        budget,
+        delta,
+        mechanism_calibration.ExplicitBracketInterval(low, high),
+        tol=CALIBRATION_TOLERANCE,
+    )
 
 
 class PrivacyLedger:
-    """All DP releases made from one dataset, and the budget they are held to, in a
-    JSON file named after the dataset's fingerprint, rewritten atomically after
-    every release.
+    """Every DP release a hospital has made from its patients, in one JSON file in the
+    hospital's own state directory, and the budget they are held to.
 
-    The file survives the process: a client restarted mid-training (in deployment
-    each message may run in a fresh process) resumes from what was already spent.
+    One budget covers everything the hospital has trained on, across runs and
+    versions of its data: every release composes with every other. Nothing the
+    server sets (seed, test_fraction, a new run) and no change of the data file (a
+    patient more, relabelled identifiers) starts a fresh one, since nothing in the
+    rows can prove that two datasets share no patient. The ledger lists each version
+    of the data it has seen.
+
+    The guarantee it accounts for (delta, adjacency) is fixed by the first release:
+    it may later become stricter (a smaller delta; replace-one instead of
+    add-remove), never looser, which would re-price what was already spent.
+
+    Use it inside `transaction()`: it holds an exclusive lock on the ledger and reads
+    it afresh, so that concurrent trainings on one hospital never lose a release.
     """
 
-    def __init__(self, directory, fingerprint, budget, delta, accountant):
-        self.budget, self.delta, self.accountant = budget, delta, accountant
-        self.path = Path(directory) / f"ledger-{fingerprint[:16]}.json"
-        if self.path.exists():
-            self.data = read_json(self.path)
-            if self.data["fingerprint"] != fingerprint:
-                raise ValueError(f"{self.path} belongs to another dataset")
-        else:
-            self.data = {"fingerprint": fingerprint, "plans": {}, "releases": []}
+    def __init__(self, state_dir, budget, delta, adjacency):
+        self.budget, self.delta, self.adjacency = budget, delta, adjacency
+        self.directory = Path(state_dir)
+        self.path = self.directory / LEDGER_FILE
+        self.data = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(self.directory / LOCK_FILE, "a"):
+                pass
+        except OSError as error:
+            raise LedgerError(
+                f"cannot keep the privacy ledger in {self.directory} ({error.strerror}): "
+                f"give the hospital a writable state directory (client.py --state-dir)"
+            ) from None
+
+    @contextmanager
+    def transaction(self, timeout=600):
+        """Hold the ledger exclusively, read afresh, for a read-check-train-record
+        sequence. Another training on the same hospital waits up to `timeout` s."""
+        with open(self.directory / LOCK_FILE, "r+") as lock:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        holder = lock.read().strip() or "another process"
+                        raise LedgerError(
+                            f"the privacy ledger {self.path} is held by {holder} for more "
+                            f"than {timeout:g} s: another training on this hospital's "
+                            f"patients is running; wait for it to finish"
+                        ) from None
+                    time.sleep(0.2)
+            try:
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"process {os.getpid()}")
+                lock.flush()
+                self.data = self._read()
+                self._check_guarantee()
+                yield self
+            finally:
+                self.data = None
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self):
+        if not self.path.exists():
+            return {
+                "format": LEDGER_FORMAT,
+                "guarantee": None,
+                "datasets": [],
+                "releases": self._earlier_ledgers(),
+                "plans": {},
+            }
+        try:
+            data = read_json(self.path)
+            if data.get("format") != LEDGER_FORMAT:
+                raise LedgerError(
+                    f"{self.path} is not a privacy ledger of this version (format "
+                    f"{data.get('format')!r}, expected {LEDGER_FORMAT}); never delete a "
+                    f"ledger: keep it and ask the product's maintainers"
+                )
+            absent = {"guarantee", "datasets", "releases", "plans"} - set(data)
+            if absent:
+                raise KeyError(sorted(absent)[0])
+            for release in data["releases"]:
+                _mechanism(release)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise LedgerError(
+                f"the privacy ledger {self.path} is unreadable or damaged ({error!r}): this "
+                f"hospital does not train until it is restored from a backup"
+            ) from None
+        return data
+
+    def _check_guarantee(self):
+        """Refuse a looser guarantee than the one already accounted for; adopt a
+        stricter one."""
+        held = self.data["guarantee"]
+        if held and (
+            self.delta > held["delta"]
+            or (held["adjacency"] == "replace-one" and self.adjacency != "replace-one")
+        ):
+            raise LedgerError(
+                f"this hospital's privacy ledger {self.path} accounts for delta "
+                f"{held['delta']:g} and {held['adjacency']} adjacency; a looser guarantee "
+                f"(delta {self.delta:g}, {self.adjacency}) would re-price what was already "
+                f"spent: set delta and adjacency back"
+            )
+        self.data["guarantee"] = {"delta": self.delta, "adjacency": self.adjacency}
+
+    def _earlier_ledgers(self):
+        """Releases recorded by the first version of this product (one ledger-*.json
+        per training split) count here too. Their files are left as they are."""
+        try:
+            releases = [
+                {"adjacency": "add-remove", **release}  # what they were calibrated for
+                for old in sorted(self.directory.glob("ledger-*.json"))
+                for release in read_json(old)["releases"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise LedgerError(
+                f"an earlier privacy ledger in {self.directory} is unreadable ({error!r}): "
+                f"this hospital does not train until it is restored from a backup"
+            ) from None
+        return sorted(releases, key=lambda r: r["utc"])
+
+    def _save(self):
+        write_json(self.path, self.data)
+
+    def note_dataset(self, fingerprint, patients):
+        """Record a version of the hospital's data (its training rows) the first time
+        it is trained on; its releases compose with all earlier ones."""
+        if not any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
+            self.data["datasets"].append(
+                {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
+            )
+
+    @property
+    def releases(self):
+        return self.data["releases"]
 
     @property
     def history(self):
-        """(noise_multiplier, sample_rate, steps) per release, consecutive equal
-        mechanisms merged, as Opacus' accountants keep it."""
+        """(noise_multiplier, sample_rate, steps) of every release, consecutive equal
+        mechanisms merged (what the accountant composes)."""
         merged = []
-        for r in self.data["releases"]:
-            mechanism = (r["noise_multiplier"], r["sample_rate"])
-            if merged and merged[-1][:2] == mechanism:
-                merged[-1] = (*mechanism, merged[-1][2] + r["steps"])
+        for release in self.releases:
+            sigma, sample_rate, steps = _mechanism(release)
+            if merged and merged[-1][:2] == (sigma, sample_rate):
+                merged[-1] = (sigma, sample_rate, merged[-1][2] + steps)
             else:
-                merged.append((*mechanism, r["steps"]))
+                merged.append((sigma, sample_rate, steps))
         return merged
-
-    @property
-    def steps(self):
-        return sum(r["steps"] for r in self.data["releases"])
 
     def epsilon(self, extra=()):
         """Cumulative epsilon of every release, plus `extra` mechanisms if given."""
-        return epsilon_spent([*self.history, *extra], self.delta, self.accountant)
+        return epsilon_spent([*self.history, *extra], self.delta, self.adjacency)
 
     def noise_for_round(self, run_id, sample_rate, steps, planned_steps):
         """The noise multiplier for a round of `steps` noisy steps, or BudgetExhausted.
 
-        The multiplier is calibrated once per run, when it first trains, for all
-        its `planned_steps` on top of what earlier runs spent, and kept in the
-        ledger so that every round of the run uses the same one.
+        Calibrated once per run, when it first trains, for all its `planned_steps` on
+        top of everything the ledger already holds, and kept in the ledger so that
+        every round of the run uses the same one. Each round is checked again: other
+        runs may have spent from the same patients meanwhile.
         """
         key = str(run_id)
         if key not in self.data["plans"]:
             sigma = calibrate_noise_multiplier(
-                self.budget,
-                self.delta,
-                sample_rate,
-                planned_steps,
-                self.accountant,
-                self.history,
+                self.budget, self.delta, sample_rate, planned_steps, self.adjacency, self.history
             )
             self.data["plans"][key] = {
                 "noise_multiplier": sigma,
@@ -153,9 +318,11 @@ class PrivacyLedger:
                 "planned_steps": planned_steps,
                 "epsilon_budget": self.budget,
                 "delta": self.delta,
-                "accountant": self.accountant,
+                "adjacency": self.adjacency,
+                "accountant": ACCOUNTANT,
+                "utc": _now(),
             }
-            write_json(self.path, self.data)
+            self._save()
         sigma = self.data["plans"][key]["noise_multiplier"]
         after = self.epsilon([(sigma, sample_rate, steps)])
         if after > self.budget:
@@ -166,15 +333,24 @@ class PrivacyLedger:
 
     def record(self, run_id, server_round, noise_multiplier, sample_rate, steps):
         """Append one release (one round's training) and persist it."""
-        self.data["releases"].append(
-            {
-                "run_id": str(run_id),
-                "round": server_round,
-                "noise_multiplier": noise_multiplier,
-                "sample_rate": sample_rate,
-                "steps": steps,
-                "utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-        )
-        self.data["releases"][-1]["epsilon_after"] = self.epsilon()
-        write_json(self.path, self.data)
+        release = {
+            "run_id": str(run_id),
+            "round": server_round,
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "adjacency": self.adjacency,
+            "utc": _now(),
+        }
+        self.releases.append(release)
+        release["epsilon_after"] = self.epsilon()
+        self._save()
+
+
+def _mechanism(release):
+    """(noise_multiplier, sample_rate, steps) of a recorded release, checked."""
+    return float(release["noise_multiplier"]), float(release["sample_rate"]), int(release["steps"])
+
+
+def _now():
+    return datetime.now(UTC).isoformat(timespec="microseconds")

@@ -14,8 +14,14 @@ from sklearn.metrics import roc_curve
 import data_utils
 import settings
 from model import load_model, predict_risk
-from privacy import epsilon_spent
-from reporting import METRICS, PRIVACY_COLUMNS, fmt, privacy_cells
+from reporting import (
+    METRICS,
+    PRIVACY_COLUMNS,
+    fmt,
+    guarantee_text,
+    privacy_cells,
+    privacy_title,
+)
 from results import METRICS_FILE, MODEL_FILE, finished_run_argument, read_json, write_atomic
 
 REPORT_FILE = "report.md"
@@ -73,7 +79,7 @@ def plot_epsilon(metrics, path):
         axes.axhline(budget, linestyle="--", color="red", label=f"Budget, epsilon {budget:g}")
     axes.set(
         title=f"Privacy spent, cumulative (delta {metrics['privacy']['delta']:g}, "
-        f"{metrics['privacy']['accountant'].upper()} accountant)",
+        f"{metrics['privacy']['adjacency']})",
         xlabel="Federated round",
         ylabel="Epsilon spent",
         ylim=(0, max(budgets, default=1) * 1.1),
@@ -116,21 +122,6 @@ def _table(header, rows):
 
 def _metric_rows(named):
     return [[name, *(fmt(values[key]) for key, _ in METRICS)] for name, values in named]
-
-
-def _tighter_epsilons(privacy):
-    """With the conservative RDP accountant, the tighter PRV figure for information."""
-    if privacy["accountant"] != "rdp":
-        return ""
-    tighter = [
-        f"{h}: {epsilon_spent(p['history'], p['delta'], 'prv'):.3f}"
-        for h, p in privacy["hospitals"].items()
-        if p.get("history")
-    ]
-    return (
-        f" (the tighter PRV accountant, for information, gives hospital "
-        f"{', '.join(tighter)}; the RDP figures above are the ones guaranteed)"
-    )
 
 
 def _audit_section(audit):
@@ -196,21 +187,21 @@ def write_report(run_dir, metrics=None):
         f"from statistics of a hospital's rows). {cfg.num_clients} hospitals, "
         f"{len(metrics['rounds'])} rounds of federated averaging.",
         "## Privacy",
-        f"Each hospital's training patients are protected by **record-level "
-        f"(epsilon, delta)-differential privacy**, accounted per hospital and cumulative "
-        f"over every round (and every earlier run on the same patients). In words: "
-        f"whatever anyone learns from everything a hospital sent out, including the final "
-        f"model, would be almost as likely had any one patient not been in its data; the "
-        f"probability of any outcome changes by at most a factor e^epsilon (2.72 at "
-        f"epsilon 1), except with probability delta ({delta:g}).",
+        guarantee_text(privacy).replace("differential privacy", "**differential privacy**")
+        + " In words: whatever anyone learns from everything a hospital sent out, the "
+        "final model included, would be almost as likely had any one patient's record "
+        f"been different (e^epsilon is 2.72 at epsilon 1; delta is {delta:g}).",
+        f"**{privacy_title(privacy)}**",
         _table(PRIVACY_COLUMNS, [privacy_cells(h, p) for h, p in hospitals.items()]),
-        f"Epsilon is computed by Opacus' {privacy['accountant'].upper()} accountant from the "
-        f"noise multiplier, sample rate and steps above, which anyone can recompute"
-        f"{_tighter_epsilons(privacy)}. "
-        f"What is not covered: a hospital's participation and its number of training "
-        f"patients (they weight the average); patients appearing more than once; the "
-        f"noise comes from a pseudo-random generator seeded from the operating system, "
-        f"not a cryptographically secure one (secure_rng: {privacy['secure_rng']}).",
+        "Epsilon is computed by Google's dp-accounting from every release the hospital "
+        "made from these patients, in every run (metrics.json lists them under "
+        "`privacy.hospitals.<i>.releases`: noise multiplier, sample rate, steps), so "
+        "anyone can recompute it. What is not covered: a hospital's participation and its "
+        "number of training patients (they weight the average, and are public under "
+        "replace-one adjacency); a patient with several records counts as several "
+        "patients; the noise comes from a pseudo-random generator seeded from the "
+        f"operating system, not a cryptographically secure one (secure_rng: "
+        f"{privacy['secure_rng']}).",
         "![Epsilon per round](" + PLOTS["epsilon"] + ")",
         "## Model performance",
         f"On the server's reference test set ({data['test_patients']} patients: "
@@ -256,7 +247,7 @@ def write_report(run_dir, metrics=None):
 
 
 def main(argv=None):
-    print(write_report(finished_run_argument(__doc__, argv)))
+    print(write_report(finished_run_argument(__doc__, argv)[0]))
     return 0
 
 

@@ -32,9 +32,37 @@ PRIVACY_COLUMNS = (
     "Delta",
     "Noise multiplier",
     "Sample rate",
-    "Steps",
+    "Steps (run)",
     "Last round",
 )
+
+
+def privacy_title(privacy):
+    """What the privacy table's epsilons mean: the adjacency they are stated for and
+    the accountant that computed them."""
+    return (
+        f"Privacy spent per hospital ({privacy['adjacency']} adjacency; "
+        f"dp-accounting's {str(privacy['accountant']).upper()} accountant)"
+    )
+
+
+def guarantee_text(privacy):
+    """The guarantee in words, for the summary and report.md."""
+    meaning = {
+        "replace-one": "replacing any one patient's record by any other record changes "
+        "the probability of anything the hospital released by at most a factor e^epsilon "
+        "(its patient count is released, so this is the relation that holds)",
+        "add-remove": "adding or removing any one patient changes the probability of "
+        "anything the hospital released by at most a factor e^epsilon; this assumes the "
+        "hospital's patient count is public knowledge, since it is released",
+    }
+    return (
+        f"Each hospital's training patients are protected by record-level (epsilon, "
+        f"delta)-differential privacy, epsilon as in the table and delta "
+        f"{privacy['delta']:g}, cumulative over every round of every run on them: "
+        f"{meaning.get(privacy['adjacency'], 'see each hospital for its adjacency')}, "
+        f"except with probability delta."
+    )
 
 
 def privacy_cells(hospital, p):
@@ -178,9 +206,7 @@ def print_summary(metrics, run_dir, console=None):
         )
     )
 
-    privacy_table = Table(
-        title=f"Privacy spent per hospital ({privacy['accountant'].upper()} accountant)"
-    )
+    privacy_table = Table(title=privacy_title(privacy))
     for name in PRIVACY_COLUMNS:
         privacy_table.add_column(name, justify="right")
     for hospital, p in privacy["hospitals"].items():
@@ -190,9 +216,6 @@ def print_summary(metrics, run_dir, console=None):
     for problem in shortfalls(metrics):
         console.print(f"[red]Warning:[/] {problem} (reasons above and in metrics.json).")
     console.print(
-        f"Each hospital's training patients are protected by record-level "
-        f"(epsilon, delta)-differential privacy, cumulative over all "
-        f"{len(metrics['rounds'])} rounds: epsilon as in the table, delta "
-        f"{privacy['delta']:g}. Results, with the report for the privacy officer and "
-        f"the clinicians (report.md): {run_dir}"
+        f"{guarantee_text(privacy)} Results, with the report for the privacy officer "
+        f"and the clinicians (report.md): {run_dir}"
     )

@@ -6,8 +6,10 @@ that a reader never sees a half-written file.
                   the last round is in, then "finished")
     model.pt      final global weights plus what is needed to rebuild the model
                   (model.save_model / model.load_model)
-    privacy/      each hospital's privacy ledger (simulation only: in deployment
-                  a hospital keeps its ledger at home)
+    hospitals/    simulation on bundled data only: each simulated hospital's state
+                  (privacy ledger, status, evaluations); in deployment, and in
+                  simulations on your own data, hospitals keep it in their state
+                  directories (default_state_root)
 """
 
 import argparse
@@ -19,6 +21,33 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
+
+
+# Where simulated hospitals keep their state (hospital-<i>/ inside it): set on the
+# machine that runs them (simulation.py does), never by the server.
+HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"
+
+
+def simulated_hospitals_dir(cfg):
+    """Where simulation.py's hospitals keep their privacy ledgers: inside the run
+    directory for bundled data (generated or public patients: each run is a fresh
+    demonstration), but for your own csv data a lasting folder, so that every
+    simulation on real patients spends from the same budgets. An operator's own
+    HOSPITALS_DIR_VARIABLE takes precedence."""
+    if os.environ.get(HOSPITALS_DIR_VARIABLE):
+        return Path(os.environ[HOSPITALS_DIR_VARIABLE]).resolve()
+    if cfg.dataset == "csv":
+        return default_state_root() / "simulation"
+    return Path(cfg.run_dir) / "hospitals"
+
+
+def default_state_root():
+    """Where hospitals keep their state unless told otherwise: an absolute path that
+    does not depend on the working directory, so that a ledger is not lost by
+    starting from elsewhere ($XDG_STATE_HOME/securehealth-ml, by default
+    ~/.local/state/securehealth-ml)."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base).resolve() / "securehealth-ml"
 
 
 def write_atomic(path, data):
@@ -81,15 +110,19 @@ def mark_stopped(run_dir, status):
             write_json(path, metrics)
 
 
-def finished_run_argument(description, argv=None):
-    """`--run-dir DIR` of a script that works on a finished run: the directory, or
-    exit 2 with one line saying it holds none."""
+def finished_run_argument(description, argv=None, add_arguments=None):
+    """`--run-dir DIR` of a script that works on a finished run: (the directory, the
+    parsed arguments), or exit 2 with one line saying it holds none.
+    `add_arguments(parser)` adds the script's own flags."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run-dir", required=True, help="a finished run's directory")
-    run_dir = Path(parser.parse_args(argv).run_dir)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
     metrics = run_dir / METRICS_FILE
     if not metrics.exists() or read_json(metrics)["status"] != "finished":
         parser.exit(2, f"{parser.prog}: error: {run_dir} holds no finished run\n")
-    return run_dir
+    return run_dir, args

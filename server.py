@@ -48,15 +48,19 @@ from model import (
 )
 from results import METRICS_FILE, MODEL_FILE, new_run_dir, run_directory, write_json
 
-# What a hospital reports about its own privacy spending, as metrics.json records it.
+# What a hospital reports about its own privacy spending, as metrics.json records it:
+# epsilon is cumulative over every release on its patients (all listed in
+# `releases`); noise multiplier, sample rate and steps are this run's.
 PRIVACY_KEYS = (
     "epsilon",
     "epsilon_budget",
     "delta",
+    "adjacency",
+    "accountant",
     "noise_multiplier",
     "sample_rate",
     "steps",
-    "history",
+    "releases",
 )
 END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
 # How the hospitals' accepted updates become the new global model (config.aggregation).
@@ -129,7 +133,7 @@ class HospitalFedAvg(FedAvg):
         for _, fit_res in results:
             report = dict(fit_res.metrics)
             hospital = str(report.pop("hospital"))
-            report["history"] = json.loads(report["history"])
+            report["releases"] = json.loads(report["releases"])
             self.round_reports[hospital] = report
             if report["status"] != "trained":
                 log(
@@ -266,10 +270,13 @@ class HospitalFedAvg(FedAvg):
             self.cfg.decision_threshold,
         )
         self.results["final"] = {"global": self.results["rounds"][-1]["global"]}
+        reported = [self.reports[h] for h in sorted(self.reports)]
         self.results["privacy"] = {
             "target_epsilon": self.cfg.epsilon,
             "delta": self.cfg.delta,
-            "accountant": self.cfg.accountant,
+            # Each hospital states its own guarantee; shown once when they agree.
+            "adjacency": common_value(reported, "adjacency"),
+            "accountant": common_value(reported, "accountant"),
             # Noise comes from a PRNG seeded from OS entropy, not a CSPRNG.
             "secure_rng": False,
             "hospitals": {
@@ -285,6 +292,13 @@ class HospitalFedAvg(FedAvg):
 
     def save(self):
         write_json(self.run_dir / METRICS_FILE, self.results)
+
+
+def common_value(reports, key):
+    """The value of `key` shared by all reports, "per hospital" if they differ
+    (None without reports)."""
+    values = {r[key] for r in reports}
+    return values.pop() if len(values) == 1 else ("per hospital" if values else None)
 
 
 def failure_reason(failure):

@@ -45,7 +45,10 @@ RULES = {
     "max_grad_norm": (lambda v: v > 0, "must be > 0"),
     "epsilon": (lambda v: v > 0, "must be > 0 (it is the total privacy budget)"),
     "delta": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive), e.g. 1e-5"),
-    "accountant": (lambda v: v in ("rdp", "prv"), "must be 'rdp' or 'prv'"),
+    "adjacency": (
+        lambda v: v in ("replace-one", "add-remove"),
+        "must be 'replace-one' or 'add-remove' (see the README's Privacy section)",
+    ),
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "secure_aggregation": (lambda v: v in SWITCH, "must be 'on', 'off' or 'auto'"),
     "secagg_max_patients": (lambda v: v >= 1, "must be at least 1"),
@@ -116,6 +119,32 @@ def decide_auto(cfg, simulation=False):
     if cfg.secure_aggregation != "auto":
         return cfg
     return resolve({**vars(cfg), "secure_aggregation": "off" if simulation else "on"})
+
+
+UNACCOUNTED_FLAG = "--unaccounted-privacy-spend"
+
+
+def add_unaccounted_flag(parser):
+    """The flag with which an operator runs a tool that trains outside the
+    hospitals' privacy ledgers on their own (csv) patients."""
+    parser.add_argument(
+        UNACCOUNTED_FLAG,
+        dest="unaccounted_privacy_spend",
+        action="store_true",
+        help="allow this on dataset csv: it trains on the hospitals' patients (partly "
+        "without DP) and none of it is charged to their privacy ledgers",
+    )
+
+
+def check_accounted(cfg, allowed, what):
+    """Refuse `what` on real (csv) patients unless the operator said, with the flag,
+    that its privacy spend goes unaccounted. Bundled data is free to use."""
+    if cfg.dataset == "csv" and not allowed:
+        raise SettingsError(
+            f"{what} trains on the hospitals' csv patients outside their privacy "
+            f"ledgers (partly without DP): pass {UNACCOUNTED_FLAG} to accept that this "
+            f"spend is not accounted, or use a bundled dataset"
+        )
 
 
 def _unknown_message(name):

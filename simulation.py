@@ -16,7 +16,13 @@ import data_utils
 import reporting
 import runtime
 import settings
-from results import METRICS_FILE, new_run_dir, write_json
+from results import (
+    HOSPITALS_DIR_VARIABLE,
+    METRICS_FILE,
+    new_run_dir,
+    simulated_hospitals_dir,
+    write_json,
+)
 
 
 def main(argv=None):
@@ -28,20 +34,30 @@ def main(argv=None):
         help="also train the baselines (pooled and FedAvg without DP, each hospital "
         "alone with DP) and compare them in the summary and report",
     )
+    settings.add_unaccounted_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
     if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
     try:
+        if args.baselines:
+            settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
         data_utils.check_all(cfg)
         cfg.run_dir = str(new_run_dir(cfg.run_dir))
-    except (data_utils.DataError, FileExistsError) as error:
+    except (settings.SettingsError, data_utils.DataError, FileExistsError) as error:
         parser.error(str(error))
+    hospitals_dir = simulated_hospitals_dir(cfg)
     console = reporting.make_console()
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
         f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "
         f"{cfg.rounds} rounds, privacy budget epsilon {cfg.epsilon:g} "
-        f"(delta {cfg.delta:g}) per hospital; secure aggregation {cfg.secure_aggregation}"
+        f"(delta {cfg.delta:g}, {cfg.adjacency}) per hospital; secure aggregation "
+        f"{cfg.secure_aggregation}; hospitals' privacy ledgers in "
+        + (
+            f"${HOSPITALS_DIR_VARIABLE} of the Ray cluster's workers"
+            if cfg.ray_address
+            else str(hospitals_dir)
+        )
     )
     exit_code, metrics = runtime.run_federation(
         cfg,
@@ -54,7 +70,12 @@ def main(argv=None):
         ],
         # Flower's simulation engine calls ray.init(), which joins the cluster named
         # in RAY_ADDRESS; "local" starts a private one even where `ray start` runs.
-        environment={"RAY_ADDRESS": cfg.ray_address or "local"},
+        environment={
+            "RAY_ADDRESS": cfg.ray_address or "local",
+            # On an existing Ray cluster its workers have their own environment:
+            # start it with this variable set (see the README).
+            HOSPITALS_DIR_VARIABLE: str(hospitals_dir),
+        },
     )
     if metrics is None:
         return exit_code

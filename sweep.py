@@ -110,6 +110,7 @@ def main(argv=None):
     parser = settings.make_parser(__doc__)
     parser.add_argument("--epsilons", default="0.5,1,2,4,8", help="budgets to train at")
     parser.add_argument("--seeds", type=int, default=3, help="seeds to average over")
+    settings.add_unaccounted_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
     try:
         epsilons = sorted(float(e) for e in args.epsilons.split(","))
@@ -120,9 +121,10 @@ def main(argv=None):
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
     try:
+        settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the sweep")
         data_utils.check_all(cfg)
         run_dir = new_run_dir(cfg.run_dir)
-    except (data_utils.DataError, FileExistsError) as error:
+    except (settings.SettingsError, data_utils.DataError, FileExistsError) as error:
         parser.error(str(error))
     seeds = [cfg.seed + i for i in range(args.seeds)]
     console = reporting.make_console()

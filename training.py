@@ -84,14 +84,13 @@ def _optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
-def train_private(model, x, y, cfg, noise_multiplier, history):
-    """local_epochs of DP-SGD on (x, y), in place. `history` is what the hospital's
-    accountant already holds; returns it with this training's steps added, as
-    Opacus' own accountant counted them."""
+def train_private(model, x, y, cfg, noise_multiplier):
+    """local_epochs of DP-SGD on (x, y), in place; returns the number of noisy steps
+    Opacus took. Its accountant serves only as that step counter: the hospital's
+    epsilon comes from its privacy ledger (privacy.py), over all its releases."""
     sample_rate, steps = sample_rate_and_steps(len(y), cfg)
     batches = PoissonBatches(len(y), sample_rate, steps // cfg.local_epochs)
-    engine = PrivacyEngine(accountant=cfg.accountant)
-    engine.accountant.history = list(history)  # resume, never reset
+    engine = PrivacyEngine(accountant="rdp")
     private_model, optimizer, private_loader = engine.make_private(
         module=model.to(DEVICE),
         optimizer=_optimizer(model, cfg),
@@ -99,15 +98,15 @@ def train_private(model, x, y, cfg, noise_multiplier, history):
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         # The loader above already samples as Poisson sampling requires; Opacus
-        # then accounts at rate 1/len(loader) and scales by the expected batch.
+        # then scales the noisy sum by the expected batch size.
         poisson_sampling=False,
         noise_generator=torch.Generator(device=DEVICE).manual_seed(secret_seed()),
     )
     if 1 / len(private_loader) != sample_rate:
-        raise RuntimeError("Opacus accounts at another rate than was calibrated")
+        raise RuntimeError("Opacus samples at another rate than was calibrated")
     _epochs(private_model, private_loader, optimizer, cfg.local_epochs)
     model.to("cpu")
-    return engine.accountant.history
+    return sum(steps for *_, steps in engine.accountant.history)
 
 
 def train_plain(model, x, y, cfg, epochs):

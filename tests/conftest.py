@@ -57,6 +57,18 @@ class Processes:
                 self.kill(process)
 
 
+@pytest.fixture(autouse=True)
+def own_state_home(tmp_path, monkeypatch):
+    """Hospitals' default state directories (results.default_state_root) inside the
+    test's folder, never in the home directory of whoever runs the tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+def hospital_state(workdir, hospital):
+    """client.py's default state directory for a hospital, under own_state_home."""
+    return workdir / "xdg-state" / "securehealth-ml" / f"hospital-{hospital}"
+
+
 @pytest.fixture
 def federation(tmp_path):
     make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])

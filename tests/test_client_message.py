@@ -21,10 +21,12 @@ PRIVACY_REPORT_KEYS = {
     "epsilon",
     "epsilon_budget",
     "delta",
+    "adjacency",
+    "accountant",
     "noise_multiplier",
     "sample_rate",
     "steps",
-    "history",
+    "releases",
 }
 
 
@@ -45,9 +47,11 @@ def plain_fit_request(cfg):
 
 
 @pytest.fixture(autouse=True)
-def inside_a_supernode(monkeypatch):
+def inside_a_supernode(monkeypatch, tmp_path):
     for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
         monkeypatch.setattr(TaskIdentity, name, 1)
+    # Where simulation.py would keep the simulated hospitals' state.
+    monkeypatch.setenv(client.HOSPITALS_DIR_VARIABLE, str(tmp_path / "hospitals"))
 
 
 def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path):

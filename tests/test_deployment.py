@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import hospital_state
+
 import runtime
 from certificates import make_certificates
 
@@ -91,17 +93,31 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
     assert (workdir / "run" / "model.pt").exists() and (workdir / "run" / "report.md").exists()
     budgets = {h: p["epsilon_budget"] for h, p in metrics["privacy"]["hospitals"].items()}
     assert budgets == {"0": 1.0, "1": 1.0, "2": 0.5}  # each hospital's own
+    assert metrics["privacy"]["adjacency"] == "replace-one"
     for hospital, p in metrics["privacy"]["hospitals"].items():
         assert 0.95 * p["epsilon_budget"] <= p["epsilon"] <= p["epsilon_budget"]
-        ledger = next((workdir / "state" / f"hospital-{hospital}").glob("ledger-*.json"))
-        assert len(json.loads(ledger.read_text())["releases"]) == 2  # at the hospital
-    assert not (workdir / "run" / "privacy").exists()  # not at the server
+        ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
+        assert len(ledger["releases"]) == 2  # at the hospital
+    assert not (workdir / "run" / "hospitals").exists()  # not at the server
     time.sleep(1)
     assert flower_processes(workdir) == []
 
-    # A later run on the same patients spends from what is left: nothing, here.
+    # The reset attack: the server changes what used to decide the held-out rows
+    # (seed, test_fraction). The hospitals' ledgers still hold one budget for their
+    # patients, and it is spent: nobody trains, nothing is spent past the budget.
     server = processes.server(
-        port, 1, "run2", "--dataset", "csv", "--data-dir", "server-data", name="server2"
+        port,
+        1,
+        "run2",
+        "--dataset",
+        "csv",
+        "--data-dir",
+        "server-data",
+        "--seed",
+        "43",
+        "--test-fraction",
+        "0.3",
+        name="server2",
     )
     clients = [
         processes.start("client.py", "--client-id", "0", *address, *own[0], name="again0"),
@@ -116,6 +132,11 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
     assert "no hospital trained" in processes.output("server2")
     metrics = read_metrics(workdir / "run2")
     assert {r["status"] for r in metrics["rounds"][0]["hospitals"].values()} == {"refused"}
+    for hospital in range(3):
+        ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
+        assert len(ledger["releases"]) == 2
+        budget = 0.5 if hospital == 2 else 1.0
+        assert ledger["releases"][-1]["epsilon_after"] <= budget
 
 
 def test_a_hospital_that_crashes_and_comes_back(federation):
@@ -134,7 +155,7 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
         assert time.monotonic() < deadline and server.poll() is None
         time.sleep(0.5)
     processes.kill(clients[2])  # hospital 2 crashes after round 1
-    ledger_path = next((workdir / "state" / "hospital-2").glob("ledger-*.json"))
+    ledger_path = hospital_state(workdir, 2) / "privacy-ledger.json"
     spent_before = json.loads(ledger_path.read_text())["releases"]
     processes.start("client.py", "--client-id", "2", *address, name="c2-again")
 
@@ -145,8 +166,9 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     assert trained[0] == 3 and min(trained) >= 2  # the others carried on
     assert "2" in metrics["rounds"][-1]["hospitals"]  # it rejoined the live run
     ledger = json.loads(ledger_path.read_text())
-    assert ledger["releases"][: len(spent_before)] == spent_before  # never from zero
-    assert len(ledger["releases"]) > len(spent_before) and len(ledger["plans"]) == 1
+    releases = ledger["releases"]
+    assert releases[: len(spent_before)] == spent_before  # never from zero
+    assert len(releases) > len(spent_before) and len(ledger["plans"]) == 1
     assert metrics["privacy"]["hospitals"]["2"]["epsilon"] <= 1.0
     assert "WARNING: --insecure" in processes.output("server") + processes.output("c0")
 

@@ -1,91 +1,183 @@
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
-from opacus.accountants.utils import get_noise_multiplier
 
+import client
 import settings
 from model import build_model, get_weights
-from privacy import BudgetExhausted, PrivacyLedger, calibrate_noise_multiplier, epsilon_spent
+from privacy import (
+    BudgetExhausted,
+    LedgerError,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    epsilon_spent,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "csv"
+
+
+def independent_epsilon(history, delta, adjacency):
+    """Google's dp-accounting PLD at its own default precision, on the mechanisms."""
+    relation = {
+        "replace-one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+        "add-remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    }[adjacency]
+    accountant = dp_accounting.pld.PLDAccountant(neighboring_relation=relation)
+    for sigma, sample_rate, steps in history:
+        accountant.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(
+                    sample_rate, dp_accounting.GaussianDpEvent(sigma)
+                ),
+                steps,
+            )
+        )
+    return accountant.get_epsilon(delta)
 
 
 @pytest.mark.parametrize(
-    "budget, sample_rate, steps, accountant",
+    "budget, sample_rate, steps, adjacency",
     [
-        (1.0, 1 / 13, 130, "rdp"),
-        (0.5, 0.2, 50, "rdp"),
-        (4.0, 0.01, 1000, "rdp"),
-        (1.0, 1 / 8, 80, "prv"),
+        (1.0, 1 / 13, 130, "replace-one"),
+        (0.5, 0.2, 50, "replace-one"),
+        (4.0, 0.01, 1000, "replace-one"),
+        (1.0, 1 / 8, 80, "add-remove"),
     ],
 )
 def test_calibration_spends_at_most_the_budget_and_nearly_all_of_it(
-    budget, sample_rate, steps, accountant
+    budget, sample_rate, steps, adjacency
 ):
-    sigma = calibrate_noise_multiplier(budget, 1e-5, sample_rate, steps, accountant)
-    spent = epsilon_spent([(sigma, sample_rate, steps)], 1e-5, accountant)
+    sigma = calibrate_noise_multiplier(budget, 1e-5, sample_rate, steps, adjacency)
+    spent = epsilon_spent([(sigma, sample_rate, steps)], 1e-5, adjacency)
     assert budget * 0.98 <= spent <= budget
+    # Google's accountant at its finer default grid agrees, never higher.
+    independent = independent_epsilon([(sigma, sample_rate, steps)], 1e-5, adjacency)
+    assert spent - 0.002 <= independent <= spent
 
 
-def test_calibration_agrees_with_opacus_when_nothing_was_spent_before():
-    ours = calibrate_noise_multiplier(1.0, 1e-5, 0.08, 125, "rdp")
-    opacus = get_noise_multiplier(
-        target_epsilon=1.0,
-        target_delta=1e-5,
-        sample_rate=0.08,
-        steps=125,
-        accountant="rdp",
-        epsilon_tolerance=0.001,
-    )
-    assert ours == pytest.approx(opacus, rel=0.01)
+def test_a_budget_beyond_any_meaning_gets_the_least_noise_quickly():
+    from privacy import MIN_NOISE_MULTIPLIER
+
+    sigma = calibrate_noise_multiplier(1000.0, 1e-5, 1 / 7, 70, "replace-one")
+    assert sigma == MIN_NOISE_MULTIPLIER
+    assert epsilon_spent([(sigma, 1 / 7, 70)], 1e-5, "replace-one") <= 1000.0
+
+
+def test_replace_one_costs_more_than_add_remove_for_the_same_noise():
+    # Measured: the default job's old noise (3.77, calibrated for add-remove with RDP)
+    # gives 0.91 under add-remove but 1.84 under replace-one.
+    history = [(3.772, 1 / 13, 130)]
+    add_remove = epsilon_spent(history, 1e-5, "add-remove")
+    replace_one = epsilon_spent(history, 1e-5, "replace-one")
+    assert add_remove == pytest.approx(0.908, abs=0.005)
+    assert replace_one == pytest.approx(1.836, abs=0.005)
 
 
 def test_calibration_counts_what_earlier_runs_spent():
-    prior = [(2.0, 0.1, 100)]
-    fresh = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 100, "rdp")
-    resumed = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 100, "rdp", prior)
+    prior = [(5.0, 0.1, 100)]
+    fresh = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 100, "replace-one")
+    resumed = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 100, "replace-one", prior)
     assert resumed > fresh
-    assert epsilon_spent([*prior, (resumed, 0.1, 100)], 1e-5, "rdp") <= 3.0
+    assert epsilon_spent([*prior, (resumed, 0.1, 100)], 1e-5, "replace-one") <= 3.0
     with pytest.raises(BudgetExhausted):
-        calibrate_noise_multiplier(0.5, 1e-5, 0.1, 100, "rdp", prior)
+        calibrate_noise_multiplier(0.5, 1e-5, 0.1, 100, "replace-one", prior)
 
 
 def test_a_nearly_spent_budget_counts_as_exhausted():
     # What is left would need noise so large that training could learn nothing.
-    prior = [(3.77, 1 / 13, 130)]  # epsilon 0.9999 of 1
+    sigma = calibrate_noise_multiplier(1.0, 1e-5, 1 / 13, 130, "replace-one")
+    prior = [(sigma, 1 / 13, 130)]  # epsilon 0.999x of 1
     with pytest.raises(BudgetExhausted, match="less than 1% left"):
-        calibrate_noise_multiplier(1.0, 1e-5, 1 / 13, 13, "rdp", prior)
+        calibrate_noise_multiplier(1.0, 1e-5, 1 / 13, 13, "replace-one", prior)
     # Raised deliberately, the budget allows training again, within the new total.
-    sigma = calibrate_noise_multiplier(2.0, 1e-5, 1 / 13, 130, "rdp", prior)
-    assert epsilon_spent([*prior, (sigma, 1 / 13, 130)], 1e-5, "rdp") <= 2.0
+    more = calibrate_noise_multiplier(2.0, 1e-5, 1 / 13, 130, "replace-one", prior)
+    assert epsilon_spent([*prior, (more, 1 / 13, 130)], 1e-5, "replace-one") <= 2.0
 
 
 def test_ten_rounds_compose_to_more_than_one_round():
     # The trap of a fresh PrivacyEngine per round: each round alone looks cheap.
-    # Measured here: about 0.32 for one round of the default job, 1.0 for ten.
-    one_round = epsilon_spent([(3.77, 1 / 13, 13)], 1e-5, "rdp")
-    ten_rounds = epsilon_spent([(3.77, 1 / 13, 13)] * 10, 1e-5, "rdp")
+    one_round = epsilon_spent([(6.5, 1 / 13, 13)], 1e-5, "replace-one")
+    ten_rounds = epsilon_spent([(6.5, 1 / 13, 13)] * 10, 1e-5, "replace-one")
     assert ten_rounds > 3 * one_round
-    assert ten_rounds == pytest.approx(epsilon_spent([(3.77, 1 / 13, 130)], 1e-5, "rdp"))
+    assert ten_rounds == pytest.approx(
+        epsilon_spent([(6.5, 1 / 13, 130)], 1e-5, "replace-one"), abs=1e-3
+    )
 
 
 def test_ledger_merges_history_and_survives_reopening(tmp_path):
-    ledger = PrivacyLedger(tmp_path, "ab" * 32, budget=1.0, delta=1e-5, accountant="rdp")
-    for server_round in (1, 2):
-        ledger.record(
-            run_id=1, server_round=server_round, noise_multiplier=2.0, sample_rate=0.1, steps=10
-        )
-    reopened = PrivacyLedger(tmp_path, "ab" * 32, budget=1.0, delta=1e-5, accountant="rdp")
-    assert reopened.history == [(2.0, 0.1, 20)]
-    assert reopened.steps == 20
-    assert reopened.epsilon() == epsilon_spent([(2.0, 0.1, 20)], 1e-5, "rdp")
-    other_data = PrivacyLedger(tmp_path, "cd" * 32, budget=1.0, delta=1e-5, accountant="rdp")
-    assert other_data.history == []
+    ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
+    with ledger.transaction():
+        ledger.note_dataset("ab" * 32, 100)
+        for server_round in (1, 2):
+            ledger.record(1, server_round, 2.0, 0.1, 10)
+    reopened = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
+    with reopened.transaction():
+        reopened.note_dataset("cd" * 32, 101)  # another version of the data: same budget
+        assert reopened.history == [(2.0, 0.1, 20)]
+        assert reopened.epsilon() == epsilon_spent([(2.0, 0.1, 20)], 1e-5, "replace-one")
+    saved = json.loads(reopened.path.read_text())
+    assert [d["patients"] for d in saved["datasets"]] == [100]  # saved with a release
+
+
+def test_a_looser_guarantee_cannot_re_price_what_was_spent(tmp_path):
+    ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
+    with ledger.transaction():
+        ledger.record(1, 1, 2.0, 0.1, 10)
+    for delta, adjacency in ((1e-2, "replace-one"), (1e-5, "add-remove")):
+        looser = PrivacyLedger(tmp_path, budget=1.0, delta=delta, adjacency=adjacency)
+        with pytest.raises(LedgerError, match="would re-price what was already spent"):
+            with looser.transaction():
+                pass
+    stricter = PrivacyLedger(tmp_path, budget=1.0, delta=1e-6, adjacency="replace-one")
+    with stricter.transaction():
+        stricter.record(2, 1, 2.0, 0.1, 10)
+    with pytest.raises(LedgerError):  # 1e-5 is now looser than what is accounted
+        with ledger.transaction():
+            pass
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        '{"format": 2}',
+        "{not json",
+        '{"format": 2, "guarantee": null, '
+        '"datasets": [], "plans": {}, "releases": [{"noise_multiplier": "x"}]}',
+    ],
+)
+def test_a_damaged_ledger_stops_training_with_one_line(tmp_path, text):
+    (tmp_path / "privacy-ledger.json").write_text(text)
+    ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
+    with pytest.raises(LedgerError, match="unreadable or damaged|not a privacy ledger"):
+        with ledger.transaction():
+            pass
+
+
+def test_releases_in_ledgers_of_the_first_version_still_count(tmp_path):
+    old = {"fingerprint": "ab" * 32, "plans": {}, "releases": []}
+    for utc, sigma in (("2026-11-01T10:00:00+00:00", 3.77), ("2026-11-02T10:00:00+00:00", 4.0)):
+        release = {"run_id": "1", "round": 1, "noise_multiplier": sigma, "sample_rate": 0.1}
+        old["releases"].append({**release, "steps": 10, "utc": utc, "epsilon_after": 0.5})
+    (tmp_path / "ledger-abababababababab.json").write_text(json.dumps(old))
+    ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
+    with ledger.transaction():
+        assert ledger.history == [(3.77, 0.1, 10), (4.0, 0.1, 10)]
+
+
+def test_a_ledger_that_cannot_be_written_stops_the_hospital_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LedgerError, match="writable state directory"):
+        PrivacyLedger(tmp_path / "file" / "state", 1.0, 1e-5, "replace-one")
 
 
 FIT_ONE_ROUND = """
@@ -95,13 +187,13 @@ import client, settings
 from model import build_model, get_weights
 cfg = settings.from_run_config({"settings": sys.argv[1]})
 weights = [np.asarray(w, dtype=np.float32) for w in json.loads(sys.argv[2])]
-hospital = client.HospitalClient(1, cfg, run_id=99, state_dir=sys.argv[3])
+hospital = client.HospitalClient(1, cfg, run_id=int(sys.argv[5]), state_dir=sys.argv[3])
 new_weights, n, report = hospital.fit(weights, {"server_round": int(sys.argv[4])})
 print(json.dumps(report))
 """
 
 
-def fit_in_fresh_process(cfg, ledger_dir, server_round):
+def fit_in_fresh_process(cfg, ledger_dir, server_round, run_id=99):
     weights = [w.tolist() for w in get_weights(build_model(9, cfg.hidden_layers))]
     result = subprocess.run(
         [
@@ -112,6 +204,7 @@ def fit_in_fresh_process(cfg, ledger_dir, server_round):
             json.dumps(weights),
             str(ledger_dir),
             str(server_round),
+            str(run_id),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -130,38 +223,188 @@ def test_a_restarted_hospital_remembers_what_it_spent(tmp_path):
     assert first["steps"] == steps_per_round and second["steps"] == 2 * steps_per_round
     assert second["noise_multiplier"] == first["noise_multiplier"]  # planned once per run
     expected = epsilon_spent(
-        [(first["noise_multiplier"], first["sample_rate"], 2 * steps_per_round)], 1e-5, "rdp"
+        [(first["noise_multiplier"], first["sample_rate"], 2 * steps_per_round)],
+        1e-5,
+        "replace-one",
     )
     assert second["epsilon"] == pytest.approx(expected)
     assert first["epsilon"] < second["epsilon"] < cfg.epsilon
 
 
-def test_a_hospital_refuses_a_round_past_its_budget(tmp_path):
-    import client
+def train_rounds(hospital, rounds, first_round=1):
+    weights = get_weights(build_model(hospital.x.shape[1], hospital.cfg.hidden_layers))
+    reports = []
+    for server_round in range(first_round, first_round + rounds):
+        weights, _, report = hospital.fit(weights, {"server_round": server_round})
+        reports.append(report)
+    return reports
 
+
+def test_a_hospital_refuses_a_round_past_its_budget(tmp_path):
     cfg = settings.resolve({"rounds": 2, "num_patients": 1000, "run_dir": str(tmp_path)})
     hospital = client.HospitalClient(0, cfg, run_id=5, state_dir=tmp_path)
-    weights = get_weights(build_model(9, cfg.hidden_layers))
-    for server_round in (1, 2):
-        weights, n, report = hospital.fit(weights, {"server_round": server_round})
-        assert report["status"] == "trained" and n == len(hospital.y)
-    assert report["epsilon"] <= cfg.epsilon
-    ledger_before = (tmp_path / hospital.ledger.path.name).read_text()
+    reports = train_rounds(hospital, 2)
+    assert [r["status"] for r in reports] == ["trained", "trained"]
+    assert reports[-1]["epsilon"] <= cfg.epsilon
+    ledger_before = hospital.ledger.path.read_text()
 
+    weights = get_weights(build_model(9, cfg.hidden_layers))
     returned, n, report = hospital.fit(weights, {"server_round": 3})
     assert report["status"] == "refused" and "budget" in report["reason"]
     assert n == 0
     assert all(np.array_equal(a, b) for a, b in zip(returned, weights, strict=True))
     assert report["epsilon"] <= cfg.epsilon
-    assert (tmp_path / hospital.ledger.path.name).read_text() == ledger_before
+    assert hospital.ledger.path.read_text() == ledger_before
+
+
+def test_the_server_cannot_reset_a_budget_with_another_seed_or_split(tmp_path):
+    # The reset attack: the server's seed and test_fraction used to choose the held-out
+    # rows, and the ledger was keyed by the training split, so each change opened a
+    # fresh budget on the same patients.
+    base = {"rounds": 2, "num_patients": 1000, "run_dir": str(tmp_path)}
+    first = client.HospitalClient(0, settings.resolve(base), run_id=1, state_dir=tmp_path)
+    assert train_rounds(first, 2)[-1]["status"] == "trained"
+    for run_id, changed in enumerate(({"seed": 43}, {"test_fraction": 0.3}), start=2):
+        cfg = settings.resolve({**base, **changed})
+        again = client.HospitalClient(0, cfg, run_id=run_id, state_dir=tmp_path)
+        report = train_rounds(again, 1)[0]
+        assert report["status"] == "refused" and "budget" in report["reason"]
+        assert report["epsilon"] <= cfg.epsilon
+    ledger = json.loads((tmp_path / "privacy-ledger.json").read_text())
+    assert len(ledger["releases"]) == 2  # one budget for everything it trained on
+
+
+def test_the_held_out_patients_are_the_hospitals_choice_not_the_servers(tmp_path):
+    cfg = settings.resolve({"dataset": "csv", "data_dir": str(EXAMPLE)})
+    reseeded = settings.resolve({**vars(cfg), "seed": 7})
+    same = [client.data_utils.hospital_data(c, 0)[1][0] for c in (cfg, reseeded)]
+    assert np.array_equal(*same)
+
+
+def test_a_csv_that_gains_a_patient_composes_with_the_old_ledger(tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(EXAMPLE, data_dir)
+    cfg = settings.resolve(
+        {"dataset": "csv", "data_dir": str(data_dir), "rounds": 2, "run_dir": str(tmp_path)}
+    )
+    state = tmp_path / "state"
+    reports = train_rounds(client.HospitalClient(0, cfg, run_id=1, state_dir=state), 1)
+    table = data_dir / "hospital_0.csv"
+    table.write_text(table.read_text() + "yes,70,male,31.0,150,6.1,0.9,7.2,yes\n")
+
+    grown = client.HospitalClient(0, cfg, run_id=2, state_dir=state)
+    assert len(grown.y) + len(grown.held_out[1]) == 1 + sum(
+        len(part[1])
+        for part in client.data_utils.hospital_data(
+            settings.resolve({**vars(cfg), "data_dir": str(EXAMPLE)}), 0
+        )
+    )
+    report = train_rounds(grown, 1)[0]
+    assert report["status"] == "trained"
+    ledger = json.loads((state / "privacy-ledger.json").read_text())
+    assert [d["patients"] for d in ledger["datasets"]] == [
+        reports[0]["patients"],
+        report["patients"],
+    ]
+    released = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in ledger["releases"]]
+    assert len(released) == 2 and report["epsilon"] == pytest.approx(
+        epsilon_spent(released, 1e-5, "replace-one")
+    )
+    assert report["epsilon"] > reports[0]["epsilon"]
+
+
+def test_relabelled_patients_and_rewritten_rows_do_not_open_a_fresh_budget(tmp_path):
+    # Identifiers cannot prove that two datasets share no patient: the same patients
+    # under new identifiers, with every row changed, still spend from the same budget.
+    data_dir = tmp_path / "data"
+    shutil.copytree(EXAMPLE, data_dir)
+    schema = json.loads((data_dir / "schema.json").read_text())
+    (data_dir / "schema.json").write_text(json.dumps({**schema, "patient_id": "mrn"}))
+    header, *rows = (EXAMPLE / "hospital_0.csv").read_text().splitlines()
+
+    def write(ids, age_shift):
+        lines = [f"mrn,{header}"]
+        for patient, row in zip(ids, rows, strict=True):
+            label, age, rest = row.split(",", 2)
+            lines.append(f"{patient},{label},{int(age) + age_shift},{rest}")
+        (data_dir / "hospital_0.csv").write_text("\n".join(lines) + "\n")
+
+    cfg = settings.resolve(
+        {"dataset": "csv", "data_dir": str(data_dir), "rounds": 2, "run_dir": str(tmp_path)}
+    )
+    write([f"P{i:05d}" for i in range(len(rows))], 0)
+    first = train_rounds(client.HospitalClient(0, cfg, run_id=1, state_dir=tmp_path), 2)
+    write([f"p{i}" for i in range(len(rows))], 1)
+    again = train_rounds(client.HospitalClient(0, cfg, run_id=2, state_dir=tmp_path), 1)[0]
+    assert again["status"] == "refused" and again["epsilon"] == first[-1]["epsilon"]
+    ledger = json.loads((tmp_path / "privacy-ledger.json").read_text())
+    assert len(ledger["releases"]) == 2 and len(ledger["datasets"]) == 1
+    assert "P00001" not in (tmp_path / "privacy-ledger.json").read_text()
+
+
+def test_a_bare_supernode_takes_its_budget_from_its_own_config_not_the_server(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    server_wants = {"epsilon": 50, "delta": 0.2, "adjacency": "add-remove", "test_fraction": 0.9}
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)},
+        state=RecordDict(),
+        run_config={"settings": json.dumps(server_wants)},
+    )
+    _, cfg = client.hospital_settings(context)
+    for name in server_wants:
+        assert getattr(cfg, name) == settings.DEFAULTS[name]
+
+
+def test_concurrent_trainings_on_one_hospital_lose_no_release(tmp_path):
+    cfg = settings.resolve({"rounds": 4, "num_patients": 1000, "run_dir": str(tmp_path)})
+    weights = [w.tolist() for w in get_weights(build_model(9, cfg.hidden_layers))]
+
+    def fit(server_round, run_id):
+        args = [settings.to_json(cfg), json.dumps(weights), str(tmp_path), str(server_round)]
+        return subprocess.Popen(
+            [sys.executable, "-c", FIT_ONE_ROUND, *args, str(run_id)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    runs = [fit(server_round, run_id) for run_id in (7, 8) for server_round in (1, 2)]
+    assert all(run.wait(timeout=300) == 0 for run in runs)
+    ledger = json.loads((tmp_path / "privacy-ledger.json").read_text())
+    releases = ledger["releases"]
+    assert sorted((r["run_id"], r["round"]) for r in releases) == [
+        ("7", 1),
+        ("7", 2),
+        ("8", 1),
+        ("8", 2),
+    ]
+    history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in releases]
+    assert epsilon_spent(history, 1e-5, "replace-one") <= cfg.epsilon
+
+
+def test_a_hospital_without_a_state_directory_does_not_train(monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    monkeypatch.delenv(client.HOSPITALS_DIR_VARIABLE, raising=False)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    with pytest.raises(LedgerError, match="no state directory for its privacy ledger"):
+        client.hospital_state_dir(context, 0)
 
 
 def test_opacus_samples_at_the_calibrated_rate(tmp_path):
-    import client
-
     cfg = settings.resolve({"rounds": 1, "num_patients": 1000, "run_dir": str(tmp_path)})
     hospital = client.HospitalClient(2, cfg, run_id=1, state_dir=tmp_path)
-    _, _, report = hospital.fit(get_weights(build_model(9, cfg.hidden_layers)), {"server_round": 1})
+    report = train_rounds(hospital, 1)[0]
     batches = math.ceil(len(hospital.y) / cfg.batch_size)
     assert report["sample_rate"] == 1 / batches  # not batch_size / n
     assert report["steps"] == batches
@@ -171,8 +414,29 @@ def test_hospitals_of_the_same_size_calibrate_once_per_process():
     from privacy import _calibrate
 
     prior = [[3.0, 0.25, 4]]  # as a ledger read back from JSON holds it
-    first = calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "rdp", prior)
+    first = calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "replace-one", prior)
     hits = _calibrate.cache_info().hits
-    assert calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "rdp", [tuple(prior[0])]) == first
+    assert calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "replace-one", [tuple(prior[0])]) == first
     assert _calibrate.cache_info().hits == hits + 1
-    assert epsilon_spent([*prior, (first, 0.5, 2)], 1e-5, "rdp") <= 2.0
+    assert epsilon_spent([*prior, (first, 0.5, 2)], 1e-5, "replace-one") <= 2.0
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("sweep.py", ["--seeds", "1"]),
+        ("simulation.py", ["--baselines"]),
+    ],
+)
+def test_tools_that_train_outside_the_ledgers_refuse_real_patients(script, args, tmp_path):
+    csv = ["--dataset", "csv", "--data-dir", str(EXAMPLE), "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *csv, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--unaccounted-privacy-spend" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written

@@ -16,7 +16,9 @@ HOSPITAL = {
     "noise_multiplier": 3.5,
     "sample_rate": 0.1,
     "steps": 20,
-    "history": [[3.5, 0.1, 20]],
+    "adjacency": "replace-one",
+    "accountant": "pld",
+    "releases": [{"noise_multiplier": 3.5, "sample_rate": 0.1, "steps": 20}],
     "patients": 160,
     "status": "trained",
 }
@@ -50,7 +52,8 @@ def metrics_with_a_failed_hospital():
         "privacy": {
             "target_epsilon": 1.0,
             "delta": 1e-5,
-            "accountant": "rdp",
+            "adjacency": "replace-one",
+            "accountant": "pld",
             "hospitals": {"0": HOSPITAL, "1": {"status": "no report"}},
         },
     }

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import hospital_state
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy.aggregate import aggregate
 from test_deployment import ROOT, read_metrics
@@ -37,9 +38,9 @@ def record(message, context, call_next):
     reply = call_next(message, context)
     if message.metadata.message_type != "train":  # the end-of-run notice
         return reply
-    hospital, cfg = client.hospital_settings(context)
+    hospital, _ = client.hospital_settings(context)
     fitres = recorddict_to_fitres(reply.content, keep_input=True)
-    path = client.hospital_state_dir(context, cfg, hospital) / "update.npz"
+    path = client.hospital_state_dir(context, hospital) / "update.npz"
     arrays = parameters_to_ndarrays(fitres.parameters)
     np.savez(path, num_examples=fitres.num_examples, *arrays)
     return reply
@@ -241,7 +242,7 @@ def test_a_hospital_runs_only_an_app_identical_to_its_own_copy(federation):
     assert host.wait(timeout=300) == 1
     assert read_metrics(workdir / "run")["status"] == "failed"
     # No round of the tampered code ran at the hospital: nothing was trained there.
-    status = json.loads((workdir / "state" / "hospital-0" / "status.json").read_text())
+    status = json.loads((hospital_state(workdir, 0) / "status.json").read_text())
     assert status["status"] == "untrusted-app"
 
 
@@ -268,7 +269,7 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
     )
     strategy = HospitalFedAvg(cfg, tmp_path)
     start = strategy.global_weights
-    report = {"status": "trained", "reason": "", "history": "[]"}
+    report = {"status": "trained", "reason": "", "releases": "[]"}
     results = [
         (
             None,

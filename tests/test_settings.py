@@ -41,7 +41,7 @@ def test_overrides_with_dashes_or_underscores_and_typed():
         (["--rounds", "0"], "rounds"),
         (["--rounds", "2.5"], "rounds"),
         (["--batch-size", "many"], "batch_size"),
-        (["--accountant", "gdp"], "accountant"),
+        (["--adjacency", "swap"], "adjacency"),
         (["--dataset", "mimic"], "dataset"),
         (["--missing-values", "impute"], "missing_values"),
         (["--num-clients", "1"], "min_fit_clients"),
