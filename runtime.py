@@ -32,11 +32,15 @@ class FlowerError(RuntimeError):
 
 
 def flower_env(flwr_home, environment=None):
-    """Environment for Flower's processes: state under flwr_home, no telemetry or
-    update checks (these machines may have no internet), quiet Ray, and
-    `environment` on top."""
+    """Environment for Flower's processes: this Python's scripts first on PATH (Flower
+    starts its own commands by name, also where the venv is not activated: cron,
+    systemd, `/path/to/venv/bin/python simulation.py`), state under flwr_home, no
+    telemetry or update checks (these machines may have no internet), quiet Ray,
+    and `environment` on top."""
+    scripts = str(Path(sys.executable).parent)
     return {
         **os.environ,
+        "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
         **(environment or {}),
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",

@@ -3,6 +3,7 @@ Ray, `flwr run`), with the real Opacus engine, on tiny settings."""
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -246,3 +247,17 @@ def test_a_csv_directory_end_to_end(tmp_path):
     assert metrics["data"]["test_set"] == str(data_dir / "test.csv")
     assert metrics["data"]["inputs"][-2:] == ["smoker=no", "smoker=yes"]
     assert_report(tmp_path / "run")
+
+
+def test_runs_without_an_activated_venv(tmp_path):
+    # As cron, systemd and IDEs start it: /path/to/venv/bin/python simulation.py, with
+    # the venv's scripts (Flower's commands among them) not on PATH.
+    scripts = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != scripts)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    process = simulate(
+        *TINY, "--rounds", "1", "--run-dir", str(tmp_path / "run"), env={**env, "PATH": path}
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout + stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
