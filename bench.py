@@ -104,10 +104,13 @@ def deploy(workdir, rounds, secure_aggregation):
     port = runtime.free_port()
     mode = ["--secure-aggregation", secure_aggregation]
 
+    # The hospitals' ledgers in the benchmark's own folder, never the machine's real ones.
+    environment = {**os.environ, "XDG_STATE_HOME": str(home / "state")}
+
     def start(script, *args):
         command = [sys.executable, str(APP_DIR / script), *args, *mode]
         return subprocess.Popen(
-            command, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            command, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=environment
         )
 
     server = start("server.py", "--port", str(port), "--rounds", str(rounds), "--run-dir", "run")

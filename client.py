@@ -20,12 +20,14 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from logging import ERROR
 from pathlib import Path
 
 import torch
 from flwr.app import Context, MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
+from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from rich.markup import escape
 
@@ -196,14 +198,28 @@ def client_fn(context: Context):
             f"this hospital brought its own data (--data) but the server's run uses "
             f"dataset {cfg.dataset!r}: start the server with --dataset csv"
         )
-    return HospitalClient(
-        hospital,
-        cfg,
-        context.run_id,
-        hospital_state_dir(context, hospital),
-        node.get("data-file"),
-        node.get("schema-file"),
-    ).to_client()
+    if cfg.dataset == "csv" and "state-dir" in node and "data-file" not in node:
+        raise ValueError(  # a deployed hospital never reads a file the server names
+            "the server's run uses dataset csv but this hospital brought no data of its "
+            "own: start it with client.py --data FILE --schema FILE"
+        )
+    try:
+        hospital_client = HospitalClient(
+            hospital,
+            cfg,
+            context.run_id,
+            hospital_state_dir(context, hospital),
+            node.get("data-file"),
+            node.get("schema-file"),
+        )
+    except data_utils.DataError as error:
+        # The details quote patients' values: they stay in this hospital's own log.
+        log(ERROR, "Hospital %s cannot use its data: %s", hospital, error)
+        raise ValueError(
+            f"hospital {hospital}'s data does not match the data dictionary (details in "
+            f"its own log)"
+        ) from None
+    return hospital_client.to_client()
 
 
 def secure_aggregation_mod(message, context, call_next):
@@ -318,8 +334,10 @@ def join(argv=None):
             f"to be enrolled (server.py --hospital-keys)."
         )
         return 0
-    try:  # no training without a ledger that can be written
+    try:  # no training without a sound ledger that can be written
         ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+        with ledger.transaction(timeout=5):  # readable, and this guarantee no looser
+            pass
     except LedgerError as error:
         parser.error(str(error))
     try:

@@ -15,10 +15,11 @@ range or categories. Inputs are encoded from the dictionary alone, never from
 statistics of a hospital's rows, so the encoding reveals nothing about any patient
 and every hospital feeds the shared model the same way.
 
-Each hospital splits its own patients, stratified, into training rows (the only rows
-DP-SGD touches) and held-out rows (evaluated at the hospital itself), by a rule on
-its own rows alone: nothing the server sets (seed, a new run) moves a patient
-between the two.
+Each hospital splits its own patients into training rows (the only rows DP-SGD
+touches) and held-out rows (evaluated at the hospital itself), by a rule on its own
+rows alone: nothing the server sets (seed, a new run) moves a patient between the
+two, and replacing one patient's record moves at most one other (see
+_held_out_split).
 """
 
 import hashlib
@@ -189,13 +190,12 @@ def test_size(n, test_fraction):
     return max(1, round(n * test_fraction))
 
 
-def stratified_parts(y, weights, order):
+def stratified_parts(y, weights, rng):
     """Row indices split into parts in proportion to `weights`, each class dealt out
-    separately, in the order `order(rows)` gives, so that every part keeps the
-    overall share of the disease."""
+    separately so that every part keeps the overall share of the disease."""
     parts = [[] for _ in weights]
     for label in np.unique(y):
-        rows = order(np.flatnonzero(y == label))
+        rows = rng.permutation(np.flatnonzero(y == label))
         cuts = np.round(np.cumsum(weights)[:-1] / np.sum(weights) * len(rows)).astype(int)
         for part, chunk in zip(parts, np.split(rows, cuts), strict=True):
             part.extend(chunk)
@@ -217,15 +217,17 @@ def row_keys(x, y, patient_ids=None):
 
 
 def _held_out_split(x, y, test_fraction, patient_ids=None):
-    """Row indices (train, held out) of one hospital's rows, stratified. Decided by
-    the rows themselves (row_keys), so the same patients are held out in every run,
-    whatever the server's settings; adding a patient moves nobody else."""
-    keys = row_keys(x, y, patient_ids)
+    """Row indices (train, held out) of one hospital's rows: the test_size patients
+    with the smallest row_keys are held out, so the same patients are held out in
+    every run, whatever the server's settings.
+
+    Not stratified by diagnosis, on purpose: replace-one privacy needs that replacing
+    one patient's record changes the training rows by at most one record and never
+    their number (which is released). Per-class cuts move when a replaced record has
+    the other diagnosis, pulling further patients across and changing the count."""
+    order = np.argsort(row_keys(x, y, patient_ids), kind="stable")
     n_test = test_size(len(y), test_fraction)
-    test, train = stratified_parts(
-        y, [n_test, len(y) - n_test], lambda rows: rows[np.argsort(keys[rows], kind="stable")]
-    )
-    return train, test
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 # ---- Synthetic patients ---------------------------------------------------------------
@@ -303,9 +305,9 @@ def _breast_cancer_split(cfg, schema):
     y = schema.labels(np.where(data.target == 0, "malignant", "benign"))
     rng = np.random.default_rng([cfg.seed, _SERVER_STREAM])
     n_test = test_size(len(y), cfg.test_fraction)
-    reference, rest = stratified_parts(y, [n_test, len(y) - n_test], rng.permutation)
+    reference, rest = stratified_parts(y, [n_test, len(y) - n_test], rng)
     weights = [SIZE_PATTERN[h % len(SIZE_PATTERN)] for h in range(cfg.num_clients)]
-    hospitals = [rest[part] for part in stratified_parts(y[rest], weights, rng.permutation)]
+    hospitals = [rest[part] for part in stratified_parts(y[rest], weights, rng)]
     return (x[reference], y[reference]), [(x[rows], y[rows]) for rows in hospitals]
 
 

@@ -18,6 +18,7 @@ replace-one adjacency for the Poisson-sampled Gaussian mechanism of DP-SGD.
 
 import fcntl
 import functools
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -210,10 +211,9 @@ class PrivacyLedger:
         if not self.path.exists():
             return {
                 "format": LEDGER_FORMAT,
-                "guarantee": None,
                 "datasets": [],
-                "releases": self._earlier_ledgers(),
                 "plans": {},
+                **self._earlier_ledgers(),
             }
         try:
             data = read_json(self.path)
@@ -223,11 +223,7 @@ class PrivacyLedger:
                     f"{data.get('format')!r}, expected {LEDGER_FORMAT}); never delete a "
                     f"ledger: keep it and ask the product's maintainers"
                 )
-            absent = {"guarantee", "datasets", "releases", "plans"} - set(data)
-            if absent:
-                raise KeyError(sorted(absent)[0])
-            for release in data["releases"]:
-                _mechanism(release)
+            _check_structure(data)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise LedgerError(
                 f"the privacy ledger {self.path} is unreadable or damaged ({error!r}): this "
@@ -252,20 +248,27 @@ class PrivacyLedger:
         self.data["guarantee"] = {"delta": self.delta, "adjacency": self.adjacency}
 
     def _earlier_ledgers(self):
-        """Releases recorded by the first version of this product (one ledger-*.json
-        per training split) count here too. Their files are left as they are."""
+        """The releases recorded by the first version of this product (one
+        ledger-*.json per training split), and the guarantee they were accounted
+        for (add-remove, their smallest delta), which may then only get stricter.
+        Their files are left as they are."""
         try:
+            earlier = [read_json(path) for path in sorted(self.directory.glob("ledger-*.json"))]
             releases = [
                 {"adjacency": "add-remove", **release}  # what they were calibrated for
-                for old in sorted(self.directory.glob("ledger-*.json"))
-                for release in read_json(old)["releases"]
+                for ledger in earlier
+                for release in ledger["releases"]
             ]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            deltas = [float(p["delta"]) for ledger in earlier for p in ledger["plans"].values()]
+            for release in releases:
+                _mechanism(release)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise LedgerError(
                 f"an earlier privacy ledger in {self.directory} is unreadable ({error!r}): "
                 f"this hospital does not train until it is restored from a backup"
             ) from None
-        return sorted(releases, key=lambda r: r["utc"])
+        guarantee = {"delta": min(deltas), "adjacency": "add-remove"} if deltas else None
+        return {"guarantee": guarantee, "releases": sorted(releases, key=lambda r: r["utc"])}
 
     def _save(self):
         write_json(self.path, self.data)
@@ -349,7 +352,26 @@ class PrivacyLedger:
 
 def _mechanism(release):
     """(noise_multiplier, sample_rate, steps) of a recorded release, checked."""
-    return float(release["noise_multiplier"]), float(release["sample_rate"]), int(release["steps"])
+    sigma, rate, steps = release["noise_multiplier"], release["sample_rate"], release["steps"]
+    if not (math.isfinite(sigma) and sigma > 0 and 0 < rate <= 1 and int(steps) == steps >= 0):
+        raise ValueError(f"impossible release {release!r}")
+    return float(sigma), float(rate), int(steps)
+
+
+def _check_structure(data):
+    """Raise (KeyError, TypeError, ValueError) unless `data` is a sound ledger."""
+    guarantee = data["guarantee"]
+    if guarantee is not None and not (
+        0 < guarantee["delta"] < 1 and guarantee["adjacency"] in ADJACENCIES
+    ):
+        raise ValueError(f"impossible guarantee {guarantee!r}")
+    if not isinstance(data["datasets"], list) or not isinstance(data["releases"], list):
+        raise TypeError("datasets and releases must be lists")
+    for release in data["releases"]:
+        _mechanism(release)
+        str(release["run_id"])
+    for plan in data["plans"].values():
+        _mechanism({**plan, "steps": plan["planned_steps"]})
 
 
 def _now():

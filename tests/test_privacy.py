@@ -148,6 +148,26 @@ def test_a_looser_guarantee_cannot_re_price_what_was_spent(tmp_path):
 @pytest.mark.parametrize(
     "text",
     [
+        '{"format": 2, "guarantee": null, "datasets": [], "plans": [], "releases": []}',
+        '{"format": 2, "guarantee": "x", "datasets": [], "plans": {}, "releases": []}',
+        '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": {}}',
+        '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": [{'
+        '"run_id": "1", "noise_multiplier": NaN, "sample_rate": 0.1, "steps": 1}]}',
+        '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": [{'
+        '"run_id": "1", "noise_multiplier": 1.0, "sample_rate": 2, "steps": 1}]}',
+    ],
+)
+def test_a_ledger_with_impossible_contents_stops_training_with_one_line(tmp_path, text):
+    (tmp_path / "privacy-ledger.json").write_text(text)
+    ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
+    with pytest.raises(LedgerError, match="unreadable or damaged"):
+        with ledger.transaction():
+            pass
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "[]",
         '{"format": 2}',
         "{not json",
@@ -164,11 +184,15 @@ def test_a_damaged_ledger_stops_training_with_one_line(tmp_path, text):
 
 
 def test_releases_in_ledgers_of_the_first_version_still_count(tmp_path):
-    old = {"fingerprint": "ab" * 32, "plans": {}, "releases": []}
+    old = {"fingerprint": "ab" * 32, "plans": {"1": {"delta": 1e-5}}, "releases": []}
     for utc, sigma in (("2026-11-01T10:00:00+00:00", 3.77), ("2026-11-02T10:00:00+00:00", 4.0)):
         release = {"run_id": "1", "round": 1, "noise_multiplier": sigma, "sample_rate": 0.1}
         old["releases"].append({**release, "steps": 10, "utc": utc, "epsilon_after": 0.5})
     (tmp_path / "ledger-abababababababab.json").write_text(json.dumps(old))
+    looser = PrivacyLedger(tmp_path, budget=1.0, delta=1e-2, adjacency="replace-one")
+    with pytest.raises(LedgerError, match="re-price"):  # they were accounted at 1e-5
+        with looser.transaction():
+            pass
     ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
     with ledger.transaction():
         assert ledger.history == [(3.77, 0.1, 10), (4.0, 0.1, 10)]
@@ -279,6 +303,61 @@ def test_the_held_out_patients_are_the_hospitals_choice_not_the_servers(tmp_path
     reseeded = settings.resolve({**vars(cfg), "seed": 7})
     same = [client.data_utils.hospital_data(c, 0)[1][0] for c in (cfg, reseeded)]
     assert np.array_equal(*same)
+
+
+def test_replacing_one_patient_changes_at_most_one_training_record(tmp_path):
+    # Replace-one privacy of the training rows needs it: the held-out rule may not
+    # move other patients across, nor change the (released) training count.
+    rng = np.random.default_rng(0)
+    for n in (26, 101, 400, 1016):
+        x = rng.normal(size=(n, 3)).astype(np.float32)
+        y = (rng.random(n) < 0.5).astype(np.float32)
+        train, _ = client.data_utils._held_out_split(x, y, 0.2)
+        for row in rng.choice(n, 20, replace=False):
+            x2, y2 = x.copy(), y.copy()
+            x2[row] = rng.normal(size=3)
+            y2[row] = 1 - y2[row]  # the other diagnosis, the case that moved cut points
+            train2, _ = client.data_utils._held_out_split(x2, y2, 0.2)
+            assert len(train2) == len(train)
+            before = {x[i].tobytes() + y[i].tobytes() for i in train}
+            after = {x2[i].tobytes() + y2[i].tobytes() for i in train2}
+            assert len(before - after) <= 1
+
+
+def test_a_deployed_hospital_never_reads_a_file_the_server_names(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    server_run = {"dataset": "csv", "data_dir": str(EXAMPLE)}
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)},
+        state=RecordDict(),
+        run_config={"settings": json.dumps(server_run)},
+    )
+    with pytest.raises(ValueError, match="brought no data of its own"):
+        client.client_fn(context)
+
+
+def test_a_data_error_reaches_the_server_without_patient_values(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    table = tmp_path / "patients.csv"
+    rows = (EXAMPLE / "hospital_0.csv").read_text().splitlines()
+    rows[5] = rows[5].replace(rows[5].split(",")[1], "117", 1)  # age outside [18, 95]
+    table.write_text("\n".join(rows) + "\n")
+    node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)}
+    node.update({"data-file": str(table), "schema-file": str(EXAMPLE / "schema.json")})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node,
+        state=RecordDict(),
+        run_config={"settings": json.dumps({"dataset": "csv"})},
+    )
+    with pytest.raises(ValueError, match="does not match the data dictionary") as raised:
+        client.client_fn(context)
+    assert "117" not in str(raised.value) and "line" not in str(raised.value)
 
 
 def test_a_csv_that_gains_a_patient_composes_with_the_old_ledger(tmp_path):
