@@ -225,10 +225,7 @@ class PrivacyLedger:
                 )
             _check_structure(data)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LedgerError(
-                f"the privacy ledger {self.path} is unreadable or damaged ({error!r}): this "
-                f"hospital does not train until it is restored from a backup"
-            ) from None
+            raise _damaged(f"the privacy ledger {self.path}", error) from None
         return data
 
     def _check_guarantee(self):
@@ -263,10 +260,7 @@ class PrivacyLedger:
             for release in releases:
                 _mechanism(release)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LedgerError(
-                f"an earlier privacy ledger in {self.directory} is unreadable ({error!r}): "
-                f"this hospital does not train until it is restored from a backup"
-            ) from None
+            raise _damaged(f"an earlier privacy ledger in {self.directory}", error) from None
         guarantee = {"delta": min(deltas), "adjacency": "add-remove"} if deltas else None
         return {"guarantee": guarantee, "releases": sorted(releases, key=lambda r: r["utc"])}
 
@@ -356,6 +350,13 @@ def _mechanism(release):
     if not (math.isfinite(sigma) and sigma > 0 and 0 < rate <= 1 and int(steps) == steps >= 0):
         raise ValueError(f"impossible release {release!r}")
     return float(sigma), float(rate), int(steps)
+
+
+def _damaged(ledger, error):
+    return LedgerError(
+        f"{ledger} is unreadable or damaged ({error!r}): this hospital does not train "
+        f"until it is restored from a backup"
+    )
 
 
 def _check_structure(data):

@@ -9,6 +9,7 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 
 import client
 import settings
@@ -23,6 +24,17 @@ from privacy import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "csv"
+
+
+def node_context(node_config, run_settings=None):
+    """The Context Flower gives hospital 0's ClientApp: its node config and the run's."""
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3, **node_config},
+        state=RecordDict(),
+        run_config={"settings": json.dumps(run_settings or {})},
+    )
 
 
 def independent_epsilon(history, delta, adjacency):
@@ -148,31 +160,18 @@ def test_a_looser_guarantee_cannot_re_price_what_was_spent(tmp_path):
 @pytest.mark.parametrize(
     "text",
     [
+        "[]",
+        '{"format": 2}',
+        "{not json",
         '{"format": 2, "guarantee": null, "datasets": [], "plans": [], "releases": []}',
         '{"format": 2, "guarantee": "x", "datasets": [], "plans": {}, "releases": []}',
         '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": {}}',
         '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": [{'
+        '"run_id": "1", "noise_multiplier": "x", "sample_rate": 0.1, "steps": 1}]}',
+        '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": [{'
         '"run_id": "1", "noise_multiplier": NaN, "sample_rate": 0.1, "steps": 1}]}',
         '{"format": 2, "guarantee": null, "datasets": [], "plans": {}, "releases": [{'
         '"run_id": "1", "noise_multiplier": 1.0, "sample_rate": 2, "steps": 1}]}',
-    ],
-)
-def test_a_ledger_with_impossible_contents_stops_training_with_one_line(tmp_path, text):
-    (tmp_path / "privacy-ledger.json").write_text(text)
-    ledger = PrivacyLedger(tmp_path, budget=1.0, delta=1e-5, adjacency="replace-one")
-    with pytest.raises(LedgerError, match="unreadable or damaged"):
-        with ledger.transaction():
-            pass
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "[]",
-        '{"format": 2}',
-        "{not json",
-        '{"format": 2, "guarantee": null, '
-        '"datasets": [], "plans": {}, "releases": [{"noise_multiplier": "x"}]}',
     ],
 )
 def test_a_damaged_ledger_stops_training_with_one_line(tmp_path, text):
@@ -325,36 +324,20 @@ def test_replacing_one_patient_changes_at_most_one_training_record(tmp_path):
 
 
 def test_a_deployed_hospital_never_reads_a_file_the_server_names(tmp_path):
-    from flwr.app import Context, RecordDict
-
     server_run = {"dataset": "csv", "data_dir": str(EXAMPLE)}
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)},
-        state=RecordDict(),
-        run_config={"settings": json.dumps(server_run)},
-    )
+    context = node_context({"state-dir": str(tmp_path)}, server_run)
     with pytest.raises(ValueError, match="brought no data of its own"):
         client.client_fn(context)
 
 
 def test_a_data_error_reaches_the_server_without_patient_values(tmp_path):
-    from flwr.app import Context, RecordDict
-
     table = tmp_path / "patients.csv"
     rows = (EXAMPLE / "hospital_0.csv").read_text().splitlines()
     rows[5] = rows[5].replace(rows[5].split(",")[1], "117", 1)  # age outside [18, 95]
     table.write_text("\n".join(rows) + "\n")
     node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)}
     node.update({"data-file": str(table), "schema-file": str(EXAMPLE / "schema.json")})
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config=node,
-        state=RecordDict(),
-        run_config={"settings": json.dumps({"dataset": "csv"})},
-    )
+    context = node_context(node, {"dataset": "csv"})
     with pytest.raises(ValueError, match="does not match the data dictionary") as raised:
         client.client_fn(context)
     assert "117" not in str(raised.value) and "line" not in str(raised.value)
@@ -422,16 +405,8 @@ def test_relabelled_patients_and_rewritten_rows_do_not_open_a_fresh_budget(tmp_p
 
 
 def test_a_bare_supernode_takes_its_budget_from_its_own_config_not_the_server(tmp_path):
-    from flwr.app import Context, RecordDict
-
     server_wants = {"epsilon": 50, "delta": 0.2, "adjacency": "add-remove", "test_fraction": 0.9}
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)},
-        state=RecordDict(),
-        run_config={"settings": json.dumps(server_wants)},
-    )
+    context = node_context({"state-dir": str(tmp_path)}, server_wants)
     _, cfg = client.hospital_settings(context)
     for name in server_wants:
         assert getattr(cfg, name) == settings.DEFAULTS[name]
@@ -466,16 +441,8 @@ def test_concurrent_trainings_on_one_hospital_lose_no_release(tmp_path):
 
 
 def test_a_hospital_without_a_state_directory_does_not_train(monkeypatch):
-    from flwr.app import Context, RecordDict
-
     monkeypatch.delenv(client.HOSPITALS_DIR_VARIABLE, raising=False)
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 3},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = node_context({})
     with pytest.raises(LedgerError, match="no state directory for its privacy ledger"):
         client.hospital_state_dir(context, 0)
 
