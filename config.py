@@ -40,8 +40,8 @@ hidden_layers = (16,)  # widths of the MLP's hidden layers, e.g. (32, 16); () = 
 decision_threshold = 0.5  # predicted risk at or above which a patient is called positive
 
 # --- Local training: DP-SGD with Opacus ----------------------------------------------
-batch_size = 256  # expected batch size; batches are Poisson-sampled at rate 1/ceil(n/batch)
-learning_rate = 0.5  # SGD step size (small data under DP favours SGD+momentum over Adam)
+batch_size = 128  # expected batch size; batches are Poisson-sampled at rate 1/ceil(n/batch)
+learning_rate = 0.3  # SGD step size (small data under DP favours SGD+momentum over Adam)
 momentum = 0.9  # SGD momentum, reset at the start of every round
 max_grad_norm = 1.0  # per-patient gradient clipping bound C; noise std is sigma * C
 
