@@ -167,6 +167,13 @@ class HospitalClient(NumPyClient):
         return report
 
 
+def is_simulated(context: Context):
+    """A hospital that simulation.py runs on this machine: no state directory of its
+    own, and the machine (never the server) names where simulated hospitals keep
+    theirs (HOSPITALS_DIR_VARIABLE)."""
+    return "state-dir" not in context.node_config and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
+
+
 def hospital_settings(context: Context):
     """The server's settings for the run, with this hospital's own taking
     precedence: (hospital number, settings). In deployment the hospital's settings
@@ -175,8 +182,8 @@ def hospital_settings(context: Context):
     runs for the operator who also runs the server, take them from the run."""
     node = context.node_config
     run_cfg = settings.from_run_config(context.run_config)
-    simulated = "state-dir" not in node and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
-    own = {} if simulated else {name: settings.DEFAULTS[name] for name in HOSPITAL_SETTINGS}
+    defaults = {} if is_simulated(context) else settings.DEFAULTS
+    own = {name: defaults[name] for name in HOSPITAL_SETTINGS if name in defaults}
     own.update({name: node[name] for name in HOSPITAL_SETTINGS if name in node})
     cfg = settings.decide_auto(settings.resolve({**vars(run_cfg), **own}))
     hospital = int(node["partition-id"])
@@ -247,11 +254,10 @@ def hospital_state_dir(context, hospital):
     deployment its own directory (client.py's --state-dir); in simulation the one
     simulation.py chose on this machine. Never a place the server names: without
     one, the hospital does not train."""
-    own = context.node_config.get("state-dir")
-    if own:
-        return Path(own)
-    if os.environ.get(HOSPITALS_DIR_VARIABLE):
+    if is_simulated(context):
         return Path(os.environ[HOSPITALS_DIR_VARIABLE]) / f"hospital-{hospital}"
+    if context.node_config.get("state-dir"):
+        return Path(context.node_config["state-dir"])
     raise LedgerError(
         "this hospital has no state directory for its privacy ledger, so it does not "
         "train: start it with `python client.py --client-id N` (or give flower-supernode "
