@@ -6,13 +6,19 @@ the server); every hospital verifies it with a copy of certs/ca.crt. The CA's ow
 key (certs/ca.key) signs new server certificates and should be kept offline.
 Private keys are written with mode 0600 and are git-ignored.
 
+Run authorisation: the federation's operator signs every run it starts with
+certs/operator.key (authorisation.py); hospitals check the signature with a copy of
+certs/operator.pub, so a run submitted by anyone else trains nowhere.
+
 Hospital authentication: each hospital's identity is an EC key pair
-(`make_hospital_key`); the server's operator enrolls the public halves.
+(`make_hospital_key`); the server's operator enrolls the public halves, one file
+per hospital named after its number (hospital-N.pub).
 """
 
 import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT, SERVER_CERT, SERVER_KEY, CA_KEY = "ca.crt", "server.crt", "server.key", "ca.key"
+OPERATOR_KEY, OPERATOR_PUB = "operator.key", "operator.pub"  # signs runs; hospitals verify
+ENROLLED_KEY_NAME = re.compile(r"hospital-(\d+)\.pub")
 VALID_DAYS = 825  # the longest validity browsers and TLS libraries still accept
 
 
@@ -48,10 +56,12 @@ def _subject_alternative_name(hosts):
 
 def make_certificates(directory, hosts):
     """Create ca.crt, ca.key, server.crt and server.key in `directory`, the server
-    certificate valid for each of `hosts` (names or IP addresses). Existing files
-    are never overwritten: hospitals may already trust the old CA."""
+    certificate valid for each of `hosts` (names or IP addresses), and the operator's
+    run-signing key (make_operator_key). Existing files are never overwritten:
+    hospitals may already trust the old CA."""
     directory = Path(directory)
-    existing = [n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY) if (directory / n).exists()]
+    names = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, OPERATOR_KEY, OPERATOR_PUB)
+    existing = [n for n in names if (directory / n).exists()]
     if existing:
         raise FileExistsError(
             f"{directory / existing[0]} already exists; hospitals may trust it. "
@@ -100,7 +110,29 @@ def make_certificates(directory, hosts):
     _write_key(directory / SERVER_KEY, server_key)
     (directory / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (directory / SERVER_CERT).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    make_operator_key(directory)
     return directory
+
+
+def make_operator_key(directory):
+    """Create the operator's run-signing key pair (EC P-256, PEM): operator.key, mode
+    0600, stays with the server's operator; operator.pub goes to every hospital with
+    ca.crt. For certificates made before run signing existed, `--make-certs` adds it."""
+    directory = Path(directory)
+    for name in (OPERATOR_KEY, OPERATOR_PUB):
+        if (directory / name).exists():
+            raise FileExistsError(
+                f"{directory / name} already exists; hospitals may trust it. Delete it "
+                f"deliberately to make a new one"
+            )
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(directory / OPERATOR_KEY, key)
+    (directory / OPERATOR_PUB).write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return directory / OPERATOR_PUB
 
 
 def make_hospital_key(private_key_path):
@@ -126,20 +158,39 @@ def make_hospital_key(private_key_path):
     return public_key_path
 
 
-def check_hospital_keys(directory):
-    """The hospitals' public keys (*.pub) in `directory`, each checked to be one the
-    SuperLink accepts (EC on a NIST curve, OpenSSH format); ValueError otherwise."""
-    keys = sorted(Path(directory).glob("*.pub"))
-    if not keys:
+def check_hospital_keys(directory, num_clients):
+    """The enrolled hospitals' public keys in `directory`: {hospital number: path}.
+    Each file is named hospital-N.pub after the number the key is enrolled for, for
+    N in 0..num_clients-1, and holds a key the SuperLink accepts (EC on a NIST curve,
+    OpenSSH format); ValueError, naming the file, otherwise."""
+    paths = sorted(Path(directory).glob("*.pub"))
+    if not paths:
         raise ValueError(
             f"no hospital public keys (*.pub) in {directory}: each hospital makes one with "
             f"`python client.py --client-id N --make-key` and sends you the .pub file"
         )
-    for path in keys:
-        try:
-            key = serialization.load_ssh_public_key(path.read_bytes())
-        except ValueError as error:
-            raise ValueError(f"{path} is not an OpenSSH public key ({error})") from None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise ValueError(f"{path} is not an elliptic-curve key: make it with --make-key")
-    return keys
+    enrolled, seen = {}, set()
+    for path in paths:
+        name = ENROLLED_KEY_NAME.fullmatch(path.name)
+        if not name or int(name[1]) >= num_clients:
+            raise ValueError(
+                f"{path}: name each enrolled key hospital-N.pub after the number of the "
+                f"hospital it belongs to, N in 0..{num_clients - 1}"
+            )
+        key = load_hospital_key(path).public_numbers()
+        if key in seen:
+            raise ValueError(f"{path} holds the same key as another hospital's file")
+        seen.add(key)
+        enrolled[int(name[1])] = path
+    return enrolled
+
+
+def load_hospital_key(path):
+    """A hospital's public key (OpenSSH, elliptic curve), or ValueError naming the file."""
+    try:
+        key = serialization.load_ssh_public_key(Path(path).read_bytes())
+    except ValueError as error:
+        raise ValueError(f"{path} is not an OpenSSH public key ({error})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{path} is not an elliptic-curve key: make it with --make-key")
+    return key

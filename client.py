@@ -13,6 +13,9 @@ whatever the server asks for, and its privacy ledger lives in its own state
 directory, so that every run on its patients spends from the same budget. It never
 trains without that ledger. It also decides whether its updates go out only through
 secure aggregation, and it runs only an app identical to its own copy (pinning.py).
+A deployed hospital takes part only in runs its server's operator signed, each run
+once (authorisation.py), and proves its identity with its enrolled key before it
+trains (admission.py).
 """
 
 import json
@@ -24,11 +27,16 @@ from logging import ERROR
 from pathlib import Path
 
 import torch
-from flwr.app import Context, MessageType
+from flwr.app import Context, Message, MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, GetPropertiesRes, Status
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import (
+    getpropertiesres_to_recorddict,
+    recorddict_to_getpropertiesins,
+)
 from rich.markup import escape
 
 import data_utils
@@ -37,7 +45,8 @@ import reporting
 import runtime
 import settings
 import training
-from certificates import make_hospital_key
+from authorisation import Unauthorised, prove_identity, verify_run
+from certificates import OPERATOR_PUB, make_hospital_key
 from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from privacy import ACCOUNTANT, BudgetExhausted, LedgerError, PrivacyLedger
 from results import HOSPITALS_DIR_VARIABLE, default_state_root, read_json, write_json
@@ -46,6 +55,7 @@ STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
 AUTH_KEY = "hospital.key"  # ... its identity for servers that admit only enrolled hospitals
 EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its patients
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
+REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
 # Settings that belong to the hospital, not the server (see the module docstring);
 # the others are the server's to decide for the run.
 HOSPITAL_SETTINGS = ("epsilon", "delta", "adjacency", "test_fraction", "secure_aggregation")
@@ -70,11 +80,11 @@ class HospitalClient(NumPyClient):
 
     def fit(self, parameters, config):
         server_round = int(config["server_round"])
-        if self.cfg.secure_aggregation == "on" and len(self.y) > self.cfg.secagg_max_patients:
+        if len(self.y) > self.cfg.max_patients:  # the server would reject the update
             raise ValueError(
                 f"hospital {self.hospital} trains on {len(self.y)} patients, more than "
-                f"secagg_max_patients ({self.cfg.secagg_max_patients}) allows under secure "
-                f"aggregation: the server must raise secagg_max_patients"
+                f"the server's cap on one hospital's weight (max_patients "
+                f"{self.cfg.max_patients}): the server's operator must raise max_patients"
             )
         self._evaluate_locally(parameters, server_round - 1)
         sample_rate, steps = training.sample_rate_and_steps(len(self.y), self.cfg)
@@ -210,12 +220,14 @@ def client_fn(context: Context):
             "the server's run uses dataset csv but this hospital brought no data of its "
             "own: start it with client.py --data FILE --schema FILE"
         )
+    state_dir = hospital_state_dir(context, hospital)
+    check_run(context, cfg, state_dir)
     try:
         hospital_client = HospitalClient(
             hospital,
             cfg,
             context.run_id,
-            hospital_state_dir(context, hospital),
+            state_dir,
             node.get("data-file"),
             node.get("schema-file"),
         )
@@ -229,12 +241,80 @@ def client_fn(context: Context):
     return hospital_client.to_client()
 
 
-def secure_aggregation_mod(message, context, call_next):
-    """Take part in SecAgg+ (Flower's secaggplus_mod) exactly when this hospital's
+def check_run(context, cfg, state_dir):
+    """Raise Unauthorised unless this run may spend this hospital's budget: in
+    deployment, its server's operator signed it (checked against the operator's
+    public key the hospital was given) and no other run used that signature before.
+    Simulated hospitals belong to the operator who runs simulation.py; a hospital
+    started with --insecure has no operator key and was warned so."""
+    if is_simulated(context):
+        return
+    operator_pub = context.node_config.get("operator-key")
+    try:
+        if operator_pub is None:
+            raise Unauthorised(
+                "this hospital has no operator key to check runs against: start it with "
+                "`python client.py --client-id N`"
+            )
+        if not operator_pub:
+            return  # client.py --insecure
+        nonce = verify_run(context.run_config, operator_pub)["nonce"]
+        ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+        with ledger.transaction():
+            if not ledger.authorised_run(nonce, context.run_id):
+                raise Unauthorised("its authorisation was already used by another run (a replay)")
+    except Unauthorised as refusal:
+        _refuse_run(state_dir, context.run_id, f"the run is not authorised: {refusal}")
+        raise
+
+
+def _refuse_run(state_dir, run_id, reason):
+    """Tell this hospital's operator (client.py watches the status file)."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
+    write_json(Path(state_dir) / STATUS_FILE, status)
+
+
+def admission_answer(question, context):
+    """This hospital's answer to the server's admission question (admission.py): its
+    number, why it cannot take part in this run if it cannot (the run is not
+    authorised, or the server's secure_aggregation differs from its own), and its
+    signature of the server's challenge with its enrolled key, if it has one."""
+    hospital, cfg = hospital_settings(context)
+    state_dir = hospital_state_dir(context, hospital)
+    problem = ""
+    try:
+        check_run(context, cfg, state_dir)
+    except Unauthorised as refusal:
+        problem = f"it refused the run: {refusal}"
+    asked = question["secure_aggregation"]
+    if not problem and asked != cfg.secure_aggregation:
+        problem = (
+            f"the server's secure_aggregation is {asked} but this hospital's is "
+            f"{cfg.secure_aggregation}: both sides must agree (client.py "
+            f"--secure-aggregation {asked}, or ask the server's operator)"
+        )
+        _refuse_run(state_dir, context.run_id, problem)
+    key = state_dir / AUTH_KEY
+    proof = ""
+    if not is_simulated(context) and key.exists():
+        proof = prove_identity(
+            key, question["challenge"], context.run_id, context.node_id, hospital
+        )
+    return {"hospital": hospital, "problem": problem, "proof": proof}
+
+
+def hospital_mod(message, context, call_next):
+    """Answer the server's admission question (without loading any data), and take
+    part in SecAgg+ (Flower's secaggplus_mod) exactly when this hospital's
     secure_aggregation setting says so. A hospital that expects it never sends its
-    update in the clear, and a mismatch either way is an error the server reports
-    (otherwise SecAgg+ halts silently, round after round)."""
-    if message.metadata.message_type != MessageType.TRAIN:
+    update in the clear."""
+    kind = message.metadata.message_type
+    if kind == MessageType.QUERY:
+        question = recorddict_to_getpropertiesins(message.content).config
+        answer = GetPropertiesRes(Status(Code.OK, ""), admission_answer(question, context))
+        return Message(getpropertiesres_to_recorddict(answer), reply_to=message)
+    if kind != MessageType.TRAIN:
         return call_next(message, context)
     asked = "on" if RECORD_KEY_CONFIGS in message.content.config_records else "off"
     own = hospital_settings(context)[1].secure_aggregation
@@ -265,7 +345,7 @@ def hospital_state_dir(context, hospital):
     )
 
 
-app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+app = ClientApp(client_fn=client_fn, mods=[hospital_mod])
 
 
 def join(argv=None):
@@ -287,9 +367,16 @@ def join(argv=None):
         help="the federation's CA certificate (a copy of the server's)",
     )
     group.add_argument(
+        "--operator-key",
+        default="",
+        help="the operator's public key, which every run must be signed with (a copy of "
+        "the server's certs/operator.pub) [default: operator.pub beside --root-certificates]",
+    )
+    group.add_argument(
         "--insecure",
         action="store_true",
-        help="no TLS: only against a server started with --insecure",
+        help="no TLS, and runs are not checked for the operator's signature: only "
+        "against a server started with --insecure",
     )
     group.add_argument(
         "--state-dir",
@@ -356,6 +443,14 @@ def join(argv=None):
             f"no CA certificate at {ca_cert}: copy the server's certs/ca.crt "
             f"(made by `python server.py --make-certs`) or pass --root-certificates"
         )
+    operator_pub = ""
+    if ca_cert:
+        operator_pub = Path(args.operator_key or ca_cert.with_name(OPERATOR_PUB)).resolve()
+        if not operator_pub.is_file():
+            parser.error(
+                f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
+                f"(made by `python server.py --make-certs`) or pass --operator-key"
+            )
     own_data = {}
     if args.data or args.schema:
         if not (args.data and args.schema):
@@ -373,7 +468,8 @@ def join(argv=None):
     if args.insecure:
         console.print(
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
-            "cross the network unencrypted to an unauthenticated server.[/]"
+            "cross the network unencrypted to an unauthenticated server, and it trains "
+            "for any run, signed by the operator or not.[/]"
         )
     if args.trust_server_app:
         console.print(
@@ -390,6 +486,7 @@ def join(argv=None):
         "partition-id": args.client_id,
         "num-partitions": cfg.num_clients,
         "state-dir": str(state_dir),
+        "operator-key": str(operator_pub),
         **own_data,
         **{name: getattr(cfg, name) for name in HOSPITAL_SETTINGS},
     }
@@ -487,6 +584,11 @@ def show_status(status, state_dir, console):
     if status["status"] == pinning.REFUSED:
         console.print(f"[red]Refused to run the server's app:[/] {escape(status['reason'])}")
         return 1
+    if status["status"] == REFUSED_RUN:  # nothing spent; the server's own run may follow
+        console.print(
+            f"[red]Did not take part in run {status['run_id']}:[/] {escape(status['reason'])}"
+        )
+        return None
     spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
     if status["status"] == "trained":
         console.print(f"Round {status['round']}: trained; {spent}")

@@ -16,9 +16,7 @@ min_fit_clients = 2  # hospitals a round trains with at the least (others may dr
 secure_aggregation = (
     "auto"  # SecAgg+: "on", "off", or "auto" = on in deployment, off in simulation.py
 )
-secagg_max_patients = (
-    10000  # SecAgg+: most training patients a hospital may have (its weight's scale)
-)
+max_patients = 10000  # most training patients a hospital may claim: caps its FedAvg weight
 aggregation = "fedavg"  # "fedavg" (weighted mean), "median" or "trimmed-mean" (robust; no SecAgg+)
 max_update_norm = 100.0  # an update moving the model further than this (L2) is rejected as corrupt
 

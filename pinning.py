@@ -1,4 +1,4 @@
-"""A hospital runs only the code it approved.
+"""A hospital runs only the code it approved, and so does the server.
 
 In a Flower deployment the server ships the app (this repository's modules) and
 every SuperNode runs what it receives: a hostile or compromised server could ship
@@ -12,7 +12,10 @@ Anything else is refused and never runs.
 
 How it is enforced: a SuperNode starts each ClientApp with the first
 `flwr-clientapp` command on its PATH; client.py puts the launcher written by
-`install_launcher` there, which checks the app before handing it to Flower.
+`install_launcher` there, which checks the app before handing it to Flower. The
+server's SuperLink starts each ServerApp with `flwr-serverapp` the same way, and
+server.py pins it to the operator's checkout: a run submitted with other code (say,
+through the Control API) never runs on the server's machine.
 """
 
 import importlib
@@ -26,7 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 APP_DIR = Path(__file__).resolve().parent
-LAUNCHER = "flwr-clientapp"  # the command a SuperNode runs for each ClientApp
+# The command Flower runs for each app process: (module with its installer, CLI module).
+LAUNCHERS = {
+    "flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli.flwr_clientapp"),
+    "flwr-serverapp": ("flwr.superlink.runtime.run_serverapp", "flwr.superlink.cli.flwr_serverapp"),
+}
 REFUSED = "untrusted-app"  # the status a refused app leaves in the hospital's status file
 
 
@@ -51,31 +58,32 @@ def differences(bundle_bytes, app_dir=APP_DIR):
     return differing
 
 
-def install_launcher(bin_dir, status_file, pinned=True):
-    """Write the `flwr-clientapp` command for this hospital's SuperNode; put
-    `bin_dir` first on the SuperNode's PATH."""
+def install_launcher(bin_dir, status_file=None, pinned=True, command="flwr-clientapp"):
+    """Write Flower's `command` (flwr-clientapp for a hospital's SuperNode,
+    flwr-serverapp for the server's SuperLink), pinned to this copy of the app
+    unless `pinned` is false; put `bin_dir` first on the PATH of the process that
+    runs it. Refusals also go to `status_file` (the hospital's), if given."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    launcher = bin_dir / LAUNCHER
+    launcher = bin_dir / command
+    status = str(status_file) if status_file else None
     launcher.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
         f"sys.path.insert(0, {str(APP_DIR)!r})\n"
         "import pinning\n"
         "sys.path.pop(0)  # the app itself is loaded from Flower's install\n"
-        f"pinning.run_clientapp({str(status_file)!r}, pinned={pinned!r})\n"
+        f"pinning.run_pinned({command!r}, {status!r}, pinned={pinned!r})\n"
     )
     launcher.chmod(0o755)
     return bin_dir
 
 
-def run_clientapp(status_file, pinned=True):
-    """Flower's `flwr-clientapp`, installing a shipped app only if it matches this
-    hospital's copy. Flower 1.42 offers no hook for this, so the check wraps its
-    installer (flwr is pinned; tests/test_security.py proves the refusal)."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-    runner = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-
+def run_pinned(command, status_file=None, pinned=True):
+    """Flower's `command`, installing a shipped app only if it matches this copy.
+    Flower 1.42 offers no hook for this, so the check wraps its installer (flwr is
+    pinned; tests/test_security.py proves the refusals)."""
+    installer_module, cli_module = LAUNCHERS[command]
+    runner = importlib.import_module(installer_module)
     if pinned:
         install = runner.install_from_fab
 
@@ -83,15 +91,16 @@ def run_clientapp(status_file, pinned=True):
             differing = differences(bundle_bytes)
             if differing:
                 reason = (
-                    f"the server shipped an app that differs from this hospital's approved "
-                    f"copy ({APP_DIR}) in {', '.join(differing)}; it was not run"
+                    f"the app submitted differs from the approved copy ({APP_DIR}) in "
+                    f"{', '.join(differing)}; it was not run"
                 )
-                _record_refusal(Path(status_file), reason)
+                if status_file:
+                    _record_refusal(Path(status_file), reason)
                 raise PermissionError(reason)
             return install(bundle_bytes, *args, **kwargs)
 
         runner.install_from_fab = install_if_approved
-    flwr_clientapp()
+    getattr(importlib.import_module(cli_module), command.replace("-", "_"))()
 
 
 def _record_refusal(status_file, reason):

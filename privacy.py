@@ -275,6 +275,16 @@ class PrivacyLedger:
                 {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
             )
 
+    def authorised_run(self, nonce, run_id):
+        """Whether run `run_id` may use the operator's authorisation `nonce`: the first
+        run that presents it may, and no other, so a replayed authorisation spends
+        nothing (authorisation.py). The first use is recorded at once."""
+        runs = self.data.setdefault("authorisations", {})
+        if nonce not in runs:
+            runs[nonce] = str(run_id)
+            self._save()
+        return runs[nonce] == str(run_id)
+
     @property
     def releases(self):
         return self.data["releases"]

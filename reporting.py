@@ -106,19 +106,35 @@ def round_line(record, cfg):
             f"\n  [red]hospital {rejection['hospital']}'s update rejected:[/] "
             f"{escape(rejection['reason'])}"
         )
+    if record.get("discarded"):
+        line += f"\n  [red]round discarded, budgets spent:[/] {escape(record['discarded'])}"
     return line
 
 
 def idle_rounds(metrics):
-    """Rounds in which no hospital trained, so the global model did not change."""
-    return [r["round"] for r in metrics["rounds"] if r["hospitals_trained"] == 0]
+    """Rounds in which no hospital trained, so the global model did not change
+    (discarded rounds, in which they did, are reported apart)."""
+    return [
+        r["round"]
+        for r in metrics["rounds"]
+        if r["hospitals_trained"] == 0 and not r.get("discarded")
+    ]
 
 
 def shortfalls(metrics):
     """What went wrong in a finished run, in words (empty if nothing did)."""
     failed = [r["round"] for r in metrics["rounds"] if r["failures"]]
     rejected = [r["round"] for r in metrics["rounds"] if r.get("rejected")]
+    discarded = [r["round"] for r in metrics["rounds"] if r.get("discarded")]
     found = []
+    if metrics.get("refused_nodes"):
+        nodes = ", ".join(f"node {n['node']} ({n['reason']})" for n in metrics["refused_nodes"])
+        found.append(f"nodes that were not admitted as hospitals: {nodes}")
+    if discarded:
+        found.append(
+            f"rounds {discarded} were discarded after the hospitals trained: their model "
+            f"was not used, yet the hospitals' ledgers count them as spent"
+        )
     if failed:
         found.append(f"hospitals failed in rounds {failed}: the model was averaged without them")
     if rejected:
@@ -155,7 +171,7 @@ def follow(process, run_dir, cfg, console):
                     progress.console.print(round_line(record, cfg))
                 shown = len(metrics["rounds"])
                 connected = metrics["hospitals_connected"]
-                waiting = f"Waiting for hospitals: {connected}/{cfg.num_clients} connected"
+                waiting = f"Waiting for hospitals: {connected}/{cfg.num_clients} admitted"
                 description = "Federated training" if connected == cfg.num_clients else waiting
                 progress.update(task, completed=shown, description=description)
             if finished or (metrics and metrics["status"] != "running"):

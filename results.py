@@ -100,13 +100,16 @@ def new_run_dir(requested):
     return run_dir
 
 
-def mark_stopped(run_dir, status):
-    """Leave a clear status in metrics.json when the server could not."""
+def mark_stopped(run_dir, status, reason=None):
+    """Leave a clear status (and why, if known) in metrics.json when the server
+    could not."""
     path = Path(run_dir) / METRICS_FILE
     if path.exists():
         metrics = read_json(path)
         if metrics["status"] == "running":
             metrics["status"] = status
+            if reason:
+                metrics["error"] = reason
             write_json(path, metrics)
 
 

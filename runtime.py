@@ -5,6 +5,7 @@ after Ctrl-C or an error)."""
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import tomli_w
 
+import authorisation
+import pinning
 import reporting
 import settings
 from results import mark_stopped
@@ -184,11 +187,14 @@ def flower_process(command, flwr_home, log_name, bin_dir=None, environment=None)
 @contextmanager
 def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None, environment=None):
     """Run `flower-superlink` (TLS when `ca_cert` is given, with the certificate
-    and key in extra_args); yield the address `flwr run` reaches it at."""
+    and key in extra_args) behind superlink_gate.py, its ServerApps pinned to this
+    copy of the app (pinning.py); yield the address `flwr run` reaches it at."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    bin_dir = pinning.install_launcher(flwr_home / "bin", command="flwr-serverapp")
     command = [
-        executable("flower-superlink"),
+        sys.executable,
+        str(APP_DIR / "superlink_gate.py"),
         "--host",
         host,
         "--port",
@@ -198,7 +204,7 @@ def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None,
         *extra_args,
     ]
     address = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
-    with flower_process(command, flwr_home, "superlink.log", environment=environment) as process:
+    with flower_process(command, flwr_home, "superlink.log", bin_dir, environment) as process:
         _wait_until_healthy(process, address, ca_cert, flwr_home / "superlink.log")
         yield address
 
@@ -246,11 +252,30 @@ def enroll(flwr_home, public_keys):
             raise FlowerError(f"could not enroll the hospital key {key}: {output[-500:]}")
 
 
-def flwr_run(flwr_home, address, cfg, federation_config=()):
-    """Submit this app to the SuperLink (see connect_cli) with `flwr run --stream`: a
-    context manager yielding the process, whose output goes to flwr-run.log."""
+def stopped_by_flower(flwr_home):
+    """Whether Flower records this SuperLink's run (the one `flwr run` started, see
+    flwr-run.log) as stopped, i.e. someone ran `flwr stop` on it."""
+    started = re.search(r"started run (\d+)", log_tail(flwr_home / "flwr-run.log", 10**6))
+    if not started:
+        return False
+    command = [executable("flwr"), "ls", "run", "--run-id", started[1], "--format", "json"]
+    try:
+        listing = subprocess.run(
+            command, cwd=flwr_home, env=flower_env(flwr_home), capture_output=True, timeout=60
+        )
+        return json.loads(listing.stdout)["runs"][0]["status"] == "finished:stopped"
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
+        return False
+
+
+def flwr_run(flwr_home, address, cfg, federation_config=(), operator_key=None):
+    """Submit this app to the SuperLink (see connect_cli) with `flwr run --stream`,
+    signed with `operator_key` if given (authorisation.py): a context manager
+    yielding the process, whose output goes to flwr-run.log."""
+    settings_json = settings.to_json(cfg)
+    signed = authorisation.authorise(settings_json, operator_key) if operator_key else {}
     run_config = flwr_home / "run-config.toml"
-    run_config.write_text(tomli_w.dumps({"settings": settings.to_json(cfg)}))
+    run_config.write_text(tomli_w.dumps({"settings": settings_json, **signed}))
     command = [executable("flwr"), "run", str(APP_DIR), "run", "--stream"]
     command += ["--run-config", str(run_config)]
     if federation_config:
@@ -338,13 +363,15 @@ def run_federation(
     federation_config=(),
     ca_cert=None,
     hospital_keys=(),
+    operator_key=None,
     environment=None,
     **where,
 ):
     """One whole training on a SuperLink of our own (with `environment` added to
-    its own): start it, enroll the hospitals' keys (if any), submit the app, show
-    the rounds. Returns (exit code, metrics of the finished run, or None after
-    saying what went wrong). `where` (host, port) says where the SuperLink listens."""
+    its own): start it, enroll the hospitals' keys (if any), submit the app (signed
+    with `operator_key`, if given), show the rounds. Returns (exit code, metrics of
+    the finished run, or None after saying what went wrong). `where` (host, port)
+    says where the SuperLink listens."""
     run_dir = Path(cfg.run_dir)
     flwr_home = run_dir / "flower"
     try:
@@ -353,8 +380,9 @@ def run_federation(
         ) as address:
             connect_cli(flwr_home, address, ca_cert)
             enroll(flwr_home, hospital_keys)
-            with flwr_run(flwr_home, address, cfg, federation_config) as process:
+            with flwr_run(flwr_home, address, cfg, federation_config, operator_key) as process:
                 metrics = reporting.follow(process, run_dir, cfg, console)
+            stopped = (metrics or {}).get("status") == "running" and stopped_by_flower(flwr_home)
     except KeyboardInterrupt:
         mark_stopped(run_dir, "interrupted")
         console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")
@@ -362,6 +390,16 @@ def run_federation(
     except FlowerError as error:
         mark_stopped(run_dir, "failed")
         console.print(f"[red]Flower failed:[/] {error}")
+        return 1, None
+    if stopped:
+        reason = (
+            "stopped through Flower's Control API (`flwr stop`), which answers on this "
+            "machine's loopback only; Flower's open-source SuperLink does not record who "
+            "stopped it. Hospitals that trained in the unfinished round have recorded it "
+            "as spent; they leave once they lose the server (client.py --connect-timeout)"
+        )
+        mark_stopped(run_dir, "stopped", reason)
+        console.print(f"[red]The run was stopped:[/] {reason}. Partial results in {run_dir}")
         return 1, None
     if not metrics or metrics["status"] != "finished":
         mark_stopped(run_dir, "failed")

@@ -3,7 +3,9 @@ evaluates the global model on its own reference test set after every round, and
 writes the run's results (results.py). `app` is the Flower ServerApp.
 
 It never computes a hospital's epsilon itself: each hospital accounts for its own
-data and reports what it has spent; the server records those reports.
+data and reports what it has spent; the server checks and records those reports.
+Only nodes admitted as the run's hospitals (admission.py) take part, and in
+deployment the ServerApp runs only a run its operator signed (authorisation.py).
 
 Run as a script, it is the deployment server: a TLS SuperLink that hospitals
 (`python client.py --client-id N`) connect to, and one training run on it:
@@ -14,6 +16,7 @@ Run as a script, it is the deployment server: a TLS SuperLink that hospitals
 
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType
-from flwr.common import EvaluateIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict
 from flwr.server import LegacyContext, ServerConfig
@@ -37,7 +40,19 @@ import data_utils
 import reporting
 import runtime
 import settings
-from certificates import CA_CERT, SERVER_CERT, SERVER_KEY, check_hospital_keys, make_certificates
+from admission import Admission, report_problem
+from authorisation import Unauthorised, claim, verify_run
+from certificates import (
+    CA_CERT,
+    OPERATOR_KEY,
+    OPERATOR_PUB,
+    SERVER_CERT,
+    SERVER_KEY,
+    check_hospital_keys,
+    load_hospital_key,
+    make_certificates,
+    make_operator_key,
+)
 from model import (
     build_model,
     clinical_metrics,
@@ -73,6 +88,11 @@ AGGREGATIONS = {
 # them can unmask a hospital that drops out mid-round (fewer cannot).
 SECAGG_SHARES, SECAGG_THRESHOLD = 1.0, 2 / 3
 SECAGG_TIMEOUT = 300  # seconds; a hospital silent this long in a SecAgg+ step has dropped out
+# Set by `python server.py` for its own SuperLink, never by whoever submits a run: the
+# operator's public key (runs must be signed with its private half) and the folder
+# of enrolled hospitals' keys (hospital-N.pub).
+OPERATOR_PUB_VARIABLE = "SECUREHEALTH_OPERATOR_PUB"
+ENROLLED_KEYS_VARIABLE = "SECUREHEALTH_ENROLLED_KEYS"
 
 
 class AggregationError(RuntimeError):
@@ -80,11 +100,12 @@ class AggregationError(RuntimeError):
 
 
 class HospitalFedAvg(FedAvg):
-    """FedAvg over every hospital each round, recording each hospital's privacy
-    report, leaving out any hospital that refused to train, and rejecting (by
-    hospital) any update that is not a sound model of the right shape."""
+    """FedAvg over the admitted hospitals each round, recording each hospital's
+    privacy report, leaving out any hospital that refused to train, and rejecting
+    (by hospital) any update that is not a sound model of the right shape or comes
+    with an unsound report."""
 
-    def __init__(self, cfg, run_dir):
+    def __init__(self, cfg, run_dir, admission):
         self.schema = data_utils.load_schema(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(len(self.schema.input_names), cfg.hidden_layers)
@@ -101,16 +122,18 @@ class HospitalFedAvg(FedAvg):
             on_fit_config_fn=lambda server_round: {"server_round": server_round},
             evaluate_fn=self._evaluate_global,
         )
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir, self.admission = cfg, run_dir, admission
         self.test_x, self.test_y, reference = data_utils.reference_test_set(cfg)
         self.started = time.monotonic()
         self.reports = {}  # hospital id -> its latest report
         self.round_reports, self.round_failures, self.round_rejections = {}, [], []
         self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
         self.round_accepted = 0  # updates that went into that round's model
+        self.round_discarded = None  # why the round's (secure) sum was thrown away
         self.results = {
             "status": "running",
             "hospitals_connected": 0,
+            "refused_nodes": [],
             "config": vars(cfg),
             "data": {
                 "name": self.schema.name,
@@ -124,22 +147,57 @@ class HospitalFedAvg(FedAvg):
         }
         self.save()
 
+    def configure_fit(self, server_round, parameters, client_manager):
+        """Train every admitted hospital that is connected, and no other node."""
+        self.admission.refresh()  # a hospital that restarted asks to be admitted again
+        self.results["refused_nodes"] = self.admission.refusals()
+        members = [
+            proxy
+            for proxy in client_manager.all().values()
+            if proxy.node_id in self.admission.members
+        ]
+        if len(members) < self.min_fit_clients:
+            raise AggregationError(
+                f"round {server_round}: only {len(members)} admitted hospitals are "
+                f"connected, fewer than min_fit_clients ({self.min_fit_clients})"
+            )
+        instruction = FitIns(parameters, {"server_round": server_round})
+        return [(proxy, instruction) for proxy in members]
+
     def aggregate_fit(self, server_round, results, failures):
         """The new global model from this round's sound updates. Under SecAgg+ every
-        result carries the same, already summed model: it is checked as a whole."""
+        result carries the same, already summed model: it is checked as a whole, and
+        thrown away if any hospital's report in it is unsound (its update cannot be
+        taken out of the sum)."""
         self.aggregated_round = server_round
-        self.round_reports, self.round_rejections = {}, []
+        self.round_reports, self.round_rejections, self.round_discarded = {}, [], None
         accepted = []
-        for _, fit_res in results:
+        for proxy, fit_res in results:
             report = dict(fit_res.metrics)
-            hospital = str(report.pop("hospital"))
+            hospital = self.admission.members.get(proxy.node_id)
+            problem = (
+                f"node {proxy.node_id} is not an admitted hospital"
+                if hospital is None
+                else report_problem(
+                    report,
+                    fit_res.num_examples,
+                    hospital,
+                    self.reports.get(str(hospital)),
+                    self.cfg.max_patients,
+                )
+            )
+            name = str(proxy.node_id if hospital is None else hospital)
+            if problem:
+                self._reject(name, server_round, problem)
+                continue
+            report.pop("hospital")
             report["releases"] = json.loads(report["releases"])
-            self.round_reports[hospital] = report
+            self.round_reports[name] = report
             if report["status"] != "trained":
                 log(
                     WARNING,
                     "Hospital %s did not train in round %d: %s",
-                    hospital,
+                    name,
                     server_round,
                     report["reason"],
                 )
@@ -147,20 +205,20 @@ class HospitalFedAvg(FedAvg):
             weights = parameters_to_ndarrays(fit_res.parameters)
             problem = None if self.secure else self.check_update(weights)
             if problem:
-                log(
-                    WARNING,
-                    "Rejected hospital %s's update in round %d: %s",
-                    hospital,
-                    server_round,
-                    problem,
-                )
-                self.round_rejections.append({"hospital": hospital, "reason": problem})
+                self._reject(name, server_round, problem)
             else:
                 accepted.append((weights, fit_res.num_examples))
         self.round_failures = [failure_reason(f) for f in failures]
         for reason in self.round_failures:
             log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
         self.reports.update(self.round_reports)
+        if self.secure and self.round_rejections and accepted:
+            self.round_discarded = (
+                "secure aggregation summed an update whose hospital sent an unsound report; "
+                "the sum cannot be separated, so the round's model was thrown away"
+            )
+            log(WARNING, "Round %d discarded: %s", server_round, self.round_discarded)
+            accepted = []
         self.round_accepted = len(accepted)
         if not accepted:
             return None, {}
@@ -175,6 +233,16 @@ class HospitalFedAvg(FedAvg):
                 )
             return ndarrays_to_parameters(accepted[0][0]), {}
         return ndarrays_to_parameters(AGGREGATIONS[self.cfg.aggregation](accepted)), {}
+
+    def _reject(self, hospital, server_round, problem):
+        log(
+            WARNING,
+            "Rejected hospital %s's update in round %d: %s",
+            hospital,
+            server_round,
+            problem,
+        )
+        self.round_rejections.append({"hospital": hospital, "reason": problem})
 
     @property
     def secure(self):
@@ -217,15 +285,23 @@ class HospitalFedAvg(FedAvg):
 
     def _check_round_applied(self, server_round):
         """Stop the run when a round's updates never reached the global model for a
-        reason other than spent budgets, instead of carrying on with a stale model."""
+        reason other than spent budgets or a discarded sum, instead of carrying on
+        with a stale model. The hospitals that trained have recorded the round as
+        spent in their ledgers either way: their updates were released."""
+        spent = (
+            "the hospitals that trained in it have recorded it as spent in their privacy ledgers"
+        )
         if self.aggregated_round != server_round:
             raise AggregationError(
-                f"round {server_round}: no update reached the global model: secure "
-                f"aggregation halted before the sum was complete. Usually the server "
-                f"(secure_aggregation on) and a hospital disagree on secure_aggregation, "
-                f"or fewer than two thirds of the hospitals answered; see the hospitals' "
-                f"consoles"
+                f"round {server_round} was discarded: secure aggregation halted before "
+                f"the sum was complete (fewer than two thirds of the hospitals answered, "
+                f"or one failed mid-protocol; see the hospitals' consoles); {spent}"
             )
+        if self.round_discarded:
+            self.results.setdefault("discarded_rounds", []).append(
+                {"round": server_round, "reason": f"{self.round_discarded}; {spent}"}
+            )
+            return
         if self.round_accepted or not (self.round_failures or self.round_rejections):
             return  # an update went in, or every hospital declined (spent budgets)
         reasons = self.round_failures + [
@@ -244,6 +320,7 @@ class HospitalFedAvg(FedAvg):
                 "hospitals_trained": self.round_accepted,  # updates in the average
                 "failures": self.round_failures,
                 "rejected": self.round_rejections,
+                **({"discarded": self.round_discarded} if self.round_discarded else {}),
                 "hospitals": self.round_reports,
             }
         )
@@ -312,34 +389,43 @@ def failure_reason(failure):
     return re.sub(r"(?s)^.*Message: |'>$", "", reason).strip()
 
 
-def wait_for_hospitals(grid, cfg, strategy):
-    """Start only when exactly num_clients hospitals are connected; otherwise stop
-    with a message that says what to change, instead of waiting for a day."""
+def wait_for_hospitals(admission, cfg, strategy):
+    """Start only when every hospital 0..num_clients-1 has been admitted, and before
+    anyone trains, stop if one of them cannot take part (it disagrees on a setting
+    that would void the round, or refused the run); otherwise stop with a message
+    that says what to change, instead of waiting for a day."""
     deadline = time.monotonic() + cfg.join_timeout
-    while (connected := len(grid.get_node_ids())) < cfg.num_clients:
-        if connected != strategy.results["hospitals_connected"]:
-            strategy.results["hospitals_connected"] = connected
-            strategy.save()
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {connected} of {cfg.num_clients} hospitals connected within "
-                f"{cfg.join_timeout} s (join_timeout). With `flwr run`, give the "
-                f"federation that many nodes: --federation-config "
-                f"num-supernodes={cfg.num_clients}"
+    while True:
+        admission.refresh()
+        strategy.results["refused_nodes"] = admission.refusals()
+        strategy.results["hospitals_connected"] = len(admission.members)
+        strategy.save()
+        if admission.disagreeing:
+            reasons = "; ".join(
+                f"hospital {h}: {reason}" for h, reason in admission.disagreeing.values()
             )
-        log(INFO, "Waiting for hospitals: %d of %d connected", connected, cfg.num_clients)
-        time.sleep(1)
-    if connected > cfg.num_clients:
-        raise RuntimeError(
-            f"{connected} hospitals connected but num_clients is {cfg.num_clients}: "
-            f"set num_clients to {connected} or connect fewer"
+            raise RuntimeError(f"not every hospital can take part, so nobody trained: {reasons}")
+        if admission.complete():
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(cfg.num_clients)) - set(admission.members.values()))
+            raise RuntimeError(
+                f"hospitals {missing} were not admitted within {cfg.join_timeout} s "
+                f"(join_timeout; {len(admission.refused)} nodes refused, see metrics.json's "
+                f"refused_nodes). With `flwr run`, give the federation that many nodes: "
+                f"--federation-config num-supernodes={cfg.num_clients}"
+            )
+        log(
+            INFO,
+            "Waiting for hospitals: %d of %d admitted",
+            len(admission.members),
+            cfg.num_clients,
         )
-    strategy.results["hospitals_connected"] = connected
-    strategy.save()
+        time.sleep(1)
 
 
-def tell_hospitals(grid, status, reason, final_weights, rounds):
-    """Tell every connected hospital that the run has ended, so that its launcher can
+def tell_hospitals(grid, nodes, status, reason, final_weights, rounds):
+    """Tell the run's hospitals (`nodes`) that the run has ended, so that its launcher can
     stop (a SuperNode never exits by itself), and give it the final model to
     evaluate on its own held-out patients. The NumPyClient API has no message for
     this; an evaluate request carries it, and its reply is only an acknowledgement.
@@ -355,8 +441,7 @@ def tell_hospitals(grid, status, reason, final_weights, rounds):
         keep_input=True,
     )
     messages = [
-        Message(instruction, dst_node_id=node, message_type=MessageType.EVALUATE)
-        for node in grid.get_node_ids()
+        Message(instruction, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes
     ]
     notice = threading.Thread(target=grid.send_and_receive, args=(messages,), daemon=True)
     notice.start()
@@ -411,18 +496,25 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = settings.decide_auto(settings.from_run_config(context.run_config))
     run_dir = run_directory(cfg, context.run_id)
+    operator_pub = os.environ.get(OPERATOR_PUB_VARIABLE)
+    if operator_pub:  # started by server.py: nothing runs that its operator did not sign
+        try:
+            claim(run_dir, verify_run(context.run_config, operator_pub), context.run_id)
+        except Unauthorised as refusal:
+            raise Unauthorised(f"run {context.run_id} refused: {refusal}") from None
     log(INFO, "SecureHealth-ML: results go to %s", run_dir)
     grid = PromptGrid(grid)
-    strategy = HospitalFedAvg(cfg, run_dir)
+    admission = Admission(grid, cfg, context.run_id, enrolled_keys(cfg))
+    strategy = HospitalFedAvg(cfg, run_dir, admission)
     legacy_context = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy
     )
     try:
-        wait_for_hospitals(grid, cfg, strategy)
+        wait_for_hospitals(admission, cfg, strategy)
         secure = SecAggPlusWorkflow(
             SECAGG_SHARES,
             SECAGG_THRESHOLD,
-            max_weight=cfg.secagg_max_patients,
+            max_weight=cfg.max_patients,
             timeout=SECAGG_TIMEOUT,
         )
         DefaultWorkflow(fit_workflow=secure if strategy.secure else None)(grid, legacy_context)
@@ -436,7 +528,8 @@ def main(grid: Grid, context: Context) -> None:
         try:
             rounds_done = len(strategy.results["rounds"])
             reason = strategy.results.get("error", "")
-            tell_hospitals(grid, status, reason, get_weights(strategy.model), rounds_done)
+            final = get_weights(strategy.model)
+            tell_hospitals(grid, admission.hospitals(), status, reason, final, rounds_done)
         except Exception as error:  # the run's own outcome is what must be saved
             log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
         strategy.results["status"] = status
@@ -449,6 +542,16 @@ def main(grid: Grid, context: Context) -> None:
                 strategy.results["report_error"] = f"{type(error).__name__}: {error}"
                 log(WARNING, "Could not write the report: %s", error)
         strategy.save()
+
+
+def enrolled_keys(cfg):
+    """{hospital number: public key} of the hospitals the operator enrolled for this
+    server (server.py --hospital-keys), or {} where any hospital may join."""
+    folder = os.environ.get(ENROLLED_KEYS_VARIABLE)
+    if not folder:
+        return {}
+    enrolled = check_hospital_keys(folder, cfg.num_clients)
+    return {number: load_hospital_key(path) for number, path in enrolled.items()}
 
 
 def serve(argv=None):
@@ -490,14 +593,23 @@ def serve(argv=None):
     if args.make_certs:
         named = [args.host] if args.host not in runtime.WILDCARD_HOSTS else []
         hosts = ["localhost", "127.0.0.1", *named, *filter(None, args.cert_hosts.split(","))]
+        tls_files = (CA_CERT, SERVER_CERT, SERVER_KEY)
         try:
-            make_certificates(certs, list(dict.fromkeys(hosts)))
+            if all((certs / name).is_file() for name in tls_files):
+                make_operator_key(certs)  # certificates from before runs were signed
+                made = "the operator's run-signing key (operator.key, operator.pub)"
+            else:
+                make_certificates(certs, list(dict.fromkeys(hosts)))
+                made = (
+                    f"server.crt and server.key for {', '.join(dict.fromkeys(hosts))}, the "
+                    f"CA (ca.crt, ca.key) and the operator's run-signing key (operator.key, "
+                    f"operator.pub)"
+                )
         except FileExistsError as error:
             parser.error(str(error))
         console.print(
-            f"Created {certs}/: server.crt and server.key for {', '.join(dict.fromkeys(hosts))}, "
-            f"and the CA (ca.crt, ca.key). Give every hospital a copy of {certs / CA_CERT}; "
-            f"the keys never leave this machine."
+            f"Created in {certs}/: {made}. Give every hospital a copy of {certs / CA_CERT} "
+            f"and {certs / OPERATOR_PUB}; the .key files never leave this machine."
         )
         return 0
     if args.insecure:
@@ -505,15 +617,15 @@ def serve(argv=None):
             "[bold red]WARNING: --insecure: no TLS, model updates cross the "
             "network unencrypted and the server is not authenticated.[/]"
         )
-        tls_args, ca_cert = ["--insecure"], None
+        tls_args, ca_cert, operator_key = ["--insecure"], None, None
     else:
-        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY, OPERATOR_KEY, OPERATOR_PUB):
             if not (certs / name).is_file():
                 parser.error(
-                    f"no TLS file {certs / name}: create the certificates with "
-                    f"`python server.py --make-certs` (or use --insecure to test)"
+                    f"no file {certs / name}: create it with `python server.py "
+                    f"--make-certs` (it keeps existing certificates; or use --insecure to test)"
                 )
-        ca_cert = certs / CA_CERT
+        ca_cert, operator_key = certs / CA_CERT, certs / OPERATOR_KEY
         tls_args = [
             *(["--enable-supernode-auth"] if args.hospital_keys else []),
             "--ssl-certfile",
@@ -523,14 +635,17 @@ def serve(argv=None):
             "--ssl-ca-certfile",
             str(ca_cert),
         ]
-    hospital_keys = []
+    hospital_keys, environment = {}, {}
+    if operator_key:  # the ServerApp refuses any run this operator did not sign
+        environment[OPERATOR_PUB_VARIABLE] = str(certs / OPERATOR_PUB)
     if args.hospital_keys:
         if args.insecure:
             parser.error("--hospital-keys needs TLS: drop --insecure")
         try:
-            hospital_keys = check_hospital_keys(args.hospital_keys)
+            hospital_keys = check_hospital_keys(args.hospital_keys, cfg.num_clients)
         except ValueError as error:
             parser.error(str(error))
+        environment[ENROLLED_KEYS_VARIABLE] = str(Path(args.hospital_keys).resolve())
     try:
         data_utils.check_all(cfg, pool_held_out=False)
         runtime.ensure_port_free(args.host, args.port)
@@ -544,12 +659,19 @@ def serve(argv=None):
         f"may join): {cfg.rounds} rounds once {cfg.num_clients} "
         f"hospitals have joined. Start each with: python client.py --client-id N"
     )
+    if not hospital_keys:
+        console.print(
+            "[yellow]Any machine that reaches this port can join as a hospital and claim "
+            "a free hospital number: enrol the hospitals' keys with --hospital-keys.[/]"
+        )
     exit_code, metrics = runtime.run_federation(
         cfg,
         console,
         tls_args,
         ca_cert=ca_cert,
-        hospital_keys=hospital_keys,
+        hospital_keys=list(hospital_keys.values()),
+        operator_key=operator_key,
+        environment=environment,
         host=args.host,
         port=args.port,
     )

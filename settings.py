@@ -51,7 +51,7 @@ RULES = {
     ),
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "secure_aggregation": (lambda v: v in SWITCH, "must be 'on', 'off' or 'auto'"),
-    "secagg_max_patients": (lambda v: v >= 1, "must be at least 1"),
+    "max_patients": (lambda v: v >= 1, "must be at least 1"),
     "aggregation": (lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
     "max_update_norm": (lambda v: v > 0, "must be > 0"),
     "client_cpus": (lambda v: v >= 1, "must be a whole number >= 1 (Flower 1.42's limit)"),

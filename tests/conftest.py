@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, RecordDict
 
 import runtime
 from certificates import make_certificates
@@ -62,6 +63,17 @@ def own_state_home(tmp_path, monkeypatch):
     """Hospitals' default state directories (results.default_state_root) inside the
     test's folder, never in the home directory of whoever runs the tests."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+def flower_context(node_config, run_config, run_id=1, node_id=1):
+    """The Context Flower gives a ClientApp on a node, for a run."""
+    return Context(
+        run_id=run_id,
+        node_id=node_id,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config=run_config,
+    )
 
 
 def hospital_state(workdir, hospital):

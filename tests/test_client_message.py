@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from conftest import flower_context
+from flwr.app import Message
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.serde import message_to_proto
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
@@ -36,12 +37,8 @@ def plain_fit_request(cfg):
     initial = get_weights(build_model(inputs, cfg.hidden_layers))
     instruction = FitIns(ndarrays_to_parameters(initial), {"server_round": 1})
     message = Message(fitins_to_recorddict(instruction, True), dst_node_id=1, message_type="train")
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 3},
-        state=RecordDict(),
-        run_config={"settings": settings.to_json(cfg)},
+    context = flower_context(
+        {"partition-id": 0, "num-partitions": 3}, {"settings": settings.to_json(cfg)}
     )
     return initial, message, context
 

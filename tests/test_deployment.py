@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 from conftest import hospital_state
 
 import runtime
-from certificates import make_certificates
+from certificates import make_certificates, make_hospital_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,6 +233,44 @@ def test_bad_input_is_reported_in_one_line(tmp_path):
         cwd=tmp_path,
     )
     assert_one_line_error(result, 1, "no server at", nobody)
+
+
+def test_the_operator_key_is_required_added_and_hospital_keys_named(tmp_path):
+    certs = make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    ca = (certs / "ca.crt").read_bytes()
+    for name in ("operator.key", "operator.pub"):  # certificates from before signed runs
+        (certs / name).unlink()
+    assert_one_line_error(run_script("server.py", cwd=tmp_path), 2, "operator.key", "--make-certs")
+    assert_one_line_error(
+        run_script("client.py", "--client-id", "0", cwd=tmp_path),
+        2,
+        "no operator key",
+        "operator.pub",
+    )
+    made = run_script("server.py", "--make-certs", cwd=tmp_path)
+    assert made.returncode == 0 and "operator's run-signing key" in made.stdout, made.stdout
+    assert stat.S_IMODE((certs / "operator.key").stat().st_mode) == 0o600
+    assert (certs / "ca.crt").read_bytes() == ca  # the hospitals' trust is kept
+    assert_one_line_error(
+        run_script("server.py", "--make-certs", cwd=tmp_path), 2, "already exists"
+    )
+    enrolled = tmp_path / "enrolled"
+    enrolled.mkdir()
+    key = make_hospital_key(tmp_path / "hospital" / "hospital.key")
+    shutil.copy(key, enrolled / "st-marys.pub")  # not bound to a hospital number
+    assert_one_line_error(
+        run_script("server.py", "--hospital-keys", str(enrolled), cwd=tmp_path),
+        2,
+        "st-marys.pub",
+        "hospital-N.pub",
+    )
+    (enrolled / "st-marys.pub").rename(enrolled / "hospital-0.pub")
+    shutil.copy(key, enrolled / "hospital-1.pub")  # one key for two hospitals
+    assert_one_line_error(
+        run_script("server.py", "--hospital-keys", str(enrolled), cwd=tmp_path),
+        2,
+        "holds the same key as another hospital's file",
+    )
 
 
 def test_a_server_the_hospital_cannot_trust_is_refused(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from conftest import flower_context
 
 import client
 import settings
@@ -28,12 +28,9 @@ EXAMPLE = ROOT / "examples" / "csv"
 
 def node_context(node_config, run_settings=None):
     """The Context Flower gives hospital 0's ClientApp: its node config and the run's."""
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 3, **node_config},
-        state=RecordDict(),
-        run_config={"settings": json.dumps(run_settings or {})},
+    return flower_context(
+        {"partition-id": 0, "num-partitions": 3, **node_config},
+        {"settings": json.dumps(run_settings or {})},
     )
 
 
@@ -336,6 +333,7 @@ def test_a_data_error_reaches_the_server_without_patient_values(tmp_path):
     rows[5] = rows[5].replace(rows[5].split(",")[1], "117", 1)  # age outside [18, 95]
     table.write_text("\n".join(rows) + "\n")
     node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path)}
+    node["operator-key"] = ""  # client.py --insecure: runs are not checked for a signature
     node.update({"data-file": str(table), "schema-file": str(EXAMPLE / "schema.json")})
     context = node_context(node, {"dataset": "csv"})
     with pytest.raises(ValueError, match="does not match the data dictionary") as raised:

@@ -1,23 +1,44 @@
 """Security end to end: secure aggregation (SecAgg+) in simulation and deployment,
-enrolled hospitals only, a hospital refusing code it did not approve, and a server
-that rejects bad updates and survives them. Hospitals that record or corrupt their
-updates run from a copy of the app whose ClientApp adds one Flower mod (below)."""
+enrolled hospitals only, runs only from the operator, a hospital refusing code it
+did not approve, and a server that rejects bad updates and reports and survives
+them. Hospitals that record, corrupt or lie run from a copy of the app whose
+ClientApp adds one Flower mod (below); attackers use Flower's own `flwr` CLI."""
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import hospital_state
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import Message
+from flwr.common import (
+    Code,
+    FitRes,
+    GetPropertiesRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common.recorddict_compat import (
+    getpropertiesres_to_recorddict,
+    recorddict_to_getpropertiesins,
+)
 from flwr.server.strategy.aggregate import aggregate
+from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import ROOT, read_metrics
 
 import settings
-from certificates import make_hospital_key
+from admission import Admission, report_problem
+from authorisation import prove_identity
+from certificates import load_hospital_key, make_certificates, make_hospital_key
 from model import get_weights, load_model
 from results import write_json
 from server import HospitalFedAvg
@@ -27,6 +48,8 @@ TINY = ["--num-patients", "600", "--global-test-patients", "200"]
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
 # masks it), so that a test can recompute the plain FedAvg of the round.
 RECORDING_CLIENT = """
+from pathlib import Path
+
 import numpy as np
 from flwr.client import ClientApp
 from flwr.common import parameters_to_ndarrays
@@ -46,12 +69,14 @@ def record(message, context, call_next):
     return reply
 
 
-app = ClientApp(client_fn=client.client_fn, mods=[client.secure_aggregation_mod, record])
+app = ClientApp(client_fn=client.client_fn, mods=[client.hospital_mod, record])
 """
 
-# A ClientApp whose hospital 0 sends a broken update each round: NaN, one array
-# short, then absurdly large.
-HOSTILE_CLIENT = """
+# A ClientApp whose hospital 0 trains honestly, then tampers with its reply as
+# TAMPERING (filled in by tampering_client) says for each round: its weights
+# ("nan", "one short", "huge"), the weight it claims (num_examples), or fields of
+# its privacy report (None deletes one).
+TAMPERING_CLIENT = """
 import numpy as np
 from flwr.app import Message
 from flwr.client import ClientApp
@@ -61,21 +86,44 @@ from flwr.compat.common.recorddict_compat import (
 )
 import client
 
+BROKEN = {{
+    "nan": lambda weights: [w * np.nan for w in weights],
+    "one short": lambda weights: weights[:-1],
+    "huge": lambda weights: [w + 1e6 for w in weights],
+}}
+TAMPERING = {tampering}
 
-def corrupt(message, context, call_next):
+
+def tamper(message, context, call_next):
     reply = call_next(message, context)
     if context.node_config["partition-id"] != 0 or message.metadata.message_type != "train":
         return reply
     server_round = int(recorddict_to_fitins(message.content, True).config["server_round"])
     fitres = recorddict_to_fitres(reply.content, keep_input=True)
-    weights = parameters_to_ndarrays(fitres.parameters)
-    broken = {1: [w * np.nan for w in weights], 2: weights[:-1], 3: [w + 1e6 for w in weights]}
-    fitres.parameters = ndarrays_to_parameters(broken[server_round])
+    for key, value in TAMPERING.get(server_round, {{}}).items():
+        if key == "weights":
+            weights = BROKEN[value](parameters_to_ndarrays(fitres.parameters))
+            fitres.parameters = ndarrays_to_parameters(weights)
+        elif key == "num_examples":
+            fitres.num_examples = value
+        elif value is None:
+            del fitres.metrics[key]
+        else:
+            fitres.metrics[key] = value
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
 
-app = ClientApp(client_fn=client.client_fn, mods=[client.secure_aggregation_mod, corrupt])
+app = ClientApp(client_fn=client.client_fn, mods=[client.hospital_mod, tamper])
 """
+
+
+def tampered_run(tmp_path, tampering, *args):
+    """A simulation in tmp_path/run in which hospital 0 tampers with its replies
+    (TAMPERING_CLIENT): what it printed, whitespace undone, and its metrics.json."""
+    app = app_copy(tmp_path / "app", TAMPERING_CLIENT.format(tampering=repr(tampering)))
+    result = simulate(app, *args, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return " ".join(result.stdout.split()), read_metrics(tmp_path / "run")
 
 
 def app_copy(directory, client_module=None, change=None):
@@ -139,11 +187,9 @@ def test_secure_aggregation_in_simulation_equals_plain_fedavg(tmp_path):
 
 
 def test_bad_updates_are_rejected_by_hospital_and_the_run_completes(tmp_path):
-    app = app_copy(tmp_path / "app", HOSTILE_CLIENT)
+    broken = {1: {"weights": "nan"}, 2: {"weights": "one short"}, 3: {"weights": "huge"}}
+    shown, metrics = tampered_run(tmp_path, broken, "--rounds", "3")
     run_dir = tmp_path / "run"
-    result = simulate(app, "--rounds", "3", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stdout + result.stderr
-    metrics = read_metrics(run_dir)
     assert metrics["status"] == "finished" and len(metrics["rounds"]) == 3
     rejected = [r["rejected"] for r in metrics["rounds"]]
     assert [[x["hospital"] for x in r] for r in rejected] == [["0"], ["0"], ["0"]]
@@ -152,7 +198,6 @@ def test_bad_updates_are_rejected_by_hospital_and_the_run_completes(tmp_path):
     assert "3 weight arrays where the model has 4" in reasons[1]  # 2 layers: W and b each
     assert "more than max_update_norm" in reasons[2]
     assert [r["hospitals_trained"] for r in metrics["rounds"]] == [2, 2, 2]
-    shown = " ".join(result.stdout.split())
     assert "hospital 0's update rejected: weight array 0 holds NaN" in shown
     assert "updates were rejected in rounds [1, 2, 3]" in shown
     model, _ = load_model(run_dir / "model.pt")
@@ -189,6 +234,7 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
         public_key = make_hospital_key(workdir / f"hospital-{number}" / "hospital.key")
         shutil.copy(public_key, keys / f"hospital-{number}.pub")
     make_hospital_key(workdir / "impostor" / "hospital.key")  # a key nobody enrolled
+    rogue_key = make_hospital_key(workdir / "rogue" / "hospital.key")
 
     host = server(
         processes, app, port, "--rounds", "1", "--run-dir", "run", "--hospital-keys", str(keys)
@@ -199,6 +245,13 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert impostor.wait(timeout=120) == 1
     assert "The server refused this hospital" in said(processes, "impostor")
     assert "not enrolled" in said(processes, "impostor")
+    # The attack: register a key of one's own behind the operator's back, through
+    # Flower's Control API (from this machine: it answers nobody else), then claim
+    # to be hospital 1. Flower lets the node in; the server does not count it.
+    registered = attacker(workdir, f"127.0.0.1:{port}", "supernode", "register", str(rogue_key))
+    assert "registered successfully" in registered, registered
+    rogue = hospital(processes, app, port, 1, "--state-dir", str(workdir / "rogue"), name="rogue")
+    wait_for(lambda: "claims to be hospital 1" in json.dumps(read_metrics(workdir / "run")))
     members = [
         hospital(
             processes, app, port, n, "--state-dir", str(workdir / f"hospital-{n}"), name=f"h{n}"
@@ -209,24 +262,46 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert all(member.wait(timeout=60) == 0 for member in members)
     assert "2 enrolled hospitals may join" in said(processes, "server")
     assert "identified by its key" in said(processes, "h0")
+    assert rogue.poll() is None  # never told anything: it was never part of the run
+    rogue_ledger = json.loads((workdir / "rogue" / "privacy-ledger.json").read_text())
+    assert rogue_ledger["releases"] == []  # it was never asked to train
+    shown = said(processes, "server")
+    assert "nodes that were not admitted as hospitals" in shown
+    assert "did not prove it with hospital 1's enrolled key" in shown
     metrics = read_metrics(workdir / "run")
+    [refused] = metrics["refused_nodes"]
+    assert "claims to be hospital 1 but did not prove it" in refused["reason"]
     assert metrics["config"]["secure_aggregation"] == "on"  # deployment's default
     expected = recorded_fedavg([workdir / "hospital-0", workdir / "hospital-1"])
     assert largest_difference(workdir / "run", expected) < 1e-3
 
 
-def test_server_and_hospitals_that_disagree_on_secure_aggregation_fail_loudly(federation):
+def test_a_secure_aggregation_mismatch_is_caught_before_anyone_trains(federation):
     processes, workdir, port = federation
-    host = server(processes, ROOT, port, "--rounds", "2", "--run-dir", "run")  # SecAgg+ on
-    off = ["--secure-aggregation", "off"]
-    members = [hospital(processes, ROOT, port, n, *off, name=f"h{n}") for n in (0, 1)]
+    host = server(processes, ROOT, port, "--rounds", "1", "--run-dir", "run")  # SecAgg+ on
+    members = [
+        hospital(processes, ROOT, port, 0, name="h0"),
+        hospital(processes, ROOT, port, 1, "--secure-aggregation", "off", name="h1"),
+    ]
     assert host.wait(timeout=300) == 1, said(processes, "server")
-    assert "secure aggregation halted" in said(processes, "server")
     assert all(member.wait(timeout=60) == 1 for member in members)
-    assert "The server ended the run (failed: AggregationError" in said(processes, "h0")
+    shown = said(processes, "server")
+    assert "not every hospital can take part, so nobody trained: hospital 1: the server's" in shown
+    assert "secure_aggregation is on but this hospital's is off" in shown
+    told = said(processes, "h1")
+    assert "Did not take part in run" in told and "this hospital's is off" in told
+    assert "The server ended the run (failed" in told
     metrics = read_metrics(workdir / "run")
     assert metrics["status"] == "failed" and metrics["rounds"] == []
-    assert "disagree on secure_aggregation" in metrics["error"]
+    for number in (0, 1):  # nobody spent anything
+        assert (
+            not (hospital_state(workdir, number) / "privacy-ledger.json").exists()
+            or not (
+                json.loads((hospital_state(workdir, number) / "privacy-ledger.json").read_text())[
+                    "releases"
+                ]
+            )
+        )
 
 
 def test_a_hospital_runs_only_an_app_identical_to_its_own_copy(federation):
@@ -267,17 +342,18 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
     cfg = settings.resolve(
         {"aggregation": aggregation, "secure_aggregation": "off", "global_test_patients": 200}
     )
-    strategy = HospitalFedAvg(cfg, tmp_path)
+    admission = Admission(None, cfg, run_id=1)
+    admission.members = {10 + hospital: hospital for hospital in range(3)}  # node -> number
+    strategy = HospitalFedAvg(cfg, tmp_path, admission)
     start = strategy.global_weights
-    report = {"status": "trained", "reason": "", "releases": "[]"}
     results = [
         (
-            None,
+            SimpleNamespace(node_id=10 + hospital),
             FitRes(
                 Status(Code.OK, ""),
                 ndarrays_to_parameters([w + step for w in start]),
                 100,
-                {"hospital": hospital, **report},
+                sound_report(hospital),
             ),
         )
         for hospital, step in enumerate((0.01, 0.02, 0.5))  # hospital 2 pulls hard
@@ -286,3 +362,242 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
     for new, old in zip(parameters_to_ndarrays(parameters), start, strict=True):
         np.testing.assert_allclose(new, old + shift, atol=1e-6)
     assert strategy.round_rejections == []
+
+
+def sound_report(number, **changes):
+    """A training report as an honest hospital sends it (client.HospitalClient._report)."""
+    release = {"round": 1, "noise_multiplier": 1.2, "sample_rate": 0.5, "steps": 2}
+    report = {
+        "hospital": number,
+        "patients": 100,
+        "status": "trained",
+        "reason": "",
+        "epsilon": 0.5,
+        "epsilon_budget": 1.0,
+        "delta": 1e-5,
+        "adjacency": "replace-one",
+        "accountant": "pld",
+        **{k: v for k, v in release.items() if k != "round"},
+        "releases": json.dumps([{**release, "adjacency": "replace-one", "this_run": True}]),
+    }
+    return {**report, **changes}
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({}, None),
+        ({"hospital": 1}, "claims hospital 1, but it was admitted as 0"),
+        ({"patients": 10**9}, "patient count 1000000000 is outside 1..10000"),
+        ({"epsilon": 0.1}, "epsilon 0.1, less than the 0.5 it reported before"),
+        ({"epsilon": float("nan")}, "epsilon is not a finite number"),
+        ({"delta": 2.0}, "delta is not between 0 and 1"),
+        ({"steps": "many"}, "steps is str, not int"),
+        ({"status": "finished"}, "status 'finished' is not one of"),
+        ({"releases": "[{"}, "releases are not valid JSON"),
+        ({"releases": '[{"round": 1}]'}, "releases hold an entry without exactly"),
+    ],
+)
+def test_a_report_is_checked_field_by_field(changes, problem):
+    previous = sound_report(0)
+    report = sound_report(0, **changes)
+    found = report_problem(report, report["patients"], 0, previous, max_patients=10000)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def test_a_report_without_a_hospital_number_or_with_another_weight_is_rejected():
+    report = sound_report(0)
+    del report["hospital"]
+    assert "hospital is NoneType, not int" in report_problem(report, 100, 0, None, 10000)
+    weighted = report_problem(sound_report(0), 10**9, 0, None, 10000)
+    assert "weights its update by 1000000000 patients but reports 100" in weighted
+
+
+def test_lying_reports_are_rejected_and_named_and_the_run_completes(tmp_path):
+    lies = {
+        2: {"hospital": 1, "epsilon": 0.0},  # another hospital's number, nothing spent
+        3: {"num_examples": 10**9, "patients": 10**9},  # to outweigh everyone
+        4: {"epsilon": 0.0},  # less than it reported in round 1
+        5: {"releases": "[{not json"},
+        6: {"hospital": None},
+    }
+    shown, metrics = tampered_run(tmp_path, lies, "--rounds", "6")
+    assert metrics["status"] == "finished" and len(metrics["rounds"]) == 6
+    rejected = [r["rejected"] for r in metrics["rounds"]]
+    assert rejected[0] == [] and all([x["hospital"] for x in r] == ["0"] for r in rejected[1:])
+    reasons = [r[0]["reason"] for r in rejected[1:]]
+    assert "its report claims hospital 1, but it was admitted as 0" in reasons[0]
+    assert "patient count 1000000000 is outside 1..10000" in reasons[1]
+    assert "less than the" in reasons[2] and "it reported before" in reasons[2]
+    assert "releases are not valid JSON" in reasons[3]
+    assert "hospital is NoneType" in reasons[4]
+    assert [r["hospitals_trained"] for r in metrics["rounds"]] == [3, 2, 2, 2, 2, 2]
+    # Hospital 1's own reports stand, and hospital 0's last sound one (round 1).
+    hospitals = metrics["privacy"]["hospitals"]
+    assert hospitals["1"]["epsilon"] > 0.9 and hospitals["0"]["epsilon"] > 0
+    assert hospitals["0"]["epsilon"] == metrics["rounds"][0]["hospitals"]["0"]["epsilon"]
+    assert "hospital 0's update rejected: its report claims hospital 1" in shown
+
+
+def test_a_secure_sum_with_a_lying_report_is_discarded_and_counted_as_spent(tmp_path):
+    lies = {1: {"hospital": 2}}
+    shown, metrics = tampered_run(tmp_path, lies, "--secure-aggregation", "on", "--rounds", "2")
+    first, second = metrics["rounds"]
+    assert "the round's model was thrown away" in first["discarded"]
+    assert [x["hospital"] for x in first["rejected"]] == ["0"]
+    assert first["hospitals_trained"] == 0 and second["hospitals_trained"] == 3
+    for hospital in (0, 1, 2):  # the discarded round was released, so it is spent
+        ledger = tmp_path / "run" / "hospitals" / f"hospital-{hospital}" / "privacy-ledger.json"
+        assert len(json.loads(ledger.read_text())["releases"]) == 2
+    assert "rounds [1] were discarded after the hospitals trained" in shown
+    assert "ledgers count them as spent" in shown
+
+
+def attacker(workdir, address, *command):
+    """Flower's own `flwr` CLI, run by someone holding only the public ca.crt and the
+    server's address, for the federation they call "victim"."""
+    home = workdir / "attacker"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink.victim]\naddress = "{address}"\n'
+        f'root-certificates = "{workdir / "certs" / "ca.crt"}"\n'
+    )
+    flwr = Path(sys.executable).parent / "flwr"
+    # flwr ls FEDERATION; flwr run APP FEDERATION ...; flwr log|stop RUN_ID FEDERATION;
+    # flwr supernode register KEY FEDERATION
+    position = {"ls": 1, "run": 2, "log": 2, "stop": 2, "supernode": 3}[command[0]]
+    command = (*command[:position], "victim", *command[position:])
+    result = subprocess.run(
+        [str(flwr), *command],
+        env={**os.environ, "FLWR_HOME": str(home)},
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=180,
+    )
+    return result.stdout  # what the attacker sees
+
+
+def wait_for(condition, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(1)
+
+
+def network_address():
+    """This machine's address on its network (not loopback), or None without one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # picks the outgoing interface; sends nothing
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_only_the_operator_can_start_or_see_runs(federation):
+    """Attack: with ca.crt and the server's address, list the live run, read its log,
+    submit a clean copy of this app with settings of one's choosing, replay the
+    operator's own signed run config, and stop the run."""
+    processes, workdir, port = federation
+    external = network_address()
+    shutil.rmtree(workdir / "certs")  # certificates valid for the network address too
+    make_certificates(workdir / "certs", ["localhost", "127.0.0.1", *filter(None, [external])])
+    clean = app_copy(workdir / "clean")
+    host = server(
+        processes, ROOT, port, "--host", "0.0.0.0" if external else "127.0.0.1",
+        "--rounds", "12", "--run-dir", "run", "--secure-aggregation", "off",
+    )  # fmt: skip
+    plain = ["--secure-aggregation", "off", "--connect-timeout", "5"]
+    members = [hospital(processes, ROOT, port, n, *plain, name=f"h{n}") for n in (0, 1)]
+    wait_for(lambda: "Round 1: trained" in said(processes, "h0"))
+    real_run = re.search(r"started run (\d+)", (workdir / "run/flower/flwr-run.log").read_text())[1]
+
+    if external:  # from the network: nothing but the hospitals' Fleet API answers
+        for command in (("ls",), ("log", real_run), ("stop", real_run), ("run", str(clean))):
+            answer = attacker(workdir, f"{external}:{port}", *command)
+            assert "only the Fleet API is served to the network" in answer, (command, answer)
+
+    # From the server's own machine the Control API answers, but the server's
+    # ServerApp runs only what the operator signed, each signature once.
+    local = f"127.0.0.1:{port}"
+    assert real_run in attacker(workdir, local, "ls")
+    evil = workdir / "evil.toml"
+    evil.write_text(
+        f"settings = {json.dumps(json.dumps({'rounds': 1, 'run_dir': str(workdir / 'evil')}))}\n"
+    )
+    submitted = attacker(workdir, local, "run", str(clean), "--run-config", str(evil), "--stream")
+    assert "the run carries no authorisation from the federation's operator" in submitted
+    replay = workdir / "run/flower/run-config.toml"  # the operator's own, signed
+    replayed = attacker(workdir, local, "run", str(clean), "--run-config", str(replay), "--stream")
+    assert f"its authorisation was used by run {real_run} already (a replay)" in replayed
+    stopped = attacker(workdir, local, "stop", real_run)
+    assert "successfully stopped" in stopped, stopped
+
+    assert host.wait(timeout=120) == 1
+    assert "The run was stopped: stopped through Flower's Control API" in said(processes, "server")
+    metrics = read_metrics(workdir / "run")
+    assert metrics["status"] == "stopped" and len(metrics["rounds"]) < 12
+    assert not (workdir / "evil").exists()  # the attacker's run wrote nothing
+    for number in (0, 1):  # and spent nothing: every release is the operator's run's
+        ledger = json.loads((hospital_state(workdir, number) / "privacy-ledger.json").read_text())
+        assert {r["run_id"] for r in ledger["releases"]} == {real_run}
+        assert list(ledger["authorisations"].values()) == [real_run]
+    for member in members:
+        assert member.wait(timeout=60) == 1
+
+
+class AnsweringGrid:
+    """Stands in for Flower's Grid in front of Admission: `answers[node](challenge)`
+    is what that connected node replies to the admission question."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def send_and_receive(self, questions, timeout=None):
+        replies = []
+        for question in questions:
+            challenge = recorddict_to_getpropertiesins(question.content).config["challenge"]
+            answer = self.answers[question.metadata.dst_node_id](challenge)
+            result = GetPropertiesRes(Status(Code.OK, ""), answer)
+            replies.append(Message(getpropertiesres_to_recorddict(result), reply_to=question))
+        return replies
+
+
+def test_admission_binds_each_number_to_one_proven_node(tmp_path, monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # as in a ServerApp's process
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    cfg = settings.resolve({"num_clients": 2})
+    keys = {n: make_hospital_key(tmp_path / f"h{n}" / "hospital.key") for n in (0, 1)}
+    enrolled = {n: load_hospital_key(path) for n, path in keys.items()}
+
+    def proving(number, key_of=None):  # a node answering as `number`, signing with a key
+        key = tmp_path / f"h{number if key_of is None else key_of}" / "hospital.key"
+        return lambda node: (
+            lambda challenge: {
+                "hospital": number,
+                "problem": "",
+                "proof": prove_identity(key, challenge, 9, node, number),
+            }
+        )
+
+    answers = {10: proving(0)(10), 11: proving(1, key_of=0)(11)}  # node 11: hospital 0's key
+    grid = AnsweringGrid(answers)
+    admission = Admission(grid, cfg, run_id=9, enrolled_keys=enrolled)
+    admission.refresh()
+    assert admission.members == {10: 0} and not admission.complete()
+    assert "did not prove it with hospital 1's enrolled key" in admission.refused[11]
+    answers[12] = proving(0)(12)  # hospital 0 restarted; its old node is still listed
+    answers[13] = proving(1)(13)
+    admission.refresh()
+    assert admission.members == {10: 0, 13: 1} and admission.complete()
+    assert "in the run already as node 10" in admission.waiting[12]
+    del answers[10]  # Flower notices the old node is gone: the new one is admitted
+    admission.refresh()
+    assert admission.members == {12: 0, 13: 1} and not admission.waiting
+    assert [r["node"] for r in admission.refusals()] == ["11"]  # named, never admitted

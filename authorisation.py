@@ -1,0 +1,149 @@
+"""Who may make a hospital spend its privacy budget, proven with signatures.
+
+Flower 1.42's open-source Control API (submit, stop, list runs) is unauthenticated,
+so a run's arrival at a hospital proves nothing about who started it. Two proofs
+travel with a deployed run instead:
+
+- The operator's **run authorisation**. Before it submits a run, server.py signs
+  what defines it (a fresh nonce, the effective settings, the digest of the app's
+  code) with the operator's key (certs/operator.key). The ServerApp and every
+  hospital check the signature against operator.pub and refuse a run they cannot
+  verify, before anything is trained or written. An authorisation is good for one
+  run: each hospital's privacy ledger remembers which run used it.
+- A hospital's **proof of identity**. Before its first training in a run, each
+  hospital signs the server's challenge, bound to the run, its Flower node and its
+  hospital number, with its enrolled key (hospital.key). The server admits a node
+  only as the hospital whose enrolled key verifies that signature.
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+APP_DIR = Path(__file__).resolve().parent
+CLAIM_FILE = "authorisation.json"  # in a run's results folder: the run that used it
+SIGNATURE = ec.ECDSA(hashes.SHA256())
+
+
+class Unauthorised(Exception):
+    """A run or a hospital could not prove who it comes from; the message says why."""
+
+
+def _canonical(document):
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def app_digest(app_dir=APP_DIR):
+    """SHA-256 over the files the app ships (pyproject's fab-include less fab-exclude,
+    pyproject itself aside, as Flower rewrites it): the same in the operator's
+    checkout and in the copy a SuperNode or SuperExec installs."""
+    app_dir = Path(app_dir)
+    app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    excluded = {p for pattern in app["fab-exclude"] for p in app_dir.glob(pattern.lstrip("/"))}
+    files = sorted(
+        {p for pattern in app["fab-include"] for p in app_dir.glob(pattern.lstrip("/"))} - excluded
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(_canonical([path.relative_to(app_dir).as_posix()]).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def authorise(settings_json, operator_key):
+    """The run config entries that authorise one run with these settings, signed
+    with the operator's private key (a PEM file)."""
+    key = serialization.load_pem_private_key(Path(operator_key).read_bytes(), None)
+    document = _canonical(
+        {
+            "nonce": secrets.token_hex(16),
+            "issued": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings_sha256": hashlib.sha256(settings_json.encode()).hexdigest(),
+            "app_sha256": app_digest(),
+        }
+    )
+    signature = key.sign(document.encode(), SIGNATURE)
+    return {"authorisation": document, "signature": base64.b64encode(signature).decode()}
+
+
+def verify_run(run_config, operator_pub, app_dir=APP_DIR):
+    """The run's authorisation (a dict) if the operator whose public key is in the
+    PEM file `operator_pub` signed it for exactly these settings and this code;
+    Unauthorised with the reason otherwise."""
+    document = str(run_config.get("authorisation", ""))
+    if not document:
+        raise Unauthorised(
+            "the run carries no authorisation from the federation's operator: it was not "
+            "started by server.py (someone may have submitted it with `flwr run`)"
+        )
+    try:
+        key = serialization.load_pem_public_key(Path(operator_pub).read_bytes())
+        signature = base64.b64decode(str(run_config.get("signature", "")), validate=True)
+        key.verify(signature, document.encode(), SIGNATURE)
+    except OSError as error:
+        raise Unauthorised(f"cannot read the operator's key {operator_pub}: {error}") from None
+    except (ValueError, InvalidSignature, binascii.Error):
+        raise Unauthorised(
+            f"the run's authorisation is not signed by the operator key {operator_pub}"
+        ) from None
+    authorisation = json.loads(document)
+    settings_json = str(run_config.get("settings", ""))
+    if hashlib.sha256(settings_json.encode()).hexdigest() != authorisation["settings_sha256"]:
+        raise Unauthorised("the run's settings differ from the ones the operator signed")
+    if app_digest(app_dir) != authorisation["app_sha256"]:
+        raise Unauthorised("the run's code differs from the code the operator signed")
+    return authorisation
+
+
+def claim(directory, authorisation, run_id):
+    """Bind an authorisation to the first run that uses it, with a file created once
+    in `directory` (the run's results folder): a replay of the same authorisation by
+    another run gets Unauthorised, and writes nothing there."""
+    path = Path(directory) / CLAIM_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"nonce": authorisation["nonce"], "run_id": str(run_id)}
+    try:
+        with open(path, "x") as file:  # exclusive creation: one run wins
+            json.dump(record, file)
+    except FileExistsError:
+        held = json.loads(path.read_text() or "{}")
+        if held != record:
+            raise Unauthorised(
+                f"its authorisation was used by run {held.get('run_id')} already (a replay)"
+            ) from None
+
+
+def _identity_statement(challenge, run_id, node_id, hospital):
+    return _canonical(
+        {"challenge": challenge, "run": str(run_id), "node": str(node_id), "hospital": hospital}
+    ).encode()
+
+
+def prove_identity(private_key, challenge, run_id, node_id, hospital):
+    """The hospital's answer to the server's challenge: its signature (hex), with its
+    enrolled key (an OpenSSH private key file), over the challenge bound to this run,
+    this node and this hospital number, so that it cannot be replayed elsewhere."""
+    key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), None)
+    statement = _identity_statement(challenge, run_id, node_id, hospital)
+    return key.sign(statement, SIGNATURE).hex()
+
+
+def identity_proven(public_key, proof, challenge, run_id, node_id, hospital):
+    """Whether `proof` is hospital `hospital`'s signature of the challenge for this run
+    and node, made with the private half of `public_key` (a loaded EC public key)."""
+    try:
+        signature = bytes.fromhex(proof)
+        statement = _identity_statement(challenge, run_id, node_id, hospital)
+        public_key.verify(signature, statement, SIGNATURE)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -1,0 +1,165 @@
+"""A deployed hospital spends its budget only on runs its operator signed, once each,
+and proves who it is: checked on the real ClientApp with real Flower messages."""
+
+import json
+
+import pytest
+from conftest import flower_context
+from flwr.app import Message
+from flwr.common import FitIns, GetPropertiesIns, ndarrays_to_parameters
+from flwr.compat.common.recorddict_compat import (
+    fitins_to_recorddict,
+    getpropertiesins_to_recorddict,
+    recorddict_to_getpropertiesres,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+import authorisation
+import client
+import data_utils
+import settings
+from certificates import load_hospital_key, make_hospital_key, make_operator_key
+from model import build_model, get_weights
+from privacy import LEDGER_FILE
+
+SETTINGS = {"num_patients": 600, "rounds": 1, "secure_aggregation": "off"}
+
+
+@pytest.fixture(autouse=True)
+def inside_a_supernode(monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+@pytest.fixture
+def deployed(tmp_path):
+    """A hospital as client.py starts it (its state directory, the operator's public
+    key, its own identity key), and the operator's signing key."""
+    operator = tmp_path / "operator"
+    operator.mkdir()
+    make_operator_key(operator)
+    state_dir = tmp_path / "hospital-0"
+    make_hospital_key(state_dir / client.AUTH_KEY)
+    cfg = settings.resolve(SETTINGS)
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": cfg.num_clients,
+        "state-dir": str(state_dir),
+        "operator-key": str(operator / "operator.pub"),
+        **{name: getattr(cfg, name) for name in client.HOSPITAL_SETTINGS},
+    }
+    return cfg, operator / "operator.key", state_dir, node_config
+
+
+def signed_run_config(cfg, operator_key):
+    settings_json = settings.to_json(cfg)
+    return {"settings": settings_json, **authorisation.authorise(settings_json, operator_key)}
+
+
+def ask_to_join(node_config, run_config, run_id=7, node_id=11):
+    question = GetPropertiesIns({"challenge": "c0ffee", "secure_aggregation": "off"})
+    message = Message(
+        getpropertiesins_to_recorddict(question), dst_node_id=node_id, message_type="query"
+    )
+    context = flower_context(node_config, run_config, run_id=run_id, node_id=node_id)
+    reply = client.app(message, context)
+    return recorddict_to_getpropertiesres(reply.content).properties
+
+
+def train(node_config, run_config, cfg, run_id=7):
+    inputs = len(data_utils.load_schema(cfg).input_names)
+    weights = get_weights(build_model(inputs, cfg.hidden_layers))
+    instruction = FitIns(ndarrays_to_parameters(weights), {"server_round": 1})
+    message = Message(fitins_to_recorddict(instruction, True), dst_node_id=11, message_type="train")
+    return client.app(message, flower_context(node_config, run_config, run_id=run_id, node_id=11))
+
+
+def releases(state_dir):
+    ledger = state_dir / LEDGER_FILE
+    return json.loads(ledger.read_text())["releases"] if ledger.exists() else []
+
+
+def test_a_signed_run_is_admitted_and_the_hospital_proves_its_identity(deployed):
+    cfg, operator_key, state_dir, node_config = deployed
+    answer = ask_to_join(node_config, signed_run_config(cfg, operator_key))
+    assert answer["hospital"] == 0 and answer["problem"] == ""
+    key = load_hospital_key(state_dir / "hospital.pub")
+    assert authorisation.identity_proven(key, answer["proof"], "c0ffee", 7, 11, 0)
+    # The proof holds for this challenge, run, node and number only.
+    for other in (
+        ("beef", 7, 11, 0),
+        ("c0ffee", 8, 11, 0),
+        ("c0ffee", 7, 12, 0),
+        ("c0ffee", 7, 11, 1),
+    ):
+        assert not authorisation.identity_proven(key, answer["proof"], *other)
+    assert not releases(state_dir)  # answering trains nothing
+
+
+@pytest.mark.parametrize(
+    "attack, refusal",
+    [
+        ("unsigned", "carries no authorisation from the federation's operator"),
+        ("other operator", "is not signed by the operator key"),
+        ("changed settings", "settings differ from the ones the operator signed"),
+        ("bad signature", "is not signed by the operator key"),
+    ],
+)
+def test_a_run_the_operator_did_not_sign_trains_nothing(deployed, tmp_path, attack, refusal):
+    cfg, operator_key, state_dir, node_config = deployed
+    run_config = signed_run_config(cfg, operator_key)
+    if attack == "unsigned":
+        run_config = {"settings": run_config["settings"]}
+    elif attack == "other operator":
+        (tmp_path / "attacker").mkdir()
+        make_operator_key(tmp_path / "attacker")
+        run_config = signed_run_config(cfg, tmp_path / "attacker" / "operator.key")
+    elif attack == "changed settings":
+        run_config["settings"] = settings.to_json(settings.resolve({**SETTINGS, "epsilon": 50.0}))
+    else:
+        run_config["signature"] = "AAAA" + run_config["signature"][4:]
+    answer = ask_to_join(node_config, run_config)
+    assert refusal in answer["problem"]
+    status = json.loads((state_dir / client.STATUS_FILE).read_text())
+    assert status["status"] == client.REFUSED_RUN and refusal in status["reason"]
+    with pytest.raises(authorisation.Unauthorised, match=refusal):
+        train(node_config, run_config, cfg)
+    assert not releases(state_dir)
+
+
+def test_an_authorisation_is_good_for_one_run_only(deployed):
+    cfg, operator_key, state_dir, node_config = deployed
+    run_config = signed_run_config(cfg, operator_key)
+    assert ask_to_join(node_config, run_config, run_id=7)["problem"] == ""
+    train(node_config, run_config, cfg, run_id=7)
+    assert len(releases(state_dir)) == 1
+    replay = "its authorisation was already used by another run (a replay)"
+    assert replay in ask_to_join(node_config, run_config, run_id=8)["problem"]
+    with pytest.raises(authorisation.Unauthorised, match="a replay"):
+        train(node_config, run_config, cfg, run_id=8)
+    assert len(releases(state_dir)) == 1  # the replay spent nothing
+    assert ask_to_join(node_config, run_config, run_id=7)["problem"] == ""  # its own run
+
+
+def test_a_hospital_without_an_operator_key_refuses_every_run(deployed):
+    cfg, operator_key, state_dir, node_config = deployed
+    del node_config["operator-key"]  # a bare flower-supernode, not client.py
+    answer = ask_to_join(node_config, signed_run_config(cfg, operator_key))
+    assert "no operator key to check runs against" in answer["problem"]
+
+
+def test_a_hospital_refuses_a_server_that_disagrees_on_secure_aggregation(deployed):
+    cfg, operator_key, state_dir, node_config = deployed
+    node_config["secure_aggregation"] = "on"
+    answer = ask_to_join(node_config, signed_run_config(cfg, operator_key))
+    assert "the server's secure_aggregation is off but this hospital's is on" in answer["problem"]
+    assert json.loads((state_dir / client.STATUS_FILE).read_text())["status"] == client.REFUSED_RUN
+
+
+def test_the_servers_app_refuses_a_replayed_authorisation(deployed, tmp_path):
+    cfg, operator_key, _, _ = deployed
+    signed = json.loads(signed_run_config(cfg, operator_key)["authorisation"])
+    authorisation.claim(tmp_path / "run", signed, 7)
+    authorisation.claim(tmp_path / "run", signed, 7)  # the same run may check again
+    with pytest.raises(authorisation.Unauthorised, match="used by run 7 already"):
+        authorisation.claim(tmp_path / "run", signed, 8)
