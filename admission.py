@@ -28,6 +28,7 @@ from authorisation import identity_proven
 ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp process)
 STATUSES = ("trained", "refused")  # what a training reply may say it did
 REASON_LIMIT = 1000  # characters of a hospital's stated reason kept
+RELEASES_LIMIT = 1_000_000  # characters of a report's list of releases (~10,000 of them)
 RELEASE_FIELDS = {
     "round": int,
     "noise_multiplier": float,
@@ -80,9 +81,12 @@ class Admission:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self._refuse(node, f"its admission check failed: {reply.error.reason}")
-            else:
-                answer = recorddict_to_getpropertiesres(reply.content).properties
+                continue
+            try:
+                answer = dict(recorddict_to_getpropertiesres(reply.content).properties)
                 self._judge(node, answer, challenges[node])
+            except Exception as error:  # a trust boundary: a node may answer anything
+                self._refuse(node, f"its admission answer is malformed ({type(error).__name__})")
         # Nodes that did not answer in time are asked again at the next refresh.
 
     def _judge(self, node, answer, challenge):
@@ -158,6 +162,9 @@ def report_problem(report, num_examples, hospital, previous, max_patients):
         "steps": int,
         "releases": str,
     }
+    unexpected = sorted(set(report) - set(expected))
+    if unexpected:
+        return f"its report has fields no hospital sends: {', '.join(map(str, unexpected))[:200]}"
     for key, kind in expected.items():
         problem = _type_problem(key, report.get(key), kind)
         if problem:
@@ -179,6 +186,8 @@ def report_problem(report, num_examples, hospital, previous, max_patients):
         if not sound:
             return f"its report's {problem}"
     trained = report["status"] == "trained"
+    if trained and report["epsilon"] == 0:
+        return "it trained, yet its report says it spent no epsilon"
     if num_examples != (report["patients"] if trained else 0):
         return (
             f"it weights its update by {num_examples} patients but reports "
@@ -210,9 +219,11 @@ def _type_problem(key, value, kind):
 
 
 def _releases_problem(text):
+    if len(text) > RELEASES_LIMIT:
+        return f"its report's releases are over {RELEASES_LIMIT} characters"
     try:
         releases = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts the decoder
         return "its report's releases are not valid JSON"
     if not isinstance(releases, list):
         return "its report's releases are not a list"

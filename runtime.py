@@ -405,7 +405,11 @@ def run_federation(
         mark_stopped(run_dir, "failed")
         error = (metrics or {}).get("error", "the server stopped without a result")
         log = flwr_home / "flwr-run.log"
-        console.print(f"[red]The run failed:[/] {error}\nLast lines of {log}:\n{log_tail(log)}")
+        console.print(
+            f"[red]The run failed:[/] {error}\nEach hospital's own privacy ledger records "
+            f"what it spent, including a round it trained that did not finish here.\n"
+            f"Last lines of {log}:\n{log_tail(log)}"
+        )
         return 1, None
     # Dropouts are tolerated (min_fit_clients); a round that trained nobody is not.
     return (1 if reporting.idle_rounds(metrics) else 0), metrics

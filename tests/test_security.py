@@ -18,16 +18,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import hospital_state
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import (
     Code,
+    FitIns,
     FitRes,
     GetPropertiesRes,
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import (
+    fitins_to_recorddict,
+    fitres_to_recorddict,
     getpropertiesres_to_recorddict,
     recorddict_to_getpropertiesins,
 )
@@ -41,7 +45,7 @@ from authorisation import prove_identity
 from certificates import load_hospital_key, make_certificates, make_hospital_key
 from model import get_weights, load_model
 from results import write_json
-from server import HospitalFedAvg
+from server import HospitalFedAvg, readable
 
 TINY = ["--num-patients", "600", "--global-test-patients", "200"]
 
@@ -395,6 +399,10 @@ def sound_report(number, **changes):
         ({"steps": "many"}, "steps is str, not int"),
         ({"status": "finished"}, "status 'finished' is not one of"),
         ({"releases": "[{"}, "releases are not valid JSON"),
+        ({"releases": "[" * 100_000 + "]" * 100_000}, "releases are not valid JSON"),
+        ({"releases": "[" + ", ".join(["{}"] * 400_000) + "]"}, "releases are over"),
+        ({"epsilon": 0.0}, "it trained, yet its report says it spent no epsilon"),
+        ({"note": "hello"}, "its report has fields no hospital sends: note"),
         ({"releases": '[{"round": 1}]'}, "releases hold an entry without exactly"),
     ],
 )
@@ -417,7 +425,7 @@ def test_lying_reports_are_rejected_and_named_and_the_run_completes(tmp_path):
     lies = {
         2: {"hospital": 1, "epsilon": 0.0},  # another hospital's number, nothing spent
         3: {"num_examples": 10**9, "patients": 10**9},  # to outweigh everyone
-        4: {"epsilon": 0.0},  # less than it reported in round 1
+        4: {"epsilon": 0.01},  # less than it reported in round 1
         5: {"releases": "[{not json"},
         6: {"hospital": None},
     }
@@ -587,6 +595,7 @@ def test_admission_binds_each_number_to_one_proven_node(tmp_path, monkeypatch):
         )
 
     answers = {10: proving(0)(10), 11: proving(1, key_of=0)(11)}  # node 11: hospital 0's key
+    answers[14] = lambda challenge: {"hospital": "zero", "proof": 7}  # nonsense
     grid = AnsweringGrid(answers)
     admission = Admission(grid, cfg, run_id=9, enrolled_keys=enrolled)
     admission.refresh()
@@ -600,4 +609,22 @@ def test_admission_binds_each_number_to_one_proven_node(tmp_path, monkeypatch):
     del answers[10]  # Flower notices the old node is gone: the new one is admitted
     admission.refresh()
     assert admission.members == {12: 0, 13: 1} and not admission.waiting
-    assert [r["node"] for r in admission.refusals()] == ["11"]  # named, never admitted
+    assert [r["node"] for r in admission.refusals()] == ["11", "14"]  # named, never admitted
+    assert "it claims hospital 'zero', not one of this run's" in admission.refused[14]
+
+
+def test_a_reply_flower_cannot_read_fails_its_node_not_the_run(monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # as in a ServerApp's process
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    fit = FitIns(ndarrays_to_parameters([np.zeros(2)]), {"server_round": 1})
+    plain = Message(fitins_to_recorddict(fit, True), dst_node_id=5, message_type="train")
+    secure = Message(RecordDict(), dst_node_id=5, message_type="train")
+    secure.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({"stage": "setup"})
+    query = Message(RecordDict(), dst_node_id=5, message_type="query")
+    for question in (plain, secure, query):
+        reply = readable(question, Message(RecordDict(), reply_to=question))  # empty
+        assert reply.has_error() and "its reply is malformed" in reply.error.reason
+        assert reply.metadata.src_node_id == 5  # the node that sent it fails
+    answer = FitRes(Status(Code.OK, ""), fit.parameters, 10, {})
+    sound = Message(fitres_to_recorddict(answer, True), reply_to=plain)
+    assert readable(plain, sound) is sound
