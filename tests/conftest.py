@@ -13,8 +13,23 @@ from flwr.app import Context, RecordDict
 import runtime
 from certificates import make_certificates
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--num-patients", "600", "--global-test-patients", "200"]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the app and its scripts
+EXAMPLE = ROOT / "examples" / "csv"  # the shipped CSV data directory
+TINY = ["--num-patients", "600", "--global-test-patients", "200"]  # seconds, not minutes
+
+
+def flower_processes(directory):
+    """Live processes whose Flower state (FLWR_HOME) lies under `directory`: what a
+    run or a hospital started, Ray's included (Linux /proc); their command lines."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"FLWR_HOME={directory}".encode() in (proc / "environ").read_bytes():
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100])
+        except OSError:
+            pass  # gone meanwhile, or not ours to read
+    return found
 
 
 class Processes:

@@ -4,19 +4,17 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 import audit
 import settings
 import training
 from model import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_patients(n, seed):

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLE, ROOT
 
 import data_utils
 import settings
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "csv"
 
 
 @pytest.fixture

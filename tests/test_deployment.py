@@ -10,27 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from conftest import hospital_state
+import pytest
+from conftest import ROOT, flower_processes, hospital_state
 
 import runtime
 from certificates import make_certificates, make_hospital_key
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def flower_processes(directory):
-    """Live processes whose FLWR_HOME lies under `directory` (Linux /proc)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"FLWR_HOME={directory}".encode() in (proc / "environ").read_bytes():
-                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(proc.name)
-        except OSError:
-            pass
-    return found
 
 
 def read_metrics(run_dir):
@@ -55,6 +40,7 @@ def hand_out_csv_files(workdir):
     return own
 
 
+@pytest.mark.e2e
 def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation):
     processes, workdir, port = federation
     own = hand_out_csv_files(workdir)
@@ -140,6 +126,7 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
         assert ledger["releases"][-1]["epsilon_after"] <= budget
 
 
+@pytest.mark.e2e
 def test_a_hospital_that_crashes_and_comes_back(federation):
     processes, workdir, port = federation
     # Also the plain-text mode, which both sides must ask for explicitly; without

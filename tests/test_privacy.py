@@ -4,12 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import flower_context
+from conftest import EXAMPLE, ROOT, flower_context
 
 import client
 import settings
@@ -21,9 +20,6 @@ from privacy import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "csv"
 
 
 def node_context(node_config, run_settings=None):

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import runtime
 from results import HOSPITALS_DIR_VARIABLE
 from training import PoissonBatches
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_poisson_batches_include_each_patient_independently_at_the_rate():
@@ -58,6 +57,7 @@ def stop_ray(temp_dir):
             pass
 
 
+@pytest.mark.e2e
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
     ray = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must be short

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import hospital_state
+from conftest import ROOT, TINY, hospital_state
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import (
     Code,
@@ -37,7 +37,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore.task_identity import TaskIdentity
-from test_deployment import ROOT, read_metrics
+from test_deployment import read_metrics
 
 import settings
 from admission import Admission, report_problem
@@ -46,8 +46,6 @@ from certificates import load_hospital_key, make_certificates, make_hospital_key
 from model import get_weights, load_model
 from results import write_json
 from server import HospitalFedAvg, readable
-
-TINY = ["--num-patients", "600", "--global-test-patients", "200"]
 
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
 # masks it), so that a test can recompute the plain FedAvg of the round.
@@ -175,6 +173,7 @@ def largest_difference(run_dir, expected):
     return max(float(np.abs(a - b).max()) for a, b in pairs)
 
 
+@pytest.mark.e2e
 def test_secure_aggregation_in_simulation_equals_plain_fedavg(tmp_path):
     app = app_copy(tmp_path / "app", RECORDING_CLIENT)
     run_dir = tmp_path / "run"
@@ -190,6 +189,7 @@ def test_secure_aggregation_in_simulation_equals_plain_fedavg(tmp_path):
     assert largest_difference(run_dir, recorded_fedavg(hospitals)) < 1e-3
 
 
+@pytest.mark.e2e
 def test_bad_updates_are_rejected_by_hospital_and_the_run_completes(tmp_path):
     broken = {1: {"weights": "nan"}, 2: {"weights": "one short"}, 3: {"weights": "huge"}}
     shown, metrics = tampered_run(tmp_path, broken, "--rounds", "3")
@@ -229,6 +229,7 @@ def server(processes, app, port, *more):
     return processes.start(str(app / "server.py"), *args, *more, name="server")
 
 
+@pytest.mark.e2e
 def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federation):
     processes, workdir, port = federation
     app = app_copy(workdir / "app", RECORDING_CLIENT)
@@ -280,6 +281,7 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert largest_difference(workdir / "run", expected) < 1e-3
 
 
+@pytest.mark.e2e
 def test_a_secure_aggregation_mismatch_is_caught_before_anyone_trains(federation):
     processes, workdir, port = federation
     host = server(processes, ROOT, port, "--rounds", "1", "--run-dir", "run")  # SecAgg+ on
@@ -308,6 +310,7 @@ def test_a_secure_aggregation_mismatch_is_caught_before_anyone_trains(federation
         )
 
 
+@pytest.mark.e2e
 def test_a_hospital_runs_only_an_app_identical_to_its_own_copy(federation):
     processes, workdir, port = federation
     tampered = app_copy(workdir / "app", change=("client.py", "\n# upload the patients\n"))
@@ -421,6 +424,7 @@ def test_a_report_without_a_hospital_number_or_with_another_weight_is_rejected()
     assert "weights its update by 1000000000 patients but reports 100" in weighted
 
 
+@pytest.mark.e2e
 def test_lying_reports_are_rejected_and_named_and_the_run_completes(tmp_path):
     lies = {
         2: {"hospital": 1, "epsilon": 0.0},  # another hospital's number, nothing spent
@@ -447,6 +451,7 @@ def test_lying_reports_are_rejected_and_named_and_the_run_completes(tmp_path):
     assert "hospital 0's update rejected: its report claims hospital 1" in shown
 
 
+@pytest.mark.e2e
 def test_a_secure_sum_with_a_lying_report_is_discarded_and_counted_as_spent(tmp_path):
     lies = {1: {"hospital": 2}}
     shown, metrics = tampered_run(tmp_path, lies, "--secure-aggregation", "on", "--rounds", "2")
@@ -505,6 +510,7 @@ def network_address():
     return None if address.startswith("127.") else address
 
 
+@pytest.mark.e2e
 def test_only_the_operator_can_start_or_see_runs(federation):
     """Attack: with ca.crt and the server's address, list the live run, read its log,
     submit a clean copy of this app with settings of one's choosing, replay the

@@ -1,12 +1,10 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import settings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv):

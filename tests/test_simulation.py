@@ -13,14 +13,15 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, flower_processes
 from PIL import Image
 
 import data_utils
 import settings
 from model import clinical_metrics, load_model, predict_risk
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--rounds", "3", "--num-patients", "600", "--global-test-patients", "200"]
+pytestmark = pytest.mark.e2e  # every test here runs simulation.py
+SHORT_RUN = ["--rounds", "3", *TINY]
 
 
 def simulate(*args, **popen_args):
@@ -35,24 +36,10 @@ def simulate(*args, **popen_args):
     )
 
 
-def flower_processes(run_dir):
-    """Live processes started for this run: Flower's and Ray's processes all carry
-    FLWR_HOME=<run_dir>/flower in their environment (Linux /proc)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"{run_dir}/flower".encode() in (proc / "environ").read_bytes():
-                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100])
-        except OSError:
-            pass  # gone meanwhile, or not ours to read
-    return found
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sim") / "run"
-    process = simulate(*TINY, "--run-dir", str(run_dir))
+    process = simulate(*SHORT_RUN, "--run-dir", str(run_dir))
     stdout, stderr = process.communicate(timeout=300)
     return process.returncode, stdout, stderr, run_dir
 
@@ -140,7 +127,7 @@ def test_each_hospital_ledger_records_every_release(run):
 def test_a_run_directory_is_never_overwritten(run):
     *_, run_dir = run
     before = (run_dir / "metrics.json").read_bytes()
-    process = simulate(*TINY, "--run-dir", str(run_dir))
+    process = simulate(*SHORT_RUN, "--run-dir", str(run_dir))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2 and "already holds a run" in stderr
     assert (run_dir / "metrics.json").read_bytes() == before
