@@ -13,9 +13,7 @@ min_available_clients = 2  # after round 1, hospitals that must be connected for
 min_fit_clients = 2  # hospitals a round trains with at the least (others may drop out)
 
 # --- Security (server.py, client.py) ---------------------------------------------
-secure_aggregation = (
-    "auto"  # SecAgg+: "on", "off", or "auto" = on in deployment, off in simulation.py
-)
+secure_aggregation = "auto"  # SecAgg+: "on", "off" or "auto" (on in deployment, off in simulation)
 max_patients = 10000  # most training patients a hospital may claim: caps its FedAvg weight
 aggregation = "fedavg"  # "fedavg" (weighted mean), "median" or "trimmed-mean" (robust; no SecAgg+)
 max_update_norm = 100.0  # an update moving the model further than this (L2) is rejected as corrupt

@@ -94,6 +94,10 @@ def test_simulation_script_rejects_bad_input_before_starting_anything(argv, name
     assert not (tmp_path / "runs").exists()
 
 
+def test_help_explains_every_setting():
+    assert set(settings.HELP) == set(settings.DEFAULTS)  # config.py's comment on each
+
+
 def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in settings.DEFAULTS if f"| `{name}` |" not in readme]
