@@ -4,6 +4,8 @@ did not approve, and a server that rejects bad updates and reports and survives
 them. Hospitals that record, corrupt or lie run from a copy of the app whose
 ClientApp adds one Flower mod (below); attackers use Flower's own `flwr` CLI."""
 
+import importlib
+import io
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +42,7 @@ from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import read_metrics
 
+import pinning
 import settings
 from admission import Admission, report_problem
 from authorisation import prove_identity
@@ -634,3 +638,24 @@ def test_a_reply_flower_cannot_read_fails_its_node_not_the_run(monkeypatch):
     answer = FitRes(Status(Code.OK, ""), fit.parameters, 10, {})
     sound = Message(fitres_to_recorddict(answer, True), reply_to=plain)
     assert readable(plain, sound) is sound
+
+
+@pytest.mark.parametrize("command", sorted(pinning.LAUNCHERS))
+def test_both_launchers_refuse_an_app_that_differs_from_this_copy(command, monkeypatch):
+    """The pinned launchers wrap the installer Flower really calls (flwr is pinned):
+    a bundle with one file changed never reaches it, on a hospital or the server."""
+    installer_module, cli_module = pinning.LAUNCHERS[command]
+    runner = importlib.import_module(installer_module)
+    installed = []
+    monkeypatch.setattr(runner, "install_from_fab", lambda *args, **kwargs: installed.append(1))
+    bundle = io.BytesIO()
+    with zipfile.ZipFile(bundle, "w") as fab:
+        fab.writestr("server.py", (ROOT / "server.py").read_text() + "\n# upload the patients\n")
+
+    def flower_cli():  # what Flower's command does first: install the shipped app
+        runner.install_from_fab(bundle.getvalue(), skip_prompt=True)
+
+    monkeypatch.setattr(importlib.import_module(cli_module), command.replace("-", "_"), flower_cli)
+    with pytest.raises(PermissionError, match="differs from the approved copy .* in server.py"):
+        pinning.run_pinned(command)
+    assert installed == []
