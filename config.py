@@ -1,7 +1,9 @@
 """SecureHealth-ML settings: edit a default here, or override it on any script
 with `--name value` (e.g. `python simulation.py --epsilon 2 --rounds 5`).
 
-Every value below is validated before anything starts (see settings.py).
+Every value below is validated before anything starts (see securehealth/settings.py).
+A bare `flwr run .` reads the defaults from pyproject.toml's [tool.flwr.app.config]:
+change a value there too (the ServerApp refuses a default that differs from here).
 """
 
 # --- Federation ---------------------------------------------------------------
@@ -23,7 +25,7 @@ ray_address = ""  # an existing Ray cluster ("auto" or host:port); empty = a new
 client_cpus = 1  # CPUs Ray reserves for each simulated hospital while it trains (whole)
 client_gpus = 0.0  # GPUs (fractions allowed) Ray reserves for each simulated hospital
 
-# --- Data (data_utils.py) ------------------------------------------------------
+# --- Data (securehealth/data) -------------------------------------------------------
 dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
 data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv
 missing_values = "fail"  # csv: an empty cell stops the run ("fail") or drops its row ("drop")

@@ -3,6 +3,9 @@ weights between hospitals and server, its clinical evaluation, and model.pt."""
 
 import io
 import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,10 +20,13 @@ from sklearn.metrics import (
 )
 from torch import nn
 
-from results import write_atomic
+from securehealth.results import write_atomic
+
+if TYPE_CHECKING:
+    from securehealth.data.schema import Schema
 
 
-def build_model(in_features, hidden_layers):
+def build_model(in_features: int, hidden_layers: Sequence[int]) -> nn.Sequential:
     """An MLP without BatchNorm (not compatible with per-patient DP gradients)."""
     layers, width = [], in_features
     for hidden in hidden_layers:
@@ -30,7 +36,7 @@ def build_model(in_features, hidden_layers):
     return nn.Sequential(*layers)
 
 
-def get_weights(model):
+def get_weights(model: nn.Module) -> list[np.ndarray]:
     """The model's weights as NumPy arrays, in state-dict order.
 
     Pass the plain model, not Opacus' wrapper, whose keys carry a `_module.` prefix.
@@ -38,7 +44,7 @@ def get_weights(model):
     return [t.detach().cpu().numpy() for t in model.state_dict().values()]
 
 
-def set_weights(model, weights):
+def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     """Load arrays from get_weights() into the model, checking the architecture."""
     state = model.state_dict()
     if len(weights) != len(state):
@@ -52,13 +58,15 @@ def set_weights(model, weights):
 
 
 @torch.no_grad()
-def predict_risk(model, x):
+def predict_risk(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """Predicted probability of the disease for each row of x."""
     model.eval()
     return torch.sigmoid(model(torch.as_tensor(x)).squeeze(-1)).numpy()
 
 
-def clinical_metrics(y_true, risk, threshold):
+def clinical_metrics(
+    y_true: np.ndarray, risk: np.ndarray, threshold: float
+) -> dict[str, float | None]:
     """What clinicians read, from scikit-learn: discrimination (ROC-AUC, undefined
     when only one class is present), the figures at the decision threshold, and
     the calibration of the predicted risks (Brier score, log loss)."""
@@ -77,7 +85,13 @@ def clinical_metrics(y_true, risk, threshold):
     }
 
 
-def save_model(path, model, hidden_layers, schema, threshold):
+def save_model(
+    path: Path,
+    model: nn.Module,
+    hidden_layers: Sequence[int],
+    schema: "Schema",
+    threshold: float,
+) -> None:
     """Write model.pt atomically: the weights plus what is needed to rebuild and
     use them (the model's inputs and the data dictionary that encodes them)."""
     buffer = io.BytesIO()
@@ -94,7 +108,7 @@ def save_model(path, model, hidden_layers, schema, threshold):
     write_atomic(path, buffer.getvalue())
 
 
-def load_model(path):
+def load_model(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
     """Rebuild the model saved in model.pt; returns (model, everything saved)."""
     saved = torch.load(path, weights_only=True)
     model = build_model(len(saved["input_names"]), saved["hidden_layers"])

@@ -5,18 +5,20 @@
 It runs the same ServerApp (server.py) and ClientApp (client.py) as a real
 deployment, on Flower's simulation runtime: a local SuperLink in simulation mode
 with one simulated SuperNode per hospital on Ray, submitted with `flwr run`.
-Results land in the run directory (see results.py); Flower's own logs in its
-flower/ folder.
+Results land in the run directory (see securehealth/results.py); Flower's own
+logs in its flower/ folder.
 """
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-import data_utils
-import reporting
-import runtime
-import settings
-from results import (
+from rich.console import Console
+
+from securehealth import data, display, settings
+from securehealth.deployment import runtime
+from securehealth.results import (
     HOSPITALS_DIR_VARIABLE,
     METRICS_FILE,
     new_run_dir,
@@ -25,7 +27,7 @@ from results import (
 )
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     runtime.interrupt_on_signals()
     parser = settings.make_parser(__doc__)
     parser.add_argument(
@@ -41,12 +43,12 @@ def main(argv=None):
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
-        data_utils.check_all(cfg)
+        data.check_all(cfg)
         cfg.run_dir = str(new_run_dir(cfg.run_dir))
-    except (settings.SettingsError, data_utils.DataError, FileExistsError) as error:
+    except (settings.SettingsError, data.DataError, FileExistsError) as error:
         parser.error(str(error))
     hospitals_dir = simulated_hospitals_dir(cfg)
-    console = reporting.make_console()
+    console = display.make_console()
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
         f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "
@@ -81,21 +83,21 @@ def main(argv=None):
         return exit_code
     if args.baselines:
         add_baselines(cfg, metrics, console)
-    reporting.print_summary(metrics, cfg.run_dir, console)
+    display.print_summary(metrics, cfg.run_dir, console)
     return exit_code
 
 
-def add_baselines(cfg, metrics, console):
+def add_baselines(cfg: SimpleNamespace, metrics: dict[str, Any], console: Console) -> None:
     """Train the baselines, add them to metrics.json and write the report again."""
-    import baselines  # loaded only when asked for, after the run
-    import report
+    from securehealth.report import write_report  # loaded only when asked for, after the run
+    from securehealth.tools import baselines
 
     with console.status(
         "Training the baselines: pooled and FedAvg without DP, each hospital alone with DP"
     ):
         metrics["baselines"] = baselines.run_baselines(cfg)
     write_json(Path(cfg.run_dir) / METRICS_FILE, metrics)
-    report.write_report(cfg.run_dir, metrics)
+    write_report(cfg.run_dir, metrics)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
-import runtime
-from certificates import make_certificates
+from securehealth.certificates import make_certificates
+from securehealth.deployment import runtime
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the app and its scripts
 EXAMPLE = ROOT / "examples" / "csv"  # the shipped CSV data directory

@@ -11,10 +11,10 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
-import audit
-import settings
-import training
 from model import build_model
+from securehealth import settings
+from securehealth.privacy import dpsgd
+from securehealth.tools import audit
 
 
 def random_patients(n, seed):
@@ -29,7 +29,7 @@ def test_the_attack_sees_membership_in_a_memorising_model():
     torch.manual_seed(0)
     model = build_model(9, (256,))
     cfg = settings.resolve({"batch_size": 8, "learning_rate": 0.5})
-    training.train_plain(model, x, y, cfg, epochs=300)
+    dpsgd.train_plain(model, x, y, cfg, epochs=300)
     result = audit.attack(model, (x, y), (x, 1 - y))
     assert result["auc"]["low"] > 0.9 and result["advantage"]["mean"] > 0.8
 

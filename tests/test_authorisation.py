@@ -14,13 +14,13 @@ from flwr.compat.common.recorddict_compat import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-import authorisation
 import client
 import data_utils
-import settings
-from certificates import load_hospital_key, make_hospital_key, make_operator_key
 from model import build_model, get_weights
-from privacy import LEDGER_FILE
+from securehealth import authorisation, settings
+from securehealth import node as hospital_node
+from securehealth.certificates import load_hospital_key, make_hospital_key, make_operator_key
+from securehealth.privacy.ledger import LEDGER_FILE
 
 SETTINGS = {"num_patients": 600, "rounds": 1, "secure_aggregation": "off"}
 
@@ -39,21 +39,21 @@ def deployed(tmp_path):
     operator.mkdir()
     make_operator_key(operator)
     state_dir = tmp_path / "hospital-0"
-    make_hospital_key(state_dir / client.AUTH_KEY)
+    make_hospital_key(state_dir / hospital_node.AUTH_KEY)
     cfg = settings.resolve(SETTINGS)
     node_config = {
         "partition-id": 0,
         "num-partitions": cfg.num_clients,
         "state-dir": str(state_dir),
         "operator-key": str(operator / "operator.pub"),
-        **{name: getattr(cfg, name) for name in client.HOSPITAL_SETTINGS},
+        **{name: getattr(cfg, name) for name in hospital_node.HOSPITAL_SETTINGS},
     }
     return cfg, operator / "operator.key", state_dir, node_config
 
 
 def signed_run_config(cfg, operator_key):
-    settings_json = settings.to_json(cfg)
-    return {"settings": settings_json, **authorisation.authorise(settings_json, operator_key)}
+    run_config = settings.to_run_config(cfg)
+    return {**run_config, **authorisation.authorise(run_config, operator_key)}
 
 
 def ask_to_join(node_config, run_config, run_id=7, node_id=11):
@@ -109,19 +109,19 @@ def test_a_run_the_operator_did_not_sign_trains_nothing(deployed, tmp_path, atta
     cfg, operator_key, state_dir, node_config = deployed
     run_config = signed_run_config(cfg, operator_key)
     if attack == "unsigned":
-        run_config = {"settings": run_config["settings"]}
+        run_config = settings.to_run_config(cfg)
     elif attack == "other operator":
         (tmp_path / "attacker").mkdir()
         make_operator_key(tmp_path / "attacker")
         run_config = signed_run_config(cfg, tmp_path / "attacker" / "operator.key")
     elif attack == "changed settings":
-        run_config["settings"] = settings.to_json(settings.resolve({**SETTINGS, "epsilon": 50.0}))
+        run_config["epsilon"] = 50.0
     else:
         run_config["signature"] = "AAAA" + run_config["signature"][4:]
     answer = ask_to_join(node_config, run_config)
     assert refusal in answer["problem"]
-    status = json.loads((state_dir / client.STATUS_FILE).read_text())
-    assert status["status"] == client.REFUSED_RUN and refusal in status["reason"]
+    status = json.loads((state_dir / hospital_node.STATUS_FILE).read_text())
+    assert status["status"] == hospital_node.REFUSED_RUN and refusal in status["reason"]
     with pytest.raises(authorisation.Unauthorised, match=refusal):
         train(node_config, run_config, cfg)
     assert not releases(state_dir)
@@ -153,7 +153,10 @@ def test_a_hospital_refuses_a_server_that_disagrees_on_secure_aggregation(deploy
     node_config["secure_aggregation"] = "on"
     answer = ask_to_join(node_config, signed_run_config(cfg, operator_key))
     assert "the server's secure_aggregation is off but this hospital's is on" in answer["problem"]
-    assert json.loads((state_dir / client.STATUS_FILE).read_text())["status"] == client.REFUSED_RUN
+    assert (
+        json.loads((state_dir / hospital_node.STATUS_FILE).read_text())["status"]
+        == hospital_node.REFUSED_RUN
+    )
 
 
 def test_the_servers_app_refuses_a_replayed_authorisation(deployed, tmp_path):

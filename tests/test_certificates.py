@@ -4,7 +4,7 @@ import stat
 import pytest
 from cryptography import x509
 
-from certificates import make_certificates
+from securehealth.certificates import make_certificates
 
 
 def test_certificates_verify_for_each_host_and_keys_are_private(tmp_path):

@@ -11,8 +11,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client
 import data_utils
-import settings
 from model import build_model, get_weights
+from securehealth import settings
+from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 PRIVACY_REPORT_KEYS = {
     "hospital",
@@ -37,9 +38,7 @@ def plain_fit_request(cfg):
     initial = get_weights(build_model(inputs, cfg.hidden_layers))
     instruction = FitIns(ndarrays_to_parameters(initial), {"server_round": 1})
     message = Message(fitins_to_recorddict(instruction, True), dst_node_id=1, message_type="train")
-    context = flower_context(
-        {"partition-id": 0, "num-partitions": 3}, {"settings": settings.to_json(cfg)}
-    )
+    context = flower_context({"partition-id": 0, "num-partitions": 3}, settings.to_run_config(cfg))
     return initial, message, context
 
 
@@ -48,7 +47,7 @@ def inside_a_supernode(monkeypatch, tmp_path):
     for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
         monkeypatch.setattr(TaskIdentity, name, 1)
     # Where simulation.py would keep the simulated hospitals' state.
-    monkeypatch.setenv(client.HOSPITALS_DIR_VARIABLE, str(tmp_path / "hospitals"))
+    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "hospitals"))
 
 
 def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path):

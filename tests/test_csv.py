@@ -10,7 +10,7 @@ import pytest
 from conftest import EXAMPLE, ROOT
 
 import data_utils
-import settings
+from securehealth import settings
 
 
 @pytest.fixture

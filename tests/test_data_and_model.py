@@ -11,7 +11,6 @@ from sklearn.metrics import (
 )
 
 import data_utils
-import settings
 from model import (
     build_model,
     clinical_metrics,
@@ -21,6 +20,8 @@ from model import (
     save_model,
     set_weights,
 )
+from securehealth import settings
+from securehealth.data import split
 
 
 @pytest.fixture(params=["synthetic", "breast-cancer"])
@@ -41,7 +42,7 @@ def test_hospital_sizes_differ_and_splits_are_disjoint(cfg):
     sizes = [len(t[0][1]) + len(t[1][1]) for t in train]
     assert sizes[0] > sizes[1] > sizes[2]
     for (_, y), (_, ty) in train:
-        assert len(ty) == data_utils.test_size(len(y) + len(ty), cfg.test_fraction)
+        assert len(ty) == split.test_size(len(y) + len(ty), cfg.test_fraction)
     # No patient is in two places: hospitals, held-out rows and the server's set.
     rows = [r.tobytes() for (x, _), (tx, _) in train for r in (*x, *tx)]
     rows += [r.tobytes() for r in data_utils.reference_test_set(cfg)[0]]

@@ -14,8 +14,8 @@ import time
 import pytest
 from conftest import ROOT, flower_processes, hospital_state
 
-import runtime
-from certificates import make_certificates, make_hospital_key
+from securehealth.certificates import make_certificates, make_hospital_key
+from securehealth.deployment import runtime
 
 
 def read_metrics(run_dir):

@@ -11,22 +11,26 @@ import pytest
 from conftest import EXAMPLE, ROOT, flower_context
 
 import client
-import settings
+import data_utils
 from model import build_model, get_weights
-from privacy import (
+from securehealth import node as hospital_node
+from securehealth import settings
+from securehealth.data.split import held_out_split
+from securehealth.hospital import Hospital
+from securehealth.privacy.accountant import (
     BudgetExhausted,
-    LedgerError,
-    PrivacyLedger,
     calibrate_noise_multiplier,
     epsilon_spent,
 )
+from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 
 def node_context(node_config, run_settings=None):
     """The Context Flower gives hospital 0's ClientApp: its node config and the run's."""
     return flower_context(
         {"partition-id": 0, "num-partitions": 3, **node_config},
-        {"settings": json.dumps(run_settings or {})},
+        run_settings or {},
     )
 
 
@@ -70,7 +74,7 @@ def test_calibration_spends_at_most_the_budget_and_nearly_all_of_it(
 
 
 def test_a_budget_beyond_any_meaning_gets_the_least_noise_quickly():
-    from privacy import MIN_NOISE_MULTIPLIER
+    from securehealth.privacy.accountant import MIN_NOISE_MULTIPLIER
 
     sigma = calibrate_noise_multiplier(1000.0, 1e-5, 1 / 7, 70, "replace-one")
     assert sigma == MIN_NOISE_MULTIPLIER
@@ -199,12 +203,12 @@ def test_a_ledger_that_cannot_be_written_stops_the_hospital_in_one_line(tmp_path
 FIT_ONE_ROUND = """
 import json, sys
 import numpy as np
-import client, settings
-from model import build_model, get_weights
-cfg = settings.from_run_config({"settings": sys.argv[1]})
+from securehealth import settings
+from securehealth.hospital import Hospital
+cfg = settings.resolve(json.loads(sys.argv[1]))
 weights = [np.asarray(w, dtype=np.float32) for w in json.loads(sys.argv[2])]
-hospital = client.HospitalClient(1, cfg, run_id=int(sys.argv[5]), state_dir=sys.argv[3])
-new_weights, n, report = hospital.fit(weights, {"server_round": int(sys.argv[4])})
+hospital = Hospital(1, cfg, run_id=int(sys.argv[5]), state_dir=sys.argv[3])
+new_weights, n, report = hospital.train_round(weights, int(sys.argv[4]))
 print(json.dumps(report))
 """
 
@@ -216,7 +220,7 @@ def fit_in_fresh_process(cfg, ledger_dir, server_round, run_id=99):
             sys.executable,
             "-c",
             FIT_ONE_ROUND,
-            settings.to_json(cfg),
+            json.dumps(vars(cfg)),
             json.dumps(weights),
             str(ledger_dir),
             str(server_round),
@@ -251,21 +255,21 @@ def train_rounds(hospital, rounds, first_round=1):
     weights = get_weights(build_model(hospital.x.shape[1], hospital.cfg.hidden_layers))
     reports = []
     for server_round in range(first_round, first_round + rounds):
-        weights, _, report = hospital.fit(weights, {"server_round": server_round})
+        weights, _, report = hospital.train_round(weights, server_round)
         reports.append(report)
     return reports
 
 
 def test_a_hospital_refuses_a_round_past_its_budget(tmp_path):
     cfg = settings.resolve({"rounds": 2, "num_patients": 1000, "run_dir": str(tmp_path)})
-    hospital = client.HospitalClient(0, cfg, run_id=5, state_dir=tmp_path)
+    hospital = Hospital(0, cfg, run_id=5, state_dir=tmp_path)
     reports = train_rounds(hospital, 2)
     assert [r["status"] for r in reports] == ["trained", "trained"]
     assert reports[-1]["epsilon"] <= cfg.epsilon
     ledger_before = hospital.ledger.path.read_text()
 
     weights = get_weights(build_model(9, cfg.hidden_layers))
-    returned, n, report = hospital.fit(weights, {"server_round": 3})
+    returned, n, report = hospital.train_round(weights, 3)
     assert report["status"] == "refused" and "budget" in report["reason"]
     assert n == 0
     assert all(np.array_equal(a, b) for a, b in zip(returned, weights, strict=True))
@@ -278,11 +282,11 @@ def test_the_server_cannot_reset_a_budget_with_another_seed_or_split(tmp_path):
     # rows, and the ledger was keyed by the training split, so each change opened a
     # fresh budget on the same patients.
     base = {"rounds": 2, "num_patients": 1000, "run_dir": str(tmp_path)}
-    first = client.HospitalClient(0, settings.resolve(base), run_id=1, state_dir=tmp_path)
+    first = Hospital(0, settings.resolve(base), run_id=1, state_dir=tmp_path)
     assert train_rounds(first, 2)[-1]["status"] == "trained"
     for run_id, changed in enumerate(({"seed": 43}, {"test_fraction": 0.3}), start=2):
         cfg = settings.resolve({**base, **changed})
-        again = client.HospitalClient(0, cfg, run_id=run_id, state_dir=tmp_path)
+        again = Hospital(0, cfg, run_id=run_id, state_dir=tmp_path)
         report = train_rounds(again, 1)[0]
         assert report["status"] == "refused" and "budget" in report["reason"]
         assert report["epsilon"] <= cfg.epsilon
@@ -293,7 +297,7 @@ def test_the_server_cannot_reset_a_budget_with_another_seed_or_split(tmp_path):
 def test_the_held_out_patients_are_the_hospitals_choice_not_the_servers(tmp_path):
     cfg = settings.resolve({"dataset": "csv", "data_dir": str(EXAMPLE)})
     reseeded = settings.resolve({**vars(cfg), "seed": 7})
-    same = [client.data_utils.hospital_data(c, 0)[1][0] for c in (cfg, reseeded)]
+    same = [data_utils.hospital_data(c, 0)[1][0] for c in (cfg, reseeded)]
     assert np.array_equal(*same)
 
 
@@ -304,12 +308,12 @@ def test_replacing_one_patient_changes_at_most_one_training_record(tmp_path):
     for n in (26, 101, 400, 1016):
         x = rng.normal(size=(n, 3)).astype(np.float32)
         y = (rng.random(n) < 0.5).astype(np.float32)
-        train, _ = client.data_utils._held_out_split(x, y, 0.2)
+        train, _ = held_out_split(x, y, 0.2)
         for row in rng.choice(n, 20, replace=False):
             x2, y2 = x.copy(), y.copy()
             x2[row] = rng.normal(size=3)
             y2[row] = 1 - y2[row]  # the other diagnosis, the case that moved cut points
-            train2, _ = client.data_utils._held_out_split(x2, y2, 0.2)
+            train2, _ = held_out_split(x2, y2, 0.2)
             assert len(train2) == len(train)
             before = {x[i].tobytes() + y[i].tobytes() for i in train}
             after = {x2[i].tobytes() + y2[i].tobytes() for i in train2}
@@ -344,14 +348,14 @@ def test_a_csv_that_gains_a_patient_composes_with_the_old_ledger(tmp_path):
         {"dataset": "csv", "data_dir": str(data_dir), "rounds": 2, "run_dir": str(tmp_path)}
     )
     state = tmp_path / "state"
-    reports = train_rounds(client.HospitalClient(0, cfg, run_id=1, state_dir=state), 1)
+    reports = train_rounds(Hospital(0, cfg, run_id=1, state_dir=state), 1)
     table = data_dir / "hospital_0.csv"
     table.write_text(table.read_text() + "yes,70,male,31.0,150,6.1,0.9,7.2,yes\n")
 
-    grown = client.HospitalClient(0, cfg, run_id=2, state_dir=state)
+    grown = Hospital(0, cfg, run_id=2, state_dir=state)
     assert len(grown.y) + len(grown.held_out[1]) == 1 + sum(
         len(part[1])
-        for part in client.data_utils.hospital_data(
+        for part in data_utils.hospital_data(
             settings.resolve({**vars(cfg), "data_dir": str(EXAMPLE)}), 0
         )
     )
@@ -389,9 +393,9 @@ def test_relabelled_patients_and_rewritten_rows_do_not_open_a_fresh_budget(tmp_p
         {"dataset": "csv", "data_dir": str(data_dir), "rounds": 2, "run_dir": str(tmp_path)}
     )
     write([f"P{i:05d}" for i in range(len(rows))], 0)
-    first = train_rounds(client.HospitalClient(0, cfg, run_id=1, state_dir=tmp_path), 2)
+    first = train_rounds(Hospital(0, cfg, run_id=1, state_dir=tmp_path), 2)
     write([f"p{i}" for i in range(len(rows))], 1)
-    again = train_rounds(client.HospitalClient(0, cfg, run_id=2, state_dir=tmp_path), 1)[0]
+    again = train_rounds(Hospital(0, cfg, run_id=2, state_dir=tmp_path), 1)[0]
     assert again["status"] == "refused" and again["epsilon"] == first[-1]["epsilon"]
     ledger = json.loads((tmp_path / "privacy-ledger.json").read_text())
     assert len(ledger["releases"]) == 2 and len(ledger["datasets"]) == 1
@@ -401,7 +405,7 @@ def test_relabelled_patients_and_rewritten_rows_do_not_open_a_fresh_budget(tmp_p
 def test_a_bare_supernode_takes_its_budget_from_its_own_config_not_the_server(tmp_path):
     server_wants = {"epsilon": 50, "delta": 0.2, "adjacency": "add-remove", "test_fraction": 0.9}
     context = node_context({"state-dir": str(tmp_path)}, server_wants)
-    _, cfg = client.hospital_settings(context)
+    _, cfg = hospital_node.hospital_settings(context)
     for name in server_wants:
         assert getattr(cfg, name) == settings.DEFAULTS[name]
 
@@ -411,7 +415,7 @@ def test_concurrent_trainings_on_one_hospital_lose_no_release(tmp_path):
     weights = [w.tolist() for w in get_weights(build_model(9, cfg.hidden_layers))]
 
     def fit(server_round, run_id):
-        args = [settings.to_json(cfg), json.dumps(weights), str(tmp_path), str(server_round)]
+        args = [json.dumps(vars(cfg)), json.dumps(weights), str(tmp_path), str(server_round)]
         return subprocess.Popen(
             [sys.executable, "-c", FIT_ONE_ROUND, *args, str(run_id)],
             cwd=ROOT,
@@ -435,15 +439,15 @@ def test_concurrent_trainings_on_one_hospital_lose_no_release(tmp_path):
 
 
 def test_a_hospital_without_a_state_directory_does_not_train(monkeypatch):
-    monkeypatch.delenv(client.HOSPITALS_DIR_VARIABLE, raising=False)
+    monkeypatch.delenv(HOSPITALS_DIR_VARIABLE, raising=False)
     context = node_context({})
     with pytest.raises(LedgerError, match="no state directory for its privacy ledger"):
-        client.hospital_state_dir(context, 0)
+        hospital_node.hospital_state_dir(context, 0)
 
 
 def test_opacus_samples_at_the_calibrated_rate(tmp_path):
     cfg = settings.resolve({"rounds": 1, "num_patients": 1000, "run_dir": str(tmp_path)})
-    hospital = client.HospitalClient(2, cfg, run_id=1, state_dir=tmp_path)
+    hospital = Hospital(2, cfg, run_id=1, state_dir=tmp_path)
     report = train_rounds(hospital, 1)[0]
     batches = math.ceil(len(hospital.y) / cfg.batch_size)
     assert report["sample_rate"] == 1 / batches  # not batch_size / n
@@ -451,7 +455,7 @@ def test_opacus_samples_at_the_calibrated_rate(tmp_path):
 
 
 def test_hospitals_of_the_same_size_calibrate_once_per_process():
-    from privacy import _calibrate
+    from securehealth.privacy.accountant import _calibrate
 
     prior = [[3.0, 0.25, 4]]  # as a ledger read back from JSON holds it
     first = calibrate_noise_multiplier(2.0, 1e-5, 0.5, 2, "replace-one", prior)

@@ -5,9 +5,8 @@ import re
 from flwr.app import Error
 from rich.console import Console
 
-import reporting
-import settings
-from server import failure_reason
+from securehealth import display, settings
+from securehealth.strategy import failure_reason
 
 HOSPITAL = {
     "epsilon": 0.42,
@@ -61,19 +60,19 @@ def metrics_with_a_failed_hospital():
 
 def test_round_line_shows_progress_and_names_failures():
     cfg = settings.resolve({"num_clients": 2, "rounds": 5})
-    line = reporting.round_line(metrics_with_a_failed_hospital()["rounds"][0], cfg)
+    line = display.round_line(metrics_with_a_failed_hospital()["rounds"][0], cfg)
     assert "Round   1/5" in line and "AUC 0.800" in line and "max epsilon 0.420 / 1" in line
     assert "(1/2 hospitals trained)" in line and "disk full" in line
 
 
 def test_summary_shows_every_hospital_and_warns_about_failures():
     console = Console(record=True, width=150)
-    reporting.print_summary(metrics_with_a_failed_hospital(), "runs/x", console)
+    display.print_summary(metrics_with_a_failed_hospital(), "runs/x", console)
     text = console.export_text()
     assert "0.4200" in text and "3.5000" in text and "160" in text
     assert re.search(r"│\s+1 │\s+- │", text)  # the hospital that never reported
     assert "hospitals failed in rounds [1]" in text
-    assert reporting.shortfalls(metrics_with_a_failed_hospital()) != []
+    assert display.shortfalls(metrics_with_a_failed_hospital()) != []
 
 
 def test_a_round_nobody_trained_in_is_named_with_the_reasons():
@@ -85,11 +84,11 @@ def test_a_round_nobody_trained_in_is_named_with_the_reasons():
         "failures": [],
         "hospitals": {"0": declined},
     }
-    line = reporting.round_line(record, settings.resolve())
+    line = display.round_line(record, settings.resolve())
     assert "hospital 0 declined" in line and "0.9999 of 1" in line
     metrics = {"rounds": [record]}
-    assert reporting.idle_rounds(metrics) == [2]
-    assert "no hospital trained in rounds [2]" in reporting.shortfalls(metrics)[0]
+    assert display.idle_rounds(metrics) == [2]
+    assert "no hospital trained in rounds [2]" in display.shortfalls(metrics)[0]
 
 
 def test_failure_reason_unwraps_flowers_error_message():

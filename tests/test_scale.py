@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-import runtime
-from results import HOSPITALS_DIR_VARIABLE
-from training import PoissonBatches
+from securehealth.deployment import runtime
+from securehealth.privacy.dpsgd import PoissonBatches
+from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 
 def test_poisson_batches_include_each_patient_independently_at_the_rate():
@@ -92,7 +92,7 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
 
 
 def test_bench_growth_rates_are_the_slopes_of_each_series():
-    import bench
+    from securehealth.tools import bench
 
     points = [
         {"hospitals": h, "patients": bench.SCALING_PATIENTS, "rounds": 1, "rounds_s": 5 + 0.1 * h}

@@ -42,14 +42,16 @@ from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import read_metrics
 
-import pinning
-import settings
-from admission import Admission, report_problem
-from authorisation import prove_identity
-from certificates import load_hospital_key, make_certificates, make_hospital_key
 from model import get_weights, load_model
-from results import write_json
-from server import HospitalFedAvg, readable
+from securehealth import settings
+from securehealth.admission import Admission, report_problem
+from securehealth.authorisation import prove_identity
+from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
+from securehealth.deployment import pinning
+from securehealth.flower import APP_LAUNCHERS
+from securehealth.results import write_json
+from securehealth.serverapp import readable
+from securehealth.strategy import HospitalFedAvg
 
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
 # masks it), so that a test can recompute the plain FedAvg of the round.
@@ -61,21 +63,22 @@ from flwr.client import ClientApp
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 import client
+from securehealth import node as hospital_node
 
 
 def record(message, context, call_next):
     reply = call_next(message, context)
     if message.metadata.message_type != "train":  # the end-of-run notice
         return reply
-    hospital, _ = client.hospital_settings(context)
+    hospital, _ = hospital_node.hospital_settings(context)
     fitres = recorddict_to_fitres(reply.content, keep_input=True)
-    path = client.hospital_state_dir(context, hospital) / "update.npz"
+    path = hospital_node.hospital_state_dir(context, hospital) / "update.npz"
     arrays = parameters_to_ndarrays(fitres.parameters)
     np.savez(path, num_examples=fitres.num_examples, *arrays)
     return reply
 
 
-app = ClientApp(client_fn=client.client_fn, mods=[client.hospital_mod, record])
+app = ClientApp(client_fn=client.client_fn, mods=[hospital_node.hospital_mod, record])
 """
 
 # A ClientApp whose hospital 0 trains honestly, then tampers with its reply as
@@ -91,6 +94,7 @@ from flwr.compat.common.recorddict_compat import (
     fitres_to_recorddict, recorddict_to_fitins, recorddict_to_fitres,
 )
 import client
+from securehealth import node as hospital_node
 
 BROKEN = {{
     "nan": lambda weights: [w * np.nan for w in weights],
@@ -119,7 +123,7 @@ def tamper(message, context, call_next):
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
 
-app = ClientApp(client_fn=client.client_fn, mods=[client.hospital_mod, tamper])
+app = ClientApp(client_fn=client.client_fn, mods=[hospital_node.hospital_mod, tamper])
 """
 
 
@@ -145,6 +149,7 @@ def app_copy(directory, client_module=None, change=None):
         pyproject = directory / "pyproject.toml"
         text = pyproject.read_text()
         assert 'clientapp = "client:app"' in text
+        text = text.replace('"/client.py",', '"/client.py",\n    "/altered_client.py",')
         pyproject.write_text(text.replace('"client:app"', '"altered_client:app"'))
     if change:
         name, addition = change
@@ -376,7 +381,7 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
 
 
 def sound_report(number, **changes):
-    """A training report as an honest hospital sends it (client.HospitalClient._report)."""
+    """A training report as an honest hospital sends it (securehealth.hospital.Hospital._report)."""
     release = {"round": 1, "noise_multiplier": 1.2, "sample_rate": 0.5, "steps": 2}
     report = {
         "hospital": number,
@@ -543,9 +548,7 @@ def test_only_the_operator_can_start_or_see_runs(federation):
     local = f"127.0.0.1:{port}"
     assert real_run in attacker(workdir, local, "ls")
     evil = workdir / "evil.toml"
-    evil.write_text(
-        f"settings = {json.dumps(json.dumps({'rounds': 1, 'run_dir': str(workdir / 'evil')}))}\n"
-    )
+    evil.write_text(f"rounds = 1\nrun_dir = {json.dumps(str(workdir / 'evil'))}\n")
     submitted = attacker(workdir, local, "run", str(clean), "--run-config", str(evil), "--stream")
     assert "the run carries no authorisation from the federation's operator" in submitted
     replay = workdir / "run/flower/run-config.toml"  # the operator's own, signed
@@ -640,11 +643,11 @@ def test_a_reply_flower_cannot_read_fails_its_node_not_the_run(monkeypatch):
     assert readable(plain, sound) is sound
 
 
-@pytest.mark.parametrize("command", sorted(pinning.LAUNCHERS))
+@pytest.mark.parametrize("command", sorted(APP_LAUNCHERS))
 def test_both_launchers_refuse_an_app_that_differs_from_this_copy(command, monkeypatch):
     """The pinned launchers wrap the installer Flower really calls (flwr is pinned):
     a bundle with one file changed never reaches it, on a hospital or the server."""
-    installer_module, cli_module = pinning.LAUNCHERS[command]
+    installer_module, cli_module = APP_LAUNCHERS[command]
     runner = importlib.import_module(installer_module)
     installed = []
     monkeypatch.setattr(runner, "install_from_fab", lambda *args, **kwargs: installed.append(1))

@@ -4,7 +4,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import settings
+from securehealth import settings
 
 
 def parse(argv):
@@ -62,13 +62,15 @@ def test_invalid_values_exit_2_with_one_line_naming_the_setting(argv, named, cap
 
 def test_run_config_round_trip():
     cfg = parse(["--rounds", "3", "--hidden-layers", "8,4"])
-    assert settings.from_run_config({"settings": settings.to_json(cfg)}) == cfg
-    assert settings.from_run_config({"settings": ""}) == settings.resolve()  # config.py
+    run_config = settings.to_run_config(cfg)
+    assert all(type(v) in (bool, int, float, str) for v in run_config.values())  # Flower's types
+    assert settings.from_run_config(run_config) == cfg
+    assert settings.from_run_config({}) == settings.resolve()  # config.py
 
 
 def test_run_config_is_validated_too():
     with pytest.raises(settings.SettingsError, match="epsilon"):
-        settings.from_run_config({"settings": '{"epsilon": -1}'})
+        settings.from_run_config({"epsilon": -1})
 
 
 @pytest.mark.parametrize(

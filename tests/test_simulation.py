@@ -17,8 +17,10 @@ from conftest import ROOT, TINY, flower_processes
 from PIL import Image
 
 import data_utils
-import settings
 from model import clinical_metrics, load_model, predict_risk
+from securehealth import settings
+from securehealth.deployment import runtime
+from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 pytestmark = pytest.mark.e2e  # every test here runs simulation.py
 SHORT_RUN = ["--rounds", "3", *TINY]
@@ -248,3 +250,28 @@ def test_runs_without_an_activated_venv(tmp_path):
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stdout + stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_flowers_own_cli_runs_the_app_with_typed_run_config_overrides(tmp_path):
+    """`flwr run . --run-config "rounds=2 ..."`, as Flower's docs describe, against a
+    local SuperLink in simulation mode: each setting is a typed run config key."""
+    flwr_home, run_dir = tmp_path / "flower", tmp_path / "run"
+    hospitals = {HOSPITALS_DIR_VARIABLE: str(tmp_path / "hospitals")}
+    overrides = f"rounds=2 epsilon=2 num_patients=600 global_test_patients=200 run_dir='{run_dir}'"
+    with runtime.superlink(flwr_home, "--simulation", "--insecure", environment=hospitals) as link:
+        runtime.connect_cli(flwr_home, link)
+        result = subprocess.run(
+            [runtime.executable("flwr"), "run", str(ROOT), "run", "--stream"]
+            + ["--run-config", overrides, "--federation-config", "num-supernodes=3"],
+            cwd=tmp_path,
+            env=runtime.flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(metrics["rounds"]) == 2
+    assert metrics["config"]["epsilon"] == 2.0 and metrics["config"]["rounds"] == 2
+    assert metrics["config"]["learning_rate"] == settings.DEFAULTS["learning_rate"]
+    assert {h["epsilon_budget"] for h in metrics["privacy"]["hospitals"].values()} == {2.0}

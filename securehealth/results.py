@@ -16,8 +16,11 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
@@ -28,7 +31,7 @@ MODEL_FILE = "model.pt"
 HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"
 
 
-def simulated_hospitals_dir(cfg):
+def simulated_hospitals_dir(cfg: SimpleNamespace) -> Path:
     """Where simulation.py's hospitals keep their privacy ledgers: inside the run
     directory for bundled data (generated or public patients: each run is a fresh
     demonstration), but for your own csv data a lasting folder, so that every
@@ -41,7 +44,7 @@ def simulated_hospitals_dir(cfg):
     return Path(cfg.run_dir) / "hospitals"
 
 
-def default_state_root():
+def default_state_root() -> Path:
     """Where hospitals keep their state unless told otherwise: an absolute path that
     does not depend on the working directory, so that a ledger is not lost by
     starting from elsewhere ($XDG_STATE_HOME/securehealth-ml, by default
@@ -50,7 +53,7 @@ def default_state_root():
     return Path(base).resolve() / "securehealth-ml"
 
 
-def write_atomic(path, data):
+def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to path via a temporary file and a rename, so that the file is
     always either the old or the new complete version."""
     path = Path(path)
@@ -67,22 +70,22 @@ def write_atomic(path, data):
         raise
 
 
-def write_json(path, obj):
+def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def read_json(path):
+def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def run_directory(cfg, run_id):
+def run_directory(cfg: SimpleNamespace, run_id: int) -> Path:
     """Where a run's results go: the run_dir setting (simulation.py and server.py
     always set it), else runs/flower-run-<id> for a bare `flwr run`."""
     return Path(cfg.run_dir or f"runs/flower-run-{run_id}").resolve()
 
 
-def new_run_dir(requested):
+def new_run_dir(requested: str) -> Path:
     """Create the run directory: `requested`, or a new runs/<UTC timestamp>/. A
     directory that already holds a run is refused: results are never overwritten."""
     if requested:
@@ -100,20 +103,26 @@ def new_run_dir(requested):
     return run_dir
 
 
-def mark_stopped(run_dir, status, reason=None):
+def mark_stopped(
+    run_dir: Path, status: str, reason: str | None = None, replacing: tuple[str, ...] = ("running",)
+) -> None:
     """Leave a clear status (and why, if known) in metrics.json when the server
-    could not."""
+    could not, or in place of a status in `replacing` that the real cause explains."""
     path = Path(run_dir) / METRICS_FILE
     if path.exists():
         metrics = read_json(path)
-        if metrics["status"] == "running":
+        if metrics["status"] in replacing:
             metrics["status"] = status
             if reason:
                 metrics["error"] = reason
             write_json(path, metrics)
 
 
-def finished_run_argument(description, argv=None, add_arguments=None):
+def finished_run_argument(
+    description: str | None,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[Path, argparse.Namespace]:
     """`--run-dir DIR` of a script that works on a finished run: (the directory, the
     parsed arguments), or exit 2 with one line saying it holds none.
     `add_arguments(parser)` adds the script's own flags."""

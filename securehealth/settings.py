@@ -5,12 +5,15 @@ one clear line instead of a traceback halfway through training."""
 import argparse
 import difflib
 import inspect
-import json
 import math
 import re
+from collections.abc import Collection, Mapping, Sequence
 from types import SimpleNamespace
+from typing import Any, NoReturn
 
 import config
+from securehealth.aggregation import AGGREGATIONS
+from securehealth.data import SOURCES
 
 DEFAULTS = {
     name: value
@@ -21,9 +24,7 @@ DEFAULTS = {
 # The comment after each default in config.py doubles as its --help text.
 HELP = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", inspect.getsource(config), re.M))
 
-DATASETS = ("synthetic", "breast-cancer", "csv")
 SWITCH = ("on", "off", "auto")
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 
 RULES = {
     "num_clients": (lambda v: v >= 1, "must be at least 1"),
@@ -32,7 +33,7 @@ RULES = {
     "join_timeout": (lambda v: v >= 1, "must be at least 1 (seconds)"),
     "min_available_clients": (lambda v: v >= 1, "must be at least 1"),
     "min_fit_clients": (lambda v: v >= 1, "must be at least 1"),
-    "dataset": (lambda v: v in DATASETS, f"must be one of {', '.join(DATASETS)}"),
+    "dataset": (lambda v: v in SOURCES, f"must be one of {', '.join(SOURCES)}"),
     "missing_values": (lambda v: v in ("fail", "drop"), "must be 'fail' or 'drop'"),
     "num_patients": (lambda v: v >= 1, "must be at least 1"),
     "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
@@ -87,7 +88,7 @@ def _convert(name, raw):
         raise SettingsError(f"{name} must be {expected}, got {raw!r}") from None
 
 
-def resolve(overrides=None):
+def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
     """Defaults updated with `overrides` (a dict), converted and validated."""
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(DEFAULTS))
@@ -112,7 +113,7 @@ def resolve(overrides=None):
     return SimpleNamespace(**values)
 
 
-def decide_auto(cfg, simulation=False):
+def decide_auto(cfg: SimpleNamespace, simulation: bool = False) -> SimpleNamespace:
     """Settings with secure_aggregation "auto" decided: on between machines, off in
     a simulation (one machine holds every hospital's data: there is nothing to hide
     from the server, and the protocol costs three more exchanges a round)."""
@@ -124,7 +125,7 @@ def decide_auto(cfg, simulation=False):
 UNACCOUNTED_FLAG = "--unaccounted-privacy-spend"
 
 
-def add_unaccounted_flag(parser):
+def add_unaccounted_flag(parser: argparse.ArgumentParser) -> None:
     """The flag with which an operator runs a tool that trains outside the
     hospitals' privacy ledgers on their own (csv) patients."""
     parser.add_argument(
@@ -136,7 +137,7 @@ def add_unaccounted_flag(parser):
     )
 
 
-def check_accounted(cfg, allowed, what):
+def check_accounted(cfg: SimpleNamespace, allowed: bool, what: str) -> None:
     """Refuse `what` on real (csv) patients unless the operator said, with the flag,
     that its privacy spend goes unaccounted. Bundled data is free to use."""
     if cfg.dataset == "csv" and not allowed:
@@ -153,22 +154,49 @@ def _unknown_message(name):
     return f"unknown setting {name!r}{hint}"
 
 
-def to_json(cfg):
-    return json.dumps(vars(cfg))
+def _run_config_value(value):
+    """A setting as a Flower run config value (bool, int, float or str): a tuple of
+    layer widths becomes "32,16"."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-def from_run_config(run_config):
-    """Settings carried into Flower apps as JSON in the run config key `settings`."""
-    return resolve(json.loads(run_config.get("settings") or "{}"))
+def to_run_config(cfg: SimpleNamespace) -> dict:
+    """The settings as Flower's typed run config (one key per setting, as in
+    pyproject.toml's [tool.flwr.app.config])."""
+    return {name: _run_config_value(value) for name, value in vars(cfg).items()}
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> SimpleNamespace:
+    """The settings a Flower app was started with: its run config's keys (those of
+    pyproject.toml, with `flwr run --run-config` overrides), converted and validated."""
+    return resolve({name: run_config[name] for name in DEFAULTS if name in run_config})
+
+
+def check_defaults(run_config: Mapping[str, Any], overridden: Collection[str]) -> None:
+    """Raise SettingsError where a run takes a setting from pyproject.toml's
+    [tool.flwr.app.config] (`overridden` holds the keys `flwr run --run-config`, or
+    simulation.py and server.py, set) that differs from config.py: config.py is
+    where defaults live, and a bare `flwr run` must not train with others."""
+    for name, default in DEFAULTS.items():
+        if name in run_config and name not in overridden:
+            if _convert(name, run_config[name]) != default:
+                raise SettingsError(
+                    f"pyproject.toml's [tool.flwr.app.config] says {name} = "
+                    f"{run_config[name]!r} but config.py says {_run_config_value(default)!r}: "
+                    f"`flwr run` takes its defaults from pyproject.toml, so make them agree "
+                    f'(or pass --run-config "{name}=...")'
+                )
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         """One line on stderr and exit code 2, never a usage dump or traceback."""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def make_parser(description, names=tuple(DEFAULTS)):
+def make_parser(
+    description: str | None, names: Sequence[str] = tuple(DEFAULTS)
+) -> argparse.ArgumentParser:
     """An argparse parser with a --name (or --name-with-dashes) flag for each setting
     in `names`: a script offers only the settings it really uses."""
     parser = _Parser(
@@ -191,7 +219,9 @@ def make_parser(description, names=tuple(DEFAULTS)):
     return parser
 
 
-def parse(parser, argv=None, simulation=False):
+def parse(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None, simulation: bool = False
+) -> tuple[SimpleNamespace, argparse.Namespace]:
     """Parse the command line into (settings, the parsed arguments), with "auto"
     decided for a simulation or a deployment; exit 2 on error."""
     args, unknown = parser.parse_known_args(argv)

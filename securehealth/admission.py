@@ -14,16 +14,13 @@ import json
 import math
 import secrets
 from logging import WARNING
+from typing import Any
 
 from flwr.app import Message, MessageType
-from flwr.common import GetPropertiesIns
-from flwr.common.logger import log
-from flwr.compat.common.recorddict_compat import (
-    getpropertiesins_to_recorddict,
-    recorddict_to_getpropertiesres,
-)
+from flwr.common import GetPropertiesIns, log
 
-from authorisation import identity_proven
+from securehealth.authorisation import identity_proven
+from securehealth.flower import getpropertiesins_to_recorddict, recorddict_to_getpropertiesres
 
 ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp process)
 STATUSES = ("trained", "refused")  # what a training reply may say it did
@@ -52,7 +49,7 @@ class Admission:
         # crashed process of the same hospital that Flower has not noticed yet
         self.waiting = {}
 
-    def refresh(self):
+    def refresh(self) -> None:
         """Ask every connected node not yet judged to be admitted, and judge it."""
         connected = set(self.grid.get_node_ids())
         for judged in (self.members, self.waiting):
@@ -125,10 +122,10 @@ class Admission:
         self.refused[node] = reason
         log(WARNING, "Refused node %d: %s", node, reason)
 
-    def complete(self):
+    def complete(self) -> bool:
         return sorted(self.members.values()) == list(range(self.cfg.num_clients))
 
-    def refusals(self):
+    def refusals(self) -> list[dict[str, Any]]:
         """For metrics.json: every node that was not admitted, and why."""
         refused = sorted({**self.refused, **self.waiting}.items())
         return [{"node": str(n), "reason": r} for n, r in refused] + [
@@ -136,13 +133,19 @@ class Admission:
             for n, (h, r) in sorted(self.disagreeing.items())
         ]
 
-    def hospitals(self):
+    def hospitals(self) -> list[int]:
         """The nodes known to be this run's hospitals, admitted or not (they are told
         when the run ends)."""
         return sorted({*self.members, *self.disagreeing})
 
 
-def report_problem(report, num_examples, hospital, previous, max_patients):
+def report_problem(
+    report: dict[str, Any],
+    num_examples: int,
+    hospital: int,
+    previous: dict[str, Any] | None,
+    max_patients: int,
+) -> str | None:
     """Why a hospital's training report cannot be accepted (None if it can): a field
     of the wrong type or out of range, another hospital's number, more patients than
     the operator's cap, an epsilon below what it reported before (`previous`, its

@@ -5,6 +5,7 @@ comes back on the CPU either way."""
 
 import secrets
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def secret_seed():
+def secret_seed() -> int:
     """A seed nobody else can replay: with a seed known to others, they could
     regenerate the sampling and the noise, and subtract the noise."""
     return secrets.randbits(63)
@@ -57,13 +58,13 @@ class PoissonBatches(Sampler):
             yield self.random.choice(self.n, size, replace=False)
 
 
-def data_loader(x, y, sampler):
+def data_loader(x: np.ndarray, y: np.ndarray, sampler: Sampler) -> DataLoader:
     """Batches of (x, y) on the training device, as `sampler` draws them."""
     rows = Rows(torch.as_tensor(x, device=DEVICE), torch.as_tensor(y, device=DEVICE))
     return DataLoader(rows, batch_sampler=sampler, collate_fn=lambda batch: batch)
 
 
-def sample_rate_and_steps(n, cfg):
+def sample_rate_and_steps(n: int, cfg: SimpleNamespace) -> tuple[float, int]:
     """The Poisson sample rate (1/ceil(n/batch_size), as Opacus' own loader would
     use, not batch_size/n) and the noisy steps of one round."""
     batches = -(-n // cfg.batch_size)
@@ -84,10 +85,16 @@ def _optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
-def train_private(model, x, y, cfg, noise_multiplier):
+def train_private(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: SimpleNamespace,
+    noise_multiplier: float,
+) -> int:
     """local_epochs of DP-SGD on (x, y), in place; returns the number of noisy steps
     Opacus took. Its accountant serves only as that step counter: the hospital's
-    epsilon comes from its privacy ledger (privacy.py), over all its releases."""
+    epsilon comes from its privacy ledger (ledger.py), over all its releases."""
     sample_rate, steps = sample_rate_and_steps(len(y), cfg)
     batches = PoissonBatches(len(y), sample_rate, steps // cfg.local_epochs)
     engine = PrivacyEngine(accountant="rdp")
@@ -109,7 +116,9 @@ def train_private(model, x, y, cfg, noise_multiplier):
     return sum(steps for *_, steps in engine.accountant.history)
 
 
-def train_plain(model, x, y, cfg, epochs):
+def train_plain(
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, cfg: SimpleNamespace, epochs: int
+) -> None:
     """Ordinary mini-batch SGD, no clipping or noise: only for the baselines."""
     order = RandomSampler(range(len(y)), generator=torch.Generator().manual_seed(secret_seed()))
     batches = torch.utils.data.BatchSampler(order, cfg.batch_size, drop_last=False)

@@ -13,18 +13,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import tomli_w
+from rich.console import Console
 
-import authorisation
-import pinning
-import reporting
-import settings
-from results import mark_stopped
+from securehealth import authorisation, display, settings
+from securehealth.deployment import pinning
+from securehealth.results import mark_stopped
 
-APP_DIR = Path(__file__).resolve().parent
+APP_DIR = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60  # seconds for a SuperLink to answer its health check
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 DEFAULT_PORT = 9092  # where hospitals reach the server (Flower's traditional Fleet API port)
@@ -34,7 +36,7 @@ class FlowerError(RuntimeError):
     """Flower could not be started or the run did not complete."""
 
 
-def flower_env(flwr_home, environment=None):
+def flower_env(flwr_home: Path, environment: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower's processes: this Python's scripts first on PATH (Flower
     starts its own commands by name, also where the venv is not activated: cron,
     systemd, `/path/to/venv/bin/python simulation.py`), state under flwr_home, no
@@ -52,7 +54,7 @@ def flower_env(flwr_home, environment=None):
     }
 
 
-def split_address(address):
+def split_address(address: str) -> tuple[str, int]:
     """("host", port) from "host:port", or ValueError saying what is expected."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -60,7 +62,7 @@ def split_address(address):
     return host.strip("[]"), int(port)
 
 
-def ensure_port_free(host, port):
+def ensure_port_free(host: str, port: int) -> None:
     """Fail early, with the port named, rather than deep inside Flower's logs."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
@@ -69,26 +71,26 @@ def ensure_port_free(host, port):
             raise FlowerError(f"port {port} on {host} is not free ({error.strerror})") from None
 
 
-def executable(name):
+def executable(name: str) -> str:
     """A Flower command from this Python's environment, even if it is not on PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
 
 
-def free_port():
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def log_tail(path, lines=15):
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-def process_tree(pid):
+def process_tree(pid: int) -> list[int]:
     """pid and all its descendants. Flower's SuperExec and Ray's processes run in
     sessions of their own, so stopping the SuperLink's process group is not enough."""
     try:
@@ -108,7 +110,7 @@ def process_tree(pid):
     return tree
 
 
-def stop(process, timeout=10):
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """Stop a process and everything it started: politely, then by force. A second
     Ctrl-C meanwhile must not leave half of it running."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -161,7 +163,13 @@ def _signal(pid, signal_number):
 
 
 @contextmanager
-def flower_process(command, flwr_home, log_name, bin_dir=None, environment=None):
+def flower_process(
+    command: list[str],
+    flwr_home: Path,
+    log_name: str,
+    bin_dir: Path | None = None,
+    environment: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a Flower command with its output in flwr_home/log_name, with bin_dir (if
     given) first on its PATH and `environment` added; stop it (and all it started)
     on leaving the block."""
@@ -185,16 +193,29 @@ def flower_process(command, flwr_home, log_name, bin_dir=None, environment=None)
 
 
 @contextmanager
-def superlink(flwr_home, *extra_args, host="127.0.0.1", port=None, ca_cert=None, environment=None):
+def superlink(
+    flwr_home: Path,
+    *extra_args: str,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    ca_cert: Path | None = None,
+    environment: dict[str, str] | None = None,
+) -> Iterator[str]:
     """Run `flower-superlink` (TLS when `ca_cert` is given, with the certificate
     and key in extra_args) behind superlink_gate.py, its ServerApps pinned to this
     copy of the app (pinning.py); yield the address `flwr run` reaches it at."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     bin_dir = pinning.install_launcher(flwr_home / "bin", command="flwr-serverapp")
+    gate = (  # superlink_gate.py's main, this copy's package on its path, the rest Flower's
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "from securehealth.deployment.superlink_gate import main; main()"
+    )
     command = [
         sys.executable,
-        str(APP_DIR / "superlink_gate.py"),
+        "-c",
+        gate,
+        str(APP_DIR),
         "--host",
         host,
         "--port",
@@ -229,14 +250,14 @@ def _wait_until_healthy(process, address, ca_cert, log_path):
     raise FlowerError(f"the SuperLink did not start within {STARTUP_TIMEOUT} s")
 
 
-def connect_cli(flwr_home, address, ca_cert=None):
+def connect_cli(flwr_home: Path, address: str, ca_cert: Path | None = None) -> None:
     """Point the `flwr` command at the SuperLink, as the federation named `run`."""
     tls = {"root-certificates": str(ca_cert)} if ca_cert else {"insecure": True}
     connection = {"superlink": {"run": {"address": address, **tls}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
 
 
-def enroll(flwr_home, public_keys):
+def enroll(flwr_home: Path, public_keys: Iterable[Path]) -> None:
     """Register each hospital's public key with the SuperLink (started with
     --enable-supernode-auth): only SuperNodes holding a matching private key join."""
     for key in public_keys:
@@ -252,7 +273,7 @@ def enroll(flwr_home, public_keys):
             raise FlowerError(f"could not enroll the hospital key {key}: {output[-500:]}")
 
 
-def stopped_by_flower(flwr_home):
+def stopped_by_flower(flwr_home: Path) -> bool:
     """Whether Flower records this SuperLink's run (the one `flwr run` started, see
     flwr-run.log) as stopped, i.e. someone ran `flwr stop` on it."""
     started = re.search(r"started run (\d+)", log_tail(flwr_home / "flwr-run.log", 10**6))
@@ -268,22 +289,35 @@ def stopped_by_flower(flwr_home):
         return False
 
 
-def flwr_run(flwr_home, address, cfg, federation_config=(), operator_key=None):
+def flwr_run(
+    flwr_home: Path,
+    address: str,
+    cfg: SimpleNamespace,
+    federation_config: Sequence[str] = (),
+    operator_key: Path | None = None,
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """Submit this app to the SuperLink (see connect_cli) with `flwr run --stream`,
     signed with `operator_key` if given (authorisation.py): a context manager
     yielding the process, whose output goes to flwr-run.log."""
-    settings_json = settings.to_json(cfg)
-    signed = authorisation.authorise(settings_json, operator_key) if operator_key else {}
-    run_config = flwr_home / "run-config.toml"
-    run_config.write_text(tomli_w.dumps({"settings": settings_json, **signed}))
+    run_config = settings.to_run_config(cfg)
+    signed = authorisation.authorise(run_config, operator_key) if operator_key else {}
+    run_config_file = flwr_home / "run-config.toml"
+    run_config_file.write_text(tomli_w.dumps({**run_config, **signed}))
     command = [executable("flwr"), "run", str(APP_DIR), "run", "--stream"]
-    command += ["--run-config", str(run_config)]
+    command += ["--run-config", str(run_config_file)]
     if federation_config:
         command += ["--federation-config", " ".join(federation_config)]
     return flower_process(command, flwr_home, "flwr-run.log")
 
 
-def supernode(flwr_home, server_address, node_config, ca_cert=None, auth_key=None, bin_dir=None):
+def supernode(
+    flwr_home: Path,
+    server_address: str,
+    node_config: dict[str, Any],
+    ca_cert: Path | None = None,
+    auth_key: Path | None = None,
+    bin_dir: Path | None = None,
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """Run `flower-supernode` for one hospital, connected to the server's SuperLink:
     a context manager yielding the process. It proves its identity with auth_key
     (if given) and starts ClientApps with the `flwr-clientapp` in bin_dir (see
@@ -307,7 +341,7 @@ def supernode(flwr_home, server_address, node_config, ca_cert=None, auth_key=Non
     return flower_process(command, flwr_home, "supernode.log", bin_dir)
 
 
-def server_reachable(address):
+def server_reachable(address: str) -> bool:
     """Whether something accepts connections at host:port."""
     try:
         with socket.create_connection(split_address(address), timeout=2):
@@ -316,7 +350,7 @@ def server_reachable(address):
         return False
 
 
-def check_server(address, ca_cert=None):
+def check_server(address: str, ca_cert: Path | None = None) -> None:
     """Talk to the server once before starting a SuperNode, so that a certificate
     or TLS mismatch is reported in words instead of as endless retries."""
     host, port = split_address(address)
@@ -345,7 +379,7 @@ def check_server(address, ca_cert=None):
         ) from None
 
 
-def interrupt_on_signals():
+def interrupt_on_signals() -> None:
     """SIGTERM and SIGHUP stop a launcher like Ctrl-C does: everything it started is
     stopped and the run's status recorded."""
 
@@ -357,16 +391,16 @@ def interrupt_on_signals():
 
 
 def run_federation(
-    cfg,
-    console,
-    superlink_args,
-    federation_config=(),
-    ca_cert=None,
-    hospital_keys=(),
-    operator_key=None,
-    environment=None,
-    **where,
-):
+    cfg: SimpleNamespace,
+    console: Console,
+    superlink_args: Sequence[str],
+    federation_config: Sequence[str] = (),
+    ca_cert: Path | None = None,
+    hospital_keys: Iterable[Path] = (),
+    operator_key: Path | None = None,
+    environment: dict[str, str] | None = None,
+    **where: Any,
+) -> tuple[int, dict[str, Any] | None]:
     """One whole training on a SuperLink of our own (with `environment` added to
     its own): start it, enroll the hospitals' keys (if any), submit the app (signed
     with `operator_key`, if given), show the rounds. Returns (exit code, metrics of
@@ -381,8 +415,10 @@ def run_federation(
             connect_cli(flwr_home, address, ca_cert)
             enroll(flwr_home, hospital_keys)
             with flwr_run(flwr_home, address, cfg, federation_config, operator_key) as process:
-                metrics = reporting.follow(process, run_dir, cfg, console)
-            stopped = (metrics or {}).get("status") == "running" and stopped_by_flower(flwr_home)
+                metrics = display.follow(process, run_dir, cfg, console)
+            # A stopped run's ServerApp may record the stop as its own failure first.
+            ended = (metrics or {}).get("status") in ("running", "failed")
+            stopped = ended and stopped_by_flower(flwr_home)
     except KeyboardInterrupt:
         mark_stopped(run_dir, "interrupted")
         console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")
@@ -398,7 +434,7 @@ def run_federation(
             "stopped it. Hospitals that trained in the unfinished round have recorded it "
             "as spent; they leave once they lose the server (client.py --connect-timeout)"
         )
-        mark_stopped(run_dir, "stopped", reason)
+        mark_stopped(run_dir, "stopped", reason, replacing=("running", "failed"))
         console.print(f"[red]The run was stopped:[/] {reason}. Partial results in {run_dir}")
         return 1, None
     if not metrics or metrics["status"] != "finished":
@@ -412,4 +448,4 @@ def run_federation(
         )
         return 1, None
     # Dropouts are tolerated (min_fit_clients); a round that trained nobody is not.
-    return (1 if reporting.idle_rounds(metrics) else 0), metrics
+    return (1 if display.idle_rounds(metrics) else 0), metrics

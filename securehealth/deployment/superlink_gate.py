@@ -10,19 +10,25 @@ launcher adds one middleware to Flower's app: a request from any address other
 than loopback may reach only /v1/fleet/ and /health; anything else is answered 403.
 `python server.py` itself reaches its SuperLink over 127.0.0.1. Flower 1.42 has no
 hook for this, so the launcher wraps its app factory (flwr is pinned;
-tests/test_security.py proves the refusal).
+tests/test_security.py proves the refusal; the wrapping is in securehealth/flower.py).
 
-Run as: python superlink_gate.py [flower-superlink's arguments]
+Run as: python -m securehealth.deployment.superlink_gate [flower-superlink's arguments]
 """
 
 import ipaddress
+from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
+
+from securehealth.flower import wrap_superlink_app
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 NETWORK_PATHS = ("/v1/fleet/", "/health")  # what hospitals on other machines need
 
 
-def from_loopback(client):
+def from_loopback(client: tuple[str, int] | None) -> bool:
     """Whether an ASGI scope's client (host, port) is this machine."""
     if not client:
         return False
@@ -58,19 +64,14 @@ class LocalControlOnly:
         await self.app(scope, receive, send)
 
 
-def main():
-    import flwr.superlink.main as superlink_app
-    from flwr.superlink.cli import flower_superlink
+def gate(app: "Starlette") -> "Starlette":
+    """Flower's SuperLink app with LocalControlOnly outermost, before its own handling."""
+    app.add_middleware(LocalControlOnly)
+    return app
 
-    create_app = superlink_app.create_app
 
-    def create_gated_app(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        app.add_middleware(LocalControlOnly)  # outermost: before Flower's own handling
-        return app
-
-    superlink_app.create_app = create_gated_app
-    flower_superlink()
+def main() -> None:
+    wrap_superlink_app(gate)
 
 
 if __name__ == "__main__":

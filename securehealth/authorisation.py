@@ -22,14 +22,17 @@ import hashlib
 import json
 import secrets
 import tomllib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-APP_DIR = Path(__file__).resolve().parent
+APP_DIR = Path(__file__).resolve().parents[1]
+SIGNED_RUN_KEYS = ("authorisation", "signature")  # run config keys the signature adds
 CLAIM_FILE = "authorisation.json"  # in a run's results folder: the run that used it
 SIGNATURE = ec.ECDSA(hashes.SHA256())
 
@@ -42,13 +45,15 @@ def _canonical(document):
     return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
-def app_digest(app_dir=APP_DIR):
+def app_digest(app_dir: Path = APP_DIR) -> str:
     """SHA-256 over the files the app ships (pyproject's fab-include less fab-exclude,
     pyproject itself aside, as Flower rewrites it): the same in the operator's
     checkout and in the copy a SuperNode or SuperExec installs."""
     app_dir = Path(app_dir)
     app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    excluded = {p for pattern in app["fab-exclude"] for p in app_dir.glob(pattern.lstrip("/"))}
+    excluded = {
+        p for pattern in app.get("fab-exclude", []) for p in app_dir.glob(pattern.lstrip("/"))
+    }
     files = sorted(
         {p for pattern in app["fab-include"] for p in app_dir.glob(pattern.lstrip("/"))} - excluded
     )
@@ -59,15 +64,21 @@ def app_digest(app_dir=APP_DIR):
     return digest.hexdigest()
 
 
-def authorise(settings_json, operator_key):
-    """The run config entries that authorise one run with these settings, signed
-    with the operator's private key (a PEM file)."""
+def _settings_digest(run_config):
+    """SHA-256 of every run config entry but the signature's own: the settings."""
+    signed = {k: v for k, v in run_config.items() if k not in SIGNED_RUN_KEYS}
+    return hashlib.sha256(_canonical(signed).encode()).hexdigest()
+
+
+def authorise(run_config: dict, operator_key: Path) -> dict:
+    """The run config entries that authorise one run with this run config (the
+    settings), signed with the operator's private key (a PEM file)."""
     key = serialization.load_pem_private_key(Path(operator_key).read_bytes(), None)
     document = _canonical(
         {
             "nonce": secrets.token_hex(16),
             "issued": datetime.now(UTC).isoformat(timespec="seconds"),
-            "settings_sha256": hashlib.sha256(settings_json.encode()).hexdigest(),
+            "settings_sha256": _settings_digest(run_config),
             "app_sha256": app_digest(),
         }
     )
@@ -75,7 +86,9 @@ def authorise(settings_json, operator_key):
     return {"authorisation": document, "signature": base64.b64encode(signature).decode()}
 
 
-def verify_run(run_config, operator_pub, app_dir=APP_DIR):
+def verify_run(
+    run_config: Mapping[str, Any], operator_pub: str, app_dir: Path = APP_DIR
+) -> dict[str, Any]:
     """The run's authorisation (a dict) if the operator whose public key is in the
     PEM file `operator_pub` signed it for exactly these settings and this code;
     Unauthorised with the reason otherwise."""
@@ -96,15 +109,14 @@ def verify_run(run_config, operator_pub, app_dir=APP_DIR):
             f"the run's authorisation is not signed by the operator key {operator_pub}"
         ) from None
     authorisation = json.loads(document)
-    settings_json = str(run_config.get("settings", ""))
-    if hashlib.sha256(settings_json.encode()).hexdigest() != authorisation["settings_sha256"]:
+    if _settings_digest(run_config) != authorisation["settings_sha256"]:
         raise Unauthorised("the run's settings differ from the ones the operator signed")
     if app_digest(app_dir) != authorisation["app_sha256"]:
         raise Unauthorised("the run's code differs from the code the operator signed")
     return authorisation
 
 
-def claim(directory, authorisation, run_id):
+def claim(directory: Path, authorisation: dict[str, Any], run_id: int) -> None:
     """Bind an authorisation to the first run that uses it, with a file created once
     in `directory` (the run's results folder): a replay of the same authorisation by
     another run gets Unauthorised, and writes nothing there."""
@@ -128,7 +140,9 @@ def _identity_statement(challenge, run_id, node_id, hospital):
     ).encode()
 
 
-def prove_identity(private_key, challenge, run_id, node_id, hospital):
+def prove_identity(
+    private_key: Path, challenge: str, run_id: int, node_id: int, hospital: int
+) -> str:
     """The hospital's answer to the server's challenge: its signature (hex), with its
     enrolled key (an OpenSSH private key file), over the challenge bound to this run,
     this node and this hospital number, so that it cannot be replayed elsewhere."""
@@ -137,7 +151,14 @@ def prove_identity(private_key, challenge, run_id, node_id, hospital):
     return key.sign(statement, SIGNATURE).hex()
 
 
-def identity_proven(public_key, proof, challenge, run_id, node_id, hospital):
+def identity_proven(
+    public_key: ec.EllipticCurvePublicKey,
+    proof: str,
+    challenge: str,
+    run_id: int,
+    node_id: int,
+    hospital: int,
+) -> bool:
     """Whether `proof` is hospital `hospital`'s signature of the challenge for this run
     and node, made with the private half of `public_key` (a loaded EC public key)."""
     try:

@@ -18,7 +18,6 @@ server.py pins it to the operator's checkout: a run submitted with other code (s
 through the Control API) never runs on the server's machine.
 """
 
-import importlib
 import io
 import json
 import os
@@ -28,16 +27,13 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-APP_DIR = Path(__file__).resolve().parent
-# The command Flower runs for each app process: (module with its installer, CLI module).
-LAUNCHERS = {
-    "flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli.flwr_clientapp"),
-    "flwr-serverapp": ("flwr.superlink.runtime.run_serverapp", "flwr.superlink.cli.flwr_serverapp"),
-}
+from securehealth.flower import install_app_check, run_flower_command
+
+APP_DIR = Path(__file__).resolve().parents[2]
 REFUSED = "untrusted-app"  # the status a refused app leaves in the hospital's status file
 
 
-def differences(bundle_bytes, app_dir=APP_DIR):
+def differences(bundle_bytes: bytes, app_dir: Path = APP_DIR) -> list[str]:
     """The files of a shipped app bundle (a FAB, a zip file) that are not exactly as
     in `app_dir`, or that lie outside it."""
     differing = []
@@ -58,7 +54,12 @@ def differences(bundle_bytes, app_dir=APP_DIR):
     return differing
 
 
-def install_launcher(bin_dir, status_file=None, pinned=True, command="flwr-clientapp"):
+def install_launcher(
+    bin_dir: Path,
+    status_file: Path | None = None,
+    pinned: bool = True,
+    command: str = "flwr-clientapp",
+) -> Path:
     """Write Flower's `command` (flwr-clientapp for a hospital's SuperNode,
     flwr-serverapp for the server's SuperLink), pinned to this copy of the app
     unless `pinned` is false; put `bin_dir` first on the PATH of the process that
@@ -70,24 +71,22 @@ def install_launcher(bin_dir, status_file=None, pinned=True, command="flwr-clien
         f"#!{sys.executable}\n"
         "import sys\n"
         f"sys.path.insert(0, {str(APP_DIR)!r})\n"
-        "import pinning\n"
-        "sys.path.pop(0)  # the app itself is loaded from Flower's install\n"
+        "from securehealth.deployment import pinning\n"
+        "sys.path.pop(0)\n"
+        "pinning.forget_this_copy()\n"
         f"pinning.run_pinned({command!r}, {status!r}, pinned={pinned!r})\n"
     )
     launcher.chmod(0o755)
     return bin_dir
 
 
-def run_pinned(command, status_file=None, pinned=True):
-    """Flower's `command`, installing a shipped app only if it matches this copy.
-    Flower 1.42 offers no hook for this, so the check wraps its installer (flwr is
-    pinned; tests/test_security.py proves the refusals)."""
-    installer_module, cli_module = LAUNCHERS[command]
-    runner = importlib.import_module(installer_module)
+def run_pinned(command: str, status_file: str | None = None, pinned: bool = True) -> None:
+    """Flower's `command`, installing a shipped app only if it matches this copy
+    (securehealth/flower.py wraps Flower's installer; tests/test_security.py proves
+    the refusals)."""
     if pinned:
-        install = runner.install_from_fab
 
-        def install_if_approved(bundle_bytes, *args, **kwargs):
+        def approve(bundle_bytes):
             differing = differences(bundle_bytes)
             if differing:
                 reason = (
@@ -97,16 +96,22 @@ def run_pinned(command, status_file=None, pinned=True):
                 if status_file:
                     _record_refusal(Path(status_file), reason)
                 raise PermissionError(reason)
-            return install(bundle_bytes, *args, **kwargs)
 
-        runner.install_from_fab = install_if_approved
-    getattr(importlib.import_module(cli_module), command.replace("-", "_"))()
+        install_app_check(command, approve)
+    run_flower_command(command)
+
+
+def forget_this_copy() -> None:
+    """Unload this copy's package from the launcher's process, so that the app runs
+    from Flower's install of what was shipped, never from this copy."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "securehealth"]:
+        del sys.modules[name]
 
 
 def _record_refusal(status_file, reason):
     """Tell the hospital's launcher (client.py), which watches its status file
-    (written whole, then renamed, as results.write_json does: the shipped app must
-    load its own modules, so this one imports none of ours)."""
+    (written whole, then renamed, as results.write_json does, without importing the
+    app's modules)."""
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     now = datetime.now(UTC).isoformat(timespec="seconds")
     partial = status_file.with_name(f".{status_file.name}.partial")

@@ -17,129 +17,32 @@ replace-one adjacency for the Poisson-sampled Gaussian mechanism of DP-SGD.
 """
 
 import fcntl
-import functools
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Self
 
-from dp_accounting import dp_event, mechanism_calibration, pld
-from dp_accounting.privacy_accountant import NeighboringRelation
+from securehealth.privacy.accountant import (
+    ACCOUNTANT,
+    ADJACENCIES,
+    BudgetExhausted,
+    calibrate_noise_multiplier,
+    epsilon_spent,
+)
+from securehealth.results import read_json, write_json
 
-from results import read_json, write_json
-
-ADJACENCIES = {
-    "replace-one": NeighboringRelation.REPLACE_ONE,
-    "add-remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
-}
-ACCOUNTANT = "pld"  # dp-accounting's privacy loss distribution accountant
-# PLD's grid for privacy-loss values. Its estimate is pessimistic (an upper bound) at
-# any grid; 1e-3 is 7x faster than the default 1e-4 and adds about 1e-4 to epsilon.
-PLD_DISCRETIZATION = 1e-3
-CALIBRATION_TOLERANCE = 1e-3  # of the noise multiplier, absolute
-MAX_NOISE_MULTIPLIER = 1e6  # as in Opacus' get_noise_multiplier
-# The least noise calibration goes down to: the PLD of smaller multipliers takes
-# seconds to minutes, and only budgets far beyond any meaningful epsilon (over 100
-# at the defaults) would allow less.
-MIN_NOISE_MULTIPLIER = 0.25
-# Below this share of the budget left, a new run is declined rather than trained with
-# noise so large that it could not learn anything.
-MIN_BUDGET_LEFT = 0.01
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
 LEDGER_FORMAT = 2
 
 
-class BudgetExhausted(Exception):
-    """Training would take a hospital's cumulative epsilon past its budget."""
-
-
 class LedgerError(Exception):
     """The privacy ledger cannot be used (not writable, held by another training,
     unreadable); the message says how to fix it."""
-
-
-def _event(history):
-    """The DP event of DP-SGD releases: (noise_multiplier, sample_rate, steps) each."""
-    return dp_event.ComposedDpEvent(
-        [
-            dp_event.SelfComposedDpEvent(
-                dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(sigma)),
-                int(steps),
-            )
-            for sigma, sample_rate, steps in history
-        ]
-    )
-
-
-def _accountant(adjacency):
-    return pld.PLDAccountant(
-        neighboring_relation=ADJACENCIES[adjacency],
-        value_discretization_interval=PLD_DISCRETIZATION,
-    )
-
-
-def epsilon_spent(history, delta, adjacency):
-    """Cumulative epsilon at `delta` of the (noise_multiplier, sample_rate, steps)
-    releases in `history` under `adjacency`. Remembered per process: each costs
-    10-100 ms, and a round asks the same question several times."""
-    return _epsilon(tuple(tuple(entry) for entry in history), delta, adjacency)
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon(history, delta, adjacency):
-    if not history:
-        return 0.0
-    accountant = _accountant(adjacency)
-    accountant.compose(_event(history))
-    return float(accountant.get_epsilon(delta))
-
-
-def calibrate_noise_multiplier(budget, delta, sample_rate, steps, adjacency, prior=()):
-    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) for which `steps`
-    more noisy steps at `sample_rate`, on top of the `prior` releases, keep epsilon
-    within `budget`: dp-accounting's own calibration search.
-
-    Remembered per process: in a simulation many hospitals of the same size ask the
-    same question. A run calibrates once, when it first trains (see PrivacyLedger).
-    """
-    prior = tuple(tuple(release) for release in prior)
-    return _calibrate(budget, delta, sample_rate, steps, adjacency, prior)
-
-
-@functools.lru_cache(maxsize=1024)
-def _calibrate(budget, delta, sample_rate, steps, adjacency, prior):
-    spent = epsilon_spent(prior, delta, adjacency)
-    if spent >= budget * (1 - MIN_BUDGET_LEFT):
-        raise BudgetExhausted(
-            f"epsilon spent {spent:.4f} of the budget of {budget:g}, less than "
-            f"{MIN_BUDGET_LEFT:.0%} left"
-        )
-
-    def epsilon_with(sigma):
-        return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta, adjacency)
-
-    # A bracket [low, high] of the answer, found by doubling from sigma 1: PLDs of
-    # small multipliers are large and slow, so the search starts where they are not.
-    low, high = 1.0, 1.0
-    while epsilon_with(high) > budget:
-        low, high = high, 2 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise BudgetExhausted(f"budget {budget:g} too small for {steps} more steps")
-    while high == low or epsilon_with(low) <= budget:
-        if low <= MIN_NOISE_MULTIPLIER:
-            return low  # within budget; less noise would only make the PLD huge
-        low /= 2
-    return mechanism_calibration.calibrate_dp_mechanism(
-        lambda: _accountant(adjacency),
-        lambda sigma: _event([*prior, (sigma, sample_rate, steps)]),
-        budget,
-        delta,
-        mechanism_calibration.ExplicitBracketInterval(low, high),
-        tol=CALIBRATION_TOLERANCE,
-    )
 
 
 class PrivacyLedger:
@@ -177,7 +80,7 @@ class PrivacyLedger:
             ) from None
 
     @contextmanager
-    def transaction(self, timeout=600):
+    def transaction(self, timeout: float = 600) -> Iterator[Self]:
         """Hold the ledger exclusively, read afresh, for a read-check-train-record
         sequence. Another training on the same hospital waits up to `timeout` s."""
         with open(self.directory / LOCK_FILE, "r+") as lock:
@@ -267,7 +170,7 @@ class PrivacyLedger:
     def _save(self):
         write_json(self.path, self.data)
 
-    def note_dataset(self, fingerprint, patients):
+    def note_dataset(self, fingerprint: str, patients: int) -> None:
         """Record a version of the hospital's data (its training rows) the first time
         it is trained on; its releases compose with all earlier ones."""
         if not any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
@@ -275,7 +178,7 @@ class PrivacyLedger:
                 {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
             )
 
-    def authorised_run(self, nonce, run_id):
+    def authorised_run(self, nonce: str, run_id: int | str) -> bool:
         """Whether run `run_id` may use the operator's authorisation `nonce`: the first
         run that presents it may, and no other, so a replayed authorisation spends
         nothing (authorisation.py). The first use is recorded at once."""
@@ -286,11 +189,11 @@ class PrivacyLedger:
         return runs[nonce] == str(run_id)
 
     @property
-    def releases(self):
+    def releases(self) -> list[dict[str, Any]]:
         return self.data["releases"]
 
     @property
-    def history(self):
+    def history(self) -> list[tuple[float, float, int]]:
         """(noise_multiplier, sample_rate, steps) of every release, consecutive equal
         mechanisms merged (what the accountant composes)."""
         merged = []
@@ -302,11 +205,13 @@ class PrivacyLedger:
                 merged.append((sigma, sample_rate, steps))
         return merged
 
-    def epsilon(self, extra=()):
+    def epsilon(self, extra: Iterable[tuple[float, float, int]] = ()) -> float:
         """Cumulative epsilon of every release, plus `extra` mechanisms if given."""
         return epsilon_spent([*self.history, *extra], self.delta, self.adjacency)
 
-    def noise_for_round(self, run_id, sample_rate, steps, planned_steps):
+    def noise_for_round(
+        self, run_id: int | str, sample_rate: float, steps: int, planned_steps: int
+    ) -> float:
         """The noise multiplier for a round of `steps` noisy steps, or BudgetExhausted.
 
         Calibrated once per run, when it first trains, for all its `planned_steps` on
@@ -338,7 +243,14 @@ class PrivacyLedger:
             )
         return sigma
 
-    def record(self, run_id, server_round, noise_multiplier, sample_rate, steps):
+    def record(
+        self,
+        run_id: int | str,
+        server_round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+    ) -> None:
         """Append one release (one round's training) and persist it."""
         release = {
             "run_id": str(run_id),

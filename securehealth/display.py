@@ -1,7 +1,12 @@
 """What a person sees: a line per round while a run trains, and the closing summary
 (global test metrics, and every hospital's privacy spending against its budget)."""
 
+import subprocess
 import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -15,10 +20,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from results import METRICS_FILE, read_json
+from securehealth.results import METRICS_FILE, read_json
 
 
-def make_console():
+def make_console() -> Console:
     """Where launchers print; to a file or pipe with room for the tables."""
     console = Console()
     return console if console.is_terminal else Console(width=120)
@@ -37,7 +42,7 @@ PRIVACY_COLUMNS = (
 )
 
 
-def privacy_title(privacy):
+def privacy_title(privacy: dict[str, Any]) -> str:
     """What the privacy table's epsilons mean: the adjacency they are stated for and
     the accountant that computed them."""
     return (
@@ -46,7 +51,7 @@ def privacy_title(privacy):
     )
 
 
-def guarantee_text(privacy):
+def guarantee_text(privacy: dict[str, Any]) -> str:
     """The guarantee in words, for the summary and report.md."""
     meaning = {
         "replace-one": "replacing any one patient's record by any other record changes "
@@ -65,7 +70,7 @@ def guarantee_text(privacy):
     )
 
 
-def privacy_cells(hospital, p):
+def privacy_cells(hospital: str, p: dict[str, Any]) -> list[str]:
     """One hospital's row of the privacy table (summary and report.md), as text;
     dashes for a hospital that never reported."""
     if "epsilon" not in p:
@@ -83,7 +88,7 @@ def privacy_cells(hospital, p):
     ]
 
 
-def round_line(record, cfg):
+def round_line(record: dict[str, Any], cfg: SimpleNamespace) -> str:
     """One round: global metrics, the largest epsilon spent (against that hospital's
     own budget), and any hospital that declined or failed, with its reason."""
     g = record["global"]
@@ -111,7 +116,7 @@ def round_line(record, cfg):
     return line
 
 
-def idle_rounds(metrics):
+def idle_rounds(metrics: dict[str, Any]) -> list[int]:
     """Rounds in which no hospital trained, so the global model did not change
     (discarded rounds, in which they did, are reported apart)."""
     return [
@@ -121,7 +126,7 @@ def idle_rounds(metrics):
     ]
 
 
-def shortfalls(metrics):
+def shortfalls(metrics: dict[str, Any]) -> list[str]:
     """What went wrong in a finished run, in words (empty if nothing did)."""
     failed = [r["round"] for r in metrics["rounds"] if r["failures"]]
     rejected = [r["round"] for r in metrics["rounds"] if r.get("rejected")]
@@ -148,7 +153,9 @@ def shortfalls(metrics):
     return found
 
 
-def follow(process, run_dir, cfg, console):
+def follow(
+    process: subprocess.Popen[bytes], run_dir: Path, cfg: SimpleNamespace, console: Console
+) -> dict[str, Any] | None:
     """Show each round as the server records it, until the run has finished (its
     results are complete; Flower's shutdown need not be waited for) or `process`
     ended; return the last metrics.json (None if the server never wrote one)."""
@@ -191,16 +198,16 @@ METRICS = (
 )
 
 
-def fmt(value):
+def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def metrics_text(metrics):
+def metrics_text(metrics: dict[str, Any]) -> str:
     """One line of clinical metrics, e.g. for a hospital's own evaluation."""
     return ", ".join(f"{title} {fmt(metrics[key])}" for key, title in METRICS)
 
 
-def metrics_table(title, rows):
+def metrics_table(title: str, rows: Iterable[tuple[str, dict[str, Any]]]) -> Table:
     """A table of clinical metrics, one row per (label, metrics)."""
     table = Table(title=title)
     table.add_column("Model", justify="left")
@@ -211,7 +218,7 @@ def metrics_table(title, rows):
     return table
 
 
-def print_summary(metrics, run_dir, console=None):
+def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None = None) -> None:
     console = console or Console()
     final, privacy, data = metrics["final"]["global"], metrics["privacy"], metrics["data"]
     console.print(

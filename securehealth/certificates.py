@@ -54,7 +54,7 @@ def _subject_alternative_name(hosts):
     return x509.SubjectAlternativeName(names)
 
 
-def make_certificates(directory, hosts):
+def make_certificates(directory: Path, hosts: list[str]) -> Path:
     """Create ca.crt, ca.key, server.crt and server.key in `directory`, the server
     certificate valid for each of `hosts` (names or IP addresses), and the operator's
     run-signing key (make_operator_key). Existing files are never overwritten:
@@ -114,7 +114,7 @@ def make_certificates(directory, hosts):
     return directory
 
 
-def make_operator_key(directory):
+def make_operator_key(directory: Path) -> Path:
     """Create the operator's run-signing key pair (EC P-256, PEM): operator.key, mode
     0600, stays with the server's operator; operator.pub goes to every hospital with
     ca.crt. For certificates made before run signing existed, `--make-certs` adds it."""
@@ -135,7 +135,7 @@ def make_operator_key(directory):
     return directory / OPERATOR_PUB
 
 
-def make_hospital_key(private_key_path):
+def make_hospital_key(private_key_path: Path) -> Path:
     """Create a hospital's identity for SuperNode authentication: an EC (P-384) key
     pair in OpenSSH format, the private key with mode 0600 and the public key beside
     it (.pub), for the server's operator to enroll. Never overwrites a key."""
@@ -158,7 +158,7 @@ def make_hospital_key(private_key_path):
     return public_key_path
 
 
-def check_hospital_keys(directory, num_clients):
+def check_hospital_keys(directory: str, num_clients: int) -> dict[int, Path]:
     """The enrolled hospitals' public keys in `directory`: {hospital number: path}.
     Each file is named hospital-N.pub after the number the key is enrolled for, for
     N in 0..num_clients-1, and holds a key the SuperLink accepts (EC on a NIST curve,
@@ -185,7 +185,7 @@ def check_hospital_keys(directory, num_clients):
     return enrolled
 
 
-def load_hospital_key(path):
+def load_hospital_key(path: Path) -> ec.EllipticCurvePublicKey:
     """A hospital's public key (OpenSSH, elliptic curve), or ValueError naming the file."""
     try:
         key = serialization.load_ssh_public_key(Path(path).read_bytes())

@@ -1,0 +1,113 @@
+"""Patient data for a federation of hospitals, described by a data dictionary.
+
+Three sources (the `dataset` setting):
+
+    synthetic      generated patients (coronary heart disease), non-IID hospitals
+    breast-cancer  the Wisconsin diagnostic breast cancer data shipped inside
+                   scikit-learn (569 patients), split into hospitals
+    csv            your own tables: one file per hospital, DIR/hospital_<i>.csv,
+                   and a data dictionary DIR/schema.json (or .yaml); the server's
+                   reference test set is DIR/test.csv
+
+Every source has a data dictionary (Schema): the label column with its positive
+(disease) and negative values, and each feature's type with its declared valid
+range or categories. Inputs are encoded from the dictionary alone, never from
+statistics of a hospital's rows, so the encoding reveals nothing about any patient
+and every hospital feeds the shared model the same way.
+
+Each hospital splits its own patients into training rows (the only rows DP-SGD
+touches) and held-out rows (evaluated at the hospital itself), by a rule on its own
+rows alone: nothing the server sets (seed, a new run) moves a patient between the
+two, and replacing one patient's record moves at most one other (see
+split.held_out_split).
+
+A source is a module with `DESCRIPTION`, `load_schema(cfg, schema_file)`,
+`hospital_rows(cfg, hospital, schema, data_file)` and `reference_set(cfg, schema)`;
+add one to SOURCES and the `dataset` setting accepts it.
+"""
+
+import hashlib
+from types import SimpleNamespace
+
+import numpy as np
+
+from securehealth.data import breast_cancer, csv_files, synthetic
+from securehealth.data.schema import DataError, Schema
+from securehealth.data.split import held_out_split
+
+SOURCES = {"synthetic": synthetic, "breast-cancer": breast_cancer, "csv": csv_files}
+MIN_TRAINING_PATIENTS = 10
+
+__all__ = [
+    "SOURCES",
+    "DataError",
+    "Schema",
+    "check_all",
+    "fingerprint",
+    "hospital_data",
+    "load_schema",
+    "reference_test_set",
+]
+
+
+def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+    """The data dictionary of the `dataset` setting's source."""
+    return SOURCES[cfg.dataset].load_schema(cfg, schema_file)
+
+
+def hospital_data(
+    cfg: SimpleNamespace,
+    hospital: int,
+    data_file: str | None = None,
+    schema_file: str | None = None,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """One hospital's ((train_x, train_y), (test_x, test_y)). In deployment a csv
+    hospital passes its own file and data dictionary."""
+    schema = load_schema(cfg, schema_file)
+    x, y, ids, source = SOURCES[cfg.dataset].hospital_rows(cfg, hospital, schema, data_file)
+    train, test = held_out_split(x, y, cfg.test_fraction, ids)
+    if len(train) < MIN_TRAINING_PATIENTS:
+        raise DataError(
+            f"{source}: {len(y)} patients leave {len(train)} for training after holding "
+            f"out test_fraction {cfg.test_fraction:g}; DP-SGD needs at least "
+            f"{MIN_TRAINING_PATIENTS}: add patients or lower test_fraction"
+        )
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, str]:
+    """The server's own test set, (x, y, what it is): the model is judged on it."""
+    reference = SOURCES[cfg.dataset].reference_set(cfg, load_schema(cfg))
+    if reference is not None:
+        return reference
+    # Simulation only: every hospital's held-out rows, pooled (see the README).
+    held_out = [hospital_data(cfg, h)[1] for h in range(cfg.num_clients)]
+    x = np.concatenate([h[0] for h in held_out])
+    y = np.concatenate([h[1] for h in held_out])
+    return x, y, "the hospitals' held-out patients, pooled (no test.csv given)"
+
+
+def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> None:
+    """Load every hospital's data and the server's reference set once, before anything
+    starts, so that bad data stops a launcher with one line (DataError) rather than
+    a failed run. With pool_held_out=False (a deployed server) the csv reference set
+    must be the server's own test.csv."""
+    test_file = csv_files.csv_paths(cfg)[2] if cfg.dataset == "csv" else None
+    if test_file and not pool_held_out and not test_file.exists():
+        raise DataError(
+            f"{test_file}: file not found; the server needs its own reference test "
+            f"set to evaluate the model (the hospitals' files stay at the hospitals)"
+        )
+    if pool_held_out:  # simulation: this machine holds every hospital's data
+        for hospital in range(cfg.num_clients):
+            hospital_data(cfg, hospital)
+    reference_test_set(cfg)
+
+
+def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    """SHA-256 of a dataset's rows: names a version of a hospital's data in its
+    privacy ledger (which holds one budget for all of them)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,133 @@
+"""Your own tables: one file per hospital, DIR/hospital_<i>.csv, and a data
+dictionary DIR/schema.json (or .yaml); the server's reference test set is
+DIR/test.csv. Every cell is checked against the dictionary."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from securehealth.data.schema import DataError, Schema
+
+DESCRIPTION = "your own tables, one file per hospital (data_dir)"
+
+
+def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
+    """(schema file, hospital files, reference test file) of a csv data directory."""
+    if not cfg.data_dir:
+        raise DataError(
+            "dataset 'csv' needs --data-dir: the folder with hospital_<i>.csv and schema.json"
+        )
+    directory = Path(cfg.data_dir)
+    schemas = [directory / name for name in ("schema.json", "schema.yaml", "schema.yml")]
+    schema = next((p for p in schemas if p.exists()), schemas[0])
+    hospitals = [directory / f"hospital_{h}.csv" for h in range(cfg.num_clients)]
+    return schema, hospitals, directory / "test.csv"
+
+
+def read_csv(
+    path: str | Path, schema: Schema, missing_values: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A hospital's (or the server's) table, checked cell by cell against the data
+    dictionary; returns (x, y, patient ids or None if the dictionary declares no
+    patient_id). The first problem stops it, named with its line."""
+    import pandas as pd  # imported here: only CSV runs pay for it
+
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot read it as CSV ({error})") from None
+    extra = [c for c in frame.columns if c not in schema.columns]
+    if extra:
+        raise DataError(
+            f"{path}: column {extra[0]!r} is not in {schema.source}; add it to "
+            f"the data dictionary or remove it from the file"
+        )
+    absent = [c for c in schema.columns if c not in frame.columns]
+    if absent:
+        what = "the label column" if absent[0] == schema.label else "column"
+        raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
+
+    line = frame.index.to_numpy() + 2  # file line numbers: the header is line 1
+    blank = (frame[schema.columns].apply(lambda col: col.str.strip()) == "").to_numpy()
+    if blank.any():
+        if missing_values == "drop":
+            keep = ~blank.any(axis=1)
+            frame, line = frame[keep], line[keep]
+        else:
+            row, col = np.argwhere(blank)[0]
+            raise DataError(
+                f"{path} line {line[row]}, column {schema.columns[col]!r}: empty "
+                f"value; fill it in, or set missing_values to 'drop' to leave "
+                f"such patients out"
+            )
+
+    def fail(rows, column, problem):
+        first = np.flatnonzero(rows)[0]
+        value = frame[column].iloc[first]
+        raise DataError(f"{path} line {line[first]}, column {column!r}: {value!r} {problem}")
+
+    columns = {}
+    for f in schema.features:
+        raw = frame[f["name"]].str.strip()
+        if f["type"] == "numeric":
+            values = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+            if np.isnan(values).any():
+                fail(np.isnan(values), f["name"], "is not a number")
+            outside = (values < f["min"]) | (values > f["max"])
+            if outside.any():
+                fail(
+                    outside,
+                    f["name"],
+                    f"is outside the declared range [{f['min']}, "
+                    f"{f['max']}]; correct it or widen the range",
+                )
+            columns[f["name"]] = values
+        else:
+            unknown = ~raw.isin([str(c) for c in f["categories"]]).to_numpy()
+            if unknown.any():
+                fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
+            columns[f["name"]] = raw.to_numpy()
+    patient_ids = None
+    if schema.patient_id:
+        patient_ids = frame[schema.patient_id].str.strip().to_numpy()
+        repeated = frame[schema.patient_id].str.strip().duplicated().to_numpy()
+        if repeated.any():
+            fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
+    label = frame[schema.label].str.strip()
+    odd = ~label.isin([str(schema.positive), str(schema.negative)]).to_numpy()
+    if odd.any():
+        fail(
+            odd,
+            schema.label,
+            f"is neither the positive label {schema.positive!r} nor "
+            f"the negative {schema.negative!r}",
+        )
+    return schema.encode(columns), schema.labels(label.to_numpy()), patient_ids
+
+
+def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+    """The federation's data dictionary: a deployed hospital's own --schema file, else
+    data_dir's."""
+    return Schema.load(schema_file or csv_paths(cfg)[0])
+
+
+def hospital_rows(
+    cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | Path]:
+    """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv."""
+    source = data_file or csv_paths(cfg)[1][hospital]
+    return (*read_csv(source, schema, cfg.missing_values), source)
+
+
+def reference_set(
+    cfg: SimpleNamespace, schema: Schema
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The server's test.csv, or None where there is none (see data.reference_test_set)."""
+    test_file = csv_paths(cfg)[2]
+    if not test_file.exists():
+        return None
+    return (*read_csv(test_file, schema, cfg.missing_values)[:2], str(test_file))

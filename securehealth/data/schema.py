@@ -1,0 +1,129 @@
+"""The data dictionary (Schema): the label with its positive and negative values,
+and each feature's type with its declared valid range or categories. Inputs are
+encoded from the dictionary alone, never from statistics of a hospital's rows, so the
+encoding reveals nothing about any patient and every hospital feeds the shared model
+the same way."""
+
+import json
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import yaml
+
+
+class DataError(ValueError):
+    """Bad data or data dictionary; the message names the file (row, column) and
+    says how to fix it."""
+
+
+class Schema:
+    """A data dictionary: validated on creation, then used to check and encode
+    tables the same way at every hospital and at the server."""
+
+    def __init__(self, spec, source):
+        self.spec, self.source = spec, str(source)
+        self.name = spec.get("name", self.source)
+        try:
+            label = spec["label"]
+            self.label, self.positive, self.negative = (
+                label["column"],
+                label["positive"],
+                label["negative"],
+            )
+            self.features = list(spec["features"])
+        except (KeyError, TypeError) as missing:
+            raise DataError(
+                f"{self.source}: the data dictionary needs label.column, label.positive, "
+                f"label.negative and a list of features; {missing} is missing"
+            ) from None
+        self.patient_id = spec.get("patient_id")
+        if self.patient_id is not None and not isinstance(self.patient_id, str):
+            raise DataError(f'{self.source}: patient_id must name a column, e.g. "mrn"')
+        if str(self.positive) == str(self.negative):
+            raise DataError(f"{self.source}: label.positive and label.negative are the same")
+        names = [f.get("name") for f in self.features]
+        if (
+            not self.features
+            or len(set(names)) != len(names)
+            or self.label in names
+            or self.patient_id in (self.label, *names)
+        ):
+            raise DataError(
+                f"{self.source}: feature names must be present, unique and "
+                f"differ from the label and patient_id columns"
+            )
+        for feature in self.features:
+            self._check_feature(feature)
+
+    def _check_feature(self, f):
+        where = f"{self.source}: feature {f.get('name')!r}"
+        if f.get("type") == "numeric":
+            low, high = f.get("min"), f.get("max")
+            if not all(isinstance(v, (int, float)) for v in (low, high)) or not low < high:
+                raise DataError(f"{where} needs numbers min < max (its declared valid range)")
+            if f.get("log") and low < 0:
+                raise DataError(f"{where}: a log-scaled feature needs min >= 0")
+        elif f.get("type") == "categorical":
+            categories = f.get("categories")
+            if not isinstance(categories, list) or len(categories) < 2:
+                raise DataError(f"{where} needs a list of at least two categories")
+        else:
+            raise DataError(f"{where}: type must be 'numeric' or 'categorical'")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise DataError(f"{path}: cannot read the data dictionary ({error.strerror})") from None
+        try:
+            spec = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (ValueError, yaml.YAMLError) as error:
+            raise DataError(f"{path}: not valid {path.suffix[1:].upper()} ({error})") from None
+        if not isinstance(spec, dict):
+            raise DataError(f"{path}: the data dictionary must be a mapping")
+        return cls(spec, path)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a table must have (the patient-id column too, if declared)."""
+        ids = [self.patient_id] if self.patient_id else []
+        return [self.label] + ids + [f["name"] for f in self.features]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's inputs: one per numeric feature, one per category."""
+        names = []
+        for f in self.features:
+            if f["type"] == "numeric":
+                names.append(f["name"])
+            else:
+                names += [f"{f['name']}={c}" for c in f["categories"]]
+        return names
+
+    def encode(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """Model inputs from checked feature columns (name -> array): numeric values
+        mapped from their declared range (log-scaled if declared) to [-1, 1], and
+        categories one-hot."""
+        encoded = []
+        for f in self.features:
+            values = columns[f["name"]]
+            if f["type"] == "numeric":
+                low, high, v = (
+                    f["min"],
+                    f["max"],
+                    np.clip(np.asarray(values, float), f["min"], f["max"]),
+                )
+                if f.get("log"):
+                    low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
+                encoded.append(2 * (v - low) / (high - low) - 1)
+            else:
+                as_text = np.asarray(values).astype(str)
+                encoded += [(as_text == str(c)).astype(float) for c in f["categories"]]
+        return np.column_stack(encoded).astype(np.float32)
+
+    def labels(self, values: np.ndarray) -> np.ndarray:
+        """1.0 for the positive (disease) value, 0.0 for the negative."""
+        return (np.asarray(values).astype(str) == str(self.positive)).astype(np.float32)

@@ -1,0 +1,295 @@
+"""`python client.py --client-id N`: a hospital in a deployment. Flower's SuperNode,
+connected to the server, with its ClientApps pinned to this copy of the app
+(pinning.py), its privacy ledger in the hospital's own state directory, and a line
+per round on the console until the server ends the run."""
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from securehealth import data, display, settings
+from securehealth.certificates import OPERATOR_PUB, make_hospital_key
+from securehealth.deployment import pinning, runtime
+from securehealth.node import (
+    AUTH_KEY,
+    EVALUATION_FILE,
+    HOSPITAL_SETTINGS,
+    REFUSED_RUN,
+    STATUS_FILE,
+)
+from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.results import default_state_root, read_json
+
+END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
+
+
+def join(description: str, argv: list[str] | None = None) -> int:
+    """`python client.py --client-id N`: this hospital's SuperNode, until the run ends."""
+    runtime.interrupt_on_signals()
+    parser = settings.make_parser(description, ("num_clients", *HOSPITAL_SETTINGS))
+    group = parser.add_argument_group("hospital")
+    group.add_argument(
+        "--client-id", type=int, required=True, help="this hospital's number, 0 to num_clients - 1"
+    )
+    group.add_argument(
+        "--server-address",
+        default=f"127.0.0.1:{runtime.DEFAULT_PORT}",
+        help="host:port of the server",
+    )
+    group.add_argument(
+        "--root-certificates",
+        default="certs/ca.crt",
+        help="the federation's CA certificate (a copy of the server's)",
+    )
+    group.add_argument(
+        "--operator-key",
+        default="",
+        help="the operator's public key, which every run must be signed with (a copy of "
+        "the server's certs/operator.pub) [default: operator.pub beside --root-certificates]",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS, and runs are not checked for the operator's signature: only "
+        "against a server started with --insecure",
+    )
+    group.add_argument(
+        "--state-dir",
+        default="",
+        help="the hospital's own directory: privacy ledger, status, Flower's "
+        f"state and logs [default: {default_state_root()}/hospital-<client id>]",
+    )
+    group.add_argument(
+        "--data", default="", help="this hospital's own CSV file (with --schema): dataset csv"
+    )
+    group.add_argument(
+        "--schema", default="", help="the federation's data dictionary (schema.json or .yaml)"
+    )
+    group.add_argument(
+        "--make-key",
+        action="store_true",
+        help="create this hospital's identity key in --state-dir for a server that "
+        "admits only enrolled hospitals, then exit",
+    )
+    group.add_argument(
+        "--trust-server-app",
+        action="store_true",
+        help="run whatever app the server ships, not only one identical to this copy",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300,
+        help="seconds to keep trying to reach the server",
+    )
+    cfg, args = settings.parse(parser, argv)
+    if not 0 <= args.client_id < cfg.num_clients:
+        parser.error(
+            f"--client-id must be in 0..{cfg.num_clients - 1} "
+            f"(num_clients is {cfg.num_clients}), got {args.client_id}"
+        )
+    state_dir = Path(args.state_dir or default_state_root() / f"hospital-{args.client_id}")
+    state_dir = state_dir.resolve()
+    auth_key = state_dir / AUTH_KEY
+    if args.make_key:
+        try:
+            public_key = make_hospital_key(auth_key)
+        except FileExistsError as error:
+            parser.error(str(error))
+        print(
+            f"Created this hospital's identity: {auth_key} (private: it never leaves this "
+            f"machine) and {public_key}. Send {public_key.name} to the server's operator "
+            f"to be enrolled (server.py --hospital-keys)."
+        )
+        return 0
+    try:  # no training without a sound ledger that can be written
+        ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+        with ledger.transaction(timeout=5):  # readable, and this guarantee no looser
+            pass
+    except LedgerError as error:
+        parser.error(str(error))
+    try:
+        runtime.split_address(args.server_address)
+    except ValueError as error:
+        parser.error(f"--server-address: {error}")
+    ca_cert = None if args.insecure else Path(args.root_certificates).resolve()
+    if ca_cert and not ca_cert.is_file():
+        parser.error(
+            f"no CA certificate at {ca_cert}: copy the server's certs/ca.crt "
+            f"(made by `python server.py --make-certs`) or pass --root-certificates"
+        )
+    operator_pub = ""
+    if ca_cert:
+        operator_pub = Path(args.operator_key or ca_cert.with_name(OPERATOR_PUB)).resolve()
+        if not operator_pub.is_file():
+            parser.error(
+                f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
+                f"(made by `python server.py --make-certs`) or pass --operator-key"
+            )
+    own_data = {}
+    if args.data or args.schema:
+        if not (args.data and args.schema):
+            parser.error("--data and --schema go together: the file and its data dictionary")
+        own_data = {
+            "data-file": str(Path(args.data).resolve()),
+            "schema-file": str(Path(args.schema).resolve()),
+        }
+        try:  # check the file now, not in the middle of round 1
+            csv_cfg = settings.resolve({**vars(cfg), "dataset": "csv"})
+            data.hospital_data(csv_cfg, args.client_id, args.data, args.schema)
+        except data.DataError as error:
+            parser.error(str(error))
+    console = display.make_console()
+    if args.insecure:
+        console.print(
+            "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
+            "cross the network unencrypted to an unauthenticated server, and it trains "
+            "for any run, signed by the operator or not.[/]"
+        )
+    if args.trust_server_app:
+        console.print(
+            "[bold red]WARNING: --trust-server-app: this hospital runs whatever code the "
+            "server ships, with access to its patients' data.[/]"
+        )
+    try:
+        wait_for_server(args.server_address, args.connect_timeout, console)
+        runtime.check_server(args.server_address, ca_cert)
+    except runtime.FlowerError as error:
+        console.print(f"[red]{escape(str(error))}[/]")
+        return 1
+    node_config = {
+        "partition-id": args.client_id,
+        "num-partitions": cfg.num_clients,
+        "state-dir": str(state_dir),
+        "operator-key": str(operator_pub),
+        **own_data,
+        **{name: getattr(cfg, name) for name in HOSPITAL_SETTINGS},
+    }
+    flwr_home = state_dir / "flower"
+    status_file, pinned = state_dir / STATUS_FILE, not args.trust_server_app
+    launcher = pinning.install_launcher(flwr_home / "bin", status_file, pinned)
+    try:
+        with runtime.supernode(
+            flwr_home,
+            args.server_address,
+            node_config,
+            ca_cert,
+            auth_key if auth_key.exists() and ca_cert else None,
+            launcher,
+        ) as node:
+            console.print(
+                f"Hospital {args.client_id} connected to {args.server_address}; its budget: "
+                f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
+                f"over all runs on its patients (privacy ledger: {ledger.path}); "
+                f"secure aggregation "
+                f"{cfg.secure_aggregation}; "
+                + ("identified by its key; " if auth_key.exists() else "")
+                + (
+                    "runs any app the server ships. "
+                    if args.trust_server_app
+                    else "runs only an app identical to this copy. "
+                )
+                + f"State and logs: {state_dir}"
+            )
+            return follow_rounds(node, state_dir, args, console)
+    except KeyboardInterrupt:
+        console.print("[red]Interrupted.[/] This hospital left the federation.")
+        return 130
+
+
+def wait_for_server(address: str, timeout: float, console: Console) -> None:
+    """Wait until the server accepts connections (start order does not matter)."""
+    deadline = time.monotonic() + timeout
+    if not runtime.server_reachable(address):
+        console.print(f"Waiting for server at {address} ...")
+        while not runtime.server_reachable(address):
+            if time.monotonic() > deadline:
+                raise runtime.FlowerError(
+                    f"no server at {address} after {timeout:g} s: check --server-address "
+                    f"and that `python server.py` runs there"
+                )
+            time.sleep(1)
+
+
+def follow_rounds(
+    node: subprocess.Popen[bytes], state_dir: Path, args: argparse.Namespace, console: Console
+) -> int:
+    """Print what this hospital does each round, until the server ends the run;
+    the exit code says how it ended."""
+    status_path = state_dir / STATUS_FILE
+    last = status_path.read_text() if status_path.exists() else None
+    unreachable_since = None
+    while node.poll() is None:
+        text = status_path.read_text() if status_path.exists() else None
+        if text != last:
+            last = text
+            exit_code = show_status(json.loads(text), state_dir, console)
+            if exit_code is not None:
+                return exit_code
+        if runtime.server_reachable(args.server_address):
+            unreachable_since = None
+        else:
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > args.connect_timeout:
+                console.print(
+                    f"[red]Lost the server at {args.server_address} for "
+                    f"{args.connect_timeout:g} s; leaving.[/]"
+                )
+                return 1
+        time.sleep(1)
+    log = state_dir / "flower" / "supernode.log"
+    if "Failed to activate SuperNode" in runtime.log_tail(log):
+        key = state_dir / AUTH_KEY
+        console.print(
+            "[red]The server refused this hospital: it admits only enrolled hospitals.[/] "
+            + (
+                f"This hospital's key is not enrolled there: send {key.with_suffix('.pub')} "
+                f"to the server's operator."
+                if key.exists()
+                else "Create this hospital's key with --make-key and send the .pub file "
+                "to the server's operator."
+            )
+        )
+    else:
+        console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{runtime.log_tail(log)}")
+    return 1
+
+
+def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> int | None:
+    """Print a change of this hospital's status; the exit code once the run is over
+    for this hospital, else None."""
+    if status["status"] == pinning.REFUSED:
+        console.print(f"[red]Refused to run the server's app:[/] {escape(status['reason'])}")
+        return 1
+    if status["status"] == REFUSED_RUN:  # nothing spent; the server's own run may follow
+        console.print(
+            f"[red]Did not take part in run {status['run_id']}:[/] {escape(status['reason'])}"
+        )
+        return None
+    spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
+    if status["status"] == "trained":
+        console.print(f"Round {status['round']}: trained; {spent}")
+    elif status["status"] == "refused":
+        console.print(
+            f"[yellow]Round {status['round']}: declined to train: "
+            f"{escape(status['reason'])}. Raise --epsilon deliberately to continue.[/]"
+        )
+    else:
+        reason = f": {escape(status['reason'])}" if status["reason"] else ""
+        console.print(f"The server ended the run ({status['status']}{reason}); {spent}.")
+        evaluation = state_dir / EVALUATION_FILE
+        if status["status"] == "finished" and evaluation.exists():
+            final = read_json(evaluation)[-1]
+            console.print(
+                f"Final model on this hospital's {final['patients']} held-out patients "
+                f"(kept here): {display.metrics_text(final)}"
+            )
+        time.sleep(END_GRACE)  # for the SuperNode to send our acknowledgement
+        return 0 if status["status"] == "finished" else 1
+    return None

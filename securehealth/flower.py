@@ -1,0 +1,105 @@
+"""Every piece of Flower that SecureHealth-ML uses but Flower does not publish as API,
+in one place, checked against the one Flower version it was written for.
+
+A Flower upgrade may move or change any of these without notice. Importing this
+module fails closed, with one line, on any other Flower version, and
+tests/test_flower_internals.py imports each name below, so that an upgrade breaks
+here, loudly, rather than somewhere in a run. Everything else in the package uses
+Flower's public API (flwr.app, flwr.client, flwr.common, flwr.server, flwr.serverapp).
+
+Used, and why:
+- recorddict_compat: converting Flower's Message records to and from the legacy
+  NumPyClient types (FitRes, GetPropertiesIns/Res, EvaluateIns) where the product
+  speaks to nodes itself, outside the strategy: admission, the end-of-run notice,
+  and checking a reply before Flower's own workflow decodes it.
+- RECORD_KEY_CONFIGS: tells a SecAgg+ stage of a training message from a plain one
+  (a hospital that expects secure aggregation never sends its update in the clear).
+- ErrorCode: the code of the error reply that replaces a node's malformed reply.
+- APP_LAUNCHERS: the modules that install a shipped app (install_from_fab) and run
+  Flower's flwr-clientapp / flwr-serverapp commands: the launchers in
+  deployment/pinning.py wrap the installer to refuse an app that differs from the
+  approved copy (Flower has no hook for this).
+- SUPERLINK_APP: the SuperLink's app factory and command, which
+  deployment/superlink_gate.py wraps to serve only the Fleet API to the network.
+"""
+
+from collections.abc import Callable
+from importlib import import_module
+from importlib.metadata import version
+from typing import Any
+
+# The Flower release these internals were checked against (requirements.txt pins it).
+FLOWER_VERSION = "1.42.0"
+
+if version("flwr") != FLOWER_VERSION:
+    raise ImportError(
+        f"SecureHealth-ML relies on Flower {FLOWER_VERSION}'s internals (securehealth/"
+        f"flower.py) but flwr {version('flwr')} is installed: "
+        f"pip install -r requirements.txt"
+    )
+
+from flwr.common.constant import ErrorCode  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
+from flwr.compat.common.recorddict_compat import (  # noqa: E402
+    evaluateins_to_recorddict,
+    getpropertiesins_to_recorddict,
+    getpropertiesres_to_recorddict,
+    recorddict_to_fitres,
+    recorddict_to_getpropertiesins,
+    recorddict_to_getpropertiesres,
+)
+
+# Flower's command -> (module with its app installer, module with its CLI entry point).
+APP_LAUNCHERS = {
+    "flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli.flwr_clientapp"),
+    "flwr-serverapp": ("flwr.superlink.runtime.run_serverapp", "flwr.superlink.cli.flwr_serverapp"),
+}
+# (module with the SuperLink's app factory create_app, module with flower_superlink)
+SUPERLINK_APP = ("flwr.superlink.main", "flwr.superlink.cli")
+
+__all__ = [
+    "APP_LAUNCHERS",
+    "FLOWER_VERSION",
+    "RECORD_KEY_CONFIGS",
+    "SUPERLINK_APP",
+    "ErrorCode",
+    "evaluateins_to_recorddict",
+    "getpropertiesins_to_recorddict",
+    "getpropertiesres_to_recorddict",
+    "install_app_check",
+    "recorddict_to_fitres",
+    "recorddict_to_getpropertiesins",
+    "recorddict_to_getpropertiesres",
+    "run_flower_command",
+    "wrap_superlink_app",
+]
+
+
+def install_app_check(command: str, check: Callable[[bytes], None]) -> None:
+    """Make Flower's `command` (flwr-clientapp or flwr-serverapp) call check(fab bytes)
+    before it installs a shipped app; check raises to refuse it."""
+    installer = import_module(APP_LAUNCHERS[command][0])
+    install = installer.install_from_fab
+
+    def install_if_approved(fab_bytes, *args, **kwargs):
+        check(fab_bytes)
+        return install(fab_bytes, *args, **kwargs)
+
+    installer.install_from_fab = install_if_approved
+
+
+def run_flower_command(command: str) -> None:
+    """Run Flower's `command` (flwr-clientapp or flwr-serverapp) in this process."""
+    import_module(APP_LAUNCHERS[command][1]).__dict__[command.replace("-", "_")]()
+
+
+def wrap_superlink_app(wrap: Callable[[Any], Any]) -> None:
+    """Run flower-superlink in this process with wrap(app) applied to its web app."""
+    factory_module = import_module(SUPERLINK_APP[0])
+    create_app = factory_module.create_app
+
+    def create_wrapped_app(*args, **kwargs):
+        return wrap(create_app(*args, **kwargs))
+
+    factory_module.create_app = create_wrapped_app
+    import_module(SUPERLINK_APP[1]).flower_superlink()

@@ -1,0 +1,139 @@
+"""A hospital's training and its own records: DP-SGD (Opacus) on its training
+patients against its privacy ledger, a privacy report (scalars) for the server, and
+its evaluation of every global model on its held-out patients, which stays here.
+Loaded only by a message that trains or ends the run (node.open_hospital)."""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
+from securehealth import data
+from securehealth.node import EVALUATION_FILE, STATUS_FILE
+from securehealth.privacy import dpsgd
+from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted
+from securehealth.privacy.ledger import PrivacyLedger
+from securehealth.results import read_json, write_json
+
+# What a release in the report to the server says: enough to recompute epsilon, and
+# no run ids of other federations (they would link this hospital's participation).
+RELEASE_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "adjacency")
+
+
+class Hospital:
+    """A hospital: trains a round with DP-SGD, accounted in its privacy ledger, and
+    evaluates every global model it receives on its own held-out patients. That
+    evaluation stays in its state directory: it is not covered by the DP guarantee,
+    so it is never sent."""
+
+    def __init__(self, hospital, cfg, run_id, state_dir, data_file=None, schema_file=None):
+        torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
+        self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
+        self.state_dir = Path(state_dir)
+        (self.x, self.y), self.held_out = data.hospital_data(cfg, hospital, data_file, schema_file)
+        self.ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+
+    def train_round(
+        self, parameters: list[np.ndarray], server_round: int
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """One round of DP-SGD from the global weights: (new weights, training
+        patients, privacy report), or the weights unchanged, 0 and a report saying
+        why it declined (the budget)."""
+        if len(self.y) > self.cfg.max_patients:  # the server would reject the update
+            raise ValueError(
+                f"hospital {self.hospital} trains on {len(self.y)} patients, more than "
+                f"the server's cap on one hospital's weight (max_patients "
+                f"{self.cfg.max_patients}): the server's operator must raise max_patients"
+            )
+        self._evaluate_locally(parameters, server_round - 1)
+        sample_rate, steps = dpsgd.sample_rate_and_steps(len(self.y), self.cfg)
+        # Read, check, train and record under the ledger's lock: a concurrent training
+        # on the same patients waits, and sees this one's release.
+        with self.ledger.transaction():
+            self.ledger.note_dataset(data.fingerprint(self.x, self.y), len(self.y))
+            try:
+                sigma = self.ledger.noise_for_round(
+                    self.run_id, sample_rate, steps, planned_steps=self.cfg.rounds * steps
+                )
+            except BudgetExhausted as refusal:
+                return parameters, 0, self._report("refused", server_round, str(refusal))
+            model = self._model(parameters)
+            steps_taken = dpsgd.train_private(model, self.x, self.y, self.cfg, sigma)
+            self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
+            return get_weights(model), len(self.y), self._report("trained", server_round)
+
+    def end_of_run(
+        self, parameters: list[np.ndarray], status: str, rounds: int, reason: str
+    ) -> None:
+        """The server's notice that the run has ended, with the final model (see
+        serverapp.tell_hospitals): evaluated here, for this hospital alone."""
+        if status == "finished":
+            self._evaluate_locally(parameters, rounds)
+        with self.ledger.transaction():
+            self._report(status, rounds, reason)
+
+    def _model(self, parameters):
+        model = build_model(self.x.shape[1], self.cfg.hidden_layers)
+        try:
+            set_weights(model, parameters)
+        except ValueError as error:
+            raise ValueError(
+                f"the global model does not fit this hospital's data ({error}): the "
+                f"server and every hospital must use the same data dictionary"
+            ) from None
+        return model
+
+    def _evaluate_locally(self, parameters, after_round):
+        """Clinical metrics of the global model after `after_round` on the held-out
+        patients, appended to this hospital's evaluation file."""
+        x, y = self.held_out
+        risk = predict_risk(self._model(parameters), x)
+        path = self.state_dir / EVALUATION_FILE
+        records = read_json(path) if path.exists() else []
+        records = [
+            r for r in records if r["run_id"] != str(self.run_id) or r["round"] != after_round
+        ]
+        metrics = clinical_metrics(y, risk, self.cfg.decision_threshold)
+        records.append(
+            {"run_id": str(self.run_id), "round": after_round, "patients": len(y), **metrics}
+        )
+        write_json(path, records)
+
+    def _report(self, status, server_round, reason=""):
+        """Scalars the server may see: this hospital's privacy spending, no data.
+        `epsilon` is cumulative over every release on these patients; the noise
+        multiplier, sample rate and steps are this run's; `releases` lists them all,
+        so that anyone can recompute epsilon. They also go to the hospital's status
+        file, for its operator."""
+        plan = self.ledger.data["plans"].get(str(self.run_id), {})
+        releases = self.ledger.releases
+        report = {
+            "hospital": self.hospital,
+            "patients": len(self.y),
+            "status": status,
+            "reason": reason,
+            "epsilon": self.ledger.epsilon(),
+            "epsilon_budget": self.cfg.epsilon,
+            "delta": self.cfg.delta,
+            "adjacency": self.cfg.adjacency,
+            "accountant": ACCOUNTANT,
+            "noise_multiplier": plan.get("noise_multiplier", 0.0),
+            "sample_rate": plan.get("sample_rate", 0.0),
+            "steps": sum(r["steps"] for r in releases if r["run_id"] == str(self.run_id)),
+            "releases": json.dumps(
+                [
+                    {**{k: r[k] for k in RELEASE_KEYS}, "this_run": r["run_id"] == str(self.run_id)}
+                    for r in releases
+                ]
+            ),
+        }
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        write_json(
+            self.state_dir / STATUS_FILE,
+            {**report, "round": server_round, "utc": now, "ledger": str(self.ledger.path)},
+        )
+        return report

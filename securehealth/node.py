@@ -1,0 +1,218 @@
+"""A hospital's Flower node, as its ClientApp (client.py) runs it: its own settings,
+its state directory, the run's authorisation, its answer to admission and the
+SecAgg+ check, all without loading patient data or the training stack; the
+Hospital itself (hospital.py) is loaded only by a message that trains.
+
+The hospital owns its privacy budget: epsilon, delta, adjacency and which of its
+patients it holds out (test_fraction) come from this hospital's own settings,
+whatever the server asks for, and its privacy ledger lives in its own state
+directory, so that every run on its patients spends from the same budget. It never
+trains without that ledger. It also decides whether its updates go out only through
+secure aggregation. A deployed hospital takes part only in runs its server's
+operator signed, each run once (authorisation.py), and proves its identity with its
+enrolled key before it trains (admission.py).
+"""
+
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from logging import ERROR
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+from flwr.app import Context, Message, MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
+
+from securehealth import data, settings
+from securehealth.authorisation import Unauthorised, prove_identity, verify_run
+from securehealth.flower import (
+    RECORD_KEY_CONFIGS,
+    getpropertiesres_to_recorddict,
+    recorddict_to_getpropertiesins,
+)
+from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.results import HOSPITALS_DIR_VARIABLE, write_json
+
+if TYPE_CHECKING:
+    from securehealth.hospital import Hospital
+
+STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
+AUTH_KEY = "hospital.key"  # ... its identity for servers that admit only enrolled hospitals
+EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its patients
+REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
+# Settings that belong to the hospital, not the server (see the module docstring);
+# the others are the server's to decide for the run.
+HOSPITAL_SETTINGS = ("epsilon", "delta", "adjacency", "test_fraction", "secure_aggregation")
+
+
+def is_simulated(context: Context) -> bool:
+    """A hospital that simulation.py runs on this machine: no state directory of its
+    own, and the machine (never the server) names where simulated hospitals keep
+    theirs (HOSPITALS_DIR_VARIABLE)."""
+    return "state-dir" not in context.node_config and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
+
+
+def hospital_settings(context: Context) -> tuple[int, SimpleNamespace]:
+    """The server's settings for the run, with this hospital's own taking
+    precedence: (hospital number, settings). In deployment the hospital's settings
+    come from its node config (client.py passes them all), else from its own
+    config.py: never from the server. Only simulated hospitals, which simulation.py
+    runs for the operator who also runs the server, take them from the run."""
+    node = context.node_config
+    run_cfg = settings.from_run_config(context.run_config)
+    defaults = {} if is_simulated(context) else settings.DEFAULTS
+    own = {name: defaults[name] for name in HOSPITAL_SETTINGS if name in defaults}
+    own.update({name: node[name] for name in HOSPITAL_SETTINGS if name in node})
+    cfg = settings.decide_auto(settings.resolve({**vars(run_cfg), **own}))
+    hospital = int(node["partition-id"])
+    if int(node["num-partitions"]) != cfg.num_clients:
+        raise ValueError(
+            f"the federation has {node['num-partitions']} hospitals "
+            f"but num_clients is {cfg.num_clients}"
+        )
+    return hospital, cfg
+
+
+def open_hospital(context: Context) -> "Hospital":
+    """The hospital this node is, for this run (a hospital.Hospital): its own
+    settings, data and ledger, once the run is checked (check_run)."""
+    from securehealth.hospital import Hospital  # the training stack, when it trains
+
+    node = context.node_config
+    hospital, cfg = hospital_settings(context)
+    if "data-file" in node and cfg.dataset != "csv":
+        raise ValueError(
+            f"this hospital brought its own data (--data) but the server's run uses "
+            f"dataset {cfg.dataset!r}: start the server with --dataset csv"
+        )
+    if cfg.dataset == "csv" and "state-dir" in node and "data-file" not in node:
+        raise ValueError(  # a deployed hospital never reads a file the server names
+            "the server's run uses dataset csv but this hospital brought no data of its "
+            "own: start it with client.py --data FILE --schema FILE"
+        )
+    state_dir = hospital_state_dir(context, hospital)
+    check_run(context, cfg, state_dir)
+    try:
+        return Hospital(
+            hospital,
+            cfg,
+            context.run_id,
+            state_dir,
+            node.get("data-file"),
+            node.get("schema-file"),
+        )
+    except data.DataError as error:
+        # The details quote patients' values: they stay in this hospital's own log.
+        log(ERROR, "Hospital %s cannot use its data: %s", hospital, error)
+        raise ValueError(
+            f"hospital {hospital}'s data does not match the data dictionary (details in "
+            f"its own log)"
+        ) from None
+
+
+def check_run(context: Context, cfg: SimpleNamespace, state_dir: Path) -> None:
+    """Raise Unauthorised unless this run may spend this hospital's budget: in
+    deployment, its server's operator signed it (checked against the operator's
+    public key the hospital was given) and no other run used that signature before.
+    Simulated hospitals belong to the operator who runs simulation.py; a hospital
+    started with --insecure has no operator key and was warned so."""
+    if is_simulated(context):
+        return
+    operator_pub = context.node_config.get("operator-key")
+    try:
+        if operator_pub is None:
+            raise Unauthorised(
+                "this hospital has no operator key to check runs against: start it with "
+                "`python client.py --client-id N`"
+            )
+        if not operator_pub:
+            return  # client.py --insecure
+        nonce = verify_run(context.run_config, operator_pub)["nonce"]
+        ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+        with ledger.transaction():
+            if not ledger.authorised_run(nonce, context.run_id):
+                raise Unauthorised("its authorisation was already used by another run (a replay)")
+    except Unauthorised as refusal:
+        _refuse_run(state_dir, context.run_id, f"the run is not authorised: {refusal}")
+        raise
+
+
+def _refuse_run(state_dir, run_id, reason):
+    """Tell this hospital's operator (client.py watches the status file)."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
+    write_json(Path(state_dir) / STATUS_FILE, status)
+
+
+def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str, Scalar]:
+    """This hospital's answer to the server's admission question (admission.py): its
+    number, why it cannot take part in this run if it cannot (the run is not
+    authorised, or the server's secure_aggregation differs from its own), and its
+    signature of the server's challenge with its enrolled key, if it has one."""
+    hospital, cfg = hospital_settings(context)
+    state_dir = hospital_state_dir(context, hospital)
+    problem = ""
+    try:
+        check_run(context, cfg, state_dir)
+    except Unauthorised as refusal:
+        problem = f"it refused the run: {refusal}"
+    asked = question["secure_aggregation"]
+    if not problem and asked != cfg.secure_aggregation:
+        problem = (
+            f"the server's secure_aggregation is {asked} but this hospital's is "
+            f"{cfg.secure_aggregation}: both sides must agree (client.py "
+            f"--secure-aggregation {asked}, or ask the server's operator)"
+        )
+        _refuse_run(state_dir, context.run_id, problem)
+    key = state_dir / AUTH_KEY
+    proof = ""
+    if not is_simulated(context) and key.exists():
+        proof = prove_identity(
+            key, question["challenge"], context.run_id, context.node_id, hospital
+        )
+    return {"hospital": hospital, "problem": problem, "proof": proof}
+
+
+def hospital_mod(
+    message: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """Answer the server's admission question (without loading any data), and take
+    part in SecAgg+ (Flower's secaggplus_mod) exactly when this hospital's
+    secure_aggregation setting says so. A hospital that expects it never sends its
+    update in the clear."""
+    kind = message.metadata.message_type
+    if kind == MessageType.QUERY:
+        question = recorddict_to_getpropertiesins(message.content).config
+        answer = GetPropertiesRes(Status(Code.OK, ""), admission_answer(question, context))
+        return Message(getpropertiesres_to_recorddict(answer), reply_to=message)
+    if kind != MessageType.TRAIN:
+        return call_next(message, context)
+    asked = "on" if RECORD_KEY_CONFIGS in message.content.config_records else "off"
+    own = hospital_settings(context)[1].secure_aggregation
+    if asked != own:
+        raise ValueError(
+            f"the server asked for {'a secure (SecAgg+)' if asked == 'on' else 'a plain'} "
+            f"update but this hospital's secure_aggregation is {own}: both sides must "
+            f"agree (client.py --secure-aggregation {asked}, or ask the server's operator)"
+        )
+    return (
+        secaggplus_mod(message, context, call_next) if own == "on" else call_next(message, context)
+    )
+
+
+def hospital_state_dir(context: Context, hospital: int) -> Path:
+    """Where the hospital keeps its privacy ledger, status and evaluations: in
+    deployment its own directory (client.py's --state-dir); in simulation the one
+    simulation.py chose on this machine. Never a place the server names: without
+    one, the hospital does not train."""
+    if is_simulated(context):
+        return Path(os.environ[HOSPITALS_DIR_VARIABLE]) / f"hospital-{hospital}"
+    if context.node_config.get("state-dir"):
+        return Path(context.node_config["state-dir"])
+    raise LedgerError(
+        "this hospital has no state directory for its privacy ledger, so it does not "
+        "train: start it with `python client.py --client-id N` (or give flower-supernode "
+        "--node-config \"state-dir='/absolute/path'\")"
+    )

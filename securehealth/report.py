@@ -1,0 +1,246 @@
+"""The run's report for a privacy officer and a clinician: report.md and three PNG
+plots in the run directory, made from its metrics.json and model.pt. The server
+writes it at the end of every run; report.py writes it again."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure  # matplotlib without pyplot: files, no screen
+from sklearn.metrics import roc_curve
+
+from model import load_model, predict_risk
+from securehealth import data as datasets
+from securehealth import settings
+from securehealth.display import (
+    METRICS,
+    PRIVACY_COLUMNS,
+    fmt,
+    guarantee_text,
+    privacy_cells,
+    privacy_title,
+)
+from securehealth.results import METRICS_FILE, MODEL_FILE, read_json, write_atomic
+
+REPORT_FILE = "report.md"
+AUDIT_FILE = "audit.json"  # written by audit.py
+PLOTS = {
+    "performance": "performance_per_round.png",
+    "epsilon": "epsilon_per_round.png",
+    "roc": "roc_curve.png",
+}
+
+
+def _figure(width, height):
+    figure = Figure(figsize=(width, height), layout="tight")
+    return figure, figure.subplots()
+
+
+def plot_performance(metrics: dict[str, Any], path: Path) -> None:
+    rounds = [r["round"] for r in metrics["rounds"]]
+    figure, axes = _figure(7, 4.2)
+    for key, label in (("auc", "ROC-AUC"), ("accuracy", "Accuracy")):
+        axes.plot(rounds, [r["global"][key] for r in metrics["rounds"]], marker="o", label=label)
+    for name, values in metrics.get("baselines", {}).items():
+        if name.startswith("Pooled"):
+            axes.axhline(values["auc"], linestyle="--", color="grey", label=f"ROC-AUC, {name}")
+    axes.set(
+        title="Global model on the server's reference test set",
+        xlabel="Federated round",
+        ylabel="Score (0 to 1)",
+        ylim=(0, 1.02),
+    )
+    axes.set_xticks(rounds)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.savefig(path, dpi=150)
+
+
+def plot_epsilon(metrics: dict[str, Any], path: Path) -> None:
+    figure, axes = _figure(7, 4.2)
+    budgets = set()
+    for hospital in metrics["privacy"]["hospitals"]:
+        points = [
+            (r["round"], r["hospitals"][hospital])
+            for r in metrics["rounds"]
+            if hospital in r["hospitals"]
+        ]
+        if points:
+            axes.plot(
+                [p[0] for p in points],
+                [p[1]["epsilon"] for p in points],
+                marker="o",
+                label=f"Hospital {hospital}",
+            )
+            budgets.add(points[-1][1]["epsilon_budget"])
+    for budget in sorted(budgets):
+        axes.axhline(budget, linestyle="--", color="red", label=f"Budget, epsilon {budget:g}")
+    axes.set(
+        title=f"Privacy spent, cumulative (delta {metrics['privacy']['delta']:g}, "
+        f"{metrics['privacy']['adjacency']})",
+        xlabel="Federated round",
+        ylabel="Epsilon spent",
+        ylim=(0, max(budgets, default=1) * 1.1),
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.savefig(path, dpi=150)
+
+
+def plot_roc(
+    y: np.ndarray, risk: np.ndarray, auc: float | None, threshold: float, path: Path
+) -> None:
+    false_positive, true_positive, _ = roc_curve(y, risk)
+    figure, axes = _figure(5, 5)
+    axes.plot(false_positive, true_positive, label=f"Final global model (AUC {auc:.3f})")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="Chance")
+    at = risk >= threshold
+    axes.scatter(
+        [(at & (y == 0)).sum() / max((y == 0).sum(), 1)],
+        [(at & (y == 1)).sum() / max((y == 1).sum(), 1)],
+        color="red",
+        zorder=3,
+        label=f"Decision threshold {threshold:g}",
+    )
+    axes.set(
+        title="ROC curve, reference test set",
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.savefig(path, dpi=150)
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metric_rows(named):
+    return [[name, *(fmt(values[key]) for key, _ in METRICS)] for name, values in named]
+
+
+def _audit_section(audit):
+    def interval(summary):
+        return f"{summary['mean']:.3f} ({summary['low']:.3f} to {summary['high']:.3f})"
+
+    return [
+        "## Membership-inference audit",
+        f"The {audit['attack']} tried to tell the hospitals' training patients "
+        f"({audit['members']}) from their held-out patients ({audit['non_members']}), "
+        f"in {audit['repetitions']} balanced draws; 95% intervals in brackets. An AUC "
+        f"of 0.5 is chance; the advantage is that of the best threshold found after "
+        f"the fact, so even a coin-flip attack shows some on this few patients.",
+        _table(
+            ["Model", "Attack ROC-AUC", "Attack advantage (TPR - FPR)"],
+            [
+                [name, interval(m["auc"]), interval(m["advantage"])]
+                for name, m in audit["models"].items()
+            ]
+            + [
+                [
+                    f"Most any attack can reach at epsilon {audit['epsilon']:.3g}, delta "
+                    f"{audit['delta']:g}",
+                    f"{audit['bound']['auc']:.3f}",
+                    f"{audit['bound']['advantage']:.3f}",
+                ]
+            ],
+        ),
+        audit["verdict"],
+    ]
+
+
+def hospital_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The simulated hospitals' own evaluations of the final model (in deployment
+    they stay at the hospitals), {hospital: metrics}."""
+    found = {}
+    for path in sorted(Path(run_dir, "hospitals").glob("hospital-*/evaluation.json")):
+        found[path.parent.name.split("-")[1]] = read_json(path)[-1]
+    return found
+
+
+def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write report.md and the plots for a finished run (metrics: its metrics.json,
+    read from the run directory if not given); returns the report's path."""
+    run_dir = Path(run_dir)
+    metrics = metrics or read_json(run_dir / METRICS_FILE)
+    cfg = settings.resolve(metrics["config"])
+    model, _ = load_model(run_dir / MODEL_FILE)
+    test_x, test_y, _ = datasets.reference_test_set(cfg)
+    risk = predict_risk(model, test_x)
+    final, privacy, data = metrics["final"]["global"], metrics["privacy"], metrics["data"]
+
+    plot_performance(metrics, run_dir / PLOTS["performance"])
+    plot_epsilon(metrics, run_dir / PLOTS["epsilon"])
+    plot_roc(test_y, risk, final["auc"], cfg.decision_threshold, run_dir / PLOTS["roc"])
+
+    hospitals = privacy["hospitals"]
+    delta = privacy["delta"]
+    sections = [
+        f"# SecureHealth-ML run report: {run_dir.name}",
+        f"Status: **{metrics['status']}**. Data: {data['name']} ({len(data['inputs'])} model "
+        f"inputs, encoded from the data dictionary's declared ranges and categories, never "
+        f"from statistics of a hospital's rows). {cfg.num_clients} hospitals, "
+        f"{len(metrics['rounds'])} rounds of federated averaging.",
+        "## Privacy",
+        guarantee_text(privacy).replace("differential privacy", "**differential privacy**")
+        + " In words: whatever anyone learns from everything a hospital sent out, the "
+        "final model included, would be almost as likely had any one patient's record "
+        f"been different (e^epsilon is 2.72 at epsilon 1; delta is {delta:g}).",
+        f"**{privacy_title(privacy)}**",
+        _table(PRIVACY_COLUMNS, [privacy_cells(h, p) for h, p in hospitals.items()]),
+        "Epsilon is computed by Google's dp-accounting from every release the hospital "
+        "made from these patients, in every run (metrics.json lists them under "
+        "`privacy.hospitals.<i>.releases`: noise multiplier, sample rate, steps), so "
+        "anyone can recompute it. What is not covered: a hospital's participation and its "
+        "number of training patients (they weight the average, and are public under "
+        "replace-one adjacency); a patient with several records counts as several "
+        "patients; the noise comes from a pseudo-random generator seeded from the "
+        f"operating system, not a cryptographically secure one (secure_rng: "
+        f"{privacy['secure_rng']}).",
+        "![Epsilon per round](" + PLOTS["epsilon"] + ")",
+        "## Model performance",
+        f"On the server's reference test set ({data['test_patients']} patients: "
+        f"{data['test_set']}), decision threshold {final['threshold']:g}:",
+        _table(
+            ["Model", *(title for _, title in METRICS)],
+            _metric_rows([("Federated, DP", final), *metrics.get("baselines", {}).items()]),
+        ),
+        "![AUC and accuracy per round](" + PLOTS["performance"] + ")",
+        "![ROC curve](" + PLOTS["roc"] + ")",
+    ]
+    if metrics.get("baselines"):
+        sections.append(
+            "Baselines, trained in the same process on the same data: *Pooled data, no "
+            "DP* is the upper bound nobody can have in reality; *FedAvg, no DP* the same "
+            "federation without privacy; *Hospital N alone, DP* each hospital on its own "
+            "at its own budget."
+        )
+    evaluations = hospital_evaluations(run_dir)
+    if evaluations:
+        sections += [
+            "### At each hospital",
+            "Each hospital evaluated the final model on its own held-out patients. These "
+            "figures are not covered by the DP guarantee, so in deployment they stay at "
+            "the hospital; this simulation holds every hospital, so they are shown here.",
+            _table(
+                ["Hospital", "Held-out patients", *(t for _, t in METRICS)],
+                [
+                    [h, e["patients"], *(fmt(e[k]) for k, _ in METRICS)]
+                    for h, e in evaluations.items()
+                ],
+            ),
+        ]
+    if (run_dir / AUDIT_FILE).exists():
+        sections += _audit_section(read_json(run_dir / AUDIT_FILE))
+    sections += [
+        "## Settings",
+        _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in metrics["config"].items()]),
+    ]
+    path = run_dir / REPORT_FILE
+    write_atomic(path, ("\n\n".join(sections) + "\n").encode())
+    return path

@@ -1,0 +1,99 @@
+"""The run's record, metrics.json: the settings, each round's global metrics and the
+hospitals' privacy reports, the final figures and the privacy summary. Written after
+every change (see results.py), so that a reader always sees the run as it stands."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+from securehealth.results import METRICS_FILE, write_json
+
+# What a hospital reports about its own privacy spending, as metrics.json records it:
+# epsilon is cumulative over every release on its patients (all listed in
+# `releases`); noise multiplier, sample rate and steps are this run's.
+PRIVACY_KEYS = (
+    "epsilon",
+    "epsilon_budget",
+    "delta",
+    "adjacency",
+    "accountant",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "releases",
+)
+
+
+class RunRecord:
+    """metrics.json of one run, kept in `results` and saved on every change."""
+
+    def __init__(self, cfg, run_dir, data):
+        self.cfg, self.path = cfg, Path(run_dir) / METRICS_FILE
+        self.started = time.monotonic()
+        self.results = {
+            "status": "running",
+            "hospitals_connected": 0,
+            "refused_nodes": [],
+            "config": vars(cfg),
+            "data": data,
+            "rounds": [],
+            "final": None,
+            "privacy": None,
+        }
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.results)
+
+    def add_round(
+        self, server_round: int, metrics: dict[str, Any], outcome: dict[str, Any]
+    ) -> None:
+        """A finished round: the global model's metrics and what happened to each
+        hospital's update (`outcome`: hospitals_trained, failures, rejected, hospitals
+        and, if so, why the round's sum was discarded)."""
+        self.results["rounds"].append(
+            {
+                "round": server_round,
+                "seconds": round(time.monotonic() - self.started, 3),
+                "global": metrics,
+                **outcome,
+            }
+        )
+        self.save()
+
+    def discard_round(self, server_round: int, reason: str) -> None:
+        self.results.setdefault("discarded_rounds", []).append(
+            {"round": server_round, "reason": reason}
+        )
+
+    def finish(self, reports: dict[str, dict[str, Any]]) -> None:
+        """The final figures and the privacy summary, from each hospital's latest
+        report (hospital id -> report); the status is set by the caller."""
+        self.results["final"] = {"global": self.results["rounds"][-1]["global"]}
+        reported = [reports[h] for h in sorted(reports)]
+        self.results["privacy"] = {
+            "target_epsilon": self.cfg.epsilon,
+            # Each hospital has its own delta: the statement holds with the largest.
+            "delta": max((r["delta"] for r in reported), default=self.cfg.delta),
+            # Each hospital states its own guarantee; shown once when they agree.
+            "adjacency": common_value(reported, "adjacency"),
+            "accountant": common_value(reported, "accountant"),
+            # Noise comes from a PRNG seeded from OS entropy, not a CSPRNG.
+            "secure_rng": False,
+            "hospitals": {
+                str(h): (
+                    {k: reports[str(h)][k] for k in (*PRIVACY_KEYS, "patients", "status")}
+                    if str(h) in reports
+                    else {"status": "no report"}  # it failed in every round
+                )
+                for h in range(self.cfg.num_clients)
+            },
+        }
+        self.save()
+
+
+def common_value(reports: list[dict[str, Any]], key: str) -> Any:
+    """The value of `key` shared by all reports, "per hospital" if they differ
+    (None without reports)."""
+    values = {r[key] for r in reports}
+    return values.pop() if len(values) == 1 else ("per hospital" if values else None)

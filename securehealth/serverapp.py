@@ -1,0 +1,247 @@
+"""The ServerApp's run around the strategy: the operator's signature checked before
+anything is written, the hospitals admitted before anyone trains, Flower's workflow
+(SecAgg+ where set) with a Grid that collects replies promptly and hands Flower only
+replies it can read, and at the end the hospitals told, the report written and the
+outcome recorded, whatever happened."""
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from logging import INFO, WARNING
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Context, Error, Message, MessageType
+from flwr.common import EvaluateIns, log, ndarrays_to_parameters
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from model import get_weights
+from securehealth.authorisation import Unauthorised, claim, verify_run
+from securehealth.certificates import check_hospital_keys, load_hospital_key
+from securehealth.flower import (
+    RECORD_KEY_CONFIGS,
+    ErrorCode,
+    evaluateins_to_recorddict,
+    recorddict_to_fitres,
+    recorddict_to_getpropertiesres,
+)
+
+if TYPE_CHECKING:
+    from securehealth.admission import Admission
+    from securehealth.strategy import HospitalFedAvg
+
+END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
+# SecAgg+: every hospital's key is shared with all the others, and any two thirds of
+# them can unmask a hospital that drops out mid-round (fewer cannot).
+SECAGG_SHARES, SECAGG_THRESHOLD = 1.0, 2 / 3
+SECAGG_TIMEOUT = 300  # seconds; a hospital silent this long in a SecAgg+ step has dropped out
+# Set by `python server.py` for its own SuperLink, never by whoever submits a run: the
+# operator's public key (runs must be signed with its private half) and the folder
+# of enrolled hospitals' keys (hospital-N.pub).
+OPERATOR_PUB_VARIABLE = "SECUREHEALTH_OPERATOR_PUB"
+ENROLLED_KEYS_VARIABLE = "SECUREHEALTH_ENROLLED_KEYS"
+
+
+def check_authorised(context: Context, run_dir: Path) -> None:
+    """In deployment (server.py set the operator's key), refuse a run its operator did
+    not sign, or one whose signature another run used, before anything is written."""
+    operator_pub = os.environ.get(OPERATOR_PUB_VARIABLE)
+    if operator_pub:
+        try:
+            claim(run_dir, verify_run(context.run_config, operator_pub), context.run_id)
+        except Unauthorised as refusal:
+            raise Unauthorised(f"run {context.run_id} refused: {refusal}") from None
+
+
+def workflow(cfg: SimpleNamespace) -> DefaultWorkflow:
+    """Flower's FedAvg workflow, its training through SecAgg+ where it is on."""
+    secure = SecAggPlusWorkflow(
+        SECAGG_SHARES, SECAGG_THRESHOLD, max_weight=cfg.max_patients, timeout=SECAGG_TIMEOUT
+    )
+    return DefaultWorkflow(fit_workflow=secure if cfg.secure_aggregation == "on" else None)
+
+
+@contextmanager
+def recorded_outcome(
+    grid: Grid, strategy: "HospitalFedAvg", admission: "Admission", run_dir: Path
+) -> Iterator[None]:
+    """Around the run: afterwards, tell the hospitals how it ended (with the final
+    model), write the report if it finished, and save its status in metrics.json."""
+    results = strategy.record.results
+    try:
+        yield
+        status = "finished"
+    except BaseException as error:
+        results["error"] = f"{type(error).__name__}: {error}"
+        status = "failed"
+        raise
+    finally:
+        try:
+            final = get_weights(strategy.model)
+            rounds_done = len(results["rounds"])
+            reason = results.get("error", "")
+            tell_hospitals(grid, admission.hospitals(), status, reason, final, rounds_done)
+        except Exception as error:  # the run's own outcome is what must be saved
+            log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
+        results["status"] = status
+        if status == "finished":  # before metrics.json says so: readers may then stop us
+            from securehealth import report  # matplotlib: loaded at the end, not before round 1
+
+            try:
+                report.write_report(run_dir, results)
+            except Exception as error:  # the model and metrics stand without it
+                results["report_error"] = f"{type(error).__name__}: {error}"
+                log(WARNING, "Could not write the report: %s", error)
+        strategy.record.save()
+
+
+def wait_for_hospitals(
+    admission: "Admission", cfg: SimpleNamespace, strategy: "HospitalFedAvg"
+) -> None:
+    """Start only when every hospital 0..num_clients-1 has been admitted, and before
+    anyone trains, stop if one of them cannot take part (it disagrees on a setting
+    that would void the round, or refused the run); otherwise stop with a message
+    that says what to change, instead of waiting for a day."""
+    deadline = time.monotonic() + cfg.join_timeout
+    while True:
+        admission.refresh()
+        strategy.record.results["refused_nodes"] = admission.refusals()
+        strategy.record.results["hospitals_connected"] = len(admission.members)
+        strategy.record.save()
+        if admission.disagreeing:
+            reasons = "; ".join(
+                f"hospital {h}: {reason}" for h, reason in admission.disagreeing.values()
+            )
+            raise RuntimeError(f"not every hospital can take part, so nobody trained: {reasons}")
+        if admission.complete():
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(cfg.num_clients)) - set(admission.members.values()))
+            raise RuntimeError(
+                f"hospitals {missing} were not admitted within {cfg.join_timeout} s "
+                f"(join_timeout; {len(admission.refused)} nodes refused, see metrics.json's "
+                f"refused_nodes). With `flwr run`, give the federation that many nodes: "
+                f"--federation-config num-supernodes={cfg.num_clients}"
+            )
+        log(
+            INFO,
+            "Waiting for hospitals: %d of %d admitted",
+            len(admission.members),
+            cfg.num_clients,
+        )
+        time.sleep(1)
+
+
+def tell_hospitals(
+    grid: Grid,
+    nodes: Iterable[int],
+    status: str,
+    reason: str,
+    final_weights: list[np.ndarray],
+    rounds: int,
+) -> None:
+    """Tell the run's hospitals (`nodes`) that the run has ended, so that its launcher can
+    stop (a SuperNode never exits by itself), and give it the final model to
+    evaluate on its own held-out patients. The NumPyClient API has no message for
+    this; an evaluate request carries it, and its reply is only an acknowledgement.
+
+    Waiting for the acknowledgements is bounded: a hospital that vanishes midway
+    must not hold the server (Flower may retry pulling a half-sent reply for hours).
+    """
+    instruction = evaluateins_to_recorddict(
+        EvaluateIns(
+            ndarrays_to_parameters(final_weights),
+            {"run-status": status, "reason": reason, "server_round": rounds},
+        ),
+        keep_input=True,
+    )
+    messages = [
+        Message(instruction, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes
+    ]
+    notice = threading.Thread(target=grid.send_and_receive, args=(messages,), daemon=True)
+    notice.start()
+    notice.join(END_NOTICE_TIMEOUT)
+    if notice.is_alive():
+        log(WARNING, "Not every hospital acknowledged the end of the run")
+
+
+class PromptGrid(Grid):
+    """The run's Grid, collecting replies every 0.2 s where Flower's deployment Grid
+    waits 3 s between polls (measured: 1.5 s saved per round), and handing Flower's
+    workflows only replies they can read (`readable`)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(
+        self, *args: Any, **kwargs: Any
+    ) -> Message:  # deprecated by Flower; never called here
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        asked = dict(zip(self.push_messages(messages), messages, strict=True))
+        waiting = set(asked)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            for reply in self.pull_messages(waiting):
+                question = asked[reply.metadata.reply_to_message_id]
+                replies.append(readable(question, reply))
+                waiting.discard(reply.metadata.reply_to_message_id)
+            if waiting:
+                time.sleep(0.2)
+        return replies
+
+
+def readable(question: Message, reply: Message) -> Message:
+    """The reply, or an error reply from its node in its place if Flower's workflows
+    could not decode it (they would raise and end the run): whatever one node
+    sends fails that node, never the run."""
+    if reply.has_error():
+        return reply
+    try:
+        if question.metadata.message_type == MessageType.QUERY:
+            recorddict_to_getpropertiesres(reply.content)
+        elif question.metadata.message_type == MessageType.TRAIN:
+            if RECORD_KEY_CONFIGS in question.content.config_records:  # a SecAgg+ stage
+                reply.content.config_records[RECORD_KEY_CONFIGS]
+            else:
+                recorddict_to_fitres(reply.content, keep_input=True)
+    except Exception as error:  # a trust boundary: a node may send anything
+        reason = f"its reply is malformed ({type(error).__name__})"
+        return Message(Error(ErrorCode.UNKNOWN, reason), reply_to=question)
+    return reply
+
+
+def enrolled_keys(cfg: SimpleNamespace) -> dict[int, ec.EllipticCurvePublicKey]:
+    """{hospital number: public key} of the hospitals the operator enrolled for this
+    server (server.py --hospital-keys), or {} where any hospital may join."""
+    folder = os.environ.get(ENROLLED_KEYS_VARIABLE)
+    if not folder:
+        return {}
+    enrolled = check_hospital_keys(folder, cfg.num_clients)
+    return {number: load_hospital_key(path) for number, path in enrolled.items()}

@@ -1,0 +1,299 @@
+"""The server's strategy: FedAvg over the admitted hospitals (admission.py), each
+update checked before it counts, the global model evaluated on the server's own
+reference test set after every round, and every round recorded in the run's
+record (run_record.py).
+
+It never computes a hospital's epsilon itself: each hospital accounts for its own
+data and reports what it has spent; the strategy checks and records those reports.
+"""
+
+import json
+import math
+import re
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    log,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import ClientManager
+from flwr.server.strategy import FedAvg
+
+from model import build_model, clinical_metrics, get_weights, predict_risk, save_model, set_weights
+from securehealth import data
+from securehealth.admission import report_problem
+from securehealth.aggregation import combine
+from securehealth.results import MODEL_FILE
+from securehealth.run_record import RunRecord
+
+
+class AggregationError(RuntimeError):
+    """A round ended without a usable update: the run must stop, not pretend."""
+
+
+class HospitalFedAvg(FedAvg):
+    """FedAvg over the admitted hospitals each round, recording each hospital's
+    privacy report, leaving out any hospital that refused to train, and rejecting
+    (by hospital) any update that is not a sound model of the right shape or comes
+    with an unsound report."""
+
+    def __init__(self, cfg, run_dir, admission):
+        self.schema = data.load_schema(cfg)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(len(self.schema.input_names), cfg.hidden_layers)
+        self.global_weights = get_weights(self.model)
+        super().__init__(
+            fraction_fit=1.0,
+            # No Flower evaluation round: it would send each hospital's figures on its
+            # held-out patients here, a release about them without DP. Hospitals
+            # evaluate for themselves and keep the figures; the server uses its own data.
+            fraction_evaluate=0.0,
+            min_fit_clients=cfg.min_fit_clients,
+            min_available_clients=cfg.min_available_clients,
+            initial_parameters=ndarrays_to_parameters(self.global_weights),
+            on_fit_config_fn=lambda server_round: {"server_round": server_round},
+            evaluate_fn=self._evaluate_global,
+        )
+        self.cfg, self.run_dir, self.admission = cfg, run_dir, admission
+        self.test_x, self.test_y, reference = data.reference_test_set(cfg)
+        self.reports = {}  # hospital id -> its latest report
+        self.round_reports, self.round_failures, self.round_rejections = {}, [], []
+        self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
+        self.round_accepted = 0  # updates that went into that round's model
+        self.round_discarded = None  # why the round's (secure) sum was thrown away
+        self.record = RunRecord(
+            cfg,
+            run_dir,
+            {
+                "name": self.schema.name,
+                "test_set": reference,
+                "test_patients": len(self.test_y),
+                "inputs": self.schema.input_names,
+            },
+        )
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[Any, FitIns]]:
+        """Train every admitted hospital that is connected, and no other node."""
+        self.admission.refresh()  # a hospital that restarted asks to be admitted again
+        self.record.results["refused_nodes"] = self.admission.refusals()
+        members = [
+            proxy
+            for proxy in client_manager.all().values()
+            if proxy.node_id in self.admission.members
+        ]
+        if len(members) < self.min_fit_clients:
+            raise AggregationError(
+                f"round {server_round}: only {len(members)} admitted hospitals are "
+                f"connected, fewer than min_fit_clients ({self.min_fit_clients})"
+            )
+        instruction = FitIns(parameters, {"server_round": server_round})
+        return [(proxy, instruction) for proxy in members]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[Any, FitRes]],
+        failures: list[tuple[Any, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The new global model from this round's sound updates. Under SecAgg+ every
+        result carries the same, already summed model: it is checked as a whole, and
+        thrown away if any hospital's report in it is unsound (its update cannot be
+        taken out of the sum)."""
+        self.aggregated_round = server_round
+        self.round_reports, self.round_rejections, self.round_discarded = {}, [], None
+        accepted = []
+        for proxy, fit_res in results:
+            report = dict(fit_res.metrics)
+            hospital = self.admission.members.get(proxy.node_id)
+            problem = (
+                f"node {proxy.node_id} is not an admitted hospital"
+                if hospital is None
+                else report_problem(
+                    report,
+                    fit_res.num_examples,
+                    hospital,
+                    self.reports.get(str(hospital)),
+                    self.cfg.max_patients,
+                )
+            )
+            name = str(proxy.node_id if hospital is None else hospital)
+            if problem:
+                self._reject(name, server_round, problem)
+                continue
+            report.pop("hospital")
+            report["releases"] = json.loads(report["releases"])
+            self.round_reports[name] = report
+            if report["status"] != "trained":
+                log(
+                    WARNING,
+                    "Hospital %s did not train in round %d: %s",
+                    name,
+                    server_round,
+                    report["reason"],
+                )
+                continue
+            try:
+                weights = parameters_to_ndarrays(fit_res.parameters)
+            except (ValueError, OSError, EOFError) as error:  # bytes that are no arrays
+                self._reject(name, server_round, f"its update is not arrays ({error})")
+                continue
+            problem = None if self.secure else self.check_update(weights)
+            if problem:
+                self._reject(name, server_round, problem)
+            else:
+                accepted.append((weights, fit_res.num_examples))
+        self.round_failures = [failure_reason(f) for f in failures]
+        for reason in self.round_failures:
+            log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
+        self.reports.update(self.round_reports)
+        if self.secure and self.round_rejections and accepted:
+            self.round_discarded = (
+                "secure aggregation summed an update whose hospital sent an unsound report; "
+                "the sum cannot be separated, so the round's model was thrown away"
+            )
+            log(WARNING, "Round %d discarded: %s", server_round, self.round_discarded)
+            accepted = []
+        self.round_accepted = len(accepted)
+        if not accepted:
+            return None, {}
+        if self.secure:
+            problem = self.check_update(accepted[0][0])
+            if problem:
+                raise AggregationError(
+                    f"round {server_round}: the securely aggregated model is unusable "
+                    f"({problem}). A hospital sent a corrupt update and secure "
+                    f"aggregation hides which one; rerun with secure_aggregation off "
+                    f"to have the server name and reject it"
+                )
+            return ndarrays_to_parameters(accepted[0][0]), {}
+        return ndarrays_to_parameters(combine(self.cfg.aggregation, accepted)), {}
+
+    def _reject(self, hospital, server_round, problem):
+        log(
+            WARNING,
+            "Rejected hospital %s's update in round %d: %s",
+            hospital,
+            server_round,
+            problem,
+        )
+        self.round_rejections.append({"hospital": hospital, "reason": problem})
+
+    @property
+    def secure(self) -> bool:
+        return self.cfg.secure_aggregation == "on"
+
+    def check_update(self, weights: list[np.ndarray]) -> str | None:
+        """Why an update cannot go into the average (None if it can): a wrong
+        number or shape of arrays, NaN or infinite values, or a change larger than
+        max_update_norm, which honest DP-SGD training never makes."""
+        expected = self.global_weights
+        if len(weights) != len(expected):
+            return f"{len(weights)} weight arrays where the model has {len(expected)}"
+        for i, (got, want) in enumerate(zip(weights, expected, strict=True)):
+            if got.shape != want.shape:
+                return f"weight array {i} has shape {got.shape}, the model's is {want.shape}"
+            if not np.issubdtype(got.dtype, np.floating):
+                return f"weight array {i} holds {got.dtype}, not floating-point numbers"
+            if not np.isfinite(got).all():
+                return f"weight array {i} holds NaN or infinite values"
+        change = math.sqrt(
+            sum(float(np.sum((g - w) ** 2)) for g, w in zip(weights, expected, strict=True))
+        )
+        if change > self.cfg.max_update_norm:
+            return (
+                f"it moves the model by {change:.3g} (L2 norm), more than "
+                f"max_update_norm {self.cfg.max_update_norm:g}"
+            )
+        return None
+
+    def _evaluate_global(self, server_round, weights, config):
+        if server_round > 0:
+            self._check_round_applied(server_round)
+        self.global_weights = weights
+        set_weights(self.model, weights)
+        risk = predict_risk(self.model, self.test_x)
+        metrics = clinical_metrics(self.test_y, risk, self.cfg.decision_threshold)
+        if server_round > 0:
+            self._record_round(server_round, metrics)
+        return metrics["loss"], metrics
+
+    def _check_round_applied(self, server_round):
+        """Stop the run when a round's updates never reached the global model for a
+        reason other than spent budgets or a discarded sum, instead of carrying on
+        with a stale model. The hospitals that trained have recorded the round as
+        spent in their ledgers either way: their updates were released."""
+        spent = (
+            "the hospitals that trained in it have recorded it as spent in their privacy ledgers"
+        )
+        if self.aggregated_round != server_round:
+            raise AggregationError(
+                f"round {server_round} was discarded: secure aggregation halted before "
+                f"the sum was complete (fewer than two thirds of the hospitals answered, "
+                f"or one failed mid-protocol; see the hospitals' consoles); {spent}"
+            )
+        if self.round_discarded:
+            self.record.discard_round(server_round, f"{self.round_discarded}; {spent}")
+            return
+        if self.round_accepted or not (self.round_failures or self.round_rejections):
+            return  # an update went in, or every hospital declined (spent budgets)
+        reasons = self.round_failures + [
+            f"hospital {r['hospital']}: {r['reason']}" for r in self.round_rejections
+        ]
+        raise AggregationError(
+            f"round {server_round}: no hospital's update could be used: " + "; ".join(reasons)
+        )
+
+    def _record_round(self, server_round, metrics):
+        self.record.add_round(
+            server_round,
+            metrics,
+            {
+                "hospitals_trained": self.round_accepted,  # updates in the average
+                "failures": self.round_failures,
+                "rejected": self.round_rejections,
+                **({"discarded": self.round_discarded} if self.round_discarded else {}),
+                "hospitals": self.round_reports,
+            },
+        )
+        max_epsilon = max((r["epsilon"] for r in self.reports.values()), default=0.0)
+        log(
+            INFO,
+            "Round %d/%d: global AUC %.3f, accuracy %.3f, max epsilon %.3f of %g",
+            server_round,
+            self.cfg.rounds,
+            metrics["auc"],
+            metrics["accuracy"],
+            max_epsilon,
+            self.cfg.epsilon,
+        )
+
+    def finish(self) -> None:
+        """Write model.pt and the final figures (the status is set by the caller)."""
+        save_model(
+            self.run_dir / MODEL_FILE,
+            self.model,
+            self.cfg.hidden_layers,
+            self.schema,
+            self.cfg.decision_threshold,
+        )
+        self.record.finish(self.reports)
+
+
+def failure_reason(failure: tuple[Any, FitRes] | BaseException) -> str:
+    """What a failed hospital's exception said. Flower reports it as
+    "<class '...'>:<'Exception ClientAppException occurred. Message: what it said'>"."""
+    if isinstance(failure, tuple):  # (client, FitRes) with an error status
+        return failure[1].status.message
+    error = failure.args[0] if failure.args else failure
+    reason = str(getattr(error, "reason", error))
+    return re.sub(r"(?s)^.*Message: |'>$", "", reason).strip()

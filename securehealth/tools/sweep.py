@@ -1,0 +1,163 @@
+"""The privacy-utility curve (sweep.py): each point trains the federation in this
+process, with the real hospitals (securehealth.hospital.Hospital: Opacus DP-SGD,
+calibrated noise, privacy ledger) and the registry's aggregation, in the
+in-process FedAvg loop (federation.py)."""
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from rich.progress import Progress
+
+from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
+from securehealth import data, display, settings
+from securehealth.hospital import Hospital
+from securehealth.results import new_run_dir, write_atomic, write_json
+from securehealth.tools import baselines
+from securehealth.tools.federation import federate
+
+
+def dp_federation(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
+    """The federated DP model's metrics on the reference test set, trained here with
+    the hospitals' ledgers under `state_root`."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)  # the server's initial model
+    schema = data.load_schema(cfg)
+    model = build_model(len(schema.input_names), cfg.hidden_layers)
+    hospitals = [
+        Hospital(h, cfg, "sweep", Path(state_root) / f"hospital-{h}")
+        for h in range(cfg.num_clients)
+    ]
+    weights = federate(
+        get_weights(model),
+        [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
+        cfg.rounds,
+        cfg.aggregation,
+    )
+    set_weights(model, weights)
+    test_x, test_y, _ = data.reference_test_set(cfg)
+    return clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
+
+
+def _mean_std(results, key):
+    values = [r[key] for r in results]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def plot(sweep: dict[str, Any], path: Path) -> None:
+    figure = Figure(figsize=(9.5, 4.5), layout="tight")
+    axes = figure.subplots()
+    epsilons = [p["epsilon"] for p in sweep["points"]]
+    for key, label, color in (("auc", "ROC-AUC", "C0"), ("accuracy", "Accuracy", "C1")):
+        axes.errorbar(
+            epsilons,
+            [p[key]["mean"] for p in sweep["points"]],
+            yerr=[p[key]["std"] for p in sweep["points"]],
+            marker="o",
+            capsize=4,
+            color=color,
+            label=f"{label}, federated with DP",
+        )
+        for name, style in (("FedAvg, no DP", ":"), ("Pooled data, no DP", "--")):
+            axes.axhline(
+                sweep["references"][name][key]["mean"],
+                linestyle=style,
+                color=color,
+                alpha=0.7,
+                label=f"{label}, {name}",
+            )
+    axes.set_xscale("log")
+    axes.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    axes.set_xticks([], minor=True)
+    axes.set(
+        title=f"Privacy against utility ({sweep['dataset']}, mean and spread over "
+        f"{sweep['seeds']} seeds)",
+        xlabel="Privacy budget epsilon per hospital (delta "
+        f"{sweep['delta']:g}; smaller is more private)",
+        ylabel="Score on the reference test set (0 to 1)",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    figure.savefig(path, dpi=150)
+
+
+def table(sweep: dict[str, Any]) -> str:
+    rows = ["| Epsilon | ROC-AUC | Accuracy |", "|---|---|---|"]
+    for p in sweep["points"]:
+        rows.append(
+            f"| {p['epsilon']:g} | {p['auc']['mean']:.3f} ± {p['auc']['std']:.3f} | "
+            f"{p['accuracy']['mean']:.3f} ± {p['accuracy']['std']:.3f} |"
+        )
+    for name, r in sweep["references"].items():
+        rows.append(
+            f"| {name} | {r['auc']['mean']:.3f} ± {r['auc']['std']:.3f} | "
+            f"{r['accuracy']['mean']:.3f} ± {r['accuracy']['std']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    parser = settings.make_parser(description)
+    parser.add_argument("--epsilons", default="0.5,1,2,4,8", help="budgets to train at")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds to average over")
+    settings.add_unaccounted_flag(parser)
+    cfg, args = settings.parse(parser, argv, simulation=True)
+    try:
+        epsilons = sorted(float(e) for e in args.epsilons.split(","))
+        if not epsilons or min(epsilons) <= 0 or args.seeds < 1:
+            raise ValueError
+    except ValueError:
+        parser.error("--epsilons needs positive numbers, e.g. 0.5,1,2, and --seeds >= 1")
+    if cfg.data_dir:
+        cfg.data_dir = str(Path(cfg.data_dir).resolve())
+    try:
+        settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the sweep")
+        data.check_all(cfg)
+        run_dir = new_run_dir(cfg.run_dir)
+    except (settings.SettingsError, data.DataError, FileExistsError) as error:
+        parser.error(str(error))
+    seeds = [cfg.seed + i for i in range(args.seeds)]
+    console = display.make_console()
+    results, references = {e: [] for e in epsilons}, {"FedAvg, no DP": [], "Pooled data, no DP": []}
+    with Progress(console=console) as progress, tempfile.TemporaryDirectory() as scratch:
+        task = progress.add_task("Training", total=len(seeds) * (len(epsilons) + 1))
+        for seed in seeds:
+            seeded = settings.resolve({**vars(cfg), "seed": seed})
+            references["FedAvg, no DP"].append(baselines.fedavg_no_dp(seeded))
+            references["Pooled data, no DP"].append(baselines.pooled_no_dp(seeded))
+            progress.advance(task)
+            for epsilon in epsilons:
+                point = settings.resolve({**vars(seeded), "epsilon": epsilon})
+                results[epsilon].append(dp_federation(point, Path(scratch, f"{seed}-{epsilon}")))
+                progress.advance(task)
+    sweep = {
+        "dataset": cfg.dataset,
+        "delta": cfg.delta,
+        "seeds": len(seeds),
+        "config": vars(cfg),
+        "points": [
+            {"epsilon": e, "auc": _mean_std(r, "auc"), "accuracy": _mean_std(r, "accuracy")}
+            for e, r in results.items()
+        ],
+        "references": {
+            name: {"auc": _mean_std(r, "auc"), "accuracy": _mean_std(r, "accuracy")}
+            for name, r in references.items()
+        },
+    }
+    write_json(run_dir / "sweep.json", sweep)
+    plot(sweep, run_dir / "sweep.png")
+    write_atomic(
+        run_dir / "sweep.md",
+        (
+            f"# Privacy against utility: {cfg.dataset}\n\n"
+            f"Mean ± spread over {len(seeds)} seeds.\n\n"
+            f"{table(sweep)}\n\n![Sweep](sweep.png)\n"
+        ).encode(),
+    )
+    console.print(table(sweep))
+    console.print(f"Table and plot: {run_dir / 'sweep.md'}, {run_dir / 'sweep.png'}")
+    return 0

@@ -1,0 +1,171 @@
+"""The package's shape: Flower internals only behind securehealth/flower.py, the
+app bundle holding only what the hospitals and the ServerApp run, the apps never
+loading the tools or launchers, and one aggregation registry and FedAvg loop."""
+
+import ast
+import subprocess
+import sys
+import tomllib
+import zipfile
+from importlib import import_module
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from scipy.stats import trim_mean
+
+from securehealth import flower, settings
+from securehealth.aggregation import AGGREGATIONS, combine
+from securehealth.deployment import pinning, runtime
+from securehealth.tools.federation import federate
+
+# Flower's public API: what any module may import (securehealth/flower.py aside).
+PUBLIC_FLOWER = {
+    "flwr.app",
+    "flwr.client",
+    "flwr.client.mod",
+    "flwr.common",
+    "flwr.server",
+    "flwr.server.strategy",
+    "flwr.server.workflow",
+    "flwr.serverapp",
+}
+
+
+def flower_imports(path):
+    """The flwr modules a source file imports."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    return {m for m in modules if m == "flwr" or m.startswith("flwr.")}
+
+
+def product_sources():
+    return [
+        p
+        for p in ROOT.rglob("*.py")
+        if not {"tests", ".venv", "runs"} & set(p.relative_to(ROOT).parts)
+    ]
+
+
+def test_only_flower_py_touches_flowers_internals():
+    outside = {
+        str(path.relative_to(ROOT)): sorted(flower_imports(path) - PUBLIC_FLOWER)
+        for path in product_sources()
+        if path != ROOT / "securehealth" / "flower.py"
+    }
+    assert {name: found for name, found in outside.items() if found} == {}
+
+
+def test_every_flower_internal_still_exists():
+    """What a Flower upgrade would break, checked in one place."""
+    for name in flower.__all__:
+        assert getattr(flower, name) is not None
+    for command, (installer_module, cli_module) in flower.APP_LAUNCHERS.items():
+        assert callable(import_module(installer_module).install_from_fab)
+        assert callable(getattr(import_module(cli_module), command.replace("-", "_")))
+    factory_module, cli_module = flower.SUPERLINK_APP
+    assert callable(import_module(factory_module).create_app)
+    assert callable(import_module(cli_module).flower_superlink)
+
+
+def test_another_flower_version_fails_closed_in_one_line():
+    pretend = (
+        "import importlib.metadata as metadata; real = metadata.version; "
+        "metadata.version = lambda name: '1.43.0' if name == 'flwr' else real(name); "
+        "import server"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", pretend], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Flower 1.42.0's internals" in last and "flwr 1.43.0 is installed" in last
+
+
+def test_the_apps_load_neither_tools_nor_launchers():
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, server, client; print(' '.join(sorted(m for m in sys.modules "
+            "if m.startswith(('securehealth.tools', 'securehealth.deployment')))))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert loaded.stdout.strip() == ""
+
+
+def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
+    built = subprocess.run(
+        [runtime.executable("flwr"), "build", "--app", str(ROOT)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (bundle,) = tmp_path.glob("*.fab")
+    names = set(zipfile.ZipFile(bundle).namelist())
+    for needed in ("server.py", "client.py", "config.py", "model.py", "securehealth/hospital.py"):
+        assert needed in names
+    assert "securehealth/privacy/ledger.py" in names and "schemas/breast_cancer.json" in names
+    unshipped = ("securehealth/tools/", "securehealth/deployment/", "tests/")
+    assert not [n for n in names if n.startswith(unshipped)]
+    tools = {"simulation.py", "audit.py", "sweep.py", "bench.py", "report.py", "data_utils.py"}
+    assert not names & tools
+    assert pinning.differences(bundle.read_bytes()) == []  # a hospital would run it
+
+
+def test_pyproject_declares_every_setting_with_config_pys_default():
+    """`flwr run . --run-config "rounds=2"` needs each key declared; config.py is the
+    source of the values."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert {k: declared["config"][k] for k in settings.DEFAULTS} == settings.to_run_config(
+        settings.resolve()
+    )
+
+
+def test_a_default_that_differs_from_config_py_is_refused_unless_overridden():
+    run_config = {**settings.to_run_config(settings.resolve()), "epsilon": 8.0}
+    with pytest.raises(settings.SettingsError, match="epsilon = 8.0 but config.py says 1.0"):
+        settings.check_defaults(run_config, overridden={})
+    settings.check_defaults(run_config, overridden={"epsilon": 8.0})  # chosen: fine
+
+
+def updates():
+    rng = np.random.default_rng(0)
+    return [([rng.normal(size=(3, 2)), rng.normal(size=2)], n) for n in (10, 30, 60, 100, 5)]
+
+
+def test_each_aggregation_is_the_statistic_it_names():
+    stacked = [np.stack([u[0][i] for u in updates()]) for i in range(2)]
+    patients = np.array([n for _, n in updates()], dtype=float)
+    expected = {
+        "fedavg": [np.average(s, axis=0, weights=patients) for s in stacked],
+        "median": [np.median(s, axis=0) for s in stacked],
+        "trimmed-mean": [trim_mean(s, 0.2, axis=0) for s in stacked],
+    }
+    assert set(AGGREGATIONS) == set(expected)
+    for name, arrays in expected.items():
+        for got, want in zip(combine(name, updates()), arrays, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert settings.resolve({"aggregation": "median", "secure_aggregation": "off"})
+
+
+def test_the_fedavg_loop_leaves_out_a_hospital_that_did_not_train():
+    start = [np.zeros(2)]
+    hospitals = [
+        lambda w, r: ([w[0] + 1.0], 30),
+        lambda w, r: ([w[0] + 4.0], 10),
+        lambda w, r: (w, 0),  # declined (its budget): no weight
+    ]
+    after = federate(start, hospitals, rounds=2)
+    np.testing.assert_allclose(after[0], [3.5, 3.5])  # (30*1 + 10*4) / 40 = 1.75 a round
