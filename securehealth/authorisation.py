@@ -45,20 +45,25 @@ def _canonical(document):
     return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
-def app_digest(app_dir: Path = APP_DIR) -> str:
-    """SHA-256 over the files the app ships (pyproject's fab-include less fab-exclude,
-    pyproject itself aside, as Flower rewrites it): the same in the operator's
-    checkout and in the copy a SuperNode or SuperExec installs."""
+def shipped_files(app_dir: Path = APP_DIR) -> list[Path]:
+    """The files the app ships (pyproject's fab-include less fab-exclude), pyproject
+    itself aside, as Flower rewrites it."""
     app_dir = Path(app_dir)
     app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     excluded = {
         p for pattern in app.get("fab-exclude", []) for p in app_dir.glob(pattern.lstrip("/"))
     }
-    files = sorted(
+    return sorted(
         {p for pattern in app["fab-include"] for p in app_dir.glob(pattern.lstrip("/"))} - excluded
     )
+
+
+def app_digest(app_dir: Path = APP_DIR) -> str:
+    """SHA-256 over the files the app ships: the same in the operator's checkout and
+    in the copy a SuperNode or SuperExec installs."""
+    app_dir = Path(app_dir)
     digest = hashlib.sha256()
-    for path in files:
+    for path in shipped_files(app_dir):
         digest.update(_canonical([path.relative_to(app_dir).as_posix()]).encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

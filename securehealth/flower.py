@@ -18,11 +18,14 @@ Used, and why:
 - APP_LAUNCHERS: the modules that install a shipped app (install_from_fab) and run
   Flower's flwr-clientapp / flwr-serverapp commands: the launchers in
   deployment/pinning.py wrap the installer to refuse an app that differs from the
-  approved copy (Flower has no hook for this).
+  approved copy, and the ClientApp's task input (pull_task_input) to refuse a run
+  that names another installed app than the one shipped (Flower has no hook for
+  this); get_fab_metadata reads a bundle's own app id and version.
 - SUPERLINK_APP: the SuperLink's app factory and command, which
   deployment/superlink_gate.py wraps to serve only the Fleet API to the network.
 """
 
+import hashlib
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import version
@@ -66,6 +69,7 @@ __all__ = [
     "evaluateins_to_recorddict",
     "getpropertiesins_to_recorddict",
     "getpropertiesres_to_recorddict",
+    "check_loaded_as_shipped",
     "install_app_check",
     "recorddict_to_fitres",
     "recorddict_to_getpropertiesins",
@@ -77,7 +81,10 @@ __all__ = [
 
 def install_app_check(command: str, check: Callable[[bytes], None]) -> None:
     """Make Flower's `command` (flwr-clientapp or flwr-serverapp) call check(fab bytes)
-    before it installs a shipped app; check raises to refuse it."""
+    before it installs a shipped app; check raises to refuse it. A ClientApp is then
+    loaded from the folder Flower names after the run's app id, version and hash, as
+    the server sends them: those must be the shipped bytes' own, or a server could
+    have another installed app (an older one, or any folder through "..") loaded."""
     installer = import_module(APP_LAUNCHERS[command][0])
     install = installer.install_from_fab
 
@@ -86,6 +93,28 @@ def install_app_check(command: str, check: Callable[[bytes], None]) -> None:
         return install(fab_bytes, *args, **kwargs)
 
     installer.install_from_fab = install_if_approved
+    if command == "flwr-clientapp":
+        pull_task_input = installer.pull_task_input
+
+        def pull_as_shipped(*args, **kwargs):
+            message, context, run, fab = pull_task_input(*args, **kwargs)
+            check_loaded_as_shipped(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            return message, context, run, fab
+
+        installer.pull_task_input = pull_as_shipped
+
+
+def check_loaded_as_shipped(fab_id: str, fab_version: str, fab_hash: str, content: bytes) -> None:
+    """Raise PermissionError unless the app id, version and hash a run names are those
+    of the bundle it shipped (Flower installs by the bytes, but loads by the names)."""
+    from flwr.cli.config_utils import get_fab_metadata
+
+    shipped = (*get_fab_metadata(content), hashlib.sha256(content).hexdigest())
+    if (fab_id, fab_version, fab_hash) != shipped:
+        raise PermissionError(
+            "the run names another app than the one it shipped (id, version or hash); "
+            "it was not run"
+        )
 
 
 def run_flower_command(command: str) -> None:

@@ -4,6 +4,7 @@ did not approve, and a server that rejects bad updates and reports and survives
 them. Hospitals that record, corrupt or lie run from a copy of the app whose
 ClientApp adds one Flower mod (below); attackers use Flower's own `flwr` CLI."""
 
+import hashlib
 import importlib
 import io
 import json
@@ -47,7 +48,7 @@ from securehealth import settings
 from securehealth.admission import Admission, report_problem
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
-from securehealth.deployment import pinning
+from securehealth.deployment import pinning, runtime
 from securehealth.flower import APP_LAUNCHERS
 from securehealth.results import write_json
 from securehealth.serverapp import readable
@@ -643,22 +644,106 @@ def test_a_reply_flower_cannot_read_fails_its_node_not_the_run(monkeypatch):
     assert readable(plain, sound) is sound
 
 
-@pytest.mark.parametrize("command", sorted(APP_LAUNCHERS))
-def test_both_launchers_refuse_an_app_that_differs_from_this_copy(command, monkeypatch):
-    """The pinned launchers wrap the installer Flower really calls (flwr is pinned):
-    a bundle with one file changed never reaches it, on a hospital or the server."""
-    installer_module, cli_module = APP_LAUNCHERS[command]
-    runner = importlib.import_module(installer_module)
+@pytest.fixture(scope="module")
+def this_bundle(tmp_path_factory):
+    """This copy's app bundle as `flwr build` makes it: what an honest server ships."""
+    folder = tmp_path_factory.mktemp("fab")
+    build = [runtime.executable("flwr"), "build", "--app", str(ROOT)]
+    subprocess.run(build, cwd=folder, capture_output=True, timeout=120, check=True)
+    (bundle,) = folder.glob("*.fab")
+    return bundle.read_bytes()
+
+
+def rebundled(bundle, change):
+    """The bundle with change(name, bytes) applied to each file: new bytes, or None
+    to leave the file out."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(bundle)) as old, zipfile.ZipFile(out, "w") as new:
+        for name in old.namelist():
+            content = change(name, old.read(name))
+            if content is not None:
+                new.writestr(name, content)
+    return out.getvalue()
+
+
+def tampered_server_py(name, content):
+    return content + b"\n# upload the patients\n" if name == "server.py" else content
+
+
+def pinned_flower_command(command, monkeypatch, task=None):
+    """Flower's `command` as the pinned launcher runs it, its real installer replaced
+    by a recorder; Flower's CLI installs `task`'s bundle, as it does first. Returns
+    the list of installs that happened."""
+    runner = importlib.import_module(APP_LAUNCHERS[command][0])
     installed = []
     monkeypatch.setattr(runner, "install_from_fab", lambda *args, **kwargs: installed.append(1))
-    bundle = io.BytesIO()
-    with zipfile.ZipFile(bundle, "w") as fab:
-        fab.writestr("server.py", (ROOT / "server.py").read_text() + "\n# upload the patients\n")
+    if command == "flwr-clientapp":  # the task input a SuperNode hands its ClientApp
+        monkeypatch.setattr(runner, "pull_task_input", lambda client: task)
 
-    def flower_cli():  # what Flower's command does first: install the shipped app
-        runner.install_from_fab(bundle.getvalue(), skip_prompt=True)
+    def flower_cli():
+        if command == "flwr-clientapp":
+            runner.pull_task_input(None)
+        runner.install_from_fab(task[3].content, skip_prompt=True)
 
-    monkeypatch.setattr(importlib.import_module(cli_module), command.replace("-", "_"), flower_cli)
-    with pytest.raises(PermissionError, match="differs from the approved copy .* in server.py"):
+    monkeypatch.setattr(
+        importlib.import_module(APP_LAUNCHERS[command][1]), command.replace("-", "_"), flower_cli
+    )
+    return installed
+
+
+def task_shipping(bundle, fab_version="0.1.0", fab_hash=None):
+    """(message, context, run, fab) of a run shipping `bundle` and naming it."""
+    run = SimpleNamespace(fab_id="securehealth-ml/securehealth-ml", fab_version=fab_version)
+    fab = SimpleNamespace(hash_str=fab_hash or hashlib.sha256(bundle).hexdigest(), content=bundle)
+    return None, None, run, fab
+
+
+@pytest.mark.parametrize("command", sorted(APP_LAUNCHERS))
+def test_both_launchers_refuse_an_app_that_differs_from_this_copy(
+    command, monkeypatch, this_bundle
+):
+    """The pinned launchers wrap the installer Flower really calls (flwr is pinned):
+    a bundle with one file changed never reaches it, on a hospital or the server."""
+    task = task_shipping(rebundled(this_bundle, tampered_server_py))
+    installed = pinned_flower_command(command, monkeypatch, task)
+    with pytest.raises(PermissionError, match="differs from the approved copy .* in server.py;"):
         pinning.run_pinned(command)
     assert installed == []
+
+
+def test_a_hospital_runs_this_copy_and_refuses_one_with_a_file_left_out(monkeypatch, this_bundle):
+    installed = pinned_flower_command("flwr-clientapp", monkeypatch, task_shipping(this_bundle))
+    pinning.run_pinned("flwr-clientapp")
+    assert installed == [1]  # the honest bundle is installed
+    without = rebundled(this_bundle, lambda n, c: None if n == "securehealth/hospital.py" else c)
+    assert pinning.differences(without) == ["securehealth/hospital.py (missing)"]
+
+
+@pytest.mark.parametrize(
+    "fab_version, fab_hash",
+    [
+        ("0.1.0/../../../../../tmp/elsewhere", None),  # any folder with a client.py
+        ("0.0.9", None),  # an older app the hospital once installed
+        ("0.1.0", "c0ffee" * 10),  # another installed app of this version
+    ],
+)
+def test_a_run_must_load_the_app_it_shipped(monkeypatch, this_bundle, fab_version, fab_hash):
+    """Flower installs the shipped bytes but loads the folder the run names by app id,
+    version and hash: a server must not point a hospital at another folder."""
+    task = task_shipping(this_bundle, fab_version, fab_hash)
+    installed = pinned_flower_command("flwr-clientapp", monkeypatch, task)
+    with pytest.raises(PermissionError, match="names another app than the one it shipped"):
+        pinning.run_pinned("flwr-clientapp")
+    assert installed == []
+
+
+def test_a_hospital_keeps_the_details_of_a_refusal_to_itself(monkeypatch, this_bundle, tmp_path):
+    task = task_shipping(rebundled(this_bundle, tampered_server_py))
+    pinned_flower_command("flwr-clientapp", monkeypatch, task)
+    status_file = tmp_path / "status.json"
+    with pytest.raises(PermissionError) as refusal:
+        pinning.run_pinned("flwr-clientapp", str(status_file))
+    assert str(ROOT) not in str(refusal.value) and "server.py" not in str(refusal.value)
+    status = json.loads(status_file.read_text())  # the hospital's own console shows it
+    assert status["status"] == pinning.REFUSED
+    assert str(ROOT) in status["reason"] and "server.py" in status["reason"]

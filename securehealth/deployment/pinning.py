@@ -27,6 +27,7 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from securehealth.authorisation import shipped_files
 from securehealth.flower import install_app_check, run_flower_command
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -35,9 +36,13 @@ REFUSED = "untrusted-app"  # the status a refused app leaves in the hospital's s
 
 def differences(bundle_bytes: bytes, app_dir: Path = APP_DIR) -> list[str]:
     """The files of a shipped app bundle (a FAB, a zip file) that are not exactly as
-    in `app_dir`, or that lie outside it."""
+    in `app_dir`, or that lie outside it, and the files `app_dir` ships that the
+    bundle lacks ("(missing)")."""
     differing = []
     with zipfile.ZipFile(io.BytesIO(bundle_bytes)) as bundle:
+        shipped = {p.relative_to(app_dir).as_posix() for p in shipped_files(app_dir)}
+        absent = sorted({*shipped, "pyproject.toml"} - set(bundle.namelist()))
+        differing += [f"{name} (missing)" for name in absent]
         for name in bundle.namelist():
             path = PurePosixPath(name)
             if name.endswith("/") or path.parts[0] == ".info":  # Flower's manifest
@@ -70,9 +75,9 @@ def install_launcher(
     launcher.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
-        f"sys.path.insert(0, {str(APP_DIR)!r})\n"
+        f"sys.path.append({str(APP_DIR)!r})  # last: nothing in it shadows a library\n"
         "from securehealth.deployment import pinning\n"
-        "sys.path.pop(0)\n"
+        "sys.path.pop()\n"
         "pinning.forget_this_copy()\n"
         f"pinning.run_pinned({command!r}, {status!r}, pinned={pinned!r})\n"
     )
@@ -81,9 +86,10 @@ def install_launcher(
 
 
 def run_pinned(command: str, status_file: str | None = None, pinned: bool = True) -> None:
-    """Flower's `command`, installing a shipped app only if it matches this copy
-    (securehealth/flower.py wraps Flower's installer; tests/test_security.py proves
-    the refusals)."""
+    """Flower's `command`, installing and loading a shipped app only if it matches
+    this copy (securehealth/flower.py wraps Flower's installer; tests/test_security.py
+    proves the refusals). A hospital (with a `status_file`) keeps the details of a
+    refusal to itself: its path and files are none of the server's business."""
     if pinned:
 
         def approve(bundle_bytes):
@@ -95,6 +101,7 @@ def run_pinned(command: str, status_file: str | None = None, pinned: bool = True
                 )
                 if status_file:
                     _record_refusal(Path(status_file), reason)
+                    reason = "the app submitted differs from this hospital's approved copy"
                 raise PermissionError(reason)
 
         install_app_check(command, approve)

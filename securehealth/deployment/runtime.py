@@ -207,8 +207,8 @@ def superlink(
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     bin_dir = pinning.install_launcher(flwr_home / "bin", command="flwr-serverapp")
-    gate = (  # superlink_gate.py's main, this copy's package on its path, the rest Flower's
-        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    gate = (  # superlink_gate.py's main; this copy last on the path (it shadows nothing)
+        "import sys; sys.path.pop(0); sys.path.append(sys.argv.pop(1)); "
         "from securehealth.deployment.superlink_gate import main; main()"
     )
     command = [
