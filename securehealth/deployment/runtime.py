@@ -208,7 +208,7 @@ def superlink(
     port = port or free_port()
     bin_dir = pinning.install_launcher(flwr_home / "bin", command="flwr-serverapp")
     gate = (  # superlink_gate.py's main; this copy last on the path (it shadows nothing)
-        "import sys; sys.path.pop(0); sys.path.append(sys.argv.pop(1)); "
+        "import sys; sys.path[:] = [*filter(None, sys.path), sys.argv.pop(1)]; "
         "from securehealth.deployment.superlink_gate import main; main()"
     )
     command = [
