@@ -28,7 +28,7 @@ client_gpus = 0.0  # GPUs (fractions allowed) Ray reserves for each simulated ho
 # --- Data (securehealth/data) -------------------------------------------------------
 dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
 data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv
-missing_values = "fail"  # csv: an empty cell stops the run ("fail") or drops its row ("drop")
+missing_values = "fail"  # csv gaps: "fail" stops, "drop" drops the row, "indicator" encodes them
 test_fraction = 0.2  # share of each hospital's patients it holds out from training
 num_patients = 4000  # synthetic: patients over all hospitals; sizes follow a 5:3:2 pattern
 global_test_patients = 2000  # synthetic: the server's separate reference test population

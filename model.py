@@ -93,7 +93,8 @@ def save_model(
     threshold: float,
 ) -> None:
     """Write model.pt atomically: the weights plus what is needed to rebuild and
-    use them (the model's inputs and the data dictionary that encodes them)."""
+    use them (the model's inputs, and the data dictionary and missing-value mode
+    that encode them)."""
     buffer = io.BytesIO()
     torch.save(
         {
@@ -101,6 +102,7 @@ def save_model(
             "hidden_layers": list(hidden_layers),
             "input_names": schema.input_names,
             "data_dictionary": json.dumps(schema.spec),
+            "missing_values": schema.missing_values,
             "decision_threshold": threshold,
         },
         buffer,

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import config
 from securehealth.aggregation import AGGREGATIONS
 from securehealth.data import SOURCES
+from securehealth.data.schema import MISSING_MODES
 
 DEFAULTS = {
     name: value
@@ -34,7 +35,7 @@ RULES = {
     "min_available_clients": (lambda v: v >= 1, "must be at least 1"),
     "min_fit_clients": (lambda v: v >= 1, "must be at least 1"),
     "dataset": (lambda v: v in SOURCES, f"must be one of {', '.join(SOURCES)}"),
-    "missing_values": (lambda v: v in ("fail", "drop"), "must be 'fail' or 'drop'"),
+    "missing_values": (lambda v: v in MISSING_MODES, f"must be one of {', '.join(MISSING_MODES)}"),
     "num_patients": (lambda v: v >= 1, "must be at least 1"),
     "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
     "global_test_patients": (lambda v: v >= 50, "must be at least 50"),

@@ -1,5 +1,6 @@
 """Your own tables: a CSV directory with a data dictionary, good and bad."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import EXAMPLE, ROOT
 
 import data_utils
 from securehealth import settings
+from securehealth.data.csv_files import read_csv
 
 
 @pytest.fixture
@@ -78,6 +80,92 @@ def test_missing_values_can_be_dropped_deliberately(data_dir):
     cfg = settings.resolve({"dataset": "csv", "data_dir": str(data_dir), "missing_values": "drop"})
     (x, y), (tx, ty) = data_utils.hospital_data(cfg, 0)
     assert len(y) + len(ty) == 299
+
+
+def declare_missing(data_dir, feature, markers, **more):
+    """The data dictionary with `feature` declaring its missing markers."""
+    path = data_dir / "schema.json"
+    schema = json.loads(path.read_text())
+    for f in schema["features"]:
+        if f["name"] == feature:
+            f.update({"missing": markers, **more})
+    path.write_text(json.dumps(schema))
+
+
+def csv_settings(data_dir, missing_values):
+    return settings.resolve(
+        {"dataset": "csv", "data_dir": str(data_dir), "missing_values": missing_values}
+    )
+
+
+def test_a_declared_missing_marker_stops_the_run_or_drops_the_patient(data_dir):
+    declare_missing(data_dir, "total_cholesterol", ["?", 0])  # 0: not measured
+    edit(data_dir / "hospital_0.csv", set_cell(4, "total_cholesterol", "?"))
+    edit(data_dir / "hospital_0.csv", set_cell(6, "total_cholesterol", "0.0"))
+    with pytest.raises(data_utils.DataError) as stopped:
+        data_utils.hospital_data(csv_settings(data_dir, "fail"), 0)
+    message = str(stopped.value)
+    assert "line 4, column 'total_cholesterol': '?' means a missing value" in message
+    assert "'drop'" in message and "'indicator'" in message and "\n" not in message
+    (x, y), (tx, ty) = data_utils.hospital_data(csv_settings(data_dir, "drop"), 0)
+    assert len(y) + len(ty) == 298  # the two patients with a marker left out
+
+
+def test_the_indicator_mode_encodes_a_missing_value_as_fill_plus_a_missing_input(data_dir):
+    declare_missing(data_dir, "total_cholesterol", ["?", 0])
+    declare_missing(data_dir, "smoker", [""])  # a category: no category, plus the flag
+    edit(data_dir / "hospital_0.csv", set_cell(2, "total_cholesterol", "?"))
+    edit(data_dir / "hospital_0.csv", set_cell(2, "smoker", ""))
+    edit(data_dir / "hospital_0.csv", set_cell(3, "total_cholesterol", "0"))
+    cfg = csv_settings(data_dir, "indicator")
+    schema = data_utils.load_schema(cfg)
+    names = schema.input_names
+    assert names.index("total_cholesterol missing") == names.index("total_cholesterol") + 1
+    assert names[-1] == "smoker missing" and len(names) == 10 + 2
+    x, y, _ = read_csv(data_dir / "hospital_0.csv", schema)
+    column = {name: x[:, i] for i, name in enumerate(names)}
+    # The declared fill is the middle of the declared range, which encodes to 0.
+    assert column["total_cholesterol"][:2].tolist() == [0.0, 0.0]
+    assert column["total_cholesterol missing"][:3].tolist() == [1.0, 1.0, 0.0]
+    assert column["smoker=yes"][0] == column["smoker=no"][0] == 0.0
+    assert column["smoker missing"][:2].tolist() == [1.0, 0.0]
+    assert len(y) == 300  # nobody left out
+
+
+def test_a_declared_fill_value_is_used_and_checked(data_dir):
+    declare_missing(data_dir, "total_cholesterol", ["?"], fill=2.0)  # the range's minimum
+    edit(data_dir / "hospital_0.csv", set_cell(2, "total_cholesterol", "?"))
+    cfg = csv_settings(data_dir, "indicator")
+    schema = data_utils.load_schema(cfg)
+    x, _, _ = read_csv(data_dir / "hospital_0.csv", schema)
+    assert x[0, schema.input_names.index("total_cholesterol")] == -1.0
+    declare_missing(data_dir, "total_cholesterol", ["?"], fill=99.0)
+    with pytest.raises(data_utils.DataError, match='"fill" must be a number within'):
+        data_utils.load_schema(cfg)
+
+
+def test_the_indicator_mode_still_refuses_a_gap_the_dictionary_does_not_declare(data_dir):
+    edit(data_dir / "hospital_1.csv", set_cell(5, "bmi", ""))
+    with pytest.raises(data_utils.DataError, match="line 5, column 'bmi': empty value.*declare"):
+        data_utils.hospital_data(csv_settings(data_dir, "indicator"), 1)
+
+
+def test_no_statistic_of_any_hospitals_rows_enters_the_encoding(data_dir):
+    """A patient's inputs are the same whatever the other rows are: changing another
+    hospital's rows, or this hospital's other rows, changes none of them."""
+    declare_missing(data_dir, "total_cholesterol", ["?", 0])
+    edit(data_dir / "hospital_0.csv", set_cell(2, "total_cholesterol", "?"))
+    cfg = csv_settings(data_dir, "indicator")
+    schema = data_utils.load_schema(cfg)
+    before, _, _ = read_csv(data_dir / "hospital_0.csv", schema)
+    for line in range(2, 40):  # hospital 1: very different patients
+        edit(data_dir / "hospital_1.csv", set_cell(line, "total_cholesterol", "0"))
+        edit(data_dir / "hospital_1.csv", set_cell(line, "age", "90"))
+    data_utils.hospital_data(cfg, 1)
+    edit(data_dir / "hospital_0.csv", lambda lines: lines[:11])  # 10 of its own rows
+    alone, _, _ = read_csv(data_dir / "hospital_0.csv", schema)
+    assert np.array_equal(alone, before[:10])
+    assert np.array_equal(read_csv(data_dir / "hospital_0.csv", schema)[0], alone)
 
 
 BAD_CASES = {

@@ -25,12 +25,11 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
     return schema, hospitals, directory / "test.csv"
 
 
-def read_csv(
-    path: str | Path, schema: Schema, missing_values: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def read_csv(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A hospital's (or the server's) table, checked cell by cell against the data
-    dictionary; returns (x, y, patient ids or None if the dictionary declares no
-    patient_id). The first problem stops it, named with its line."""
+    dictionary, missing values as schema.missing_values says; returns (x, y, patient
+    ids or None if the dictionary declares no patient_id). The first problem stops
+    it, named with its line."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
     path = Path(path)
@@ -52,32 +51,42 @@ def read_csv(
         raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
 
     line = frame.index.to_numpy() + 2  # file line numbers: the header is line 1
-    blank = (frame[schema.columns].apply(lambda col: col.str.strip()) == "").to_numpy()
-    if blank.any():
-        if missing_values == "drop":
-            keep = ~blank.any(axis=1)
-            frame, line = frame[keep], line[keep]
-        else:
-            row, col = np.argwhere(blank)[0]
-            raise DataError(
-                f"{path} line {line[row]}, column {schema.columns[col]!r}: empty "
-                f"value; fill it in, or set missing_values to 'drop' to leave "
-                f"such patients out"
-            )
+    cells = frame[schema.columns].apply(lambda col: col.str.strip())
+    missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in schema.columns}
+    if schema.missing_values == "drop":
+        keep = ~np.any(list(missing.values()), axis=0)
+        cells, line = cells[keep], line[keep]
+        missing = {c: gaps[keep] for c, gaps in missing.items()}
+    encodable = {f["name"] for f in schema.features if schema.indicated(f)}
+    unhandled = [
+        (np.flatnonzero(gaps)[0], c)
+        for c, gaps in missing.items()
+        if c not in encodable and gaps.any()
+    ]
+    if unhandled:
+        row, column = min(unhandled)
+        value = cells[column].iloc[row]
+        what = "empty value" if value == "" else f"{value!r} means a missing value"
+        fix = "set missing_values to 'drop' to leave such patients out"
+        if schema.missing_values == "indicator" and column not in (schema.label, schema.patient_id):
+            fix = f'declare the feature\'s missing markers ("missing": [...]), or {fix}'
+        elif schema.missing_values == "fail":
+            fix = f"{fix}, or to 'indicator' to encode it as missing"
+        raise DataError(f"{path} line {line[row]}, column {column!r}: {what}; fill it in, or {fix}")
 
     def fail(rows, column, problem):
         first = np.flatnonzero(rows)[0]
-        value = frame[column].iloc[first]
+        value = cells[column].iloc[first]
         raise DataError(f"{path} line {line[first]}, column {column!r}: {value!r} {problem}")
 
     columns = {}
     for f in schema.features:
-        raw = frame[f["name"]].str.strip()
+        raw, gap = cells[f["name"]], missing[f["name"]]
         if f["type"] == "numeric":
-            values = pd.to_numeric(raw, errors="coerce").to_numpy(float)
-            if np.isnan(values).any():
-                fail(np.isnan(values), f["name"], "is not a number")
-            outside = (values < f["min"]) | (values > f["max"])
+            values = pd.to_numeric(raw.where(~gap, "nan"), errors="coerce").to_numpy(float)
+            if (np.isnan(values) & ~gap).any():
+                fail(np.isnan(values) & ~gap, f["name"], "is not a number")
+            outside = ((values < f["min"]) | (values > f["max"])) & ~gap
             if outside.any():
                 fail(
                     outside,
@@ -87,17 +96,17 @@ def read_csv(
                 )
             columns[f["name"]] = values
         else:
-            unknown = ~raw.isin([str(c) for c in f["categories"]]).to_numpy()
+            unknown = ~raw.isin([str(c) for c in f["categories"]]).to_numpy() & ~gap
             if unknown.any():
                 fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
             columns[f["name"]] = raw.to_numpy()
     patient_ids = None
     if schema.patient_id:
-        patient_ids = frame[schema.patient_id].str.strip().to_numpy()
-        repeated = frame[schema.patient_id].str.strip().duplicated().to_numpy()
+        patient_ids = cells[schema.patient_id].to_numpy()
+        repeated = cells[schema.patient_id].duplicated().to_numpy()
         if repeated.any():
             fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
-    label = frame[schema.label].str.strip()
+    label = cells[schema.label]
     odd = ~label.isin([str(schema.positive), str(schema.negative)]).to_numpy()
     if odd.any():
         fail(
@@ -106,13 +115,14 @@ def read_csv(
             f"is neither the positive label {schema.positive!r} nor "
             f"the negative {schema.negative!r}",
         )
-    return schema.encode(columns), schema.labels(label.to_numpy()), patient_ids
+    x = schema.encode(columns, missing)
+    return x, schema.labels(label.to_numpy()), patient_ids
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
     """The federation's data dictionary: a deployed hospital's own --schema file, else
     data_dir's."""
-    return Schema.load(schema_file or csv_paths(cfg)[0])
+    return Schema.load(schema_file or csv_paths(cfg)[0], cfg.missing_values)
 
 
 def hospital_rows(
@@ -120,7 +130,7 @@ def hospital_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | Path]:
     """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv."""
     source = data_file or csv_paths(cfg)[1][hospital]
-    return (*read_csv(source, schema, cfg.missing_values), source)
+    return (*read_csv(source, schema), source)
 
 
 def reference_set(
@@ -130,4 +140,4 @@ def reference_set(
     test_file = csv_paths(cfg)[2]
     if not test_file.exists():
         return None
-    return (*read_csv(test_file, schema, cfg.missing_values)[:2], str(test_file))
+    return (*read_csv(test_file, schema)[:2], str(test_file))

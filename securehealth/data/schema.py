@@ -1,8 +1,15 @@
 """The data dictionary (Schema): the label with its positive and negative values,
-and each feature's type with its declared valid range or categories. Inputs are
-encoded from the dictionary alone, never from statistics of a hospital's rows, so the
-encoding reveals nothing about any patient and every hospital feeds the shared model
-the same way."""
+and each feature's type with its declared valid range or categories, and the values
+that mean "not recorded" where a feature declares them (`"missing": ["?", 0]`; an
+empty cell always does). Inputs are encoded from the dictionary alone, never from
+statistics of a hospital's rows, so the encoding reveals nothing about any patient
+and every hospital feeds the shared model the same way.
+
+What happens to a missing value is the `missing_values` setting: "fail" stops with
+the file, line and column; "drop" leaves the patient out; "indicator" encodes it as
+the feature's declared fill value (by default the middle of its declared range; for
+a category, no category) plus a 0/1 "was missing" input, for features that declare
+their missing markers."""
 
 import json
 from pathlib import Path
@@ -17,12 +24,16 @@ class DataError(ValueError):
     says how to fix it."""
 
 
+MISSING_MODES = ("fail", "drop", "indicator")
+
+
 class Schema:
     """A data dictionary: validated on creation, then used to check and encode
-    tables the same way at every hospital and at the server."""
+    tables the same way at every hospital and at the server, missing values as
+    `missing_values` says."""
 
-    def __init__(self, spec, source):
-        self.spec, self.source = spec, str(source)
+    def __init__(self, spec: dict, source: str | Path, missing_values: str = "fail"):
+        self.spec, self.source, self.missing_values = spec, str(source), missing_values
         self.name = spec.get("name", self.source)
         try:
             label = spec["label"]
@@ -70,9 +81,22 @@ class Schema:
                 raise DataError(f"{where} needs a list of at least two categories")
         else:
             raise DataError(f"{where}: type must be 'numeric' or 'categorical'")
+        markers = f.get("missing", [])
+        if not isinstance(markers, list) or not all(
+            isinstance(m, (str, int, float)) and not isinstance(m, bool) for m in markers
+        ):
+            raise DataError(f'{where}: "missing" must list values (text or numbers), e.g. ["?", 0]')
+        if "fill" in f:
+            fill = f["fill"]
+            if f["type"] == "numeric" and not (
+                isinstance(fill, (int, float)) and f["min"] <= fill <= f["max"]
+            ):
+                raise DataError(f'{where}: "fill" must be a number within [min, max]')
+            if f["type"] == "categorical" and fill not in f["categories"]:
+                raise DataError(f'{where}: "fill" must be one of its categories')
 
     @classmethod
-    def load(cls, path: str | Path) -> Self:
+    def load(cls, path: str | Path, missing_values: str = "fail") -> Self:
         path = Path(path)
         try:
             text = path.read_text()
@@ -84,7 +108,7 @@ class Schema:
             raise DataError(f"{path}: not valid {path.suffix[1:].upper()} ({error})") from None
         if not isinstance(spec, dict):
             raise DataError(f"{path}: the data dictionary must be a mapping")
-        return cls(spec, path)
+        return cls(spec, path, missing_values)
 
     @property
     def columns(self) -> list[str]:
@@ -92,38 +116,72 @@ class Schema:
         ids = [self.patient_id] if self.patient_id else []
         return [self.label] + ids + [f["name"] for f in self.features]
 
+    def indicated(self, feature: dict) -> bool:
+        """Whether `feature` gets a "was missing" input: it declares its missing
+        markers and missing_values is "indicator"."""
+        return self.missing_values == "indicator" and "missing" in feature
+
     @property
     def input_names(self) -> list[str]:
-        """The model's inputs: one per numeric feature, one per category."""
+        """The model's inputs: one per numeric feature, one per category, and one
+        "<feature> missing" after each feature that is indicated."""
         names = []
         for f in self.features:
             if f["type"] == "numeric":
                 names.append(f["name"])
             else:
                 names += [f"{f['name']}={c}" for c in f["categories"]]
+            if self.indicated(f):
+                names.append(f"{f['name']} missing")
         return names
 
-    def encode(self, columns: dict[str, np.ndarray]) -> np.ndarray:
-        """Model inputs from checked feature columns (name -> array): numeric values
-        mapped from their declared range (log-scaled if declared) to [-1, 1], and
-        categories one-hot."""
+    def is_missing(self, column: str, cells: np.ndarray) -> np.ndarray:
+        """Which of a column's cells (stripped text) mean "not recorded": empty, or one
+        of the feature's declared markers (numbers compared as numbers)."""
+        cells = np.asarray(cells, dtype=str)
+        feature = next((f for f in self.features if f["name"] == column), {})
+        markers = feature.get("missing", [])
+        numbers = np.array([_number(c) for c in cells], dtype=float)
+        missing = cells == ""
+        for marker in markers:
+            missing |= (cells == marker) if isinstance(marker, str) else (numbers == marker)
+        return missing
+
+    def encode(
+        self, columns: dict[str, np.ndarray], missing: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Model inputs from checked feature columns (name -> array), with `missing`
+        (name -> mask) for indicated features: numeric values mapped from their
+        declared range (log-scaled if declared) to [-1, 1], categories one-hot, and a
+        missing value as its declared fill plus 1 in its "missing" input. Row by row:
+        no other row, and no statistic of any, enters a row's encoding."""
+        missing = missing or {}
         encoded = []
         for f in self.features:
-            values = columns[f["name"]]
+            absent = missing.get(f["name"], np.zeros(len(columns[f["name"]]), bool))
+            values = np.asarray(columns[f["name"]], dtype=object)
             if f["type"] == "numeric":
-                low, high, v = (
-                    f["min"],
-                    f["max"],
-                    np.clip(np.asarray(values, float), f["min"], f["max"]),
-                )
+                fill = f.get("fill", (f["min"] + f["max"]) / 2)
+                v = np.where(absent, fill, values).astype(float)
+                low, high, v = f["min"], f["max"], np.clip(v, f["min"], f["max"])
                 if f.get("log"):
                     low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
                 encoded.append(2 * (v - low) / (high - low) - 1)
             else:
-                as_text = np.asarray(values).astype(str)
+                as_text = np.where(absent, str(f.get("fill", "")), values.astype(str))
                 encoded += [(as_text == str(c)).astype(float) for c in f["categories"]]
+            if self.indicated(f):
+                encoded.append(absent.astype(float))
         return np.column_stack(encoded).astype(np.float32)
 
     def labels(self, values: np.ndarray) -> np.ndarray:
         """1.0 for the positive (disease) value, 0.0 for the negative."""
         return (np.asarray(values).astype(str) == str(self.positive)).astype(np.float32)
+
+
+def _number(text: str) -> float:
+    """text as a number, NaN if it is none."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
