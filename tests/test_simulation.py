@@ -236,6 +236,17 @@ def test_a_csv_directory_end_to_end(tmp_path):
     assert metrics["data"]["test_set"] == str(data_dir / "test.csv")
     assert metrics["data"]["inputs"][-2:] == ["smoker=no", "smoker=yes"]
     assert_report(tmp_path / "run")
+    # The trained model scores new patients (here the server's test set) as it did.
+    scored = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), "--run-dir", str(tmp_path / "run")]
+        + ["--data", str(data_dir / "test.csv"), "--output", str(tmp_path / "risks.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert scored.returncode == 0, scored.stderr
+    auc = metrics["final"]["global"]["auc"]
+    assert f"Against their labels: AUC {auc:.3f}" in scored.stdout
 
 
 def test_runs_without_an_activated_venv(tmp_path):

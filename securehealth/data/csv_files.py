@@ -25,11 +25,14 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
     return schema, hospitals, directory / "test.csv"
 
 
-def read_csv(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def read_csv(
+    path: str | Path, schema: Schema, labelled: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """A hospital's (or the server's) table, checked cell by cell against the data
     dictionary, missing values as schema.missing_values says; returns (x, y, patient
-    ids or None if the dictionary declares no patient_id). The first problem stops
-    it, named with its line."""
+    ids or None if the dictionary declares no patient_id). Unless `labelled`, the
+    label column may be left out (y is then None): new patients to score. The first
+    problem stops it, named with its line."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
     path = Path(path)
@@ -45,14 +48,16 @@ def read_csv(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, 
             f"{path}: column {extra[0]!r} is not in {schema.source}; add it to "
             f"the data dictionary or remove it from the file"
         )
-    absent = [c for c in schema.columns if c not in frame.columns]
+    has_label = labelled or schema.label in frame.columns
+    required = [c for c in schema.columns if has_label or c != schema.label]
+    absent = [c for c in required if c not in frame.columns]
     if absent:
         what = "the label column" if absent[0] == schema.label else "column"
         raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
 
     line = frame.index.to_numpy() + 2  # file line numbers: the header is line 1
-    cells = frame[schema.columns].apply(lambda col: col.str.strip())
-    missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in schema.columns}
+    cells = frame[required].apply(lambda col: col.str.strip())
+    missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in required}
     if schema.missing_values == "drop":
         keep = ~np.any(list(missing.values()), axis=0)
         cells, line = cells[keep], line[keep]
@@ -106,6 +111,9 @@ def read_csv(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, 
         repeated = cells[schema.patient_id].duplicated().to_numpy()
         if repeated.any():
             fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
+    x = schema.encode(columns, missing)
+    if not has_label:
+        return x, None, patient_ids
     label = cells[schema.label]
     odd = ~label.isin([str(schema.positive), str(schema.negative)]).to_numpy()
     if odd.any():
@@ -115,7 +123,6 @@ def read_csv(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, 
             f"is neither the positive label {schema.positive!r} nor "
             f"the negative {schema.negative!r}",
         )
-    x = schema.encode(columns, missing)
     return x, schema.labels(label.to_numpy()), patient_ids
 
 

@@ -1,0 +1,95 @@
+"""predict.py: new patients scored with a run's model.pt, checked like training data."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import EXAMPLE, ROOT
+
+from model import build_model, predict_risk, save_model
+from securehealth.data import Schema
+from securehealth.data.csv_files import read_csv
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished run's directory: its metrics.json and a model.pt for the example CSV
+    data dictionary (weights as initialised: what is checked is the scoring)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"status": "finished"}))
+    schema = Schema.load(EXAMPLE / "schema.json")
+    torch.manual_seed(0)
+    save_model(run / "model.pt", build_model(len(schema.input_names), (4,)), (4,), schema, 0.5)
+    return run
+
+
+def predict(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def unlabelled_copy(tmp_path):
+    """The example's test patients without their label column."""
+    rows = list(csv.DictReader((EXAMPLE / "test.csv").open()))
+    path = tmp_path / "patients.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [k for k in rows[0] if k != "chd"])
+        writer.writeheader()
+        writer.writerows({k: v for k, v in row.items() if k != "chd"} for row in rows)
+    return path, len(rows)
+
+
+def test_new_patients_get_a_risk_and_a_decision_each(run_dir, tmp_path):
+    patients, count = unlabelled_copy(tmp_path)
+    result = predict("--run-dir", run_dir, "--data", patients)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(result.stdout.splitlines()))
+    assert len(rows) == count and [int(r["line"]) for r in rows] == list(range(2, count + 2))
+    schema = Schema.load(EXAMPLE / "schema.json")
+    model = build_model(len(schema.input_names), (4,))
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True)["state_dict"])
+    expected = predict_risk(model, read_csv(patients, schema, labelled=False)[0])
+    for row, risk in zip(rows, expected, strict=True):
+        assert float(row["risk"]) == pytest.approx(float(risk), abs=1e-6)
+        assert row["prediction"] == ("yes" if risk >= 0.5 else "no")
+    assert "Against their labels" not in result.stderr  # no labels, no metrics
+
+
+def test_with_labels_the_clinical_metrics_are_printed(run_dir, tmp_path):
+    output = tmp_path / "risks.csv"
+    result = predict("--run-dir", run_dir, "--data", EXAMPLE / "test.csv", "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert "200 patients scored" in result.stdout and "Against their labels: AUC" in result.stdout
+    assert len(output.read_text().splitlines()) == 1 + 200
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda text: text.replace("\n65,", "\nabc,", 1), ["line", "column 'age'", "not a number"]),
+        (lambda text: text.replace("\n65,", "\n,", 1), ["line", "column 'age'", "empty value"]),
+    ],
+)
+def test_bad_patients_get_the_training_datas_one_line_errors(run_dir, tmp_path, change, expected):
+    patients, _ = unlabelled_copy(tmp_path)
+    patients.write_text(change(patients.read_text()))
+    result = predict("--run-dir", run_dir, "--data", patients)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert all(part in result.stderr for part in expected) and "Traceback" not in result.stderr
+
+
+def test_a_run_that_did_not_finish_has_no_model_to_use(run_dir, tmp_path):
+    shutil.copy(EXAMPLE / "test.csv", tmp_path / "patients.csv")
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    result = predict("--run-dir", run_dir, "--data", tmp_path / "patients.csv")
+    assert result.returncode == 2 and "holds no finished run" in result.stderr
