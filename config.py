@@ -26,9 +26,9 @@ client_cpus = 1  # CPUs Ray reserves for each simulated hospital while it trains
 client_gpus = 0.0  # GPUs (fractions allowed) Ray reserves for each simulated hospital
 
 # --- Data (securehealth/data) -------------------------------------------------------
-dataset = "synthetic"  # "synthetic", "breast-cancer" (bundled with scikit-learn) or "csv"
+dataset = "synthetic"  # "synthetic", "breast-cancer", "heart-disease" (4 real sites) or "csv"
 data_dir = ""  # csv: folder with hospital_<i>.csv, schema.json (data dictionary), test.csv
-missing_values = "fail"  # csv gaps: "fail" stops, "drop" drops the row, "indicator" encodes them
+missing_values = "indicator"  # gaps: "indicator" (fill + was-missing input), "fail" or "drop"
 test_fraction = 0.2  # share of each hospital's patients it holds out from training
 num_patients = 4000  # synthetic: patients over all hospitals; sizes follow a 5:3:2 pattern
 global_test_patients = 2000  # synthetic: the server's separate reference test population

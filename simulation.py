@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings.add_unaccounted_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
-    if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
-        cfg.data_dir = str(Path(cfg.data_dir).resolve())
+    data.locate(cfg)
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")

@@ -82,15 +82,18 @@ def open_hospital(context: Context) -> "Hospital":
 
     node = context.node_config
     hospital, cfg = hospital_settings(context)
-    if "data-file" in node and cfg.dataset != "csv":
+    # The data set whose file client.py named (its --data is a CSV file).
+    brought = node.get("dataset", "csv" if "data-file" in node else None)
+    if brought and brought != cfg.dataset:
         raise ValueError(
-            f"this hospital brought its own data (--data) but the server's run uses "
-            f"dataset {cfg.dataset!r}: start the server with --dataset csv"
+            f"this hospital brought its own {brought} data but the server's run uses "
+            f"dataset {cfg.dataset!r}: start the server with --dataset {brought}"
         )
-    if cfg.dataset == "csv" and "state-dir" in node and "data-file" not in node:
+    if getattr(data.SOURCES[cfg.dataset], "FILES", False) and "state-dir" in node and not brought:
+        own = "--data FILE --schema FILE" if cfg.dataset == "csv" else f"--dataset {cfg.dataset}"
         raise ValueError(  # a deployed hospital never reads a file the server names
-            "the server's run uses dataset csv but this hospital brought no data of its "
-            "own: start it with client.py --data FILE --schema FILE"
+            f"the server's run uses dataset {cfg.dataset} but this hospital brought no "
+            f"data of its own: start it with client.py {own}"
         )
     state_dir = hospital_state_dir(context, hospital)
     check_run(context, cfg, state_dir)

@@ -106,6 +106,13 @@ def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
             f"{values['min_fit_clients']}, {values['min_available_clients']}, "
             f"{values['num_clients']}: lower the first two"
         )
+    sites = getattr(SOURCES[values["dataset"]], "SITES", ())
+    if sites and values["num_clients"] != len(sites):
+        raise SettingsError(
+            f"dataset {values['dataset']} has {len(sites)} hospitals, one per site "
+            f"({', '.join(sites)}): num_clients must be {len(sites)}, got "
+            f"{values['num_clients']} (leave it out to get {len(sites)})"
+        )
     if values["aggregation"] != "fedavg" and values["secure_aggregation"] == "on":
         raise SettingsError(
             f"aggregation {values['aggregation']!r} needs each hospital's update, which "
@@ -238,6 +245,9 @@ def parse(
             raise SettingsError(_unknown_message(name))
         names = parser.settings_names
         given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        source = SOURCES.get(given.get("dataset", DEFAULTS["dataset"]))
+        if "num_clients" not in given and getattr(source, "SITES", ()):
+            given["num_clients"] = len(source.SITES)  # a data set of fixed hospitals
         return decide_auto(resolve(given), simulation), args
     except SettingsError as error:
         parser.error(str(error))

@@ -102,7 +102,10 @@ def test_encoding_comes_from_the_data_dictionary_alone():
     "spec, problem",
     [
         ({"features": []}, "label.column"),
-        ({"label": {"column": "y", "positive": 1, "negative": 1}, "features": []}, "same"),
+        (
+            {"label": {"column": "y", "positive": [1, 2], "negative": 2.0}, "features": []},
+            "both a positive and a negative",
+        ),
         (
             {
                 "label": {"column": "y", "positive": 1, "negative": 0},

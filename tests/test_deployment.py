@@ -300,3 +300,32 @@ def test_a_server_the_hospital_cannot_trust_is_refused(tmp_path):
             cwd=tmp_path,
         )
         assert_one_line_error(plain, 1, "probably uses TLS")
+
+
+@pytest.mark.e2e
+def test_four_real_hospitals_each_with_its_own_sites_file(federation):
+    processes, workdir, port = federation
+    address = ["--server-address", f"127.0.0.1:{port}"]
+    server = processes.server(port, 1, "run", "--dataset", "heart-disease", name="server")
+    hospitals = [
+        processes.start(
+            "client.py", "--client-id", str(h), "--dataset", "heart-disease", *address, name=f"c{h}"
+        )
+        for h in range(4)
+    ]
+    assert server.wait(timeout=300) == 0, processes.output("server")
+    for hospital in hospitals:
+        assert hospital.wait(timeout=60) == 0, processes.output(hospital.name)
+        assert "Round 1: trained" in processes.output(hospital.name)
+    metrics = read_metrics(workdir / "run")
+    assert metrics["status"] == "finished" and sorted(metrics["rounds"][0]["hospitals"]) == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+    patients = {h: p["patients"] for h, p in metrics["privacy"]["hospitals"].items()}
+    assert patients == {"0": 242, "1": 235, "2": 98, "3": 160}  # each site's own file
+    for hospital in range(4):
+        ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
+        assert len(ledger["releases"]) == 1

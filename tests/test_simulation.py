@@ -217,6 +217,28 @@ def test_breast_cancer_with_baselines(tmp_path):
     assert_report(tmp_path / "run")
 
 
+def test_four_real_hospitals_of_the_shipped_heart_disease_data(tmp_path):
+    run_dir = tmp_path / "run"
+    process = simulate(
+        "--dataset", "heart-disease", "--rounds", "2", "--run-dir", str(run_dir), cwd=tmp_path
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout + stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    patients = {h: p["patients"] for h, p in metrics["privacy"]["hospitals"].items()}
+    assert patients == {"0": 242, "1": 235, "2": 98, "3": 160}
+    assert "chol missing" in metrics["data"]["inputs"]
+    # The report shows the model on each hospital's own held-out patients.
+    report = (run_dir / "report.md").read_text()
+    at_each = report.split("### At each hospital")[1].split("##")[0]
+    assert [
+        line.split("|")[2].strip()
+        for line in at_each.splitlines()
+        if line[:3] in ("| 0", "| 1", "| 2", "| 3")
+    ] == ["61", "59", "25", "40"]
+    assert_report(run_dir)
+
+
 def test_a_csv_directory_end_to_end(tmp_path):
     data_dir = ROOT / "examples" / "csv"
     process = simulate(

@@ -1,10 +1,12 @@
 """Patient data for a federation of hospitals, described by a data dictionary.
 
-Three sources (the `dataset` setting):
+Four sources (the `dataset` setting):
 
     synthetic      generated patients (coronary heart disease), non-IID hospitals
     breast-cancer  the Wisconsin diagnostic breast cancer data shipped inside
                    scikit-learn (569 patients), split into hospitals
+    heart-disease  four real hospitals' patients (UCI Heart Disease, shipped in
+                   data/uci-heart-disease/): one hospital per site
     csv            your own tables: one file per hospital, DIR/hospital_<i>.csv,
                    and a data dictionary DIR/schema.json (or .yaml); the server's
                    reference test set is DIR/test.csv
@@ -23,19 +25,28 @@ split.held_out_split).
 
 A source is a module with `DESCRIPTION`, `load_schema(cfg, schema_file)`,
 `hospital_rows(cfg, hospital, schema, data_file)` and `reference_set(cfg, schema)`;
-add one to SOURCES and the `dataset` setting accepts it.
+add one to SOURCES and the `dataset` setting accepts it. A source whose hospitals
+read files sets `FILES = True` (in deployment each reads the one its own client.py
+names); one with a fixed set of hospitals lists them in `SITES`, and num_clients
+must then match.
 """
 
 import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from securehealth.data import breast_cancer, csv_files, synthetic
+from securehealth.data import breast_cancer, csv_files, heart_disease, synthetic
 from securehealth.data.schema import DataError, Schema
 from securehealth.data.split import held_out_split
 
-SOURCES = {"synthetic": synthetic, "breast-cancer": breast_cancer, "csv": csv_files}
+SOURCES = {
+    "synthetic": synthetic,
+    "breast-cancer": breast_cancer,
+    "heart-disease": heart_disease,
+    "csv": csv_files,
+}
 MIN_TRAINING_PATIENTS = 10
 
 __all__ = [
@@ -46,6 +57,7 @@ __all__ = [
     "fingerprint",
     "hospital_data",
     "load_schema",
+    "locate",
     "reference_test_set",
 ]
 
@@ -53,6 +65,15 @@ __all__ = [
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
     """The data dictionary of the `dataset` setting's source."""
     return SOURCES[cfg.dataset].load_schema(cfg, schema_file)
+
+
+def locate(cfg: SimpleNamespace) -> None:
+    """Give data_dir as an absolute path (the one given, or the folder a bundled data
+    set ships in), for Flower's processes: they run elsewhere, from an app bundle
+    that carries no data files."""
+    shipped = getattr(SOURCES[cfg.dataset], "SHIPPED_DIR", None)
+    if cfg.data_dir or shipped:
+        cfg.data_dir = str(Path(cfg.data_dir or shipped).resolve())
 
 
 def hospital_data(

@@ -10,6 +10,7 @@ import numpy as np
 from securehealth.data.schema import DataError, Schema
 
 DESCRIPTION = "your own tables, one file per hospital (data_dir)"
+FILES = True  # each hospital reads its own file
 
 
 def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
@@ -26,18 +27,29 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
 
 
 def read_csv(
-    path: str | Path, schema: Schema, labelled: bool = True
+    path: str | Path,
+    schema: Schema,
+    labelled: bool = True,
+    header: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """A hospital's (or the server's) table, checked cell by cell against the data
     dictionary, missing values as schema.missing_values says; returns (x, y, patient
     ids or None if the dictionary declares no patient_id). Unless `labelled`, the
-    label column may be left out (y is then None): new patients to score. The first
-    problem stops it, named with its line."""
+    label column may be left out (y is then None): new patients to score. A file
+    without a header row is read with the column names `header`. The first problem
+    stops it, named with its line."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
     path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        frame = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            skipinitialspace=True,
+            header=None if header else "infer",
+            names=header,
+        )
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, ValueError) as error:
@@ -55,7 +67,7 @@ def read_csv(
         what = "the label column" if absent[0] == schema.label else "column"
         raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
 
-    line = frame.index.to_numpy() + 2  # file line numbers: the header is line 1
+    line = frame.index.to_numpy() + (1 if header else 2)  # file line numbers
     cells = frame[required].apply(lambda col: col.str.strip())
     missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in required}
     if schema.missing_values == "drop":
@@ -101,10 +113,11 @@ def read_csv(
                 )
             columns[f["name"]] = values
         else:
-            unknown = ~raw.isin([str(c) for c in f["categories"]]).to_numpy() & ~gap
+            named = schema.categories_of(f, raw.to_numpy())
+            unknown = (named == "") & ~gap
             if unknown.any():
                 fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
-            columns[f["name"]] = raw.to_numpy()
+            columns[f["name"]] = named
     patient_ids = None
     if schema.patient_id:
         patient_ids = cells[schema.patient_id].to_numpy()
@@ -115,7 +128,7 @@ def read_csv(
     if not has_label:
         return x, None, patient_ids
     label = cells[schema.label]
-    odd = ~label.isin([str(schema.positive), str(schema.negative)]).to_numpy()
+    odd = ~schema.is_label(label.to_numpy())
     if odd.any():
         fail(
             odd,

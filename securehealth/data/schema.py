@@ -1,5 +1,6 @@
-"""The data dictionary (Schema): the label with its positive and negative values,
-and each feature's type with its declared valid range or categories, and the values
+"""The data dictionary (Schema): the label with its positive and negative value (or
+list of values, e.g. a diagnosis graded 1-4 that all mean disease), and each
+feature's type with its declared valid range or categories, and the values
 that mean "not recorded" where a feature declares them (`"missing": ["?", 0]`; an
 empty cell always does). Inputs are encoded from the dictionary alone, never from
 statistics of a hospital's rows, so the encoding reveals nothing about any patient
@@ -9,7 +10,10 @@ What happens to a missing value is the `missing_values` setting: "fail" stops wi
 the file, line and column; "drop" leaves the patient out; "indicator" encodes it as
 the feature's declared fill value (by default the middle of its declared range; for
 a category, no category) plus a 0/1 "was missing" input, for features that declare
-their missing markers."""
+their missing markers.
+
+Values written as numbers in the dictionary (categories, label values, markers)
+match cells by number, so a file that writes 1 as "1.0" reads the same."""
 
 import json
 from pathlib import Path
@@ -51,8 +55,20 @@ class Schema:
         self.patient_id = spec.get("patient_id")
         if self.patient_id is not None and not isinstance(self.patient_id, str):
             raise DataError(f'{self.source}: patient_id must name a column, e.g. "mrn"')
-        if str(self.positive) == str(self.negative):
-            raise DataError(f"{self.source}: label.positive and label.negative are the same")
+        self.positive_values, self.negative_values = _listed(self.positive), _listed(self.negative)
+        if not all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool)
+            for v in self.positive_values + self.negative_values
+        ):
+            raise DataError(
+                f"{self.source}: label.positive and label.negative must be values (text or "
+                f"numbers) or lists of them"
+            )
+        shared = [v for v in self.positive_values if matches([str(v)], self.negative_values)[0]]
+        if shared:
+            raise DataError(
+                f"{self.source}: {shared[0]!r} is both a positive and a negative label value"
+            )
         names = [f.get("name") for f in self.features]
         if (
             not self.features
@@ -92,7 +108,7 @@ class Schema:
                 isinstance(fill, (int, float)) and f["min"] <= fill <= f["max"]
             ):
                 raise DataError(f'{where}: "fill" must be a number within [min, max]')
-            if f["type"] == "categorical" and fill not in f["categories"]:
+            if f["type"] == "categorical" and not matches([str(fill)], f["categories"])[0]:
                 raise DataError(f'{where}: "fill" must be one of its categories')
 
     @classmethod
@@ -140,12 +156,15 @@ class Schema:
         of the feature's declared markers (numbers compared as numbers)."""
         cells = np.asarray(cells, dtype=str)
         feature = next((f for f in self.features if f["name"] == column), {})
-        markers = feature.get("missing", [])
-        numbers = np.array([_number(c) for c in cells], dtype=float)
-        missing = cells == ""
-        for marker in markers:
-            missing |= (cells == marker) if isinstance(marker, str) else (numbers == marker)
-        return missing
+        return (cells == "") | matches(cells, feature.get("missing", []))
+
+    def categories_of(self, feature: dict, cells: np.ndarray) -> np.ndarray:
+        """Each cell as the category it names, written as in the dictionary ("1.0" is
+        category 1), or "" where it names none."""
+        cells, found = np.asarray(cells, dtype=str), np.full(len(cells), "", dtype=object)
+        for category in feature["categories"]:
+            found[matches(cells, [category]) & (found == "")] = str(category)
+        return found
 
     def encode(
         self, columns: dict[str, np.ndarray], missing: dict[str, np.ndarray] | None = None
@@ -175,8 +194,34 @@ class Schema:
         return np.column_stack(encoded).astype(np.float32)
 
     def labels(self, values: np.ndarray) -> np.ndarray:
-        """1.0 for the positive (disease) value, 0.0 for the negative."""
-        return (np.asarray(values).astype(str) == str(self.positive)).astype(np.float32)
+        """1.0 for a positive (disease) value, 0.0 for any other."""
+        cells = np.asarray(values).astype(str)
+        return matches(cells, self.positive_values).astype(np.float32)
+
+    def decision(self, positive: bool) -> str:
+        """The label value a positive or negative decision stands for ("1/2/3/4" where
+        several values mean the same)."""
+        return "/".join(map(str, self.positive_values if positive else self.negative_values))
+
+    def is_label(self, values: np.ndarray) -> np.ndarray:
+        """Which values are one of the label's declared positive or negative values."""
+        return matches(np.asarray(values).astype(str), self.positive_values + self.negative_values)
+
+
+def matches(cells: np.ndarray | list[str], values: list) -> np.ndarray:
+    """Which text cells equal one of `values`: text as text, numbers as numbers."""
+    cells = np.asarray(cells, dtype=str)
+    found = np.zeros(len(cells), dtype=bool)
+    if any(not isinstance(value, str) for value in values):
+        numbers = np.array([_number(c) for c in cells], dtype=float)
+    for value in values:
+        found |= (cells == value) if isinstance(value, str) else (numbers == value)
+    return found
+
+
+def _listed(value: object) -> list:
+    """A label value or list of values, as a list."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _number(text: str) -> float:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.markup import escape
 
 from securehealth import data, display, settings
 from securehealth.certificates import OPERATOR_PUB, make_hospital_key
+from securehealth.data import heart_disease
 from securehealth.deployment import pinning, runtime
 from securehealth.node import (
     AUTH_KEY,
@@ -32,7 +34,7 @@ END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 def join(description: str, argv: list[str] | None = None) -> int:
     """`python client.py --client-id N`: this hospital's SuperNode, until the run ends."""
     runtime.interrupt_on_signals()
-    parser = settings.make_parser(description, ("num_clients", *HOSPITAL_SETTINGS))
+    parser = settings.make_parser(description, ("num_clients", "dataset", *HOSPITAL_SETTINGS))
     group = parser.add_argument_group("hospital")
     group.add_argument(
         "--client-id", type=int, required=True, help="this hospital's number, 0 to num_clients - 1"
@@ -66,7 +68,10 @@ def join(description: str, argv: list[str] | None = None) -> int:
         f"state and logs [default: {default_state_root()}/hospital-<client id>]",
     )
     group.add_argument(
-        "--data", default="", help="this hospital's own CSV file (with --schema): dataset csv"
+        "--data",
+        default="",
+        help="this hospital's own CSV file (with --schema): dataset csv; with --dataset "
+        "heart-disease it reads its site's file shipped in data/",
     )
     group.add_argument(
         "--schema", default="", help="the federation's data dictionary (schema.json or .yaml)"
@@ -132,19 +137,10 @@ def join(description: str, argv: list[str] | None = None) -> int:
                 f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
                 f"(made by `python server.py --make-certs`) or pass --operator-key"
             )
-    own_data = {}
-    if args.data or args.schema:
-        if not (args.data and args.schema):
-            parser.error("--data and --schema go together: the file and its data dictionary")
-        own_data = {
-            "data-file": str(Path(args.data).resolve()),
-            "schema-file": str(Path(args.schema).resolve()),
-        }
-        try:  # check the file now, not in the middle of round 1
-            csv_cfg = settings.resolve({**vars(cfg), "dataset": "csv"})
-            data.hospital_data(csv_cfg, args.client_id, args.data, args.schema)
-        except data.DataError as error:
-            parser.error(str(error))
+    try:
+        own_data = own_data_files(cfg, args)
+    except data.DataError as error:
+        parser.error(str(error))
     console = display.make_console()
     if args.insecure:
         console.print(
@@ -201,6 +197,29 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]Interrupted.[/] This hospital left the federation.")
         return 130
+
+
+def own_data_files(cfg: SimpleNamespace, args: argparse.Namespace) -> dict[str, str]:
+    """The node config naming this hospital's own data, checked now rather than in
+    the middle of round 1: its CSV file and data dictionary (--data, --schema), or
+    its site's file of a data set shipped in this copy; {} if it reads none."""
+    if args.data or args.schema:
+        if not (args.data and args.schema):
+            raise data.DataError(
+                "--data and --schema go together: the file and its data dictionary"
+            )
+        if cfg.dataset not in ("csv", settings.DEFAULTS["dataset"]):
+            raise data.DataError(f"--data and --schema are for dataset csv, not {cfg.dataset}")
+        cfg = settings.resolve({**vars(cfg), "dataset": "csv"})
+        files = (Path(args.data).resolve(), Path(args.schema).resolve())
+    elif cfg.dataset == "csv":
+        raise data.DataError("dataset csv needs this hospital's --data FILE and --schema FILE")
+    elif cfg.dataset == "heart-disease":
+        files = (heart_disease.site_file(args.client_id), heart_disease.SCHEMA_FILE)
+    else:
+        return {}
+    data.hospital_data(cfg, args.client_id, *map(str, files))
+    return {"dataset": cfg.dataset, "data-file": str(files[0]), "schema-file": str(files[1])}
 
 
 def wait_for_server(address: str, timeout: float, console: Console) -> None:

@@ -52,8 +52,7 @@ def serve(description: str, argv: list[str] | None = None) -> int:
         "only hospitals holding one of them may join",
     )
     cfg, args = settings.parse(parser, argv)
-    if cfg.data_dir:  # Flower's processes run elsewhere: give them an absolute path
-        cfg.data_dir = str(Path(cfg.data_dir).resolve())
+    data.locate(cfg)
     certs = Path(args.certs_dir).resolve()
     console = display.make_console()
     if args.make_certs:

@@ -40,7 +40,7 @@ def predictions(run_dir: Path, data: Path) -> tuple[list[dict[str, Any]], dict |
             "line": i + 2,  # the header is line 1
             **({schema.patient_id: ids[i]} if ids is not None else {}),
             "risk": round(float(r), 6),
-            "prediction": schema.positive if r >= threshold else schema.negative,
+            "prediction": schema.decision(r >= threshold),
         }
         for i, r in enumerate(risk)
     ]

@@ -112,8 +112,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         parser.error("--epsilons needs positive numbers, e.g. 0.5,1,2, and --seeds >= 1")
-    if cfg.data_dir:
-        cfg.data_dir = str(Path(cfg.data_dir).resolve())
+    data.locate(cfg)
     try:
         settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the sweep")
         data.check_all(cfg)

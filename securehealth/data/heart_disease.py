@@ -1,0 +1,55 @@
+"""UCI Heart Disease: four real hospitals' patients, one file per site, shipped in
+data/uci-heart-disease/ (CC BY 4.0; attribution in its README). The partition is
+the natural one: hospital i is site i, with its own size, case mix and gaps, so a
+federation on it has exactly four hospitals.
+
+In deployment each hospital reads its own site's file from its own copy
+(`client.py --client-id N --dataset heart-disease`); Flower's app bundle cannot
+carry data files, so launchers pass the folder's absolute path (data_dir)."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from securehealth.data.csv_files import read_csv
+from securehealth.data.schema import Schema
+
+DESCRIPTION = "four real hospitals' patients (UCI Heart Disease, shipped in data/)"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "uci-heart-disease"
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "heart_disease.json"
+FILES = True  # each hospital reads its own site's file
+SITES = ("cleveland", "hungarian", "switzerland", "va")  # hospital i is SITES[i]
+# The files have no header row: their columns, in order (the UCI description).
+COLUMNS = [
+    *("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg"),
+    *("thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"),
+]
+
+
+def site_file(hospital: int, data_dir: str | Path = "") -> Path:
+    """Site `hospital`'s file, in data_dir if given, else in this copy's data/."""
+    return Path(data_dir or SHIPPED_DIR) / f"processed.{SITES[hospital]}.data"
+
+
+def read_site(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, None]:
+    """One site's (x, y, None): its header-less file read by the data dictionary."""
+    return read_csv(path, schema, header=COLUMNS)
+
+
+def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+    return Schema.load(schema_file or SCHEMA_FILE, cfg.missing_values)
+
+
+def hospital_rows(
+    cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
+) -> tuple[np.ndarray, np.ndarray, None, Path]:
+    """A deployed hospital's own file (client.py passes it), else its site's file."""
+    source = Path(data_file or site_file(hospital, cfg.data_dir))
+    return (*read_site(source, schema), source)
+
+
+def reference_set(cfg: SimpleNamespace, schema: Schema) -> None:
+    """None: the server judges the model on the four sites' held-out patients (a
+    public data set, shipped in every copy; see data.reference_test_set)."""
+    return None
