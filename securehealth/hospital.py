@@ -30,11 +30,17 @@ class Hospital:
     evaluation stays in its state directory: it is not covered by the DP guarantee,
     so it is never sent."""
 
-    def __init__(self, hospital, cfg, run_id, state_dir, data_file=None, schema_file=None):
+    def __init__(
+        self, hospital, cfg, run_id, state_dir, data_file=None, schema_file=None, patients=None
+    ):
+        """`patients`, ((x, y), (held-out x, y)), replaces the hospital's own data and
+        held-out rule: for a benchmark's published split of public data only."""
         torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
         self.state_dir = Path(state_dir)
-        (self.x, self.y), self.held_out = data.hospital_data(cfg, hospital, data_file, schema_file)
+        (self.x, self.y), self.held_out = patients or data.hospital_data(
+            cfg, hospital, data_file, schema_file
+        )
         self.ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
 
     def train_round(

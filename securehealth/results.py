@@ -85,12 +85,13 @@ def run_directory(cfg: SimpleNamespace, run_id: int) -> Path:
     return Path(cfg.run_dir or f"runs/flower-run-{run_id}").resolve()
 
 
-def new_run_dir(requested: str) -> Path:
+def new_run_dir(requested: str, result_file: str = METRICS_FILE) -> Path:
     """Create the run directory: `requested`, or a new runs/<UTC timestamp>/. A
-    directory that already holds a run is refused: results are never overwritten."""
+    directory that already holds a run's `result_file` is refused: results are
+    never overwritten."""
     if requested:
         run_dir = Path(requested).resolve()
-        if (run_dir / METRICS_FILE).exists():
+        if (run_dir / result_file).exists():
             raise FileExistsError(f"run_dir {run_dir} already holds a run; choose a new one")
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")

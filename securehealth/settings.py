@@ -196,6 +196,24 @@ def check_defaults(run_config: Mapping[str, Any], overridden: Collection[str]) -
                 )
 
 
+def epsilon_list(text: str) -> list[float]:
+    """A tool's --epsilons ("0.5,1,2"): positive budgets, sorted (an argparse type)."""
+    try:
+        epsilons = sorted(float(e) for e in text.split(","))
+        if min(epsilons) > 0 and all(map(math.isfinite, epsilons)):
+            return epsilons
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"needs positive numbers, e.g. 0.5,1,2; got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    """A count such as --seeds: a whole number >= 1 (an argparse type)."""
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"needs a whole number >= 1; got {text!r}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line on stderr and exit code 2, never a usage dump or traceback."""

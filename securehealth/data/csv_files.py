@@ -36,8 +36,8 @@ def read_csv(
     dictionary, missing values as schema.missing_values says; returns (x, y, patient
     ids or None if the dictionary declares no patient_id). Unless `labelled`, the
     label column may be left out (y is then None): new patients to score. A file
-    without a header row is read with the column names `header`. The first problem
-    stops it, named with its line."""
+    without a header row is read with the column names `header`, of which the
+    dictionary's are used. The first problem stops it, named with its line."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
     path = Path(path)
@@ -54,6 +54,8 @@ def read_csv(
         raise DataError(f"{path}: file not found") from None
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: cannot read it as CSV ({error})") from None
+    if header:  # the file's own layout: the dictionary chooses the columns it uses
+        frame = frame[[c for c in header if c in schema.columns]]
     extra = [c for c in frame.columns if c not in schema.columns]
     if extra:
         raise DataError(

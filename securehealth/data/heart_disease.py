@@ -20,6 +20,7 @@ SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "uci-heart-disease"
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "heart_disease.json"
 FILES = True  # each hospital reads its own site's file
 SITES = ("cleveland", "hungarian", "switzerland", "va")  # hospital i is SITES[i]
+SITE_NAMES = ("Cleveland", "Budapest", "Zurich & Basel", "Long Beach VA")
 # The files have no header row: their columns, in order (the UCI description).
 COLUMNS = [
     *("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg"),

@@ -6,11 +6,13 @@ data and judged on the same reference test set (`python simulation.py --baseline
     FedAvg, no DP      the same federation without clipping or noise
     hospital N alone   each hospital training only on its own rows, with DP at
                        its own budget: what it would get without the federation
+                       (without DP for the published benchmark's comparison)
 
 All use the same model, initial weights, learning rate, batch size and number of
 passes over the data as the federated run.
 """
 
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +30,12 @@ def _initial_model(cfg, inputs):
     return build_model(inputs, cfg.hidden_layers)
 
 
-def _hospitals_and_judge(cfg):
+Rows = tuple[np.ndarray, np.ndarray]
+
+
+def training_rows_and_judge(
+    cfg: SimpleNamespace,
+) -> tuple[list[Rows], Callable[[torch.nn.Module], dict[str, float | None]]]:
     """Every hospital's training rows, and a function that scores a model on the
     server's reference test set."""
     torch.set_num_threads(1)
@@ -41,13 +48,13 @@ def _hospitals_and_judge(cfg):
     return hospitals, judge
 
 
-def pooled_no_dp(cfg: SimpleNamespace) -> dict[str, float | None]:
-    hospitals, judge = _hospitals_and_judge(cfg)
+def pooled_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Module:
+    """Every hospital's training rows in one place, trained without DP."""
     model = _initial_model(cfg, hospitals[0][0].shape[1])
     pooled_x = np.concatenate([x for x, _ in hospitals])
     pooled_y = np.concatenate([y for _, y in hospitals])
     dpsgd.train_plain(model, pooled_x, pooled_y, cfg, cfg.rounds * cfg.local_epochs)
-    return judge(model)
+    return model
 
 
 def _local_round(cfg, inputs, x, y, train):
@@ -63,8 +70,8 @@ def _local_round(cfg, inputs, x, y, train):
     return train_round
 
 
-def fedavg_no_dp(cfg: SimpleNamespace) -> dict[str, float | None]:
-    hospitals, judge = _hospitals_and_judge(cfg)
+def fedavg_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Module:
+    """The same federation without clipping or noise."""
     inputs = hospitals[0][0].shape[1]
     model = _initial_model(cfg, inputs)
     plain = [
@@ -74,31 +81,40 @@ def fedavg_no_dp(cfg: SimpleNamespace) -> dict[str, float | None]:
         for x, y in hospitals
     ]
     set_weights(model, federate(get_weights(model), plain, cfg.rounds, cfg.aggregation))
-    return judge(model)
+    return model
 
 
-def hospitals_alone(cfg: SimpleNamespace) -> dict[int, dict[str, float | None]]:
-    """{hospital: metrics} of each hospital training alone with DP at its budget."""
-    hospitals, judge = _hospitals_and_judge(cfg)
-    inputs = hospitals[0][0].shape[1]
-    results = {}
-    for hospital, (x, y) in enumerate(hospitals):
+def hospital_alone(
+    cfg: SimpleNamespace, x: np.ndarray, y: np.ndarray, private: bool
+) -> torch.nn.Module:
+    """One hospital training only on its own rows, the federation's rounds on its
+    own: with DP at its budget (private), or without."""
+    inputs = x.shape[1]
+    if private:
         sample_rate, steps = dpsgd.sample_rate_and_steps(len(y), cfg)
         sigma = calibrate_noise_multiplier(
             cfg.epsilon, cfg.delta, sample_rate, cfg.rounds * steps, cfg.adjacency
         )
-        alone = _initial_model(cfg, inputs)
-        private = _local_round(
-            cfg, inputs, x, y, lambda m, x=x, y=y, s=sigma: dpsgd.train_private(m, x, y, cfg, s)
-        )
-        set_weights(alone, federate(get_weights(alone), [private], cfg.rounds))
-        results[hospital] = judge(alone)
-    return results
+
+    def train(model):
+        if private:
+            dpsgd.train_private(model, x, y, cfg, sigma)
+        else:
+            dpsgd.train_plain(model, x, y, cfg, cfg.local_epochs)
+
+    model = _initial_model(cfg, inputs)
+    rounds = [_local_round(cfg, inputs, x, y, train)]
+    set_weights(model, federate(get_weights(model), rounds, cfg.rounds))
+    return model
 
 
 def run_baselines(cfg: SimpleNamespace) -> dict[str, dict[str, float | None]]:
     """{name: clinical metrics on the reference test set} for each baseline."""
-    results = {"Pooled data, no DP": pooled_no_dp(cfg), "FedAvg, no DP": fedavg_no_dp(cfg)}
-    for hospital, metrics in hospitals_alone(cfg).items():
-        results[f"Hospital {hospital} alone, DP"] = metrics
+    hospitals, judge = training_rows_and_judge(cfg)
+    results = {
+        "Pooled data, no DP": judge(pooled_no_dp(cfg, hospitals)),
+        "FedAvg, no DP": judge(fedavg_no_dp(cfg, hospitals)),
+    }
+    for hospital, (x, y) in enumerate(hospitals):
+        results[f"Hospital {hospital} alone, DP"] = judge(hospital_alone(cfg, x, y, private=True))
     return results

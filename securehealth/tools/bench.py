@@ -24,7 +24,7 @@ from securehealth.certificates import make_certificates
 from securehealth.deployment import runtime
 from securehealth.privacy import dpsgd
 from securehealth.results import METRICS_FILE, read_json, write_json
-from securehealth.tools.sweep import dp_federation
+from securehealth.tools.federation import dp_federation
 
 APP_DIR = Path(__file__).resolve().parents[2]
 HOSPITALS = (3, 10, 50, 100)

@@ -1,12 +1,17 @@
 """One in-process FedAvg loop, without Flower's processes: the same rounds the
 server runs (every hospital trains from the global weights, the registry's
 aggregation combines the updates), for the tools that train many federations in
-one process (sweep, baselines, bench), where the runtime would cost 20 s each."""
+one process (sweep, baselines, bench, benchmark), where the runtime would cost 20 s
+each."""
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
+from model import build_model, get_weights, set_weights
 from securehealth.aggregation import combine
 
 Weights = list[np.ndarray]
@@ -24,3 +29,31 @@ def federate(
         trained = [(w, n) for w, n in updates if n > 0]
         weights = combine(aggregation, trained) if trained else weights
     return weights
+
+
+def dp_federation(
+    cfg: SimpleNamespace,
+    state_root: Path,
+    patients: Sequence[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
+    | None = None,
+) -> torch.nn.Module:
+    """The federated DP model, trained here by the real hospitals (Opacus DP-SGD,
+    calibrated noise, a privacy ledger each under `state_root`), on their own data or
+    on `patients` (each hospital's (training, held-out) rows) where given."""
+    from securehealth.hospital import Hospital  # the training stack
+
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)  # the server's initial model
+    hospitals = [
+        Hospital(h, cfg, "in-process", Path(state_root) / f"hospital-{h}", patients=rows)
+        for h, rows in enumerate(patients or [None] * cfg.num_clients)
+    ]
+    model = build_model(hospitals[0].x.shape[1], cfg.hidden_layers)
+    weights = federate(
+        get_weights(model),
+        [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
+        cfg.rounds,
+        cfg.aggregation,
+    )
+    set_weights(model, weights)
+    return model

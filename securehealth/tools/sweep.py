@@ -9,36 +9,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from rich.progress import Progress
 
-from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
+from model import clinical_metrics, predict_risk
 from securehealth import data, display, settings
-from securehealth.hospital import Hospital
 from securehealth.results import new_run_dir, write_atomic, write_json
 from securehealth.tools import baselines
-from securehealth.tools.federation import federate
+from securehealth.tools.federation import dp_federation
 
 
-def dp_federation(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
+def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
     """The federated DP model's metrics on the reference test set, trained here with
     the hospitals' ledgers under `state_root`."""
-    torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)  # the server's initial model
-    schema = data.load_schema(cfg)
-    model = build_model(len(schema.input_names), cfg.hidden_layers)
-    hospitals = [
-        Hospital(h, cfg, "sweep", Path(state_root) / f"hospital-{h}")
-        for h in range(cfg.num_clients)
-    ]
-    weights = federate(
-        get_weights(model),
-        [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
-        cfg.rounds,
-        cfg.aggregation,
-    )
-    set_weights(model, weights)
+    model = dp_federation(cfg, state_root)
     test_x, test_y, _ = data.reference_test_set(cfg)
     return clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
 
@@ -102,21 +86,20 @@ def table(sweep: dict[str, Any]) -> str:
 
 def main(description: str, argv: list[str] | None = None) -> int:
     parser = settings.make_parser(description)
-    parser.add_argument("--epsilons", default="0.5,1,2,4,8", help="budgets to train at")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds to average over")
+    parser.add_argument(
+        "--epsilons", type=settings.epsilon_list, default="0.5,1,2,4,8", help="budgets to train at"
+    )
+    parser.add_argument(
+        "--seeds", type=settings.positive_int, default=3, help="seeds to average over"
+    )
     settings.add_unaccounted_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
-    try:
-        epsilons = sorted(float(e) for e in args.epsilons.split(","))
-        if not epsilons or min(epsilons) <= 0 or args.seeds < 1:
-            raise ValueError
-    except ValueError:
-        parser.error("--epsilons needs positive numbers, e.g. 0.5,1,2, and --seeds >= 1")
+    epsilons = args.epsilons
     data.locate(cfg)
     try:
         settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the sweep")
         data.check_all(cfg)
-        run_dir = new_run_dir(cfg.run_dir)
+        run_dir = new_run_dir(cfg.run_dir, "sweep.json")
     except (settings.SettingsError, data.DataError, FileExistsError) as error:
         parser.error(str(error))
     seeds = [cfg.seed + i for i in range(args.seeds)]
@@ -126,12 +109,16 @@ def main(description: str, argv: list[str] | None = None) -> int:
         task = progress.add_task("Training", total=len(seeds) * (len(epsilons) + 1))
         for seed in seeds:
             seeded = settings.resolve({**vars(cfg), "seed": seed})
-            references["FedAvg, no DP"].append(baselines.fedavg_no_dp(seeded))
-            references["Pooled data, no DP"].append(baselines.pooled_no_dp(seeded))
+            hospitals, judge = baselines.training_rows_and_judge(seeded)
+            references["FedAvg, no DP"].append(judge(baselines.fedavg_no_dp(seeded, hospitals)))
+            references["Pooled data, no DP"].append(
+                judge(baselines.pooled_no_dp(seeded, hospitals))
+            )
             progress.advance(task)
             for epsilon in epsilons:
                 point = settings.resolve({**vars(seeded), "epsilon": epsilon})
-                results[epsilon].append(dp_federation(point, Path(scratch, f"{seed}-{epsilon}")))
+                state_root = Path(scratch, f"{seed}-{epsilon}")
+                results[epsilon].append(dp_federation_metrics(point, state_root))
                 progress.advance(task)
     sweep = {
         "dataset": cfg.dataset,

@@ -1,0 +1,83 @@
+"""benchmark.py flamby-heart: FLamby's rows and split exactly, test patients kept out
+of every choice, and the command end to end on one seed with tiny settings."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import ROOT
+
+from securehealth.tools.benchmark import (
+    benchmark_patients,
+    cross_validation_folds,
+    flamby_rows,
+)
+
+
+def test_flambys_patients_and_split():
+    # FLamby's published counts: 740 patients once rows with a gap are dropped
+    # (303, 261, 46, 130), 486 for training and 254 for testing.
+    splits = [flamby_rows(h) for h in range(4)]
+    assert [len(train) + len(test) for train, test in splits] == [303, 261, 46, 130]
+    assert sum(len(train) for train, _ in splits) == 486
+    assert sum(len(test) for _, test in splits) == 254
+    for train, test in splits:
+        assert not set(train) & set(test)
+    patients, inputs = benchmark_patients(all_columns=False)
+    assert not any(name.split(" ")[0].split("=")[0] in ("slope", "ca", "thal") for name in inputs)
+    # Stratified by diagnosis where both classes have more than 2 patients (Cleveland).
+    (train_x, train_y), (test_x, test_y) = patients[0]
+    assert abs(train_y.mean() - test_y.mean()) < 0.02
+
+
+def test_all_data_trains_on_more_and_is_judged_on_the_same_test_patients():
+    flamby, _ = benchmark_patients(all_columns=False)
+    everything, inputs = benchmark_patients(all_columns=True)
+    assert "thal missing" in inputs
+    for (train, test), (more, same_test) in zip(flamby, everything, strict=True):
+        assert len(more[1]) >= len(train[1]) and np.array_equal(test[1], same_test[1])
+    assert sum(len(more[1]) for more, _ in everything) == 920 - 254
+
+
+def test_cross_validation_sees_only_training_patients():
+    patients, _ = benchmark_patients(all_columns=False)
+    for fold in cross_validation_folds(patients):
+        for hospital, ((fit_x, _), (valid_x, _)) in enumerate(fold):
+            train_x = patients[hospital][0][0]
+            seen = np.concatenate([fit_x, valid_x])
+            assert len(seen) == len(train_x)
+            assert {row.tobytes() for row in seen} == {row.tobytes() for row in train_x}
+
+
+def test_the_benchmark_command_on_one_seed(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), "flamby-heart", "--seeds", "1"]
+        + ["--epsilons", "1", "--rounds", "2", "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    output = json.loads((tmp_path / "run" / "benchmark.json").read_text())
+    methods = output["methods"]
+    assert {"DP FedAvg, ε 1", "FedAvg, no DP", "Pooled, no DP", "Best alone, no DP"} <= set(methods)
+    assert methods["Pooled, no DP"]["flamby"] == "0.735"
+    for scores in methods.values():
+        assert 0 <= scores["accuracy"] <= 1 and len(scores["hospitals"]) == 4
+        assert abs(scores["accuracy"] - np.mean(scores["hospitals"])) < 1e-3
+    chosen = output["cross_validation"]["chosen"]
+    assert set(chosen) == {"hidden_layers", "learning_rate"}
+    assert len(output["cross_validation"]["candidates"]) == 4
+    table = (tmp_path / "run" / "benchmark.md").read_text()
+    assert "FedYogi" in table and "Zurich & Basel" in table and "cross-validation" in table
+    assert "FLamby's non-private pooled 0.735" in table and "Took" in result.stdout
+
+    for bad in (["--epsilons", "x"], ["--run-dir", str(tmp_path / "run")]):  # never overwritten
+        refused = subprocess.run(
+            [sys.executable, str(ROOT / "benchmark.py"), "flamby-heart", *bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
