@@ -111,7 +111,7 @@ def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
         raise SettingsError(
             f"dataset {values['dataset']} has {len(sites)} hospitals, one per site "
             f"({', '.join(sites)}): num_clients must be {len(sites)}, got "
-            f"{values['num_clients']} (leave it out to get {len(sites)})"
+            f"{values['num_clients']} (the scripts set it when --num-clients is not given)"
         )
     if values["aggregation"] != "fedavg" and values["secure_aggregation"] == "on":
         raise SettingsError(

@@ -98,6 +98,31 @@ def test_encoding_comes_from_the_data_dictionary_alone():
     assert np.array_equal(schema.labels(np.array(["yes", "no"])), [1, 0])
 
 
+def test_numbers_are_matched_as_numbers_and_only_as_numbers():
+    schema = data_utils.Schema(
+        {
+            "label": {"column": "y", "positive": [1, 2], "negative": 0},
+            "features": [
+                {"name": "a", "type": "categorical", "categories": [0, 1], "missing": ["?"]},
+            ],
+        },
+        "test",
+        "indicator",
+    )
+    cells = np.array(["1", "1.0", "01", "+1", "1e0", "1_0", "\uff11", "nan", "x"])
+    assert schema.categories_of(schema.features[0], cells).tolist() == [
+        *["1"] * 5,
+        *[""] * 4,  # Python's float() would read the first two as 10 and 1
+    ]
+    assert schema.labels(np.array(["2.0", "0", "3"])).tolist() == [1, 0, 0]
+    assert schema.is_label(np.array(["2.0", "0", "3"])).tolist() == [True, True, False]
+    # A declared categorical fill is the category it names, written either way.
+    filled = dict(schema.features[0], fill="1.0")
+    schema.features[0] = filled
+    x = schema.encode({"a": np.array(["", "0"], dtype=object)}, {"a": np.array([True, False])})
+    assert x.tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
 @pytest.mark.parametrize(
     "spec, problem",
     [
@@ -106,6 +131,11 @@ def test_encoding_comes_from_the_data_dictionary_alone():
             {"label": {"column": "y", "positive": [1, 2], "negative": 2.0}, "features": []},
             "both a positive and a negative",
         ),
+        (
+            {"label": {"column": "y", "positive": 1, "negative": "1.0"}, "features": []},
+            "both a positive and a negative",
+        ),
+        ({"label": {"column": "y", "positive": [], "negative": 0}, "features": []}, "a value each"),
         (
             {
                 "label": {"column": "y", "positive": 1, "negative": 0},

@@ -11,6 +11,7 @@ from conftest import flower_context
 import client
 from securehealth import data, settings
 from securehealth.data import heart_disease
+from securehealth.data.split import held_out_split
 from securehealth.deployment.client_cli import own_data_files
 from securehealth.node import open_hospital
 
@@ -116,3 +117,25 @@ def test_a_deployed_hospital_reads_its_own_sites_file(tmp_path):
         client.client_fn(flower_context({**own, **node, "num-partitions": 3}, csv_run))
     hospital = open_hospital(flower_context({**own, **node}, run))
     assert len(hospital.y) == 98  # Zurich and Basel's 123 less 25 held out
+
+
+def test_which_patients_are_held_out_depends_on_the_rows_alone(tmp_path):
+    # Not on missing_values: a patient's key is its row as written, not its encoding
+    # (which gains "was missing" inputs under indicator).
+    complete = tmp_path / "complete.data"  # Cleveland's patients without a gap
+    rows = heart_disease.site_file(0).read_text().splitlines()
+    complete.write_text("\n".join(r for r in rows if "?" not in r) + "\n")
+    spec = data.Schema.load(heart_disease.SCHEMA_FILE).spec
+    held_out = []
+    for mode in ("fail", "indicator"):
+        x, y, keys = heart_disease.read_site(complete, data.Schema(spec, "dictionary", mode))
+        held_out.append(held_out_split(x, y, 0.2, keys)[1])
+    assert np.array_equal(*held_out) and len(held_out[0]) == 59
+
+
+def test_a_file_that_does_not_match_the_layout_is_one_line(tmp_path):
+    wide = tmp_path / "wide.data"
+    rows = heart_disease.site_file(1).read_text().splitlines()
+    wide.write_text("\n".join(r + ",0" for r in rows) + "\n")
+    with pytest.raises(data.DataError, match="wide.data: 15 columns, but its layout has 14"):
+        heart_disease.read_site(wide, data.load_schema(CFG))

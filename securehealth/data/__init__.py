@@ -105,7 +105,14 @@ def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, st
     held_out = [hospital_data(cfg, h)[1] for h in range(cfg.num_clients)]
     x = np.concatenate([h[0] for h in held_out])
     y = np.concatenate([h[1] for h in held_out])
-    return x, y, "the hospitals' held-out patients, pooled (no test.csv given)"
+    return (
+        x,
+        y,
+        (
+            f"the hospitals' held-out patients at test_fraction {cfg.test_fraction:g}, pooled "
+            f"(no test.csv given)"
+        ),
+    )
 
 
 def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> None:

@@ -31,13 +31,16 @@ def read_csv(
     schema: Schema,
     labelled: bool = True,
     header: list[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """A hospital's (or the server's) table, checked cell by cell against the data
-    dictionary, missing values as schema.missing_values says; returns (x, y, patient
-    ids or None if the dictionary declares no patient_id). Unless `labelled`, the
-    label column may be left out (y is then None): new patients to score. A file
-    without a header row is read with the column names `header`, of which the
-    dictionary's are used. The first problem stops it, named with its line."""
+    dictionary, missing values as schema.missing_values says; returns (x, y, keys).
+    A patient's key is its patient_id if the dictionary declares one, else its row as
+    written (every cell): the hospital's held-out rule hashes it, so which patients
+    are held out depends on the rows alone, never on a setting such as
+    missing_values. Unless `labelled`, the label column may be left out (y is then
+    None): new patients to score. A file without a header row is read with the
+    column names `header`, of which the dictionary's are used. The first problem
+    stops it, named with its line."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
     path = Path(path)
@@ -48,13 +51,21 @@ def read_csv(
             keep_default_na=False,
             skipinitialspace=True,
             header=None if header else "infer",
-            names=header,
         )
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: cannot read it as CSV ({error})") from None
     if header:  # the file's own layout: the dictionary chooses the columns it uses
+        if frame.shape[1] != len(header):
+            raise DataError(
+                f"{path}: {frame.shape[1]} columns, but its layout has {len(header)} "
+                f"({', '.join(header)})"
+            )
+        frame.columns = header
+    written = frame[sorted(frame.columns)].apply(lambda col: col.str.strip())
+    written = written.agg("\x1f".join, axis=1)  # each row as written, column by column
+    if header:
         frame = frame[[c for c in header if c in schema.columns]]
     extra = [c for c in frame.columns if c not in schema.columns]
     if extra:
@@ -74,7 +85,7 @@ def read_csv(
     missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in required}
     if schema.missing_values == "drop":
         keep = ~np.any(list(missing.values()), axis=0)
-        cells, line = cells[keep], line[keep]
+        cells, line, written = cells[keep], line[keep], written[keep]
         missing = {c: gaps[keep] for c, gaps in missing.items()}
     encodable = {f["name"] for f in schema.features if schema.indicated(f)}
     unhandled = [
@@ -120,15 +131,15 @@ def read_csv(
             if unknown.any():
                 fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
             columns[f["name"]] = named
-    patient_ids = None
+    keys = written.to_numpy()
     if schema.patient_id:
-        patient_ids = cells[schema.patient_id].to_numpy()
+        keys = cells[schema.patient_id].to_numpy()
         repeated = cells[schema.patient_id].duplicated().to_numpy()
         if repeated.any():
             fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
     x = schema.encode(columns, missing)
     if not has_label:
-        return x, None, patient_ids
+        return x, None, keys
     label = cells[schema.label]
     odd = ~schema.is_label(label.to_numpy())
     if odd.any():
@@ -138,7 +149,7 @@ def read_csv(
             f"is neither the positive label {schema.positive!r} nor "
             f"the negative {schema.negative!r}",
         )
-    return x, schema.labels(label.to_numpy()), patient_ids
+    return x, schema.labels(label.to_numpy()), keys
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
@@ -149,7 +160,7 @@ def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
 
 def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | Path]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | Path]:
     """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv."""
     source = data_file or csv_paths(cfg)[1][hospital]
     return (*read_csv(source, schema), source)

@@ -33,8 +33,8 @@ def site_file(hospital: int, data_dir: str | Path = "") -> Path:
     return Path(data_dir or SHIPPED_DIR) / f"processed.{SITES[hospital]}.data"
 
 
-def read_site(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, None]:
-    """One site's (x, y, None): its header-less file read by the data dictionary."""
+def read_site(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One site's (x, y, keys): its header-less file read by the data dictionary."""
     return read_csv(path, schema, header=COLUMNS)
 
 
@@ -44,7 +44,7 @@ def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
 
 def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
-) -> tuple[np.ndarray, np.ndarray, None, Path]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
     """A deployed hospital's own file (client.py passes it), else its site's file."""
     source = Path(data_file or site_file(hospital, cfg.data_dir))
     return (*read_site(source, schema), source)

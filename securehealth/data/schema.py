@@ -16,6 +16,7 @@ Values written as numbers in the dictionary (categories, label values, markers)
 match cells by number, so a file that writes 1 as "1.0" reads the same."""
 
 import json
+import re
 from pathlib import Path
 from typing import Self
 
@@ -64,7 +65,17 @@ class Schema:
                 f"{self.source}: label.positive and label.negative must be values (text or "
                 f"numbers) or lists of them"
             )
-        shared = [v for v in self.positive_values if matches([str(v)], self.negative_values)[0]]
+        if not self.positive_values or not self.negative_values:
+            raise DataError(f"{self.source}: label.positive and label.negative need a value each")
+        shared = [
+            v
+            for mine, others in (
+                (self.positive_values, self.negative_values),
+                (self.negative_values, self.positive_values),
+            )
+            for v in mine
+            if matches([str(v)], others)[0]
+        ]
         if shared:
             raise DataError(
                 f"{self.source}: {shared[0]!r} is both a positive and a negative label value"
@@ -187,7 +198,8 @@ class Schema:
                     low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
                 encoded.append(2 * (v - low) / (high - low) - 1)
             else:
-                as_text = np.where(absent, str(f.get("fill", "")), values.astype(str))
+                fill = self.categories_of(f, [str(f["fill"])])[0] if "fill" in f else ""
+                as_text = np.where(absent, fill, values.astype(str))
                 encoded += [(as_text == str(c)).astype(float) for c in f["categories"]]
             if self.indicated(f):
                 encoded.append(absent.astype(float))
@@ -224,9 +236,11 @@ def _listed(value: object) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+# A number as tables write one: plain ASCII decimal, optional sign and exponent.
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _number(text: str) -> float:
-    """text as a number, NaN if it is none."""
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
+    """text as a number, NaN if it is none (Python's float() would also read "1_0",
+    non-ASCII digits, "inf" and "nan")."""
+    return float(text) if NUMBER.fullmatch(text) else float("nan")

@@ -38,11 +38,12 @@ def stratified_parts(
     return [np.sort(np.array(part, dtype=int)) for part in parts]
 
 
-def row_keys(x: np.ndarray, y: np.ndarray, patient_ids: np.ndarray | None = None) -> np.ndarray:
-    """A stable pseudo-random key per patient: a hash of its identifier if the data
-    dictionary declares one, else of its row. The hospital's held-out rule."""
-    if patient_ids is not None:
-        rows = [str(p).encode() for p in patient_ids]
+def row_keys(x: np.ndarray, y: np.ndarray, patient_keys: np.ndarray | None = None) -> np.ndarray:
+    """A stable pseudo-random key per patient: a hash of its key where the source
+    gives one (a table's patient_id, else its row as written: csv_files.read_csv),
+    else of its encoded row (bundled data sets). The hospital's held-out rule."""
+    if patient_keys is not None:
+        rows = [str(p).encode() for p in patient_keys]
     else:
         table = np.column_stack([x, y]).astype(np.float32)
         rows = [row.tobytes() for row in table]
@@ -53,7 +54,7 @@ def row_keys(x: np.ndarray, y: np.ndarray, patient_ids: np.ndarray | None = None
 
 
 def held_out_split(
-    x: np.ndarray, y: np.ndarray, test_fraction: float, patient_ids: np.ndarray | None = None
+    x: np.ndarray, y: np.ndarray, test_fraction: float, patient_keys: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, held out) of one hospital's rows: the test_size patients
     with the smallest row_keys are held out, so the same patients are held out in
@@ -63,6 +64,6 @@ def held_out_split(
     one patient's record changes the training rows by at most one record and never
     their number (which is released). Per-class cuts move when a replaced record has
     the other diagnosis, pulling further patients across and changing the count."""
-    order = np.argsort(row_keys(x, y, patient_ids), kind="stable")
+    order = np.argsort(row_keys(x, y, patient_keys), kind="stable")
     n_test = test_size(len(y), test_fraction)
     return np.sort(order[n_test:]), np.sort(order[:n_test])

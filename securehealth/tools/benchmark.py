@@ -58,7 +58,7 @@ CV_GRID = {"hidden_layers": [(16,), ()], "learning_rate": [0.3, 0.1]}
 CV_FOLDS, CV_SEEDS = 3, 3
 SETTINGS = (
     *("rounds", "local_epochs", "hidden_layers", "batch_size", "learning_rate", "momentum"),
-    *("max_grad_norm", "epsilon", "delta", "adjacency", "aggregation", "seed", "run_dir"),
+    *("max_grad_norm", "delta", "adjacency", "seed", "run_dir"),
 )
 
 Patients = list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
@@ -340,7 +340,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
         help="train with the settings as given, not choosing the model and learning rate "
         "by cross-validation inside the training patients",
     )
-    cfg, args = settings.parse(parser, argv)
+    cfg, args = settings.parse(parser, argv, simulation=True)  # in-process: no SecAgg+
     cfg = settings.resolve({**vars(cfg), "dataset": "heart-disease", "num_clients": 4})
     try:
         run_dir = new_run_dir(cfg.run_dir, "benchmark.json")

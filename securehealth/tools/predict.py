@@ -38,7 +38,7 @@ def predictions(run_dir: Path, data: Path) -> tuple[list[dict[str, Any]], dict |
     rows = [
         {
             "line": i + 2,  # the header is line 1
-            **({schema.patient_id: ids[i]} if ids is not None else {}),
+            **({schema.patient_id: ids[i]} if schema.patient_id else {}),
             "risk": round(float(r), 6),
             "prediction": schema.decision(r >= threshold),
         }
