@@ -23,12 +23,18 @@ Used, and why:
   this); get_fab_metadata reads a bundle's own app id and version.
 - SUPERLINK_APP: the SuperLink's app factory and command, which
   deployment/superlink_gate.py wraps to serve only the Fleet API to the network.
+- SUPERNODE: the SuperNode's pull loop, whose waits are fixed in code (3 s between
+  asks for a message, 0.5 s while its ClientApp's reply is pending), and its
+  command: run_supernode shortens those waits. SecAgg+ sends each hospital four
+  messages a round, and every one waited for the next 3-second ask.
 """
 
 import hashlib
+import time
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import version
+from types import SimpleNamespace
 from typing import Any
 
 # The Flower release these internals were checked against (requirements.txt pins it).
@@ -57,6 +63,8 @@ APP_LAUNCHERS = {
     "flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli.flwr_clientapp"),
     "flwr-serverapp": ("flwr.superlink.runtime.run_serverapp", "flwr.superlink.cli.flwr_serverapp"),
 }
+# (module with the SuperNode's pull loop, module with flower_supernode)
+SUPERNODE = ("flwr.supernode.start_client_internal", "flwr.supernode.cli.flower_supernode")
 # (module with the SuperLink's app factory create_app, module with flower_superlink)
 SUPERLINK_APP = ("flwr.superlink.main", "flwr.superlink.cli")
 
@@ -65,6 +73,7 @@ __all__ = [
     "FLOWER_VERSION",
     "RECORD_KEY_CONFIGS",
     "SUPERLINK_APP",
+    "SUPERNODE",
     "ErrorCode",
     "evaluateins_to_recorddict",
     "getpropertiesins_to_recorddict",
@@ -75,6 +84,7 @@ __all__ = [
     "recorddict_to_getpropertiesins",
     "recorddict_to_getpropertiesres",
     "run_flower_command",
+    "run_supernode",
     "wrap_superlink_app",
 ]
 
@@ -132,3 +142,15 @@ def wrap_superlink_app(wrap: Callable[[Any], Any]) -> None:
 
     factory_module.create_app = create_wrapped_app
     import_module(SUPERLINK_APP[1]).flower_superlink()
+
+
+def run_supernode(poll_interval: float) -> None:
+    """Run flower-supernode in this process, with its pull loop's fixed waits (3 s
+    between asks for a message, 0.5 s for a pending reply) cut to poll_interval."""
+    pull_loop = import_module(SUPERNODE[0])
+
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, poll_interval))
+
+    pull_loop.time = SimpleNamespace(sleep=sleep)  # the loop uses `time` only to wait
+    import_module(SUPERNODE[1]).flower_supernode()

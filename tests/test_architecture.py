@@ -3,6 +3,8 @@ app bundle holding only what the hospitals and the ServerApp run, the apps never
 loading the tools or launchers, and one aggregation registry and FedAvg loop."""
 
 import ast
+import inspect
+import re
 import subprocess
 import sys
 import tomllib
@@ -70,6 +72,12 @@ def test_every_flower_internal_still_exists():
     factory_module, cli_module = flower.SUPERLINK_APP
     assert callable(import_module(factory_module).create_app)
     assert callable(import_module(cli_module).flower_superlink)
+    pull_loop, cli_module = flower.SUPERNODE
+    # run_supernode replaces the pull loop's `time`: it must use it only to wait.
+    assert set(re.findall(r"\btime\.(\w+)", inspect.getsource(import_module(pull_loop)))) == {
+        "sleep"
+    }
+    assert callable(import_module(cli_module).flower_supernode)
 
 
 def test_another_flower_version_fails_closed_in_one_line():
@@ -103,6 +111,25 @@ def test_the_apps_load_neither_tools_nor_launchers():
     assert loaded.stdout.strip() == ""
 
 
+def test_a_message_that_does_not_train_loads_no_training_stack():
+    # Flower starts a process per message; admission and the SecAgg+ stages (three of
+    # a hospital's four messages a round) need neither the model nor the accountant.
+    heavy = ("torch", "opacus", "sklearn", "pandas", "matplotlib", "dp_accounting", "scipy")
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, client; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert set(loaded.stdout.split()) & set(heavy) == set()
+
+
 def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
     built = subprocess.run(
         [runtime.executable("flwr"), "build", "--app", str(ROOT)],
@@ -117,9 +144,11 @@ def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
     for needed in ("server.py", "client.py", "config.py", "model.py", "securehealth/hospital.py"):
         assert needed in names
     assert "securehealth/privacy/ledger.py" in names and "schemas/breast_cancer.json" in names
+    assert "schemas/heart_disease.json" in names and "securehealth/data/heart_disease.py" in names
     unshipped = ("securehealth/tools/", "securehealth/deployment/", "tests/")
     assert not [n for n in names if n.startswith(unshipped)]
     tools = {"simulation.py", "audit.py", "sweep.py", "bench.py", "report.py", "predict.py"}
+    tools |= {"benchmark.py", "data/uci-heart-disease/processed.va.data"}
     tools.add("data_utils.py")
     assert not names & tools
     assert pinning.differences(bundle.read_bytes()) == []  # a hospital would run it

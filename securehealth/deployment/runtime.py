@@ -30,6 +30,9 @@ APP_DIR = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60  # seconds for a SuperLink to answer its health check
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 DEFAULT_PORT = 9092  # where hospitals reach the server (Flower's traditional Fleet API port)
+# How often a hospital's SuperNode asks the server for a message (Flower 1.42: every
+# 3 s, fixed): four messages a round with SecAgg+, each waited for the next ask.
+POLL_S = 0.25
 
 
 class FlowerError(RuntimeError):
@@ -192,6 +195,14 @@ def flower_process(
         stop(process)
 
 
+def this_copy_runs(code: str) -> list[str]:
+    """The command that runs `code` (which then takes the command's further
+    arguments as its own) with this copy of the package importable, last on the
+    path (it shadows nothing) and without the working folder."""
+    path = "import sys; sys.path[:] = [*filter(None, sys.path), sys.argv.pop(1)]"
+    return [sys.executable, "-c", f"{path}; {code}", str(APP_DIR)]
+
+
 @contextmanager
 def superlink(
     flwr_home: Path,
@@ -207,15 +218,8 @@ def superlink(
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     bin_dir = pinning.install_launcher(flwr_home / "bin", command="flwr-serverapp")
-    gate = (  # superlink_gate.py's main; this copy last on the path (it shadows nothing)
-        "import sys; sys.path[:] = [*filter(None, sys.path), sys.argv.pop(1)]; "
-        "from securehealth.deployment.superlink_gate import main; main()"
-    )
     command = [
-        sys.executable,
-        "-c",
-        gate,
-        str(APP_DIR),
+        *this_copy_runs("from securehealth.deployment.superlink_gate import main; main()"),
         "--host",
         host,
         "--port",
@@ -326,7 +330,7 @@ def supernode(
     flwr_home.mkdir(parents=True, exist_ok=True)
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
     command = [
-        executable("flower-supernode"),
+        *this_copy_runs(f"from securehealth.flower import run_supernode; run_supernode({POLL_S})"),
         "--superlink",
         server_address,
         *(["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]),

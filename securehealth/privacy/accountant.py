@@ -6,13 +6,10 @@ DP-SGD. See ledger.py for what is accounted and why replace-one is the default."
 import functools
 from collections.abc import Iterable, Sequence
 
-from dp_accounting import dp_event, mechanism_calibration, pld
-from dp_accounting.privacy_accountant import NeighboringRelation
-
-ADJACENCIES = {
-    "replace-one": NeighboringRelation.REPLACE_ONE,
-    "add-remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
-}
+# dp-accounting is imported where an epsilon is computed, not here: it pulls in
+# scipy.signal (0.8 s), and most of a hospital's Flower messages (the SecAgg+ stages,
+# each a fresh process) compute none.
+ADJACENCIES = ("replace-one", "add-remove")  # dp-accounting's REPLACE_ONE, ADD_OR_REMOVE_ONE
 ACCOUNTANT = "pld"  # dp-accounting's privacy loss distribution accountant
 # PLD's grid for privacy-loss values. Its estimate is pessimistic (an upper bound) at
 # any grid; 1e-3 is 7x faster than the default 1e-4 and adds about 1e-4 to epsilon.
@@ -34,6 +31,8 @@ class BudgetExhausted(Exception):
 
 def _event(history):
     """The DP event of DP-SGD releases: (noise_multiplier, sample_rate, steps) each."""
+    from dp_accounting import dp_event
+
     return dp_event.ComposedDpEvent(
         [
             dp_event.SelfComposedDpEvent(
@@ -46,8 +45,15 @@ def _event(history):
 
 
 def _accountant(adjacency):
+    from dp_accounting import pld
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    relation = {
+        "replace-one": NeighboringRelation.REPLACE_ONE,
+        "add-remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
+    }[adjacency]
     return pld.PLDAccountant(
-        neighboring_relation=ADJACENCIES[adjacency],
+        neighboring_relation=relation,
         value_discretization_interval=PLD_DISCRETIZATION,
     )
 
@@ -110,6 +116,8 @@ def _calibrate(budget, delta, sample_rate, steps, adjacency, prior):
         if low <= MIN_NOISE_MULTIPLIER:
             return low  # within budget; less noise would only make the PLD huge
         low /= 2
+    from dp_accounting import mechanism_calibration
+
     return mechanism_calibration.calibrate_dp_mechanism(
         lambda: _accountant(adjacency),
         lambda sigma: _event([*prior, (sigma, sample_rate, steps)]),

@@ -32,6 +32,21 @@ PATIENTS = (4_000, 40_000, 400_000, 1_000_000)
 SCALING_PATIENTS = 40_000  # while the hospitals vary
 POLL = 0.1  # seconds between looks at a running job
 DEFAULT_ROUNDS = settings.resolve().rounds
+# Issue 14's figures before its work (this project's 2-core machine) and its goals:
+# 10 rounds of the defaults, deployment with TLS on loopback, 3 hospitals.
+BEFORE = {"simulation": 19.1, "deployment off": 112.0, "deployment on": 432.0}
+GOALS = {"simulation": 12.0, "deployment off": 45.0, "deployment on": 90.0}
+# What a fresh process imports to handle one message, by kind: Flower starts one
+# flwr-clientapp (or flwr-serverapp) process per message.
+IMPORTS = {
+    "ClientApp, a message that does not train (admission, SecAgg+ stages)": (
+        "flwr.supernode.cli.flwr_clientapp, client"
+    ),
+    "ClientApp, a training message": (
+        "flwr.supernode.cli.flwr_clientapp, client, securehealth.hospital"
+    ),
+    "ServerApp, once per run": "flwr.superlink.cli.flwr_serverapp, server",
+}
 
 
 def resident_mb(pid: int) -> float:
@@ -108,6 +123,21 @@ def deploy(workdir: str, rounds: int, secure_aggregation: str) -> dict[str, Any]
     ends = [r["seconds"] for r in result["metrics"]["rounds"]]
     result["per_round_s"] = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
     return result
+
+
+def import_times(repeats: int) -> dict[str, float]:
+    """Median wall seconds a fresh Python takes to import what each kind of message's
+    process imports (IMPORTS)."""
+
+    def once(modules):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=APP_DIR, check=True)
+        return time.perf_counter() - start
+
+    return {
+        kind: statistics.median(once(modules) for _ in range(repeats))
+        for kind, modules in IMPORTS.items()
+    }
 
 
 def compute_floor(workdir: str) -> float:
@@ -223,6 +253,8 @@ def main(description: str, argv: list[str] | None = None) -> int:
             }
             for mode in ("off", "on")
         }
+        status.update("Imports per message")
+        figures["imports"] = import_times(args.repeats)
         status.update("DP-SGD and plain steps")
         figures["step"] = dict(zip(("dp_s", "plain_s"), step_times(args.repeats), strict=True))
         status.update("Scaling: hospitals and patients")
@@ -230,6 +262,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
         figures["growth"] = growth_rates(figures["scaling"])
     out = Path(args.out)
     write_json(out / "bench.json", figures)
+    console.print(against_before(figures))
     console.print(table(figures, args))
     console.print(f"Figures: {out / 'bench.json'}")
     return 0
@@ -243,6 +276,35 @@ def machine() -> dict[str, Any]:
         "device": str(dpsgd.DEVICE),
         "processor": platform.processor() or platform.machine(),
     }
+
+
+def against_before(figures: dict[str, Any]) -> Table:
+    """The default jobs, 10 rounds, side by side: before issue 14, now, its goal, and
+    now against the in-process compute floor."""
+    sim, floor = figures["simulation"], figures["simulation"]["compute_s"]
+    now = {"simulation": sim["total_s"]}
+    for mode, run in figures["deployment"].items():
+        now[f"deployment {mode}"] = run["startup_s"] + 10 * run["per_round_s"]
+    rows = Table(
+        title=f"{DEFAULT_ROUNDS} rounds of the defaults: before, now, goal",
+        caption="* start-up plus 10 times the measured time per round",
+    )
+    for column in ("Job", "Before", "Now", "Goal", "Now / compute floor"):
+        rows.add_column(column, justify="left" if column == "Job" else "right")
+    names = {
+        "simulation": "python simulation.py",
+        "deployment off": "server.py + 3 client.py, TLS, no SecAgg+ *",
+        "deployment on": "server.py + 3 client.py, TLS, SecAgg+ *",
+    }
+    for job, name in names.items():
+        rows.add_row(
+            name,
+            f"{BEFORE[job]:.0f} s",
+            f"{now[job]:.1f} s",
+            f"{GOALS[job]:.0f} s",
+            f"{now[job] / floor:.0f}x",
+        )
+    return rows
 
 
 def table(figures: dict[str, Any], args: argparse.Namespace) -> Table:
@@ -268,6 +330,8 @@ def table(figures: dict[str, Any], args: argparse.Namespace) -> Table:
         rows.add_row(
             "  10 rounds, estimated", f"{run['startup_s'] + 10 * run['per_round_s']:.0f} s"
         )
+    for kind, seconds in figures["imports"].items():
+        rows.add_row(f"Imports of a process: {kind}", f"{seconds:.2f} s")
     step = figures["step"]
     rows.add_row("DP-SGD step (Opacus)", f"{step['dp_s'] * 1e3:.2f} ms")
     rows.add_row("plain SGD step, same model and loader", f"{step['plain_s'] * 1e3:.2f} ms")
