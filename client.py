@@ -21,6 +21,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from securehealth.node import hospital_mod, open_hospital
+from securehealth.relay import NODE_CONFIG_KEY, RelayClient
 
 
 class HospitalClient(NumPyClient):
@@ -45,7 +46,11 @@ class HospitalClient(NumPyClient):
 
 
 def client_fn(context: Context) -> Client:
-    """The hospital for this node, checked for this run (see node.open_hospital)."""
+    """The hospital for this node, checked for this run (see node.open_hospital); in
+    deployment, its warm worker in client.py's process (see securehealth/relay.py)."""
+    worker = context.node_config.get(NODE_CONFIG_KEY)
+    if worker:
+        return RelayClient(worker, context).to_client()
     return HospitalClient(open_hospital(context)).to_client()
 
 

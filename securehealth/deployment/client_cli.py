@@ -7,6 +7,7 @@ import argparse
 import json
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,7 @@ from securehealth import data, display, settings
 from securehealth.certificates import OPERATOR_PUB, make_hospital_key
 from securehealth.data import heart_disease
 from securehealth.deployment import pinning, runtime
+from securehealth.deployment.worker import warm_worker
 from securehealth.node import (
     AUTH_KEY,
     EVALUATION_FILE,
@@ -26,6 +28,7 @@ from securehealth.node import (
     STATUS_FILE,
 )
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.relay import NODE_CONFIG_KEY
 from securehealth.results import default_state_root, read_json
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
@@ -171,14 +174,19 @@ def join(description: str, argv: list[str] | None = None) -> int:
     status_file, pinned = state_dir / STATUS_FILE, not args.trust_server_app
     launcher = pinning.install_launcher(flwr_home / "bin", status_file, pinned)
     try:
-        with runtime.supernode(
-            flwr_home,
-            args.server_address,
-            node_config,
-            ca_cert,
-            auth_key if auth_key.exists() and ca_cert else None,
-            launcher,
-        ) as node:
+        # The warm worker runs this copy's code: not for a hospital that runs the server's.
+        worker = nullcontext() if args.trust_server_app else warm_worker(dict(node_config))
+        with (
+            worker as worker_socket,
+            runtime.supernode(
+                flwr_home,
+                args.server_address,
+                {**node_config, **({NODE_CONFIG_KEY: worker_socket} if worker_socket else {})},
+                ca_cert,
+                auth_key if auth_key.exists() and ca_cert else None,
+                launcher,
+            ) as node,
+        ):
             console.print(
                 f"Hospital {args.client_id} connected to {args.server_address}; its budget: "
                 f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
