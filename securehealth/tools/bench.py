@@ -192,6 +192,7 @@ def scaling(workdir: str) -> list[dict[str, Any]]:
             workdir,
             *("--rounds", str(rounds), "--num-clients", str(hospitals)),
             *("--num-patients", str(patients), "--join-timeout", "600"),
+            *("--max-patients", str(patients)),  # the cap on a hospital's FedAvg weight
         )
         points.append(
             {
