@@ -73,8 +73,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
     group.add_argument(
         "--data",
         default="",
-        help="this hospital's own CSV file (with --schema): dataset csv; with --dataset "
-        "heart-disease it reads its site's file shipped in data/",
+        help="this hospital's own CSV file (with --schema): dataset csv (with --dataset "
+        "heart-disease it reads its own site's file shipped in data/ instead)",
     )
     group.add_argument(
         "--schema", default="", help="the federation's data dictionary (schema.json or .yaml)"
