@@ -103,10 +103,10 @@ class RelayClient(NumPyClient):
                 ) from None
             if peer_uid(connection) != os.getuid():
                 raise ValueError("the socket named as this hospital's worker is another user's")
-            send(connection, request, parameters)
             try:
+                send(connection, request, parameters)
                 reply, arrays = receive(connection)
-            except ConnectionError:
+            except ConnectionError:  # closed on us (broken pipe, reset, cut short)
                 raise ValueError("this hospital's worker gave no answer") from None
         if "error" in reply:
             raise ValueError(reply["error"])
