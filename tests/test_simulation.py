@@ -214,7 +214,7 @@ def test_breast_cancer_with_baselines(tmp_path):
         and "Pooled data, no DP" in (tmp_path / "run" / "report.md").read_text()
     )
     # Real signal after two rounds (chance is 0.5); the DP noise is secret, so runs vary
-    # (0.89-0.98 seen).
+    # (0.892 seen in CI, above 0.9 before).
     assert metrics["final"]["global"]["auc"] > 0.8
     assert_report(tmp_path / "run")
 
