@@ -167,11 +167,11 @@ def methods(
     defaults: SimpleNamespace,
     epsilons: list[float],
     scratch: Path,
+    flamby: Patients,
 ) -> dict[str, Callable]:
     """{name: train(seed) -> (model, the patients that judge it)}, in the table's
-    order: every method with the `tuned` settings, and the DP federation with the
-    product's `defaults` where they differ."""
-    flamby, _ = benchmark_patients(all_columns=False)
+    order: every method with the `tuned` settings on FLamby's `flamby` patients, and
+    the DP federation with the product's `defaults` where they differ."""
     everything, _ = benchmark_patients(all_columns=True)
     training = [rows for rows, _ in flamby]
 
@@ -221,11 +221,11 @@ def run(
     started = time.perf_counter()
     results, chosen, scores = {}, {}, []
     with tempfile.TemporaryDirectory() as scratch, Progress(console=console) as progress:
+        flamby, _ = benchmark_patients(all_columns=False)
         if cross_validate:
-            flamby, _ = benchmark_patients(all_columns=False)
             chosen, scores = choose_by_cross_validation(cfg, flamby, Path(scratch), progress)
         tuned = settings.resolve({**vars(cfg), **chosen})
-        trainers = methods(tuned, cfg, epsilons, Path(scratch))
+        trainers = methods(tuned, cfg, epsilons, Path(scratch), flamby)
         task = progress.add_task("Training", total=len(trainers) * seeds)
         for name, train in trainers.items():
             runs = []
