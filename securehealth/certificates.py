@@ -29,6 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_CERT, SERVER_CERT, SERVER_KEY, CA_KEY = "ca.crt", "server.crt", "server.key", "ca.key"
 OPERATOR_KEY, OPERATOR_PUB = "operator.key", "operator.pub"  # signs runs; hospitals verify
 ENROLLED_KEY_NAME = re.compile(r"hospital-(\d+)\.pub")
+# Set by `python server.py` for its own ServerApp, never by whoever submits a run: the
+# operator's public key (runs must be signed with its private half) and the folder
+# of enrolled hospitals' keys (hospital-N.pub).
+OPERATOR_PUB_VARIABLE = "SECUREHEALTH_OPERATOR_PUB"
+ENROLLED_KEYS_VARIABLE = "SECUREHEALTH_ENROLLED_KEYS"
 VALID_DAYS = 825  # the longest validity browsers and TLS libraries still accept
 
 

@@ -23,7 +23,12 @@ from flwr.serverapp import Grid
 
 from model import get_weights
 from securehealth.authorisation import Unauthorised, claim, verify_run
-from securehealth.certificates import check_hospital_keys, load_hospital_key
+from securehealth.certificates import (
+    ENROLLED_KEYS_VARIABLE,
+    OPERATOR_PUB_VARIABLE,
+    check_hospital_keys,
+    load_hospital_key,
+)
 from securehealth.flower import (
     RECORD_KEY_CONFIGS,
     ErrorCode,
@@ -41,11 +46,6 @@ END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
 # them can unmask a hospital that drops out mid-round (fewer cannot).
 SECAGG_SHARES, SECAGG_THRESHOLD = 1.0, 2 / 3
 SECAGG_TIMEOUT = 300  # seconds; a hospital silent this long in a SecAgg+ step has dropped out
-# Set by `python server.py` for its own SuperLink, never by whoever submits a run: the
-# operator's public key (runs must be signed with its private half) and the folder
-# of enrolled hospitals' keys (hospital-N.pub).
-OPERATOR_PUB_VARIABLE = "SECUREHEALTH_OPERATOR_PUB"
-ENROLLED_KEYS_VARIABLE = "SECUREHEALTH_ENROLLED_KEYS"
 
 
 def check_authorised(context: Context, run_dir: Path) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 from securehealth import data, display, settings
 from securehealth.certificates import (
     CA_CERT,
+    ENROLLED_KEYS_VARIABLE,
     OPERATOR_KEY,
     OPERATOR_PUB,
+    OPERATOR_PUB_VARIABLE,
     SERVER_CERT,
     SERVER_KEY,
     check_hospital_keys,
@@ -17,7 +19,6 @@ from securehealth.certificates import (
 )
 from securehealth.deployment import runtime
 from securehealth.results import new_run_dir
-from securehealth.serverapp import ENROLLED_KEYS_VARIABLE, OPERATOR_PUB_VARIABLE
 
 
 def serve(description: str, argv: list[str] | None = None) -> int:
