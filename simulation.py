@@ -28,7 +28,7 @@ from securehealth.results import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    runtime.interrupt_on_signals()
+    runtime.start_launcher()
     parser = settings.make_parser(__doc__)
     parser.add_argument(
         "--baselines",

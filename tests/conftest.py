@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from flwr.app import Context, RecordDict
 
 from securehealth.certificates import make_certificates
 from securehealth.deployment import runtime
+from securehealth.deployment.processes import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the app and its scripts
 EXAMPLE = ROOT / "examples" / "csv"  # the shipped CSV data directory
@@ -29,6 +31,14 @@ def flower_processes(directory):
                     found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100])
         except OSError:
             pass  # gone meanwhile, or not ours to read
+    return found
+
+
+def left_running(directory, seconds=5):
+    """flower_processes(directory) once they are all gone, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (found := flower_processes(directory)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return found
 
 
@@ -60,7 +70,7 @@ class Processes:
 
     def kill(self, process):
         """Like a crash: the launcher and all it started die at once."""
-        for pid in runtime.process_tree(process.pid):
+        for pid in process_tree(process.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, flower_processes, hospital_state
+from conftest import ROOT, flower_processes, hospital_state, left_running
 
 from securehealth.certificates import make_certificates, make_hospital_key
 from securehealth.deployment import runtime
@@ -142,7 +142,9 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     while not ((m := read_metrics(workdir / "run")) and m["rounds"]):
         assert time.monotonic() < deadline and server.poll() is None
         time.sleep(0.5)
-    processes.kill(clients[2])  # hospital 2 crashes after round 1
+    clients[2].kill()  # kill -9 of client.py alone: hospital 2 crashes after round 1
+    clients[2].wait()
+    assert left_running(hospital_state(workdir, 2)) == []  # its SuperNode went with it
     ledger_path = hospital_state(workdir, 2) / "privacy-ledger.json"
     spent_before = json.loads(ledger_path.read_text())["releases"]
     processes.start("client.py", "--client-id", "2", *address, name="c2-again")
@@ -159,6 +161,56 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     assert len(releases) > len(spent_before) and len(ledger["plans"]) == 1
     assert metrics["privacy"]["hospitals"]["2"]["epsilon"] <= 1.0
     assert "WARNING: --insecure" in processes.output("server") + processes.output("c0")
+    # Private to this user: the hospital's state and logs, the server's run folder.
+    for folder in (hospital_state(workdir, 0), workdir / "run", workdir / "run" / "flower"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    log = hospital_state(workdir, 0) / "flower" / "supernode.log"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+@pytest.mark.e2e
+def test_kill_9_of_server_py_leaves_nothing_running(federation):
+    processes, workdir, port = federation
+    server = processes.server(port, 3, "run", "--insecure")
+    run_dir = workdir / "run"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.json").exists():  # the ServerApp waits for hospitals
+        assert time.monotonic() < deadline and server.poll() is None, processes.output("server")
+        time.sleep(0.2)
+    assert len(flower_processes(run_dir)) >= 4  # SuperLink, SuperExec, flwr run, ServerApp
+    server.kill()
+    server.wait()
+    assert left_running(run_dir) == []
+    assert not runtime.server_reachable(f"127.0.0.1:{port}")  # the port is free again
+
+
+def test_one_client_py_per_hospital_state_directory(tmp_path):
+    state_dir = tmp_path / "hospital-0"
+    nobody = ["--server-address", f"127.0.0.1:{runtime.free_port()}", "--insecure"]
+    join = [sys.executable, str(ROOT / "client.py"), "--client-id", "0", *nobody]
+    first = subprocess.Popen(
+        [*join, "--state-dir", str(state_dir), "--connect-timeout", "60"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = state_dir / "client.lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and lock.read_text().strip()):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
+        second = run_script(*join[1:], "--state-dir", str(state_dir), cwd=tmp_path)
+        assert_one_line_error(second, 2, "in use by another client.py", f"pid {first.pid}")
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700  # the hospital's alone
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    finally:
+        first.kill()  # kill -9: the kernel releases its lock
+        first.wait()
+    again = run_script(
+        *join[1:], "--state-dir", str(state_dir), "--connect-timeout", "1", cwd=tmp_path
+    )
+    assert_one_line_error(again, 1, "no server at")  # past the lock, to the server
 
 
 def run_script(script, *args, cwd, timeout=60):

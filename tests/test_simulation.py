@@ -13,7 +13,7 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, flower_processes
+from conftest import ROOT, TINY, flower_processes, left_running
 from PIL import Image
 
 import data_utils
@@ -135,8 +135,8 @@ def test_a_run_directory_is_never_overwritten(run):
     assert (run_dir / "metrics.json").read_bytes() == before
 
 
-def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
-    run_dir = tmp_path / "interrupted"
+def simulate_until_round_one(run_dir):
+    """A long simulation, once its first round is recorded."""
     process = simulate("--rounds", "500", "--run-dir", str(run_dir))
     metrics_path = run_dir / "metrics.json"
     deadline = time.monotonic() + 120
@@ -144,6 +144,13 @@ def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.2)
     assert len(flower_processes(run_dir)) >= 4  # SuperLink, SuperExec, simulation, Ray
+    return process
+
+
+def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    metrics_path = run_dir / "metrics.json"
+    process = simulate_until_round_one(run_dir)
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 130 and "Interrupted" in stdout
@@ -151,6 +158,15 @@ def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
     time.sleep(1)
     assert flower_processes(run_dir) == []
     assert np.isfinite(json.loads(metrics_path.read_text())["rounds"][0]["global"]["auc"])
+
+
+def test_kill_9_of_simulation_py_leaves_nothing_running(tmp_path):
+    # kill -9 runs no cleanup in the launcher: its processes follow it by themselves.
+    run_dir = tmp_path / "killed"
+    process = simulate_until_round_one(run_dir)
+    process.kill()
+    process.wait()
+    assert left_running(run_dir) == []  # Ray's processes too
 
 
 def assert_report(run_dir):

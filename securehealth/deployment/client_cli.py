@@ -4,13 +4,15 @@ connected to the server, with its ClientApps pinned to this copy of the app
 per round on the console until the server ends the run."""
 
 import argparse
+import fcntl
 import json
+import os
 import subprocess
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -32,11 +34,12 @@ from securehealth.relay import NODE_CONFIG_KEY
 from securehealth.results import default_state_root, read_json
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
+LOCK_FILE = "client.lock"  # in the state directory: the pid of the client.py holding it
 
 
 def join(description: str, argv: list[str] | None = None) -> int:
     """`python client.py --client-id N`: this hospital's SuperNode, until the run ends."""
-    runtime.interrupt_on_signals()
+    runtime.start_launcher()
     parser = settings.make_parser(description, ("num_clients", "dataset", *HOSPITAL_SETTINGS))
     group = parser.add_argument_group("hospital")
     group.add_argument(
@@ -116,6 +119,10 @@ def join(description: str, argv: list[str] | None = None) -> int:
             f"to be enrolled (server.py --hospital-keys)."
         )
         return 0
+    try:
+        _held = hold(state_dir)  # kept until join returns (or the process ends)
+    except (StateDirInUse, OSError) as error:
+        parser.error(str(error))
     try:  # no training without a sound ledger that can be written
         ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
         with ledger.transaction(timeout=5):  # readable, and this guarantee no looser
@@ -205,6 +212,34 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]Interrupted.[/] This hospital left the federation.")
         return 130
+
+
+class StateDirInUse(RuntimeError):
+    """Another live client.py holds this hospital's state directory."""
+
+
+def hold(state_dir: Path) -> TextIO:
+    """Lock the hospital's state directory (0700) for this process: two launchers on
+    one ledger and one Flower state would be two nodes of one hospital. The kernel
+    releases the lock when the process ends, even by kill -9; the file names its pid."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
+    lock = open(state_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise StateDirInUse(
+            f"this hospital's state directory {state_dir} is in use by another "
+            f"client.py (pid {holder}): stop that one first, or give this one its own "
+            "--state-dir"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def own_data_files(cfg: SimpleNamespace, args: argparse.Namespace) -> dict[str, str]:

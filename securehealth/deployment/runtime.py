@@ -24,6 +24,7 @@ from rich.console import Console
 
 from securehealth import authorisation, display, settings
 from securehealth.deployment import pinning
+from securehealth.deployment.processes import alive, follow_launcher, process_tree, send
 from securehealth.results import mark_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -93,26 +94,6 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants. Flower's SuperExec and Ray's processes run in
-    sessions of their own, so stopping the SuperLink's process group is not enough."""
-    try:
-        listing = subprocess.run(
-            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return [pid]
-    children = {}
-    for line in listing.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """Stop a process and everything it started: politely, then by force. A second
     Ctrl-C meanwhile must not leave half of it running."""
@@ -129,40 +110,17 @@ def _stop_tree(process, timeout, grace=1.0):
     left to save once the run's results are written); SIGKILL what remains."""
     tree = process_tree(process.pid)
     for pid in tree:
-        _signal(pid, signal.SIGTERM)
+        send(pid, signal.SIGTERM)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
         pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+    while time.monotonic() < deadline and any(alive(pid) for pid in tree):
         time.sleep(0.05)
     for pid in tree:
-        _signal(pid, signal.SIGKILL)
+        send(pid, signal.SIGKILL)
     process.wait()
-
-
-def _alive(pid):
-    """Whether pid still runs (a zombie, dead but not yet reaped by its parent,
-    does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): ask the process itself
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-
-def _signal(pid, signal_number):
-    try:
-        os.kill(pid, signal_number)
-    except ProcessLookupError:
-        pass
 
 
 @contextmanager
@@ -198,9 +156,11 @@ def flower_process(
 def this_copy_runs(code: str) -> list[str]:
     """The command that runs `code` (which then takes the command's further
     arguments as its own) with this copy of the package importable, last on the
-    path (it shadows nothing) and without the working folder."""
+    path (it shadows nothing) and without the working folder; the process, and all
+    it starts, ends with this one (processes.follow_launcher)."""
     path = "import sys; sys.path[:] = [*filter(None, sys.path), sys.argv.pop(1)]"
-    return [sys.executable, "-c", f"{path}; {code}", str(APP_DIR)]
+    follow = f"{follow_launcher.__module__} import follow_launcher; follow_launcher({os.getpid()})"
+    return [sys.executable, "-c", f"{path}; from {follow}; {code}", str(APP_DIR)]
 
 
 @contextmanager
@@ -383,15 +343,18 @@ def check_server(address: str, ca_cert: Path | None = None) -> None:
         ) from None
 
 
-def interrupt_on_signals() -> None:
-    """SIGTERM and SIGHUP stop a launcher like Ctrl-C does: everything it started is
-    stopped and the run's status recorded."""
+def start_launcher() -> None:
+    """What simulation.py, server.py and client.py do first. SIGTERM and SIGHUP stop
+    them like Ctrl-C does: everything they started is stopped and the run's status
+    recorded. Whatever they and Flower's processes create (state and run folders,
+    logs, ledgers, keys, results) is readable by this user only: umask 077."""
 
     def interrupt(signal_number, frame):
         raise KeyboardInterrupt
 
     for signal_number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signal_number, interrupt)
+    os.umask(0o077)
 
 
 def run_federation(

@@ -23,7 +23,7 @@ from securehealth.results import new_run_dir
 
 def serve(description: str, argv: list[str] | None = None) -> int:
     """`python server.py`: the deployment server, with TLS unless --insecure."""
-    runtime.interrupt_on_signals()
+    runtime.start_launcher()
     parser = settings.make_parser(description)
     group = parser.add_argument_group("deployment")
     group.add_argument(

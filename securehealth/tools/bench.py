@@ -22,6 +22,7 @@ from model import build_model
 from securehealth import data, display, settings
 from securehealth.certificates import make_certificates
 from securehealth.deployment import runtime
+from securehealth.deployment.processes import process_tree
 from securehealth.privacy import dpsgd
 from securehealth.results import METRICS_FILE, read_json, write_json
 from securehealth.tools.federation import dp_federation
@@ -52,7 +53,7 @@ IMPORTS = {
 def resident_mb(pid: int) -> float:
     """Resident memory of pid and everything it started, in MB (Linux /proc)."""
     total = 0
-    for child in runtime.process_tree(pid):
+    for child in process_tree(pid):
         try:
             with open(f"/proc/{child}/statm") as statm:
                 total += int(statm.read().split()[1])

@@ -1,0 +1,73 @@
+"""The processes of a run: the tree a launcher started, and its end.
+
+Flower's SuperExec and Ray's processes run in sessions of their own, so a process
+group is not enough to find them: the tree is read from `ps`. A launcher's own
+`finally` stops them after Ctrl-C or an error (runtime.stop); after kill -9 no
+`finally` runs, so each process a launcher starts follows it (follow_launcher):
+otherwise a SuperNode went on training headless and a simulation's Ray processes
+outlived it for minutes."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+WATCH_S = 0.2  # how often a started process checks that its launcher is alive
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, pid first."""
+    try:
+        listing = subprocess.run(
+            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return [pid]
+    children = {}
+    for line in listing.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Whether pid still runs (a zombie, dead but not yet reaped by its parent,
+    does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the process itself
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def send(pid: int, signal_number: int) -> None:
+    """Signal pid, if it still exists."""
+    try:
+        os.kill(pid, signal_number)
+    except ProcessLookupError:
+        pass
+
+
+def follow_launcher(launcher: int) -> None:
+    """In a process that `launcher` started: once the launcher is gone (its parent
+    is then another process), kill everything this process started and then this
+    process. The tree is whole at that moment, so nothing of the run is left over."""
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(WATCH_S)
+        for pid in reversed(process_tree(os.getpid())):  # this process last
+            send(pid, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="follow-launcher", daemon=True).start()
