@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         # in RAY_ADDRESS; "local" starts a private one even where `ray start` runs.
         environment={
             "RAY_ADDRESS": cfg.ray_address or "local",
+            # A private Ray of this machine listens on loopback only (Ray's own
+            # setting: its non-cluster mode, the default on macOS and Windows).
+            **({} if cfg.ray_address else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),
             # On an existing Ray cluster its workers have their own environment:
             # start it with this variable set (see the README).
             HOSPITALS_DIR_VARIABLE: str(hospitals_dir),

@@ -1,6 +1,7 @@
 """Shared by the deployment and security tests: the product's scripts as real
 processes, always stopped afterwards."""
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -20,18 +21,50 @@ EXAMPLE = ROOT / "examples" / "csv"  # the shipped CSV data directory
 TINY = ["--num-patients", "600", "--global-test-patients", "200"]  # seconds, not minutes
 
 
-def flower_processes(directory):
+def flower_pids(directory):
     """Live processes whose Flower state (FLWR_HOME) lies under `directory`: what a
-    run or a hospital started, Ray's included (Linux /proc); their command lines."""
+    run or a hospital started, Ray's included (Linux /proc)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if f"FLWR_HOME={directory}".encode() in (proc / "environ").read_bytes():
                 if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100])
+                    found.append(int(proc.name))
         except OSError:
             pass  # gone meanwhile, or not ours to read
     return found
+
+
+def flower_processes(directory):
+    """The command lines of flower_pids(directory), shortened."""
+    found = []
+    for pid in flower_pids(directory):
+        try:
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:100])
+        except OSError:
+            pass
+    return found
+
+
+def listening_addresses(pids):
+    """The IP addresses that `pids` accept TCP connections on (Linux /proc)."""
+    sockets = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                sockets.add(os.readlink(fd))
+            except OSError:
+                pass
+    addresses = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            listening, inode = fields[3] == "0A", f"socket:[{fields[9]}]"
+            if listening and inode in sockets:
+                host = fields[1].split(":")[0]  # 32-bit words, each little-endian
+                raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8))
+                addresses.add(ipaddress.ip_address(raw))
+    return addresses
 
 
 def left_running(directory, seconds=5):

@@ -13,7 +13,14 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, flower_processes, left_running
+from conftest import (
+    ROOT,
+    TINY,
+    flower_pids,
+    flower_processes,
+    left_running,
+    listening_addresses,
+)
 from PIL import Image
 
 import data_utils
@@ -151,6 +158,11 @@ def test_ctrl_c_stops_everything_and_leaves_a_status(tmp_path):
     run_dir = tmp_path / "interrupted"
     metrics_path = run_dir / "metrics.json"
     process = simulate_until_round_one(run_dir)
+    # A private simulation: Flower and Ray accept connections on loopback only.
+    addresses = listening_addresses(flower_pids(run_dir))
+    assert addresses and all(
+        (a.ipv4_mapped or a).is_loopback if a.version == 6 else a.is_loopback for a in addresses
+    ), addresses
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 130 and "Interrupted" in stdout
