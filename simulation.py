@@ -21,6 +21,7 @@ from securehealth.deployment import runtime
 from securehealth.results import (
     HOSPITALS_DIR_VARIABLE,
     METRICS_FILE,
+    RunDirError,
     new_run_dir,
     simulated_hospitals_dir,
     write_json,
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
         data.check_all(cfg)
-        cfg.run_dir = str(new_run_dir(cfg.run_dir))
-    except (settings.SettingsError, data.DataError, FileExistsError) as error:
+        cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
+    except (settings.SettingsError, data.DataError, RunDirError) as error:
         parser.error(str(error))
     hospitals_dir = simulated_hospitals_dir(cfg)
     console = display.make_console()

@@ -15,6 +15,7 @@ that a reader never sees a half-written file.
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -85,14 +86,29 @@ def run_directory(cfg: SimpleNamespace, run_id: int) -> Path:
     return Path(cfg.run_dir or f"runs/flower-run-{run_id}").resolve()
 
 
-def new_run_dir(requested: str, result_file: str = METRICS_FILE) -> Path:
-    """Create the run directory: `requested`, or a new runs/<UTC timestamp>/. A
-    directory that already holds a run's `result_file` is refused: results are
-    never overwritten."""
+class RunDirError(Exception):
+    """A run directory that cannot be used: not empty, or not writable."""
+
+
+def new_run_dir(requested: str, result_file: str = METRICS_FILE, overwrite: bool = False) -> Path:
+    """Create the run directory: `requested`, or a new runs/<UTC timestamp>/. A folder
+    with anything in it is refused, so that no result is overwritten and none mixes
+    with another run's; with `overwrite`, a previous run in it (its result_file says
+    so) is deleted first, and anything else still refused."""
     if requested:
         run_dir = Path(requested).resolve()
-        if (run_dir / result_file).exists():
-            raise FileExistsError(f"run_dir {run_dir} already holds a run; choose a new one")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"run_dir {run_dir} is not empty: choose a new one, or pass --overwrite "
+                    "to replace the run in it"
+                )
+            if not (run_dir / result_file).is_file():
+                raise RunDirError(
+                    f"run_dir {run_dir} holds files but no run ({result_file}): --overwrite "
+                    "replaces only a previous run; choose an empty or new folder"
+                )
+            _delete_contents(run_dir)
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs", stamp).resolve()
@@ -100,8 +116,28 @@ def new_run_dir(requested: str, result_file: str = METRICS_FILE) -> Path:
         while run_dir.exists():
             suffix += 1
             run_dir = Path("runs", f"{stamp}-{suffix}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run_dir {run_dir} is a file, not a folder; choose a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # writable, not only creatable
+    except OSError as error:
+        raise RunDirError(
+            f"cannot write to run_dir {run_dir}: {error.strerror or error}; choose a folder "
+            "you can write to"
+        ) from None
     return run_dir
+
+
+def _delete_contents(folder: Path) -> None:
+    try:
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as error:
+        raise RunDirError(f"cannot empty run_dir {folder} for --overwrite: {error}") from None
 
 
 def mark_stopped(

@@ -242,6 +242,13 @@ def make_parser(
             metavar="VALUE",
             help=f"{HELP.get(name, '')} [default: {shown!r}]".replace("%", "%%"),
         )
+    if "run_dir" in names:
+        group.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the run already in --run-dir (its files are deleted first) "
+            "instead of refusing a folder that is not empty",
+        )
     return parser
 
 

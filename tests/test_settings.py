@@ -5,6 +5,7 @@ import pytest
 from conftest import ROOT
 
 from securehealth import settings
+from securehealth.results import RunDirError, new_run_dir
 
 
 def parse(argv):
@@ -94,6 +95,50 @@ def test_simulation_script_rejects_bad_input_before_starting_anything(argv, name
     assert "Traceback" not in result.stderr and named in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_directory_in_use_is_refused_unless_overwrite_replaces_the_run(tmp_path):
+    others = tmp_path / "others"
+    (others / "notes").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="not empty.*--overwrite"):
+        new_run_dir(str(others))
+    with pytest.raises(RunDirError, match="no run"):  # --overwrite deletes only a run
+        new_run_dir(str(others), overwrite=True)
+    assert (others / "notes").is_dir()
+
+    previous = tmp_path / "previous"
+    (previous / "flower").mkdir(parents=True)
+    for name in ("metrics.json", "report.md", "model.pt"):
+        (previous / name).write_text("old")
+    with pytest.raises(RunDirError, match="not empty"):
+        new_run_dir(str(previous))
+    assert (previous / "model.pt").read_text() == "old"
+    assert new_run_dir(str(previous), overwrite=True) == previous
+    assert list(previous.iterdir()) == []  # nothing of the old run mixes with the new
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RunDirError, match="is a file"):
+        new_run_dir(str(tmp_path / "a-file"))
+    with pytest.raises(RunDirError, match="cannot write to run_dir .*Not a directory"):
+        new_run_dir(str(tmp_path / "a-file" / "run"))
+    assert new_run_dir(str(tmp_path / "new" / "run")).is_dir()  # parents are made
+
+
+@pytest.mark.parametrize("script", ["simulation.py", "server.py", "sweep.py", "benchmark.py"])
+def test_every_script_refuses_a_run_directory_in_use_in_one_line(script, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "report.md").write_text("someone's")
+    more = {"server.py": ["--insecure"], "benchmark.py": ["flamby-heart"]}.get(script, [])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *more, "--run-dir", "busy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("to replace the run in it")
+    assert (tmp_path / "busy" / "report.md").read_text() == "someone's"
 
 
 def test_help_explains_every_setting():

@@ -138,7 +138,7 @@ def test_a_run_directory_is_never_overwritten(run):
     before = (run_dir / "metrics.json").read_bytes()
     process = simulate(*SHORT_RUN, "--run-dir", str(run_dir))
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 2 and "already holds a run" in stderr
+    assert process.returncode == 2 and "is not empty" in stderr
     assert (run_dir / "metrics.json").read_bytes() == before
 
 

@@ -18,7 +18,7 @@ from securehealth.certificates import (
     make_operator_key,
 )
 from securehealth.deployment import runtime
-from securehealth.results import new_run_dir
+from securehealth.results import RunDirError, new_run_dir
 
 
 def serve(description: str, argv: list[str] | None = None) -> int:
@@ -115,9 +115,11 @@ def serve(description: str, argv: list[str] | None = None) -> int:
     try:
         data.check_all(cfg, pool_held_out=False)
         runtime.ensure_port_free(args.host, args.port)
-        cfg.run_dir = str(new_run_dir(cfg.run_dir))
-    except (data.DataError, runtime.FlowerError, FileExistsError) as error:
-        parser.error(f"{error}; choose another with --port" if "port" in str(error) else str(error))
+        cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
+    except (data.DataError, RunDirError) as error:
+        parser.error(str(error))
+    except runtime.FlowerError as error:  # the port is taken
+        parser.error(f"{error}; choose another with --port")
     console.print(
         f"[bold]SecureHealth-ML[/] server on {args.host}:{args.port} "
         f"({'TLS' if ca_cert else 'no TLS'}; secure aggregation {cfg.secure_aggregation}; "

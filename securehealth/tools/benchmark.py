@@ -29,7 +29,7 @@ from model import clinical_metrics, predict_risk
 from securehealth import display, settings
 from securehealth.data import heart_disease
 from securehealth.data.schema import Schema
-from securehealth.results import new_run_dir, write_atomic, write_json
+from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
 from securehealth.tools import baselines
 from securehealth.tools.federation import dp_federation
 
@@ -343,8 +343,8 @@ def main(description: str, argv: list[str] | None = None) -> int:
     cfg, args = settings.parse(parser, argv, simulation=True)  # in-process: no SecAgg+
     cfg = settings.resolve({**vars(cfg), "dataset": "heart-disease", "num_clients": 4})
     try:
-        run_dir = new_run_dir(cfg.run_dir, "benchmark.json")
-    except (FileExistsError, OSError) as error:
+        run_dir = new_run_dir(cfg.run_dir, "benchmark.json", args.overwrite)
+    except RunDirError as error:
         parser.error(str(error))
     console = display.make_console()
     result = run(cfg, args.epsilons, args.seeds, not args.no_cross_validation, console)

@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from model import clinical_metrics, predict_risk
 from securehealth import data, display, settings
-from securehealth.results import new_run_dir, write_atomic, write_json
+from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
 from securehealth.tools import baselines
 from securehealth.tools.federation import dp_federation
 
@@ -99,8 +99,8 @@ def main(description: str, argv: list[str] | None = None) -> int:
     try:
         settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the sweep")
         data.check_all(cfg)
-        run_dir = new_run_dir(cfg.run_dir, "sweep.json")
-    except (settings.SettingsError, data.DataError, FileExistsError) as error:
+        run_dir = new_run_dir(cfg.run_dir, "sweep.json", args.overwrite)
+    except (settings.SettingsError, data.DataError, RunDirError) as error:
         parser.error(str(error))
     seeds = [cfg.seed + i for i in range(args.seeds)]
     console = display.make_console()
