@@ -220,6 +220,21 @@ BAD_CASES = {
         lambda p: p.write_text("{ not json"),
         ["schema.json", "not valid JSON"],
     ),
+    "data dictionary of the wrong shape": (
+        "schema.json",
+        lambda p: p.write_text('{"label": "chd", "features": "age"}'),
+        ["schema.json: label: 'chd' is not of type 'object'"],
+    ),
+    "a column twice": (
+        "hospital_0.csv",
+        lambda p: edit(p, lambda ls: [ls[0].replace("bmi", "age")] + ls[1:]),
+        ["hospital_0.csv: column 'age' appears twice in the header row"],
+    ),
+    "a ragged row": (
+        "hospital_1.csv",
+        lambda p: edit(p, lambda ls: ls[:7] + [ls[7] + ",1,2"] + ls[8:]),
+        ["hospital_1.csv: cannot read it as CSV", "line 8"],
+    ),
 }
 
 

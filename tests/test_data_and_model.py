@@ -1,6 +1,11 @@
+import json
+import math
+
+import jsonschema
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from sklearn.metrics import (
     accuracy_score,
     brier_score_loss,
@@ -22,6 +27,7 @@ from model import (
 )
 from securehealth import settings
 from securehealth.data import split
+from securehealth.data.schema import STRUCTURE
 
 
 @pytest.fixture(params=["synthetic", "breast-cancer"])
@@ -123,38 +129,85 @@ def test_numbers_are_matched_as_numbers_and_only_as_numbers():
     assert x.tolist() == [[0, 1, 1], [1, 0, 0]]
 
 
+LABEL = {"column": "y", "positive": 1, "negative": 0}
+A = {"name": "a", "type": "numeric", "min": 0, "max": 1}
+
+
 @pytest.mark.parametrize(
     "spec, problem",
     [
-        ({"features": []}, "label.column"),
+        ({"features": []}, "the data dictionary: 'label' is a required property"),
+        ([1, 2], "the data dictionary: \\[1, 2\\] is not of type 'object'"),
+        ({"label": "chd", "features": []}, "label: 'chd' is not of type 'object'"),
+        ({"label": LABEL, "features": "age"}, "features: 'age' is not of type 'array'"),
+        ({"label": LABEL, "features": [1, 2]}, "features\\[\\d\\]: \\d is not of type 'object'"),
         (
-            {"label": {"column": "y", "positive": [1, 2], "negative": 2.0}, "features": []},
+            {"label": {"column": "y", "positive": [1, 2], "negative": 2.0}, "features": [A]},
             "both a positive and a negative",
         ),
         (
-            {"label": {"column": "y", "positive": 1, "negative": "1.0"}, "features": []},
+            {"label": {"column": "y", "positive": 1, "negative": "1.0"}, "features": [A]},
             "both a positive and a negative",
         ),
-        ({"label": {"column": "y", "positive": [], "negative": 0}, "features": []}, "a value each"),
         (
-            {
-                "label": {"column": "y", "positive": 1, "negative": 0},
-                "features": [{"name": "a", "type": "numeric", "min": 5, "max": 1}],
-            },
-            "min < max",
+            {"label": {"column": "y", "positive": [], "negative": 0}, "features": [A]},
+            "label.positive: \\[\\] should be non-empty",
+        ),
+        (
+            {"label": {"column": "y", "positive": True, "negative": 0}, "features": [A]},
+            "label.positive: True is not valid.*a value \\(text or a number\\) or a list",
+        ),
+        (
+            {"label": LABEL, "features": [{"name": "a", "type": "numeric", "min": 5, "max": 1}]},
+            "feature 'a' needs finite numbers min < max",
         ),
         (
             {
-                "label": {"column": "y", "positive": 1, "negative": 0},
-                "features": [{"name": "a", "type": "text"}],
+                "label": LABEL,
+                "features": [{"name": "a", "type": "numeric", "min": -math.inf, "max": 1}],
             },
-            "numeric' or 'categorical",
+            "feature 'a' needs finite numbers",
+        ),
+        (
+            {"label": LABEL, "features": [{"name": "a", "type": "numeric", "min": 0, "max": True}]},
+            "feature 'a'.max: True is not of type 'number'",
+        ),
+        (
+            {"label": LABEL, "features": [{"name": "a", "type": "text"}]},
+            "feature 'a'.type: 'text' is not one of \\['numeric', 'categorical'\\]",
+        ),
+        (
+            {
+                "label": LABEL,
+                "features": [{"name": "a", "type": "categorical", "categories": [1], "x": 1}],
+            },
+            "feature 'a'",
+        ),
+        (
+            {"label": LABEL, "features": [{**A, "name": "y"}]},
+            "'y' names two columns",
         ),
     ],
 )
-def test_bad_data_dictionaries_are_named(spec, problem):
-    with pytest.raises(data_utils.DataError, match=problem):
+def test_bad_data_dictionaries_are_named_in_one_line(spec, problem):
+    with pytest.raises(data_utils.DataError, match=problem) as refused:
         data_utils.Schema(spec, "schema.json")
+    assert "\n" not in str(refused.value) and str(refused.value).startswith("schema.json: ")
+
+
+def test_the_shipped_data_dictionaries_follow_the_published_structure():
+    structure = json.loads(STRUCTURE.read_text())
+    jsonschema.Draft202012Validator.check_schema(structure)
+    for path in [*ROOT.glob("schemas/*_*.json"), *ROOT.glob("examples/*/schema.json")]:
+        data_utils.Schema.load(path)  # raises if not
+
+
+def test_a_data_dictionary_that_is_not_valid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "schema.yaml"
+    path.write_text("label:\n  column: y\n features: [\n")
+    with pytest.raises(data_utils.DataError, match="schema.yaml: not valid YAML") as refused:
+        data_utils.Schema.load(path)
+    assert "\n" not in str(refused.value)
 
 
 def test_model_shapes_and_weight_exchange():

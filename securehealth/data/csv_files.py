@@ -45,17 +45,15 @@ def read_csv(
 
     path = Path(path)
     try:
+        # Header row read as a row: pandas would rename a repeated column "age.1".
         frame = pd.read_csv(
-            path,
-            dtype=str,
-            keep_default_na=False,
-            skipinitialspace=True,
-            header=None if header else "infer",
+            path, dtype=str, keep_default_na=False, skipinitialspace=True, header=None
         )
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot read it as CSV ({error})") from None
+        problem = " ".join(str(error).split())  # pandas' own message may span lines
+        raise DataError(f"{path}: cannot read it as CSV ({problem})") from None
     if header:  # the file's own layout: the dictionary chooses the columns it uses
         if frame.shape[1] != len(header):
             raise DataError(
@@ -63,6 +61,12 @@ def read_csv(
                 f"({', '.join(header)})"
             )
         frame.columns = header
+    else:
+        names = frame.iloc[0].str.strip().tolist()
+        repeated = next((name for name in names if names.count(name) > 1), None)
+        if repeated is not None:
+            raise DataError(f"{path}: column {repeated!r} appears twice in the header row")
+        frame = frame.iloc[1:].set_axis(names, axis=1)
     written = frame[sorted(frame.columns)].apply(lambda col: col.str.strip())
     written = written.agg("\x1f".join, axis=1)  # each row as written, column by column
     if header:
@@ -80,7 +84,7 @@ def read_csv(
         what = "the label column" if absent[0] == schema.label else "column"
         raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
 
-    line = frame.index.to_numpy() + (1 if header else 2)  # file line numbers
+    line = frame.index.to_numpy() + 1  # file line numbers
     cells = frame[required].apply(lambda col: col.str.strip())
     missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in required}
     if schema.missing_values == "drop":

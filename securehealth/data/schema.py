@@ -16,6 +16,7 @@ Values written as numbers in the dictionary (categories, label values, markers)
 match cells by number, so a file that writes 1 as "1.0" reads the same."""
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Self
@@ -30,6 +31,8 @@ class DataError(ValueError):
 
 
 MISSING_MODES = ("fail", "drop", "indicator")
+# What a data dictionary may hold, as a JSON Schema (shipped with the app).
+STRUCTURE = Path(__file__).resolve().parents[2] / "schemas" / "data-dictionary.schema.json"
 
 
 class Schema:
@@ -39,34 +42,17 @@ class Schema:
 
     def __init__(self, spec: dict, source: str | Path, missing_values: str = "fail"):
         self.spec, self.source, self.missing_values = spec, str(source), missing_values
+        check_structure(spec, self.source)
         self.name = spec.get("name", self.source)
-        try:
-            label = spec["label"]
-            self.label, self.positive, self.negative = (
-                label["column"],
-                label["positive"],
-                label["negative"],
-            )
-            self.features = list(spec["features"])
-        except (KeyError, TypeError) as missing:
-            raise DataError(
-                f"{self.source}: the data dictionary needs label.column, label.positive, "
-                f"label.negative and a list of features; {missing} is missing"
-            ) from None
+        label = spec["label"]
+        self.label, self.positive, self.negative = (
+            label["column"],
+            label["positive"],
+            label["negative"],
+        )
+        self.features = list(spec["features"])
         self.patient_id = spec.get("patient_id")
-        if self.patient_id is not None and not isinstance(self.patient_id, str):
-            raise DataError(f'{self.source}: patient_id must name a column, e.g. "mrn"')
         self.positive_values, self.negative_values = _listed(self.positive), _listed(self.negative)
-        if not all(
-            isinstance(v, (str, int, float)) and not isinstance(v, bool)
-            for v in self.positive_values + self.negative_values
-        ):
-            raise DataError(
-                f"{self.source}: label.positive and label.negative must be values (text or "
-                f"numbers) or lists of them"
-            )
-        if not self.positive_values or not self.negative_values:
-            raise DataError(f"{self.source}: label.positive and label.negative need a value each")
         shared = [
             v
             for mine, others in (
@@ -80,39 +66,27 @@ class Schema:
             raise DataError(
                 f"{self.source}: {shared[0]!r} is both a positive and a negative label value"
             )
-        names = [f.get("name") for f in self.features]
-        if (
-            not self.features
-            or len(set(names)) != len(names)
-            or self.label in names
-            or self.patient_id in (self.label, *names)
-        ):
+        columns = [self.label, *(f["name"] for f in self.features)]
+        if self.patient_id is not None:
+            columns.append(self.patient_id)
+        repeated = next((c for c in columns if columns.count(c) > 1), None)
+        if repeated is not None:
             raise DataError(
-                f"{self.source}: feature names must be present, unique and "
-                f"differ from the label and patient_id columns"
+                f"{self.source}: {repeated!r} names two columns; feature names must be unique "
+                f"and differ from the label and patient_id columns"
             )
         for feature in self.features:
             self._check_feature(feature)
 
     def _check_feature(self, f):
-        where = f"{self.source}: feature {f.get('name')!r}"
-        if f.get("type") == "numeric":
-            low, high = f.get("min"), f.get("max")
-            if not all(isinstance(v, (int, float)) for v in (low, high)) or not low < high:
-                raise DataError(f"{where} needs numbers min < max (its declared valid range)")
+        """What the JSON Schema cannot say: finite numbers, min < max, a fill in range."""
+        where = f"{self.source}: feature {f['name']!r}"
+        if f["type"] == "numeric":
+            low, high = f["min"], f["max"]
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise DataError(f"{where} needs finite numbers min < max (its valid range)")
             if f.get("log") and low < 0:
                 raise DataError(f"{where}: a log-scaled feature needs min >= 0")
-        elif f.get("type") == "categorical":
-            categories = f.get("categories")
-            if not isinstance(categories, list) or len(categories) < 2:
-                raise DataError(f"{where} needs a list of at least two categories")
-        else:
-            raise DataError(f"{where}: type must be 'numeric' or 'categorical'")
-        markers = f.get("missing", [])
-        if not isinstance(markers, list) or not all(
-            isinstance(m, (str, int, float)) and not isinstance(m, bool) for m in markers
-        ):
-            raise DataError(f'{where}: "missing" must list values (text or numbers), e.g. ["?", 0]')
         if "fill" in f:
             fill = f["fill"]
             if f["type"] == "numeric" and not (
@@ -132,9 +106,8 @@ class Schema:
         try:
             spec = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
         except (ValueError, yaml.YAMLError) as error:
-            raise DataError(f"{path}: not valid {path.suffix[1:].upper()} ({error})") from None
-        if not isinstance(spec, dict):
-            raise DataError(f"{path}: the data dictionary must be a mapping")
+            problem = " ".join(str(error).split())  # YAML's own message spans lines
+            raise DataError(f"{path}: not valid {path.suffix[1:].upper()} ({problem})") from None
         return cls(spec, path, missing_values)
 
     @property
@@ -218,6 +191,28 @@ class Schema:
     def is_label(self, values: np.ndarray) -> np.ndarray:
         """Which values are one of the label's declared positive or negative values."""
         return matches(np.asarray(values).astype(str), self.positive_values + self.negative_values)
+
+
+def check_structure(spec: object, source: str) -> None:
+    """Check the dictionary against its JSON Schema (schemas/data-dictionary.schema.json):
+    one line naming the first wrong field and what it may be."""
+    import jsonschema  # imported here: only a run that reads a dictionary pays for it
+
+    validator = jsonschema.Draft202012Validator(json.loads(STRUCTURE.read_text()))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
+    if error is None:
+        return
+    where, node = "", spec
+    for step in error.absolute_path:  # e.g. features, 0, min -> feature 'age'.min
+        item = node[step]
+        if where == "features" and isinstance(item, dict) and isinstance(item.get("name"), str):
+            where = f"feature {item['name']!r}"
+        else:
+            where = f"{where}[{step}]" if isinstance(step, int) else f"{where}.{step}".lstrip(".")
+        node = item
+    where = where or "the data dictionary"
+    allowed = error.schema.get("description") if isinstance(error.schema, dict) else None
+    raise DataError(f"{source}: {where}: {error.message}" + (f" ({allowed})" if allowed else ""))
 
 
 def matches(cells: np.ndarray | list[str], values: list) -> np.ndarray:
