@@ -260,6 +260,13 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert impostor.wait(timeout=120) == 1
     assert "The server refused this hospital" in said(processes, "impostor")
     assert "not enrolled" in said(processes, "impostor")
+    keyless = hospital(
+        processes, app, port, 1, "--state-dir", str(workdir / "keyless"), name="keyless"
+    )
+    assert keyless.wait(timeout=120) == 1
+    told = said(processes, "keyless")
+    assert "The server refused this hospital" in told and "--make-key" in told
+    assert "stopped unexpectedly" not in told and "connected" not in told
     # The attack: register a key of one's own behind the operator's back, through
     # Flower's Control API (from this machine: it answers nobody else), then claim
     # to be hospital 1. Flower lets the node in; the server does not count it.

@@ -34,6 +34,9 @@ from securehealth.relay import NODE_CONFIG_KEY
 from securehealth.results import default_state_root, read_json
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
+# What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
+# its key is not enrolled there, or it has no key.
+NOT_ADMITTED = ("Failed to activate SuperNode", "All SuperNodes must be registered")
 LOCK_FILE = "client.lock"  # in the state directory: the pid of the client.py holding it
 
 
@@ -169,6 +172,9 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except runtime.FlowerError as error:
         console.print(f"[red]{escape(str(error))}[/]")
         return 1
+    except KeyboardInterrupt:
+        console.print("[red]Interrupted[/] before joining the server.")
+        return 130
     node_config = {
         "partition-id": args.client_id,
         "num-partitions": cfg.num_clients,
@@ -195,7 +201,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
             ) as node,
         ):
             console.print(
-                f"Hospital {args.client_id} connected to {args.server_address}; its budget: "
+                f"Hospital {args.client_id} joining the server at {args.server_address}; "
+                f"its budget: "
                 f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
                 f"over all runs on its patients (privacy ledger: {ledger.path}); "
                 f"secure aggregation "
@@ -306,7 +313,7 @@ def follow_rounds(
                 return 1
         time.sleep(1)
     log = state_dir / "flower" / "supernode.log"
-    if "Failed to activate SuperNode" in runtime.log_tail(log):
+    if any(refusal in runtime.log_tail(log) for refusal in NOT_ADMITTED):
         key = state_dir / AUTH_KEY
         console.print(
             "[red]The server refused this hospital: it admits only enrolled hospitals.[/] "

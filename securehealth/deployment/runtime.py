@@ -227,7 +227,7 @@ def enroll(flwr_home: Path, public_keys: Iterable[Path]) -> None:
     --enable-supernode-auth): only SuperNodes holding a matching private key join."""
     for key in public_keys:
         result = subprocess.run(
-            [executable("flwr"), "supernode", "register", str(key), "run"],
+            [executable("flwr"), "supernode", "register", str(Path(key).resolve()), "run"],
             cwd=flwr_home,
             env=flower_env(flwr_home),
             capture_output=True,

@@ -108,7 +108,7 @@ def serve(description: str, argv: list[str] | None = None) -> int:
         if args.insecure:
             parser.error("--hospital-keys needs TLS: drop --insecure")
         try:
-            hospital_keys = check_hospital_keys(args.hospital_keys, cfg.num_clients)
+            hospital_keys = check_hospital_keys(Path(args.hospital_keys).resolve(), cfg.num_clients)
         except ValueError as error:
             parser.error(str(error))
         environment[ENROLLED_KEYS_VARIABLE] = str(Path(args.hospital_keys).resolve())
