@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from securehealth import data, display, settings
 from securehealth.deployment import runtime
@@ -43,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
-        data.check_all(cfg)
+        warnings = data.check_all(cfg)
         cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
     except (settings.SettingsError, data.DataError, RunDirError) as error:
         parser.error(str(error))
     hospitals_dir = simulated_hospitals_dir(cfg)
     console = display.make_console()
+    for warning in warnings:
+        console.print(f"[yellow]Warning: {escape(warning)}[/]")
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
         f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "

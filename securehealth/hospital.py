@@ -15,7 +15,7 @@ from model import build_model, clinical_metrics, get_weights, predict_risk, set_
 from securehealth import data
 from securehealth.node import EVALUATION_FILE, STATUS_FILE
 from securehealth.privacy import dpsgd
-from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted
+from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted, NoiseBeyondLimit
 from securehealth.privacy.ledger import PrivacyLedger
 from securehealth.results import read_json, write_json
 
@@ -56,15 +56,27 @@ class Hospital:
                 f"{self.cfg.max_patients}): the server's operator must raise max_patients"
             )
         self._evaluate_locally(parameters, server_round - 1)
-        sample_rate, steps = dpsgd.sample_rate_and_steps(len(self.y), self.cfg)
+        n, cfg = len(self.y), self.cfg
+        sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
+        limit = dpsgd.noise_limit(n, sum(p.size for p in parameters), cfg)
         # Read, check, train and record under the ledger's lock: a concurrent training
         # on the same patients waits, and sees this one's release.
         with self.ledger.transaction():
-            self.ledger.note_dataset(data.fingerprint(self.x, self.y), len(self.y))
+            self.ledger.note_dataset(data.fingerprint(self.x, self.y), n)
             try:
                 sigma = self.ledger.noise_for_round(
-                    self.run_id, sample_rate, steps, planned_steps=self.cfg.rounds * steps
+                    self.run_id, sample_rate, steps, cfg.rounds * steps, limit
                 )
+            except NoiseBeyondLimit as refusal:
+                reason = (
+                    f"epsilon {cfg.epsilon:g} is too small for {cfg.rounds} rounds: the noise "
+                    f"it needs would move the model further than max_update_norm "
+                    f"{cfg.max_update_norm:g} a round, and the server would reject every "
+                    f"update; with {n} training patients this hospital needs a budget of at "
+                    f"least {refusal.least_epsilon:.3g} for {cfg.rounds} rounds (or fewer "
+                    f"rounds)"
+                )
+                return parameters, 0, self._report("refused", server_round, reason)
             except BudgetExhausted as refusal:
                 return parameters, 0, self._report("refused", server_round, str(refusal))
             model = self._model(parameters)

@@ -225,7 +225,19 @@ class HospitalFedAvg(FedAvg):
         metrics = clinical_metrics(self.test_y, risk, self.cfg.decision_threshold)
         if server_round > 0:
             self._record_round(server_round, metrics)
+            self._stop_if_all_declined(server_round)
         return metrics["loss"], metrics
+
+    def _stop_if_all_declined(self, server_round):
+        """Stop the run when every hospital declined a round (recorded as such): their
+        budgets do not come back, so every later round would be the same."""
+        reports = self.round_reports.values()
+        if self.round_accepted or not reports or any(r["status"] == "trained" for r in reports):
+            return
+        raise AggregationError(
+            f"round {server_round}: every hospital declined to train, so the run stops "
+            f"(each one's reason is in the round's line above and in metrics.json)"
+        )
 
     def _check_round_applied(self, server_round):
         """Stop the run when a round's updates never reached the global model for a
@@ -245,7 +257,7 @@ class HospitalFedAvg(FedAvg):
             self.record.discard_round(server_round, f"{self.round_discarded}; {spent}")
             return
         if self.round_accepted or not (self.round_failures or self.round_rejections):
-            return  # an update went in, or every hospital declined (spent budgets)
+            return  # an update went in, or every hospital declined (see _stop_if_all_declined)
         reasons = self.round_failures + [
             f"hospital {r['hospital']}: {r['reason']}" for r in self.round_rejections
         ]

@@ -168,6 +168,18 @@ def test_no_statistic_of_any_hospitals_rows_enters_the_encoding(data_dir):
     assert np.array_equal(read_csv(data_dir / "hospital_0.csv", schema)[0], alone)
 
 
+def test_a_hospital_with_patients_of_one_class_is_warned_about(data_dir):
+    cfg = csv_settings(data_dir, "fail")
+    assert data_utils.check_all(cfg) == []
+
+    def all_healthy(lines):  # chd is the first column
+        return [lines[0]] + ["no" + line[line.index(",") :] for line in lines[1:]]
+
+    edit(data_dir / "hospital_1.csv", all_healthy)
+    [warning] = data_utils.check_all(cfg)
+    assert warning.startswith("hospital 1: all ") and "training patients are negative" in warning
+
+
 BAD_CASES = {
     "missing file": ("hospital_2.csv", lambda p: p.unlink(), ["hospital_2.csv", "not found"]),
     "missing label column": (

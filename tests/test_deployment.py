@@ -113,10 +113,10 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
             "client.py", "--client-id", "2", "--epsilon", "0.5", *address, *own[2], name="again2"
         ),
     ]
-    assert server.wait(timeout=300) == 1  # no hospital trained: the model is unchanged
-    assert all(client.wait(timeout=60) == 0 for client in clients)
+    assert server.wait(timeout=300) == 1  # no hospital trained: the run stops in round 1
+    assert all(client.wait(timeout=60) == 1 for client in clients)  # told it failed
     assert "declined to train" in processes.output("again0")
-    assert "no hospital trained" in processes.output("server2")
+    assert "every hospital declined to train, so the run stops" in processes.output("server2")
     metrics = read_metrics(workdir / "run2")
     assert {r["status"] for r in metrics["rounds"][0]["hospitals"].values()} == {"refused"}
     for hospital in range(3):

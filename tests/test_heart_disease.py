@@ -1,12 +1,14 @@
 """The shipped UCI Heart Disease files: four real sites, their gaps, and an encoding
 that no hospital's rows can move."""
 
+import io
 import shutil
 from argparse import Namespace
 
 import numpy as np
 import pytest
 from conftest import flower_context
+from rich.console import Console
 
 import client
 from securehealth import data, settings
@@ -101,7 +103,9 @@ def test_other_missing_value_modes_name_the_gap():
 
 def test_a_deployed_hospital_reads_its_own_sites_file(tmp_path):
     args = Namespace(client_id=2, data="", schema="")
-    node = own_data_files(CFG, args)
+    said = Console(file=io.StringIO())
+    node = own_data_files(CFG, args, said)
+    assert said.file.getvalue() == ""  # both classes at every site: no warning
     assert node == {
         "dataset": "heart-disease",
         "data-file": str(heart_disease.site_file(2)),

@@ -12,7 +12,7 @@ from conftest import EXAMPLE, ROOT, flower_context
 
 import client
 import data_utils
-from model import build_model, get_weights
+from model import build_model, get_weights, set_weights
 from securehealth import node as hospital_node
 from securehealth import settings
 from securehealth.data.split import held_out_split
@@ -22,6 +22,7 @@ from securehealth.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
+from securehealth.privacy.dpsgd import noise_limit, train_private
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
 from securehealth.results import HOSPITALS_DIR_VARIABLE
 
@@ -275,6 +276,47 @@ def test_a_hospital_refuses_a_round_past_its_budget(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(returned, weights, strict=True))
     assert report["epsilon"] <= cfg.epsilon
     assert hospital.ledger.path.read_text() == ledger_before
+
+
+def update_norm(hospital, weights, noise_multiplier):
+    """How far one round of real DP-SGD (Opacus) moves `weights`."""
+    model = build_model(hospital.x.shape[1], hospital.cfg.hidden_layers)
+    set_weights(model, weights)
+    train_private(model, hospital.x, hospital.y, hospital.cfg, noise_multiplier)
+    moved = [a - b for a, b in zip(get_weights(model), weights, strict=True)]
+    return math.sqrt(sum(float(np.sum(d * d)) for d in moved))
+
+
+def test_the_noise_limit_is_where_real_updates_reach_max_update_norm(tmp_path):
+    cfg = settings.resolve({"num_patients": 1000, "run_dir": str(tmp_path)})
+    hospital = Hospital(2, cfg, run_id=1, state_dir=tmp_path)  # 160 training patients
+    weights = get_weights(build_model(hospital.x.shape[1], cfg.hidden_layers))
+    limit = noise_limit(len(hospital.y), sum(w.size for w in weights), cfg)
+    at_limit = [update_norm(hospital, weights, limit) for _ in range(3)]
+    # The noise alone, momentum included, moves the model by max_update_norm; the
+    # clipped gradients add at most a few units (lr 0.3, steps of norm <= 1).
+    assert all(0.9 * cfg.max_update_norm < n < 1.1 * cfg.max_update_norm for n in at_limit)
+    assert update_norm(hospital, weights, limit / 4) < cfg.max_update_norm / 3
+
+
+def test_a_budget_too_small_to_train_usefully_is_declined_with_what_would_work(tmp_path):
+    base = {"num_patients": 1000, "rounds": 20, "run_dir": str(tmp_path)}
+    cfg = settings.resolve({**base, "epsilon": 1e-3})
+    hospital = Hospital(2, cfg, run_id=1, state_dir=tmp_path / "small")
+    [report] = train_rounds(hospital, 1)
+    assert report["status"] == "refused"
+    reason = report["reason"]
+    assert "epsilon 0.001 is too small for 20 rounds" in reason
+    assert "max_update_norm 100" in reason and "at least" in reason
+    with hospital.ledger.transaction() as ledger:  # nothing spent or planned
+        assert ledger.data["releases"] == [] and ledger.data["plans"] == {}
+    least = float(reason.split("at least ")[1].split()[0])
+
+    # What it names works: just above it the hospital trains, just below it declines.
+    enough = settings.resolve({**base, "epsilon": least * 1.02})
+    assert train_rounds(Hospital(2, enough, 1, tmp_path / "enough"), 1)[0]["status"] == "trained"
+    short = settings.resolve({**base, "epsilon": least * 0.98})
+    assert train_rounds(Hospital(2, short, 1, tmp_path / "short"), 1)[0]["status"] == "refused"
 
 
 def test_the_server_cannot_reset_a_budget_with_another_seed_or_split(tmp_path):

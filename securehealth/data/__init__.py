@@ -59,6 +59,7 @@ __all__ = [
     "load_schema",
     "locate",
     "reference_test_set",
+    "single_class",
 ]
 
 
@@ -115,21 +116,37 @@ def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, st
     )
 
 
-def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> None:
+def single_class(y: np.ndarray, hospital: int | str) -> str | None:
+    """A warning if a hospital's training patients are all of one class: DP-SGD on
+    them can only push the shared model towards that class."""
+    classes = np.unique(y)
+    if len(classes) > 1:
+        return None
+    kind = "positive" if classes.size and classes[0] == 1 else "negative"
+    return (
+        f"hospital {hospital}: all {len(y)} training patients are {kind}; its updates "
+        f"can only teach the model that class"
+    )
+
+
+def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> list[str]:
     """Load every hospital's data and the server's reference set once, before anything
     starts, so that bad data stops a launcher with one line (DataError) rather than
-    a failed run. With pool_held_out=False (a deployed server) the csv reference set
-    must be the server's own test.csv."""
+    a failed run; return warnings (single_class). With pool_held_out=False (a
+    deployed server) the csv reference set must be the server's own test.csv."""
     test_file = csv_files.csv_paths(cfg)[2] if cfg.dataset == "csv" else None
     if test_file and not pool_held_out and not test_file.exists():
         raise DataError(
             f"{test_file}: file not found; the server needs its own reference test "
             f"set to evaluate the model (the hospitals' files stay at the hospitals)"
         )
+    warnings = []
     if pool_held_out:  # simulation: this machine holds every hospital's data
         for hospital in range(cfg.num_clients):
-            hospital_data(cfg, hospital)
+            (_, y), _ = hospital_data(cfg, hospital)
+            warnings.append(single_class(y, hospital))
     reference_test_set(cfg)
+    return [w for w in warnings if w]
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:

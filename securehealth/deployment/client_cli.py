@@ -150,11 +150,11 @@ def join(description: str, argv: list[str] | None = None) -> int:
                 f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
                 f"(made by `python server.py --make-certs`) or pass --operator-key"
             )
+    console = display.make_console()
     try:
-        own_data = own_data_files(cfg, args)
+        own_data = own_data_files(cfg, args, console)
     except data.DataError as error:
         parser.error(str(error))
-    console = display.make_console()
     if args.insecure:
         console.print(
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
@@ -249,10 +249,13 @@ def hold(state_dir: Path) -> TextIO:
     return lock
 
 
-def own_data_files(cfg: SimpleNamespace, args: argparse.Namespace) -> dict[str, str]:
+def own_data_files(
+    cfg: SimpleNamespace, args: argparse.Namespace, console: Console
+) -> dict[str, str]:
     """The node config naming this hospital's own data, checked now rather than in
-    the middle of round 1: its CSV file and data dictionary (--data, --schema), or
-    its site's file of a data set shipped in this copy; {} if it reads none."""
+    the middle of round 1 (a warning on the console if its training patients are
+    all of one class): its CSV file and data dictionary (--data, --schema), or its
+    site's file of a data set shipped in this copy; {} if it reads none."""
     if args.data or args.schema:
         if not (args.data and args.schema):
             raise data.DataError(
@@ -268,7 +271,9 @@ def own_data_files(cfg: SimpleNamespace, args: argparse.Namespace) -> dict[str, 
         files = (heart_disease.site_file(args.client_id), heart_disease.SCHEMA_FILE)
     else:
         return {}
-    data.hospital_data(cfg, args.client_id, *map(str, files))
+    (_, y), _ = data.hospital_data(cfg, args.client_id, *map(str, files))
+    if warning := data.single_class(y, args.client_id):
+        console.print(f"[yellow]Warning: {escape(warning)}[/]")
     return {"dataset": cfg.dataset, "data-file": str(files[0]), "schema-file": str(files[1])}
 
 

@@ -29,6 +29,15 @@ class BudgetExhausted(Exception):
     """Training would take a hospital's cumulative epsilon past its budget."""
 
 
+class NoiseBeyondLimit(BudgetExhausted):
+    """The budget holds only with more noise than the limit asked for; with
+    `least_epsilon` (cumulative) the limit itself would do."""
+
+    def __init__(self, least_epsilon: float):
+        super().__init__(f"a budget of at least {least_epsilon:.3g} is needed")
+        self.least_epsilon = least_epsilon
+
+
 def _event(history):
     """The DP event of DP-SGD releases: (noise_multiplier, sample_rate, steps) each."""
     from dp_accounting import dp_event
@@ -81,20 +90,22 @@ def calibrate_noise_multiplier(
     steps: int,
     adjacency: str,
     prior: Iterable[Sequence[float]] = (),
+    max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
 ) -> float:
     """The smallest noise multiplier (to CALIBRATION_TOLERANCE) for which `steps`
     more noisy steps at `sample_rate`, on top of the `prior` releases, keep epsilon
-    within `budget`: dp-accounting's own calibration search.
+    within `budget`: dp-accounting's own calibration search. NoiseBeyondLimit if
+    it would exceed `max_noise_multiplier`.
 
     Remembered per process: in a simulation many hospitals of the same size ask the
     same question. A run calibrates once, when it first trains (see PrivacyLedger).
     """
     prior = tuple(tuple(release) for release in prior)
-    return _calibrate(budget, delta, sample_rate, steps, adjacency, prior)
+    return _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_multiplier)
 
 
 @functools.lru_cache(maxsize=1024)
-def _calibrate(budget, delta, sample_rate, steps, adjacency, prior):
+def _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_multiplier):
     spent = epsilon_spent(prior, delta, adjacency)
     if spent >= budget * (1 - MIN_BUDGET_LEFT):
         raise BudgetExhausted(
@@ -105,13 +116,14 @@ def _calibrate(budget, delta, sample_rate, steps, adjacency, prior):
     def epsilon_with(sigma):
         return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta, adjacency)
 
+    least = epsilon_with(max(max_noise_multiplier, MIN_NOISE_MULTIPLIER))  # see below
+    if least > budget:
+        raise NoiseBeyondLimit(least)
     # A bracket [low, high] of the answer, found by doubling from sigma 1: PLDs of
     # small multipliers are large and slow, so the search starts where they are not.
     low, high = 1.0, 1.0
     while epsilon_with(high) > budget:
         low, high = high, 2 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise BudgetExhausted(f"budget {budget:g} too small for {steps} more steps")
     while high == low or epsilon_with(low) <= budget:
         if low <= MIN_NOISE_MULTIPLIER:
             return low  # within budget; less noise would only make the PLD huge

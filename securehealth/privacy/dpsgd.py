@@ -3,6 +3,7 @@
 Training runs on the GPU when there is one (`cuda`), else on the CPU; the model
 comes back on the CPU either way."""
 
+import math
 import secrets
 import warnings
 from types import SimpleNamespace
@@ -69,6 +70,29 @@ def sample_rate_and_steps(n: int, cfg: SimpleNamespace) -> tuple[float, int]:
     use, not batch_size/n) and the noisy steps of one round."""
     batches = -(-n // cfg.batch_size)
     return 1 / batches, cfg.local_epochs * batches
+
+
+def noise_limit(n: int, weights: int, cfg: SimpleNamespace) -> float:
+    """The largest noise multiplier with which one round's update of a hospital of n
+    training patients and a model of `weights` weights stays within max_update_norm,
+    counting the noise alone. Beyond it the server rejects every update as corrupt,
+    so a budget that needs more noise cannot train usefully.
+
+    Each step adds Gaussian noise of std sigma * max_grad_norm to every weight's
+    summed gradient, divided by the expected batch size; SGD with momentum m
+    (reset every round) carries step t's noise into the round's change with weight
+    lr * (1 - m^(s - t + 1)) / (1 - m) over the round's s steps. The expected squared
+    norm of the change's noise is the sum of those squared, times weights."""
+    sample_rate, steps = sample_rate_and_steps(n, cfg)
+    m = cfg.momentum
+    carried = [(1 - m**j) / (1 - m) if m else 1.0 for j in range(1, steps + 1)]
+    per_unit_sigma = (
+        cfg.learning_rate
+        * cfg.max_grad_norm
+        / (sample_rate * n)
+        * math.sqrt(weights * sum(c * c for c in carried))
+    )
+    return cfg.max_update_norm / per_unit_sigma
 
 
 def _epochs(model, loader, optimizer, epochs):

@@ -29,6 +29,7 @@ from typing import Any, Self
 from securehealth.privacy.accountant import (
     ACCOUNTANT,
     ADJACENCIES,
+    MAX_NOISE_MULTIPLIER,
     BudgetExhausted,
     calibrate_noise_multiplier,
     epsilon_spent,
@@ -210,9 +211,15 @@ class PrivacyLedger:
         return epsilon_spent([*self.history, *extra], self.delta, self.adjacency)
 
     def noise_for_round(
-        self, run_id: int | str, sample_rate: float, steps: int, planned_steps: int
+        self,
+        run_id: int | str,
+        sample_rate: float,
+        steps: int,
+        planned_steps: int,
+        max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
     ) -> float:
-        """The noise multiplier for a round of `steps` noisy steps, or BudgetExhausted.
+        """The noise multiplier for a round of `steps` noisy steps, or BudgetExhausted
+        (NoiseBeyondLimit if the budget needs more than `max_noise_multiplier`).
 
         Calibrated once per run, when it first trains, for all its `planned_steps` on
         top of everything the ledger already holds, and kept in the ledger so that
@@ -222,7 +229,13 @@ class PrivacyLedger:
         key = str(run_id)
         if key not in self.data["plans"]:
             sigma = calibrate_noise_multiplier(
-                self.budget, self.delta, sample_rate, planned_steps, self.adjacency, self.history
+                self.budget,
+                self.delta,
+                sample_rate,
+                planned_steps,
+                self.adjacency,
+                self.history,
+                max_noise_multiplier,
             )
             self.data["plans"][key] = {
                 "noise_multiplier": sigma,
