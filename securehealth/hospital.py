@@ -75,6 +75,11 @@ class Hospital:
                     f"update; with {n} training patients this hospital needs a budget of at "
                     f"least {refusal.least_epsilon:.3g} for {cfg.rounds} rounds (or fewer "
                     f"rounds)"
+                    if refusal.least_epsilon is not None
+                    else f"max_update_norm {cfg.max_update_norm:g} is too small for any "
+                    f"budget: even the least noise this hospital trains with would move the "
+                    f"model further than that a round, and the server would reject every "
+                    f"update; raise max_update_norm or lower learning_rate"
                 )
                 return parameters, 0, self._report("refused", server_round, reason)
             except BudgetExhausted as refusal:

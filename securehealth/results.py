@@ -86,6 +86,18 @@ def run_directory(cfg: SimpleNamespace, run_id: int) -> Path:
     return Path(cfg.run_dir or f"runs/flower-run-{run_id}").resolve()
 
 
+# Everything a run of simulation.py, server.py, audit.py, sweep.py or benchmark.py
+# leaves in its run directory: what --overwrite may delete, and nothing else.
+RUN_CONTENTS = frozenset(
+    {
+        *("metrics.json", "model.pt", "report.md", "authorisation.json", "audit.json"),
+        *("epsilon_per_round.png", "performance_per_round.png", "roc_curve.png"),
+        *("sweep.json", "sweep.md", "sweep.png", "benchmark.json", "benchmark.md"),
+        *("flower", "hospitals"),
+    }
+)
+
+
 class RunDirError(Exception):
     """A run directory that cannot be used: not empty, or not writable."""
 
@@ -103,10 +115,16 @@ def new_run_dir(requested: str, result_file: str = METRICS_FILE, overwrite: bool
                     f"run_dir {run_dir} is not empty: choose a new one, or pass --overwrite "
                     "to replace the run in it"
                 )
-            if not (run_dir / result_file).is_file():
+            others = sorted(e.name for e in run_dir.iterdir() if e.name not in RUN_CONTENTS)
+            if others or not _holds_result(run_dir / result_file):
+                what = (
+                    f"files that are not a run's ({', '.join(others)})"
+                    if others
+                    else (f"no run (no {result_file} of one)")
+                )
                 raise RunDirError(
-                    f"run_dir {run_dir} holds files but no run ({result_file}): --overwrite "
-                    "replaces only a previous run; choose an empty or new folder"
+                    f"run_dir {run_dir} holds {what}: --overwrite replaces only a previous "
+                    "run; choose an empty or new folder"
                 )
             _delete_contents(run_dir)
     else:
@@ -127,6 +145,14 @@ def new_run_dir(requested: str, result_file: str = METRICS_FILE, overwrite: bool
             "you can write to"
         ) from None
     return run_dir
+
+
+def _holds_result(path: Path) -> bool:
+    """Whether path is a run's result file (a JSON object), not just a file of that name."""
+    try:
+        return not path.is_symlink() and isinstance(read_json(path), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _delete_contents(folder: Path) -> None:

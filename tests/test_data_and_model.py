@@ -166,7 +166,7 @@ A = {"name": "a", "type": "numeric", "min": 0, "max": 1}
                 "label": LABEL,
                 "features": [{"name": "a", "type": "numeric", "min": -math.inf, "max": 1}],
             },
-            "feature 'a' needs finite numbers",
+            "every number must be finite",
         ),
         (
             {"label": LABEL, "features": [{"name": "a", "type": "numeric", "min": 0, "max": True}]},
@@ -200,6 +200,52 @@ def test_the_shipped_data_dictionaries_follow_the_published_structure():
     jsonschema.Draft202012Validator.check_schema(structure)
     for path in [*ROOT.glob("schemas/*_*.json"), *ROOT.glob("examples/*/schema.json")]:
         data_utils.Schema.load(path)  # raises if not
+
+
+GOOD = '"label": {"column": "y", "positive": 1, "negative": 0}'
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("s.json", b'{"name": "caf\xe9", ' + GOOD.encode() + b', "features": []}', "not UTF-8"),
+        ("s.json", b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        ("s.yaml", b"[" * 100_000 + b"]" * 100_000, "not valid YAML"),
+        ("s.json", b"{" + GOOD.encode() + b", " + GOOD.encode() + b"}", "'label' appears twice"),
+        (
+            "s.json",
+            b'{"features": [{"name": "a", "type": "categorical", "categories": [NaN, 1]}]}',
+            "NaN is not a number",
+        ),
+        ("s.yaml", b"l: &a [1]\nlabel: {column: y, positive: *a, negative: 0}\n", "aliases"),
+        (
+            "s.yaml",
+            (
+                b"label: {column: y, positive: 1, negative: 0}\nfeatures: [{name: a, type: "
+                b"categorical, categories: [.nan, 1]}]\n"
+            ),
+            "every number must be finite",
+        ),
+        (
+            "s.json",
+            b"{" + GOOD.encode() + b', "features": [{"name": "a", "type": "numeric", '
+            b'"min": 1' + b"0" * 400 + b', "max": 2}]}',
+            "every number must be finite",
+        ),
+        (
+            "s.json",
+            b"{" + GOOD.encode() + b', "features": [{"name": "a", "type": "numeric", '
+            b'"min": -1.7e308, "max": 1.7e308}]}',
+            "finite numbers min < max",
+        ),
+    ],
+)
+def test_a_data_dictionary_file_that_cannot_be_used_is_one_line(name, text, problem, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(text)
+    with pytest.raises(data_utils.DataError, match=problem) as refused:
+        data_utils.Schema.load(path)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_data_dictionary_that_is_not_valid_yaml_is_one_line(tmp_path):

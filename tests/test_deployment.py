@@ -212,6 +212,14 @@ def test_one_client_py_per_hospital_state_directory(tmp_path):
     )
     assert_one_line_error(again, 1, "no server at")  # past the lock, to the server
 
+    (tmp_path / "precious").write_text("kept")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "client.lock").symlink_to(tmp_path / "precious")  # planted in its place
+    refused = run_script(*join[1:], "--state-dir", str(linked), cwd=tmp_path)
+    assert_one_line_error(refused, 2, "client.lock", "remove it if it is a link")
+    assert (tmp_path / "precious").read_text() == "kept"
+
 
 def run_script(script, *args, cwd, timeout=60):
     return subprocess.run(

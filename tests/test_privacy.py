@@ -318,6 +318,12 @@ def test_a_budget_too_small_to_train_usefully_is_declined_with_what_would_work(t
     short = settings.resolve({**base, "epsilon": least * 0.98})
     assert train_rounds(Hospital(2, short, 1, tmp_path / "short"), 1)[0]["status"] == "refused"
 
+    # A limit below the least noise calibration uses: no budget helps, and none is named.
+    tight = settings.resolve({**base, "epsilon": 120, "max_update_norm": 0.01})
+    [report] = train_rounds(Hospital(2, tight, 1, tmp_path / "tight"), 1)
+    assert report["status"] == "refused" and "too small for any budget" in report["reason"]
+    assert "at least" not in report["reason"] and report["epsilon"] == 0
+
 
 def test_the_server_cannot_reset_a_budget_with_another_seed_or_split(tmp_path):
     # The reset attack: the server's seed and test_fraction used to choose the held-out

@@ -102,14 +102,23 @@ def test_a_run_directory_in_use_is_refused_unless_overwrite_replaces_the_run(tmp
     (others / "notes").mkdir(parents=True)
     with pytest.raises(RunDirError, match="not empty.*--overwrite"):
         new_run_dir(str(others))
-    with pytest.raises(RunDirError, match="no run"):  # --overwrite deletes only a run
+    with pytest.raises(RunDirError, match=r"not a run's \(notes\)"):  # only a run's files
+        new_run_dir(str(others), overwrite=True)
+    assert (others / "notes").is_dir()
+
+    (others / "metrics.json").write_text("{}")  # a run's file among others: still theirs
+    with pytest.raises(RunDirError, match=r"not a run's \(notes\)"):
         new_run_dir(str(others), overwrite=True)
     assert (others / "notes").is_dir()
 
     previous = tmp_path / "previous"
     (previous / "flower").mkdir(parents=True)
-    for name in ("metrics.json", "report.md", "model.pt"):
+    for name in ("report.md", "model.pt"):
         (previous / name).write_text("old")
+    (previous / "metrics.json").write_text("not a run's record")
+    with pytest.raises(RunDirError, match="no run"):
+        new_run_dir(str(previous), overwrite=True)
+    (previous / "metrics.json").write_text('{"status": "finished"}')
     with pytest.raises(RunDirError, match="not empty"):
         new_run_dir(str(previous))
     assert (previous / "model.pt").read_text() == "old"

@@ -181,6 +181,28 @@ def test_kill_9_of_simulation_py_leaves_nothing_running(tmp_path):
     assert left_running(run_dir) == []  # Ray's processes too
 
 
+def test_a_dead_superlink_takes_the_rest_of_the_run_with_it(tmp_path):
+    # Flower's SuperLink process killed under a live launcher: what it started
+    # (SuperExec, the simulation, Ray) is adopted by the launcher and stopped, not
+    # left training headless against the hospitals' ledgers.
+    run_dir = tmp_path / "headless"
+    process = simulate_until_round_one(run_dir)
+    [gate] = [
+        pid
+        for pid in flower_pids(run_dir)
+        if b"superlink_gate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    os.kill(gate, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert left_running(run_dir) == []
+    metrics_path = run_dir / "metrics.json"
+    assert json.loads(metrics_path.read_text())["status"] == "failed"
+    rounds = len(json.loads(metrics_path.read_text())["rounds"])
+    time.sleep(2)
+    assert len(json.loads(metrics_path.read_text())["rounds"]) == rounds  # nothing trains on
+
+
 def assert_report(run_dir):
     """report.md and its three plots: present, linked, and real images."""
     report = (run_dir / "report.md").read_text()

@@ -83,7 +83,7 @@ class Schema:
         where = f"{self.source}: feature {f['name']!r}"
         if f["type"] == "numeric":
             low, high = f["min"], f["max"]
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            if not (low < high and math.isfinite(float(high) - float(low))):
                 raise DataError(f"{where} needs finite numbers min < max (its valid range)")
             if f.get("log") and low < 0:
                 raise DataError(f"{where}: a log-scaled feature needs min >= 0")
@@ -100,13 +100,18 @@ class Schema:
     def load(cls, path: str | Path, missing_values: str = "fail") -> Self:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as error:
             raise DataError(f"{path}: cannot read the data dictionary ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
         try:
-            spec = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (ValueError, yaml.YAMLError) as error:
-            problem = " ".join(str(error).split())  # YAML's own message spans lines
+            if path.suffix in (".yaml", ".yml"):
+                spec = yaml.load(text, Loader=_PlainYaml)  # noqa: S506 (a safe loader)
+            else:
+                spec = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_nan)
+        except (ValueError, yaml.YAMLError, RecursionError) as error:
+            problem = " ".join(str(error).split()) or "nested too deeply"  # YAML's spans lines
             raise DataError(f"{path}: not valid {path.suffix[1:].upper()} ({problem})") from None
         return cls(spec, path, missing_values)
 
@@ -193,14 +198,56 @@ class Schema:
         return matches(np.asarray(values).astype(str), self.positive_values + self.negative_values)
 
 
+class _PlainYaml(yaml.SafeLoader):
+    """YAML without aliases (*name): a dictionary has no use for them, and nested
+    aliases expand exponentially ("billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not allowed in a data dictionary")
+        return super().compose_node(parent, index)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"the key {repeated!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_nan(constant: str) -> float:
+    raise ValueError(f"{constant} is not a number a dictionary may hold")
+
+
+def _finite(value: object) -> bool:
+    """Whether every number in a parsed dictionary is a finite float (YAML's .nan and
+    .inf, or an integer too large for a float, are not)."""
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, list):
+        return all(map(_finite, value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:
+            return False
+    return True
+
+
 def check_structure(spec: object, source: str) -> None:
     """Check the dictionary against its JSON Schema (schemas/data-dictionary.schema.json):
     one line naming the first wrong field and what it may be."""
     import jsonschema  # imported here: only a run that reads a dictionary pays for it
 
     validator = jsonschema.Draft202012Validator(json.loads(STRUCTURE.read_text()))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
+    except RecursionError:
+        raise DataError(f"{source}: the data dictionary is nested too deeply") from None
     if error is None:
+        if not _finite(spec):
+            raise DataError(f"{source}: every number must be finite (no NaN or infinity)")
         return
     where, node = "", spec
     for step in error.absolute_path:  # e.g. features, 0, min -> feature 'age'.min

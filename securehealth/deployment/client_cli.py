@@ -124,7 +124,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
         return 0
     try:
         _held = hold(state_dir)  # kept until join returns (or the process ends)
-    except (StateDirInUse, OSError) as error:
+    except (StateDirError, OSError) as error:
         parser.error(str(error))
     try:  # no training without a sound ledger that can be written
         ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
@@ -221,28 +221,38 @@ def join(description: str, argv: list[str] | None = None) -> int:
         return 130
 
 
-class StateDirInUse(RuntimeError):
-    """Another live client.py holds this hospital's state directory."""
+class StateDirError(RuntimeError):
+    """This hospital's state directory cannot be held: another live client.py holds it,
+    or it is no folder."""
 
 
 def hold(state_dir: Path) -> TextIO:
     """Lock the hospital's state directory (0700) for this process: two launchers on
     one ledger and one Flower state would be two nodes of one hospital. The kernel
     releases the lock when the process ends, even by kill -9; the file names its pid."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise StateDirError(f"--state-dir {state_dir} is a file, not a folder")
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    lock = open(state_dir / LOCK_FILE, "a+")
+    try:  # never through a link planted in its place
+        descriptor = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise StateDirError(
+            f"cannot open {state_dir / LOCK_FILE} ({error.strerror}); remove it if it is a link"
+        ) from None
+    lock = os.fdopen(descriptor, "r+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise StateDirInUse(
+        raise StateDirError(
             f"this hospital's state directory {state_dir} is in use by another "
             f"client.py (pid {holder}): stop that one first, or give this one its own "
             "--state-dir"
         ) from None
+    lock.seek(0)
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()

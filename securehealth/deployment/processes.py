@@ -7,32 +7,61 @@ group is not enough to find them: the tree is read from `ps`. A launcher's own
 otherwise a SuperNode went on training headless and a simulation's Ray processes
 outlived it for minutes."""
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 WATCH_S = 0.2  # how often a started process checks that its launcher is alive
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process become its children
+_adopting = False  # whether this process is a subreaper (adopt_orphans)
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants, pid first."""
+def _children() -> dict[int, list[int]]:
+    """{pid: its child pids} of every process, from `ps`."""
     try:
         listing = subprocess.run(
             ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError):
-        return [pid]
+        return {}
     children = {}
     for line in listing.splitlines():
         child, parent = map(int, line.split())
         children.setdefault(parent, []).append(child)
+    return children
+
+
+def process_tree(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """pid and all its descendants, pid first."""
+    children = _children() if children is None else children
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())
         todo += children.get(tree[-1], [])
     return tree
+
+
+def adopt_orphans() -> None:
+    """Make this launcher the parent of any process whose own parent dies below it
+    (Linux; elsewhere nothing): if Flower's SuperLink or SuperNode process dies,
+    what it started is then still found (adopted) and stopped, not left training."""
+    global _adopting
+    if sys.platform == "linux":
+        _adopting = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+
+
+def adopted(started: set[int]) -> list[int]:
+    """The processes this launcher adopted (children it did not start itself), with
+    all below them; none unless it adopts orphans."""
+    if not _adopting:
+        return []
+    children = _children()
+    orphans = [c for c in children.get(os.getpid(), []) if c not in started]
+    return [pid for orphan in orphans for pid in process_tree(orphan, children)]
 
 
 def alive(pid: int) -> bool:

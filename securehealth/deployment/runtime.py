@@ -24,7 +24,14 @@ from rich.console import Console
 
 from securehealth import authorisation, display, settings
 from securehealth.deployment import pinning
-from securehealth.deployment.processes import alive, follow_launcher, process_tree, send
+from securehealth.deployment.processes import (
+    adopt_orphans,
+    adopted,
+    alive,
+    follow_launcher,
+    process_tree,
+    send,
+)
 from securehealth.results import mark_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -34,6 +41,7 @@ DEFAULT_PORT = 9092  # where hospitals reach the server (Flower's traditional Fl
 # How often a hospital's SuperNode asks the server for a message (Flower 1.42: every
 # 3 s, fixed): four messages a round with SecAgg+, each waited for the next ask.
 POLL_S = 0.25
+_started: set[int] = set()  # pids of the Flower processes this launcher started
 
 
 class FlowerError(RuntimeError):
@@ -70,6 +78,9 @@ def split_address(address: str) -> tuple[str, int]:
 def ensure_port_free(host: str, port: int) -> None:
     """Fail early, with the port named, rather than deep inside Flower's logs."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # As the SuperLink binds: a port whose last server left only TIME_WAIT
+        # connections behind (say after kill -9) is free for it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host or "0.0.0.0", port))
         except OSError as error:
@@ -109,7 +120,8 @@ def _stop_tree(process, timeout, grace=1.0):
     """SIGTERM to all; wait for the process itself, then `grace` seconds for the
     rest (Flower's simulation process alone takes 3 s to shut down, with nothing
     left to save once the run's results are written); SIGKILL what remains."""
-    tree = process_tree(process.pid)
+    # What it started, and what this launcher adopted when a process in between died.
+    tree = process_tree(process.pid) + adopted(_started)
     for pid in tree:
         send(pid, signal.SIGTERM)
     try:
@@ -148,6 +160,7 @@ def flower_process(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
         )
+    _started.add(process.pid)
     try:
         yield process
     finally:
@@ -348,7 +361,9 @@ def start_launcher() -> None:
     """What simulation.py, server.py and client.py do first. SIGTERM and SIGHUP stop
     them like Ctrl-C does: everything they started is stopped and the run's status
     recorded. Whatever they and Flower's processes create (state and run folders,
-    logs, ledgers, keys, results) is readable by this user only: umask 077."""
+    logs, ledgers, keys, results) is readable by this user only: umask 077. They
+    adopt the orphans of a Flower process that dies (processes.adopt_orphans), so
+    stopping finds those too."""
 
     def interrupt(signal_number, frame):
         raise KeyboardInterrupt
@@ -356,6 +371,7 @@ def start_launcher() -> None:
     for signal_number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signal_number, interrupt)
     os.umask(0o077)
+    adopt_orphans()
 
 
 def run_federation(

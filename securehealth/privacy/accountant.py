@@ -31,10 +31,15 @@ class BudgetExhausted(Exception):
 
 class NoiseBeyondLimit(BudgetExhausted):
     """The budget holds only with more noise than the limit asked for; with
-    `least_epsilon` (cumulative) the limit itself would do."""
+    `least_epsilon` (cumulative) the limit itself would do. None: the limit is below
+    the least noise calibration goes down to, so no budget would."""
 
-    def __init__(self, least_epsilon: float):
-        super().__init__(f"a budget of at least {least_epsilon:.3g} is needed")
+    def __init__(self, least_epsilon: float | None):
+        super().__init__(
+            f"a budget of at least {least_epsilon:.3g} is needed"
+            if least_epsilon is not None
+            else "no budget suffices"
+        )
         self.least_epsilon = least_epsilon
 
 
@@ -116,7 +121,9 @@ def _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_mu
     def epsilon_with(sigma):
         return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta, adjacency)
 
-    least = epsilon_with(max(max_noise_multiplier, MIN_NOISE_MULTIPLIER))  # see below
+    if max_noise_multiplier < MIN_NOISE_MULTIPLIER:  # calibration never goes below it
+        raise NoiseBeyondLimit(None)
+    least = epsilon_with(max_noise_multiplier)
     if least > budget:
         raise NoiseBeyondLimit(least)
     # A bracket [low, high] of the answer, found by doubling from sigma 1: PLDs of
