@@ -21,17 +21,17 @@ _adopting = False  # whether this process is a subreaper (adopt_orphans)
 
 
 def _children() -> dict[int, list[int]]:
-    """{pid: its child pids} of every process, from `ps`."""
+    """{pid: its child pids} of every process, from `ps` (leaving out that `ps`)."""
     try:
-        listing = subprocess.run(
-            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
+        ps = subprocess.Popen(["ps", "-A", "-o", "pid=,ppid="], stdout=subprocess.PIPE, text=True)
+        listing, _ = ps.communicate()
+    except OSError:
         return {}
     children = {}
     for line in listing.splitlines():
         child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
+        if child != ps.pid:
+            children.setdefault(parent, []).append(child)
     return children
 
 
