@@ -292,10 +292,13 @@ def test_the_noise_limit_is_where_real_updates_reach_max_update_norm(tmp_path):
     hospital = Hospital(2, cfg, run_id=1, state_dir=tmp_path)  # 160 training patients
     weights = get_weights(build_model(hospital.x.shape[1], cfg.hidden_layers))
     limit = noise_limit(len(hospital.y), sum(w.size for w in weights), cfg)
-    at_limit = [update_norm(hospital, weights, limit) for _ in range(3)]
+    at_limit = np.array([update_norm(hospital, weights, limit) for _ in range(5)])
     # The noise alone, momentum included, moves the model by max_update_norm; the
-    # clipped gradients add at most a few units (lr 0.3, steps of norm <= 1).
-    assert all(0.9 * cfg.max_update_norm < n < 1.1 * cfg.max_update_norm for n in at_limit)
+    # clipped gradients add at most a few units (lr 0.3, steps of norm <= 1). One
+    # round's norm varies by about 6 % (30 runs: 88-110, mean 99): the mean of five
+    # lies within 10 % (4 standard deviations), each within 30 %.
+    assert 0.9 < at_limit.mean() / cfg.max_update_norm < 1.1, at_limit
+    assert np.all(np.abs(at_limit / cfg.max_update_norm - 1) < 0.3), at_limit
     assert update_norm(hospital, weights, limit / 4) < cfg.max_update_norm / 3
 
 
