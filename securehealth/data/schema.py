@@ -15,6 +15,7 @@ their missing markers.
 Values written as numbers in the dictionary (categories, label values, markers)
 match cells by number, so a file that writes 1 as "1.0" reads the same."""
 
+import functools
 import json
 import math
 import re
@@ -235,14 +236,22 @@ def _finite(value: object) -> bool:
     return True
 
 
+@functools.cache
+def _validator():
+    """The JSON Schema's validator, read once per process (a worker opens a hospital,
+    and so reads its dictionary, for every message)."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(STRUCTURE.read_text()))
+
+
 def check_structure(spec: object, source: str) -> None:
     """Check the dictionary against its JSON Schema (schemas/data-dictionary.schema.json):
     one line naming the first wrong field and what it may be."""
     import jsonschema  # imported here: only a run that reads a dictionary pays for it
 
-    validator = jsonschema.Draft202012Validator(json.loads(STRUCTURE.read_text()))
     try:
-        error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
+        error = jsonschema.exceptions.best_match(_validator().iter_errors(spec))
     except RecursionError:
         raise DataError(f"{source}: the data dictionary is nested too deeply") from None
     if error is None:
