@@ -24,6 +24,7 @@ from securehealth.results import METRICS_FILE, MODEL_FILE, read_json, write_atom
 
 REPORT_FILE = "report.md"
 AUDIT_FILE = "audit.json"  # written by audit.py
+AUDIT_PLOT = "audit.png"
 PLOTS = {
     "performance": "performance_per_round.png",
     "epsilon": "epsilon_per_round.png",
@@ -125,6 +126,29 @@ def _metric_rows(named):
 
 
 def _audit_section(audit):
+    """The canary audit (audit.py), then the membership-inference attack."""
+    sections = []
+    canaries = audit.get("canary_audit")
+    if canaries:
+        sections += [
+            "## Privacy audit: canaries in one run",
+            f"Each variant trained the audit's own federation on this run's settings, with "
+            f"canaries in hospital {canaries['audited_hospital']}'s rows. A lower bound is "
+            f"the least epsilon the guesses about the canaries prove, at "
+            f"{canaries['confidence']:.0%} confidence; a correct training's stays at or below "
+            f"its claim. White-box: a server that sees each round's update (no SecAgg+); "
+            f"black-box: anyone holding model.pt.",
+            audit_table(canaries),
+            f"**{canaries['summary']}**",
+            f"![Canary audit]({AUDIT_PLOT})",
+        ]
+    attack = audit.get("membership_inference") if canaries else audit  # an earlier audit.json
+    if attack:
+        sections += _membership_inference_section(attack)
+    return sections
+
+
+def _membership_inference_section(audit):
     def interval(summary):
         return f"{summary['mean']:.3f} ({summary['low']:.3f} to {summary['high']:.3f})"
 
@@ -152,6 +176,30 @@ def _audit_section(audit):
         ),
         audit["verdict"],
     ]
+
+
+def audit_table(canaries: dict[str, Any]) -> str:
+    """The canary audit's lower bounds beside each variant's claimed epsilon."""
+    rows = []
+    for v in canaries["variants"].values():
+        bounds = [
+            f"{v['threat_models'][t]['gaussian']['epsilon']:.2f} / "
+            f"{v['threat_models'][t]['epsilon-delta']['epsilon']:.2f}"
+            for t in ("white-box", "black-box")
+        ]
+        rows.append(
+            [v["description"], f"{v['claimed_epsilon']:.3g}", f"{v['true_epsilon']:.3g}", *bounds]
+        )
+    return _table(
+        [
+            "Variant",
+            "Claimed epsilon",
+            "True epsilon",
+            "White-box lower bound (Gaussian / (eps, delta) analysis)",
+            "Black-box lower bound (Gaussian / (eps, delta) analysis)",
+        ],
+        rows,
+    )
 
 
 def hospital_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:

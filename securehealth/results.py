@@ -91,6 +91,7 @@ def run_directory(cfg: SimpleNamespace, run_id: int) -> Path:
 RUN_CONTENTS = frozenset(
     {
         *("metrics.json", "model.pt", "report.md", "authorisation.json", "audit.json"),
+        *("audit.md", "audit.png"),
         *("epsilon_per_round.png", "performance_per_round.png", "roc_curve.png"),
         *("sweep.json", "sweep.md", "sweep.png", "benchmark.json", "benchmark.md"),
         *("flower", "hospitals"),

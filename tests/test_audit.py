@@ -1,4 +1,5 @@
-"""The membership-inference audit and the privacy-utility sweep."""
+"""The privacy audit (the one-run canary audit and the membership-inference attack)
+and the privacy-utility sweep."""
 
 import json
 import math
@@ -12,9 +13,9 @@ from conftest import ROOT
 from PIL import Image
 
 from model import build_model
-from securehealth import settings
+from securehealth import data, settings
 from securehealth.privacy import dpsgd
-from securehealth.tools import audit
+from securehealth.tools import audit, canary_audit, lower_bounds
 
 
 def random_patients(n, seed):
@@ -84,3 +85,190 @@ def test_a_tiny_sweep_writes_its_table_and_plot(tmp_path):
     with Image.open(tmp_path / "sweep" / "sweep.png") as image:
         image.verify()
         assert image.format == "PNG"
+
+
+# --- The one-run canary audit -------------------------------------------------
+
+
+@pytest.mark.parametrize("guesses", [10, 100, 1000])
+def test_all_guesses_right_give_the_theorems_bound(guesses):
+    # delta 0: the chance of r right out of r under eps-DP is at most p^r, p = e^eps/(1+e^eps);
+    # the bound is the eps where p^r = 1 - confidence.
+    p = 0.05 ** (1 / guesses)
+    exact = math.log(p / (1 - p))
+    assert lower_bounds.epsilon_lower_bound(
+        guesses, guesses, guesses, delta=0.0, confidence=0.95
+    ) == pytest.approx(exact, abs=1e-3)
+
+
+def test_the_issues_worked_case():
+    assert lower_bounds.epsilon_lower_bound(100, 100, 100, 0.0, 0.95) == pytest.approx(
+        3.49, abs=0.01
+    )
+
+
+def test_chance_guessing_proves_nothing():
+    rng = np.random.default_rng(0)
+    coins = rng.integers(0, 2, 2000)
+    scores = rng.standard_normal(2000)  # scores that know nothing of the coins
+    for analysis in lower_bounds.ANALYSES:
+        found = lower_bounds.audit_guesses(scores, coins, 1e-5, 0.95, analysis)
+        assert found["epsilon"] < 0.1, found
+    assert lower_bounds.epsilon_lower_bound(1000, 400, 200, 1e-5) == 0.0
+
+
+def test_delta_adds_the_theorems_term():
+    # p = P[Bin(r, q) >= v] + 2 m delta max_i P[v - i <= Bin(r, q) < v] / i, by brute force.
+    m, r, v, eps, delta = 50, 20, 15, 0.7, 1e-3
+    q = math.exp(eps) / (1 + math.exp(eps))
+    pmf = [math.comb(r, k) * q**k * (1 - q) ** (r - k) for k in range(r + 1)]
+    term = max(sum(pmf[v - i : v]) / i for i in range(1, v + 1))
+    expected = sum(pmf[v:]) + 2 * m * delta * term
+    assert lower_bounds.p_value(m, r, v, eps, delta) == pytest.approx(expected, rel=1e-9)
+    assert lower_bounds.epsilon_lower_bound(m, r, v, delta) < lower_bounds.epsilon_lower_bound(
+        m, r, v, 0.0
+    )
+
+
+def _gaussian_epsilon(mu, delta):
+    """epsilon of mu-Gaussian DP at delta (Dong, Roth and Su)."""
+    from scipy import optimize, stats
+
+    def excess(eps):
+        return (
+            stats.norm.cdf(-eps / mu + mu / 2)
+            - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+            - delta
+        )
+
+    return optimize.brentq(excess, 0, 50)
+
+
+def test_the_gaussian_analysis_is_sound_and_tighter():
+    # An exactly mu-GDP release of each coin: a score N(+-mu/2, 1). Its true epsilon must
+    # be refuted rarely (at most 5% of audits at 95% confidence), and the Gaussian
+    # analysis proves more than the (epsilon, delta) one from the same guesses.
+    mu, delta, trials = 1.0, 1e-5, 20
+    true_epsilon = _gaussian_epsilon(mu, delta)
+    rng = np.random.default_rng(1)
+    found = {a: [] for a in lower_bounds.ANALYSES}
+    for _ in range(trials):
+        coins = rng.integers(0, 2, 1000)
+        scores = rng.standard_normal(1000) + mu * (coins - 0.5)
+        for analysis in lower_bounds.ANALYSES:
+            found[analysis].append(lower_bounds.audit_guesses(scores, coins, delta, 0.95, analysis))
+    gaussian = np.array([f["epsilon"] for f in found["gaussian"]])
+    epsilon_delta = np.array([f["epsilon"] for f in found["epsilon-delta"]])
+    assert (gaussian > true_epsilon).sum() <= 2 and (epsilon_delta > true_epsilon).sum() <= 2
+    assert gaussian.mean() > 1.2 * epsilon_delta.mean() > 0.5
+
+
+def _tiny(**overrides):
+    return settings.resolve(
+        {"num_patients": 1500, "global_test_patients": 200, "rounds": 3, **overrides}
+    )
+
+
+def test_white_box_scores_are_the_canaries_clipped_gradients(tmp_path):
+    # Without noise (broken variant b) a canary weight moves only by its own canary's
+    # clipped gradient: towards its coin's version, by at most max_grad_norm a step.
+    cfg = _tiny()
+    patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
+    canaries = canary_audit.Canaries.draw(300, 20, patients[0][0][0], cfg.adjacency, seed=3)
+    facts, updates, _ = canary_audit.train_variant(cfg, "no-noise", canaries, patients, tmp_path)
+    scores = canaries.white_box_scores(updates)
+    moved = scores != 0
+    assert moved.mean() > 0.8  # most canaries were sampled in 3 rounds
+    assert np.all((scores[moved] > 0) == (canaries.white_coins[moved] == 1))
+    n = facts["patients"]
+    sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
+    # Each step moves a weight by at most lr * C / (expected batch), carried by momentum.
+    carried = sum((1 - cfg.momentum**j) / (1 - cfg.momentum) for j in range(1, steps + 1))
+    most = cfg.rounds * cfg.learning_rate * cfg.max_grad_norm / (sample_rate * n) * carried
+    assert np.abs(scores).max() <= most * 1.001
+    assert np.abs(scores).max() > most / 20  # moved by the clipped gradient, not a trace
+
+
+def test_patients_never_move_the_canary_weights(tmp_path):
+    cfg = _tiny(rounds=2)
+    patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
+    canaries = canary_audit.Canaries.draw(50, 0, patients[0][0][0], "add-remove", seed=0)
+    canaries.white_coins[:] = 0  # add-remove: no canary is there
+    _, updates, _ = canary_audit.train_variant(cfg, "no-noise", canaries, patients, tmp_path)
+    assert np.all(np.asarray(updates) == 0)
+
+
+def _variant(claimed, white_gaussian, others=0.0):
+    bounds = {"gaussian": {"epsilon": white_gaussian}, "epsilon-delta": {"epsilon": others}}
+    black = {a: {"epsilon": others} for a in lower_bounds.ANALYSES}
+    return {"claimed_epsilon": claimed, "threat_models": {"white-box": bounds, "black-box": black}}
+
+
+@pytest.mark.parametrize(
+    ("product", "broken", "noiseless", "outcome"),
+    [
+        (0.4, 1.5, 7.0, "PASS"),
+        (1.2, 1.5, 7.0, "FAIL"),  # the product's bound above its claim
+        (0.4, 0.9, 7.0, "INCONCLUSIVE"),  # the broken accounting not caught
+        (0.4, 1.5, 2.0, "INCONCLUSIVE"),  # no noise not far above
+    ],
+)
+def test_the_verdict(product, broken, noiseless, outcome):
+    variants = {
+        "product": _variant(1.0, product),
+        "one-round-accounting": _variant(1.0, broken),
+        "no-noise": _variant(1.0, noiseless),
+    }
+    assert canary_audit.verdict(variants)["outcome"] == outcome
+
+
+def test_the_self_test_on_tiny_settings(tmp_path):
+    # One round: "noise for one round used for all" is the product itself, so it
+    # cannot be caught, and the audit must say it is inconclusive, not pass. The
+    # product stays within its claim; without noise the audit is far above it.
+    run_dir = tmp_path / "audit"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "audit.py"),
+            "--self-test",
+            "--rounds",
+            "1",
+            "--num-patients",
+            "1500",
+            "--canaries",
+            "500",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    audit = json.loads((run_dir / "audit.json").read_text())["canary_audit"]
+    assert audit["outcome"] == "INCONCLUSIVE", audit["summary"]
+    checks = audit["checks"]
+    assert checks["product_within_claim"] and checks["no_noise_far_above"]
+    broken = audit["variants"]["one-round-accounting"]
+    assert broken["true_epsilon"] == pytest.approx(broken["claimed_epsilon"], rel=1e-6)
+    assert (
+        "INCONCLUSIVE" in result.stdout
+        and "| The product as it is |" in (run_dir / "audit.md").read_text()
+    )
+    with Image.open(run_dir / "audit.png") as image:
+        image.verify()
+
+
+def test_the_self_test_refuses_csv_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "audit.py"), "--self-test", "--dataset", "csv"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "bundled or generated data only" in result.stderr
+    assert "Traceback" not in result.stderr

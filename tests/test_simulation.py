@@ -228,19 +228,34 @@ def test_the_run_leaves_a_report_for_the_privacy_officer(run):
 def test_the_audit_attacks_the_model_and_reports_it(run):
     *_, run_dir = run
     result = subprocess.run(
-        [sys.executable, str(ROOT / "audit.py"), "--run-dir", str(run_dir)],
+        [sys.executable, str(ROOT / "audit.py"), "--run-dir", str(run_dir), "--canaries", "500"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     audit = json.loads((run_dir / "audit.json").read_text())
-    dp = audit["models"]["Federated, DP (this run)"]["auc"]
-    assert dp["low"] <= dp["mean"] <= dp["high"] <= audit["bound"]["auc"]
-    assert audit["bound"]["auc"] == pytest.approx(0.731, abs=0.01)  # epsilon 1, delta 1e-5
-    assert len(audit["models"]) == 3  # and the two models trained without DP
+    canaries = audit["canary_audit"]
+    assert canaries["rounds"] == 3 and set(canaries["variants"]) == {
+        "product",
+        "no-noise",
+        "one-round-accounting",
+    }
+    product = canaries["variants"]["product"]
+    assert product["threat_models"]["white-box"]["gaussian"]["epsilon"] <= 1.0
+    assert product["claimed_epsilon"] == pytest.approx(1.0, abs=0.01)
+    assert canaries["checks"]["no_noise_far_above"]
+    attack = audit["membership_inference"]
+    dp = attack["models"]["Federated, DP (this run)"]["auc"]
+    assert dp["low"] <= dp["mean"] <= dp["high"] <= attack["bound"]["auc"]
+    assert attack["bound"]["auc"] == pytest.approx(0.731, abs=0.01)  # epsilon 1, delta 1e-5
+    assert len(attack["models"]) == 3  # and the two models trained without DP
     report = (run_dir / "report.md").read_text()
+    assert (
+        "## Privacy audit: canaries in one run" in report and "![Canary audit](audit.png)" in report
+    )
     assert "## Membership-inference audit" in report and "does not prove privacy" in report
+    assert (run_dir / "audit.png").stat().st_size > 10_000
 
 
 def test_breast_cancer_with_baselines(tmp_path):

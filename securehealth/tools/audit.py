@@ -1,6 +1,8 @@
-"""The membership-inference audit of a finished run (audit.py): the loss-threshold
-attack (Yeom et al., 2018) on the run's model and on two models trained here
-without DP, set beside the most any attack can achieve at the run's epsilon."""
+"""The privacy audit (audit.py): the one-run canary audit (canary_audit.py), on its
+own (`--self-test`) or with a finished run's settings, and, for a finished run, the
+loss-threshold membership-inference attack (Yeom et al., 2018) on the run's model
+and on two models trained here without DP, set beside the most any attack can
+achieve at the run's epsilon."""
 
 import math
 import sys
@@ -14,14 +16,18 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from model import build_model, load_model
 from securehealth import data, display, settings
 from securehealth.privacy import dpsgd
-from securehealth.report import AUDIT_FILE, write_report
+from securehealth.report import AUDIT_FILE, AUDIT_PLOT, audit_table, write_report
 from securehealth.results import (
     METRICS_FILE,
     MODEL_FILE,
+    RunDirError,
     finished_run_argument,
+    new_run_dir,
     read_json,
+    write_atomic,
     write_json,
 )
+from securehealth.tools import canary_audit
 
 REPETITIONS = 200  # bootstrap draws of members and non-members
 LONG_TRAINING = 10  # the memorising contrast trains this many times longer
@@ -85,9 +91,8 @@ def bound(epsilon: float, delta: float) -> dict[str, float]:
     }
 
 
-def run_audit(run_dir: Path) -> dict[str, Any]:
-    """Attack the run's model and the two contrasts; write and return audit.json."""
-    run_dir = Path(run_dir)
+def membership_inference(run_dir: Path) -> dict[str, Any]:
+    """Attack the run's model and the two contrasts."""
     metrics = read_json(run_dir / METRICS_FILE)
     cfg = settings.resolve(metrics["config"])
     torch.set_num_threads(1)
@@ -132,12 +137,78 @@ def run_audit(run_dir: Path) -> dict[str, Any]:
         )
         + "An attack near chance does not prove privacy; the cap is the guarantee."
     )
-    write_json(run_dir / AUDIT_FILE, result)
     return result
 
 
+def run_audit(run_dir: Path, canaries: int = canary_audit.CANARIES) -> dict[str, Any]:
+    """The canary audit with the run's settings and the membership-inference attack
+    on its model; written to the run's audit.json and plot, and returned."""
+    run_dir = Path(run_dir)
+    cfg = settings.resolve(read_json(run_dir / METRICS_FILE)["config"])
+    result = {
+        "canary_audit": canary_audit.run(cfg, canaries),
+        "membership_inference": membership_inference(run_dir),
+    }
+    write_json(run_dir / AUDIT_FILE, result)
+    canary_audit.plot(result["canary_audit"], run_dir / AUDIT_PLOT)
+    return result
+
+
+def self_test(description: str, argv: list[str]) -> int:
+    """`--self-test`: the canary audit on bundled or generated data, in a new run
+    directory (audit.json, audit.md, audit.png); exit 0 only if it passes."""
+    parser = settings.make_parser(description)
+    _add_audit_flags(parser)
+    cfg, args = settings.parse(parser, argv, simulation=True)
+    data.locate(cfg)
+    try:
+        if cfg.dataset == "csv":
+            raise settings.SettingsError(
+                "the self-test trains on bundled or generated data only: choose another "
+                "dataset, or audit a finished csv run with --run-dir"
+            )
+        run_dir = new_run_dir(cfg.run_dir, AUDIT_FILE, args.overwrite)
+    except (settings.SettingsError, RunDirError) as error:
+        parser.error(str(error))
+    console = display.make_console()
+    with console.status("Training the product and two broken variants with canaries"):
+        result = canary_audit.run(cfg, args.canaries)
+    write_json(run_dir / AUDIT_FILE, {"canary_audit": result})
+    canary_audit.plot(result, run_dir / AUDIT_PLOT)
+    table = audit_table(result)
+    page = f"# Privacy self-test\n\n{table}\n\n{result['summary']}\n\n![Audit]({AUDIT_PLOT})\n"
+    write_atomic(run_dir / "audit.md", page.encode())
+    console.print(table)
+    console.print(result["summary"])
+    console.print(f"Table and plot: {run_dir / 'audit.md'}, {run_dir / AUDIT_PLOT}")
+    return 0 if result["outcome"] == "PASS" else 1
+
+
+def _add_audit_flags(parser):
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="audit the product and two deliberately broken versions of it on bundled "
+        "or generated data; exit 0 only if the audit tells them apart",
+    )
+    parser.add_argument(
+        "--canaries",
+        type=settings.positive_int,
+        default=canary_audit.CANARIES,
+        help=f"white-box canaries in the audited hospital [default: {canary_audit.CANARIES}]",
+    )
+
+
+def _add_run_audit_flags(parser):
+    settings.add_unaccounted_flag(parser)
+    _add_audit_flags(parser)
+
+
 def main(description: str, argv: list[str] | None = None) -> int:
-    run_dir, args = finished_run_argument(description, argv, settings.add_unaccounted_flag)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--self-test" in argv:
+        return self_test(description, argv)
+    run_dir, args = finished_run_argument(description, argv, _add_run_audit_flags)
     console = display.make_console()
     try:
         cfg = settings.resolve(read_json(run_dir / METRICS_FILE)["config"])
@@ -146,11 +217,13 @@ def main(description: str, argv: list[str] | None = None) -> int:
         print(f"audit.py: error: {error}", file=sys.stderr)
         return 2
     try:
-        with console.status("Attacking the model (membership inference)"):
-            result = run_audit(run_dir)
+        with console.status("Auditing: canaries, and membership inference on the model"):
+            result = run_audit(run_dir, args.canaries)
     except data.DataError as error:  # e.g. a deployment: the rows stayed home
         print(f"audit.py: error: the audit needs every hospital's rows: {error}", file=sys.stderr)
         return 2
     write_report(run_dir)  # again, with the audit in it
-    console.print(result["verdict"])
-    return 0
+    console.print(audit_table(result["canary_audit"]))
+    console.print(result["canary_audit"]["summary"])
+    console.print(result["membership_inference"]["verdict"])
+    return 1 if result["canary_audit"]["outcome"] == "FAIL" else 0

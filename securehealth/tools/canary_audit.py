@@ -1,0 +1,414 @@
+"""The one-run canary audit (audit.py): how much privacy a training must at least
+have lost, measured with canaries, for the product and for two deliberately broken
+versions of it that the audit must catch.
+
+Each variant trains the audit's own federation, on the run's bundled or generated
+data, with fresh privacy ledgers in a scratch folder (no real hospital's budget is
+touched), through the product's own code: `Hospital.train_round` (its ledger's
+noise calibration, Opacus DP-SGD, Poisson sampling). The audited hospital's training
+rows get two sets of canaries, each canary's version chosen by a secret fair coin:
+
+- white-box (a curious server without SecAgg+, which sees every round's update of
+  the hospital): Dirac canaries in gradient space (Steinke, Nasr and Jagielski,
+  section 6). The audit model is the product's MLP plus one weight per canary that
+  never changes the model's output; a canary's row marks its own weight, and
+  clipping turns its gradient into exactly max_grad_norm along that weight, whatever
+  the model has learnt. Scored by the sum over rounds of that weight's updates.
+- black-box (anyone holding model.pt): records with a chosen diagnosis, scored by
+  the final model's predicted logit for them.
+
+Under replace-one adjacency (the product's default) a canary is always there, in
+one of two versions (opposite gradients; opposite diagnoses), so the patient count
+never depends on a coin, as the guarantee requires; under add-remove a coin decides
+whether it is there at all.
+
+The broken variants live here and in the tests only, never behind a setting:
+- no noise: the ledger calibrates and records the noise, but none is added;
+- one-round accounting: the noise is calibrated for one round and used for every
+  round, and only the latest round is composed, so every round claims the budget.
+"""
+
+import math
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from model import build_model, get_weights, set_weights
+from securehealth import data
+from securehealth.hospital import Hospital
+from securehealth.privacy import dpsgd
+from securehealth.privacy.accountant import epsilon_spent
+from securehealth.privacy.ledger import PrivacyLedger
+from securehealth.tools import lower_bounds
+from securehealth.tools.federation import federate
+
+CANARIES = 2000  # white-box canaries; the audit's power grows with them
+BLACK_BOX_CANARIES = 100  # records: each one more also changes the model itself
+CONFIDENCE = 0.95
+AUDITED_HOSPITAL = 0
+# Far enough above its claim that the audit plainly sees a training without noise.
+FAR_ABOVE = 3.0
+# Large enough that, next to it, the canary row's gradient on the MLP is negligible
+# (a ten-thousandth of its norm after clipping).
+CANARY_MARK = 1e4
+
+
+class CanaryModel(nn.Module):
+    """The product's MLP (`body`) plus one weight per white-box canary. A row's last
+    `canaries` columns are zero for a patient and mark one canary's weight for a
+    canary row. The canary weights add nothing to the output (traced minus its
+    detached self) but receive the canary's gradient."""
+
+    def __init__(self, features: int, hidden_layers: tuple[int, ...], canaries: int):
+        super().__init__()
+        self.features = features
+        self.body = build_model(features, hidden_layers)
+        self.canary_weights = nn.Linear(canaries, 1, bias=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        traced = self.canary_weights(rows[:, self.features :])
+        return self.body(rows[:, : self.features]) + traced - traced.detach()
+
+
+@dataclass
+class Canaries:
+    """The canaries and their secret coins, which the auditor must guess."""
+
+    white_coins: np.ndarray  # one per white-box canary
+    black_coins: np.ndarray  # one per black-box canary
+    black_inputs: np.ndarray  # the black-box canaries' features
+    black_labels: np.ndarray  # add-remove: the diagnosis each carries when there
+    adjacency: str
+
+    @classmethod
+    def draw(
+        cls, white: int, black: int, features: np.ndarray, adjacency: str, seed: int
+    ) -> "Canaries":
+        """Coins and black-box records: features of real patients, shuffled column
+        by column (plausible values, no real patient), with diagnoses by coin."""
+        rng = np.random.default_rng(seed)
+        inputs = np.stack([rng.choice(column, black) for column in features.T], axis=1).astype(
+            np.float32
+        )
+        return cls(
+            white_coins=rng.integers(0, 2, white),
+            black_coins=rng.integers(0, 2, black),
+            black_inputs=inputs,
+            black_labels=rng.integers(0, 2, black).astype(np.float32),
+            adjacency=adjacency,
+        )
+
+    @property
+    def white(self) -> int:
+        return len(self.white_coins)
+
+    def unmarked(self, x: np.ndarray) -> np.ndarray:
+        """Patients' rows for the canary model: no canary marked."""
+        return np.hstack([x, np.zeros((len(x), self.white), np.float32)])
+
+    def audited_rows(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The audited hospital's training rows: its patients plus its canaries in the
+        versions the coins chose."""
+        replace = self.adjacency == "replace-one"
+        white = np.flatnonzero(self.white_coins == 1) if not replace else np.arange(self.white)
+        sign = 2.0 * self.white_coins[white] - 1 if replace else np.ones(len(white))
+        white_rows = np.zeros((len(white), x.shape[1] + self.white), np.float32)
+        white_rows[np.arange(len(white)), x.shape[1] + white] = CANARY_MARK * sign
+        black = np.arange(len(self.black_coins)) if replace else np.flatnonzero(self.black_coins)
+        black_y = self.black_coins[black] if replace else self.black_labels[black]
+        return (
+            np.vstack([self.unmarked(x), white_rows, self.unmarked(self.black_inputs[black])]),
+            np.concatenate([y, np.ones(len(white)), black_y]).astype(np.float32),
+        )
+
+    def white_box_scores(self, updates: list[np.ndarray]) -> np.ndarray:
+        """Each canary's weight summed over the audited hospital's round updates: its
+        clipped gradient pushes it up in the version of coin 1."""
+        return np.sum(updates, axis=0).reshape(-1)
+
+    def black_box_scores(self, model: CanaryModel) -> np.ndarray:
+        """The final model's logit for each record (replace-one: coin 1 is diagnosis
+        1), or its confidence in the record's own diagnosis (add-remove: coin 1 is
+        "trained on")."""
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.as_tensor(self.unmarked(self.black_inputs))).squeeze(-1).numpy()
+        return logits if self.adjacency == "replace-one" else logits * (2 * self.black_labels - 1)
+
+
+class _NoiselessLedger(PrivacyLedger):
+    """Broken (b): calibrates and records the noise as usual, and adds none."""
+
+    def noise_for_round(self, *args, **kwargs):
+        self.accounted = super().noise_for_round(*args, **kwargs)
+        return 0.0
+
+    def record(self, run_id, server_round, noise_multiplier, sample_rate, steps):
+        super().record(run_id, server_round, self.accounted, sample_rate, steps)
+
+
+class _OneRoundLedger(PrivacyLedger):
+    """Broken (c): calibrates the noise for one round and composes only the round
+    at hand, so each round claims the whole budget."""
+
+    def noise_for_round(self, run_id, sample_rate, steps, planned_steps, *limit):
+        self.releases.clear()
+        return super().noise_for_round(run_id, sample_rate, steps, steps, *limit)
+
+
+# name: (what it is, its ledger, whether the noise it accounts is really added)
+VARIANTS = {
+    "product": ("The product as it is", PrivacyLedger, True),
+    "no-noise": ("Broken: no noise added", _NoiselessLedger, False),
+    "one-round-accounting": ("Broken: noise for one round used for all", _OneRoundLedger, True),
+}
+
+
+class AuditedHospital(Hospital):
+    """A hospital of the audit's federation: the product's training of a round, on
+    the canary model, accounted in `ledger_class`."""
+
+    def __init__(self, hospital, cfg, run_id, state_dir, patients, canaries, ledger_class):
+        super().__init__(hospital, cfg, run_id, state_dir, patients=patients)
+        self.canaries = canaries
+        self.ledger = ledger_class(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+
+    def _model(self, parameters):
+        model = CanaryModel(self.x.shape[1] - self.canaries, self.cfg.hidden_layers, self.canaries)
+        set_weights(model, parameters)
+        return model
+
+
+def train_variant(
+    cfg: SimpleNamespace,
+    variant: str,
+    canaries: Canaries,
+    patients: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    state_root: Path,
+) -> tuple[dict[str, Any], list[np.ndarray], CanaryModel]:
+    """Train the audit's federation as `variant`: (what the audited hospital claims
+    and really spent, its canary weights' update in each round, the final model)."""
+    _, ledger_class, adds_noise = VARIANTS[variant]
+    rows = []
+    for h, ((x, y), (held_x, held_y)) in enumerate(patients):
+        train = canaries.audited_rows(x, y) if h == AUDITED_HOSPITAL else (canaries.unmarked(x), y)
+        rows.append((train, (canaries.unmarked(held_x), held_y)))
+    hospitals = [
+        AuditedHospital(
+            h,
+            cfg,
+            f"audit-{variant}",
+            state_root / f"hospital-{h}",
+            r,
+            canaries.white,
+            ledger_class,
+        )
+        for h, r in enumerate(rows)
+    ]
+    torch.manual_seed(cfg.seed)  # the server's initial model
+    model = CanaryModel(patients[0][0][0].shape[1], cfg.hidden_layers, canaries.white)
+    updates, reports = [], []
+
+    def audited_round(weights, server_round):
+        new, trained, report = hospitals[AUDITED_HOSPITAL].train_round(weights, server_round)
+        updates.append(new[-1] - weights[-1])  # the canary weights' update
+        reports.append(report)
+        return new, trained
+
+    others = [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals[1:]]
+    set_weights(
+        model, federate(get_weights(model), [audited_round, *others], cfg.rounds, cfg.aggregation)
+    )
+    trained = [r for r in reports if r["status"] == "trained"]
+    if not trained:
+        raise RuntimeError(f"the audited hospital never trained: {reports[0]['reason']}")
+    last = trained[-1]
+    n = len(hospitals[AUDITED_HOSPITAL].y)
+    sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
+    really_spent = [(last["noise_multiplier"], sample_rate, steps)] * len(trained)
+    facts = {
+        "variant": variant,
+        "description": VARIANTS[variant][0],
+        "patients": n,
+        "noise_multiplier": last["noise_multiplier"] if adds_noise else 0.0,
+        "rounds_trained": len(trained),
+        "claimed_epsilon": last["epsilon"],
+        "true_epsilon": epsilon_spent(really_spent, cfg.delta, cfg.adjacency)
+        if adds_noise
+        else math.inf,
+    }
+    return facts, updates, model
+
+
+def audit_variant(
+    cfg: SimpleNamespace,
+    variant: str,
+    canaries: Canaries,
+    patients: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    state_root: Path,
+) -> dict[str, Any]:
+    """Train `variant` and audit it: its claims and each threat model's lower bounds."""
+    facts, updates, model = train_variant(cfg, variant, canaries, patients, state_root)
+    scores = {
+        "white-box": canaries.white_box_scores(updates),
+        "black-box": canaries.black_box_scores(model),
+    }
+    coins = {"white-box": canaries.white_coins, "black-box": canaries.black_coins}
+    facts["threat_models"] = {
+        threat: {
+            "canaries": len(coins[threat]),
+            **{
+                analysis: lower_bounds.audit_guesses(
+                    scores[threat], coins[threat], cfg.delta, CONFIDENCE, analysis
+                )
+                for analysis in lower_bounds.ANALYSES
+            },
+        }
+        for threat in scores
+    }
+    return facts
+
+
+def run(
+    cfg: SimpleNamespace, white: int = CANARIES, black: int = BLACK_BOX_CANARIES
+) -> dict[str, Any]:
+    """The audit of all three variants on the data `cfg` names, with its verdict."""
+    torch.set_num_threads(1)
+    patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
+    features = patients[AUDITED_HOSPITAL][0][0]
+    canaries = Canaries.draw(white, black, features, cfg.adjacency, cfg.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        variants = {
+            name: audit_variant(cfg, name, canaries, patients, Path(scratch, name))
+            for name in VARIANTS
+        }
+    result = {
+        "method": "one-run canary audit (Steinke, Nasr and Jagielski 2023; Gaussian "
+        "analysis of Mahloujifar, Melis and Chaudhuri 2025)",
+        "confidence": CONFIDENCE,
+        "delta": cfg.delta,
+        "adjacency": cfg.adjacency,
+        "audited_hospital": AUDITED_HOSPITAL,
+        "dataset": cfg.dataset,
+        "rounds": cfg.rounds,
+        "variants": variants,
+    }
+    result.update(verdict(variants))
+    return result
+
+
+def headline(variant: dict[str, Any], threat: str = "white-box") -> float:
+    """The tighter (Gaussian) lower bound of `threat`."""
+    return variant["threat_models"][threat]["gaussian"]["epsilon"]
+
+
+def verdict(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """PASS if the product's every bound stays at or below its claim, the broken
+    accounting's white-box bound rises above its claim, and the noiseless training's
+    is at least FAR_ABOVE times its claim; FAIL if the product's does not;
+    INCONCLUSIVE if the audit missed a broken variant (too weak to tell)."""
+    product, broken, noiseless = (
+        variants[v] for v in ("product", "one-round-accounting", "no-noise")
+    )
+    product_bound = max(
+        b["epsilon"]
+        for t in product["threat_models"].values()
+        for b in (t[a] for a in lower_bounds.ANALYSES)
+    )
+    checks = {
+        "product_within_claim": product_bound <= product["claimed_epsilon"],
+        "broken_accounting_caught": headline(broken) > broken["claimed_epsilon"],
+        "no_noise_far_above": headline(noiseless) >= FAR_ABOVE * noiseless["claimed_epsilon"],
+    }
+    if not checks["product_within_claim"]:
+        outcome = "FAIL"
+        why = (
+            f"the product's lower bound {product_bound:.3g} is above its claimed epsilon "
+            f"{product['claimed_epsilon']:.3g}: the training or its accounting is wrong"
+        )
+    elif not all(checks.values()):
+        outcome = "INCONCLUSIVE"
+        missed = [
+            what
+            for key, what in (
+                ("broken_accounting_caught", "the broken accounting"),
+                ("no_noise_far_above", "the training without noise"),
+            )
+            if not checks[key]
+        ]
+        why = (
+            f"the product stayed within its claim, but the audit did not catch "
+            f"{' or '.join(missed)}: at these settings it is too weak to be evidence "
+            f"(more canaries or rounds make it stronger)"
+        )
+    else:
+        outcome = "PASS"
+        why = (
+            f"the product's lower bound {headline(product):.3g} stays at or below its claim "
+            f"{product['claimed_epsilon']:.3g}; the broken accounting's {headline(broken):.3g} "
+            f"is above its claim {broken['claimed_epsilon']:.3g}; without noise "
+            f"{headline(noiseless):.3g}"
+        )
+    return {"checks": checks, "outcome": outcome, "summary": f"{outcome}: {why}"}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Each variant's lower bounds against its claimed (and true) epsilon."""
+    figure = Figure(figsize=(9, 4.2), layout="tight")
+    axes = figure.subplots()
+    names = list(result["variants"])
+    positions = np.arange(len(names))
+    width = 0.2
+    for offset, (threat, analysis, color) in enumerate(
+        (
+            ("white-box", "gaussian", "C0"),
+            ("white-box", "epsilon-delta", "C9"),
+            ("black-box", "gaussian", "C1"),
+            ("black-box", "epsilon-delta", "C8"),
+        )
+    ):
+        axes.bar(
+            positions + (offset - 1.5) * width,
+            [result["variants"][n]["threat_models"][threat][analysis]["epsilon"] for n in names],
+            width,
+            color=color,
+            label=f"lower bound, {threat}, {analysis} analysis",
+        )
+    for i, name in enumerate(names):
+        v = result["variants"][name]
+        axes.hlines(
+            v["claimed_epsilon"],
+            i - 0.45,
+            i + 0.45,
+            colors="black",
+            label=None if i else "claimed epsilon",
+        )
+        if math.isfinite(v["true_epsilon"]):
+            axes.hlines(
+                v["true_epsilon"],
+                i - 0.45,
+                i + 0.45,
+                colors="red",
+                linestyles="--",
+                label=None if i else "true epsilon",
+            )
+    axes.set_xticks(
+        positions,
+        [textwrap.fill(result["variants"][n]["description"], 24) for n in names],
+        fontsize="small",
+    )
+    axes.set(
+        ylabel=f"epsilon (delta {result['delta']:g})",
+        title=f"One-run canary audit: lower bounds at {result['confidence']:.0%} confidence",
+    )
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.savefig(path, dpi=150)
