@@ -272,3 +272,30 @@ def test_the_self_test_refuses_csv_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "bundled or generated data only" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_gaussian_analysis_premise_holds_for_the_audited_training():
+    # The Gaussian analysis takes the claim to be the Gaussian mechanism's privacy
+    # curve at (epsilon, delta). For the audited hospital at the defaults (its 1600
+    # patients and the 2100 canaries; 10 rounds of 29 steps) DP-SGD's curve, from
+    # dp-accounting's PLD, lies within it wherever delta is above 1e-9.
+    from dp_accounting import dp_event, pld
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from scipy import stats
+
+    from securehealth.privacy.accountant import calibrate_noise_multiplier
+
+    cfg = settings.resolve({})
+    sample_rate, steps = dpsgd.sample_rate_and_steps(1600 + 2000 + 100, cfg)
+    sigma = calibrate_noise_multiplier(1.0, 1e-5, sample_rate, 10 * steps, "replace-one")
+    accountant = pld.PLDAccountant(NeighboringRelation.REPLACE_ONE)
+    accountant.compose(
+        dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(sigma)), 10 * steps
+    )
+    mu = lower_bounds.gaussian_mu(1.0, 1e-5)
+    for epsilon in np.linspace(0, 1.4, 15):
+        gaussian = stats.norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * stats.norm.cdf(
+            -epsilon / mu - mu / 2
+        )
+        if gaussian > 1e-9:
+            assert accountant.get_delta(epsilon) <= gaussian * 1.001, epsilon

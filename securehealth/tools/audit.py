@@ -171,8 +171,11 @@ def self_test(description: str, argv: list[str]) -> int:
     except (settings.SettingsError, RunDirError) as error:
         parser.error(str(error))
     console = display.make_console()
-    with console.status("Training the product and two broken variants with canaries"):
-        result = canary_audit.run(cfg, args.canaries)
+    try:
+        with console.status("Training the product and two broken variants with canaries"):
+            result = canary_audit.run(cfg, args.canaries)
+    except (canary_audit.AuditError, data.DataError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     write_json(run_dir / AUDIT_FILE, {"canary_audit": result})
     canary_audit.plot(result, run_dir / AUDIT_PLOT)
     table = audit_table(result)
@@ -221,6 +224,9 @@ def main(description: str, argv: list[str] | None = None) -> int:
             result = run_audit(run_dir, args.canaries)
     except data.DataError as error:  # e.g. a deployment: the rows stayed home
         print(f"audit.py: error: the audit needs every hospital's rows: {error}", file=sys.stderr)
+        return 2
+    except canary_audit.AuditError as error:
+        print(f"audit.py: error: {error}", file=sys.stderr)
         return 2
     write_report(run_dir)  # again, with the audit in it
     console.print(audit_table(result["canary_audit"]))

@@ -61,6 +61,10 @@ FAR_ABOVE = 3.0
 CANARY_MARK = 1e4
 
 
+class AuditError(Exception):
+    """The audit cannot run at these settings; the message says why."""
+
+
 class CanaryModel(nn.Module):
     """The product's MLP (`body`) plus one weight per white-box canary. A row's last
     `canaries` columns are zero for a patient and mark one canary's weight for a
@@ -229,7 +233,7 @@ def train_variant(
     )
     trained = [r for r in reports if r["status"] == "trained"]
     if not trained:
-        raise RuntimeError(f"the audited hospital never trained: {reports[0]['reason']}")
+        raise AuditError(f"the audited hospital declined to train: {reports[0]['reason']}")
     last = trained[-1]
     n = len(hospitals[AUDITED_HOSPITAL].y)
     sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
