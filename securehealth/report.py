@@ -188,13 +188,22 @@ def audit_table(canaries: dict[str, Any]) -> str:
             for t in ("white-box", "black-box")
         ]
         rows.append(
-            [v["description"], f"{v['claimed_epsilon']:.3g}", f"{v['true_epsilon']:.3g}", *bounds]
+            [
+                v["description"],
+                f"{v['claimed_epsilon']:.3g}",
+                f"{v['epsilon_of_noise_used']:.3g}",
+                "yes"
+                if any(t["claim_refuted"]["refuted"] for t in v["threat_models"].values())
+                else "no",
+                *bounds,
+            ]
         )
     return _table(
         [
             "Variant",
             "Claimed epsilon",
-            "True epsilon",
+            "Epsilon of the noise used",
+            "Claim refuted",
             "White-box lower bound (Gaussian / (eps, delta) analysis)",
             "Black-box lower bound (Gaussian / (eps, delta) analysis)",
         ],

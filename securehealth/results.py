@@ -116,6 +116,11 @@ def new_run_dir(requested: str, result_file: str = METRICS_FILE, overwrite: bool
                     f"run_dir {run_dir} is not empty: choose a new one, or pass --overwrite "
                     "to replace the run in it"
                 )
+            if result_file != METRICS_FILE and (run_dir / METRICS_FILE).exists():
+                raise RunDirError(
+                    f"run_dir {run_dir} holds a training run ({METRICS_FILE}): --overwrite "
+                    "would delete it; choose an empty or new folder"
+                )
             others = sorted(e.name for e in run_dir.iterdir() if e.name not in RUN_CONTENTS)
             if others or not _holds_result(run_dir / result_file):
                 what = (

@@ -198,28 +198,92 @@ def test_patients_never_move_the_canary_weights(tmp_path):
     assert np.all(np.asarray(updates) == 0)
 
 
-def _variant(claimed, white_gaussian, others=0.0):
-    bounds = {"gaussian": {"epsilon": white_gaussian}, "epsilon-delta": {"epsilon": others}}
-    black = {a: {"epsilon": others} for a in lower_bounds.ANALYSES}
-    return {"claimed_epsilon": claimed, "threat_models": {"white-box": bounds, "black-box": black}}
+def _variant(refuted_white, refuted_black=False, white_gaussian=0.5, noise_epsilon=1.0):
+    def threat(refuted, gaussian):
+        return {"gaussian": {"epsilon": gaussian}, "claim_refuted": {"refuted": refuted}}
+
+    return {
+        "claimed_epsilon": 1.0,
+        "epsilon_of_noise_used": noise_epsilon,
+        "threat_models": {
+            "white-box": threat(refuted_white, white_gaussian),
+            "black-box": threat(refuted_black, 0.0),
+        },
+    }
 
 
 @pytest.mark.parametrize(
     ("product", "broken", "noiseless", "outcome"),
     [
-        (0.4, 1.5, 7.0, "PASS"),
-        (1.2, 1.5, 7.0, "FAIL"),  # the product's bound above its claim
-        (0.4, 0.9, 7.0, "INCONCLUSIVE"),  # the broken accounting not caught
-        (0.4, 1.5, 2.0, "INCONCLUSIVE"),  # no noise not far above
+        (
+            _variant(False),
+            _variant(True, white_gaussian=1.7),
+            _variant(True, white_gaussian=7.6),
+            "PASS",
+        ),
+        # the product's claim below the epsilon of the noise it used: its accounting is wrong
+        (
+            _variant(False, noise_epsilon=1.9),
+            _variant(True, white_gaussian=1.7),
+            _variant(True, white_gaussian=7.6),
+            "FAIL",
+        ),
+        (
+            _variant(True),
+            _variant(True, white_gaussian=1.7),
+            _variant(True, white_gaussian=7.6),
+            "FAIL",
+        ),
+        (
+            _variant(False, True),
+            _variant(True, white_gaussian=1.7),
+            _variant(True, white_gaussian=7.6),
+            "FAIL",
+        ),
+        (_variant(False), _variant(False), _variant(True, white_gaussian=7.6), "INCONCLUSIVE"),
+        # refuted, but its lower bound not above its claim: not caught as the issue asks
+        (
+            _variant(False),
+            _variant(True, white_gaussian=0.9),
+            _variant(True, white_gaussian=7.6),
+            "INCONCLUSIVE",
+        ),
+        (
+            _variant(False),
+            _variant(True, white_gaussian=1.7),
+            _variant(True, white_gaussian=2.0),
+            "INCONCLUSIVE",
+        ),
     ],
 )
 def test_the_verdict(product, broken, noiseless, outcome):
-    variants = {
-        "product": _variant(1.0, product),
-        "one-round-accounting": _variant(1.0, broken),
-        "no-noise": _variant(1.0, noiseless),
-    }
+    variants = {"product": product, "one-round-accounting": broken, "no-noise": noiseless}
     assert canary_audit.verdict(variants)["outcome"] == outcome
+
+
+def test_a_claimed_curve_is_refuted_only_when_the_release_is_less_private():
+    # Releases of each coin exactly mu-GDP; the claim is the curve of 0.5-GDP, given
+    # as a privacy profile on a grid (as the audit gets it from dp-accounting).
+    from scipy import stats
+
+    def gaussian_delta(mu, eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - np.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+    grid = np.linspace(0, 20, 401)
+    claimed = lower_bounds.profile_tradeoff(grid, gaussian_delta(0.5, grid))
+    exact = lower_bounds.gaussian_tradeoff(0.5)
+    for alpha in (0.01, 0.1, 0.5, 0.9):  # the grid's curve is the exact one, a little lenient
+        assert exact(alpha) - 0.01 <= claimed(alpha) <= exact(alpha) + 1e-9
+    rng = np.random.default_rng(2)
+    refuted = {}
+    for mu in (0.5, 1.5):
+        refuted[mu] = 0
+        for _ in range(10):
+            coins = rng.integers(0, 2, 2000)
+            scores = rng.standard_normal(2000) + mu * (coins - 0.5)
+            found = lower_bounds.claim_refuted(scores, coins, claimed, 10.0, 1e-5)
+            refuted[mu] += found["refuted"]
+    assert refuted[0.5] <= 1 and refuted[1.5] >= 9
 
 
 def test_the_self_test_on_tiny_settings(tmp_path):
@@ -252,7 +316,7 @@ def test_the_self_test_on_tiny_settings(tmp_path):
     checks = audit["checks"]
     assert checks["product_within_claim"] and checks["no_noise_far_above"]
     broken = audit["variants"]["one-round-accounting"]
-    assert broken["true_epsilon"] == pytest.approx(broken["claimed_epsilon"], rel=1e-6)
+    assert broken["epsilon_of_noise_used"] == pytest.approx(broken["claimed_epsilon"], rel=1e-6)
     assert (
         "INCONCLUSIVE" in result.stdout
         and "| The product as it is |" in (run_dir / "audit.md").read_text()
@@ -261,17 +325,48 @@ def test_the_self_test_on_tiny_settings(tmp_path):
         image.verify()
 
 
-def test_the_self_test_refuses_csv_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dataset", "csv"], "bundled or generated data only"),
+        (["--canaries", "1"], "canaries must be 10 to 5000, got 1"),
+        (["--canaries", "100000"], "canaries must be 10 to 5000, got 100000"),
+        (["--rounds", "1000000"], "use at most 100 rounds, not 1000000"),
+    ],
+)
+def test_the_self_test_refuses_what_it_cannot_do_in_one_line(tmp_path, flags, message):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "audit.py"), "--self-test", "--dataset", "csv"],
+        [sys.executable, str(ROOT / "audit.py"), "--self-test", *flags],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "bundled or generated data only" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_self_test_never_overwrites_a_training_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"status": "finished"}')
+    (run_dir / "audit.json").write_text('{"canary_audit": {}}')
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "audit.py"),
+            "--self-test",
+            "--run-dir",
+            str(run_dir),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "holds a training run (metrics.json)" in result.stderr
+    assert (run_dir / "metrics.json").exists()
 
 
 def test_the_gaussian_analysis_premise_holds_for_the_audited_training():
@@ -299,3 +394,25 @@ def test_the_gaussian_analysis_premise_holds_for_the_audited_training():
         )
         if gaussian > 1e-9:
             assert accountant.get_delta(epsilon) <= gaussian * 1.001, epsilon
+
+
+def test_the_audit_fails_a_product_whose_accounting_is_wrong(monkeypatch):
+    # A planted bug in the product's accountant: replace-one accounted as add-remove,
+    # so the hospital calibrates too little noise and claims the budget. The audit's
+    # own recomputation of the noise's epsilon shows the claim is too low.
+    from securehealth.privacy import accountant
+
+    real = accountant._accountant
+    monkeypatch.setattr(accountant, "_accountant", lambda adjacency: real("add-remove"))
+    accountant._epsilon.cache_clear()
+    accountant._calibrate.cache_clear()
+    try:
+        result = canary_audit.run(_tiny(), white=300, black=20)
+    finally:
+        accountant._epsilon.cache_clear()
+        accountant._calibrate.cache_clear()
+    assert result["outcome"] == "FAIL", result["summary"]
+    assert not result["checks"]["product_accounting_matches_noise"]
+    product = result["variants"]["product"]
+    assert product["epsilon_of_noise_used"] > 1.5 * product["claimed_epsilon"]
+    assert "its accounting is wrong" in result["summary"]

@@ -167,8 +167,9 @@ def self_test(description: str, argv: list[str]) -> int:
                 "the self-test trains on bundled or generated data only: choose another "
                 "dataset, or audit a finished csv run with --run-dir"
             )
+        canary_audit.check_settings(cfg, args.canaries)
         run_dir = new_run_dir(cfg.run_dir, AUDIT_FILE, args.overwrite)
-    except (settings.SettingsError, RunDirError) as error:
+    except (settings.SettingsError, canary_audit.AuditError, RunDirError) as error:
         parser.error(str(error))
     console = display.make_console()
     try:

@@ -13,8 +13,13 @@ epsilon under which the guesses observed would be too unlikely (p-value at most
 - "gaussian": Mahloujifar, Melis and Chaudhuri, "Auditing f-Differential Privacy in
   One Run" (ICML 2025): assumes the whole privacy curve of the Gaussian mechanism
   that is (epsilon, delta)-DP, the curve DP-SGD's many composed steps approach
-  (Dong, Roth and Su's central limit theorem). Tighter, and the one that can tell a
-  run at epsilon 1 from one at 3 with a thousand canaries.
+  (Dong, Roth and Su's central limit theorem). Tighter; valid as a bound where the
+  training's own curve lies within that Gaussian one.
+
+`claim_refuted` tests a claim itself, without assuming its shape: against the exact
+privacy curve its accounting stands for (the algorithm of Mahloujifar et al. with
+that curve) and against its (epsilon, delta) (Steinke et al.). The audit's verdict
+rests on it.
 
 A lower bound is evidence, not a guarantee: a correct implementation's bound stays
 below its claimed epsilon (with the stated confidence), and a broken one's may rise
@@ -22,10 +27,11 @@ above it.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import special, stats
 
 ANALYSES = ("epsilon-delta", "gaussian")
 # The numbers of guesses tried, as shares of the canaries: the auditor guesses the
@@ -50,22 +56,46 @@ def p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: fl
     return float(min(1.0, tail + 2 * canaries * delta * np.max(just_below / shortfall)))
 
 
-def gaussian_rejects(
-    canaries: int, guesses: int, correct: int, mu: float, significance: float
+Tradeoff = Callable[[float], float]
+
+
+def gaussian_tradeoff(mu: float) -> Tradeoff:
+    """mu-Gaussian DP's privacy curve: the least type II error of any test between a
+    canary's two versions at type I error alpha, as between N(0, 1) and N(mu, 1)."""
+    return lambda alpha: float(stats.norm.cdf(stats.norm.ppf(1 - alpha) - mu))
+
+
+def profile_tradeoff(epsilons: Sequence[float], deltas: Sequence[float]) -> Tradeoff:
+    """The privacy curve implied by delta(epsilon) at the given points (symmetric,
+    as replace-one's and add-remove's both-ways accounting are): each point forbids
+    a test with type II error below 1 - delta - e^eps alpha or e^-eps (1 - delta -
+    alpha). Fewer points forbid less, so a coarse grid only errs towards leniency."""
+    epsilons, deltas = np.asarray(epsilons, float), np.asarray(deltas, float)
+
+    def tradeoff(alpha):
+        forbidden = np.maximum(
+            1 - deltas - np.exp(epsilons) * alpha, np.exp(-epsilons) * (1 - deltas - alpha)
+        )
+        return float(max(0.0, forbidden.max()))
+
+    return tradeoff
+
+
+def rejects(
+    canaries: int, guesses: int, correct: int, tradeoff: Tradeoff, significance: float
 ) -> bool:
     """Whether `correct` right out of `guesses` (of `canaries`) is too unlikely, at
-    `significance`, for a mechanism that is mu-Gaussian DP (no test tells its two
-    versions of a canary apart better than N(0, 1) from N(mu, 1) can).
+    `significance`, for a mechanism whose privacy curve is at least `tradeoff`.
 
     Mahloujifar, Melis and Chaudhuri's bound (their Theorem 9 and its algorithm):
     starting from the shares of right and wrong guesses scaled by the significance,
     each right guess fewer is traded against the least wrong ones the privacy curve
-    allows with it (the inverse of mu-GDP's blow-up, Phi(Phi^-1(x) - mu)); the
-    observation is rejected if the shares reached exceed the share of guesses made."""
+    allows with it (tradeoff(1 - right)); the observation is rejected if the shares
+    reached exceed the share of guesses made."""
     right = significance * correct / canaries
     wrong = significance * (guesses - correct) / canaries
     for fewer in range(correct - 1, -1, -1):
-        least_wrong = max(wrong, stats.norm.cdf(stats.norm.ppf(right) - mu))
+        least_wrong = max(wrong, tradeoff(1 - right))
         if least_wrong == wrong:
             break  # from here on neither share can change
         right = min(1.0, right + fewer / (guesses - fewer) * (least_wrong - wrong))
@@ -89,7 +119,7 @@ def epsilon_lower_bound(
     analysis: str = "epsilon-delta",
 ) -> float:
     """The largest epsilon that `correct` right out of `guesses` refutes at
-    `confidence` (0 if none), under `analysis` (see ANALYSES)."""
+    `confidence` (0 if none), under `analysis` (see ANALYSES), to within 1e-4 below."""
     if not 0 <= correct <= guesses <= canaries:
         raise ValueError(
             f"need 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {canaries}"
@@ -106,18 +136,30 @@ def epsilon_lower_bound(
             )
 
         def refuted(epsilon):
-            mu = gaussian_mu(epsilon, delta) if epsilon > 0 else 0.0
-            return gaussian_rejects(canaries, guesses, correct, mu, significance)
+            tradeoff = gaussian_tradeoff(gaussian_mu(epsilon, delta))
+            return rejects(canaries, guesses, correct, tradeoff, significance)
     else:
         raise ValueError(f"analysis must be one of {ANALYSES}, got {analysis!r}")
 
-    low = 1e-9
+    low = 1e-9  # refuted; `high` never is
     if not refuted(low):
         return 0.0
     high = 1.0
     while refuted(high):
         low, high = high, 2 * high
-    return optimize.bisect(lambda e: 0.5 - refuted(e), low, high, xtol=1e-4)
+    while high - low > 1e-4:
+        middle = (low + high) / 2
+        low, high = (middle, high) if refuted(middle) else (low, middle)
+    return low
+
+
+def _guesses(scores, coins, share):
+    """(guesses, correct) when the auditor guesses coin 1 for the highest-scoring
+    `share` / 2 of the canaries and coin 0 for the lowest-scoring as many."""
+    order = np.argsort(scores, kind="stable")
+    half = max(1, math.floor(share * len(coins) / 2))
+    correct = int((coins[order[-half:]] == 1).sum() + (coins[order[:half]] == 0).sum())
+    return 2 * half, correct
 
 
 def audit_guesses(
@@ -128,19 +170,42 @@ def audit_guesses(
     analysis: str = "epsilon-delta",
     shares: Sequence[float] = GUESS_SHARES,
 ) -> dict[str, float | int]:
-    """The best lower bound over the guess counts in `shares`: for each, the auditor
-    guesses coin 1 for the highest-scoring half of its guesses and 0 for the lowest.
-    Each is judged at confidence 1 - (1 - confidence) / len(shares), so the best of
-    them holds at `confidence`. Returns the bound and the guesses behind it."""
+    """The best lower bound over the guess counts in `shares` (see _guesses), each
+    judged at confidence 1 - (1 - confidence) / len(shares), so that the best holds
+    at `confidence`. Returns the bound and the guesses behind it."""
     scores, coins = np.asarray(scores, dtype=float), np.asarray(coins, dtype=int)
-    canaries = len(coins)
-    order = np.argsort(scores, kind="stable")
     each = 1 - (1 - confidence) / len(shares)
-    best = {"epsilon": 0.0, "guesses": 0, "correct": 0}
+    found = []
     for share in shares:
-        half = max(1, math.floor(share * canaries / 2))
-        correct = int((coins[order[-half:]] == 1).sum() + (coins[order[:half]] == 0).sum())
-        epsilon = epsilon_lower_bound(canaries, 2 * half, correct, delta, each, analysis)
-        if epsilon > best["epsilon"] or not best["guesses"]:
-            best = {"epsilon": epsilon, "guesses": 2 * half, "correct": correct}
-    return best
+        guesses, correct = _guesses(scores, coins, share)
+        epsilon = epsilon_lower_bound(len(coins), guesses, correct, delta, each, analysis)
+        found.append({"epsilon": epsilon, "guesses": guesses, "correct": correct})
+    return max(found, key=lambda f: f["epsilon"])
+
+
+def claim_refuted(
+    scores: Sequence[float],
+    coins: Sequence[int],
+    tradeoff: Tradeoff,
+    epsilon: float,
+    delta: float,
+    confidence: float = 0.95,
+    shares: Sequence[float] = GUESS_SHARES,
+) -> dict[str, Any]:
+    """Whether the guesses refute, at `confidence`, the claim that the training is
+    as private as (epsilon, delta) and as the privacy curve `tradeoff` its accounting
+    stands for. Each share of guesses tries both tests, the confidence split over all."""
+    scores, coins = np.asarray(scores, dtype=float), np.asarray(coins, dtype=int)
+    significance = (1 - confidence) / (2 * len(shares))
+    for share in shares:
+        guesses, correct = _guesses(scores, coins, share)
+        for test, refutes in (
+            ("privacy curve", rejects(len(coins), guesses, correct, tradeoff, significance)),
+            (
+                "epsilon-delta",
+                p_value(len(coins), guesses, correct, epsilon, delta) <= significance,
+            ),
+        ):
+            if refutes:
+                return {"refuted": True, "by": test, "guesses": guesses, "correct": correct}
+    return {"refuted": False, "by": None, "guesses": guesses, "correct": correct}
