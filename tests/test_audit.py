@@ -212,48 +212,22 @@ def _variant(refuted_white, refuted_black=False, white_gaussian=0.5, noise_epsil
     }
 
 
+CAUGHT = _variant(True, white_gaussian=1.7)  # refuted, lower bound above the claim
+FAR_ABOVE = _variant(True, white_gaussian=7.6)
+
+
 @pytest.mark.parametrize(
     ("product", "broken", "noiseless", "outcome"),
     [
-        (
-            _variant(False),
-            _variant(True, white_gaussian=1.7),
-            _variant(True, white_gaussian=7.6),
-            "PASS",
-        ),
+        (_variant(False), CAUGHT, FAR_ABOVE, "PASS"),
         # the product's claim below the epsilon of the noise it used: its accounting is wrong
-        (
-            _variant(False, noise_epsilon=1.9),
-            _variant(True, white_gaussian=1.7),
-            _variant(True, white_gaussian=7.6),
-            "FAIL",
-        ),
-        (
-            _variant(True),
-            _variant(True, white_gaussian=1.7),
-            _variant(True, white_gaussian=7.6),
-            "FAIL",
-        ),
-        (
-            _variant(False, True),
-            _variant(True, white_gaussian=1.7),
-            _variant(True, white_gaussian=7.6),
-            "FAIL",
-        ),
-        (_variant(False), _variant(False), _variant(True, white_gaussian=7.6), "INCONCLUSIVE"),
+        (_variant(False, noise_epsilon=1.9), CAUGHT, FAR_ABOVE, "FAIL"),
+        (_variant(True), CAUGHT, FAR_ABOVE, "FAIL"),
+        (_variant(False, True), CAUGHT, FAR_ABOVE, "FAIL"),  # by the black-box canaries
+        (_variant(False), _variant(False), FAR_ABOVE, "INCONCLUSIVE"),
         # refuted, but its lower bound not above its claim: not caught as the issue asks
-        (
-            _variant(False),
-            _variant(True, white_gaussian=0.9),
-            _variant(True, white_gaussian=7.6),
-            "INCONCLUSIVE",
-        ),
-        (
-            _variant(False),
-            _variant(True, white_gaussian=1.7),
-            _variant(True, white_gaussian=2.0),
-            "INCONCLUSIVE",
-        ),
+        (_variant(False), _variant(True, white_gaussian=0.9), FAR_ABOVE, "INCONCLUSIVE"),
+        (_variant(False), CAUGHT, _variant(True, white_gaussian=2.0), "INCONCLUSIVE"),
     ],
 )
 def test_the_verdict(product, broken, noiseless, outcome):
