@@ -1,19 +1,27 @@
-"""An empirical privacy audit of a finished run: a membership-inference attack on
-the trained global model, set beside the most any attack can achieve under the
-(epsilon, delta) the hospitals spent.
+"""The privacy audit: evidence about the DP training that would come out differently
+if the training or its accounting were wrong.
 
-    python audit.py --run-dir runs/<run>     (writes audit.json, updates report.md)
+    python audit.py --self-test [--canaries 2000] [--name value ...]
+        the one-run canary audit of the product and of two deliberately broken
+        versions of it, on generated or bundled data, in a new run directory
+        (audit.json, audit.md, audit.png); PASS, FAIL or INCONCLUSIVE, exit 0 only
+        on PASS
+    python audit.py --run-dir runs/<run>
+        the same canary audit with a finished run's settings, and a membership-
+        inference attack on the run's model; writes audit.json, audit.png and the
+        audit section of report.md; exit 1 only on FAIL
 
-The attack is the loss-threshold attack (Yeom et al., 2018): a patient whose
-diagnosis the model predicts with a lower loss is guessed to have been trained on.
-Members are the hospitals' training patients, non-members their held-out
-patients, in equal numbers; the 95% intervals come from redrawing both (bootstrap). For
-contrast the same attack runs on two models the audit trains without DP on the
-same training patients: one with the run's own schedule, and one trained ten times
-longer, which memorises more.
+The canary audit (Steinke, Nasr and Jagielski, 2023; Mahloujifar, Melis and
+Chaudhuri, 2025) plants canaries, each in a version chosen by a secret coin, trains
+once, guesses the coins from what an attacker sees (the server's view of each
+round's update: white-box; model.pt: black-box), and turns the correct guesses into
+a lower bound on the epsilon really spent, set beside the claimed one. It trains its
+own copies with scratch ledgers: no hospital's budget is spent.
 
-Only the bound is a guarantee: an attack at chance shows that this attack failed,
-not that every attack would.
+The membership-inference attack (loss threshold, Yeom et al., 2018) tells the
+hospitals' training patients from their held-out ones; it is set beside two models
+trained without DP and the most any attack can achieve at the run's epsilon. An
+attack near chance shows only that this attack failed.
 """
 
 import sys

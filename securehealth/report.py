@@ -127,25 +127,28 @@ def _metric_rows(named):
 
 def _audit_section(audit):
     """The canary audit (audit.py), then the membership-inference attack."""
-    sections = []
     canaries = audit.get("canary_audit")
-    if canaries:
-        sections += [
-            "## Privacy audit: canaries in one run",
-            f"Each variant trained the audit's own federation on this run's settings, with "
-            f"canaries in hospital {canaries['audited_hospital']}'s rows. A lower bound is "
-            f"the least epsilon the guesses about the canaries prove, at "
-            f"{canaries['confidence']:.0%} confidence; a correct training's stays at or below "
-            f"its claim. White-box: a server that sees each round's update (no SecAgg+); "
-            f"black-box: anyone holding model.pt.",
-            audit_table(canaries),
-            f"**{canaries['summary']}**",
-            f"![Canary audit]({AUDIT_PLOT})",
-        ]
+    sections = canary_audit_section(canaries) if canaries else []
     attack = audit.get("membership_inference") if canaries else audit  # an earlier audit.json
     if attack:
         sections += _membership_inference_section(attack)
     return sections
+
+
+def canary_audit_section(canaries: dict[str, Any]) -> list[str]:
+    """The canary audit's section: what it did, its table, verdict and plot."""
+    return [
+        "## Privacy audit: canaries in one run",
+        f"Each variant trained the audit's own federation ({canaries['dataset']}, "
+        f"{canaries['rounds']} rounds, {canaries['adjacency']}), with canaries in hospital "
+        f"{canaries['audited_hospital']}'s rows. A lower bound is the least epsilon the "
+        f"guesses about the canaries prove, at {canaries['confidence']:.0%} confidence; a "
+        f"correct training's stays at or below its claim. White-box: a server that sees "
+        f"each round's update (no SecAgg+); black-box: anyone holding model.pt.",
+        audit_table(canaries),
+        f"**{canaries['summary']}**",
+        f"![Canary audit]({AUDIT_PLOT})",
+    ]
 
 
 def _membership_inference_section(audit):

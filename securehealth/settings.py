@@ -72,7 +72,8 @@ def _convert(name, raw):
         if isinstance(default, tuple):
             if isinstance(raw, (list, tuple)):
                 return tuple(int(w) for w in raw)
-            return tuple(int(w) for w in str(raw).replace(" ", "").split(",") if w)
+            # "32,16", or as config.py writes it, "(32, 16)"; "" or "()": none
+            return tuple(int(w) for w in str(raw).replace(" ", "").strip("()").split(",") if w)
         if isinstance(default, float):
             value = float(raw)
             if not math.isfinite(value):

@@ -390,3 +390,11 @@ def test_the_audit_fails_a_product_whose_accounting_is_wrong(monkeypatch):
     product = result["variants"]["product"]
     assert product["epsilon_of_noise_used"] > 1.5 * product["claimed_epsilon"]
     assert "its accounting is wrong" in result["summary"]
+
+
+def test_the_canaries_are_not_refused_by_the_servers_cap_on_a_hospital(tmp_path):
+    # 600 training patients, the cap at 600: the audit's hospital 0 holds 920 rows.
+    cfg = _tiny(max_patients=600)
+    result = canary_audit.run(cfg, white=300, black=20)
+    assert result["variants"]["product"]["patients"] == 920
+    assert result["checks"]["product_within_claim"]

@@ -169,3 +169,10 @@ def test_auto_secure_aggregation_is_on_in_deployment_and_off_in_simulation():
     assert settings.decide_auto(explicit, simulation=True).secure_aggregation == "on"
     with pytest.raises(settings.SettingsError, match="secure aggregation hides"):
         settings.decide_auto(settings.resolve({"aggregation": "median"}))  # deployment: on
+
+
+@pytest.mark.parametrize(
+    ("given", "layers"), [("32,16", (32, 16)), ("(32, 16)", (32, 16)), ("()", ()), ("", ())]
+)
+def test_hidden_layers_as_config_py_writes_them(given, layers):
+    assert settings.resolve({"hidden_layers": given}).hidden_layers == layers

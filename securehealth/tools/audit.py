@@ -16,7 +16,13 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from model import build_model, load_model
 from securehealth import data, display, settings
 from securehealth.privacy import dpsgd
-from securehealth.report import AUDIT_FILE, AUDIT_PLOT, audit_table, write_report
+from securehealth.report import (
+    AUDIT_FILE,
+    AUDIT_PLOT,
+    audit_table,
+    canary_audit_section,
+    write_report,
+)
 from securehealth.results import (
     METRICS_FILE,
     MODEL_FILE,
@@ -179,10 +185,9 @@ def self_test(description: str, argv: list[str]) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     write_json(run_dir / AUDIT_FILE, {"canary_audit": result})
     canary_audit.plot(result, run_dir / AUDIT_PLOT)
-    table = audit_table(result)
-    page = f"# Privacy self-test\n\n{table}\n\n{result['summary']}\n\n![Audit]({AUDIT_PLOT})\n"
+    page = "\n\n".join(["# Privacy self-test", *canary_audit_section(result)]) + "\n"
     write_atomic(run_dir / "audit.md", page.encode())
-    console.print(table)
+    console.print(audit_table(result))
     console.print(result["summary"])
     console.print(f"Table and plot: {run_dir / 'audit.md'}, {run_dir / AUDIT_PLOT}")
     return 0 if result["outcome"] == "PASS" else 1

@@ -197,8 +197,10 @@ def claim_refuted(
     stands for. Each share of guesses tries both tests, the confidence split over all."""
     scores, coins = np.asarray(scores, dtype=float), np.asarray(coins, dtype=int)
     significance = (1 - confidence) / (2 * len(shares))
+    tried = []
     for share in shares:
         guesses, correct = _guesses(scores, coins, share)
+        tried.append({"guesses": guesses, "correct": correct})
         for test, refutes in (
             ("privacy curve", rejects(len(coins), guesses, correct, tradeoff, significance)),
             (
@@ -207,5 +209,5 @@ def claim_refuted(
             ),
         ):
             if refutes:
-                return {"refuted": True, "by": test, "guesses": guesses, "correct": correct}
-    return {"refuted": False, "by": None, "guesses": guesses, "correct": correct}
+                return {"refuted": True, "by": test, "tried": tried}
+    return {"refuted": False, "by": None, "tried": tried}
