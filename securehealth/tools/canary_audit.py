@@ -22,6 +22,11 @@ one of two versions (opposite gradients; opposite diagnoses), so the patient cou
 never depends on a coin, as the guarantee requires; under add-remove a coin decides
 whether it is there at all.
 
+The verdict (`verdict`) rests on whether the guesses refute each claim itself (the
+whole privacy curve its ledger accounts for, and its (epsilon, delta); see
+lower_bounds.claim_refuted) and on the epsilon of the noise each training really
+used, recomputed here with dp-accounting directly; the lower bounds are the figures.
+
 The broken variants live here and in the tests only, never behind a setting:
 - no noise: the ledger calibrates and records the noise, but none is added;
 - one-round accounting: the noise is calibrated for one round and used for every
