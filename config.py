@@ -19,6 +19,7 @@ secure_aggregation = "auto"  # SecAgg+: "on", "off" or "auto" (on in deployment,
 max_patients = 10000  # most training patients a hospital may claim: caps its FedAvg weight
 aggregation = "fedavg"  # "fedavg" (weighted mean), "median" or "trimmed-mean" (robust; no SecAgg+)
 max_update_norm = 100.0  # an update moving the model further than this (L2) is rejected as corrupt
+max_weight = 10000.0  # a hospital refuses a global model with any weight beyond this in magnitude
 
 # --- Simulation on Ray (simulation.py) ------------------------------------------
 ray_address = ""  # an existing Ray cluster ("auto" or host:port); empty = a new private one

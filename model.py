@@ -3,6 +3,7 @@ weights between hospitals and server, its clinical evaluation, and model.pt."""
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,27 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
                 f"weight {name} has shape {np.shape(array)}, model needs {tuple(current.shape)}"
             )
     model.load_state_dict({k: torch.as_tensor(w) for k, w in zip(state, weights, strict=True)})
+
+
+def weights_problem(
+    weights: list[np.ndarray], expected: list[np.ndarray], max_magnitude: float = math.inf
+) -> str | None:
+    """Why `weights` are not a model shaped like `expected` (None if they are): a
+    wrong number or shape of arrays, numbers that are not floating-point, NaN or
+    infinite values, or a value beyond `max_magnitude`. Depends on the arrays
+    alone, so that the answer says nothing about anyone's patients."""
+    if len(weights) != len(expected):
+        return f"{len(weights)} weight arrays where the model has {len(expected)}"
+    for i, (got, want) in enumerate(zip(weights, expected, strict=True)):
+        if np.shape(got) != want.shape:
+            return f"weight array {i} has shape {np.shape(got)}, the model's is {want.shape}"
+        if not np.issubdtype(np.asarray(got).dtype, np.floating):
+            return f"weight array {i} holds {np.asarray(got).dtype}, not floating-point numbers"
+        if not np.isfinite(got).all():
+            return f"weight array {i} holds NaN or infinite values"
+        if got.size and np.abs(got).max() > max_magnitude:
+            return f"weight array {i} holds values beyond {max_magnitude:g} in magnitude"
+    return None
 
 
 @torch.no_grad()

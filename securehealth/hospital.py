@@ -1,17 +1,33 @@
 """A hospital's training and its own records: DP-SGD (Opacus) on its training
 patients against its privacy ledger, a privacy report (scalars) for the server, and
 its evaluation of every global model on its held-out patients, which stays here.
-Loaded only by a message that trains or ends the run (node.open_hospital)."""
+Loaded only by a message that trains or ends the run (node.open_hospital).
+
+The global model is the server's, and a server may send anything: the hospital
+checks it before it uses it (its own bound on weights, max_weight) and trains so
+that no patient can make the update non-finite (dpsgd.FiniteDPOptimizer). What it
+sends back is then differentially private whatever model it was sent; its local
+evaluation, which is not, can neither fail nor say anything to the server.
+"""
 
 import json
 from datetime import UTC, datetime
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.common import log
 
-from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
+from model import (
+    build_model,
+    clinical_metrics,
+    get_weights,
+    predict_risk,
+    set_weights,
+    weights_problem,
+)
 from securehealth import data
 from securehealth.node import EVALUATION_FILE, STATUS_FILE
 from securehealth.privacy import dpsgd
@@ -55,10 +71,19 @@ class Hospital:
                 f"the server's cap on one hospital's weight (max_patients "
                 f"{self.cfg.max_patients}): the server's operator must raise max_patients"
             )
+        problem = weights_problem(parameters, self._initial_weights(), self.cfg.max_weight)
+        if problem:  # decided on the arrays alone, before any patient is touched
+            with self.ledger.transaction():
+                reason = (
+                    f"the server sent a malformed global model ({problem}); this hospital "
+                    f"does not train on it (its bound on weights: max_weight "
+                    f"{self.cfg.max_weight:g})"
+                )
+                return parameters, 0, self._report("refused", server_round, reason)
         self._evaluate_locally(parameters, server_round - 1)
         n, cfg = len(self.y), self.cfg
-        sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
-        limit = dpsgd.noise_limit(n, sum(p.size for p in parameters), cfg)
+        sample_rate, steps = self.sampling()
+        limit = dpsgd.noise_limit(self.sampled_patients, sum(p.size for p in parameters), cfg)
         # Read, check, train and record under the ledger's lock: a concurrent training
         # on the same patients waits, and sees this one's release.
         with self.ledger.transaction():
@@ -85,9 +110,22 @@ class Hospital:
             except BudgetExhausted as refusal:
                 return parameters, 0, self._report("refused", server_round, str(refusal))
             model = self._model(parameters)
-            steps_taken = dpsgd.train_private(model, self.x, self.y, self.cfg, sigma)
+            steps_taken = self._train(model, sigma, (sample_rate, steps))
             self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
             return get_weights(model), len(self.y), self._report("trained", server_round)
+
+    @property
+    def sampled_patients(self) -> int:
+        """The rows DP-SGD samples from, which set its sample rate and steps."""
+        return len(self.y)
+
+    def sampling(self) -> tuple[float, int]:
+        """(Poisson sample rate, noisy steps) of one round."""
+        return dpsgd.sample_rate_and_steps(self.sampled_patients, self.cfg)
+
+    def _train(self, model: torch.nn.Module, sigma: float, sampling: tuple[float, int]) -> int:
+        """One round of DP-SGD on the training patients; returns the steps taken."""
+        return dpsgd.train_private(model, self.x, self.y, self.cfg, sigma, sampling=sampling)
 
     def end_of_run(
         self, parameters: list[np.ndarray], status: str, rounds: int, reason: str
@@ -99,32 +137,58 @@ class Hospital:
         with self.ledger.transaction():
             self._report(status, rounds, reason)
 
+    def _new_model(self) -> torch.nn.Module:
+        """The run's model architecture, for this hospital's inputs."""
+        return build_model(self.x.shape[1], self.cfg.hidden_layers)
+
+    def _initial_weights(self) -> list[np.ndarray]:
+        """Arrays shaped as the run's model: what a global model must look like."""
+        return get_weights(self._new_model())
+
     def _model(self, parameters):
-        model = build_model(self.x.shape[1], self.cfg.hidden_layers)
-        try:
-            set_weights(model, parameters)
-        except ValueError as error:
-            raise ValueError(
-                f"the global model does not fit this hospital's data ({error}): the "
-                f"server and every hospital must use the same data dictionary"
-            ) from None
+        """The global model, from arrays that weights_problem has passed."""
+        model = self._new_model()
+        set_weights(model, parameters)
         return model
 
     def _evaluate_locally(self, parameters, after_round):
         """Clinical metrics of the global model after `after_round` on the held-out
-        patients, appended to this hospital's evaluation file."""
-        x, y = self.held_out
-        risk = predict_risk(self._model(parameters), x)
-        path = self.state_dir / EVALUATION_FILE
-        records = read_json(path) if path.exists() else []
-        records = [
-            r for r in records if r["run_id"] != str(self.run_id) or r["round"] != after_round
-        ]
-        metrics = clinical_metrics(y, risk, self.cfg.decision_threshold)
-        records.append(
-            {"run_id": str(self.run_id), "round": after_round, "patients": len(y), **metrics}
-        )
-        write_json(path, records)
+        patients, appended to this hospital's evaluation file. Nothing of it reaches
+        the server, not even whether it worked: a model whose scores are not finite
+        is scored 0.5 there (and counted), and any failure goes to this hospital's
+        own log."""
+        try:
+            problem = weights_problem(parameters, self._initial_weights(), self.cfg.max_weight)
+            if problem:
+                raise ValueError(f"the server sent a malformed global model ({problem})")
+            x, y = self.held_out
+            risk = predict_risk(self._model(parameters), x)
+            finite = np.isfinite(risk)
+            metrics = clinical_metrics(y, np.where(finite, risk, 0.5), self.cfg.decision_threshold)
+            path = self.state_dir / EVALUATION_FILE
+            records = read_json(path) if path.exists() else []
+            records = [
+                r for r in records if r["run_id"] != str(self.run_id) or r["round"] != after_round
+            ]
+            records.append(
+                {
+                    "run_id": str(self.run_id),
+                    "round": after_round,
+                    "patients": len(y),
+                    "non_finite_scores": int((~finite).sum()),
+                    **metrics,
+                }
+            )
+            write_json(path, records)
+        except Exception as error:  # kept here: its text may quote patients' values
+            log(
+                ERROR,
+                "Hospital %s could not evaluate the global model after round %d on its "
+                "held-out patients: %s",
+                self.hospital,
+                after_round,
+                error,
+            )
 
     def _report(self, status, server_round, reason=""):
         """Scalars the server may see: this hospital's privacy spending, no data.

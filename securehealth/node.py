@@ -3,8 +3,10 @@ its state directory, the run's authorisation, its answer to admission and the
 SecAgg+ check, all without loading patient data or the training stack; the
 Hospital itself (hospital.py) is loaded only by a message that trains.
 
-The hospital owns its privacy budget: epsilon, delta, adjacency and which of its
-patients it holds out (test_fraction) come from this hospital's own settings,
+The hospital owns its privacy budget: epsilon, delta, adjacency, which of its
+patients it holds out (test_fraction), what it does with gaps in its data
+(missing_values, which decides how many patients it trains on) and its bound on
+the weights of a global model it accepts (max_weight) come from its own settings,
 whatever the server asks for, and its privacy ledger lives in its own state
 directory, so that every run on its patients spends from the same budget. It never
 trains without that ledger. It also decides whether its updates go out only through
@@ -44,7 +46,15 @@ EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its 
 REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
 # Settings that belong to the hospital, not the server (see the module docstring);
 # the others are the server's to decide for the run.
-HOSPITAL_SETTINGS = ("epsilon", "delta", "adjacency", "test_fraction", "secure_aggregation")
+HOSPITAL_SETTINGS = (
+    "epsilon",
+    "delta",
+    "adjacency",
+    "test_fraction",
+    "missing_values",
+    "max_weight",
+    "secure_aggregation",
+)
 
 
 def is_simulated(context: Context) -> bool:
@@ -161,14 +171,19 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
         check_run(context, cfg, state_dir)
     except Unauthorised as refusal:
         problem = f"it refused the run: {refusal}"
-    asked = question["secure_aggregation"]
-    if not problem and asked != cfg.secure_aggregation:
-        problem = (
-            f"the server's secure_aggregation is {asked} but this hospital's is "
-            f"{cfg.secure_aggregation}: both sides must agree (client.py "
-            f"--secure-aggregation {asked}, or ask the server's operator)"
-        )
-        _refuse_run(state_dir, context.run_id, problem)
+    asked = {
+        "secure_aggregation": question["secure_aggregation"],
+        # How gaps are encoded decides the model's inputs: the server's must be ours.
+        "missing_values": settings.from_run_config(context.run_config).missing_values,
+    }
+    for name, value in asked.items():
+        if not problem and value != getattr(cfg, name):
+            problem = (
+                f"the server's {name} is {value} but this hospital's is "
+                f"{getattr(cfg, name)}: both sides must agree (client.py "
+                f"--{name.replace('_', '-')} {value}, or ask the server's operator)"
+            )
+            _refuse_run(state_dir, context.run_id, problem)
     key = state_dir / AUTH_KEY
     proof = ""
     if not is_simulated(context) and key.exists():

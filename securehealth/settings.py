@@ -26,6 +26,7 @@ DEFAULTS = {
 HELP = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", inspect.getsource(config), re.M))
 
 SWITCH = ("on", "off", "auto")
+FLOAT32_MAX = 3.4028234663852886e38  # the model's weights are float32
 
 RULES = {
     "num_clients": (lambda v: v >= 1, "must be at least 1"),
@@ -56,6 +57,10 @@ RULES = {
     "max_patients": (lambda v: v >= 1, "must be at least 1"),
     "aggregation": (lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
     "max_update_norm": (lambda v: v > 0, "must be > 0"),
+    "max_weight": (
+        lambda v: 0 < v <= FLOAT32_MAX,
+        f"must be > 0 and at most {FLOAT32_MAX:g} (the largest weight the model can hold)",
+    ),
     "client_cpus": (lambda v: v >= 1, "must be a whole number >= 1 (Flower 1.42's limit)"),
     "client_gpus": (lambda v: v >= 0, "must be >= 0 (fractions share a GPU)"),
 }
@@ -113,6 +118,13 @@ def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
             f"dataset {values['dataset']} has {len(sites)} hospitals, one per site "
             f"({', '.join(sites)}): num_clients must be {len(sites)}, got "
             f"{values['num_clients']} (the scripts set it when --num-clients is not given)"
+        )
+    if values["missing_values"] == "drop" and values["adjacency"] == "replace-one":
+        raise SettingsError(
+            "missing_values 'drop' cannot keep replace-one's promise: a hospital releases "
+            "how many patients it trains on, and replacing one patient's record by one with "
+            "a gap would change that count; use 'indicator' (or 'fail'), or adjacency "
+            "add-remove"
         )
     if values["aggregation"] != "fedavg" and values["secure_aggregation"] == "on":
         raise SettingsError(

@@ -27,7 +27,15 @@ from flwr.common import (
 from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
-from model import build_model, clinical_metrics, get_weights, predict_risk, save_model, set_weights
+from model import (
+    build_model,
+    clinical_metrics,
+    get_weights,
+    predict_risk,
+    save_model,
+    set_weights,
+    weights_problem,
+)
 from securehealth import data
 from securehealth.admission import report_problem
 from securehealth.aggregation import combine
@@ -197,15 +205,9 @@ class HospitalFedAvg(FedAvg):
         number or shape of arrays, NaN or infinite values, or a change larger than
         max_update_norm, which honest DP-SGD training never makes."""
         expected = self.global_weights
-        if len(weights) != len(expected):
-            return f"{len(weights)} weight arrays where the model has {len(expected)}"
-        for i, (got, want) in enumerate(zip(weights, expected, strict=True)):
-            if got.shape != want.shape:
-                return f"weight array {i} has shape {got.shape}, the model's is {want.shape}"
-            if not np.issubdtype(got.dtype, np.floating):
-                return f"weight array {i} holds {got.dtype}, not floating-point numbers"
-            if not np.isfinite(got).all():
-                return f"weight array {i} holds NaN or infinite values"
+        problem = weights_problem(weights, expected)
+        if problem:
+            return problem
         change = math.sqrt(
             sum(float(np.sum((g - w) ** 2)) for g, w in zip(weights, expected, strict=True))
         )

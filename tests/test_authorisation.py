@@ -159,6 +159,18 @@ def test_a_hospital_refuses_a_server_that_disagrees_on_secure_aggregation(deploy
     )
 
 
+def test_a_hospital_refuses_a_server_that_disagrees_on_missing_values(deployed):
+    # A server that switched modes between runs would learn how many patients have a
+    # gap; the hospital's own setting decides, and both sides must encode alike.
+    cfg, operator_key, state_dir, node_config = deployed
+    server = settings.resolve({**vars(cfg), "missing_values": "fail"})
+    answer = ask_to_join(node_config, signed_run_config(server, operator_key))
+    assert (
+        "the server's missing_values is fail but this hospital's is indicator"
+        in (answer["problem"])
+    )
+
+
 def test_the_servers_app_refuses_a_replayed_authorisation(deployed, tmp_path):
     cfg, operator_key, _, _ = deployed
     signed = json.loads(signed_run_config(cfg, operator_key)["authorisation"])

@@ -77,9 +77,18 @@ def test_without_test_csv_a_simulation_pools_the_held_out_rows(data_dir):
 
 def test_missing_values_can_be_dropped_deliberately(data_dir):
     edit(data_dir / "hospital_0.csv", set_cell(7, "bmi", ""))
-    cfg = settings.resolve({"dataset": "csv", "data_dir": str(data_dir), "missing_values": "drop"})
+    cfg = csv_settings(data_dir, "drop")
     (x, y), (tx, ty) = data_utils.hospital_data(cfg, 0)
     assert len(y) + len(ty) == 299
+
+
+def test_dropping_patients_with_gaps_is_refused_under_replace_one(data_dir):
+    # Replace-one releases the training count; dropping rows with gaps would let one
+    # patient's record (the same record with an empty cell) change it.
+    with pytest.raises(settings.SettingsError) as refused:
+        settings.resolve({"dataset": "csv", "data_dir": str(data_dir), "missing_values": "drop"})
+    assert "replace-one" in str(refused.value) and "add-remove" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def declare_missing(data_dir, feature, markers, **more):
@@ -93,8 +102,15 @@ def declare_missing(data_dir, feature, markers, **more):
 
 
 def csv_settings(data_dir, missing_values):
+    """csv settings; dropping patients with gaps needs add-remove adjacency."""
+    adjacency = "add-remove" if missing_values == "drop" else "replace-one"
     return settings.resolve(
-        {"dataset": "csv", "data_dir": str(data_dir), "missing_values": missing_values}
+        {
+            "dataset": "csv",
+            "data_dir": str(data_dir),
+            "missing_values": missing_values,
+            "adjacency": adjacency,
+        }
     )
 
 

@@ -91,10 +91,11 @@ def test_other_missing_value_modes_name_the_gap():
         data.hospital_data(strict, 0)
     assert str(raised.value).endswith(
         "processed.cleveland.data line 88, column 'thal': '?' means a missing value; fill "
-        "it in, or set missing_values to 'drop' to leave such patients out, or to "
+        "it in, or set missing_values to 'drop' (with adjacency add-remove) to leave such "
+        "patients out, or to "
         "'indicator' to encode it as missing"
     )
-    dropped = settings.resolve({**vars(CFG), "missing_values": "drop"})
+    dropped = settings.resolve({**vars(CFG), "missing_values": "drop", "adjacency": "add-remove"})
     assert (
         len(heart_disease.read_site(heart_disease.site_file(0), data.load_schema(dropped))[1])
         == 297

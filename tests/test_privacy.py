@@ -454,7 +454,15 @@ def test_relabelled_patients_and_rewritten_rows_do_not_open_a_fresh_budget(tmp_p
 
 
 def test_a_bare_supernode_takes_its_budget_from_its_own_config_not_the_server(tmp_path):
-    server_wants = {"epsilon": 50, "delta": 0.2, "adjacency": "add-remove", "test_fraction": 0.9}
+    server_wants = {
+        "epsilon": 50,
+        "delta": 0.2,
+        "adjacency": "add-remove",
+        "test_fraction": 0.9,
+        # Dropping patients with gaps: it would let the server learn how many have one.
+        "missing_values": "drop",
+        "max_weight": 1e30,
+    }
     context = node_context({"state-dir": str(tmp_path)}, server_wants)
     _, cfg = hospital_node.hospital_settings(context)
     for name in server_wants:

@@ -101,7 +101,7 @@ def read_csv(
         row, column = min(unhandled)
         value = cells[column].iloc[row]
         what = "empty value" if value == "" else f"{value!r} means a missing value"
-        fix = "set missing_values to 'drop' to leave such patients out"
+        fix = "set missing_values to 'drop' (with adjacency add-remove) to leave such patients out"
         if schema.missing_values == "indicator" and column not in (schema.label, schema.patient_id):
             fix = f'declare the feature\'s missing markers ("missing": [...]), or {fix}'
         elif schema.missing_values == "fail":

@@ -1,7 +1,14 @@
 """Local training of the diagnosis model on one hospital's rows: with DP-SGD
 (Opacus), as every hospital trains, or without, for the non-private baselines.
 Training runs on the GPU when there is one (`cuda`), else on the CPU; the model
-comes back on the CPU either way."""
+comes back on the CPU either way.
+
+DP-SGD here is Opacus' own pieces (GradSampleModule for per-patient gradients, a
+DPOptimizer to clip them and add the noise) with one change for a hostile server:
+the global model it trains from is the server's, and weights can be chosen so that
+one patient's gradient is NaN or infinite. Clipping does not bound such a gradient
+and noise does not hide it, so FiniteDPOptimizer counts it as zero.
+"""
 
 import math
 import secrets
@@ -10,12 +17,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
-# Opacus repeats this on every PrivacyEngine; metrics.json records secure_rng=false
-# and the README explains what it means, once.
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
 # Harmless for Opacus' per-sample gradient hooks, which need no input gradients.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
@@ -96,17 +102,40 @@ def noise_limit(n: int, weights: int, cfg: SimpleNamespace) -> float:
 
 
 def _epochs(model, loader, optimizer, epochs):
+    """`epochs` passes of `loader`; returns the optimizer steps taken."""
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
+    steps = 0
     for _ in range(epochs):
         for x, y in loader:
             optimizer.zero_grad()
             loss_fn(model(x).squeeze(-1), y).backward()
             optimizer.step()
+            steps += 1
+    return steps
 
 
 def _optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+
+
+class FiniteDPOptimizer(DPOptimizer):
+    """Opacus' DP-SGD optimizer, for any model a server can send: a patient whose
+    per-patient gradient holds a NaN or an infinite value counts as a zero gradient
+    before clipping. Clipping bounds every finite gradient (one too large for its
+    norm to be finite is scaled to zero), but not NaN or infinity, which would pass
+    through the noise and mark the update exactly when that patient was sampled."""
+
+    def clip_and_accumulate(self) -> None:
+        gradients = self.grad_samples
+        if len(gradients[0]):
+            finite = torch.stack(
+                [g.reshape(len(g), -1).isfinite().all(dim=1) for g in gradients]
+            ).all(dim=0)
+            for parameter, gradient in zip(self.params, gradients, strict=True):
+                keep = finite.view(-1, *[1] * (gradient.dim() - 1))
+                parameter.grad_sample = torch.where(keep, gradient, 0.0)
+        super().clip_and_accumulate()
 
 
 def train_private(
@@ -115,29 +144,32 @@ def train_private(
     y: np.ndarray,
     cfg: SimpleNamespace,
     noise_multiplier: float,
+    *,
+    sampling: tuple[float, int] | None = None,
+    optimizer_class: type[DPOptimizer] = FiniteDPOptimizer,
 ) -> int:
-    """local_epochs of DP-SGD on (x, y), in place; returns the number of noisy steps
-    Opacus took. Its accountant serves only as that step counter: the hospital's
-    epsilon comes from its privacy ledger (ledger.py), over all its releases."""
-    sample_rate, steps = sample_rate_and_steps(len(y), cfg)
+    """local_epochs of DP-SGD on (x, y), in place: the round's noisy steps, each on
+    a Poisson sample of the rows, every patient's gradient clipped to max_grad_norm,
+    Gaussian noise of std noise_multiplier * max_grad_norm added. Returns the steps
+    taken. `sampling` (sample rate, steps) defaults to sample_rate_and_steps(len(y));
+    the privacy self-test sets it, and `optimizer_class` for its broken variants.
+    The hospital's epsilon comes from its privacy ledger (ledger.py)."""
+    sample_rate, steps = sampling or sample_rate_and_steps(len(y), cfg)
+    ModuleValidator.validate(model, strict=True)
     batches = PoissonBatches(len(y), sample_rate, steps // cfg.local_epochs)
-    engine = PrivacyEngine(accountant="rdp")
-    private_model, optimizer, private_loader = engine.make_private(
-        module=model.to(DEVICE),
-        optimizer=_optimizer(model, cfg),
-        data_loader=data_loader(x, y, batches),
+    private_model = GradSampleModule(model.to(DEVICE), batch_first=True, loss_reduction="mean")
+    optimizer = optimizer_class(
+        _optimizer(model, cfg),
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        # The loader above already samples as Poisson sampling requires; Opacus
-        # then scales the noisy sum by the expected batch size.
-        poisson_sampling=False,
-        noise_generator=torch.Generator(device=DEVICE).manual_seed(secret_seed()),
+        # The noisy sum is divided by the expected batch size, as Opacus does.
+        expected_batch_size=int(len(y) * sample_rate),
+        generator=torch.Generator(device=DEVICE).manual_seed(secret_seed()),
     )
-    if 1 / len(private_loader) != sample_rate:
-        raise RuntimeError("Opacus samples at another rate than was calibrated")
-    _epochs(private_model, private_loader, optimizer, cfg.local_epochs)
+    taken = _epochs(private_model, data_loader(x, y, batches), optimizer, cfg.local_epochs)
+    private_model.remove_hooks()
     model.to("cpu")
-    return sum(steps for *_, steps in engine.accountant.history)
+    return taken
 
 
 def train_plain(
