@@ -19,6 +19,12 @@ from rich.markup import escape
 
 from securehealth import data, display, settings
 from securehealth.deployment import runtime
+from securehealth.privacy.ledger import (
+    LEDGER_FILE,
+    LedgerError,
+    add_reset_flag,
+    check_before_start,
+)
 from securehealth.results import (
     HOSPITALS_DIR_VARIABLE,
     METRICS_FILE,
@@ -39,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         "alone with DP) and compare them in the summary and report",
     )
     settings.add_unaccounted_flag(parser)
+    add_reset_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
     data.locate(cfg)
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
         warnings = data.check_all(cfg)
+        check_lasting_ledgers(cfg, args.reset_ledger)
         cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
-    except (settings.SettingsError, data.DataError, RunDirError) as error:
+    except (settings.SettingsError, data.DataError, RunDirError, LedgerError) as error:
         parser.error(str(error))
     hospitals_dir = simulated_hospitals_dir(cfg)
     console = display.make_console()
@@ -91,6 +99,30 @@ def main(argv: list[str] | None = None) -> int:
         add_baselines(cfg, metrics, console)
     display.print_summary(metrics, cfg.run_dir, console)
     return exit_code
+
+
+def check_lasting_ledgers(cfg: SimpleNamespace, reset_reason: str | None) -> None:
+    """Check the simulated hospitals' lasting ledgers (your own csv data) before
+    anything starts, starting missing ones afresh if `reset_reason` is given (see
+    ledger.check_before_start). Bundled data's hospitals start afresh in every run."""
+    if cfg.dataset != "csv" or cfg.ray_address:  # a cluster's workers hold theirs
+        if reset_reason is not None:
+            raise LedgerError(
+                "--reset-ledger is for the lasting ledgers of your own data (dataset csv, "
+                "on this machine); bundled data's hospitals start afresh in every run"
+            )
+        return
+    hospitals_dir = simulated_hospitals_dir(cfg)
+    state_dirs = [hospitals_dir / f"hospital-{h}" for h in range(cfg.num_clients)]
+    missing = [not (d / LEDGER_FILE).exists() for d in state_dirs]
+    if reset_reason is not None and not any(missing):
+        raise LedgerError(
+            f"every simulated hospital's privacy ledger in {hospitals_dir} exists, and a "
+            f"budget is never reset while its ledger exists: leave out --reset-ledger"
+        )
+    for hospital, state_dir in enumerate(state_dirs):
+        reset = reset_reason if missing[hospital] else None
+        check_before_start(state_dir, cfg, data.own_file(cfg, hospital), reset)
 
 
 def add_baselines(cfg: SimpleNamespace, metrics: dict[str, Any], console: Console) -> None:

@@ -163,6 +163,7 @@ def report_problem(
         "noise_multiplier": float,
         "sample_rate": float,
         "steps": int,
+        "ledger_reset": str,
         "releases": str,
     }
     unexpected = sorted(set(report) - set(expected))
@@ -184,6 +185,10 @@ def report_problem(
         (0 <= report["sample_rate"] <= 1, "sample_rate is not between 0 and 1"),
         (report["steps"] >= 0, "steps is negative"),
         (len(report["reason"]) <= REASON_LIMIT, f"reason is over {REASON_LIMIT} characters"),
+        (
+            len(report["ledger_reset"]) <= REASON_LIMIT,
+            f"ledger_reset is over {REASON_LIMIT} characters",
+        ),
     ]
     for sound, problem in checks:
         if not sound:

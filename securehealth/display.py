@@ -146,6 +146,9 @@ def shortfalls(metrics: dict[str, Any]) -> list[str]:
         found.append(
             f"updates were rejected in rounds {rejected}: the model was averaged without them"
         )
+    for hospital, p in (metrics.get("privacy") or {}).get("hospitals", {}).items():
+        if p.get("ledger_reset"):
+            found.append(f"hospital {hospital}: {p['ledger_reset']}")
     if idle_rounds(metrics):
         found.append(
             f"no hospital trained in rounds {idle_rounds(metrics)}: the model did not change"

@@ -29,11 +29,10 @@ from model import (
     weights_problem,
 )
 from securehealth import data
-from securehealth.node import EVALUATION_FILE, STATUS_FILE
-from securehealth.privacy import dpsgd
+from securehealth.privacy import data_index, dpsgd
 from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted, NoiseBeyondLimit
-from securehealth.privacy.ledger import PrivacyLedger
-from securehealth.results import read_json, write_json
+from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.results import EVALUATION_FILE, STATUS_FILE, read_json, write_json
 
 # What a release in the report to the server says: enough to recompute epsilon, and
 # no run ids of other federations (they would link this hospital's participation).
@@ -47,17 +46,28 @@ class Hospital:
     so it is never sent."""
 
     def __init__(
-        self, hospital, cfg, run_id, state_dir, data_file=None, schema_file=None, patients=None
+        self,
+        hospital,
+        cfg,
+        run_id,
+        state_dir,
+        data_file=None,
+        schema_file=None,
+        patients=None,
+        own_file=None,
     ):
         """`patients`, ((x, y), (held-out x, y)), replaces the hospital's own data and
-        held-out rule: for a benchmark's published split of public data only."""
+        held-out rule: for a benchmark's published split of public data only.
+        `own_file`, the file of the hospital's own patients (node.open_hospital), is
+        claimed for its ledger in this machine's data index (privacy/data_index.py);
+        the tools' scratch ledgers claim nothing."""
         torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
         self.state_dir = Path(state_dir)
         (self.x, self.y), self.held_out = patients or data.hospital_data(
             cfg, hospital, data_file, schema_file
         )
-        self.ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+        self.ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency, own_file)
 
     def train_round(
         self, parameters: list[np.ndarray], server_round: int
@@ -87,7 +97,15 @@ class Hospital:
         # Read, check, train and record under the ledger's lock: a concurrent training
         # on the same patients waits, and sees this one's release.
         with self.ledger.transaction():
-            self.ledger.note_dataset(data.fingerprint(self.x, self.y), n)
+            try:
+                self.ledger.note_dataset(data.fingerprint(self.x, self.y), n)
+            except data_index.DataClaimed as error:
+                log(ERROR, "Hospital %s: %s", self.hospital, error)  # its paths stay here
+                raise LedgerError(
+                    f"hospital {self.hospital}'s data is accounted in another privacy "
+                    f"ledger on its machine, so it does not train with this one (details in "
+                    f"its own log)"
+                ) from None
             try:
                 sigma = self.ledger.noise_for_round(
                     self.run_id, sample_rate, steps, cfg.rounds * steps, limit
@@ -211,6 +229,7 @@ class Hospital:
             "noise_multiplier": plan.get("noise_multiplier", 0.0),
             "sample_rate": plan.get("sample_rate", 0.0),
             "steps": sum(r["steps"] for r in releases if r["run_id"] == str(self.run_id)),
+            "ledger_reset": self.ledger.reset_notice(),
             "releases": json.dumps(
                 [
                     {**{k: r[k] for k in RELEASE_KEYS}, "this_run": r["run_id"] == str(self.run_id)}

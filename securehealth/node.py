@@ -35,14 +35,14 @@ from securehealth.flower import (
     recorddict_to_getpropertiesins,
 )
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
-from securehealth.results import HOSPITALS_DIR_VARIABLE, write_json
+from securehealth.results import HOSPITALS_DIR_VARIABLE, STATUS_FILE, write_json
 
 if TYPE_CHECKING:
     from securehealth.hospital import Hospital
 
-STATUS_FILE = "status.json"  # in a hospital's state directory: what it did last
-AUTH_KEY = "hospital.key"  # ... its identity for servers that admit only enrolled hospitals
-EVALUATION_FILE = "evaluation.json"  # ... and how each global model did on its patients
+# In a hospital's state directory: its identity for servers that admit only enrolled
+# hospitals.
+AUTH_KEY = "hospital.key"
 REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
 # Settings that belong to the hospital, not the server (see the module docstring);
 # the others are the server's to decide for the run.
@@ -115,6 +115,7 @@ def open_hospital(context: Context) -> "Hospital":
             state_dir,
             node.get("data-file"),
             node.get("schema-file"),
+            own_file=data.own_file(cfg, hospital, node.get("data-file")),
         )
     except data.DataError as error:
         # The details quote patients' values: they stay in this hospital's own log.

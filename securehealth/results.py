@@ -27,6 +27,11 @@ METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 
 
+# In a hospital's state directory, beside its privacy ledger: what it did last, and
+# how each global model did on its held-out patients (both stay there).
+STATUS_FILE = "status.json"
+EVALUATION_FILE = "evaluation.json"
+
 # Where simulated hospitals keep their state (hospital-<i>/ inside it): set on the
 # machine that runs them (simulation.py does), never by the server.
 HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"

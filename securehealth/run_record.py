@@ -10,7 +10,8 @@ from securehealth.results import METRICS_FILE, write_json
 
 # What a hospital reports about its own privacy spending, as metrics.json records it:
 # epsilon is cumulative over every release on its patients (all listed in
-# `releases`); noise multiplier, sample rate and steps are this run's.
+# `releases`); noise multiplier, sample rate and steps are this run's; ledger_reset
+# says when and why its operator started its ledger afresh, if ever.
 PRIVACY_KEYS = (
     "epsilon",
     "epsilon_budget",
@@ -21,6 +22,7 @@ PRIVACY_KEYS = (
     "sample_rate",
     "steps",
     "releases",
+    "ledger_reset",
 )
 
 

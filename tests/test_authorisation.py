@@ -21,6 +21,7 @@ from securehealth import authorisation, settings
 from securehealth import node as hospital_node
 from securehealth.certificates import load_hospital_key, make_hospital_key, make_operator_key
 from securehealth.privacy.ledger import LEDGER_FILE
+from securehealth.results import STATUS_FILE
 
 SETTINGS = {"num_patients": 600, "rounds": 1, "secure_aggregation": "off"}
 
@@ -120,7 +121,7 @@ def test_a_run_the_operator_did_not_sign_trains_nothing(deployed, tmp_path, atta
         run_config["signature"] = "AAAA" + run_config["signature"][4:]
     answer = ask_to_join(node_config, run_config)
     assert refusal in answer["problem"]
-    status = json.loads((state_dir / hospital_node.STATUS_FILE).read_text())
+    status = json.loads((state_dir / STATUS_FILE).read_text())
     assert status["status"] == hospital_node.REFUSED_RUN and refusal in status["reason"]
     with pytest.raises(authorisation.Unauthorised, match=refusal):
         train(node_config, run_config, cfg)
@@ -153,10 +154,7 @@ def test_a_hospital_refuses_a_server_that_disagrees_on_secure_aggregation(deploy
     node_config["secure_aggregation"] = "on"
     answer = ask_to_join(node_config, signed_run_config(cfg, operator_key))
     assert "the server's secure_aggregation is off but this hospital's is on" in answer["problem"]
-    assert (
-        json.loads((state_dir / hospital_node.STATUS_FILE).read_text())["status"]
-        == hospital_node.REFUSED_RUN
-    )
+    assert json.loads((state_dir / STATUS_FILE).read_text())["status"] == hospital_node.REFUSED_RUN
 
 
 def test_a_hospital_refuses_a_server_that_disagrees_on_missing_values(deployed):

@@ -29,6 +29,7 @@ PRIVACY_REPORT_KEYS = {
     "sample_rate",
     "steps",
     "releases",
+    "ledger_reset",
 }
 
 

@@ -17,8 +17,7 @@ import client
 import data_utils
 from model import build_model, get_weights
 from securehealth import settings
-from securehealth.node import EVALUATION_FILE
-from securehealth.results import HOSPITALS_DIR_VARIABLE, read_json
+from securehealth.results import EVALUATION_FILE, HOSPITALS_DIR_VARIABLE, read_json
 
 HOSPITAL = 2  # the example's smallest hospital: 120 patients
 OLDEST = 95  # the data dictionary's largest age: one patient is given it

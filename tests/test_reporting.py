@@ -18,6 +18,7 @@ HOSPITAL = {
     "adjacency": "replace-one",
     "accountant": "pld",
     "releases": [{"noise_multiplier": 3.5, "sample_rate": 0.1, "steps": 20}],
+    "ledger_reset": "",
     "patients": 160,
     "status": "trained",
 }

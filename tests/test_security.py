@@ -403,6 +403,7 @@ def sound_report(number, **changes):
         "accountant": "pld",
         **{k: v for k, v in release.items() if k != "round"},
         "releases": json.dumps([{**release, "adjacency": "replace-one", "this_run": True}]),
+        "ledger_reset": "",
     }
     return {**report, **changes}
 

@@ -58,6 +58,7 @@ __all__ = [
     "hospital_data",
     "load_schema",
     "locate",
+    "own_file",
     "reference_test_set",
     "single_class",
 ]
@@ -95,6 +96,16 @@ def hospital_data(
             f"{MIN_TRAINING_PATIENTS}: add patients or lower test_fraction"
         )
     return (x[train], y[train]), (x[test], y[test])
+
+
+def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) -> Path | None:
+    """The file of a hospital's own patients (dataset csv: the one its client.py
+    names, or DIR/hospital_<i>.csv in simulation), which one privacy ledger on this
+    machine accounts for; None for bundled data, whose simulations start each run's
+    hospitals afresh (generated or published patients, for demonstration)."""
+    if cfg.dataset != "csv":
+        return None
+    return Path(data_file or csv_files.csv_paths(cfg)[1][hospital]).resolve()
 
 
 def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, str]:

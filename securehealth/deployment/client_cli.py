@@ -22,16 +22,10 @@ from securehealth.certificates import OPERATOR_PUB, make_hospital_key
 from securehealth.data import heart_disease
 from securehealth.deployment import pinning, runtime
 from securehealth.deployment.worker import warm_worker
-from securehealth.node import (
-    AUTH_KEY,
-    EVALUATION_FILE,
-    HOSPITAL_SETTINGS,
-    REFUSED_RUN,
-    STATUS_FILE,
-)
-from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
+from securehealth.privacy.ledger import LedgerError, add_reset_flag, check_before_start
 from securehealth.relay import NODE_CONFIG_KEY
-from securehealth.results import default_state_root, read_json
+from securehealth.results import EVALUATION_FILE, STATUS_FILE, default_state_root, read_json
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
@@ -91,6 +85,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
         help="create this hospital's identity key in --state-dir for a server that "
         "admits only enrolled hospitals, then exit",
     )
+    add_reset_flag(group)
     group.add_argument(
         "--trust-server-app",
         action="store_true",
@@ -126,12 +121,6 @@ def join(description: str, argv: list[str] | None = None) -> int:
         _held = hold(state_dir)  # kept until join returns (or the process ends)
     except (StateDirError, OSError) as error:
         parser.error(str(error))
-    try:  # no training without a sound ledger that can be written
-        ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
-        with ledger.transaction(timeout=5):  # readable, and this guarantee no looser
-            pass
-    except LedgerError as error:
-        parser.error(str(error))
     try:
         runtime.split_address(args.server_address)
     except ValueError as error:
@@ -155,6 +144,15 @@ def join(description: str, argv: list[str] | None = None) -> int:
         own_data = own_data_files(cfg, args, console)
     except data.DataError as error:
         parser.error(str(error))
+    try:  # no training without a sound ledger that can be written, the only one of its data
+        data_file = own_data.get("data-file") if own_data.get("dataset") == "csv" else None
+        ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger)
+    except LedgerError as error:
+        parser.error(str(error))
+    if args.reset_ledger is not None:
+        console.print(
+            f"[yellow]Started a new privacy ledger: {ledger.path} ({args.reset_ledger!r})[/]"
+        )
     if args.insecure:
         console.print(
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "

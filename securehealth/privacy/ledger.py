@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+from securehealth.privacy import data_index
 from securehealth.privacy.accountant import (
     ACCOUNTANT,
     ADJACENCIES,
@@ -34,11 +35,12 @@ from securehealth.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
-from securehealth.results import read_json, write_json
+from securehealth.results import EVALUATION_FILE, STATUS_FILE, read_json, write_json
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
 LEDGER_FORMAT = 2
+MAX_RESET_REASON = 300  # characters of an operator's reason for starting a ledger afresh
 
 
 class LedgerError(Exception):
@@ -48,25 +50,34 @@ class LedgerError(Exception):
 
 class PrivacyLedger:
     """Every DP release a hospital has made from its patients, in one JSON file in the
-    hospital's own state directory, and the budget they are held to.
+        hospital's own state directory, and the budget they are held to.
 
-    One budget covers everything the hospital has trained on, across runs and
-    versions of its data: every release composes with every other. Nothing the
-    server sets (seed, test_fraction, a new run) and no change of the data file (a
-    patient more, relabelled identifiers) starts a fresh one, since nothing in the
-    rows can prove that two datasets share no patient. The ledger lists each version
-    of the data it has seen.
+        One budget covers everything the hospital has trained on, across runs and
+        versions of its data: every release composes with every other. Nothing the
+        server sets (seed, test_fraction, a new run) and no change of the data file (a
+        patient more, relabelled identifiers) starts a fresh one, since nothing in the
+        rows can prove that two datasets share no patient. The ledger lists each version
+        of the data it has seen.
+
+        A ledger is never reset. One that is missing where the hospital has left traces of
+    earlier runs (its status or evaluation file, this machine's data index) is
+    refused: the budget already spent is unknown. Its operator may then start a new one
+    deliberately (`reset`, client.py and simulation.py --reset-ledger), which records
+    when and why in the new ledger and in every later report.
 
     The guarantee it accounts for (delta, adjacency) is fixed by the first release:
-    it may later become stricter (a smaller delta; replace-one instead of
-    add-remove), never looser, which would re-price what was already spent.
+        it may later become stricter (a smaller delta; replace-one instead of
+        add-remove), never looser, which would re-price what was already spent.
 
-    Use it inside `transaction()`: it holds an exclusive lock on the ledger and reads
-    it afresh, so that concurrent trainings on one hospital never lose a release.
+        Use it inside `transaction()`: it holds an exclusive lock on the ledger and reads
+        it afresh, so that concurrent trainings on one hospital never lose a release.
     """
 
-    def __init__(self, state_dir, budget, delta, adjacency):
+    def __init__(self, state_dir, budget, delta, adjacency, data_file=None):
+        """`data_file`: the file of the hospital's own patients, which this ledger
+        claims in this machine's data index when it first accounts for it."""
         self.budget, self.delta, self.adjacency = budget, delta, adjacency
+        self.data_file = data_file
         self.directory = Path(state_dir)
         self.path = self.directory / LEDGER_FILE
         self.data = None
@@ -84,6 +95,16 @@ class PrivacyLedger:
     def transaction(self, timeout: float = 600) -> Iterator[Self]:
         """Hold the ledger exclusively, read afresh, for a read-check-train-record
         sequence. Another training on the same hospital waits up to `timeout` s."""
+        with self._locked(timeout):
+            try:
+                self.data = self._read()
+                self._check_guarantee()
+                yield self
+            finally:
+                self.data = None
+
+    @contextmanager
+    def _locked(self, timeout):
         with open(self.directory / LOCK_FILE, "r+") as lock:
             deadline = time.monotonic() + timeout
             while True:
@@ -104,21 +125,88 @@ class PrivacyLedger:
                 lock.truncate()
                 lock.write(f"process {os.getpid()}")
                 lock.flush()
-                self.data = self._read()
-                self._check_guarantee()
-                yield self
+                yield
             finally:
-                self.data = None
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def reset(self, reason: str) -> None:
+        """Start a new, empty ledger where this hospital's ledger is missing, on its
+        operator's word: `reason` and the time go into the new ledger, and into every
+        later report. A ledger that exists is never reset."""
+        if not reason.strip():
+            raise LedgerError('say why the ledger is started afresh: --reset-ledger "why"')
+        with self._locked(timeout=600):
+            if self.path.exists():
+                raise LedgerError(
+                    f"the privacy ledger {self.path} exists, and a budget is never reset "
+                    f"while its ledger exists: leave out --reset-ledger"
+                )
+            self.data = self._new()
+            self.data["resets"].append({"utc": _now(), "reason": reason.strip()})
+            self._save()
+            self.data = None
+
+    def _new(self):
+        return {
+            "format": LEDGER_FORMAT,
+            "datasets": [],
+            "plans": {},
+            "resets": [],
+            **self._earlier_ledgers(),
+        }
+
+    def _traces(self) -> list[str]:
+        """What in the state directory and on this machine shows that this hospital
+        has spent from its budget before (empty for a new hospital)."""
+        found = []
+        status = self.directory / STATUS_FILE
+        try:
+            spent = read_json(status).get("epsilon", 0) if status.exists() else 0
+        except (OSError, ValueError, AttributeError):
+            spent = 0
+        if isinstance(spent, (int, float)) and spent > 0:
+            found.append(f"its status file {status} records epsilon {spent:.4g} spent")
+        evaluation = self.directory / EVALUATION_FILE
+        try:
+            rounds = [r["round"] for r in read_json(evaluation)] if evaluation.exists() else []
+        except (OSError, ValueError, TypeError, KeyError):
+            rounds = []
+        if any(isinstance(r, int) and r >= 1 for r in rounds):
+            found.append(f"its evaluation file {evaluation} records trained rounds")
+        for data_file in data_index.files_of(self.path):
+            found.append(f"this machine's data index names it as the ledger of {data_file}")
+        return found
+
+    @property
+    def resets(self) -> list[dict[str, str]]:
+        """When and why this hospital's operator started the ledger afresh."""
+        return self.data.get("resets", [])
+
+    def reset_notice(self) -> str:
+        """The ledger's resets in words, for every report ("" if it never was)."""
+        if not self.resets:
+            return ""
+        last = self.resets[-1]
+        times = f" ({len(self.resets)} times)" if len(self.resets) > 1 else ""
+        return (
+            f"the privacy ledger was started afresh{times} by the hospital's operator on "
+            f"{last['utc'][:19]}Z: {last['reason']!r}; releases before that are not in "
+            f"its epsilon"
+        )
 
     def _read(self):
         if not self.path.exists():
-            return {
-                "format": LEDGER_FORMAT,
-                "datasets": [],
-                "plans": {},
-                **self._earlier_ledgers(),
-            }
+            traces = self._traces()
+            if traces:
+                raise LedgerError(
+                    f"this hospital's privacy ledger {self.path} is missing, but "
+                    f"{'; '.join(traces)}: the budget already spent on its patients is "
+                    f"unknown. Restore the ledger from a backup; only if it is lost for "
+                    f'good, start a new one deliberately with --reset-ledger "why" '
+                    f"(client.py, simulation.py), which records when and why in every "
+                    f"later report"
+                )
+            return self._new()
         try:
             data = read_json(self.path)
             if data.get("format") != LEDGER_FORMAT:
@@ -173,7 +261,11 @@ class PrivacyLedger:
 
     def note_dataset(self, fingerprint: str, patients: int) -> None:
         """Record a version of the hospital's data (its training rows) the first time
-        it is trained on; its releases compose with all earlier ones."""
+        it is trained on; its releases compose with all earlier ones. Raises
+        data_index.DataClaimed if another ledger on this machine accounts for the
+        hospital's data file."""
+        if self.data_file is not None:
+            data_index.claim(self.data_file, self.path)
         if not any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
             self.data["datasets"].append(
                 {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
@@ -279,6 +371,41 @@ class PrivacyLedger:
         self._save()
 
 
+def add_reset_flag(parser: Any) -> None:
+    """The launchers' --reset-ledger (an argparse parser or group)."""
+    parser.add_argument(
+        "--reset-ledger",
+        metavar="WHY",
+        help="start a new privacy ledger where this hospital's ledger is lost (never "
+        "where one exists): WHY and the time are kept in it and shown in every later "
+        "report",
+    )
+
+
+def check_before_start(
+    state_dir: str | Path,
+    cfg: Any,
+    data_file: str | Path | None = None,
+    reset_reason: str | None = None,
+) -> "PrivacyLedger":
+    """A hospital's ledger, checked before a launcher (client.py, simulation.py)
+    starts anything, so that a problem is one line there rather than a failed round:
+    started afresh first if its operator said so (`reset_reason`), then readable and
+    its guarantee no looser than cfg's, and, for a hospital's own `data_file`, the
+    only ledger on this machine that accounts for it. Raises LedgerError."""
+    ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+    if reset_reason is not None:
+        ledger.reset(reset_reason)
+    with ledger.transaction(timeout=5):
+        pass
+    if data_file is not None:
+        try:
+            data_index.claim(data_file, ledger.path, record=False)
+        except data_index.DataClaimed as error:
+            raise LedgerError(str(error)) from None
+    return ledger
+
+
 def _mechanism(release):
     """(noise_multiplier, sample_rate, steps) of a recorded release, checked."""
     sigma, rate, steps = release["noise_multiplier"], release["sample_rate"], release["steps"]
@@ -303,6 +430,9 @@ def _check_structure(data):
         raise ValueError(f"impossible guarantee {guarantee!r}")
     if not isinstance(data["datasets"], list) or not isinstance(data["releases"], list):
         raise TypeError("datasets and releases must be lists")
+    for reset in data.get("resets", []):
+        if not (isinstance(reset["utc"], str) and isinstance(reset["reason"], str)):
+            raise TypeError(f"impossible reset {reset!r}")
     for release in data["releases"]:
         _mechanism(release)
         str(release["run_id"])

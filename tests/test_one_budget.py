@@ -1,0 +1,165 @@
+"""One set of patients has one budget on a machine: a simulation and a deployed
+hospital on the same file share one ledger, and a lost ledger is never silently
+replaced by an empty one."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import EXAMPLE, ROOT, flower_context
+from flwr.supercore.task_identity import TaskIdentity
+
+from model import build_model, get_weights
+from securehealth import node, settings
+from securehealth.hospital import Hospital
+from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
+from securehealth.results import HOSPITALS_DIR_VARIABLE, default_state_root
+
+
+def run_script(script, *args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return shutil.copytree(EXAMPLE, tmp_path / "data")
+
+
+def csv_settings(data_dir, **more):
+    return settings.resolve({"dataset": "csv", "data_dir": str(data_dir), "rounds": 2, **more})
+
+
+def train_one_round(hospital):
+    weights = get_weights(build_model(hospital.x.shape[1], hospital.cfg.hidden_layers))
+    return hospital.train_round(weights, 1)[2]
+
+
+def simulated_hospital(data_dir, hospitals_dir, monkeypatch):
+    """Hospital 0 as simulation.py's ClientApp opens it: claiming its file."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(hospitals_dir))
+    context = flower_context(
+        {"partition-id": 0, "num-partitions": 3},
+        settings.to_run_config(csv_settings(data_dir, secure_aggregation="off")),
+    )
+    return node.open_hospital(context)
+
+
+def test_a_deployed_hospital_is_refused_a_second_budget_for_a_simulated_file(
+    tmp_path, data_dir, monkeypatch
+):
+    simulated = simulated_hospital(data_dir, tmp_path / "simulation", monkeypatch)
+    assert train_one_round(simulated)["status"] == "trained"
+    monkeypatch.delenv(HOSPITALS_DIR_VARIABLE)
+
+    for data_file in (
+        data_dir / "hospital_0.csv",
+        shutil.copy(data_dir / "hospital_0.csv", tmp_path / "copy.csv"),
+    ):
+        refused = run_script(
+            "client.py",
+            "--client-id",
+            "0",
+            "--insecure",
+            "--data",
+            str(data_file),
+            "--schema",
+            str(data_dir / "schema.json"),
+            "--state-dir",
+            str(tmp_path / "deployed"),
+            cwd=tmp_path,
+        )
+        line = one_line_error(refused)
+        assert str(simulated.ledger.path) in line, line
+        assert "one budget" in line and "--state-dir" in line
+    assert not (tmp_path / "deployed" / LEDGER_FILE).exists()
+
+
+def test_a_simulation_is_refused_a_second_budget_for_a_deployed_file(tmp_path, data_dir):
+    cfg = csv_settings(data_dir)
+    deployed = tmp_path / "deployed"
+    data_file = data_dir / "hospital_1.csv"
+    check_before_start(deployed, cfg, data_file)  # client.py's check: records nothing yet
+    context = flower_context(
+        {
+            "partition-id": 1,
+            "num-partitions": 3,
+            "state-dir": str(deployed),
+            "operator-key": "",  # client.py --insecure
+            "dataset": "csv",
+            "data-file": str(data_file),
+            "schema-file": str(data_dir / "schema.json"),
+        },
+        settings.to_run_config(cfg),
+    )
+    assert train_one_round(node.open_hospital(context))["status"] == "trained"
+
+    refused = run_script(
+        "simulation.py", "--dataset", "csv", "--data-dir", str(data_dir), cwd=tmp_path
+    )
+    line = one_line_error(refused)
+    assert str(deployed / LEDGER_FILE) in line and HOSPITALS_DIR_VARIABLE in line, line
+    assert not (default_state_root() / "simulation" / "hospital-1" / LEDGER_FILE).exists()
+
+
+def test_a_lost_ledger_is_refused_until_its_operator_resets_it(tmp_path, data_dir):
+    cfg = csv_settings(data_dir)
+    state_dir = tmp_path / "hospital-0"
+    first = train_one_round(Hospital(0, cfg, run_id=1, state_dir=state_dir))
+    assert first["epsilon"] > 0 and first["ledger_reset"] == ""
+    (state_dir / LEDGER_FILE).unlink()  # the status and evaluation files remain
+
+    with pytest.raises(LedgerError, match="is missing, but its status file .* records epsilon"):
+        train_one_round(Hospital(0, cfg, run_id=2, state_dir=state_dir))
+    refused = run_script(
+        "client.py", "--client-id", "0", "--insecure", "--state-dir", str(state_dir), cwd=tmp_path
+    )
+    assert "--reset-ledger" in one_line_error(refused)
+    assert not (state_dir / LEDGER_FILE).exists()
+
+    check_before_start(state_dir, cfg, reset_reason="disk failure; no backup")
+    again = train_one_round(Hospital(0, cfg, run_id=3, state_dir=state_dir))
+    assert again["status"] == "trained"
+    assert "started afresh" in again["ledger_reset"]
+    assert "'disk failure; no backup'" in again["ledger_reset"]
+    ledger = json.loads((state_dir / LEDGER_FILE).read_text())
+    assert ledger["resets"][0]["reason"] == "disk failure; no backup"
+    with pytest.raises(LedgerError, match="never reset while its ledger exists"):
+        check_before_start(state_dir, cfg, reset_reason="again")
+
+
+def test_a_new_hospital_needs_no_reset(tmp_path, data_dir):
+    cfg = csv_settings(data_dir)
+    check_before_start(tmp_path / "new", cfg)  # nothing there yet: a fresh ledger
+    report = train_one_round(Hospital(0, cfg, run_id=1, state_dir=tmp_path / "new"))
+    assert report["status"] == "trained" and report["ledger_reset"] == ""
+
+
+def test_simulation_checks_its_lasting_ledgers_before_it_starts(tmp_path, data_dir):
+    hospital_0 = default_state_root() / "simulation" / "hospital-0"
+    hospital_0.mkdir(parents=True)
+    (hospital_0 / "status.json").write_text(json.dumps({"epsilon": 0.7}))
+    args = ("simulation.py", "--dataset", "csv", "--data-dir", str(data_dir))
+    refused = run_script(*args, cwd=tmp_path)
+    assert "records epsilon 0.7 spent" in one_line_error(refused)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+    bundled = run_script("simulation.py", "--reset-ledger", "lost", cwd=tmp_path)
+    assert "for the lasting ledgers of your own data" in one_line_error(bundled)
