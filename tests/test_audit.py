@@ -101,7 +101,7 @@ def test_all_guesses_right_give_the_theorems_bound(guesses):
     ) == pytest.approx(exact, abs=1e-3)
 
 
-def test_the_issues_worked_case():
+def test_a_hundred_right_guesses_of_a_hundred_prove_epsilon_3_49():
     assert lower_bounds.epsilon_lower_bound(100, 100, 100, 0.0, 0.95) == pytest.approx(
         3.49, abs=0.01
     )
@@ -170,100 +170,112 @@ def _tiny(**overrides):
 
 
 def test_white_box_scores_are_the_canaries_clipped_gradients(tmp_path):
-    # Without noise (broken variant b) a canary weight moves only by its own canary's
-    # clipped gradient: towards its coin's version, by at most max_grad_norm a step.
+    # Without noise a canary weight moves only by its own canary's clipped gradient:
+    # towards its coin's version, by at most max_grad_norm a step.
     cfg = _tiny()
     patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
-    canaries = canary_audit.Canaries.draw(300, 20, patients[0][0][0], cfg.adjacency, seed=3)
+    canaries = canary_audit.Canaries.draw(300, 20, patients[0][0][0], cfg.adjacency)
     facts, updates, _ = canary_audit.train_variant(cfg, "no-noise", canaries, patients, tmp_path)
     scores = canaries.white_box_scores(updates)
     moved = scores != 0
     assert moved.mean() > 0.8  # most canaries were sampled in 3 rounds
     assert np.all((scores[moved] > 0) == (canaries.white_coins[moved] == 1))
-    n = facts["patients"]
-    sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
+    sample_rate, steps = dpsgd.sample_rate_and_steps(facts["patients"], cfg)
+    rows = facts["patients"] + 300 + 20  # Opacus divides by the expected batch of all rows
     # Each step moves a weight by at most lr * C / (expected batch), carried by momentum.
     carried = sum((1 - cfg.momentum**j) / (1 - cfg.momentum) for j in range(1, steps + 1))
-    most = cfg.rounds * cfg.learning_rate * cfg.max_grad_norm / (sample_rate * n) * carried
+    most = cfg.rounds * cfg.learning_rate * cfg.max_grad_norm / int(sample_rate * rows) * carried
     assert np.abs(scores).max() <= most * 1.001
     assert np.abs(scores).max() > most / 20  # moved by the clipped gradient, not a trace
+
+
+def test_the_audited_hospital_samples_at_its_patients_rate(tmp_path):
+    # The canaries ride along: the mechanism audited is the hospital's own, its sample
+    # rate and steps those of its patients, as in the run audited.
+    cfg = _tiny()
+    patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
+    canaries = canary_audit.Canaries.draw(2000, 20, patients[0][0][0], cfg.adjacency)
+    facts, _, _ = canary_audit.train_variant(cfg, "product", canaries, patients, tmp_path)
+    n = len(patients[0][0][1])
+    sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
+    assert (facts["patients"], facts["sample_rate"]) == (n, sample_rate)
+    assert facts["steps"] == cfg.rounds * steps
+    assert facts["claimed_epsilon"] == pytest.approx(cfg.epsilon, rel=1e-3)
+
+
+def test_the_coins_are_secret():
+    x = np.zeros((10, 9), np.float32)
+    draws = [canary_audit.Canaries.draw(200, 50, x, "replace-one") for _ in range(2)]
+    assert not np.array_equal(draws[0].white_coins, draws[1].white_coins)
+    assert not np.array_equal(draws[0].black_coins, draws[1].black_coins)
 
 
 def test_patients_never_move_the_canary_weights(tmp_path):
     cfg = _tiny(rounds=2)
     patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
-    canaries = canary_audit.Canaries.draw(50, 0, patients[0][0][0], "add-remove", seed=0)
+    canaries = canary_audit.Canaries.draw(50, 0, patients[0][0][0], "add-remove")
     canaries.white_coins[:] = 0  # add-remove: no canary is there
     _, updates, _ = canary_audit.train_variant(cfg, "no-noise", canaries, patients, tmp_path)
     assert np.all(np.asarray(updates) == 0)
 
 
-def _variant(refuted_white, refuted_black=False, white_gaussian=0.5, noise_epsilon=1.0):
-    def threat(refuted, gaussian):
-        return {"gaussian": {"epsilon": gaussian}, "claim_refuted": {"refuted": refuted}}
+def test_the_half_noise_variant_halves_the_released_noise_and_nothing_else(tmp_path):
+    # No canary present (add-remove, every coin 0): the canary weights' updates are the
+    # DP noise alone. The broken variant's ledger, claim and settings are the product's.
+    cfg = _tiny(adjacency="add-remove")
+    patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
+    canaries = canary_audit.Canaries.draw(2000, 0, patients[0][0][0], "add-remove")
+    canaries.white_coins[:] = 0
+    found = {}
+    for name in ("product", "half-noise"):
+        facts, updates, _ = canary_audit.train_variant(
+            cfg, name, canaries, patients, tmp_path / name
+        )
+        ledger = json.loads((tmp_path / name / "hospital-0" / "privacy-ledger.json").read_text())
+        found[name] = (
+            facts["claimed_epsilon"],
+            ledger["releases"][-1]["noise_multiplier"],
+            float(np.std(updates)),
+        )
+    (claim, recorded, noise), (half_claim, half_recorded, half_noise) = found.values()
+    assert (half_claim, half_recorded) == (claim, recorded)
+    assert half_noise / noise == pytest.approx(0.5, rel=0.05)
 
+
+def _variant(verdict, must_fail, bound=0.5):
     return {
+        "description": "a variant",
         "claimed_epsilon": 1.0,
-        "epsilon_of_noise_used": noise_epsilon,
-        "threat_models": {
-            "white-box": threat(refuted_white, white_gaussian),
-            "black-box": threat(refuted_black, 0.0),
-        },
+        "lower_bound": bound,
+        "verdict": verdict,
+        "must_fail": must_fail,
     }
 
 
-CAUGHT = _variant(True, white_gaussian=1.7)  # refuted, lower bound above the claim
-FAR_ABOVE = _variant(True, white_gaussian=7.6)
-
-
 @pytest.mark.parametrize(
-    ("product", "broken", "noiseless", "outcome"),
+    ("product", "broken", "shuffled", "outcome"),
     [
-        (_variant(False), CAUGHT, FAR_ABOVE, "PASS"),
-        # the product's claim below the epsilon of the noise it used: its accounting is wrong
-        (_variant(False, noise_epsilon=1.9), CAUGHT, FAR_ABOVE, "FAIL"),
-        (_variant(True), CAUGHT, FAR_ABOVE, "FAIL"),
-        (_variant(False, True), CAUGHT, FAR_ABOVE, "FAIL"),  # by the black-box canaries
-        (_variant(False), _variant(False), FAR_ABOVE, "INCONCLUSIVE"),
-        # refuted, but its lower bound not above its claim: not caught as the issue asks
-        (_variant(False), _variant(True, white_gaussian=0.9), FAR_ABOVE, "INCONCLUSIVE"),
-        (_variant(False), CAUGHT, _variant(True, white_gaussian=2.0), "INCONCLUSIVE"),
+        ("PASS", "FAIL", "PASS", "PASS"),
+        ("PASS", "FAIL", "FAIL", "PASS"),  # shuffled batches: reported only
+        ("FAIL", "FAIL", "PASS", "FAIL"),
+        ("PASS", "PASS", "PASS", "INCONCLUSIVE"),  # a broken variant not caught
     ],
 )
-def test_the_verdict(product, broken, noiseless, outcome):
-    variants = {"product": product, "one-round-accounting": broken, "no-noise": noiseless}
+def test_the_verdict(product, broken, shuffled, outcome):
+    variants = {
+        "product": _variant(product, False),
+        "half-noise": _variant(broken, True, 1.4),
+        "no-noise": _variant("FAIL", True, 9.0),
+        "shuffled-batches": _variant(shuffled, None),
+    }
     assert canary_audit.verdict(variants)["outcome"] == outcome
 
 
-def test_a_claimed_curve_is_refuted_only_when_the_release_is_less_private():
-    # Releases of each coin exactly mu-GDP; the claim is the curve of 0.5-GDP, given
-    # as a privacy profile on a grid (as the audit gets it from dp-accounting).
-    from scipy import stats
-
-    def gaussian_delta(mu, eps):
-        return stats.norm.cdf(-eps / mu + mu / 2) - np.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
-
-    grid = np.linspace(0, 20, 401)
-    claimed = lower_bounds.profile_tradeoff(grid, gaussian_delta(0.5, grid))
-    exact = lower_bounds.gaussian_tradeoff(0.5)
-    for alpha in (0.01, 0.1, 0.5, 0.9):  # the grid's curve is the exact one, a little lenient
-        assert exact(alpha) - 0.01 <= claimed(alpha) <= exact(alpha) + 1e-9
-    rng = np.random.default_rng(2)
-    refuted = {}
-    for mu in (0.5, 1.5):
-        refuted[mu] = 0
-        for _ in range(10):
-            coins = rng.integers(0, 2, 2000)
-            scores = rng.standard_normal(2000) + mu * (coins - 0.5)
-            found = lower_bounds.claim_refuted(scores, coins, claimed, 10.0, 1e-5)
-            refuted[mu] += found["refuted"]
-    assert refuted[0.5] <= 1 and refuted[1.5] >= 9
-
-
 def test_the_self_test_on_tiny_settings(tmp_path):
-    # One round: "noise for one round used for all" is the product itself, so it
-    # cannot be caught, and the audit must say it is inconclusive, not pass. The
-    # product stays within its claim; without noise the audit is far above it.
+    # One round and 500 canaries: "noise for one round used for all" is the product
+    # itself, and half the noise is beyond these canaries' power, so the audit must say
+    # it is inconclusive, not pass. The product stays within its claim; without noise
+    # the audit is far above it.
     run_dir = tmp_path / "audit"
     result = subprocess.run(
         [
@@ -287,10 +299,13 @@ def test_the_self_test_on_tiny_settings(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     audit = json.loads((run_dir / "audit.json").read_text())["canary_audit"]
     assert audit["outcome"] == "INCONCLUSIVE", audit["summary"]
-    checks = audit["checks"]
-    assert checks["product_within_claim"] and checks["no_noise_far_above"]
-    broken = audit["variants"]["one-round-accounting"]
-    assert broken["epsilon_of_noise_used"] == pytest.approx(broken["claimed_epsilon"], rel=1e-6)
+    variants = audit["variants"]
+    assert variants["product"]["verdict"] == "PASS"
+    assert variants["no-noise"]["verdict"] == "FAIL"
+    assert variants["no-noise"]["lower_bound"] > 3 * variants["no-noise"]["claimed_epsilon"]
+    broken = variants["one-round-accounting"]
+    assert broken["epsilon_of_noise_used"] == pytest.approx(broken["claimed_epsilon"], rel=1e-2)
+    assert "lower bound" in audit["summary"] and "95% confidence" in audit["summary"]
     assert (
         "INCONCLUSIVE" in result.stdout
         and "| The product as it is |" in (run_dir / "audit.md").read_text()
@@ -303,8 +318,8 @@ def test_the_self_test_on_tiny_settings(tmp_path):
     ("flags", "message"),
     [
         (["--dataset", "csv"], "bundled or generated data only"),
-        (["--canaries", "1"], "canaries must be 10 to 5000, got 1"),
-        (["--canaries", "100000"], "canaries must be 10 to 5000, got 100000"),
+        (["--canaries", "1"], "canaries must be 10 to 50000, got 1"),
+        (["--canaries", "100000"], "canaries must be 10 to 50000, got 100000"),
         (["--rounds", "1000000"], "use at most 100 rounds, not 1000000"),
     ],
 )
@@ -346,8 +361,9 @@ def test_the_self_test_never_overwrites_a_training_run(tmp_path):
 def test_the_gaussian_analysis_premise_holds_for_the_audited_training():
     # The Gaussian analysis takes the claim to be the Gaussian mechanism's privacy
     # curve at (epsilon, delta). For the audited hospital at the defaults (its 1600
-    # patients and the 2100 canaries; 10 rounds of 29 steps) DP-SGD's curve, from
-    # dp-accounting's PLD, lies within it wherever delta is above 1e-9.
+    # patients: 10 rounds of 13 steps at sample rate 1/13) DP-SGD's curve, from
+    # dp-accounting's PLD, lies within it wherever delta is above 1e-7 (beyond, in a
+    # tail no audit of 10,000 canaries reaches, the two differ by under 1%).
     from dp_accounting import dp_event, pld
     from dp_accounting.privacy_accountant import NeighboringRelation
     from scipy import stats
@@ -355,7 +371,7 @@ def test_the_gaussian_analysis_premise_holds_for_the_audited_training():
     from securehealth.privacy.accountant import calibrate_noise_multiplier
 
     cfg = settings.resolve({})
-    sample_rate, steps = dpsgd.sample_rate_and_steps(1600 + 2000 + 100, cfg)
+    sample_rate, steps = dpsgd.sample_rate_and_steps(1600, cfg)
     sigma = calibrate_noise_multiplier(1.0, 1e-5, sample_rate, 10 * steps, "replace-one")
     accountant = pld.PLDAccountant(NeighboringRelation.REPLACE_ONE)
     accountant.compose(
@@ -366,35 +382,39 @@ def test_the_gaussian_analysis_premise_holds_for_the_audited_training():
         gaussian = stats.norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * stats.norm.cdf(
             -epsilon / mu - mu / 2
         )
-        if gaussian > 1e-9:
+        if gaussian > 1e-7:
             assert accountant.get_delta(epsilon) <= gaussian * 1.001, epsilon
 
 
-def test_the_audit_fails_a_product_whose_accounting_is_wrong(monkeypatch):
+def test_the_canaries_catch_a_product_whose_accounting_is_wrong(monkeypatch, tmp_path):
     # A planted bug in the product's accountant: replace-one accounted as add-remove,
-    # so the hospital calibrates too little noise and claims the budget. The audit's
-    # own recomputation of the noise's epsilon shows the claim is too low.
+    # so the hospital calibrates too little noise and claims the budget. Only the
+    # released updates give it away, and the audit sees them.
     from securehealth.privacy import accountant
 
     real = accountant._accountant
     monkeypatch.setattr(accountant, "_accountant", lambda adjacency: real("add-remove"))
     accountant._epsilon.cache_clear()
     accountant._calibrate.cache_clear()
+    cfg = settings.resolve({"max_patients": 30000})  # the canaries join hospital 0's rows
+    patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
+    # Twice the self-test's canaries: its true epsilon (2.0 for a claim of 1) goes
+    # unrefuted in about 1 audit in 150 (simulated Gaussian scores at its separation;
+    # 1 in 20 with the self-test's 10,000).
+    canaries = canary_audit.Canaries.draw(20000, 20, patients[0][0][0], cfg.adjacency)
     try:
-        result = canary_audit.run(_tiny(), white=300, black=20)
+        product = canary_audit.audit_variant(cfg, "product", canaries, patients, tmp_path)
     finally:
         accountant._epsilon.cache_clear()
         accountant._calibrate.cache_clear()
-    assert result["outcome"] == "FAIL", result["summary"]
-    assert not result["checks"]["product_accounting_matches_noise"]
-    product = result["variants"]["product"]
-    assert product["epsilon_of_noise_used"] > 1.5 * product["claimed_epsilon"]
-    assert "its accounting is wrong" in result["summary"]
+    assert product["claimed_epsilon"] == pytest.approx(1.0, rel=1e-3)
+    assert product["verdict"] == "FAIL", product["lower_bound"]
+    assert product["lower_bound"] > 1.0
 
 
 def test_the_canaries_are_not_refused_by_the_servers_cap_on_a_hospital(tmp_path):
     # 600 training patients, the cap at 600: the audit's hospital 0 holds 920 rows.
     cfg = _tiny(max_patients=600)
     result = canary_audit.run(cfg, white=300, black=20)
-    assert result["variants"]["product"]["patients"] == 920
-    assert result["checks"]["product_within_claim"]
+    assert result["variants"]["product"]["patients"] == 600
+    assert result["variants"]["product"]["verdict"] == "PASS"

@@ -147,16 +147,18 @@ def train_private(
     *,
     sampling: tuple[float, int] | None = None,
     optimizer_class: type[DPOptimizer] = FiniteDPOptimizer,
+    batches_class: type[PoissonBatches] = PoissonBatches,
 ) -> int:
     """local_epochs of DP-SGD on (x, y), in place: the round's noisy steps, each on
     a Poisson sample of the rows, every patient's gradient clipped to max_grad_norm,
     Gaussian noise of std noise_multiplier * max_grad_norm added. Returns the steps
     taken. `sampling` (sample rate, steps) defaults to sample_rate_and_steps(len(y));
-    the privacy self-test sets it, and `optimizer_class` for its broken variants.
+    the privacy self-test sets it, and the optimizer and batch classes for its
+    broken variants.
     The hospital's epsilon comes from its privacy ledger (ledger.py)."""
     sample_rate, steps = sampling or sample_rate_and_steps(len(y), cfg)
     ModuleValidator.validate(model, strict=True)
-    batches = PoissonBatches(len(y), sample_rate, steps // cfg.local_epochs)
+    batches = batches_class(len(y), sample_rate, steps // cfg.local_epochs)
     private_model = GradSampleModule(model.to(DEVICE), batch_first=True, loss_reduction="mean")
     optimizer = optimizer_class(
         _optimizer(model, cfg),

@@ -179,7 +179,9 @@ def self_test(description: str, argv: list[str]) -> int:
         parser.error(str(error))
     console = display.make_console()
     try:
-        with console.status("Training the product and two broken variants with canaries"):
+        with console.status(
+            f"Training the product and {len(canary_audit.VARIANTS) - 1} variants with canaries"
+        ):
             result = canary_audit.run(cfg, args.canaries)
     except (canary_audit.AuditError, data.DataError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
@@ -197,8 +199,9 @@ def _add_audit_flags(parser):
     parser.add_argument(
         "--self-test",
         action="store_true",
-        help="audit the product and two deliberately broken versions of it on bundled "
-        "or generated data; exit 0 only if the audit tells them apart",
+        help="audit the product and deliberately broken versions of it on bundled or "
+        "generated data; exit 0 only if the audit passes the product and catches each "
+        "broken version",
     )
     parser.add_argument(
         "--canaries",
