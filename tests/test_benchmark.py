@@ -61,7 +61,9 @@ def test_the_benchmark_command_on_one_seed(tmp_path):
     assert result.returncode == 0, result.stderr
     output = json.loads((tmp_path / "run" / "benchmark.json").read_text())
     methods = output["methods"]
-    assert {"DP FedAvg, ε 1", "FedAvg, no DP", "Pooled, no DP", "Best alone, no DP"} <= set(methods)
+    # The tuned row is labelled as such, the untuned (fully accounted) row beside it.
+    tuned, untuned = "DP FedAvg, ε 1, tuned †", "DP FedAvg, ε 1, defaults, untuned"
+    assert {tuned, untuned, "FedAvg, no DP", "Pooled, no DP", "Best alone, no DP"} <= set(methods)
     assert methods["Pooled, no DP"]["flamby"] == "0.735"
     for scores in methods.values():
         assert 0 <= scores["accuracy"] <= 1 and len(scores["hospitals"]) == 4
@@ -72,6 +74,8 @@ def test_the_benchmark_command_on_one_seed(tmp_path):
     table = (tmp_path / "run" / "benchmark.md").read_text()
     assert "FedYogi" in table and "Zurich & Basel" in table and "cross-validation" in table
     assert "FLamby's non-private pooled 0.735" in table and "Took" in result.stdout
+    assert "36 DP trainings" in table and "none of it charged to the epsilon" in table
+    assert "every release accounted" in table and "tuning not accounted" in table
 
     for bad in (["--epsilons", "x"], ["--run-dir", str(tmp_path / "run")]):  # never overwritten
         refused = subprocess.run(
