@@ -54,20 +54,23 @@ class Hospital:
         data_file=None,
         schema_file=None,
         patients=None,
+        lasting=False,
         own_file=None,
     ):
         """`patients`, ((x, y), (held-out x, y)), replaces the hospital's own data and
         held-out rule: for a benchmark's published split of public data only.
-        `own_file`, the file of the hospital's own patients (node.open_hospital), is
-        claimed for its ledger in this machine's data index (privacy/data_index.py);
-        the tools' scratch ledgers claim nothing."""
+        `lasting` and `own_file` (node.open_hospital) make its ledger known to this
+        machine's index, with the file of its own patients (privacy/data_index.py);
+        the tools' scratch ledgers are not."""
         torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
         self.state_dir = Path(state_dir)
         (self.x, self.y), self.held_out = patients or data.hospital_data(
             cfg, hospital, data_file, schema_file
         )
-        self.ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency, own_file)
+        self.ledger = PrivacyLedger(
+            state_dir, cfg.epsilon, cfg.delta, cfg.adjacency, lasting, own_file
+        )
 
     def train_round(
         self, parameters: list[np.ndarray], server_round: int
@@ -81,7 +84,7 @@ class Hospital:
                 f"the server's cap on one hospital's weight (max_patients "
                 f"{self.cfg.max_patients}): the server's operator must raise max_patients"
             )
-        problem = weights_problem(parameters, self._initial_weights(), self.cfg.max_weight)
+        problem = self._model_problem(parameters)
         if problem:  # decided on the arrays alone, before any patient is touched
             with self.ledger.transaction():
                 reason = (
@@ -159,9 +162,10 @@ class Hospital:
         """The run's model architecture, for this hospital's inputs."""
         return build_model(self.x.shape[1], self.cfg.hidden_layers)
 
-    def _initial_weights(self) -> list[np.ndarray]:
-        """Arrays shaped as the run's model: what a global model must look like."""
-        return get_weights(self._new_model())
+    def _model_problem(self, parameters: list[np.ndarray]) -> str | None:
+        """Why the server's global model cannot be used (None if it can): not shaped
+        as the run's model, or a weight beyond this hospital's max_weight."""
+        return weights_problem(parameters, get_weights(self._new_model()), self.cfg.max_weight)
 
     def _model(self, parameters):
         """The global model, from arrays that weights_problem has passed."""
@@ -176,7 +180,7 @@ class Hospital:
         is scored 0.5 there (and counted), and any failure goes to this hospital's
         own log."""
         try:
-            problem = weights_problem(parameters, self._initial_weights(), self.cfg.max_weight)
+            problem = self._model_problem(parameters)
             if problem:
                 raise ValueError(f"the server sent a malformed global model ({problem})")
             x, y = self.held_out

@@ -16,6 +16,7 @@ enrolled key before it trains (admission.py).
 """
 
 import os
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from logging import ERROR
@@ -35,7 +36,7 @@ from securehealth.flower import (
     recorddict_to_getpropertiesins,
 )
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
-from securehealth.results import HOSPITALS_DIR_VARIABLE, STATUS_FILE, write_json
+from securehealth.results import HOSPITALS_DIR_VARIABLE, STATUS_FILE, read_json, write_json
 
 if TYPE_CHECKING:
     from securehealth.hospital import Hospital
@@ -57,11 +58,23 @@ HOSPITAL_SETTINGS = (
 )
 
 
+def in_simulation_engine() -> bool:
+    """Whether this ClientApp runs in Flower's simulation engine: in a Ray worker,
+    where simulation.py's hospitals run and a deployed SuperNode's never do."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def is_simulated(context: Context) -> bool:
-    """A hospital that simulation.py runs on this machine: no state directory of its
-    own, and the machine (never the server) names where simulated hospitals keep
-    theirs (HOSPITALS_DIR_VARIABLE)."""
-    return "state-dir" not in context.node_config and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
+    """A hospital that simulation.py runs on this machine: in Flower's simulation
+    engine, with no state directory of its own, and the machine (never the server)
+    naming where simulated hospitals keep theirs (HOSPITALS_DIR_VARIABLE). A
+    SuperNode on a machine that sets the variable is still a deployed hospital."""
+    return (
+        "state-dir" not in context.node_config
+        and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
+        and in_simulation_engine()
+    )
 
 
 def hospital_settings(context: Context) -> tuple[int, SimpleNamespace]:
@@ -115,6 +128,8 @@ def open_hospital(context: Context) -> "Hospital":
             state_dir,
             node.get("data-file"),
             node.get("schema-file"),
+            # Not a bundled-data simulation's ledger in the run directory.
+            lasting=not is_simulated(context) or cfg.dataset == "csv",
             own_file=data.own_file(cfg, hospital, node.get("data-file")),
         )
     except data.DataError as error:
@@ -154,10 +169,17 @@ def check_run(context: Context, cfg: SimpleNamespace, state_dir: Path) -> None:
 
 
 def _refuse_run(state_dir, run_id, reason):
-    """Tell this hospital's operator (client.py watches the status file)."""
+    """Tell this hospital's operator (client.py watches the status file), keeping
+    what the file says was spent: it is a trace the ledger relies on if it is lost."""
+    path = Path(state_dir) / STATUS_FILE
+    try:
+        before = read_json(path) if path.exists() else {}
+        spent = {k: before[k] for k in ("epsilon", "ledger") if k in before}
+    except (OSError, ValueError, TypeError):
+        spent = {}
     now = datetime.now(UTC).isoformat(timespec="seconds")
     status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
-    write_json(Path(state_dir) / STATUS_FILE, status)
+    write_json(path, {**spent, **status})
 
 
 def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str, Scalar]:

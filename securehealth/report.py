@@ -147,9 +147,11 @@ def canary_audit_section(canaries: dict[str, Any]) -> list[str]:
         f"{product['steps']} steps). A lower bound is the least epsilon the guesses about "
         f"the canaries prove, at {canaries['confidence']:.0%} confidence; a correct "
         f"training's stays at or below its claim. The verdict rests on the white-box "
-        f"Gaussian bound alone (a server that sees each round's update, without SecAgg+; "
-        f"{canaries['guess_share']:.0%} of the canaries guessed); the other bounds are "
-        f"figures. Black-box: anyone holding model.pt.",
+        f"bound alone (a server that sees each round's update, without SecAgg+; "
+        f"{canaries['guess_share']:.0%} of the canaries guessed), by the Gaussian "
+        f"analysis where the reported releases lie within the Gaussian curve at the "
+        f"claim, else by the (eps, delta) one; the other bounds are figures. Black-box: "
+        f"anyone holding model.pt.",
         audit_table(canaries),
         f"**{canaries['summary']}**",
         f"![Canary audit]({AUDIT_PLOT})",
@@ -197,8 +199,9 @@ def audit_table(canaries: dict[str, Any]) -> str:
                 v["description"],
                 f"{v['claimed_epsilon']:.3g}",
                 "not known" if used is None else f"{used:.3g}",
-                f"{v['lower_bound']:.2f}",
+                f"{v['lower_bound']:.2f} ({v['analysis']})",
                 v["verdict"],
+                f"{threats['white-box']['gaussian']['epsilon']:.2f} / "
                 f"{threats['white-box']['epsilon-delta']['epsilon']:.2f}",
                 f"{threats['black-box']['gaussian']['epsilon']:.2f} / "
                 f"{threats['black-box']['epsilon-delta']['epsilon']:.2f}",
@@ -209,9 +212,9 @@ def audit_table(canaries: dict[str, Any]) -> str:
             "Variant",
             "Claimed epsilon",
             "Epsilon of the noise used",
-            "Lower bound (white-box, Gaussian)",
+            "Lower bound (white-box; analysis)",
             "Verdict",
-            "White-box, (eps, delta) analysis",
+            "White-box (Gaussian / (eps, delta))",
             "Black-box (Gaussian / (eps, delta))",
         ],
         rows,

@@ -134,6 +134,17 @@ def flower_context(node_config, run_config, run_id=1, node_id=1):
     )
 
 
+def as_simulated_hospitals(monkeypatch, hospitals_dir):
+    """This process as simulation.py's ClientApps run: in Flower's simulation engine
+    (a Ray worker), with the machine naming where simulated hospitals keep their
+    state."""
+    from securehealth import node
+    from securehealth.results import HOSPITALS_DIR_VARIABLE
+
+    monkeypatch.setattr(node, "in_simulation_engine", lambda: True)
+    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(hospitals_dir))
+
+
 def hospital_state(workdir, hospital):
     """client.py's default state directory for a hospital, under own_state_home."""
     return workdir / "xdg-state" / "securehealth-ml" / f"hospital-{hospital}"

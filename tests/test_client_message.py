@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import flower_context
+from conftest import as_simulated_hospitals, flower_context
 from flwr.app import Message
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.serde import message_to_proto
@@ -13,7 +13,6 @@ import client
 import data_utils
 from model import build_model, get_weights
 from securehealth import settings
-from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 PRIVACY_REPORT_KEYS = {
     "hospital",
@@ -47,8 +46,7 @@ def plain_fit_request(cfg):
 def inside_a_supernode(monkeypatch, tmp_path):
     for name in ("_run_id", "_node_id", "_task_id"):  # as a SuperNode's process sets
         monkeypatch.setattr(TaskIdentity, name, 1)
-    # Where simulation.py would keep the simulated hospitals' state.
-    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "hospitals"))
+    as_simulated_hospitals(monkeypatch, tmp_path / "hospitals")
 
 
 def test_only_weights_and_a_privacy_report_leave_the_hospital(tmp_path):

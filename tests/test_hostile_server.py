@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE, flower_context
+from conftest import EXAMPLE, as_simulated_hospitals, flower_context
 from flwr.app import Message
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
@@ -17,7 +17,7 @@ import client
 import data_utils
 from model import build_model, get_weights
 from securehealth import settings
-from securehealth.results import EVALUATION_FILE, HOSPITALS_DIR_VARIABLE, read_json
+from securehealth.results import EVALUATION_FILE, read_json
 
 HOSPITAL = 2  # the example's smallest hospital: 120 patients
 OLDEST = 95  # the data dictionary's largest age: one patient is given it
@@ -113,7 +113,7 @@ def fit(data_dir, state_dir, weights, max_weight):
         {"partition-id": HOSPITAL, "num-partitions": 3}, settings.to_run_config(cfg)
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(HOSPITALS_DIR_VARIABLE, str(state_dir))
+        as_simulated_hospitals(patch, state_dir)
         return client.app(message, context)
 
 

@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLE, ROOT, flower_context
+from conftest import EXAMPLE, ROOT, as_simulated_hospitals, flower_context
 from flwr.supercore.task_identity import TaskIdentity
 
 from model import build_model, get_weights
 from securehealth import node, settings
+from securehealth.data import heart_disease
 from securehealth.hospital import Hospital
 from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
 from securehealth.results import HOSPITALS_DIR_VARIABLE, default_state_root
@@ -54,7 +55,7 @@ def simulated_hospital(data_dir, hospitals_dir, monkeypatch):
     """Hospital 0 as simulation.py's ClientApp opens it: claiming its file."""
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
-    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(hospitals_dir))
+    as_simulated_hospitals(monkeypatch, hospitals_dir)
     context = flower_context(
         {"partition-id": 0, "num-partitions": 3},
         settings.to_run_config(csv_settings(data_dir, secure_aggregation="off")),
@@ -163,3 +164,100 @@ def test_simulation_checks_its_lasting_ledgers_before_it_starts(tmp_path, data_d
 
     bundled = run_script("simulation.py", "--reset-ledger", "lost", cwd=tmp_path)
     assert "for the lasting ledgers of your own data" in one_line_error(bundled)
+
+
+def deployed_context(data_dir, state_dir, data_file, cfg, **own):
+    """Hospital 1 as client.py --insecure --data runs it, with its `own` settings."""
+    return flower_context(
+        {
+            "partition-id": 1,
+            "num-partitions": 3,
+            "state-dir": str(state_dir),
+            "operator-key": "",
+            "dataset": "csv",
+            "data-file": str(data_file),
+            "schema-file": str(data_dir / "schema.json"),
+            **own,
+        },
+        settings.to_run_config(cfg),
+    )
+
+
+def test_a_copy_with_other_line_endings_is_the_same_patients(tmp_path, data_dir):
+    cfg = csv_settings(data_dir)
+    original = data_dir / "hospital_1.csv"
+    first = node.open_hospital(deployed_context(data_dir, tmp_path / "a", original, cfg))
+    assert train_one_round(first)["status"] == "trained"
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(original.read_bytes().replace(b"\n", b"\r\n"))  # other bytes, same rows
+    second = node.open_hospital(deployed_context(data_dir, tmp_path / "b", copy, cfg))
+    with pytest.raises(LedgerError, match="accounted in another privacy ledger"):
+        train_one_round(second)
+    assert not (tmp_path / "b" / LEDGER_FILE).exists()
+
+
+def test_a_hospital_that_never_released_leaves_no_trace(tmp_path, data_dir):
+    # A first round declined (the budget too small for the noise limit) writes no
+    # ledger: neither that state directory nor another one for the same file is
+    # locked out afterwards.
+    data_file = data_dir / "hospital_1.csv"
+    cfg = csv_settings(data_dir)
+    tiny = deployed_context(data_dir, tmp_path / "a", data_file, cfg, epsilon=1e-4)
+    declined = node.open_hospital(tiny)
+    assert train_one_round(declined)["status"] == "refused"
+    assert not (tmp_path / "a" / LEDGER_FILE).exists()
+    check_before_start(tmp_path / "a", cfg, data_file)
+    elsewhere = node.open_hospital(deployed_context(data_dir, tmp_path / "b", data_file, cfg))
+    assert train_one_round(elsewhere)["status"] == "trained"
+
+
+def heart_disease_hospital(hospital, state_dir, cfg):
+    """A heart-disease site as client.py --insecure --dataset heart-disease runs it."""
+    return flower_context(
+        {
+            "partition-id": hospital,
+            "num-partitions": 4,
+            "state-dir": str(state_dir),
+            "operator-key": "",
+            "dataset": "heart-disease",
+            "data-file": str(heart_disease.site_file(hospital)),
+            "schema-file": str(heart_disease.SCHEMA_FILE),
+        },
+        settings.to_run_config(cfg),
+    )
+
+
+def test_a_server_cannot_erase_the_trace_of_a_lost_ledger(tmp_path):
+    # A refused admission rewrites the status file; what it said was spent stays, so
+    # a ledger deleted afterwards is still missed (heart-disease: no data index entry).
+    cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
+    state_dir = tmp_path / "hospital-2"
+    context = heart_disease_hospital(2, state_dir, cfg)
+    assert train_one_round(node.open_hospital(context))["epsilon"] > 0
+    other_mode = settings.to_run_config(settings.resolve({**vars(cfg), "missing_values": "fail"}))
+    answer = node.admission_answer(
+        {"secure_aggregation": "on", "challenge": ""},
+        flower_context(context.node_config, other_mode, run_id=2),
+    )
+    assert "missing_values" in answer["problem"]
+    (state_dir / LEDGER_FILE).unlink()
+    with pytest.raises(LedgerError, match="records epsilon"):
+        check_before_start(state_dir, cfg)
+
+
+def test_the_machine_remembers_a_ledger_whose_whole_state_directory_is_gone(tmp_path):
+    cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
+    state_dir = tmp_path / "hospital-0"
+    context = heart_disease_hospital(0, state_dir, cfg)
+    assert train_one_round(node.open_hospital(context))["status"] == "trained"
+    shutil.rmtree(state_dir)
+    with pytest.raises(LedgerError, match="ledger index records releases from it"):
+        check_before_start(state_dir, cfg)
+
+
+def test_a_reset_needs_a_short_reason(tmp_path, data_dir):
+    cfg = csv_settings(data_dir)
+    for reason in ("", "  ", "x" * 301):
+        with pytest.raises(LedgerError, match="in 1 to 300 characters"):
+            check_before_start(tmp_path / "h", cfg, reset_reason=reason)
+    assert not (tmp_path / "h" / LEDGER_FILE).exists()

@@ -469,6 +469,29 @@ def test_a_bare_supernode_takes_its_budget_from_its_own_config_not_the_server(tm
         assert getattr(cfg, name) == settings.DEFAULTS[name]
 
 
+def test_a_supernode_without_a_state_directory_is_no_simulated_hospital(tmp_path, monkeypatch):
+    # The machine names where simulated hospitals keep their state, but this node is a
+    # deployed SuperNode (not in Flower's simulation engine): it neither takes the
+    # server's settings nor trains without a state directory of its own.
+    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "hospitals"))
+    server_wants = {"epsilon": 50, "adjacency": "add-remove", "max_weight": 1e30}
+    context = node_context({}, server_wants)
+    _, cfg = hospital_node.hospital_settings(context)
+    assert (cfg.epsilon, cfg.adjacency) == (settings.DEFAULTS["epsilon"], "replace-one")
+    with pytest.raises(LedgerError, match="no state directory"):
+        hospital_node.open_hospital(context)
+    assert not (tmp_path / "hospitals").exists()
+
+
+def test_an_expected_batch_below_one_is_one(tmp_path):
+    # 98 patients, batch size 1: the sample rate is 1/98 and int(98 / 98) can be 0.
+    x, y = np.random.default_rng(0).random((98, 9), np.float32), np.zeros(98, np.float32)
+    model = build_model(9, (16,))
+    cfg = settings.resolve({"batch_size": 1, "rounds": 1})
+    train_private(model, x, y, cfg, noise_multiplier=1.0)
+    assert all(np.isfinite(w).all() for w in get_weights(model))
+
+
 def test_concurrent_trainings_on_one_hospital_lose_no_release(tmp_path):
     cfg = settings.resolve({"rounds": 4, "num_patients": 1000, "run_dir": str(tmp_path)})
     weights = [w.tolist() for w in get_weights(build_model(9, cfg.hidden_layers))]

@@ -1,12 +1,18 @@
-"""This machine's index of which privacy ledger accounts for which data file.
+"""This machine's index of hospitals' lasting privacy ledgers: which have released
+anything, and which data file each accounts for.
 
 One set of patients has one budget. A simulation on a hospital's CSV file and a
 deployed hospital (client.py) on the same file keep their ledgers in different
 state directories; without this index each would spend a full budget on the same
 patients. The index, in the user's state root (results.default_state_root), names
-the ledger of every data file a hospital has trained on, by the file's path and by
-its contents (a copy is the same patients): a second ledger is refused, naming the
-first. It also tells a lost ledger from a new one (PrivacyLedger's traces).
+the ledger of every data file a hospital has trained on, by the file's path, its
+contents (a copy is the same patients) and its training rows (so is a copy written
+with other line endings): a second ledger is refused, naming the first. It also
+records which ledgers have released anything, so that a lost ledger is told from a
+new one even where its whole state directory is gone (PrivacyLedger's traces).
+
+Lasting ledgers only: those of deployed hospitals and of simulations on your own
+csv data, not the scratch ledgers of the tools or of bundled-data simulations.
 """
 
 import fcntl
@@ -50,7 +56,9 @@ def _index() -> Iterator[dict[str, Any]]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             path = root / INDEX_FILE
-            index = read_json(path) if path.exists() else {"files": []}
+            index = read_json(path) if path.exists() else {}
+            index.setdefault("files", [])
+            index.setdefault("ledgers", {})
             before = repr(index)
             yield index
             if repr(index) != before:
@@ -59,49 +67,46 @@ def _index() -> Iterator[dict[str, Any]]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _other_ledger(index, data_file, digest, ledger):
-    for entry in index["files"]:
-        if (entry["path"] == str(data_file) or entry["sha256"] == digest) and entry[
-            "ledger"
-        ] != str(ledger):
-            return entry
-    return None
+def _now():
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def claim(data_file: str | Path, ledger: Path, record: bool = True) -> None:
+def claim(data_file: str | Path, ledger: Path, rows: str = "", record: bool = True) -> None:
     """Raise DataClaimed unless `ledger` (a ledger file's path) may account for the
-    patients in `data_file`: no other ledger on this machine accounts for that file
-    or for a copy of it. Records the claim unless `record` is False (a launcher's
-    check before it starts)."""
+    patients in `data_file` (whose training rows have the fingerprint `rows`, if
+    given): no other ledger on this machine that exists or has released anything
+    accounts for that file, a copy of it, or the same rows. Records the claim unless
+    `record` is False (a launcher's check before it starts)."""
     data_file, ledger = Path(data_file).resolve(), Path(ledger).resolve()
     digest = content_digest(data_file)
     with _index() as index:
-        other = _other_ledger(index, data_file, digest, ledger)
-        if other:
+        for entry in index["files"]:
             same = (
                 "is"
-                if other["path"] == str(data_file)
-                else f"has the same contents as {other['path']}, which is"
+                if entry["path"] == str(data_file)
+                else f"holds the same patients as {entry['path']}, which is"
+                if entry["sha256"] == digest or (rows and entry.get("rows") == rows)
+                else None
             )
-            raise DataClaimed(
-                f"the data file {data_file} {same} already accounted in the privacy "
-                f"ledger {other['ledger']}: its patients have one budget on this "
-                f"machine, so use that ledger's state directory ({_how_to_use(other)})"
-            )
-        known = any(e["path"] == str(data_file) and e["sha256"] == digest for e in index["files"])
-        if record and not known:
-            index["files"].append(
-                {
-                    "path": str(data_file),
-                    "sha256": digest,
-                    "ledger": str(ledger),
-                    "first_used": datetime.now(UTC).isoformat(timespec="seconds"),
-                }
-            )
+            other = entry["ledger"]
+            if same and other != str(ledger) and _lives(index, other):
+                raise DataClaimed(
+                    f"the data file {data_file} {same} already accounted in the privacy "
+                    f"ledger {other}: its patients have one budget on this machine, so use "
+                    f"that ledger's state directory ({_how_to_use(other)})"
+                )
+        entry = {"path": str(data_file), "sha256": digest, "rows": rows, "ledger": str(ledger)}
+        known = [{k: e.get(k, "") for k in entry} for e in index["files"]]
+        if record and entry not in known:
+            index["files"].append({**entry, "first_used": _now()})
 
 
-def _how_to_use(entry):
-    state_dir = Path(entry["ledger"]).parent
+def _lives(index, ledger):
+    return ledger in index["ledgers"] or Path(ledger).exists()
+
+
+def _how_to_use(ledger):
+    state_dir = Path(ledger).parent
     return (
         f"client.py --state-dir {state_dir}; for simulation.py, "
         f"{HOSPITALS_DIR_VARIABLE}={state_dir.parent} with the hospital numbered as in "
@@ -109,11 +114,24 @@ def _how_to_use(entry):
     )
 
 
-def files_of(ledger: Path) -> list[str]:
-    """The data files the index says `ledger` accounts for."""
+def released(ledger: Path) -> None:
+    """Record that `ledger` has released something (kept for good: a trace)."""
+    with _index() as index:
+        index["ledgers"].setdefault(str(Path(ledger).resolve()), {"first_release": _now()})
+
+
+def traces(ledger: Path) -> list[str]:
+    """What the index says of `ledger` having released before (empty if nothing)."""
     ledger = Path(ledger).resolve()
-    root = default_state_root()
-    if not (root / INDEX_FILE).exists():
+    if not (default_state_root() / INDEX_FILE).exists():
         return []
     with _index() as index:
-        return sorted({e["path"] for e in index["files"] if e["ledger"] == str(ledger)})
+        known = index["ledgers"].get(str(ledger))
+        files = sorted({e["path"] for e in index["files"] if e["ledger"] == str(ledger)})
+    if not known:
+        return []
+    accounts = f" (for {', '.join(files)})" if files else ""
+    return [
+        f"this machine's ledger index records releases from it since "
+        f"{known['first_release']}{accounts}"
+    ]

@@ -164,8 +164,9 @@ def train_private(
         _optimizer(model, cfg),
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        # The noisy sum is divided by the expected batch size, as Opacus does.
-        expected_batch_size=int(len(y) * sample_rate),
+        # The noisy sum is divided by the expected batch size, as Opacus does (at
+        # least 1: int() of 98 * (1/98) is 0).
+        expected_batch_size=max(1, round(len(y) * sample_rate)),
         generator=torch.Generator(device=DEVICE).manual_seed(secret_seed()),
     )
     taken = _epochs(private_model, data_loader(x, y, batches), optimizer, cfg.local_epochs)

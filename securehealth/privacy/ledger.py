@@ -35,7 +35,7 @@ from securehealth.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
-from securehealth.results import EVALUATION_FILE, STATUS_FILE, read_json, write_json
+from securehealth.results import STATUS_FILE, read_json, write_json
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
@@ -73,11 +73,13 @@ class PrivacyLedger:
         it afresh, so that concurrent trainings on one hospital never lose a release.
     """
 
-    def __init__(self, state_dir, budget, delta, adjacency, data_file=None):
-        """`data_file`: the file of the hospital's own patients, which this ledger
-        claims in this machine's data index when it first accounts for it."""
+    def __init__(self, state_dir, budget, delta, adjacency, lasting=False, data_file=None):
+        """A `lasting` ledger (a deployed hospital's, or a simulated one's on your own
+        data; not a tool's scratch ledger) is known to this machine's index
+        (data_index.py) once it releases anything, and claims there `data_file`, the
+        file of the hospital's own patients, when it first accounts for it."""
         self.budget, self.delta, self.adjacency = budget, delta, adjacency
-        self.data_file = data_file
+        self.lasting, self.data_file = lasting, data_file
         self.directory = Path(state_dir)
         self.path = self.directory / LEDGER_FILE
         self.data = None
@@ -133,8 +135,11 @@ class PrivacyLedger:
         """Start a new, empty ledger where this hospital's ledger is missing, on its
         operator's word: `reason` and the time go into the new ledger, and into every
         later report. A ledger that exists is never reset."""
-        if not reason.strip():
-            raise LedgerError('say why the ledger is started afresh: --reset-ledger "why"')
+        if not 0 < len(reason.strip()) <= MAX_RESET_REASON:
+            raise LedgerError(
+                f"say why the ledger is started afresh, in 1 to {MAX_RESET_REASON} "
+                f'characters: --reset-ledger "why"'
+            )
         with self._locked(timeout=600):
             if self.path.exists():
                 raise LedgerError(
@@ -166,16 +171,7 @@ class PrivacyLedger:
             spent = 0
         if isinstance(spent, (int, float)) and spent > 0:
             found.append(f"its status file {status} records epsilon {spent:.4g} spent")
-        evaluation = self.directory / EVALUATION_FILE
-        try:
-            rounds = [r["round"] for r in read_json(evaluation)] if evaluation.exists() else []
-        except (OSError, ValueError, TypeError, KeyError):
-            rounds = []
-        if any(isinstance(r, int) and r >= 1 for r in rounds):
-            found.append(f"its evaluation file {evaluation} records trained rounds")
-        for data_file in data_index.files_of(self.path):
-            found.append(f"this machine's data index names it as the ledger of {data_file}")
-        return found
+        return found + data_index.traces(self.path)
 
     @property
     def resets(self) -> list[dict[str, str]]:
@@ -265,7 +261,7 @@ class PrivacyLedger:
         data_index.DataClaimed if another ledger on this machine accounts for the
         hospital's data file."""
         if self.data_file is not None:
-            data_index.claim(self.data_file, self.path)
+            data_index.claim(self.data_file, self.path, rows=fingerprint)
         if not any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
             self.data["datasets"].append(
                 {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
@@ -369,6 +365,8 @@ class PrivacyLedger:
         self.releases.append(release)
         release["epsilon_after"] = self.epsilon()
         self._save()
+        if self.lasting:
+            data_index.released(self.path)
 
 
 def add_reset_flag(parser: Any) -> None:

@@ -24,9 +24,12 @@ one of two versions (opposite gradients; opposite diagnoses), so the patient cou
 never depends on a coin, as the guarantee requires; under add-remove a coin decides
 whether it is there at all.
 
-The verdict rests on one test, fixed in advance (`verdict`): the white-box
-canaries' Gaussian lower bound at 95% confidence (lower_bounds.GUESS_SHARE of the
-canaries guessed). A variant passes if that bound is at most the epsilon it claims.
+The verdict rests on one test, fixed in advance: the white-box canaries' lower
+bound at 95% confidence (lower_bounds.GUESS_SHARE of the canaries guessed), by the
+Gaussian analysis where the claim lies within the Gaussian curve at its (epsilon,
+delta) (checked with dp-accounting at the audited sample rate and steps: `claim_pld`),
+else by the (epsilon, delta) one. A variant passes if that bound is at most its
+claim.
 
 The broken variants live here only, never behind a setting; each changes one thing
 inside DP-SGD or its accounting, the settings and run files as the product's:
@@ -72,8 +75,8 @@ AUDITED_HOSPITAL = 0
 # Large enough that, next to it, the canary row's gradient on the MLP is negligible
 # (a ten-thousandth of its norm after clipping).
 CANARY_MARK = 1e4
-# Where dp-accounting's PLD of the noise really used is evaluated.
-PLD_DISCRETIZATION = 1e-3
+# The grid of dp-accounting's PLDs here (its accountant's default).
+PLD_DISCRETIZATION = 1e-4
 
 
 class AuditError(Exception):
@@ -255,15 +258,15 @@ class AuditedHospital(Hospital):
         )
 
 
-def independent_epsilon(history: list[tuple[float, float, int]], adjacency: str, delta: float):
-    """Epsilon of (noise_multiplier, sample_rate, steps) releases, from dp-accounting's
-    PLD directly rather than through the product's accountant (a figure of the
-    self-test: which noise each variant really used). Remembered per history."""
-    return _epsilon(tuple(tuple(release) for release in history), adjacency, delta)
+def independent_pld(history: list[tuple[float, float, int]], adjacency: str):
+    """The privacy loss distribution of (noise_multiplier, sample_rate, steps)
+    releases, from dp-accounting directly rather than through the product's
+    accountant. Remembered per history."""
+    return _pld(tuple(tuple(release) for release in history), adjacency)
 
 
 @functools.lru_cache(maxsize=16)
-def _epsilon(history, adjacency, delta):
+def _pld(history, adjacency):
     from dp_accounting.pld import privacy_loss_distribution
     from dp_accounting.privacy_accountant import NeighboringRelation
 
@@ -280,7 +283,33 @@ def _epsilon(history, adjacency, delta):
             neighboring_relation=relation,
         ).self_compose(int(steps))
         composed = release if composed is None else composed.compose(release)
-    return composed.get_epsilon_for_delta(delta)
+    return composed
+
+
+@functools.lru_cache(maxsize=16)
+def claim_pld(epsilon: float, delta: float, sample_rate: float, steps: int, adjacency: str):
+    """The privacy loss distribution a claim stands for: DP-SGD at the sample rate
+    and for the steps a hospital released, with the noise that makes it exactly
+    (epsilon, delta)-DP, calibrated here with dp-accounting directly (a bug in the
+    product's accountant would otherwise shape the claim it is judged by)."""
+    from dp_accounting import dp_event, mechanism_calibration, pld
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    relation = {
+        "replace-one": NeighboringRelation.REPLACE_ONE,
+        "add-remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
+    }[adjacency]
+    sigma = mechanism_calibration.calibrate_dp_mechanism(  # on a coarser grid: 1 s, not 60
+        lambda: pld.PLDAccountant(relation, value_discretization_interval=10 * PLD_DISCRETIZATION),
+        lambda noise: dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise)), steps
+        ),
+        epsilon,
+        delta,
+        mechanism_calibration.LowerEndpointAndGuess(0.05, 1.0),
+        tol=1e-3,
+    )
+    return independent_pld([(sigma, sample_rate, steps)], adjacency)
 
 
 Patients = list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
@@ -346,9 +375,9 @@ def train_variant(
         "claimed_epsilon": trained[-1]["epsilon"],
         # Not part of the verdict (an attacker does not know it): the epsilon of the
         # noise really added, had the batches been Poisson-sampled.
-        "epsilon_of_noise_used": independent_epsilon(
-            [(used, sample_rate, steps * len(trained))], cfg.adjacency, cfg.delta
-        )
+        "epsilon_of_noise_used": independent_pld(
+            [(used, sample_rate, steps * len(trained))], cfg.adjacency
+        ).get_epsilon_for_delta(cfg.delta)
         if used > 0 and variant.batches is dpsgd.PoissonBatches
         else (math.inf if used == 0 else None),
     }
@@ -378,7 +407,22 @@ def audit_variant(
         }
         for threat in scores
     }
-    facts["lower_bound"] = headline(facts)
+    # The Gaussian analysis refutes the claim only where what the claim stands for
+    # (DP-SGD at the sample rate and steps released, at the claimed epsilon) lies
+    # within the Gaussian curve at that (epsilon, delta); elsewhere the (epsilon,
+    # delta) analysis decides.
+    claimed = claim_pld(  # to 3 decimals: variants claiming 0.9999 and 1 share it (5 s)
+        round(facts["claimed_epsilon"], 3),
+        cfg.delta,
+        facts["sample_rate"],
+        facts["steps"],
+        cfg.adjacency,
+    )
+    premise = lower_bounds.gaussian_premise_holds(
+        claimed.get_delta_for_epsilon, facts["claimed_epsilon"], cfg.delta
+    )
+    facts["analysis"] = "gaussian" if premise else "epsilon-delta"
+    facts["lower_bound"] = facts["threat_models"]["white-box"][facts["analysis"]]["epsilon"]
     facts["verdict"] = "PASS" if facts["lower_bound"] <= facts["claimed_epsilon"] else "FAIL"
     return facts
 
@@ -428,11 +472,6 @@ def run(
     return result
 
 
-def headline(variant: dict[str, Any], threat: str = "white-box") -> float:
-    """The verdict's lower bound: `threat`'s Gaussian one."""
-    return variant["threat_models"][threat]["gaussian"]["epsilon"]
-
-
 def verdict(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """PASS if the product's lower bound is at most its claim and every broken
     variant's is above its own; FAIL if the product's is above its claim;
@@ -442,8 +481,9 @@ def verdict(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
         v["description"] for v in variants.values() if v["must_fail"] and v["verdict"] == "PASS"
     ]
     bound = (
-        f"lower bound {product['lower_bound']:.3g} at {CONFIDENCE:.0%} confidence for a "
-        f"claimed epsilon of {product['claimed_epsilon']:.3g}"
+        f"lower bound {product['lower_bound']:.3g} ({product['analysis']} analysis) at "
+        f"{CONFIDENCE:.0%} confidence for a claimed epsilon of "
+        f"{product['claimed_epsilon']:.3g}"
     )
     if product["verdict"] == "FAIL":
         outcome, why = "FAIL", f"the canaries refute the product's claim ({bound})"

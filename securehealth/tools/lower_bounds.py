@@ -14,7 +14,7 @@ epsilon under which the guesses observed would be too unlikely (p-value at most
   One Run" (ICML 2025): assumes the whole privacy curve of the Gaussian mechanism
   that is (epsilon, delta)-DP, the curve DP-SGD's many composed steps approach
   (Dong, Roth and Su's central limit theorem). Tighter; valid as a bound where the
-  training's own curve lies within that Gaussian one.
+  training's own curve lies within that Gaussian one (`gaussian_premise_holds`).
 
 A lower bound is evidence, not a guarantee: a correct implementation's bound stays
 below its claimed epsilon (with the stated confidence), and a broken one's may rise
@@ -79,6 +79,36 @@ def rejects(
         right = min(1.0, right + fewer / (guesses - fewer) * (least_wrong - wrong))
         wrong = least_wrong
     return right + wrong > guesses / canaries
+
+
+def gaussian_delta(mu: float, epsilon: np.ndarray) -> np.ndarray:
+    """delta(epsilon) of mu-Gaussian DP (Dong, Roth and Su)."""
+    return stats.norm.cdf(-epsilon / mu + mu / 2) - np.exp(epsilon) * stats.norm.cdf(
+        -epsilon / mu - mu / 2
+    )
+
+
+# The Gaussian analysis' premise is checked where the Gaussian curve's delta is at
+# least this (further out lies a tail no one-run audit of these sizes reaches), to
+# within this relative tolerance (a PLD's pessimistic discretization alone adds some
+# 0.1%; at the defaults, DP-SGD's delta is at most 1.0008 times the Gaussian's).
+PREMISE_DELTA = 1e-7
+PREMISE_TOLERANCE = 0.01
+PREMISE_EPSILONS = np.linspace(0, 20, 801)
+
+
+def gaussian_premise_holds(
+    delta_for_epsilon: Callable[[list[float]], Sequence[float]], epsilon: float, delta: float
+) -> bool:
+    """Whether a mechanism whose privacy profile is `delta_for_epsilon` (a PLD's
+    get_delta_for_epsilon) lies within the Gaussian mechanism that is exactly
+    (epsilon, delta)-DP: the premise under which the Gaussian analysis refutes the
+    mechanism's own claim. Checked wherever the Gaussian's delta is at least
+    PREMISE_DELTA, to within PREMISE_TOLERANCE."""
+    gaussian = gaussian_delta(gaussian_mu(epsilon, delta), PREMISE_EPSILONS)
+    checked = gaussian >= PREMISE_DELTA
+    profile = np.asarray(delta_for_epsilon(list(PREMISE_EPSILONS[checked])))
+    return bool(np.all(profile <= gaussian[checked] * (1 + PREMISE_TOLERANCE)))
 
 
 def gaussian_mu(epsilon: float, delta: float) -> float:
