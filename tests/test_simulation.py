@@ -238,13 +238,19 @@ def test_the_audit_attacks_the_model_and_reports_it(run):
     canaries = audit["canary_audit"]
     assert canaries["rounds"] == 3 and set(canaries["variants"]) == {
         "product",
+        "half-noise",
         "no-noise",
         "one-round-accounting",
+        "shuffled-batches",
     }
     product = canaries["variants"]["product"]
-    assert product["threat_models"]["white-box"]["gaussian"]["epsilon"] <= 1.0
+    assert product["verdict"] == "PASS" and product["lower_bound"] <= 1.0
     assert product["claimed_epsilon"] == pytest.approx(1.0, abs=0.01)
-    assert canaries["checks"]["no_noise_far_above"]
+    assert canaries["variants"]["no-noise"]["verdict"] == "FAIL"
+    # The run's own audited hospital: its patients, sample rate and steps.
+    ran = json.loads((run_dir / "metrics.json").read_text())["privacy"]["hospitals"]["0"]
+    assert (product["patients"], product["sample_rate"]) == (ran["patients"], ran["sample_rate"])
+    assert product["steps"] == ran["steps"]
     attack = audit["membership_inference"]
     dp = attack["models"]["Federated, DP (this run)"]["auc"]
     assert dp["low"] <= dp["mean"] <= dp["high"] <= attack["bound"]["auc"]
