@@ -50,27 +50,27 @@ class LedgerError(Exception):
 
 class PrivacyLedger:
     """Every DP release a hospital has made from its patients, in one JSON file in the
-        hospital's own state directory, and the budget they are held to.
+    hospital's own state directory, and the budget they are held to.
 
-        One budget covers everything the hospital has trained on, across runs and
-        versions of its data: every release composes with every other. Nothing the
-        server sets (seed, test_fraction, a new run) and no change of the data file (a
-        patient more, relabelled identifiers) starts a fresh one, since nothing in the
-        rows can prove that two datasets share no patient. The ledger lists each version
-        of the data it has seen.
+    One budget covers everything the hospital has trained on, across runs and
+    versions of its data: every release composes with every other. Nothing the
+    server sets (seed, test_fraction, a new run) and no change of the data file (a
+    patient more, relabelled identifiers) starts a fresh one, since nothing in the
+    rows can prove that two datasets share no patient. The ledger lists each version
+    of the data it has seen.
 
-        A ledger is never reset. One that is missing where the hospital has left traces of
-    earlier runs (its status or evaluation file, this machine's data index) is
-    refused: the budget already spent is unknown. Its operator may then start a new one
+    A ledger is never reset. One that is missing where the hospital has left traces
+    of earlier releases (its status file, this machine's ledger index) is refused:
+    the budget already spent is unknown. Its operator may then start a new one
     deliberately (`reset`, client.py and simulation.py --reset-ledger), which records
     when and why in the new ledger and in every later report.
 
     The guarantee it accounts for (delta, adjacency) is fixed by the first release:
-        it may later become stricter (a smaller delta; replace-one instead of
-        add-remove), never looser, which would re-price what was already spent.
+    it may later become stricter (a smaller delta; replace-one instead of
+    add-remove), never looser, which would re-price what was already spent.
 
-        Use it inside `transaction()`: it holds an exclusive lock on the ledger and reads
-        it afresh, so that concurrent trainings on one hospital never lose a release.
+    Use it inside `transaction()`: it holds an exclusive lock on the ledger and reads
+    it afresh, so that concurrent trainings on one hospital never lose a release.
     """
 
     def __init__(self, state_dir, budget, delta, adjacency, lasting=False, data_file=None):
