@@ -122,7 +122,8 @@ def check_lasting_ledgers(cfg: SimpleNamespace, reset_reason: str | None) -> Non
         )
     for hospital, state_dir in enumerate(state_dirs):
         reset = reset_reason if missing[hospital] else None
-        check_before_start(state_dir, cfg, data.own_file(cfg, hospital), reset)
+        everyone = data.patients_fingerprint(data.hospital_data(cfg, hospital))
+        check_before_start(state_dir, cfg, data.own_file(cfg, hospital), reset, everyone)
 
 
 def add_baselines(cfg: SimpleNamespace, metrics: dict[str, Any], console: Console) -> None:

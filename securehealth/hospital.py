@@ -101,7 +101,11 @@ class Hospital:
         # on the same patients waits, and sees this one's release.
         with self.ledger.transaction():
             try:
-                self.ledger.note_dataset(data.fingerprint(self.x, self.y), n)
+                self.ledger.note_dataset(
+                    data.fingerprint(self.x, self.y),
+                    n,
+                    data.patients_fingerprint(((self.x, self.y), self.held_out)),
+                )
             except data_index.DataClaimed as error:
                 log(ERROR, "Hospital %s: %s", self.hospital, error)  # its paths stay here
                 raise LedgerError(

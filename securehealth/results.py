@@ -40,14 +40,14 @@ HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"
 def simulated_hospitals_dir(cfg: SimpleNamespace) -> Path:
     """Where simulation.py's hospitals keep their privacy ledgers: inside the run
     directory for bundled data (generated or public patients: each run is a fresh
-    demonstration), but for your own csv data a lasting folder, so that every
-    simulation on real patients spends from the same budgets. An operator's own
-    HOSPITALS_DIR_VARIABLE takes precedence."""
+    demonstration, never spending from a lasting ledger), but for your own csv data
+    a lasting folder, so that every simulation on real patients spends from the same
+    budgets: the operator's own HOSPITALS_DIR_VARIABLE, else one in the state root."""
+    if cfg.dataset != "csv":
+        return Path(cfg.run_dir) / "hospitals"
     if os.environ.get(HOSPITALS_DIR_VARIABLE):
         return Path(os.environ[HOSPITALS_DIR_VARIABLE]).resolve()
-    if cfg.dataset == "csv":
-        return default_state_root() / "simulation"
-    return Path(cfg.run_dir) / "hospitals"
+    return default_state_root() / "simulation"
 
 
 def default_state_root() -> Path:

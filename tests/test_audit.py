@@ -362,6 +362,13 @@ def test_the_self_test_never_overwrites_a_training_run(tmp_path):
     assert (run_dir / "metrics.json").exists()
 
 
+def test_the_gaussian_premise_is_checked_as_far_as_its_delta_reaches():
+    # A claim of epsilon 30 (q 1/13, 130 steps): the claim's delta is 2.9 times the
+    # Gaussian's at epsilon 33, where the Gaussian's is still 4.7e-7.
+    pld = canary_audit.claim_pld(30.0, 1e-5, 1 / 13, 130, "replace-one")
+    assert not lower_bounds.gaussian_premise_holds(pld.get_delta_for_epsilon, 30.0, 1e-5)
+
+
 @pytest.mark.parametrize(("rounds", "holds"), [(10, True), (1, False)])
 def test_the_gaussian_premise_is_checked_at_the_audited_settings(rounds, holds):
     # The Gaussian analysis refutes a claim only where the claimed releases' privacy

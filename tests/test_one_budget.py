@@ -16,7 +16,11 @@ from securehealth import node, settings
 from securehealth.data import heart_disease
 from securehealth.hospital import Hospital
 from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
-from securehealth.results import HOSPITALS_DIR_VARIABLE, default_state_root
+from securehealth.results import (
+    HOSPITALS_DIR_VARIABLE,
+    default_state_root,
+    simulated_hospitals_dir,
+)
 
 
 def run_script(script, *args, cwd):
@@ -183,17 +187,52 @@ def deployed_context(data_dir, state_dir, data_file, cfg, **own):
     )
 
 
-def test_a_copy_with_other_line_endings_is_the_same_patients(tmp_path, data_dir):
+def rewritten(text):
+    """The same patients, written otherwise: other line endings, rows in reverse
+    order, whole numbers written as decimals."""
+    header, *rows = text.splitlines()
+    decimals = [",".join(c + ".0" if c.isdigit() else c for c in r.split(",")) for r in rows]
+    return {
+        "crlf": "\r\n".join([header, *rows]) + "\r\n",
+        "reversed": "\n".join([header, *rows[::-1]]) + "\n",
+        "decimals": "\n".join([header, *decimals]) + "\n",
+    }
+
+
+@pytest.mark.parametrize("copy", ["crlf", "reversed", "decimals"])
+def test_a_copy_written_otherwise_is_the_same_patients(tmp_path, data_dir, copy):
     cfg = csv_settings(data_dir)
     original = data_dir / "hospital_1.csv"
     first = node.open_hospital(deployed_context(data_dir, tmp_path / "a", original, cfg))
     assert train_one_round(first)["status"] == "trained"
-    copy = tmp_path / "copy.csv"
-    copy.write_bytes(original.read_bytes().replace(b"\n", b"\r\n"))  # other bytes, same rows
-    second = node.open_hospital(deployed_context(data_dir, tmp_path / "b", copy, cfg))
+    other = tmp_path / "copy.csv"
+    other.write_text(rewritten(original.read_text())[copy])
+    started = run_script(
+        "client.py",
+        *("--client-id", "1", "--insecure", "--data", str(other)),
+        *("--schema", str(data_dir / "schema.json"), "--state-dir", str(tmp_path / "b")),
+        cwd=tmp_path,
+    )
+    assert "holds the same patients as" in one_line_error(started)
+    second = node.open_hospital(deployed_context(data_dir, tmp_path / "b", other, cfg))
     with pytest.raises(LedgerError, match="accounted in another privacy ledger"):
         train_one_round(second)
     assert not (tmp_path / "b" / LEDGER_FILE).exists()
+
+
+def test_a_ledger_index_that_cannot_be_kept_stops_before_anything_is_spent(
+    tmp_path, data_dir, monkeypatch
+):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "a-file"))  # the state root: unusable
+    cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
+    with pytest.raises(LedgerError, match="cannot keep this machine's ledger index"):
+        check_before_start(tmp_path / "hospital-0", cfg)
+    hospital = node.open_hospital(heart_disease_hospital(0, tmp_path / "hospital-0", cfg))
+    with pytest.raises(LedgerError, match="cannot keep this machine's ledger index"):
+        train_one_round(hospital)
+    with hospital.ledger.transaction():
+        assert hospital.ledger.releases == []  # refused before the release, not after
 
 
 def test_a_hospital_that_never_released_leaves_no_trace(tmp_path, data_dir):
@@ -261,3 +300,13 @@ def test_a_reset_needs_a_short_reason(tmp_path, data_dir):
         with pytest.raises(LedgerError, match="in 1 to 300 characters"):
             check_before_start(tmp_path / "h", cfg, reset_reason=reason)
     assert not (tmp_path / "h" / LEDGER_FILE).exists()
+
+
+def test_bundled_data_simulations_never_use_a_lasting_hospitals_folder(tmp_path, monkeypatch):
+    # A demonstration on generated patients must not spend from the budgets that a
+    # folder named for your own data's simulated hospitals holds.
+    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "lasting"))
+    demo = settings.resolve({"run_dir": str(tmp_path / "run")})
+    assert simulated_hospitals_dir(demo) == tmp_path / "run" / "hospitals"
+    own = settings.resolve({"dataset": "csv", "data_dir": str(EXAMPLE)})
+    assert simulated_hospitals_dir(own) == tmp_path / "lasting"

@@ -59,6 +59,7 @@ __all__ = [
     "load_schema",
     "locate",
     "own_file",
+    "patients_fingerprint",
     "reference_test_set",
     "single_class",
 ]
@@ -158,6 +159,18 @@ def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> list[str]:
             warnings.append(single_class(y, hospital))
     reference_test_set(cfg)
     return [w for w in warnings if w]
+
+
+def patients_fingerprint(
+    patients: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> str:
+    """SHA-256 of all of a hospital's patients, ((training x, y), (held-out x, y)), as
+    encoded rows in sorted order: the same patients give the same fingerprint however
+    their file orders or writes them and whichever are held out."""
+    (x, y), (held_x, held_y) = patients
+    rows = np.column_stack([np.vstack([x, held_x]), np.concatenate([y, held_y])])
+    ordered = rows[np.lexsort(rows.T[::-1])].astype(np.float32)
+    return hashlib.sha256(np.ascontiguousarray(ordered).tobytes()).hexdigest()
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:

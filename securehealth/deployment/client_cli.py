@@ -145,8 +145,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except data.DataError as error:
         parser.error(str(error))
     try:  # no training without a sound ledger that can be written, the only one of its data
-        data_file = own_data.get("data-file") if own_data.get("dataset") == "csv" else None
-        ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger)
+        data_file, everyone = own_patients(cfg, args.client_id, own_data)
+        ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger, everyone)
     except LedgerError as error:
         parser.error(str(error))
     if args.reset_ledger is not None:
@@ -283,6 +283,18 @@ def own_data_files(
     if warning := data.single_class(y, args.client_id):
         console.print(f"[yellow]Warning: {escape(warning)}[/]")
     return {"dataset": cfg.dataset, "data-file": str(files[0]), "schema-file": str(files[1])}
+
+
+def own_patients(
+    cfg: SimpleNamespace, client_id: int, own_data: dict[str, str]
+) -> tuple[str | None, str]:
+    """(the file of this hospital's own csv patients, their fingerprint), for the
+    ledger index's check; (None, "") for shipped data."""
+    if own_data.get("dataset") != "csv":
+        return None, ""
+    csv = settings.resolve({**vars(cfg), "dataset": "csv"})
+    rows = data.hospital_data(csv, client_id, own_data["data-file"], own_data["schema-file"])
+    return own_data["data-file"], data.patients_fingerprint(rows)
 
 
 def wait_for_server(address: str, timeout: float, console: Console) -> None:

@@ -34,7 +34,11 @@ INDEX_FILE = "data-ledgers.json"
 LOCK_FILE = "data-ledgers.lock"
 
 
-class DataClaimed(Exception):
+class IndexProblem(Exception):
+    """The ledger index refuses or cannot be kept; the message says how to fix it."""
+
+
+class DataClaimed(IndexProblem):
     """The data file is accounted in another privacy ledger; the message names it."""
 
 
@@ -51,8 +55,15 @@ def content_digest(data_file: Path) -> str:
 def _index() -> Iterator[dict[str, Any]]:
     """The index, held exclusively and saved afterwards if changed."""
     root = default_state_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / LOCK_FILE, "a")
+    except OSError as error:
+        raise IndexProblem(
+            f"cannot keep this machine's ledger index in {root} ({error.strerror}): make "
+            f"it writable, or set XDG_STATE_HOME to a folder this user can write"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             path = root / INDEX_FILE
@@ -114,8 +125,15 @@ def _how_to_use(ledger):
     )
 
 
-def released(ledger: Path) -> None:
-    """Record that `ledger` has released something (kept for good: a trace)."""
+def check_writable() -> None:
+    """Raise IndexProblem unless this machine's ledger index can be kept."""
+    with _index():
+        pass
+
+
+def releasing(ledger: Path) -> None:
+    """Record, before its first release, that `ledger` releases (kept for good: a
+    trace of it, should it be lost)."""
     with _index() as index:
         index["ledgers"].setdefault(str(Path(ledger).resolve()), {"first_release": _now()})
 

@@ -255,13 +255,19 @@ class PrivacyLedger:
     def _save(self):
         write_json(self.path, self.data)
 
-    def note_dataset(self, fingerprint: str, patients: int) -> None:
-        """Record a version of the hospital's data (its training rows) the first time
-        it is trained on; its releases compose with all earlier ones. Raises
-        data_index.DataClaimed if another ledger on this machine accounts for the
-        hospital's data file."""
+    def note_dataset(self, fingerprint: str, patients: int, everyone: str = "") -> None:
+        """Record a version of the hospital's data (its training rows, `fingerprint`)
+        the first time it is trained on; its releases compose with all earlier ones.
+        Raises data_index.DataClaimed if another ledger on this machine accounts for
+        the hospital's data file or its patients (`everyone`: all of them,
+        data.patients_fingerprint)."""
         if self.data_file is not None:
-            data_index.claim(self.data_file, self.path, rows=fingerprint)
+            try:
+                data_index.claim(self.data_file, self.path, rows=everyone)
+            except data_index.DataClaimed:
+                raise
+            except data_index.IndexProblem as error:
+                raise LedgerError(str(error)) from None
         if not any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
             self.data["datasets"].append(
                 {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
@@ -342,6 +348,11 @@ class PrivacyLedger:
             raise BudgetExhausted(
                 f"this round would bring epsilon to {after:.3f}, past the budget of {self.budget:g}"
             )
+        if self.lasting:  # before the release: an index that cannot be kept stops it
+            try:
+                data_index.releasing(self.path)
+            except data_index.IndexProblem as error:
+                raise LedgerError(str(error)) from None
         return sigma
 
     def record(
@@ -365,8 +376,6 @@ class PrivacyLedger:
         self.releases.append(release)
         release["epsilon_after"] = self.epsilon()
         self._save()
-        if self.lasting:
-            data_index.released(self.path)
 
 
 def add_reset_flag(parser: Any) -> None:
@@ -385,22 +394,26 @@ def check_before_start(
     cfg: Any,
     data_file: str | Path | None = None,
     reset_reason: str | None = None,
+    everyone: str = "",
 ) -> "PrivacyLedger":
     """A hospital's ledger, checked before a launcher (client.py, simulation.py)
     starts anything, so that a problem is one line there rather than a failed round:
     started afresh first if its operator said so (`reset_reason`), then readable and
-    its guarantee no looser than cfg's, and, for a hospital's own `data_file`, the
-    only ledger on this machine that accounts for it. Raises LedgerError."""
+    its guarantee no looser than cfg's, this machine's ledger index writable, and,
+    for a hospital's own `data_file` (whose patients have the fingerprint
+    `everyone`), the only ledger on this machine that accounts for them. Raises
+    LedgerError."""
     ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
     if reset_reason is not None:
         ledger.reset(reset_reason)
     with ledger.transaction(timeout=5):
         pass
-    if data_file is not None:
-        try:
-            data_index.claim(data_file, ledger.path, record=False)
-        except data_index.DataClaimed as error:
-            raise LedgerError(str(error)) from None
+    try:
+        data_index.check_writable()
+        if data_file is not None:
+            data_index.claim(data_file, ledger.path, rows=everyone, record=False)
+    except data_index.IndexProblem as error:
+        raise LedgerError(str(error)) from None
     return ledger
 
 

@@ -94,7 +94,7 @@ def gaussian_delta(mu: float, epsilon: np.ndarray) -> np.ndarray:
 # 0.1%; at the defaults, DP-SGD's delta is at most 1.0008 times the Gaussian's).
 PREMISE_DELTA = 1e-7
 PREMISE_TOLERANCE = 0.01
-PREMISE_EPSILONS = np.linspace(0, 20, 801)
+PREMISE_STEP = 0.025  # of epsilon between the points compared
 
 
 def gaussian_premise_holds(
@@ -105,9 +105,14 @@ def gaussian_premise_holds(
     (epsilon, delta)-DP: the premise under which the Gaussian analysis refutes the
     mechanism's own claim. Checked wherever the Gaussian's delta is at least
     PREMISE_DELTA, to within PREMISE_TOLERANCE."""
-    gaussian = gaussian_delta(gaussian_mu(epsilon, delta), PREMISE_EPSILONS)
+    mu = gaussian_mu(epsilon, delta)
+    end = 2 * epsilon + 1
+    while gaussian_delta(mu, end) >= PREMISE_DELTA:  # out to where the check stops
+        end *= 2
+    epsilons = np.arange(0, end, PREMISE_STEP)
+    gaussian = gaussian_delta(mu, epsilons)
     checked = gaussian >= PREMISE_DELTA
-    profile = np.asarray(delta_for_epsilon(list(PREMISE_EPSILONS[checked])))
+    profile = np.asarray(delta_for_epsilon(list(epsilons[checked])))
     return bool(np.all(profile <= gaussian[checked] * (1 + PREMISE_TOLERANCE)))
 
 
