@@ -151,7 +151,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.reset_ledger is not None:
         console.print(
-            f"[yellow]Started a new privacy ledger: {ledger.path} ({args.reset_ledger!r})[/]"
+            f"[yellow]Started a new privacy ledger {escape(str(ledger.path))}: "
+            f"{escape(repr(args.reset_ledger))}[/]"
         )
     if args.insecure:
         console.print(
