@@ -104,7 +104,10 @@ class Hospital:
                 self.ledger.note_dataset(
                     data.fingerprint(self.x, self.y),
                     n,
-                    data.patients_fingerprint(((self.x, self.y), self.held_out)),
+                    # For the ledger index's claim on the hospital's own data file.
+                    data.patients_fingerprint(((self.x, self.y), self.held_out))
+                    if self.ledger.data_file is not None
+                    else "",
                 )
             except data_index.DataClaimed as error:
                 log(ERROR, "Hospital %s: %s", self.hospital, error)  # its paths stay here

@@ -260,7 +260,10 @@ class PrivacyLedger:
         the first time it is trained on; its releases compose with all earlier ones.
         Raises data_index.DataClaimed if another ledger on this machine accounts for
         the hospital's data file or its patients (`everyone`: all of them,
-        data.patients_fingerprint)."""
+        data.patients_fingerprint). Claimed once per version: the index's lock
+        makes a claim final."""
+        if any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
+            return
         if self.data_file is not None:
             try:
                 data_index.claim(self.data_file, self.path, rows=everyone)
@@ -268,10 +271,9 @@ class PrivacyLedger:
                 raise
             except data_index.IndexProblem as error:
                 raise LedgerError(str(error)) from None
-        if not any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
-            self.data["datasets"].append(
-                {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
-            )
+        self.data["datasets"].append(
+            {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
+        )
 
     def authorised_run(self, nonce: str, run_id: int | str) -> bool:
         """Whether run `run_id` may use the operator's authorisation `nonce`: the first
@@ -341,6 +343,11 @@ class PrivacyLedger:
                 "accountant": ACCOUNTANT,
                 "utc": _now(),
             }
+            if self.lasting:  # before a run releases: an index that cannot be kept stops it
+                try:
+                    data_index.releasing(self.path)
+                except data_index.IndexProblem as error:
+                    raise LedgerError(str(error)) from None
             self._save()
         sigma = self.data["plans"][key]["noise_multiplier"]
         after = self.epsilon([(sigma, sample_rate, steps)])
@@ -348,11 +355,6 @@ class PrivacyLedger:
             raise BudgetExhausted(
                 f"this round would bring epsilon to {after:.3f}, past the budget of {self.budget:g}"
             )
-        if self.lasting:  # before the release: an index that cannot be kept stops it
-            try:
-                data_index.releasing(self.path)
-            except data_index.IndexProblem as error:
-                raise LedgerError(str(error)) from None
         return sigma
 
     def record(
