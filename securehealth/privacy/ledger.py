@@ -260,9 +260,10 @@ class PrivacyLedger:
         the first time it is trained on; its releases compose with all earlier ones.
         Raises data_index.DataClaimed if another ledger on this machine accounts for
         the hospital's data file or its patients (`everyone`: all of them,
-        data.patients_fingerprint). Claimed once per version: the index's lock
-        makes a claim final."""
-        if any(d["fingerprint"] == fingerprint for d in self.data["datasets"]):
+        data.patients_fingerprint). Claimed once per version (a version noted by an
+        earlier release of the product, before the index, is claimed when next used)."""
+        noted = next((d for d in self.data["datasets"] if d["fingerprint"] == fingerprint), None)
+        if noted is not None and (self.data_file is None or noted.get("claimed")):
             return
         if self.data_file is not None:
             try:
@@ -271,9 +272,11 @@ class PrivacyLedger:
                 raise
             except data_index.IndexProblem as error:
                 raise LedgerError(str(error)) from None
-        self.data["datasets"].append(
-            {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
-        )
+        if noted is None:
+            noted = {"fingerprint": fingerprint, "patients": patients, "first_used": _now()}
+            self.data["datasets"].append(noted)
+        if self.data_file is not None:
+            noted["claimed"] = True
 
     def authorised_run(self, nonce: str, run_id: int | str) -> bool:
         """Whether run `run_id` may use the operator's authorisation `nonce`: the first
