@@ -14,20 +14,24 @@ It runs only an app identical to its own copy, and only runs its server's operat
 signed; its privacy ledger lives in its own state directory (--state-dir).
 """
 
+import json
 import sys
 
 from flwr.app import Context
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from securehealth import operating_point
 from securehealth.node import hospital_mod, open_hospital
 from securehealth.relay import NODE_CONFIG_KEY, RelayClient
 
 
 class HospitalClient(NumPyClient):
-    """Flower's view of a hospital: a training round per fit; the server's notice that
-    the run has ended (with the final model) as an evaluate request, answered with
-    an acknowledgement only: the hospital's figures on its own patients stay home."""
+    """Flower's view of a hospital: a training round per fit; as evaluate requests,
+    the server's request for the operating point's histograms (answered with them,
+    noised and accounted for) and its notice that the run has ended (with the final
+    model and threshold), answered with an acknowledgement only: the hospital's
+    figures on its own patients stay home."""
 
     def __init__(self, hospital):
         self.hospital = hospital
@@ -40,8 +44,15 @@ class HospitalClient(NumPyClient):
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
-        rounds, reason = int(config["server_round"]), config.get("reason", "")
-        self.hospital.end_of_run(parameters, config["run-status"], rounds, reason)
+        rounds = int(config["server_round"])
+        if config.get("task") == operating_point.TASK:
+            histograms, report = self.hospital.release_operating_point(parameters, rounds)
+            if histograms is not None:
+                report["histograms"] = json.dumps(histograms.tolist())
+            return 0.0, 0, report
+        threshold = float(config["threshold"])
+        reason = str(config.get("reason", ""))
+        self.hospital.end_of_run(parameters, config["run-status"], rounds, reason, threshold)
         return 0.0, 0, {}
 
 

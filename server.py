@@ -27,6 +27,7 @@ from securehealth.admission import Admission
 from securehealth.results import run_directory
 from securehealth.serverapp import (
     PromptGrid,
+    ask_operating_point,
     check_authorised,
     enrolled_keys,
     recorded_outcome,
@@ -40,7 +41,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """One training run: admit the hospitals, then `rounds` rounds of FedAvg."""
+    """One training run: admit the hospitals, `rounds` rounds of FedAvg, then the
+    model's operating point from the hospitals' DP score histograms."""
     settings.check_defaults(context.run_config, grid.run.override_config)
     cfg = settings.decide_auto(settings.from_run_config(context.run_config))
     run_dir = run_directory(cfg, context.run_id)
@@ -55,6 +57,7 @@ def main(grid: Grid, context: Context) -> None:
             context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy
         )
         workflow(cfg)(grid, rounds)
+        ask_operating_point(grid, strategy, admission, cfg.rounds)
         strategy.finish()
 
 

@@ -32,6 +32,7 @@ RELEASE_FIELDS = {
     "sample_rate": float,
     "steps": int,
     "adjacency": str,
+    "mechanism": str,
     "this_run": bool,
 }
 
@@ -145,6 +146,7 @@ def report_problem(
     hospital: int,
     previous: dict[str, Any] | None,
     max_patients: int,
+    statuses: tuple[str, ...] = STATUSES,
 ) -> str | None:
     """Why a hospital's training report cannot be accepted (None if it can): a field
     of the wrong type or out of range, another hospital's number, more patients than
@@ -176,7 +178,7 @@ def report_problem(
     if report["hospital"] != hospital:
         return f"its report claims hospital {report['hospital']}, but it was admitted as {hospital}"
     checks = [
-        (report["status"] in STATUSES, f"status {report['status']!r} is not one of {STATUSES}"),
+        (report["status"] in statuses, f"status {report['status']!r} is not one of {statuses}"),
         (1 <= report["patients"] <= max_patients, _patients_problem(report, max_patients)),
         (report["epsilon"] >= 0, "epsilon is negative"),
         (report["epsilon_budget"] > 0, "epsilon_budget is not positive"),
@@ -194,8 +196,8 @@ def report_problem(
         if not sound:
             return f"its report's {problem}"
     trained = report["status"] == "trained"
-    if trained and report["epsilon"] == 0:
-        return "it trained, yet its report says it spent no epsilon"
+    if report["status"] in ("trained", "released") and report["epsilon"] == 0:
+        return f"it {report['status']}, yet its report says it spent no epsilon"
     if num_examples != (report["patients"] if trained else 0):
         return (
             f"it weights its update by {num_examples} patients but reports "

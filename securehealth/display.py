@@ -23,6 +23,13 @@ from rich.table import Table
 from securehealth.results import METRICS_FILE, read_json
 
 
+def markdown_table(rows: list[list[Any]]) -> str:
+    """A Markdown table of `rows`, the header first (report.md, the benchmarks)."""
+    header, *body = rows
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in body])
+
+
 def make_console() -> Console:
     """Where launchers print; to a file or pipe with room for the tables."""
     console = Console()
@@ -38,7 +45,7 @@ PRIVACY_COLUMNS = (
     "Noise multiplier",
     "Sample rate",
     "Steps (run)",
-    "Last round",
+    "Last release",
 )
 
 
@@ -221,16 +228,42 @@ def metrics_table(title: str, rows: Iterable[tuple[str, dict[str, Any]]]) -> Tab
     return table
 
 
+def operating_point_text(metrics: dict[str, Any]) -> str:
+    """How the run's decision threshold was chosen, and what it does on the reference
+    set: the confusion counts, prevalence and the majority-class baseline."""
+    final, point = metrics["final"]["global"], metrics.get("operating_point")
+    if point is None:
+        how = "fixed by the decision_threshold setting"
+    elif point["chosen"]:
+        how = (
+            f"chosen for the {point['target']} from {point['histograms']} hospitals' "
+            f"DP score histograms"
+        )
+    else:
+        how = f"provisional: {point['reason']}"
+    patients = final["true_positives"] + final["false_negatives"]
+    return (
+        f"Decision threshold {final['threshold']:.3g} ({how}). On the reference set: "
+        f"{final['true_positives']} of {patients} sick patients found, "
+        f"{final['false_positives']} false alarms among "
+        f"{final['false_positives'] + final['true_negatives']} healthy ones; prevalence "
+        f"{final['prevalence']:.1%}, so calling everyone "
+        f"{'healthy' if final['prevalence'] < 0.5 else 'sick'} would be "
+        f"{max(final['prevalence'], 1 - final['prevalence']):.1%} accurate."
+    )
+
+
 def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None = None) -> None:
     console = console or Console()
     final, privacy, data = metrics["final"]["global"], metrics["privacy"], metrics["data"]
     console.print(
         metrics_table(
             f"Global model on the server's reference test set ({data['test_patients']} "
-            f"patients; decision threshold {final['threshold']:g})",
+            f"patients; decision threshold {final['threshold']:.3g})",
             [("Federated, DP", final), *metrics.get("baselines", {}).items()],
         )
     )
+    console.print(escape(operating_point_text(metrics)))
 
     privacy_table = Table(title=privacy_title(privacy))
     for name in PRIVACY_COLUMNS:
@@ -245,3 +278,8 @@ def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None
         f"{guarantee_text(privacy)} Results, with the report for the privacy officer "
         f"and the clinicians (report.md): {run_dir}"
     )
+    if metrics.get("warnings"):
+        console.print(
+            f"[bold yellow]Finished with warnings:[/] {escape('; '.join(metrics['warnings']))}. "
+            f"Do not use this model for patients as it stands (see report.md)."
+        )

@@ -10,8 +10,9 @@ Flower's public API (flwr.app, flwr.client, flwr.common, flwr.server, flwr.serve
 Used, and why:
 - recorddict_compat: converting Flower's Message records to and from the legacy
   NumPyClient types (FitRes, GetPropertiesIns/Res, EvaluateIns) where the product
-  speaks to nodes itself, outside the strategy: admission, the end-of-run notice,
-  and checking a reply before Flower's own workflow decodes it.
+  speaks to nodes itself, outside the strategy: admission, the request for the
+  operating point's histograms, the end-of-run notice, and checking a reply before
+  Flower's own workflow decodes it.
 - RECORD_KEY_CONFIGS: tells a SecAgg+ stage of a training message from a plain one
   (a hospital that expects secure aggregation never sends its update in the clear).
 - ErrorCode: the code of the error reply that replaces a node's malformed reply.
@@ -53,6 +54,7 @@ from flwr.compat.common.recorddict_compat import (  # noqa: E402
     evaluateins_to_recorddict,
     getpropertiesins_to_recorddict,
     getpropertiesres_to_recorddict,
+    recorddict_to_evaluateres,
     recorddict_to_fitres,
     recorddict_to_getpropertiesins,
     recorddict_to_getpropertiesres,
@@ -80,6 +82,7 @@ __all__ = [
     "getpropertiesres_to_recorddict",
     "check_loaded_as_shipped",
     "install_app_check",
+    "recorddict_to_evaluateres",
     "recorddict_to_fitres",
     "recorddict_to_getpropertiesins",
     "recorddict_to_getpropertiesres",

@@ -28,11 +28,17 @@ from model import (
     set_weights,
     weights_problem,
 )
-from securehealth import data
+from securehealth import data, operating_point
 from securehealth.privacy import data_index, dpsgd
 from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted, NoiseBeyondLimit
-from securehealth.privacy.ledger import LedgerError, PrivacyLedger
-from securehealth.results import EVALUATION_FILE, STATUS_FILE, read_json, write_json
+from securehealth.privacy.ledger import DP_SGD, OPERATING_POINT, LedgerError, PrivacyLedger
+from securehealth.results import (
+    EVALUATION_FILE,
+    STATUS_FILE,
+    has_finished,
+    read_json,
+    write_json,
+)
 
 # What a release in the report to the server says: enough to recompute epsilon, and
 # no run ids of other federations (they would link this hospital's participation).
@@ -93,7 +99,8 @@ class Hospital:
                     f"{self.cfg.max_weight:g})"
                 )
                 return parameters, 0, self._report("refused", server_round, reason)
-        self._evaluate_locally(parameters, server_round - 1)
+        provisional = operating_point.working_threshold(self.cfg.decision_threshold)
+        self._evaluate_locally(parameters, server_round - 1, provisional)
         n, cfg = len(self.y), self.cfg
         sample_rate, steps = self.sampling()
         limit = dpsgd.noise_limit(self.sampled_patients, sum(p.size for p in parameters), cfg)
@@ -118,7 +125,13 @@ class Hospital:
                 ) from None
             try:
                 sigma = self.ledger.noise_for_round(
-                    self.run_id, sample_rate, steps, cfg.rounds * steps, limit
+                    self.run_id,
+                    sample_rate,
+                    steps,
+                    cfg.rounds * steps,
+                    limit,
+                    operating_point=operating_point.Target.parse(cfg.decision_threshold)
+                    is not None,
                 )
             except NoiseBeyondLimit as refusal:
                 reason = (
@@ -155,13 +168,51 @@ class Hospital:
         """One round of DP-SGD on the training patients; returns the steps taken."""
         return dpsgd.train_private(model, self.x, self.y, self.cfg, sigma, sampling=sampling)
 
+    def release_operating_point(
+        self, parameters: list[np.ndarray], server_round: int
+    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """This run's one release for its operating point (operating_point.py): the
+        final model's scores of the training patients as per-class histograms with
+        Gaussian noise, recorded in the ledger first; or None and a report saying why
+        not (no operating point reserved, already released, a malformed model)."""
+        with self.ledger.transaction():
+            problem = self._model_problem(parameters)
+            if problem:
+                reason = f"the server sent a malformed final model ({problem})"
+                return None, self._report(operating_point.DECLINED, server_round, reason)
+            try:
+                noise = self.ledger.operating_point_noise(self.run_id)
+            except BudgetExhausted as refusal:
+                return None, self._report(operating_point.DECLINED, server_round, str(refusal))
+            counts = operating_point.score_histogram(self._logits(parameters), self.y)
+            std = operating_point.histogram_noise_std(noise, self.cfg.adjacency)
+            self.ledger.record(self.run_id, server_round, noise, 1.0, 1, OPERATING_POINT)
+            random = np.random.default_rng(dpsgd.secret_seed())
+            noisy = operating_point.add_noise(counts, std, random)
+            return noisy, self._report(operating_point.RELEASED, server_round)
+
+    @torch.no_grad()
+    def _logits(self, parameters: list[np.ndarray]) -> np.ndarray:
+        """The model's risk logit of every training patient, each scored on its own: in
+        a batch, a float32 matrix product may compute a row differently by its
+        position, and a crafted model can magnify that until one patient's record
+        moves the others' scores."""
+        model = self._model(parameters).eval()
+        return np.array([model(row[None]).item() for row in torch.as_tensor(self.x)])
+
     def end_of_run(
-        self, parameters: list[np.ndarray], status: str, rounds: int, reason: str
+        self,
+        parameters: list[np.ndarray],
+        status: str,
+        rounds: int,
+        reason: str,
+        threshold: float,
     ) -> None:
-        """The server's notice that the run has ended, with the final model (see
-        serverapp.tell_hospitals): evaluated here, for this hospital alone."""
-        if status == "finished":
-            self._evaluate_locally(parameters, rounds)
+        """The server's notice that the run has ended, with the final model and its
+        decision threshold (see serverapp.tell_hospitals): evaluated here, for this
+        hospital alone."""
+        if has_finished(status):
+            self._evaluate_locally(parameters, rounds, threshold)
         with self.ledger.transaction():
             self._report(status, rounds, reason)
 
@@ -180,9 +231,9 @@ class Hospital:
         set_weights(model, parameters)
         return model
 
-    def _evaluate_locally(self, parameters, after_round):
+    def _evaluate_locally(self, parameters, after_round, threshold):
         """Clinical metrics of the global model after `after_round` on the held-out
-        patients, appended to this hospital's evaluation file. Nothing of it reaches
+        patients at `threshold`, appended to this hospital's evaluation file. Nothing of it reaches
         the server, not even whether it worked: a model whose scores are not finite
         is scored 0.5 there (and counted), and any failure goes to this hospital's
         own log."""
@@ -193,7 +244,7 @@ class Hospital:
             x, y = self.held_out
             risk = predict_risk(self._model(parameters), x)
             finite = np.isfinite(risk)
-            metrics = clinical_metrics(y, np.where(finite, risk, 0.5), self.cfg.decision_threshold)
+            metrics = clinical_metrics(y, np.where(finite, risk, 0.5), float(threshold))
             path = self.state_dir / EVALUATION_FILE
             records = read_json(path) if path.exists() else []
             records = [
@@ -239,11 +290,19 @@ class Hospital:
             "accountant": ACCOUNTANT,
             "noise_multiplier": plan.get("noise_multiplier", 0.0),
             "sample_rate": plan.get("sample_rate", 0.0),
-            "steps": sum(r["steps"] for r in releases if r["run_id"] == str(self.run_id)),
+            "steps": sum(
+                r["steps"]
+                for r in releases
+                if r["run_id"] == str(self.run_id) and r.get("mechanism", DP_SGD) == DP_SGD
+            ),
             "ledger_reset": self.ledger.reset_notice(),
             "releases": json.dumps(
                 [
-                    {**{k: r[k] for k in RELEASE_KEYS}, "this_run": r["run_id"] == str(self.run_id)}
+                    {
+                        **{k: r[k] for k in RELEASE_KEYS},
+                        "mechanism": r.get("mechanism", DP_SGD),
+                        "this_run": r["run_id"] == str(self.run_id),
+                    }
                     for r in releases
                 ]
             ),

@@ -10,8 +10,8 @@ from matplotlib.figure import Figure  # matplotlib without pyplot: files, no scr
 from sklearn.metrics import roc_curve
 
 from model import load_model, predict_risk
+from securehealth import clinical, display, settings
 from securehealth import data as datasets
-from securehealth import settings
 from securehealth.display import (
     METRICS,
     PRIVACY_COLUMNS,
@@ -20,6 +20,7 @@ from securehealth.display import (
     privacy_cells,
     privacy_title,
 )
+from securehealth.privacy.ledger import OPERATING_POINT_SHARE
 from securehealth.results import METRICS_FILE, MODEL_FILE, read_json, write_atomic
 
 REPORT_FILE = "report.md"
@@ -29,7 +30,9 @@ PLOTS = {
     "performance": "performance_per_round.png",
     "epsilon": "epsilon_per_round.png",
     "roc": "roc_curve.png",
+    "calibration": "calibration.png",
 }
+CALIBRATION_BINS = 10  # of predicted risk, for the reliability diagram
 
 
 def _figure(width, height):
@@ -101,24 +104,91 @@ def plot_roc(
         [(at & (y == 1)).sum() / max((y == 1).sum(), 1)],
         color="red",
         zorder=3,
-        label=f"Decision threshold {threshold:g}",
+        label=f"Operating point (threshold {threshold:.3g})",
     )
-    axes.set(
+    _save_unit_square(
+        figure,
+        axes,
+        path,
         title="ROC curve, reference test set",
         xlabel="False positive rate (1 - specificity)",
         ylabel="True positive rate (sensitivity)",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
+        legend="lower right",
     )
+
+
+def plot_calibration(y: np.ndarray, risk: np.ndarray, brier: float, path: Path) -> None:
+    """The reliability diagram: the observed share of sick patients against the
+    predicted risk, in CALIBRATION_BINS bins of equal width (scikit-learn's
+    calibration_curve); a calibrated model lies on the diagonal."""
+    from sklearn.calibration import calibration_curve
+
+    observed, predicted = calibration_curve(y, risk, n_bins=CALIBRATION_BINS)
+    figure, axes = _figure(5, 5)
+    axes.plot(predicted, observed, marker="o", label=f"Final global model (Brier {brier:.3f})")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="Perfectly calibrated")
+    _save_unit_square(
+        figure,
+        axes,
+        path,
+        title="Calibration, reference test set",
+        xlabel="Predicted risk",
+        ylabel="Observed share with the disease",
+        legend="upper left",
+    )
+
+
+def _save_unit_square(figure, axes, path, *, title, xlabel, ylabel, legend):
+    """Label a plot of rates or risks (0 to 1 on both axes), and save it."""
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc=legend)
     figure.savefig(path, dpi=150)
 
 
+def operating_point_section(metrics: dict[str, Any]) -> list[str]:
+    """How the decision threshold was chosen and what it does on the reference set:
+    sensitivity and specificity with 95 % intervals, the confusion counts, the
+    prevalence and the majority-class baseline."""
+    final, point = metrics["final"]["global"], metrics.get("operating_point")
+    confusion = clinical.Confusion(
+        *(final[name] for name in clinical.Confusion.__dataclass_fields__)
+    )
+    found, missed = confusion.true_positives, confusion.false_negatives
+    alarms, cleared = confusion.false_positives, confusion.true_negatives
+    sensitivity, specificity = confusion.sensitivity_interval(), confusion.specificity_interval()
+    lines = ["### Operating point", display.operating_point_text(metrics)]
+    if point is not None and point["chosen"]:
+        lines.append(
+            f"How: after the last round each hospital scored its own training patients "
+            f"with the final model and released per-class histograms of the scores with "
+            f"Gaussian noise, charged to its privacy ledger (the last release in the "
+            f"privacy table: it would cost {OPERATING_POINT_SHARE:.0%} of the budget left "
+            f"alone, and training was calibrated for the rest). The server summed them, "
+            f"fitted each class's scores with a normal distribution and put the threshold "
+            f"where the fit meets the target; the fit expected sensitivity "
+            f"{point['expected_sensitivity']:.2f} and specificity "
+            f"{point['expected_specificity']:.2f}. The reference test set below played no "
+            f"part in the choice."
+        )
+    lines += [
+        _table(
+            ["", "Called sick", "Called healthy", "Total"],
+            [
+                ["Sick", found, missed, confusion.positives],
+                ["Healthy", alarms, cleared, confusion.negatives],
+            ],
+        ),
+        f"Sensitivity {final['sensitivity']:.3f} (95% CI {sensitivity[0]:.3f} to "
+        f"{sensitivity[1]:.3f}); specificity {final['specificity']:.3f} (95% CI "
+        f"{specificity[0]:.3f} to {specificity[1]:.3f}); Wilson intervals over the "
+        f"reference patients.",
+    ]
+    return lines
+
+
 def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return display.markdown_table([header, *rows])
 
 
 def _metric_rows(named):
@@ -243,7 +313,8 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
 
     plot_performance(metrics, run_dir / PLOTS["performance"])
     plot_epsilon(metrics, run_dir / PLOTS["epsilon"])
-    plot_roc(test_y, risk, final["auc"], cfg.decision_threshold, run_dir / PLOTS["roc"])
+    plot_roc(test_y, risk, final["auc"], final["threshold"], run_dir / PLOTS["roc"])
+    plot_calibration(test_y, risk, final["brier"], run_dir / PLOTS["calibration"])
 
     hospitals = privacy["hospitals"]
     delta = privacy["delta"]
@@ -253,13 +324,25 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
         f"inputs, encoded from the data dictionary's declared ranges and categories, never "
         f"from statistics of a hospital's rows). {cfg.num_clients} hospitals, "
         f"{len(metrics['rounds'])} rounds of federated averaging.",
+        *(
+            [
+                "**Do not use this model for patients as it stands:** "
+                + "; ".join(metrics["warnings"])
+                + "."
+            ]
+            if metrics.get("warnings")
+            else []
+        ),
         "## Privacy",
         guarantee_text(privacy).replace("differential privacy", "**differential privacy**")
         + " In words: whatever anyone learns from everything a hospital sent out, the "
         "final model included, would be almost as likely had any one patient's record "
         f"been different (e^epsilon is 2.72 at epsilon 1; delta is {delta:g}).",
         f"**{privacy_title(privacy)}**",
-        _table(PRIVACY_COLUMNS, [privacy_cells(h, p) for h, p in hospitals.items()]),
+        _table(
+            PRIVACY_COLUMNS,
+            [privacy_cells(datasets.hospital_name(cfg, h), p) for h, p in hospitals.items()],
+        ),
         "Epsilon is computed by Google's dp-accounting from every release the hospital "
         "made from these patients, in every run (metrics.json lists them under "
         "`privacy.hospitals.<i>.releases`: noise multiplier, sample rate, steps), so "
@@ -277,13 +360,21 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
         "![Epsilon per round](" + PLOTS["epsilon"] + ")",
         "## Model performance",
         f"On the server's reference test set ({data['test_patients']} patients: "
-        f"{data['test_set']}), decision threshold {final['threshold']:g}:",
+        f"{data['test_set']}), decision threshold {final['threshold']:.3g}:",
         _table(
             ["Model", *(title for _, title in METRICS)],
             _metric_rows([("Federated, DP", final), *metrics.get("baselines", {}).items()]),
         ),
-        "![AUC and accuracy per round](" + PLOTS["performance"] + ")",
+        *operating_point_section(metrics),
         "![ROC curve](" + PLOTS["roc"] + ")",
+        "### Calibration",
+        f"Brier score {final['brier']:.3f} (0 is perfect; "
+        f"{final['prevalence'] * (1 - final['prevalence']):.3f} for always predicting the "
+        f"prevalence). Risks from a model trained with DP noise are often compressed "
+        f"towards the middle: read them as a ranking, and the decision at the operating "
+        f"point, rather than as probabilities, unless this diagram lies on its diagonal.",
+        "![Calibration](" + PLOTS["calibration"] + ")",
+        "![AUC and accuracy per round](" + PLOTS["performance"] + ")",
     ]
     if metrics.get("baselines"):
         sections.append(
@@ -302,7 +393,11 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
             _table(
                 ["Hospital", "Held-out patients", *(t for _, t in METRICS)],
                 [
-                    [h, e["patients"], *(fmt(e[k]) for k, _ in METRICS)]
+                    [
+                        datasets.hospital_name(cfg, h),
+                        e["patients"],
+                        *(fmt(e[k]) for k, _ in METRICS),
+                    ]
                     for h, e in evaluations.items()
                 ],
             ),

@@ -3,7 +3,8 @@ that a reader never sees a half-written file.
 
     metrics.json  settings, per-round global metrics and per-hospital privacy,
                   final metrics, and the privacy summary (status "running" until
-                  the last round is in, then "finished")
+                  the last round is in, then "finished", or "finished with
+                  warnings" where the model is not usable as it stands)
     model.pt      final global weights plus what is needed to rebuild the model
                   (model.save_model / model.load_model)
     hospitals/    simulation on bundled data only: each simulated hospital's state
@@ -25,6 +26,16 @@ from typing import Any
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
+# How a run that ran to its end finished: its model may be unusable, or trained by
+# fewer hospitals than it started with (clinical.usefulness_warnings, metrics.json's
+# "warnings"); the launchers then exit with EXIT_WARNINGS.
+FINISHED, FINISHED_WITH_WARNINGS = "finished", "finished with warnings"
+EXIT_WARNINGS = 3
+
+
+def has_finished(status: str) -> bool:
+    """Whether a run with this status ran to its end (with warnings or without)."""
+    return status in (FINISHED, FINISHED_WITH_WARNINGS)
 
 
 # In a hospital's state directory, beside its privacy ledger: what it did last, and
@@ -209,6 +220,6 @@ def finished_run_argument(
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     metrics = run_dir / METRICS_FILE
-    if not metrics.exists() or read_json(metrics)["status"] != "finished":
+    if not metrics.exists() or not has_finished(read_json(metrics)["status"]):
         parser.exit(2, f"{parser.prog}: error: {run_dir} holds no finished run\n")
     return run_dir, args

@@ -68,10 +68,11 @@ class RunRecord:
             {"round": server_round, "reason": reason}
         )
 
-    def finish(self, reports: dict[str, dict[str, Any]]) -> None:
-        """The final figures and the privacy summary, from each hospital's latest
-        report (hospital id -> report); the status is set by the caller."""
-        self.results["final"] = {"global": self.results["rounds"][-1]["global"]}
+    def finish(self, reports: dict[str, dict[str, Any]], final: dict[str, Any]) -> None:
+        """The final model's figures (`final`, at the run's decision threshold) and the
+        privacy summary, from each hospital's latest report (hospital id -> report);
+        the status is set by the caller."""
+        self.results["final"] = {"global": final}
         reported = [reports[h] for h in sorted(reports)]
         self.results["privacy"] = {
             "target_epsilon": self.cfg.epsilon,

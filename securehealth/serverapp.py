@@ -22,6 +22,8 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from model import get_weights
+from securehealth import operating_point
+from securehealth.admission import REASON_LIMIT
 from securehealth.authorisation import Unauthorised, claim, verify_run
 from securehealth.certificates import (
     ENROLLED_KEYS_VARIABLE,
@@ -33,15 +35,20 @@ from securehealth.flower import (
     RECORD_KEY_CONFIGS,
     ErrorCode,
     evaluateins_to_recorddict,
+    recorddict_to_evaluateres,
     recorddict_to_fitres,
     recorddict_to_getpropertiesres,
 )
+from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished
 
 if TYPE_CHECKING:
     from securehealth.admission import Admission
     from securehealth.strategy import HospitalFedAvg
 
 END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
+# Seconds the hospitals have to send their operating point's histograms (each scores
+# its training patients once; a SuperNode starts a ClientApp process for it).
+OPERATING_POINT_TIMEOUT = 120
 # SecAgg+: every hospital's key is shared with all the others, and any two thirds of
 # them can unmask a hospital that drops out mid-round (fewer cannot).
 SECAGG_SHARES, SECAGG_THRESHOLD = 1.0, 2 / 3
@@ -76,7 +83,7 @@ def recorded_outcome(
     results = strategy.record.results
     try:
         yield
-        status = "finished"
+        status = FINISHED_WITH_WARNINGS if results.get("warnings") else FINISHED
     except BaseException as error:
         results["error"] = f"{type(error).__name__}: {error}"
         status = "failed"
@@ -86,11 +93,19 @@ def recorded_outcome(
             final = get_weights(strategy.model)
             rounds_done = len(results["rounds"])
             reason = results.get("error", "")
-            tell_hospitals(grid, admission.hospitals(), status, reason, final, rounds_done)
+            tell_hospitals(
+                grid,
+                admission.hospitals(),
+                status,
+                reason,
+                final,
+                rounds_done,
+                strategy.threshold,
+            )
         except Exception as error:  # the run's own outcome is what must be saved
             log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
         results["status"] = status
-        if status == "finished":  # before metrics.json says so: readers may then stop us
+        if has_finished(status):  # before metrics.json says so: readers may then stop us
             from securehealth import report  # matplotlib: loaded at the end, not before round 1
 
             try:
@@ -138,6 +153,40 @@ def wait_for_hospitals(
         time.sleep(1)
 
 
+def ask_operating_point(
+    grid: Grid, strategy: "HospitalFedAvg", admission: "Admission", rounds: int
+) -> None:
+    """Ask every admitted hospital for its operating point's histograms of the final
+    model (Hospital.release_operating_point), and have the strategy choose the
+    threshold from the replies that came within OPERATING_POINT_TIMEOUT. Not asked
+    where the run's decision threshold is fixed."""
+    if not strategy.chooses_threshold:
+        return
+    instruction = EvaluateIns(
+        ndarrays_to_parameters(get_weights(strategy.model)),
+        {"task": operating_point.TASK, "server_round": rounds},
+    )
+    messages = [
+        Message(
+            evaluateins_to_recorddict(instruction, keep_input=True),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in admission.hospitals()
+    ]
+    replies = {}
+    for reply in grid.send_and_receive(messages, timeout=OPERATING_POINT_TIMEOUT):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            replies[node] = f"it failed: {reply.error.reason[:REASON_LIMIT]}"
+            continue
+        try:
+            replies[node] = recorddict_to_evaluateres(reply.content)
+        except Exception as error:  # a trust boundary: a node may send anything
+            replies[node] = f"its reply is malformed ({type(error).__name__})"
+    strategy.choose_operating_point(replies)
+
+
 def tell_hospitals(
     grid: Grid,
     nodes: Iterable[int],
@@ -145,11 +194,13 @@ def tell_hospitals(
     reason: str,
     final_weights: list[np.ndarray],
     rounds: int,
+    threshold: float,
 ) -> None:
     """Tell the run's hospitals (`nodes`) that the run has ended, so that its launcher can
-    stop (a SuperNode never exits by itself), and give it the final model to
-    evaluate on its own held-out patients. The NumPyClient API has no message for
-    this; an evaluate request carries it, and its reply is only an acknowledgement.
+    stop (a SuperNode never exits by itself), and give it the final model and its
+    decision threshold to evaluate on its own held-out patients. The NumPyClient API
+    has no message for this; an evaluate request carries it, and its reply is only
+    an acknowledgement.
 
     Waiting for the acknowledgements is bounded: a hospital that vanishes midway
     must not hold the server (Flower may retry pulling a half-sent reply for hours).
@@ -157,7 +208,12 @@ def tell_hospitals(
     instruction = evaluateins_to_recorddict(
         EvaluateIns(
             ndarrays_to_parameters(final_weights),
-            {"run-status": status, "reason": reason, "server_round": rounds},
+            {
+                "run-status": status,
+                "reason": reason,
+                "server_round": rounds,
+                "threshold": threshold,
+            },
         ),
         keep_input=True,
     )

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any, NoReturn
 
 import config
+from securehealth import operating_point
 from securehealth.aggregation import AGGREGATIONS
 from securehealth.data import SOURCES
 from securehealth.data.schema import MISSING_MODES
@@ -41,7 +42,10 @@ RULES = {
     "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
     "global_test_patients": (lambda v: v >= 50, "must be at least 50"),
     "hidden_layers": (lambda v: all(w >= 1 for w in v), "widths must be >= 1"),
-    "decision_threshold": (lambda v: 0 < v < 1, "must be between 0 and 1"),
+    "decision_threshold": (
+        lambda v: operating_point.setting_problem(v) is None,
+        operating_point.setting_problem(""),
+    ),
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
     "learning_rate": (lambda v: v > 0, "must be > 0"),
     "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -179,6 +183,11 @@ def _run_config_value(value):
     """A setting as a Flower run config value (bool, int, float or str): a tuple of
     layer widths becomes "32,16"."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def as_text(value: Any) -> str:
+    """A setting's value as a script's flag takes it (layer widths as "32,16")."""
+    return str(_run_config_value(value))
 
 
 def to_run_config(cfg: SimpleNamespace) -> dict:

@@ -10,12 +10,14 @@ data and reports what it has spent; the strategy checks and records those report
 import json
 import math
 import re
+from dataclasses import asdict
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.common import (
+    EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
@@ -36,7 +38,7 @@ from model import (
     set_weights,
     weights_problem,
 )
-from securehealth import data
+from securehealth import clinical, data, operating_point
 from securehealth.admission import report_problem
 from securehealth.aggregation import combine
 from securehealth.results import MODEL_FILE
@@ -77,6 +79,10 @@ class HospitalFedAvg(FedAvg):
         self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
         self.round_accepted = 0  # updates that went into that round's model
         self.round_discarded = None  # why the round's (secure) sum was thrown away
+        # The decision threshold: fixed, or chosen after the last round
+        # (choose_operating_point); until then the figures use a provisional one.
+        self.target = operating_point.Target.parse(cfg.decision_threshold)
+        self.threshold = operating_point.working_threshold(cfg.decision_threshold)
         self.record = RunRecord(
             cfg,
             run_dir,
@@ -224,7 +230,7 @@ class HospitalFedAvg(FedAvg):
         self.global_weights = weights
         set_weights(self.model, weights)
         risk = predict_risk(self.model, self.test_x)
-        metrics = clinical_metrics(self.test_y, risk, self.cfg.decision_threshold)
+        metrics = clinical_metrics(self.test_y, risk, self.threshold)
         if server_round > 0:
             self._record_round(server_round, metrics)
             self._stop_if_all_declined(server_round)
@@ -291,16 +297,113 @@ class HospitalFedAvg(FedAvg):
             self.cfg.epsilon,
         )
 
+    @property
+    def chooses_threshold(self) -> bool:
+        """Whether the run chooses its decision threshold (a target, not a number)."""
+        return self.target is not None
+
+    def choose_operating_point(self, replies: dict[int, EvaluateRes | str]) -> None:
+        """The decision threshold for the run's target, from the histograms of the
+        hospitals that released them ({node id: its reply, or why it has none}),
+        recorded in metrics.json with what each hospital did. Where no threshold can
+        be chosen the provisional one stays, and the run says so."""
+        released, outcome = [], {}
+        for node, reply in replies.items():
+            hospital = self.admission.members.get(node)
+            name = str(node if hospital is None else hospital)
+            problem, release = self._operating_point_reply(hospital, reply)
+            if problem:
+                outcome[name] = {"status": "rejected", "reason": problem}
+                log(WARNING, "Hospital %s's operating point was not used: %s", name, problem)
+                continue
+            report = {**reply.metrics, "releases": json.loads(reply.metrics["releases"])}
+            report.pop("hospital")
+            self.reports[name] = report
+            outcome[name] = {"status": report["status"], "reason": report["reason"]}
+            if release is not None:
+                released.append(release)
+        try:
+            point = operating_point.choose(released, self.target)
+        except operating_point.NoOperatingPoint as reason:
+            self.record.results["operating_point"] = {
+                "target": str(self.target),
+                "threshold": self.threshold,
+                "chosen": False,
+                "reason": f"{reason}; the provisional threshold {self.threshold:g} stands",
+                "hospitals": outcome,
+            }
+            log(WARNING, "No operating point: %s", self.record.results["operating_point"]["reason"])
+            return
+        self.threshold = point.threshold
+        self.record.results["operating_point"] = {
+            **point.as_record(),
+            "chosen": True,
+            "hospitals": outcome,
+        }
+        log(
+            INFO,
+            "Operating point (%s): threshold %.3f, expected sensitivity %.2f, specificity %.2f",
+            point.target,
+            point.threshold,
+            point.expected_sensitivity,
+            point.expected_specificity,
+        )
+
+    def _operating_point_reply(
+        self, hospital: int | None, reply: EvaluateRes | str
+    ) -> tuple[str | None, operating_point.Release | None]:
+        """(why a hospital's operating-point reply cannot be used or None, its release
+        or None where it declined). A hospital may send anything: its report is
+        checked as a training report is, and its histograms against what it reports
+        (operating_point.Release.read)."""
+        if hospital is None:
+            return "it is not an admitted hospital", None
+        if isinstance(reply, str):
+            return reply, None
+        metrics = dict(reply.metrics)
+        text = metrics.pop("histograms", None)
+        problem = report_problem(
+            metrics,
+            reply.num_examples,
+            hospital,
+            self.reports.get(str(hospital)),
+            self.cfg.max_patients,
+            statuses=(operating_point.RELEASED, operating_point.DECLINED),
+        )
+        if problem or metrics["status"] != operating_point.RELEASED:
+            return problem, None
+        try:
+            release = operating_point.Release.read(
+                text, json.loads(metrics["releases"]), metrics["patients"]
+            )
+        except operating_point.ReleaseProblem as problem:
+            return str(problem), None
+        return None, release
+
     def finish(self) -> None:
-        """Write model.pt and the final figures (the status is set by the caller)."""
+        """Write model.pt with the run's decision threshold, and the final figures at
+        it (the status is set by the caller)."""
         save_model(
             self.run_dir / MODEL_FILE,
             self.model,
             self.cfg.hidden_layers,
             self.schema,
-            self.cfg.decision_threshold,
+            self.threshold,
         )
-        self.record.finish(self.reports)
+        risk = predict_risk(self.model, self.test_x)
+        final = clinical_metrics(self.test_y, risk, self.threshold)
+        confusion = clinical.Confusion.at(self.test_y, risk, self.threshold)
+        final.update(asdict(confusion), prevalence=confusion.prevalence)
+        self.record.finish(self.reports, final)
+        last = self.record.results["rounds"][-1]
+        self.record.results["warnings"] = clinical.usefulness_warnings(
+            final,
+            confusion,
+            self.cfg.num_clients,
+            last["hospitals_trained"],
+            self.record.results.get("operating_point"),
+        )
+        self.record.save()
 
 
 def failure_reason(failure: tuple[Any, FitRes] | BaseException) -> str:

@@ -2,6 +2,7 @@
 processes, always stopped afterwards."""
 
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,15 @@ from securehealth.deployment.processes import process_tree
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the app and its scripts
 EXAMPLE = ROOT / "examples" / "csv"  # the shipped CSV data directory
 TINY = ["--num-patients", "600", "--global-test-patients", "200"]  # seconds, not minutes
+# How a run that ran to its end exits: 0, or 3 where it finished with warnings (a
+# tiny run's model may be too weak to use, which the product says; results.py).
+EXIT_CODES = {"finished": 0, "finished with warnings": 3}
+
+
+def assert_ran_to_the_end(returncode, run_dir, output=""):
+    """The run in run_dir ran to its end, and its exit code says how."""
+    status = json.loads((Path(run_dir) / "metrics.json").read_text())["status"]
+    assert status in EXIT_CODES and returncode == EXIT_CODES[status], output
 
 
 def flower_pids(directory):

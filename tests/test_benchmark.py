@@ -8,6 +8,7 @@ import sys
 import numpy as np
 from conftest import ROOT
 
+from securehealth.tools import clinical_benchmark
 from securehealth.tools.benchmark import (
     benchmark_patients,
     cross_validation_folds,
@@ -85,3 +86,31 @@ def test_the_benchmark_command_on_one_seed(tmp_path):
             timeout=60,
         )
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+
+
+def clinical_row(auc, sensitivity, specificity, fedavg_auc=0.9):
+    figures = {"auc": auc, "sensitivity": sensitivity, "specificity": specificity, "brier": 0.1}
+    return {
+        "federated": {**figures, "threshold": 0.3},
+        "FedAvg, no DP": {**figures, "auc": fedavg_auc},
+        "Pooled data, no DP": {**figures, "auc": fedavg_auc},
+        "seconds": 30.0,
+    }
+
+
+def test_the_clinical_benchmark_names_every_bar_a_data_set_misses():
+    good = [clinical_row(0.88, 0.75, 0.8) for _ in range(5)]
+    assert clinical_benchmark.verdict("heart-disease", good) == []
+    bad = [clinical_row(0.84, 0.69, 0.8), *good[1:]]
+    assert clinical_benchmark.verdict("heart-disease", bad) == [
+        "seed 0: AUC 0.840 < 0.85",
+        "seed 0: sensitivity 0.690 < 0.7",
+    ]
+    spread = [clinical_row(auc, 0.8, 0.8) for auc in (0.85, 0.86, 0.9, 0.92, 0.93)]
+    assert any("AUC spread" in m for m in clinical_benchmark.verdict("heart-disease", spread))
+    behind = [clinical_row(0.87, 0.8, 0.8, fedavg_auc=0.9) for _ in range(5)]
+    assert clinical_benchmark.verdict("heart-disease", behind) == [
+        "median AUC 0.870 is 0.030 below FedAvg without DP (0.900)"
+    ]
+    table = clinical_benchmark.table({"datasets": {"heart-disease": {"seeds": good}}})
+    assert table[1][:3] == ["heart-disease", "DP FedAvg, ε 1", "0.880 (0.880-0.880)"]

@@ -56,6 +56,8 @@ def csv_settings(folder, max_weight):
             "batch_size": 256,
             "secure_aggregation": "off",
             "max_weight": max_weight,
+            # An MLP: the crafted model needs hidden units to be NaN for one patient.
+            "hidden_layers": "16",
         }
     )
 

@@ -33,6 +33,14 @@ GLOBAL = {
     "loss": 0.5,
     "threshold": 0.5,
 }
+FINAL = {
+    **GLOBAL,
+    "true_positives": 30,
+    "false_negatives": 30,
+    "false_positives": 14,
+    "true_negatives": 126,
+    "prevalence": 0.3,
+}
 
 
 def metrics_with_a_failed_hospital():
@@ -47,7 +55,8 @@ def metrics_with_a_failed_hospital():
                 "hospitals": {"0": HOSPITAL},
             }
         ],
-        "final": {"global": GLOBAL},
+        "final": {"global": FINAL},
+        "warnings": ["only 1 of the 2 hospitals trained in the last round"],
         "data": {"test_patients": 200},
         "privacy": {
             "target_epsilon": 1.0,
@@ -73,6 +82,10 @@ def test_summary_shows_every_hospital_and_warns_about_failures():
     assert "0.4200" in text and "3.5000" in text and "160" in text
     assert re.search(r"│\s+1 │\s+- │", text)  # the hospital that never reported
     assert "hospitals failed in rounds [1]" in text
+    assert "30 of 60 sick patients found, 14 false alarms among 140" in text
+    assert "fixed by the decision_threshold setting" in text
+    last = text.strip().splitlines()
+    assert "Finished with warnings: only 1 of the 2 hospitals trained" in " ".join(last[-3:])
     assert display.shortfalls(metrics_with_a_failed_hospital()) != []
 
 

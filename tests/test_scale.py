@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_ran_to_the_end
 
 from securehealth.deployment import runtime
 from securehealth.privacy.dpsgd import PoissonBatches
@@ -77,7 +77,7 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
             text=True,
             timeout=300,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert_ran_to_the_end(result.returncode, tmp_path / "run", result.stdout + result.stderr)
         assert f"on the Ray cluster at {address}" in " ".join(result.stdout.split())
         # The hospitals ran as actors of that cluster, which is still up afterwards:
         # the simulation only joined it, and leaves it to its owner.

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, hospital_state
+from conftest import ROOT, TINY, assert_ran_to_the_end, hospital_state
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import (
     Code,
@@ -50,7 +50,7 @@ from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
 from securehealth.deployment import pinning, runtime
 from securehealth.flower import APP_LAUNCHERS
-from securehealth.results import write_json
+from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
 from securehealth.serverapp import readable
 from securehealth.strategy import HospitalFedAvg
 
@@ -133,8 +133,21 @@ def tampered_run(tmp_path, tampering, *args):
     (TAMPERING_CLIENT): what it printed, whitespace undone, and its metrics.json."""
     app = app_copy(tmp_path / "app", TAMPERING_CLIENT.format(tampering=repr(tampering)))
     result = simulate(app, *args, "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return " ".join(result.stdout.split()), read_metrics(tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    exit_code = {"finished": 0, FINISHED_WITH_WARNINGS: EXIT_WARNINGS}.get(metrics["status"])
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    return " ".join(result.stdout.split()), metrics
+
+
+def assert_last_round_short_of_one(metrics, run_dir):
+    """Hospital 0's last update was rejected: the run finished, with that warning,
+    which the report states first."""
+    assert metrics["status"] == FINISHED_WITH_WARNINGS
+    warning = "only 2 of the 3 hospitals trained in the last round"
+    assert warning in metrics["warnings"]
+    report = (run_dir / "report.md").read_text()
+    assert "Status: **finished with warnings**" in report
+    assert "**Do not use this model for patients as it stands:**" in report and warning in report
 
 
 def app_copy(directory, client_module=None, change=None):
@@ -188,7 +201,7 @@ def test_secure_aggregation_in_simulation_equals_plain_fedavg(tmp_path):
     app = app_copy(tmp_path / "app", RECORDING_CLIENT)
     run_dir = tmp_path / "run"
     result = simulate(app, "--secure-aggregation", "on", "--rounds", "1", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_ran_to_the_end(result.returncode, run_dir, result.stdout + result.stderr)
     assert "secure aggregation on" in " ".join(result.stdout.split())
     metrics = read_metrics(run_dir)
     assert metrics["config"]["secure_aggregation"] == "on"
@@ -203,8 +216,9 @@ def test_secure_aggregation_in_simulation_equals_plain_fedavg(tmp_path):
 def test_bad_updates_are_rejected_by_hospital_and_the_run_completes(tmp_path):
     broken = {1: {"weights": "nan"}, 2: {"weights": "one short"}, 3: {"weights": "huge"}}
     shown, metrics = tampered_run(tmp_path, broken, "--rounds", "3")
+    assert_last_round_short_of_one(metrics, tmp_path / "run")
     run_dir = tmp_path / "run"
-    assert metrics["status"] == "finished" and len(metrics["rounds"]) == 3
+    assert len(metrics["rounds"]) == 3
     rejected = [r["rejected"] for r in metrics["rounds"]]
     assert [[x["hospital"] for x in r] for r in rejected] == [["0"], ["0"], ["0"]]
     reasons = [r[0]["reason"] for r in rejected]
@@ -280,7 +294,7 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
         )
         for n in (0, 1)
     ]
-    assert host.wait(timeout=300) == 0, said(processes, "server")
+    assert_ran_to_the_end(host.wait(timeout=300), workdir / "run", said(processes, "server"))
     assert all(member.wait(timeout=60) == 0 for member in members)
     assert "2 enrolled hospitals may join" in said(processes, "server")
     assert "identified by its key" in said(processes, "h0")
@@ -402,7 +416,9 @@ def sound_report(number, **changes):
         "adjacency": "replace-one",
         "accountant": "pld",
         **{k: v for k, v in release.items() if k != "round"},
-        "releases": json.dumps([{**release, "adjacency": "replace-one", "this_run": True}]),
+        "releases": json.dumps(
+            [{**release, "adjacency": "replace-one", "mechanism": "dp-sgd", "this_run": True}]
+        ),
         "ledger_reset": "",
     }
     return {**report, **changes}
@@ -452,7 +468,8 @@ def test_lying_reports_are_rejected_and_named_and_the_run_completes(tmp_path):
         6: {"hospital": None},
     }
     shown, metrics = tampered_run(tmp_path, lies, "--rounds", "6")
-    assert metrics["status"] == "finished" and len(metrics["rounds"]) == 6
+    assert_last_round_short_of_one(metrics, tmp_path / "run")
+    assert len(metrics["rounds"]) == 6
     rejected = [r["rejected"] for r in metrics["rounds"]]
     assert rejected[0] == [] and all([x["hospital"] for x in r] == ["0"] for r in rejected[1:])
     reasons = [r[0]["reason"] for r in rejected[1:]]

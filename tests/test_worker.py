@@ -46,14 +46,16 @@ def test_the_clientapp_relays_training_to_the_hospitals_worker(hospital, tmp_pat
     app = client.client_fn(flower_context(elsewhere, RUN, run_id=5))
     relayed = app.numpy_client
     assert isinstance(relayed, relay.RelayClient)
-    weights = get_weights(build_model(9, (16,)))
+    weights = get_weights(build_model(9, settings.DEFAULTS["hidden_layers"]))
     new, patients, report = relayed.fit(weights, {"server_round": 1})
     assert patients == report["patients"] == 240 and report["status"] == "trained"
     assert [w.shape for w in new] == [w.shape for w in weights]
     assert not all(np.array_equal(a, b) for a, b in zip(new, weights, strict=True))
     assert (Path(own["state-dir"]) / "privacy-ledger.json").exists()
     assert not (tmp_path / "server's").exists()
-    assert relayed.evaluate(new, {"server_round": 1, "run-status": "finished"}) == (0.0, 0, {})
+    assert relayed.evaluate(
+        new, {"server_round": 1, "run-status": "finished", "threshold": 0.5}
+    ) == (0.0, 0, {})
     # An error at the hospital reaches the ClientApp (and so the server) as one line.
     csv_run = {**RUN, "dataset": "csv"}
     with pytest.raises(ValueError, match="brought no data of its own"):
@@ -67,7 +69,7 @@ def test_worker_and_clientapp_talk_only_to_their_own_user(hospital, monkeypatch)
     left, right = socket.socketpair(socket.AF_UNIX)
     assert relay.peer_uid(left) == os.getuid()
     left.close(), right.close()
-    me, weights = os.getuid(), get_weights(build_model(9, (16,)))
+    me, weights = os.getuid(), get_weights(build_model(9, settings.DEFAULTS["hidden_layers"]))
     relayed = relay.RelayClient(socket_path, flower_context({}, RUN))
     # The worker, as another user would look to it: no answer.
     monkeypatch.setattr(worker, "os", SimpleNamespace(getuid=lambda: me + 1))
@@ -94,7 +96,7 @@ def test_a_silent_or_garbled_caller_does_not_block_the_worker(hospital, monkeypa
     garbled = socket.socket(socket.AF_UNIX)
     garbled.connect(socket_path)
     garbled.sendall(relay.LENGTH.pack(1 << 62))  # claims an absurd size
-    weights = get_weights(build_model(9, (16,)))
+    weights = get_weights(build_model(9, settings.DEFAULTS["hidden_layers"]))
     relayed = relay.RelayClient(socket_path, flower_context({}, RUN, run_id=9))
     assert relayed.fit(weights, {"server_round": 1})[1] == 240  # still served
     silent.close(), garbled.close()
@@ -105,7 +107,9 @@ def test_a_changed_copy_is_not_trained_with_until_restarted(hospital, monkeypatc
     monkeypatch.setattr(worker, "app_digest", lambda: "the files changed")
     relayed = relay.RelayClient(socket_path, flower_context({}, RUN, run_id=11))
     with pytest.raises(ValueError, match="restart client.py"):
-        relayed.fit(get_weights(build_model(9, (16,))), {"server_round": 1})
+        relayed.fit(
+            get_weights(build_model(9, settings.DEFAULTS["hidden_layers"])), {"server_round": 1}
+        )
 
 
 def test_without_peer_credentials_the_clientapp_trains_itself(monkeypatch):

@@ -56,6 +56,7 @@ __all__ = [
     "check_all",
     "fingerprint",
     "hospital_data",
+    "hospital_name",
     "load_schema",
     "locate",
     "own_file",
@@ -89,7 +90,7 @@ def hospital_data(
     hospital passes its own file and data dictionary."""
     schema = load_schema(cfg, schema_file)
     x, y, ids, source = SOURCES[cfg.dataset].hospital_rows(cfg, hospital, schema, data_file)
-    train, test = held_out_split(x, y, cfg.test_fraction, ids)
+    train, test = held_out_split(x, y, cfg.test_fraction, ids, cfg.adjacency)
     if len(train) < MIN_TRAINING_PATIENTS:
         raise DataError(
             f"{source}: {len(y)} patients leave {len(train)} for training after holding "
@@ -97,6 +98,13 @@ def hospital_data(
             f"{MIN_TRAINING_PATIENTS}: add patients or lower test_fraction"
         )
     return (x[train], y[train]), (x[test], y[test])
+
+
+def hospital_name(cfg: SimpleNamespace, hospital: int | str) -> str:
+    """A hospital's number, with its site's name where the data set has real sites
+    (SITE_NAMES), e.g. "0 (Cleveland)"."""
+    names = getattr(SOURCES[cfg.dataset], "SITE_NAMES", ())
+    return f"{hospital} ({names[int(hospital)]})" if names else str(hospital)
 
 
 def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) -> Path | None:

@@ -54,16 +54,31 @@ def row_keys(x: np.ndarray, y: np.ndarray, patient_keys: np.ndarray | None = Non
 
 
 def held_out_split(
-    x: np.ndarray, y: np.ndarray, test_fraction: float, patient_keys: np.ndarray | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    test_fraction: float,
+    patient_keys: np.ndarray | None = None,
+    adjacency: str = "replace-one",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, held out) of one hospital's rows: the test_size patients
-    with the smallest row_keys are held out, so the same patients are held out in
-    every run, whatever the server's settings.
+    """Row indices (train, held out) of one hospital's rows, by their row_keys alone,
+    so that the same patients are held out in every run, whatever the server's
+    settings; which of them, so that one patient's record moves the training rows
+    by no more than the hospital's adjacency allows:
 
-    Not stratified by diagnosis, on purpose: replace-one privacy needs that replacing
-    one patient's record changes the training rows by at most one record and never
-    their number (which is released). Per-class cuts move when a replaced record has
-    the other diagnosis, pulling further patients across and changing the count."""
-    order = np.argsort(row_keys(x, y, patient_keys), kind="stable")
+    - replace-one: the test_size patients with the smallest keys. Replacing one
+      record changes the training rows by at most one record and never their
+      number (which is released).
+    - add-remove: every patient whose key falls below test_fraction of the key
+      range. Adding or removing one patient adds or removes at most that patient;
+      a count-based cut would move when the count does, swapping another patient
+      in or out as well.
+
+    Not stratified by diagnosis, on purpose: per-class cuts move when a replaced
+    record has the other diagnosis, pulling further patients across."""
+    keys = row_keys(x, y, patient_keys)
+    if adjacency == "add-remove":
+        held = keys < np.uint64(int(test_fraction * 2**64))
+        return np.flatnonzero(~held), np.flatnonzero(held)
+    order = np.argsort(keys, kind="stable")
     n_test = test_size(len(y), test_fraction)
     return np.sort(order[n_test:]), np.sort(order[:n_test])

@@ -23,9 +23,16 @@ from securehealth.data import heart_disease
 from securehealth.deployment import pinning, runtime
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
+from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.ledger import LedgerError, add_reset_flag, check_before_start
 from securehealth.relay import NODE_CONFIG_KEY
-from securehealth.results import EVALUATION_FILE, STATUS_FILE, default_state_root, read_json
+from securehealth.results import (
+    EVALUATION_FILE,
+    STATUS_FILE,
+    default_state_root,
+    has_finished,
+    read_json,
+)
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
@@ -370,6 +377,9 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
     spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
     if status["status"] == "trained":
         console.print(f"Round {status['round']}: trained; {spent}")
+    elif status["status"] in (RELEASED, DECLINED):
+        said = "released" if status["status"] == RELEASED else f"declined ({status['reason']})"
+        console.print(f"Operating point's histograms {escape(said)}; {spent}")
     elif status["status"] == "refused":
         console.print(
             f"[yellow]Round {status['round']}: declined to train: "
@@ -379,12 +389,12 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
         reason = f": {escape(status['reason'])}" if status["reason"] else ""
         console.print(f"The server ended the run ({status['status']}{reason}); {spent}.")
         evaluation = state_dir / EVALUATION_FILE
-        if status["status"] == "finished" and evaluation.exists():
+        if has_finished(status["status"]) and evaluation.exists():
             final = read_json(evaluation)[-1]
             console.print(
                 f"Final model on this hospital's {final['patients']} held-out patients "
                 f"(kept here): {display.metrics_text(final)}"
             )
         time.sleep(END_GRACE)  # for the SuperNode to send our acknowledgement
-        return 0 if status["status"] == "finished" else 1
+        return 0 if has_finished(status["status"]) else 1
     return None

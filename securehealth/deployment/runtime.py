@@ -32,7 +32,7 @@ from securehealth.deployment.processes import (
     process_tree,
     send,
 )
-from securehealth.results import mark_stopped
+from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, has_finished, mark_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60  # seconds for a SuperLink to answer its health check
@@ -421,7 +421,7 @@ def run_federation(
         mark_stopped(run_dir, "stopped", reason, replacing=("running", "failed"))
         console.print(f"[red]The run was stopped:[/] {reason}. Partial results in {run_dir}")
         return 1, None
-    if not metrics or metrics["status"] != "finished":
+    if not metrics or not has_finished(metrics["status"]):
         mark_stopped(run_dir, "failed")
         error = (metrics or {}).get("error", "the server stopped without a result")
         log = flwr_home / "flwr-run.log"
@@ -432,4 +432,6 @@ def run_federation(
         )
         return 1, None
     # Dropouts are tolerated (min_fit_clients); a round that trained nobody is not.
-    return (1 if display.idle_rounds(metrics) else 0), metrics
+    if display.idle_rounds(metrics):
+        return 1, metrics
+    return (EXIT_WARNINGS if metrics["status"] == FINISHED_WITH_WARNINGS else 0), metrics

@@ -32,6 +32,7 @@ from securehealth.privacy.accountant import (
     ADJACENCIES,
     MAX_NOISE_MULTIPLIER,
     BudgetExhausted,
+    NoiseBeyondLimit,
     calibrate_noise_multiplier,
     epsilon_spent,
 )
@@ -41,6 +42,14 @@ LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
 LEDGER_FORMAT = 2
 MAX_RESET_REASON = 300  # characters of an operator's reason for starting a ledger afresh
+# What a release was: a round of DP-SGD, or an operating point's noisy score
+# histograms (operating_point.py). Both are accounted as Poisson-sampled Gaussian
+# mechanisms (the histograms: sample rate 1, one step); earlier releases name none.
+DP_SGD, OPERATING_POINT = "dp-sgd", "operating-point"
+# The share of what is left of a hospital's budget that an operating point's release
+# would cost alone; training is calibrated for the rest, and the two composed (PLD)
+# stay within the budget.
+OPERATING_POINT_SHARE = 0.4
 
 
 class LedgerError(Exception):
@@ -316,6 +325,7 @@ class PrivacyLedger:
         steps: int,
         planned_steps: int,
         max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
+        operating_point: bool = False,
     ) -> float:
         """The noise multiplier for a round of `steps` noisy steps, or BudgetExhausted
         (NoiseBeyondLimit if the budget needs more than `max_noise_multiplier`).
@@ -324,18 +334,33 @@ class PrivacyLedger:
         top of everything the ledger already holds, and kept in the ledger so that
         every round of the run uses the same one. Each round is checked again: other
         runs may have spent from the same patients meanwhile.
+
+        With `operating_point` the run also reserves its operating point's release
+        (operating_point.py): its noise is calibrated first, so that it alone would
+        cost OPERATING_POINT_SHARE of what is left of the budget, and training is
+        calibrated for the rest, composed with it; every round keeps room for it.
         """
         key = str(run_id)
         if key not in self.data["plans"]:
-            sigma = calibrate_noise_multiplier(
-                self.budget,
-                self.delta,
-                sample_rate,
-                planned_steps,
-                self.adjacency,
-                self.history,
-                max_noise_multiplier,
-            )
+            reserved = []
+            if operating_point:
+                left = self.budget - self.epsilon()
+                reserved = [(self._operating_point_noise(left), 1.0, 1)]
+            try:
+                sigma = calibrate_noise_multiplier(
+                    self.budget,
+                    self.delta,
+                    sample_rate,
+                    planned_steps,
+                    self.adjacency,
+                    [*self.history, *reserved],
+                    max_noise_multiplier,
+                )
+            except NoiseBeyondLimit as refusal:
+                if not reserved or refusal.least_epsilon is None:
+                    raise
+                training = [(max_noise_multiplier, sample_rate, planned_steps)]
+                raise NoiseBeyondLimit(self._least_budget(training)) from None
             self.data["plans"][key] = {
                 "noise_multiplier": sigma,
                 "sample_rate": sample_rate,
@@ -345,6 +370,7 @@ class PrivacyLedger:
                 "adjacency": self.adjacency,
                 "accountant": ACCOUNTANT,
                 "utc": _now(),
+                **({"operating_point_noise": reserved[0][0]} if reserved else {}),
             }
             if self.lasting:  # before a run releases: an index that cannot be kept stops it
                 try:
@@ -353,12 +379,75 @@ class PrivacyLedger:
                     raise LedgerError(str(error)) from None
             self._save()
         sigma = self.data["plans"][key]["noise_multiplier"]
-        after = self.epsilon([(sigma, sample_rate, steps)])
+        after = self.epsilon([(sigma, sample_rate, steps), *self._reserved(key)])
         if after > self.budget:
             raise BudgetExhausted(
                 f"this round would bring epsilon to {after:.3f}, past the budget of {self.budget:g}"
             )
         return sigma
+
+    def _operating_point_noise(self, left: float) -> float:
+        """The noise multiplier of an operating point's release that alone would cost
+        OPERATING_POINT_SHARE of `left`, the budget left (accounted as one Gaussian
+        release, sample rate 1)."""
+        if left <= 0:
+            raise BudgetExhausted(f"no budget is left (epsilon budget {self.budget:g})")
+        return calibrate_noise_multiplier(
+            OPERATING_POINT_SHARE * left, self.delta, 1.0, 1, self.adjacency
+        )
+
+    def _least_budget(self, training: list[tuple[float, float, int]]) -> float:
+        """The least budget (cumulative, to 1e-3 of it) within which `training` and
+        the operating point's release it would reserve both fit, by bisection from
+        what the training alone needs."""
+        spent = self.epsilon()
+
+        def fits(budget):
+            noise = self._operating_point_noise(budget - spent)
+            return self.epsilon([*training, (noise, 1.0, 1)]) <= budget
+
+        low = self.epsilon(training)
+        high = (low - OPERATING_POINT_SHARE * spent) / (1 - OPERATING_POINT_SHARE)
+        while not fits(high):  # composition at one delta may exceed the sum a little
+            low, high = high, 2 * high
+        while high - low > 1e-3 * high:
+            middle = (low + high) / 2
+            low, high = (low, middle) if fits(middle) else (middle, high)
+        return high
+
+    def _reserved(self, run_id: str) -> list[tuple[float, float, int]]:
+        """The operating point's release that run `run_id` planned and has not made."""
+        noise = self.data["plans"][run_id].get("operating_point_noise")
+        if noise is None or self.operating_point_released(run_id):
+            return []
+        return [(noise, 1.0, 1)]
+
+    def operating_point_released(self, run_id: int | str) -> bool:
+        return any(
+            r["run_id"] == str(run_id) and r.get("mechanism") == OPERATING_POINT
+            for r in self.releases
+        )
+
+    def operating_point_noise(self, run_id: int | str) -> float:
+        """The noise multiplier for run `run_id`'s operating point's release, which a
+        run makes once, after it trained with one reserved (noise_for_round); else
+        BudgetExhausted saying why not."""
+        plan = self.data["plans"].get(str(run_id), {})
+        if "operating_point_noise" not in plan:
+            raise BudgetExhausted(
+                "this hospital reserved no operating point in this run (it did not train "
+                "in it, or the run set a fixed decision threshold)"
+            )
+        if self.operating_point_released(run_id):
+            raise BudgetExhausted("this run's operating point was released already")
+        noise = plan["operating_point_noise"]
+        after = self.epsilon([(noise, 1.0, 1)])
+        if after > self.budget:
+            raise BudgetExhausted(
+                f"the operating point would bring epsilon to {after:.3f}, past the budget "
+                f"of {self.budget:g}"
+            )
+        return noise
 
     def record(
         self,
@@ -367,11 +456,14 @@ class PrivacyLedger:
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
+        mechanism: str = DP_SGD,
     ) -> None:
-        """Append one release (one round's training) and persist it."""
+        """Append one release (one round's training, or an operating point's
+        histograms: `mechanism`) and persist it."""
         release = {
             "run_id": str(run_id),
             "round": server_round,
+            "mechanism": mechanism,
             "noise_multiplier": noise_multiplier,
             "sample_rate": sample_rate,
             "steps": steps,
@@ -452,6 +544,8 @@ def _check_structure(data):
     for release in data["releases"]:
         _mechanism(release)
         str(release["run_id"])
+        if release.get("mechanism", DP_SGD) not in (DP_SGD, OPERATING_POINT):
+            raise ValueError(f"impossible release {release!r}")
     for plan in data["plans"].values():
         _mechanism({**plan, "steps": plan["planned_steps"]})
 

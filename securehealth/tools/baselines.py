@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
-from securehealth import data
+from securehealth import data, operating_point
 from securehealth.privacy import dpsgd
 from securehealth.privacy.accountant import calibrate_noise_multiplier
 from securehealth.tools.federation import federate
@@ -37,13 +37,22 @@ def training_rows_and_judge(
     cfg: SimpleNamespace,
 ) -> tuple[list[Rows], Callable[[torch.nn.Module], dict[str, float | None]]]:
     """Every hospital's training rows, and a function that scores a model on the
-    server's reference test set."""
+    server's reference test set at its decision threshold: the fixed one, or one
+    chosen for the run's target as the server chooses it, from histograms of all
+    the training rows' scores, here without noise (the baselines are reference
+    points computed in one place; their epsilon covers their training alone)."""
     torch.set_num_threads(1)
     hospitals = [data.hospital_data(cfg, h)[0] for h in range(cfg.num_clients)]
     test_x, test_y, _ = data.reference_test_set(cfg)
+    target = operating_point.Target.parse(cfg.decision_threshold)
 
     def judge(model):
-        return clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
+        threshold = (
+            float(cfg.decision_threshold)
+            if target is None
+            else operating_point.choose_without_noise(model, hospitals, target)
+        )
+        return clinical_metrics(test_y, predict_risk(model, test_x), threshold)
 
     return hospitals, judge
 

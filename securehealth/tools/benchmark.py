@@ -30,7 +30,7 @@ from securehealth import display, settings
 from securehealth.data import heart_disease
 from securehealth.data.schema import Schema
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
-from securehealth.tools import baselines
+from securehealth.tools import baselines, clinical_benchmark
 from securehealth.tools.federation import dp_federation
 
 DROPPED = ("slope", "ca", "thal")  # FLamby's protocol leaves these out
@@ -163,7 +163,7 @@ def choose_by_cross_validation(
         accuracy = []
         for seed, fold in product(range(cfg.seed, cfg.seed + CV_SEEDS), folds):
             seeded = settings.resolve({**vars(point), "seed": seed})
-            model = dp_federation(seeded, Path(tempfile.mkdtemp(dir=scratch)), fold)
+            model, _ = dp_federation(seeded, Path(tempfile.mkdtemp(dir=scratch)), fold)
             accuracy.append(per_hospital(model, fold)["accuracy"])
             progress.advance(task)
         scores.append({**candidate, "validation_accuracy": float(np.mean(accuracy))})
@@ -192,7 +192,7 @@ def methods(
     def dp(cfg, epsilon, patients):
         def train(seed):
             state_root = Path(tempfile.mkdtemp(dir=scratch))  # fresh ledgers: public data
-            model = dp_federation(seeded(cfg, seed, epsilon=epsilon), state_root, patients)
+            model, _ = dp_federation(seeded(cfg, seed, epsilon=epsilon), state_root, patients)
             return model, patients
 
         return train
@@ -294,13 +294,6 @@ def table(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def markdown(result: dict[str, Any]) -> str:
-    rows = table(result)
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return "\n".join(lines)
-
-
 def settings_line(result: dict[str, Any]) -> str:
     """How the settings were chosen, and which."""
     cv = result["cross_validation"]
@@ -346,7 +339,9 @@ def verdict(result: dict[str, Any]) -> str:
 
 def main(description: str, argv: list[str] | None = None) -> int:
     parser = settings.make_parser(description, SETTINGS)
-    parser.add_argument("benchmark", choices=["flamby-heart"], help="the benchmark to run")
+    parser.add_argument(
+        "benchmark", choices=["flamby-heart", "clinical"], help="the benchmark to run"
+    )
     parser.add_argument(
         "--seeds", type=settings.positive_int, default=5, help="seeds to average over"
     )
@@ -363,7 +358,26 @@ def main(description: str, argv: list[str] | None = None) -> int:
         "by cross-validation inside the training patients",
     )
     cfg, args = settings.parse(parser, argv, simulation=True)  # in-process: no SecAgg+
-    cfg = settings.resolve({**vars(cfg), "dataset": "heart-disease", "num_clients": 4})
+    if args.benchmark == "clinical":
+        changed = [
+            name
+            for name in SETTINGS
+            if name not in ("seed", "run_dir") and getattr(cfg, name) != settings.DEFAULTS[name]
+        ]
+        changes = [
+            part
+            for name in changed
+            for part in (f"--{name.replace('_', '-')}", settings.as_text(getattr(cfg, name)))
+        ]
+        try:
+            run_dir = new_run_dir(cfg.run_dir, "clinical.json", args.overwrite)
+        except RunDirError as error:
+            parser.error(str(error))
+        return clinical_benchmark.main(run_dir, changes, args.seeds)
+    # FLamby judges accuracy at its fixed threshold: no operating point is chosen, so
+    # none is reserved or released, and training spends the whole budget.
+    flamby = {"dataset": "heart-disease", "num_clients": 4, "decision_threshold": str(THRESHOLD)}
+    cfg = settings.resolve({**vars(cfg), **flamby})
     try:
         run_dir = new_run_dir(cfg.run_dir, "benchmark.json", args.overwrite)
     except RunDirError as error:
@@ -371,7 +385,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
     console = display.make_console()
     result = run(cfg, args.epsilons, args.seeds, not args.no_cross_validation, console)
     write_json(run_dir / "benchmark.json", result)
-    text = markdown(result)
+    text = display.markdown_table(table(result))
     summary = verdict(result)
     write_atomic(
         run_dir / "benchmark.md",

@@ -4,6 +4,7 @@ aggregation combines the updates), for the tools that train many federations in
 one process (sweep, baselines, bench, benchmark), where the runtime would cost 20 s
 each."""
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from model import build_model, get_weights, set_weights
+from securehealth import operating_point
 from securehealth.aggregation import combine
 
 Weights = list[np.ndarray]
@@ -36,10 +38,12 @@ def dp_federation(
     state_root: Path,
     patients: Sequence[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
     | None = None,
-) -> torch.nn.Module:
-    """The federated DP model, trained here by the real hospitals (Opacus DP-SGD,
-    calibrated noise, a privacy ledger each under `state_root`), on their own data or
-    on `patients` (each hospital's (training, held-out) rows) where given."""
+) -> tuple[torch.nn.Module, float]:
+    """The federated DP model and its decision threshold, trained here by the real
+    hospitals (Opacus DP-SGD, calibrated noise, a privacy ledger each under
+    `state_root`), on their own data or on `patients` (each hospital's (training,
+    held-out) rows) where given; the threshold chosen as the server chooses it, from
+    their DP histograms (the provisional one where none can be chosen)."""
     from securehealth.hospital import Hospital  # the training stack
 
     torch.set_num_threads(1)
@@ -56,4 +60,17 @@ def dp_federation(
         cfg.aggregation,
     )
     set_weights(model, weights)
-    return model
+    target = operating_point.Target.parse(cfg.decision_threshold)
+    if target is None:
+        return model, float(cfg.decision_threshold)
+    released = []
+    for hospital in hospitals:
+        histograms, report = hospital.release_operating_point(weights, cfg.rounds)
+        if histograms is not None:
+            releases = json.loads(report["releases"])
+            released.append(operating_point.Release.of(histograms, releases))
+    try:
+        point = operating_point.choose(released, target)
+    except operating_point.NoOperatingPoint:
+        return model, operating_point.PROVISIONAL_THRESHOLD
+    return model, point.threshold

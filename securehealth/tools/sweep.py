@@ -22,9 +22,9 @@ from securehealth.tools.federation import dp_federation
 def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
     """The federated DP model's metrics on the reference test set, trained here with
     the hospitals' ledgers under `state_root`."""
-    model = dp_federation(cfg, state_root)
+    model, threshold = dp_federation(cfg, state_root)
     test_x, test_y, _ = data.reference_test_set(cfg)
-    return clinical_metrics(test_y, predict_risk(model, test_x), cfg.decision_threshold)
+    return clinical_metrics(test_y, predict_risk(model, test_x), threshold)
 
 
 def _mean_std(results, key):
