@@ -1,5 +1,6 @@
-"""The diagnosis model (a small MLP that outputs a risk logit), the exchange of its
-weights between hospitals and server, its clinical evaluation, and model.pt."""
+"""The diagnosis model (logistic regression by default, or a small MLP; either
+outputs a risk logit), the exchange of its weights between hospitals and server,
+its clinical evaluation, and model.pt."""
 
 import io
 import json
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 
 def build_model(in_features: int, hidden_layers: Sequence[int]) -> nn.Sequential:
-    """An MLP without BatchNorm (not compatible with per-patient DP gradients)."""
+    """An MLP without BatchNorm (not compatible with per-patient DP gradients);
+    without hidden layers, logistic regression."""
     layers, width = [], in_features
     for hidden in hidden_layers:
         layers += [nn.Linear(width, hidden), nn.ReLU()]

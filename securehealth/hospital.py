@@ -68,7 +68,7 @@ class Hospital:
         `lasting` and `own_file` (node.open_hospital) make its ledger known to this
         machine's index, with the file of its own patients (privacy/data_index.py);
         the tools' scratch ledgers are not."""
-        torch.set_num_threads(1)  # a tiny MLP: threads cost more than they give
+        torch.set_num_threads(1)  # a tiny model: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
         self.state_dir = Path(state_dir)
         (self.x, self.y), self.held_out = patients or data.hospital_data(
@@ -184,8 +184,14 @@ class Hospital:
                 noise = self.ledger.operating_point_noise(self.run_id)
             except BudgetExhausted as refusal:
                 return None, self._report(operating_point.DECLINED, server_round, str(refusal))
-            counts = operating_point.score_histogram(self._logits(parameters), self.y)
             std = operating_point.histogram_noise_std(noise, self.cfg.adjacency)
+            if operating_point.drowned(std, len(self.y)):
+                reason = (
+                    f"its noise (std {std:.3g} a count) would drown its {len(self.y)} "
+                    f"training patients: nothing released"
+                )
+                return None, self._report(operating_point.DECLINED, server_round, reason)
+            counts = operating_point.score_histogram(self._logits(parameters), self.y)
             self.ledger.record(self.run_id, server_round, noise, 1.0, 1, OPERATING_POINT)
             random = np.random.default_rng(dpsgd.secret_seed())
             noisy = operating_point.add_noise(counts, std, random)
@@ -242,6 +248,8 @@ class Hospital:
             if problem:
                 raise ValueError(f"the server sent a malformed global model ({problem})")
             x, y = self.held_out
+            if not len(y):  # add-remove may hold out nobody of a small hospital
+                return
             risk = predict_risk(self._model(parameters), x)
             finite = np.isfinite(risk)
             metrics = clinical_metrics(y, np.where(finite, risk, 0.5), float(threshold))

@@ -237,6 +237,13 @@ class NoOperatingPoint(ValueError):
     """The histograms cannot give an operating point; the message says why."""
 
 
+def drowned(noise_std: float, patients: int) -> bool:
+    """Whether noise of this std on every count would drown a hospital's `patients`:
+    such a release says nothing, so a hospital does not make it and the server does
+    not take it."""
+    return noise_std > patients
+
+
 class ReleaseProblem(ValueError):
     """A hospital's reply cannot be used as its operating point's release."""
 
@@ -274,13 +281,13 @@ class Release:
         and noise no larger than the patients (it would only drown the others)."""
         try:
             histograms = np.array(json.loads(text), dtype=float)
-        except (TypeError, ValueError, RecursionError):
+        except (TypeError, ValueError, OverflowError, RecursionError):  # e.g. 10**400
             raise ReleaseProblem("its histograms are not a list of numbers") from None
         if histograms.shape != (2, BINS) or not np.isfinite(histograms).all():
             raise ReleaseProblem(f"its histograms are not 2 finite rows of {BINS} counts")
         release = cls.of(histograms, releases)
         margin = NOISE_BOUND * release.noise_std
-        if release.noise_std > patients:
+        if drowned(release.noise_std, patients):
             raise ReleaseProblem(f"its noise (std {release.noise_std:.3g}) exceeds its patients")
         if histograms.min() < -margin or histograms.max() > patients + margin:
             raise ReleaseProblem("its histograms hold counts its patients cannot give")

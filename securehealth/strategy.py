@@ -372,6 +372,12 @@ class HospitalFedAvg(FedAvg):
         )
         if problem or metrics["status"] != operating_point.RELEASED:
             return problem, None
+        trained = self.reports.get(str(hospital), {})
+        if trained.get("patients") != metrics["patients"]:  # its FedAvg weight this run
+            return (
+                f"it reports {metrics['patients']} patients, where its training reports "
+                f"in this run said {trained.get('patients', 'nothing')}"
+            ), None
         try:
             release = operating_point.Release.read(
                 text, json.loads(metrics["releases"]), metrics["patients"]

@@ -89,7 +89,12 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
     for hospital, p in metrics["privacy"]["hospitals"].items():
         assert 0.95 * p["epsilon_budget"] <= p["epsilon"] <= p["epsilon_budget"]
         ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
-        assert len(ledger["releases"]) == 2  # at the hospital
+        # At the hospital: two rounds, then the operating point's histograms.
+        assert [r["mechanism"] for r in ledger["releases"]] == [
+            "dp-sgd",
+            "dp-sgd",
+            "operating-point",
+        ]
     assert not (workdir / "run" / "hospitals").exists()  # not at the server
     time.sleep(1)
     assert flower_processes(workdir) == []
@@ -126,7 +131,7 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
     assert {r["status"] for r in metrics["rounds"][0]["hospitals"].values()} == {"refused"}
     for hospital in range(3):
         ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
-        assert len(ledger["releases"]) == 2
+        assert len(ledger["releases"]) == 3  # the first run's, and nothing more
         budget = 0.5 if hospital == 2 else 1.0
         assert ledger["releases"][-1]["epsilon_after"] <= budget
 
@@ -393,4 +398,5 @@ def test_four_real_hospitals_each_with_its_own_sites_file(federation):
     assert patients == {"0": 242, "1": 235, "2": 98, "3": 160}  # each site's own file
     for hospital in range(4):
         ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
-        assert len(ledger["releases"]) == 1
+        # One round, then the operating point's histograms.
+        assert [r["mechanism"] for r in ledger["releases"]] == ["dp-sgd", "operating-point"]

@@ -247,6 +247,8 @@ def test_a_hostile_hospitals_operating_point_is_refused_and_the_others_choose_it
     admission = Admission(None, cfg, run_id=1)
     admission.members = {10 + hospital: hospital for hospital in range(3)}
     strategy = HospitalFedAvg(cfg, tmp_path, admission)
+    # Each trained in this run as a hospital of 300 patients (its FedAvg weight).
+    strategy.reports = {str(h): {"patients": 300, "epsilon": 0.9} for h in range(3)}
     random = np.random.default_rng(3)
     std = operating_point.histogram_noise_std(17.3, "replace-one")
     honest = [
@@ -266,6 +268,12 @@ def test_a_hostile_hospitals_operating_point_is_refused_and_the_others_choose_it
         "exceeds its patients": {"releases": json.dumps([loud])},
         "not 2 finite rows": {"histograms": json.dumps((huge * 0 + np.nan).tolist())},
         "not a list of numbers": {"histograms": "[[1, 2"},
+        "not a list of numbers ": {"histograms": f"[[1{'0' * 400}]]"},  # overflows a float
+        # Claiming more patients than it trained with, to flood the histograms.
+        "its training reports in this run said 300": {
+            "patients": 3000,
+            "histograms": json.dumps((flood + honest[0]).tolist()),
+        },
     }
     for reason, changes in hostile.items():
         strategy.choose_operating_point(
@@ -278,5 +286,5 @@ def test_a_hostile_hospitals_operating_point_is_refused_and_the_others_choose_it
         chosen = strategy.record.results["operating_point"]
         assert chosen["chosen"] and chosen["histograms"] == 2, reason
         assert chosen["hospitals"]["2"]["status"] == "rejected"
-        assert reason in chosen["hospitals"]["2"]["reason"]
+        assert reason.strip() in chosen["hospitals"]["2"]["reason"]
         assert 0.05 < strategy.threshold < 0.6

@@ -135,7 +135,8 @@ def test_every_hospital_is_within_budget_and_honestly_accounted(run):
         # never below an independent accountant at its finer default precision
         assert p["epsilon"] >= independent_epsilon(p["releases"], p["delta"])
         per_round = [r["hospitals"][hospital]["epsilon"] for r in metrics["rounds"]]
-        assert per_round == sorted(per_round) and per_round[-1] == p["epsilon"]  # cumulative
+        assert per_round == sorted(per_round)  # cumulative; the operating point comes after
+        assert per_round[-1] < p["epsilon"]
 
 
 def test_each_hospital_ledger_records_every_release(run):
