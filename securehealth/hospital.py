@@ -239,10 +239,10 @@ class Hospital:
 
     def _evaluate_locally(self, parameters, after_round, threshold):
         """Clinical metrics of the global model after `after_round` on the held-out
-        patients at `threshold`, appended to this hospital's evaluation file. Nothing of it reaches
-        the server, not even whether it worked: a model whose scores are not finite
-        is scored 0.5 there (and counted), and any failure goes to this hospital's
-        own log."""
+        patients at `threshold`, appended to this hospital's evaluation file. Nothing
+        of it reaches the server, not even whether it worked: a model whose scores are
+        not finite is scored 0.5 there (and counted), and any failure goes to this
+        hospital's own log."""
         try:
             problem = self._model_problem(parameters)
             if problem:
