@@ -168,8 +168,8 @@ def operating_point_section(metrics: dict[str, Any]) -> list[str]:
             f"fitted each class's scores with a normal distribution and put the threshold "
             f"where the fit meets the target; the fit expected sensitivity "
             f"{point['expected_sensitivity']:.2f} and specificity "
-            f"{point['expected_specificity']:.2f}. The reference test set below played no "
-            f"part in the choice."
+            f"{point['expected_specificity']:.2f}. The reference test set played no part "
+            f"in the choice; the figures per round, before it was made, are at 0.5."
         )
     lines += [
         _table(
