@@ -1,15 +1,22 @@
 """What a clinician needs beside a model's figures, and when to tell them plainly
 that the model is not usable: the confusion counts at its decision threshold with
-95 % confidence intervals, the prevalence and the majority-class baseline, and the
-warnings that make a run end "finished with warnings" (results.py)."""
+95 % confidence intervals, the prevalence and the majority-class baseline, the
+figures in each subgroup the data dictionary marks, and the warnings that make a
+run end "finished with warnings" (results.py)."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from securehealth.data.schema import Subgroup
+
 # A model below this ROC-AUC on the reference set is reported as not useful.
 MIN_USEFUL_AUC = 0.6
-CONFIDENCE = 0.95  # of the intervals shown for sensitivity and specificity
+CONFIDENCE = 0.95  # of the intervals shown for sensitivity, specificity and AUC
+# A subgroup's AUC, sensitivity or specificity at least this much below the whole
+# reference set's, and below it beyond chance (its interval's upper end is), is a gap.
+SUBGROUP_GAP = 0.10
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,129 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     return float(interval.low), float(interval.high)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How far the predicted risks are from the observed ones: calibration-in-the-
+    large (the mean predicted risk against the share observed) and the calibration
+    slope (of the logistic regression of the outcome on the risk's logit: 1 is
+    calibrated, above 1 risks compressed towards the middle, below 1 too extreme)."""
+
+    mean_risk: float
+    observed: float
+    slope: float
+
+    @classmethod
+    def of(cls, y: np.ndarray, risk: np.ndarray) -> "Calibration":
+        from sklearn.linear_model import LogisticRegression
+
+        clipped = np.clip(risk.astype(float), 1e-6, 1 - 1e-6)
+        logit = np.log(clipped / (1 - clipped)).reshape(-1, 1)
+        fit = LogisticRegression(C=np.inf).fit(logit, y) if len(np.unique(y)) == 2 else None
+        slope = float(fit.coef_[0, 0]) if fit is not None else float("nan")
+        return cls(float(risk.mean()), float(y.mean()), slope)
+
+    def text(self) -> str:
+        """The two figures in words, for the report."""
+        gap = self.mean_risk - self.observed
+        large = (
+            f"the model {'over' if gap > 0 else 'under'}-estimates risk on average"
+            if abs(gap) >= 0.05
+            else "on average the risks match"
+        )
+        if not np.isfinite(self.slope):
+            shape = "no calibration slope: the reference set has one class only"
+        elif self.slope > 1.2:
+            shape = (
+                f"calibration slope {self.slope:.2f}, above 1: the risks are compressed "
+                f"towards the middle, so read them as a ranking and use the decision at "
+                f"the operating point rather than the risk itself"
+            )
+        elif self.slope < 0.8:
+            shape = f"calibration slope {self.slope:.2f}, below 1: the risks are too extreme"
+        else:
+            shape = f"calibration slope {self.slope:.2f}, close to 1: their spread is right"
+        return (
+            f"Mean predicted risk {self.mean_risk:.3f} against {self.observed:.3f} "
+            f"observed: {large}; {shape}."
+        )
+
+
+def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
+    """The ROC-AUC's interval at CONFIDENCE from Hanley and McNeil's (1982) standard
+    error, which needs only the AUC and the two classes' sizes."""
+    from scipy.stats import norm
+
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)
+    ) / (positives * negatives)
+    half = norm.ppf((1 + CONFIDENCE) / 2) * math.sqrt(max(variance, 0.0))
+    return max(auc - half, 0.0), min(auc + half, 1.0)
+
+
+@dataclass(frozen=True)
+class SubgroupFigures:
+    """A subgroup's figures at the run's threshold, each (value, 95 % interval), or
+    None where the subgroup lacks a class; `gaps` names those below the whole
+    reference set's by SUBGROUP_GAP beyond chance, in words."""
+
+    subgroup: str
+    patients: int
+    positives: int
+    auc: tuple[float, tuple[float, float]] | None
+    sensitivity: tuple[float, tuple[float, float]] | None
+    specificity: tuple[float, tuple[float, float]] | None
+    gaps: tuple[str, ...]
+
+
+def subgroup_figures(
+    subgroups: list[Subgroup], y: np.ndarray, risk: np.ndarray, threshold: float
+) -> list[SubgroupFigures]:
+    """Each subgroup's AUC, sensitivity and specificity with 95 % intervals, and
+    where each falls short of the whole reference set's (SUBGROUP_GAP)."""
+    from sklearn.metrics import roc_auc_score
+
+    def figures(members):
+        confusion = Confusion.at(y[members], risk[members], threshold)
+        sick, healthy = confusion.positives, confusion.negatives
+        auc = None
+        if sick and healthy:
+            value = float(roc_auc_score(y[members], risk[members]))
+            auc = value, auc_interval(value, sick, healthy)
+        return {
+            "auc": auc,
+            "sensitivity": (confusion.true_positives / sick, confusion.sensitivity_interval())
+            if sick
+            else None,
+            "specificity": (confusion.true_negatives / healthy, confusion.specificity_interval())
+            if healthy
+            else None,
+        }
+
+    whole = figures(np.ones(len(y), bool))
+    found = []
+    for subgroup in subgroups:
+        own = figures(subgroup.members)
+        gaps = tuple(
+            f"{name} {value:.2f} (95% CI {low:.2f} to {high:.2f}) against "
+            f"{whole[name][0]:.2f} for all reference patients"
+            for name, figure in own.items()
+            if figure is not None and whole[name] is not None
+            for value, (low, high) in [figure]
+            if value <= whole[name][0] - SUBGROUP_GAP and high < whole[name][0]
+        )
+        found.append(
+            SubgroupFigures(
+                subgroup.name,
+                int(subgroup.members.sum()),
+                int(y[subgroup.members].sum()),
+                **own,
+                gaps=gaps,
+            )
+        )
+    return found
+
+
 def usefulness_warnings(
     final: dict, confusion: Confusion, hospitals: int, trained: int, operating_point: dict | None
 ) -> list[str]:
@@ -74,7 +204,8 @@ def usefulness_warnings(
     MIN_USEFUL_AUC, it tells the classes apart no better than calling everyone the
     majority class (sensitivity + specificity at most 1, that baseline's sum),
     fewer hospitals trained in the last round than the run started with, or no
-    operating point could be chosen."""
+    operating point could be chosen. (Subgroup gaps are flagged in the report, not
+    here: at one threshold they come from the case mix as much as from the model.)"""
     found = []
     called_positive = confusion.true_positives + confusion.false_positives
     if called_positive in (0, confusion.positives + confusion.negatives):

@@ -264,6 +264,12 @@ def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None
         )
     )
     console.print(escape(operating_point_text(metrics)))
+    gaps = [g["subgroup"] for g in final.get("subgroups", []) if g["gaps"]]
+    if gaps:
+        console.print(
+            f"[yellow]Subgroup gaps:[/] {escape(', '.join(gaps))} (figures well below all "
+            f"reference patients'; report.md, Subgroups)"
+        )
 
     privacy_table = Table(title=privacy_title(privacy))
     for name in PRIVACY_COLUMNS:

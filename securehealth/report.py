@@ -187,6 +187,56 @@ def operating_point_section(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def subgroup_section(final: dict[str, Any]) -> list[str]:
+    """The figures in each subgroup the data dictionary marks, with 95 % intervals,
+    and the gaps found (clinical.subgroup_figures); nothing for a run recorded
+    before subgroups were."""
+    if "subgroups" not in final:
+        return []
+    lines = ["### Subgroups"]
+    if not final["subgroups"]:
+        return lines + [
+            'The data dictionary marks no feature with "subgroups" (README: Subgroups), '
+            "so no subgroup figures are shown."
+        ]
+
+    def cell(figure):
+        if figure is None:
+            return "n/a"
+        value, (low, high) = figure
+        return f"{value:.3f} ({low:.2f} to {high:.2f})"
+
+    lines.append(
+        _table(
+            ["Subgroup", "Patients (sick)", "AUC (95% CI)", "Sensitivity", "Specificity"],
+            [
+                [
+                    g["subgroup"],
+                    f"{g['patients']} ({g['positives']})",
+                    *(cell(g[name]) for name in ("auc", "sensitivity", "specificity")),
+                ]
+                for g in final["subgroups"]
+            ],
+        )
+    )
+    gaps = [f"{g['subgroup']}: {gap}" for g in final["subgroups"] for gap in g["gaps"]]
+    rule = (
+        f"a figure {clinical.SUBGROUP_GAP:.2f} or more below all reference patients', "
+        f"with its 95% interval below it too"
+    )
+    lines += [
+        f"**Gaps** ({rule}): " + "; ".join(gaps) + "."
+        if gaps
+        else f"No gap ({rule}). Small subgroups have wide intervals: read them first.",
+        "At one threshold, sensitivity and specificity differ between subgroups whose "
+        "risk differs (the young are rarely called sick, the old rarely called healthy), "
+        "and the AUC within a band of a risk factor such as age is lower because that "
+        "factor no longer tells patients apart. A gap says where the model's calls are "
+        "weaker; whether that is the case mix or unfairness needs a clinician's reading.",
+    ]
+    return lines
+
+
 def _table(header, rows):
     return display.markdown_table([header, *rows])
 
@@ -367,12 +417,18 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
         ),
         *operating_point_section(metrics),
         "![ROC curve](" + PLOTS["roc"] + ")",
+        *subgroup_section(final),
         "### Calibration",
         f"Brier score {final['brier']:.3f} (0 is perfect; "
         f"{final['prevalence'] * (1 - final['prevalence']):.3f} for always predicting the "
-        f"prevalence). Risks from a model trained with DP noise are often compressed "
-        f"towards the middle: read them as a ranking, and the decision at the operating "
-        f"point, rather than as probabilities, unless this diagram lies on its diagonal.",
+        f"prevalence). "
+        + (
+            clinical.Calibration(**final["calibration"]).text()
+            if "calibration" in final
+            else "Risks from a model trained with DP noise are often compressed towards "
+            "the middle: read them as a ranking, and the decision at the operating point, "
+            "rather than as probabilities, unless this diagram lies on its diagonal."
+        ),
         "![Calibration](" + PLOTS["calibration"] + ")",
         "![AUC and accuracy per round](" + PLOTS["performance"] + ")",
     ]

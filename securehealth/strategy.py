@@ -388,7 +388,7 @@ class HospitalFedAvg(FedAvg):
 
     def finish(self) -> None:
         """Write model.pt with the run's decision threshold, and the final figures at
-        it (the status is set by the caller)."""
+        it, overall and per subgroup (the status is set by the caller)."""
         save_model(
             self.run_dir / MODEL_FILE,
             self.model,
@@ -400,6 +400,13 @@ class HospitalFedAvg(FedAvg):
         final = clinical_metrics(self.test_y, risk, self.threshold)
         confusion = clinical.Confusion.at(self.test_y, risk, self.threshold)
         final.update(asdict(confusion), prevalence=confusion.prevalence)
+        final["calibration"] = asdict(clinical.Calibration.of(self.test_y, risk))
+        final["subgroups"] = [
+            asdict(figures)
+            for figures in clinical.subgroup_figures(
+                self.schema.subgroups(self.test_x), self.test_y, risk, self.threshold
+            )
+        ]
         self.record.finish(self.reports, final)
         last = self.record.results["rounds"][-1]
         self.record.results["warnings"] = clinical.usefulness_warnings(

@@ -14,17 +14,21 @@ from model import build_model, predict_risk, save_model
 from securehealth.data import Schema
 from securehealth.data.csv_files import read_csv
 
+THRESHOLD = 0.4471  # within the initialised model's risks (0.43-0.48), so 0.5 would differ
+
 
 @pytest.fixture
 def run_dir(tmp_path):
     """A finished run's directory: its metrics.json and a model.pt for the example CSV
-    data dictionary (weights as initialised: what is checked is the scoring)."""
+    data dictionary (weights as initialised: what is checked is the scoring), with a
+    decision threshold of its own (THRESHOLD)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"status": "finished"}))
     schema = Schema.load(EXAMPLE / "schema.json")
     torch.manual_seed(0)
-    save_model(run / "model.pt", build_model(len(schema.input_names), (4,)), (4,), schema, 0.5)
+    model = build_model(len(schema.input_names), (4,))
+    save_model(run / "model.pt", model, (4,), schema, THRESHOLD)
     return run
 
 
@@ -61,7 +65,10 @@ def test_new_patients_get_a_risk_and_a_decision_each(run_dir, tmp_path):
     expected = predict_risk(model, read_csv(patients, schema, labelled=False)[0])
     for row, risk in zip(rows, expected, strict=True):
         assert float(row["risk"]) == pytest.approx(float(risk), abs=1e-6)
-        assert row["prediction"] == ("yes" if risk >= 0.5 else "no")
+        assert row["prediction"] == ("yes" if risk >= THRESHOLD else "no")
+        assert float(row["threshold"]) == THRESHOLD
+    assert any(0.5 > risk >= THRESHOLD for risk in expected)  # a decision 0.5 would not make
+    assert "Decision: chd yes where the risk is at least 0.4471" in result.stderr
     assert "Against their labels" not in result.stderr  # no labels, no metrics
 
 
@@ -86,6 +93,15 @@ def test_bad_patients_get_the_training_datas_one_line_errors(run_dir, tmp_path, 
     result = predict("--run-dir", run_dir, "--data", patients)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert all(part in result.stderr for part in expected) and "Traceback" not in result.stderr
+
+
+def test_a_file_of_another_data_set_is_named_as_such(run_dir, tmp_path):
+    patients = tmp_path / "patients.csv"
+    patients.write_text("mean radius,mean texture\n14.1,19.3\n")
+    result = predict("--run-dir", run_dir, "--data", patients)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "none of its columns (mean radius, mean texture...)" in result.stderr
+    assert "another data set" in result.stderr and "add it to" not in result.stderr
 
 
 def test_a_run_that_did_not_finish_has_no_model_to_use(run_dir, tmp_path):

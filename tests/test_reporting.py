@@ -77,8 +77,17 @@ def test_round_line_shows_progress_and_names_failures():
 
 def test_summary_shows_every_hospital_and_warns_about_failures():
     console = Console(record=True, width=150)
-    display.print_summary(metrics_with_a_failed_hospital(), "runs/x", console)
+    metrics = metrics_with_a_failed_hospital()
+    metrics["final"]["global"] = {
+        **FINAL,
+        "subgroups": [
+            {"subgroup": "age < 50", "gaps": ["sensitivity 0.20 (95% CI 0.11 to 0.32) ..."]},
+            {"subgroup": "age >= 50", "gaps": []},
+        ],
+    }
+    display.print_summary(metrics, "runs/x", console)
     text = console.export_text()
+    assert "Subgroup gaps: age < 50 (figures well below" in text and "age >= 50 (" not in text
     assert "0.4200" in text and "3.5000" in text and "160" in text
     assert re.search(r"│\s+1 │\s+- │", text)  # the hospital that never reported
     assert "hospitals failed in rounds [1]" in text

@@ -72,11 +72,18 @@ def read_csv(
     if header:
         frame = frame[[c for c in header if c in schema.columns]]
     extra = [c for c in frame.columns if c not in schema.columns]
-    if extra:
+    if extra and len(extra) == len(frame.columns):
         raise DataError(
-            f"{path}: column {extra[0]!r} is not in {schema.source}; add it to "
-            f"the data dictionary or remove it from the file"
+            f"{path}: none of its columns ({', '.join(extra[:3])}...) is in "
+            f"{schema.source}: is it a file of another data set?"
         )
+    if extra:
+        advice = (
+            "add it to the data dictionary or remove it from the file"
+            if labelled
+            else "remove it from the file (a model reads only its own dictionary's columns)"
+        )
+        raise DataError(f"{path}: column {extra[0]!r} is not in {schema.source}; {advice}")
     has_label = labelled or schema.label in frame.columns
     required = [c for c in schema.columns if has_label or c != schema.label]
     absent = [c for c in required if c not in frame.columns]

@@ -16,9 +16,11 @@ Values written as numbers in the dictionary (categories, label values, markers)
 match cells by number, so a file that writes 1 as "1.0" reads the same."""
 
 import functools
+import itertools
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -29,6 +31,15 @@ import yaml
 class DataError(ValueError):
     """Bad data or data dictionary; the message names the file (row, column) and
     says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Subgroup:
+    """Patients who share a category, or a band, of a feature the data dictionary
+    marks with "subgroups" (e.g. "sex = female", "50 <= age < 65")."""
+
+    name: str
+    members: np.ndarray  # which rows of the table it was found in
 
 
 MISSING_MODES = ("fail", "drop", "indicator")
@@ -96,6 +107,28 @@ class Schema:
                 raise DataError(f'{where}: "fill" must be a number within [min, max]')
             if f["type"] == "categorical" and not matches([str(fill)], f["categories"])[0]:
                 raise DataError(f'{where}: "fill" must be one of its categories')
+        self._check_subgroups(f, where)
+
+    def _check_subgroups(self, f, where):
+        """A numeric feature's subgroups are band edges, ascending, inside its range; a
+        categorical one's are true or a name for each of some of its categories."""
+        marked = f.get("subgroups")
+        if marked is None:
+            return
+        if f["type"] == "numeric":
+            inside = isinstance(marked, list) and all(f["min"] < edge < f["max"] for edge in marked)
+            if not (inside and marked == sorted(set(marked))):
+                raise DataError(
+                    f'{where}: "subgroups" of a numeric feature must be band edges in '
+                    f"ascending order strictly between its min and max, e.g. [50, 65]"
+                )
+        elif isinstance(marked, list) or (
+            isinstance(marked, dict) and not matches(list(marked), f["categories"]).all()
+        ):
+            raise DataError(
+                f'{where}: "subgroups" of a categorical feature must be true or name some '
+                f'of its categories, e.g. {{"0": "female", "1": "male"}}'
+            )
 
     @classmethod
     def load(cls, path: str | Path, missing_values: str = "fail") -> Self:
@@ -171,11 +204,7 @@ class Schema:
             values = np.asarray(columns[f["name"]], dtype=object)
             if f["type"] == "numeric":
                 fill = f.get("fill", (f["min"] + f["max"]) / 2)
-                v = np.where(absent, fill, values).astype(float)
-                low, high, v = f["min"], f["max"], np.clip(v, f["min"], f["max"])
-                if f.get("log"):
-                    low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
-                encoded.append(2 * (v - low) / (high - low) - 1)
+                encoded.append(_scaled(f, np.where(absent, fill, values).astype(float)))
             else:
                 fill = self.categories_of(f, [str(f["fill"])])[0] if "fill" in f else ""
                 as_text = np.where(absent, fill, values.astype(str))
@@ -183,6 +212,43 @@ class Schema:
             if self.indicated(f):
                 encoded.append(absent.astype(float))
         return np.column_stack(encoded).astype(np.float32)
+
+    def subgroups(self, x: np.ndarray) -> list[Subgroup]:
+        """The subgroups of encoded rows `x` for every feature marked "subgroups", in
+        the dictionary's order. A patient whose value is missing belongs to none of
+        that feature's subgroups."""
+        found = []
+        for f in self.features:
+            marked = f.get("subgroups")
+            if marked is None:
+                continue
+            names = self.input_names
+            known = (
+                x[:, names.index(f"{f['name']} missing")] == 0
+                if self.indicated(f)
+                else np.ones(len(x), bool)
+            )
+            if f["type"] == "numeric":
+                column = x[:, names.index(f["name"])]
+                edges = [-np.inf, *_scaled(f, np.array(marked, float)).astype(np.float32), np.inf]
+                for i, (low, high) in enumerate(itertools.pairwise(edges)):
+                    found.append(
+                        Subgroup(
+                            _band_name(f["name"], marked, i),
+                            known & (column >= low) & (column < high),
+                        )
+                    )
+            else:
+                named = marked if isinstance(marked, dict) else {}
+                for category in f["categories"]:
+                    label = next(
+                        (n for c, n in named.items() if matches([c], [category])[0]),
+                        None if named else str(category),
+                    )
+                    if label is not None:
+                        column = x[:, names.index(f"{f['name']}={category}")]
+                        found.append(Subgroup(f"{f['name']} = {label}", known & (column == 1)))
+        return found
 
     def labels(self, values: np.ndarray) -> np.ndarray:
         """1.0 for a positive (disease) value, 0.0 for any other."""
@@ -197,6 +263,24 @@ class Schema:
     def is_label(self, values: np.ndarray) -> np.ndarray:
         """Which values are one of the label's declared positive or negative values."""
         return matches(np.asarray(values).astype(str), self.positive_values + self.negative_values)
+
+
+def _scaled(feature: dict, values: np.ndarray) -> np.ndarray:
+    """A numeric feature's values mapped from its declared range (log-scaled if
+    declared; clipped to it) to [-1, 1]."""
+    low, high, v = feature["min"], feature["max"], np.clip(values, feature["min"], feature["max"])
+    if feature.get("log"):
+        low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
+    return 2 * (v - low) / (high - low) - 1
+
+
+def _band_name(name: str, edges: list[float], band: int) -> str:
+    """E.g. "age < 50", "50 <= age < 65", "age >= 65" for edges [50, 65]."""
+    if band == 0:
+        return f"{name} < {edges[0]:g}"
+    if band == len(edges):
+        return f"{name} >= {edges[-1]:g}"
+    return f"{edges[band - 1]:g} <= {name} < {edges[band]:g}"
 
 
 class _PlainYaml(yaml.SafeLoader):

@@ -22,11 +22,20 @@ FEATURES = {
     "smoker": ("0 = no, 1 = current smoker", (0.0, 1.0)),
     "family_history": ("0 = no, 1 = premature CHD in a parent/sibling", (0.0, 1.0)),
 }
+# Subgroups the report shows the model's figures for: age bands, and sex.
+SUBGROUPS = {"age": [50.0, 65.0], "sex_male": [0.5]}
 SYNTHETIC_SCHEMA = {
     "name": "Synthetic patients: coronary heart disease",
     "label": {"column": "coronary_heart_disease", "positive": 1, "negative": 0},
     "features": [
-        {"name": name, "type": "numeric", "min": low, "max": high, "unit": unit}
+        {
+            "name": name,
+            "type": "numeric",
+            "min": low,
+            "max": high,
+            "unit": unit,
+            **({"subgroups": SUBGROUPS[name]} if name in SUBGROUPS else {}),
+        }
         for name, (unit, (low, high)) in FEATURES.items()
     ],
 }

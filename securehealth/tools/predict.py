@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from argparse import ArgumentParser
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,19 @@ def model_schema(saved: dict[str, Any]) -> Schema:
     return Schema(spec, "the run's data dictionary (model.pt)", "fail" if mode == "drop" else mode)
 
 
-def predictions(run_dir: Path, data: Path) -> tuple[list[dict[str, Any]], dict | None]:
-    """One row per patient of `data` (its file line, patient id if declared, risk and
-    decision at the model's threshold), and the clinical metrics if it has labels."""
+@dataclass(frozen=True)
+class Scored:
+    """New patients scored by a run's model: one row each (its file line, patient id
+    if declared, risk, and decision at the threshold, which each row states too),
+    the clinical metrics if the file has labels, and the decision rule in words."""
+
+    rows: list[dict[str, Any]]
+    metrics: dict[str, Any] | None
+    rule: str
+
+
+def predictions(run_dir: Path, data: Path) -> Scored:
+    """Score the patients of `data` with the model of `run_dir` (Scored)."""
     model, saved = load_model(run_dir / MODEL_FILE)
     schema = model_schema(saved)
     if schema.input_names != saved["input_names"]:
@@ -41,10 +52,16 @@ def predictions(run_dir: Path, data: Path) -> tuple[list[dict[str, Any]], dict |
             **({schema.patient_id: ids[i]} if schema.patient_id else {}),
             "risk": round(float(r), 6),
             "prediction": schema.decision(r >= threshold),
+            "threshold": threshold,
         }
         for i, r in enumerate(risk)
     ]
-    return rows, (clinical_metrics(y, risk, threshold) if y is not None else None)
+    return Scored(
+        rows,
+        clinical_metrics(y, risk, threshold) if y is not None else None,
+        f"{schema.label} {schema.decision(True)} where the risk is at least {threshold:.4g}, "
+        f"the run's decision threshold (model.pt)",
+    )
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -55,20 +72,21 @@ def add_arguments(parser: ArgumentParser) -> None:
 def main(description: str, argv: list[str] | None = None) -> int:
     run_dir, args = finished_run_argument(description, argv, add_arguments)
     try:
-        rows, metrics = predictions(run_dir, Path(args.data))
+        scored = predictions(run_dir, Path(args.data))
     except DataError as error:
         print(f"predict.py: error: {error}", file=sys.stderr)
         return 2
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["line"])
+    writer = csv.DictWriter(table, fieldnames=list(scored.rows[0]) if scored.rows else ["line"])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(scored.rows)
     summary = sys.stdout if args.output else sys.stderr  # the CSV may be on stdout
     if args.output:
         write_atomic(Path(args.output), table.getvalue().encode())
-        print(f"{len(rows)} patients scored: {args.output}")
+        print(f"{len(scored.rows)} patients scored: {args.output}")
     else:
         print(table.getvalue(), end="")
-    if metrics:
-        print(f"Against their labels: {display.metrics_text(metrics)}", file=summary)
+    print(f"Decision: {scored.rule}", file=summary)
+    if scored.metrics:
+        print(f"Against their labels: {display.metrics_text(scored.metrics)}", file=summary)
     return 0

@@ -1,0 +1,150 @@
+"""What the report tells a clinician beyond the overall figures: subgroups the data
+dictionary marks, with intervals, and the gaps that end a run with warnings."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import EXAMPLE
+from sklearn.metrics import roc_auc_score
+
+from securehealth import clinical, report
+from securehealth.data.schema import DataError, Schema, Subgroup
+
+AGE_AND_SEX = {
+    "label": {"column": "disease", "positive": 1, "negative": 0},
+    "features": [
+        {"name": "age", "type": "numeric", "min": 20, "max": 90, "subgroups": [50, 65]},
+        {
+            "name": "sex",
+            "type": "categorical",
+            "categories": [0, 1],
+            "missing": ["?"],
+            "subgroups": {"0": "female", "1": "male"},
+        },
+        {"name": "bmi", "type": "numeric", "min": 15, "max": 50, "missing": ["?"]},
+    ],
+}
+
+
+def test_subgroups_are_found_in_encoded_rows_by_band_and_category():
+    schema = Schema(AGE_AND_SEX, "test", missing_values="indicator")
+    ages = np.array([20.0, 49.9, 50.0, 64.0, 65.0, 90.0])
+    sexes = np.array(["0", "1", "?", "1", "0", "1"], dtype=object)
+    x = schema.encode(
+        {"age": ages, "sex": sexes, "bmi": np.full(6, 25.0)},
+        {"sex": sexes == "?", "bmi": np.zeros(6, bool)},
+    )
+    found = {g.name: g.members.tolist() for g in schema.subgroups(x)}
+    assert found == {
+        "age < 50": [True, True, False, False, False, False],
+        "50 <= age < 65": [False, False, True, True, False, False],
+        "age >= 65": [False, False, False, False, True, True],
+        "sex = female": [True, False, False, False, True, False],  # the "?" is in neither
+        "sex = male": [False, True, False, True, False, True],
+    }
+
+
+def test_the_shipped_dictionaries_mark_age_and_sex():
+    schema = Schema.load(EXAMPLE / "schema.json", "indicator")
+    names = [g.name for g in schema.subgroups(np.zeros((1, len(schema.input_names)), "f4"))]
+    assert names == ["age < 50", "50 <= age < 65", "age >= 65", "sex = female", "sex = male"]
+
+
+@pytest.mark.parametrize(
+    ("feature", "message"),
+    [
+        ({"type": "numeric", "min": 20, "max": 90, "subgroups": [65, 50]}, "ascending order"),
+        ({"type": "numeric", "min": 20, "max": 90, "subgroups": [90]}, "strictly between"),
+        ({"type": "numeric", "min": 20, "max": 90, "subgroups": True}, "band edges"),
+        ({"type": "categorical", "categories": ["a", "b"], "subgroups": [1]}, "true or name"),
+        ({"type": "categorical", "categories": ["a", "b"], "subgroups": {"c": "x"}}, "name some"),
+        ({"type": "categorical", "categories": ["a", "b"], "subgroups": False}, "subgroups"),
+    ],
+)
+def test_a_wrong_subgroup_mark_is_one_line(feature, message):
+    spec = json.loads(json.dumps(AGE_AND_SEX))
+    spec["features"][0] = {"name": "age", **feature}
+    with pytest.raises(DataError, match=message) as refused:
+        Schema(spec, "dictionary.json")
+    assert "\n" not in str(refused.value) and "dictionary.json" in str(refused.value)
+
+
+def test_auc_interval_matches_the_spread_of_the_auc_over_resampled_patients():
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 60 + [0] * 140)
+    risk = rng.normal(y * 1.2, 1.0)
+    auc = roc_auc_score(y, risk)
+    low, high = clinical.auc_interval(auc, 60, 140)
+    resampled = []
+    for _ in range(400):
+        pick = np.concatenate([rng.choice(60, 60), 60 + rng.choice(140, 140)])
+        resampled.append(roc_auc_score(y[pick], risk[pick]))
+    bootstrap_low, bootstrap_high = np.percentile(resampled, [2.5, 97.5])
+    assert low < auc < high
+    assert abs((high - low) - (bootstrap_high - bootstrap_low)) < 0.2 * (high - low)
+
+
+def one_worse_subgroup(rng, worse_patients):
+    """Reference patients where a model separates the classes well, except in a
+    subgroup of `worse_patients`, where its risks are noise."""
+    y = rng.permutation(np.array([1, 0] * 300))
+    risk = 1 / (1 + np.exp(-rng.normal(np.where(y == 1, 2.0, -2.0), 1.0)))
+    worse = np.zeros(len(y), bool)
+    worse[:worse_patients] = True
+    risk[worse] = rng.uniform(size=worse_patients)
+    return y, risk, worse
+
+
+def test_a_subgroup_the_model_fails_is_flagged_in_the_report():
+    y, risk, worse = one_worse_subgroup(np.random.default_rng(1), 150)
+    subgroups = [Subgroup("sex = female", worse), Subgroup("sex = male", ~worse)]
+    figures = clinical.subgroup_figures(subgroups, y, risk, 0.5)
+    female, male = figures
+    assert female.patients == 150 and female.positives == int(y[worse].sum())
+    assert any(gap.startswith("auc 0.") for gap in female.gaps) and male.gaps == ()
+    assert female.auc[1][1] < roc_auc_score(y, risk)  # the interval lies below the whole
+    final = {"subgroups": [vars(f) for f in figures]}
+    section = "\n".join(report.subgroup_section(final))
+    assert "| sex = female | 150 (" in section and "below it too): sex = female: auc 0." in section
+
+
+def test_a_small_subgroup_below_the_whole_within_chance_is_not_flagged():
+    # 300 sick, 240 of them found (0.80); in the subgroup 3 of 5 (0.60, 95% CI 0.23-0.88).
+    y = np.ones(300)
+    risk = np.where(np.arange(300) < 240, 0.9, 0.1)
+    members = np.zeros(300, bool)
+    members[237:242] = True  # 3 found, 2 missed
+    few = clinical.subgroup_figures([Subgroup("few", members)], y, risk, 0.5)[0]
+    assert few.sensitivity[0] == 0.6 and few.sensitivity[1][0] < 0.3 < 0.8 < few.sensitivity[1][1]
+    assert few.gaps == ()
+    members[237:240] = False  # now 0 of 5 found: its interval's upper end (0.43) is below 0.80
+    members[242:245] = True
+    none_found = clinical.subgroup_figures([Subgroup("few", members)], y, risk, 0.5)[0]
+    assert none_found.sensitivity[0] == 0.0 and none_found.gaps[0].startswith("sensitivity 0.00")
+
+
+def test_a_subgroup_of_one_class_has_no_auc():
+    y = np.array([1, 1, 0, 0])
+    members = np.array([True, True, False, False])
+    figures = clinical.subgroup_figures([Subgroup("sick only", members)], y, y * 0.9, 0.5)
+    assert figures[0].auc is None and figures[0].specificity is None
+    assert figures[0].sensitivity[0] == 1.0
+
+
+def test_calibration_says_which_way_the_risks_are_off():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.05, 0.95, 5000)
+    y = (rng.uniform(size=5000) < truth).astype(float)
+    logit = np.log(truth / (1 - truth))
+
+    def risks(scale, shift=0.0):
+        return 1 / (1 + np.exp(-(logit * scale - shift)))
+
+    calibrated = clinical.Calibration.of(y, truth)
+    assert calibrated.slope == pytest.approx(1, abs=0.1) and "match" in calibrated.text()
+    compressed = clinical.Calibration.of(y, risks(1 / 3))  # as DP noise tends to leave them
+    assert compressed.slope == pytest.approx(3, rel=0.1) and "compressed" in compressed.text()
+    assert "too extreme" in clinical.Calibration.of(y, risks(2)).text()
+    low = clinical.Calibration.of(y, risks(1, shift=1))
+    assert low.mean_risk < low.observed - 0.1 and "under-estimates risk" in low.text()
