@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from securehealth import data, display, settings
+from securehealth import data, display, forecast, settings
 from securehealth.deployment import runtime
 from securehealth.privacy.ledger import (
     LEDGER_FILE,
@@ -54,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings = data.check_all(cfg)
         check_lasting_ledgers(cfg, args.reset_ledger)
         cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
+        if not (cfg.ray_address and cfg.dataset == "csv"):  # else the cluster holds ledgers
+            warnings.append(forecast.forecast_here(cfg, state_dirs(cfg)).warning)
     except (settings.SettingsError, data.DataError, RunDirError, LedgerError) as error:
         parser.error(str(error))
     hospitals_dir = simulated_hospitals_dir(cfg)
     console = display.make_console()
-    for warning in warnings:
+    for warning in filter(None, warnings):
         console.print(f"[yellow]Warning: {escape(warning)}[/]")
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
+def state_dirs(cfg: SimpleNamespace) -> list[Path]:
+    """The simulated hospitals' state directories, their privacy ledgers' homes."""
+    return [simulated_hospitals_dir(cfg) / f"hospital-{h}" for h in range(cfg.num_clients)]
+
+
 def check_lasting_ledgers(cfg: SimpleNamespace, reset_reason: str | None) -> None:
     """Check the simulated hospitals' lasting ledgers (your own csv data) before
     anything starts, starting missing ones afresh if `reset_reason` is given (see
@@ -113,14 +120,13 @@ def check_lasting_ledgers(cfg: SimpleNamespace, reset_reason: str | None) -> Non
             )
         return
     hospitals_dir = simulated_hospitals_dir(cfg)
-    state_dirs = [hospitals_dir / f"hospital-{h}" for h in range(cfg.num_clients)]
-    missing = [not (d / LEDGER_FILE).exists() for d in state_dirs]
+    missing = [not (d / LEDGER_FILE).exists() for d in state_dirs(cfg)]
     if reset_reason is not None and not any(missing):
         raise LedgerError(
             f"every simulated hospital's privacy ledger in {hospitals_dir} exists, and a "
             f"budget is never reset while its ledger exists: leave out --reset-ledger"
         )
-    for hospital, state_dir in enumerate(state_dirs):
+    for hospital, state_dir in enumerate(state_dirs(cfg)):
         reset = reset_reason if missing[hospital] else None
         everyone = data.patients_fingerprint(data.hospital_data(cfg, hospital))
         check_before_start(state_dir, cfg, data.own_file(cfg, hospital), reset, everyone)

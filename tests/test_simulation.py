@@ -336,6 +336,16 @@ def test_four_real_hospitals_of_the_shipped_heart_disease_data(tmp_path):
         for line in at_each.splitlines()
         if line[:3] in ("| 0", "| 1", "| 2", "| 3")
     ] == ["61", "59", "25", "40"]
+    # Subgroups the data dictionary marks, on the 185 reference patients.
+    subgroups = {g["subgroup"]: g["patients"] for g in metrics["final"]["global"]["subgroups"]}
+    assert subgroups == {
+        "age < 50": 58,
+        "50 <= age < 65": 113,
+        "age >= 65": 14,
+        "sex = female": 37,
+        "sex = male": 148,
+    }
+    assert "| sex = female | 37 (13) |" in (run_dir / "report.md").read_text()
     assert_report(run_dir)
 
 
@@ -354,6 +364,7 @@ def test_a_csv_directory_end_to_end(tmp_path):
     )
     stdout, stderr = process.communicate(timeout=300)
     assert_ran_to_the_end(process.returncode, tmp_path / "run", stdout + stderr)
+    assert "forecast:" not in stdout  # the example's defaults learn a useful model
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["data"]["test_set"] == str(data_dir / "test.csv")
     assert metrics["data"]["inputs"][-2:] == ["smoker=no", "smoker=yes"]
@@ -369,6 +380,18 @@ def test_a_csv_directory_end_to_end(tmp_path):
     assert scored.returncode == 0, scored.stderr
     auc = metrics["final"]["global"]["auc"]
     assert f"Against their labels: AUC {auc:.3f}" in scored.stdout
+
+
+def test_a_run_forecast_not_to_be_useful_is_told_so_before_it_trains(tmp_path):
+    process = simulate(
+        *("--epsilon", "0.03", "--rounds", "2", "--num-patients", "2000"),
+        *("--global-test-patients", "200", "--run-dir", str(tmp_path / "run")),
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    assert_ran_to_the_end(process.returncode, tmp_path / "run", stdout + stderr)
+    before_training = " ".join(stdout.split("SecureHealth-ML")[0].split())  # unwrapped
+    assert "Warning: forecast: the DP noise on the model's updates is" in before_training
+    assert "unlikely to be useful" in before_training
 
 
 def test_runs_without_an_activated_venv(tmp_path):

@@ -342,25 +342,9 @@ class PrivacyLedger:
         """
         key = str(run_id)
         if key not in self.data["plans"]:
-            reserved = []
-            if operating_point:
-                left = self.budget - self.epsilon()
-                reserved = [(self._operating_point_noise(left), 1.0, 1)]
-            try:
-                sigma = calibrate_noise_multiplier(
-                    self.budget,
-                    self.delta,
-                    sample_rate,
-                    planned_steps,
-                    self.adjacency,
-                    [*self.history, *reserved],
-                    max_noise_multiplier,
-                )
-            except NoiseBeyondLimit as refusal:
-                if not reserved or refusal.least_epsilon is None:
-                    raise
-                training = [(max_noise_multiplier, sample_rate, planned_steps)]
-                raise NoiseBeyondLimit(self._least_budget(training)) from None
+            sigma, reserved = self._calibrate_run(
+                sample_rate, planned_steps, max_noise_multiplier, operating_point
+            )
             self.data["plans"][key] = {
                 "noise_multiplier": sigma,
                 "sample_rate": sample_rate,
@@ -385,6 +369,45 @@ class PrivacyLedger:
                 f"this round would bring epsilon to {after:.3f}, past the budget of {self.budget:g}"
             )
         return sigma
+
+    def planned_noise(
+        self,
+        sample_rate: float,
+        planned_steps: int,
+        max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
+        operating_point: bool = False,
+    ) -> float:
+        """The noise multiplier a new run would train with (as noise_for_round would
+        plan it), planning nothing: for a forecast before a run. BudgetExhausted
+        (NoiseBeyondLimit) where the hospital could not train in it."""
+        with self.transaction():
+            return self._calibrate_run(
+                sample_rate, planned_steps, max_noise_multiplier, operating_point
+            )[0]
+
+    def _calibrate_run(self, sample_rate, planned_steps, max_noise_multiplier, operating_point):
+        """(noise multiplier, [the operating point's release it reserves]) of a new
+        run, on top of everything the ledger holds (see noise_for_round)."""
+        reserved = []
+        if operating_point:
+            left = self.budget - self.epsilon()
+            reserved = [(self._operating_point_noise(left), 1.0, 1)]
+        try:
+            sigma = calibrate_noise_multiplier(
+                self.budget,
+                self.delta,
+                sample_rate,
+                planned_steps,
+                self.adjacency,
+                [*self.history, *reserved],
+                max_noise_multiplier,
+            )
+        except NoiseBeyondLimit as refusal:
+            if not reserved or refusal.least_epsilon is None:
+                raise
+            training = [(max_noise_multiplier, sample_rate, planned_steps)]
+            raise NoiseBeyondLimit(self._least_budget(training)) from None
+        return sigma, reserved
 
     def _operating_point_noise(self, left: float) -> float:
         """The noise multiplier of an operating point's release that alone would cost
