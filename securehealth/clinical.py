@@ -61,6 +61,22 @@ class Confusion:
     def specificity_interval(self) -> tuple[float, float]:
         return wilson_interval(self.true_negatives, self.negatives)
 
+    @property
+    def called_positive(self) -> int:
+        return self.true_positives + self.false_positives
+
+    @property
+    def called_negative(self) -> int:
+        return self.true_negatives + self.false_negatives
+
+    def predictive_values(self) -> tuple[float | None, float | None]:
+        """(PPV, NPV): the share sick among those called sick, and healthy among those
+        called healthy, at this reference set's prevalence (None where nobody is
+        called so)."""
+        ppv = self.true_positives / self.called_positive if self.called_positive else None
+        npv = self.true_negatives / self.called_negative if self.called_negative else None
+        return ppv, npv
+
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     """SciPy's Wilson score interval of a proportion, at CONFIDENCE; (0, 1) with no
@@ -207,9 +223,8 @@ def usefulness_warnings(
     operating point could be chosen. (Subgroup gaps are flagged in the report, not
     here: at one threshold they come from the case mix as much as from the model.)"""
     found = []
-    called_positive = confusion.true_positives + confusion.false_positives
-    if called_positive in (0, confusion.positives + confusion.negatives):
-        kind = "negative" if called_positive == 0 else "positive"
+    if 0 in (confusion.called_positive, confusion.called_negative):
+        kind = "negative" if confusion.called_positive == 0 else "positive"
         found.append(f"the model calls every reference patient {kind} at its threshold")
     if final["auc"] is not None and final["auc"] < MIN_USEFUL_AUC:
         found.append(f"its ROC-AUC {final['auc']:.3f} is below {MIN_USEFUL_AUC:g}")

@@ -182,9 +182,61 @@ def operating_point_section(metrics: dict[str, Any]) -> list[str]:
         f"Sensitivity {final['sensitivity']:.3f} (95% CI {sensitivity[0]:.3f} to "
         f"{sensitivity[1]:.3f}); specificity {final['specificity']:.3f} (95% CI "
         f"{specificity[0]:.3f} to {specificity[1]:.3f}); Wilson intervals over the "
-        f"reference patients.",
+        f"reference patients. {_predictive_values_text(confusion)}",
     ]
+    if final["accuracy"] < confusion.majority_accuracy:
+        lines.append(
+            f"Accuracy {final['accuracy']:.3f} is below the {confusion.majority_accuracy:.3f} "
+            f"of calling everyone the majority class: where one class is much more common, "
+            f"accuracy rewards calling everyone that class. Read sensitivity and "
+            f"specificity instead (the run warns when their sum is at most 1, that "
+            f"baseline's)."
+        )
+    if point is not None and point["chosen"]:
+        lines += _fit_against_reference(point, sensitivity, specificity)
     return lines
+
+
+def _predictive_values_text(confusion: clinical.Confusion) -> str:
+    """PPV and NPV in words, at the reference set's prevalence."""
+    ppv, npv = confusion.predictive_values()
+    parts = [
+        f"{share:.1%} of those called {called} are {truly} ({name})"
+        for share, called, truly, name in (
+            (ppv, "sick", "sick", "PPV"),
+            (npv, "healthy", "healthy", "NPV"),
+        )
+        if share is not None
+    ]
+    return (
+        f"At this prevalence ({confusion.prevalence:.1%}), " + " and ".join(parts) + "; "
+        "at another hospital's prevalence these two differ, sensitivity and specificity "
+        "do not."
+        if parts
+        else ""
+    )
+
+
+def _fit_against_reference(point, sensitivity, specificity) -> list[str]:
+    """A line where the fit's expectation lies outside the reference set's 95 %
+    interval: the figures a clinician should trust are the reference set's."""
+    outside = [
+        f"{name} {expected:.2f}, outside the reference set's 95% CI {low:.2f} to {high:.2f}"
+        for name, expected, (low, high) in (
+            ("sensitivity", point["expected_sensitivity"], sensitivity),
+            ("specificity", point["expected_specificity"], specificity),
+        )
+        if not low <= expected <= high
+    ]
+    if not outside:
+        return []
+    return [
+        "**The fit and the reference set disagree:** the fit expected "
+        + " and ".join(outside)
+        + ". The hospitals' training patients (whose noised scores chose the threshold) "
+        "and the reference patients differ in case mix, or the fit was off under the "
+        "noise; the reference figures above are the ones measured on patients."
+    ]
 
 
 def subgroup_section(final: dict[str, Any]) -> list[str]:

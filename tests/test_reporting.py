@@ -5,7 +5,7 @@ import re
 from flwr.app import Error
 from rich.console import Console
 
-from securehealth import display, settings
+from securehealth import display, report, settings
 from securehealth.strategy import failure_reason
 
 HOSPITAL = {
@@ -118,3 +118,25 @@ def test_failure_reason_unwraps_flowers_error_message():
     reason = "<class 'ClientAppException'>:<'\nException ClientAppException occurred. "
     reason += "Message: boom in hospital'>"
     assert failure_reason(Exception(Error(code=0, reason=reason))) == "boom in hospital"
+
+
+def test_the_report_explains_predictive_values_a_low_accuracy_and_a_fit_that_disagrees():
+    # FINAL: 30 of 60 sick found (sensitivity 0.5, 95% CI 0.38-0.62), 126 of 140 healthy.
+    point = {
+        "chosen": True,
+        "target": "largest Youden's J",
+        "histograms": 3,
+        "expected_sensitivity": 0.91,  # outside the reference set's interval
+        "expected_specificity": 0.88,  # inside it
+    }
+    metrics = {"final": {"global": {**FINAL, "accuracy": 0.65}}, "operating_point": point}
+    text = " ".join(report.operating_point_section(metrics))
+    assert "68.2% of those called sick are sick (PPV)" in text  # 30 of 44
+    assert "80.8% of those called healthy are healthy (NPV)" in text  # 126 of 156
+    assert "Accuracy 0.650 is below the 0.700 of calling everyone the majority class" in text
+    assert "the fit expected sensitivity 0.91, outside the reference set's 95% CI 0.38" in text
+    assert "specificity 0.88" not in text.split("disagree")[1]
+    metrics["final"]["global"]["accuracy"] = 0.78
+    point["expected_sensitivity"] = 0.52
+    text = " ".join(report.operating_point_section(metrics))
+    assert "majority class" not in text.split("Wilson")[1] and "disagree" not in text
