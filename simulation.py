@@ -53,15 +53,19 @@ def main(argv: list[str] | None = None) -> int:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
         warnings = data.check_all(cfg)
         check_lasting_ledgers(cfg, args.reset_ledger)
+        lasting = cfg.dataset == "csv"  # bundled data's hospitals start afresh each run
+        if not (cfg.ray_address and lasting):  # else the cluster's workers hold the ledgers
+            outlook = forecast.forecast_here(cfg, state_dirs(cfg) if lasting else None)
+            if outlook.training == 0:
+                raise LedgerError(outlook.warning)
+            warnings.append(outlook.warning)
         cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
-        if not (cfg.ray_address and cfg.dataset == "csv"):  # else the cluster holds ledgers
-            warnings.append(forecast.forecast_here(cfg, state_dirs(cfg)).warning)
     except (settings.SettingsError, data.DataError, RunDirError, LedgerError) as error:
         parser.error(str(error))
     hospitals_dir = simulated_hospitals_dir(cfg)
     console = display.make_console()
     for warning in filter(None, warnings):
-        console.print(f"[yellow]Warning: {escape(warning)}[/]")
+        console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
         f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "

@@ -17,6 +17,11 @@ CONFIDENCE = 0.95  # of the intervals shown for sensitivity, specificity and AUC
 # A subgroup's AUC, sensitivity or specificity at least this much below the whole
 # reference set's, and below it beyond chance (its interval's upper end is), is a gap.
 SUBGROUP_GAP = 0.10
+# A subgroup's AUC is given only with this many patients of each class: with fewer,
+# its interval (Hanley and McNeil's) collapses where every pair is ordered alike.
+MIN_CLASS_FOR_AUC = 10
+# The figures' names in words.
+FIGURE_NAMES = {"auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity"}
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,26 @@ class Calibration:
         return cls(float(risk.mean()), float(y.mean()), slope)
 
     def text(self) -> str:
-        """The two figures in words, for the report."""
-        gap = self.mean_risk - self.observed
+        """The two figures in words, for the report. The means are compared on the
+        logit scale (0.06 against 0.02 is a threefold over-estimate, not a match)."""
+        gap = _logit(self.mean_risk) - _logit(self.observed)
         large = (
             f"the model {'over' if gap > 0 else 'under'}-estimates risk on average"
-            if abs(gap) >= 0.05
+            if abs(gap) >= 0.2
             else "on average the risks match"
         )
         if not np.isfinite(self.slope):
             shape = "no calibration slope: the reference set has one class only"
+        elif self.slope < 0:
+            shape = (
+                f"calibration slope {self.slope:.2f}, below 0: the risks are inverted, "
+                f"higher for the healthy"
+            )
+        elif self.slope <= 0.2:
+            shape = (
+                f"calibration slope {self.slope:.2f}, near 0: the risks say almost "
+                f"nothing about who is sick"
+            )
         elif self.slope > 1.2:
             shape = (
                 f"calibration slope {self.slope:.2f}, above 1: the risks are compressed "
@@ -134,6 +150,11 @@ class Calibration:
             f"Mean predicted risk {self.mean_risk:.3f} against {self.observed:.3f} "
             f"observed: {large}; {shape}."
         )
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
 
 
 def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
@@ -152,9 +173,11 @@ def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, flo
 @dataclass(frozen=True)
 class SubgroupFigures:
     """A subgroup's figures at the run's threshold, each (value, 95 % interval), or
-    None where the subgroup lacks a class; `gaps` names those below the whole
-    reference set's by SUBGROUP_GAP beyond chance, in words."""
+    None where the subgroup lacks a class (the AUC: fewer than MIN_CLASS_FOR_AUC of
+    either); `gaps` names those below the whole reference set's by SUBGROUP_GAP
+    beyond chance, in words."""
 
+    feature: str
     subgroup: str
     patients: int
     positives: int
@@ -175,7 +198,7 @@ def subgroup_figures(
         confusion = Confusion.at(y[members], risk[members], threshold)
         sick, healthy = confusion.positives, confusion.negatives
         auc = None
-        if sick and healthy:
+        if min(sick, healthy) >= MIN_CLASS_FOR_AUC:
             value = float(roc_auc_score(y[members], risk[members]))
             auc = value, auc_interval(value, sick, healthy)
         return {
@@ -193,7 +216,7 @@ def subgroup_figures(
     for subgroup in subgroups:
         own = figures(subgroup.members)
         gaps = tuple(
-            f"{name} {value:.2f} (95% CI {low:.2f} to {high:.2f}) against "
+            f"{FIGURE_NAMES[name]} {value:.2f} (95% CI {low:.2f} to {high:.2f}) against "
             f"{whole[name][0]:.2f} for all reference patients"
             for name, figure in own.items()
             if figure is not None and whole[name] is not None
@@ -202,6 +225,7 @@ def subgroup_figures(
         )
         found.append(
             SubgroupFigures(
+                subgroup.feature,
                 subgroup.name,
                 int(subgroup.members.sum()),
                 int(y[subgroup.members].sum()),

@@ -26,8 +26,14 @@ from securehealth.results import METRICS_FILE, read_json
 def markdown_table(rows: list[list[Any]]) -> str:
     """A Markdown table of `rows`, the header first (report.md, the benchmarks)."""
     header, *body = rows
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in body])
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(_cell, row)) + " |" for row in body])
+
+
+def _cell(value: Any) -> str:
+    """A table cell's text, kept to its cell: a "|" escaped, line breaks as spaces
+    (names come from data dictionaries)."""
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def make_console() -> Console:

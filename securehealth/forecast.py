@@ -24,6 +24,7 @@ every one at 0.29 or less reached 0.60 or more.
 """
 
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from types import SimpleNamespace
 
 from securehealth import data, operating_point
 from securehealth.privacy import dpsgd
-from securehealth.privacy.accountant import BudgetExhausted
+from securehealth.privacy.accountant import BudgetExhausted, NoiseBeyondLimit
 from securehealth.privacy.ledger import PrivacyLedger
 
 # Above this noise-to-signal ratio the forecast warns that the model is unlikely to
@@ -128,6 +129,12 @@ def plan_hospital(
             dpsgd.noise_limit(patients, weights, cfg),
             operating_point=operating_point.Target.parse(cfg.decision_threshold) is not None,
         )
+    except NoiseBeyondLimit as refusal:
+        reason = (
+            f"the noise its budget needs would move the model further than max_update_norm "
+            f"{cfg.max_update_norm:g} a round ({refusal})"
+        )
+        return HospitalPlan(hospital, patients, sample_rate, steps, None, reason)
     except BudgetExhausted as refusal:
         return HospitalPlan(hospital, patients, sample_rate, steps, None, str(refusal))
     return HospitalPlan(hospital, patients, sample_rate, steps, sigma)
@@ -138,21 +145,24 @@ def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) 
     return Forecast(noise_to_signal(plans, cfg.rounds, weights), tuple(plans))
 
 
-def forecast_here(cfg: SimpleNamespace, state_dirs: Sequence[Path]) -> Forecast:
-    """The forecast for a federation whose hospitals' data and ledgers (in
-    `state_dirs`, one per hospital) this machine holds, as in simulation.py."""
+def forecast_here(cfg: SimpleNamespace, state_dirs: Sequence[Path] | None) -> Forecast:
+    """The forecast for a federation whose hospitals' data this machine holds, as in
+    simulation.py: with their ledgers in `state_dirs` (one per hospital), or, with
+    None, as hospitals that start afresh (bundled data's)."""
     from model import build_model  # the training stack: simulation.py has it loaded
 
     inputs = len(data.load_schema(cfg).input_names)
     weights = sum(p.numel() for p in build_model(inputs, cfg.hidden_layers).parameters())
-    plans = [
-        plan_hospital(
-            cfg,
-            hospital,
-            len(data.hospital_data(cfg, hospital)[0][1]),
-            weights,
-            PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency),
-        )
-        for hospital, state_dir in enumerate(state_dirs)
-    ]
+    with tempfile.TemporaryDirectory() as fresh:
+        homes = state_dirs or [Path(fresh) / str(h) for h in range(cfg.num_clients)]
+        plans = [
+            plan_hospital(
+                cfg,
+                hospital,
+                len(data.hospital_data(cfg, hospital)[0][1]),
+                weights,
+                PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency),
+            )
+            for hospital, state_dir in enumerate(homes)
+        ]
     return forecast(cfg, plans, weights)

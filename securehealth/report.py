@@ -276,15 +276,33 @@ def subgroup_section(final: dict[str, Any]) -> list[str]:
         f"a figure {clinical.SUBGROUP_GAP:.2f} or more below all reference patients', "
         f"with its 95% interval below it too"
     )
+    everyone = sum(final[name] for name in clinical.Confusion.__dataclass_fields__)
+    placed: dict[str, int] = {}
+    for g in final["subgroups"]:
+        placed[g["feature"]] = placed.get(g["feature"], 0) + g["patients"]
+    unrecorded = [
+        f"{everyone - n} have no recorded {feature}"
+        for feature, n in placed.items()
+        if n < everyone
+    ]
     lines += [
         f"**Gaps** ({rule}): " + "; ".join(gaps) + "."
         if gaps
         else f"No gap ({rule}). Small subgroups have wide intervals: read them first.",
+        f"n/a: the subgroup lacks a class, or (AUC) has fewer than "
+        f"{clinical.MIN_CLASS_FOR_AUC} patients of one."
+        + (
+            f" Of the {everyone} reference patients, " + ", ".join(unrecorded) + ", and "
+            "are in none of that feature's subgroups."
+            if unrecorded
+            else ""
+        ),
         "At one threshold, sensitivity and specificity differ between subgroups whose "
-        "risk differs (the young are rarely called sick, the old rarely called healthy), "
-        "and the AUC within a band of a risk factor such as age is lower because that "
-        "factor no longer tells patients apart. A gap says where the model's calls are "
-        "weaker; whether that is the case mix or unfairness needs a clinician's reading.",
+        "risk differs from the rest (an age band, say: a low-risk group has few patients "
+        "above the threshold, a high-risk group many), and the AUC within a band of a "
+        "risk factor is lower because that factor no longer tells its patients apart. A "
+        "gap says where the model's calls are weaker; whether that is the case mix or "
+        "unfairness needs a clinician's reading.",
     ]
     return lines
 

@@ -60,6 +60,15 @@ def test_the_shipped_dictionaries_mark_age_and_sex():
         ({"type": "categorical", "categories": ["a", "b"], "subgroups": [1]}, "true or name"),
         ({"type": "categorical", "categories": ["a", "b"], "subgroups": {"c": "x"}}, "name some"),
         ({"type": "categorical", "categories": ["a", "b"], "subgroups": False}, "subgroups"),
+        (
+            {"type": "categorical", "categories": [0, 1], "subgroups": {"0": "F", "1": "F"}},
+            "own name",
+        ),
+        (
+            {"type": "categorical", "categories": [0, 1], "subgroups": {"0": "F", "0.0": "G"}},
+            "once",
+        ),
+        ({"type": "numeric", "min": 0, "max": 100, "subgroups": list(range(1, 22))}, "subgroups"),
     ],
 )
 def test_a_wrong_subgroup_mark_is_one_line(feature, message):
@@ -98,15 +107,16 @@ def one_worse_subgroup(rng, worse_patients):
 
 def test_a_subgroup_the_model_fails_is_flagged_in_the_report():
     y, risk, worse = one_worse_subgroup(np.random.default_rng(1), 150)
-    subgroups = [Subgroup("sex = female", worse), Subgroup("sex = male", ~worse)]
+    subgroups = [Subgroup("sex", "sex = female", worse), Subgroup("sex", "sex = male", ~worse)]
     figures = clinical.subgroup_figures(subgroups, y, risk, 0.5)
     female, male = figures
     assert female.patients == 150 and female.positives == int(y[worse].sum())
-    assert any(gap.startswith("auc 0.") for gap in female.gaps) and male.gaps == ()
+    assert any(gap.startswith("AUC 0.") for gap in female.gaps) and male.gaps == ()
     assert female.auc[1][1] < roc_auc_score(y, risk)  # the interval lies below the whole
-    final = {"subgroups": [vars(f) for f in figures]}
+    final = {**vars(clinical.Confusion.at(y, risk, 0.5)), "subgroups": [vars(f) for f in figures]}
     section = "\n".join(report.subgroup_section(final))
-    assert "| sex = female | 150 (" in section and "below it too): sex = female: auc 0." in section
+    assert "| sex = female | 150 (" in section and "below it too): sex = female: AUC 0." in section
+    assert "have no recorded" not in section  # everyone is in one of sex's subgroups
 
 
 def test_a_small_subgroup_below_the_whole_within_chance_is_not_flagged():
@@ -115,19 +125,19 @@ def test_a_small_subgroup_below_the_whole_within_chance_is_not_flagged():
     risk = np.where(np.arange(300) < 240, 0.9, 0.1)
     members = np.zeros(300, bool)
     members[237:242] = True  # 3 found, 2 missed
-    few = clinical.subgroup_figures([Subgroup("few", members)], y, risk, 0.5)[0]
+    few = clinical.subgroup_figures([Subgroup("age", "few", members)], y, risk, 0.5)[0]
     assert few.sensitivity[0] == 0.6 and few.sensitivity[1][0] < 0.3 < 0.8 < few.sensitivity[1][1]
     assert few.gaps == ()
     members[237:240] = False  # now 0 of 5 found: its interval's upper end (0.43) is below 0.80
     members[242:245] = True
-    none_found = clinical.subgroup_figures([Subgroup("few", members)], y, risk, 0.5)[0]
+    none_found = clinical.subgroup_figures([Subgroup("age", "few", members)], y, risk, 0.5)[0]
     assert none_found.sensitivity[0] == 0.0 and none_found.gaps[0].startswith("sensitivity 0.00")
 
 
 def test_a_subgroup_of_one_class_has_no_auc():
     y = np.array([1, 1, 0, 0])
     members = np.array([True, True, False, False])
-    figures = clinical.subgroup_figures([Subgroup("sick only", members)], y, y * 0.9, 0.5)
+    figures = clinical.subgroup_figures([Subgroup("age", "sick only", members)], y, y * 0.9, 0.5)
     assert figures[0].auc is None and figures[0].specificity is None
     assert figures[0].sensitivity[0] == 1.0
 
@@ -148,3 +158,29 @@ def test_calibration_says_which_way_the_risks_are_off():
     assert "too extreme" in clinical.Calibration.of(y, risks(2)).text()
     low = clinical.Calibration.of(y, risks(1, shift=1))
     assert low.mean_risk < low.observed - 0.1 and "under-estimates risk" in low.text()
+    assert "near 0: the risks say almost nothing" in clinical.Calibration(0.3, 0.3, 0.02).text()
+    assert "inverted" in clinical.Calibration(0.3, 0.3, -0.8).text()
+    # A threefold over-estimate of a rare outcome is not "a match".
+    assert "over-estimates risk" in clinical.Calibration(0.06, 0.02, 1.0).text()
+
+
+def test_band_names_keep_the_edges_as_written_and_tables_keep_names_in_their_cells():
+    spec = json.loads(json.dumps(AGE_AND_SEX))
+    spec["features"][0]["subgroups"] = [50, 50.000001]
+    spec["features"][1]["subgroups"] = {"0": "women | girls", "1": "men\nand boys"}
+    schema = Schema(spec, "test", missing_values="indicator")
+    x = np.zeros((1, len(schema.input_names)), "f4")
+    names = [g.name for g in schema.subgroups(x)]
+    assert names[:3] == ["age < 50", "50 <= age < 50.000001", "age >= 50.000001"]
+    table = report._table(["Subgroup"], [[name] for name in names[3:]])
+    assert table.splitlines()[2:] == ["| sex = women \\| girls |", "| sex = men and boys |"]
+
+
+def test_a_subgroup_with_few_of_a_class_gets_no_auc_and_no_auc_gap():
+    y = np.array([1] * 9 + [0] * 200 + [1] * 100)
+    risk = np.concatenate([np.full(9, 0.1), np.full(200, 0.2), np.full(100, 0.9)])
+    few = np.zeros(len(y), bool)
+    few[:60] = True  # 9 sick, all ranked below the healthy: an AUC of 0
+    figures = clinical.subgroup_figures([Subgroup("age", "few", few)], y, risk, 0.5)[0]
+    assert figures.auc is None and not any(g.startswith("AUC") for g in figures.gaps)
+    assert figures.sensitivity[0] == 0.0  # its sensitivity, with a Wilson interval, is shown

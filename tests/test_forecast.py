@@ -2,13 +2,17 @@
 model, one line where measured runs did not, and hospitals that cannot train named."""
 
 import math
+import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import EXAMPLE
+from conftest import EXAMPLE, ROOT
 
 from securehealth import data, forecast, settings
 from securehealth.forecast import HospitalPlan
 from securehealth.privacy.ledger import PrivacyLedger
+from securehealth.results import default_state_root
 
 
 def settings_for(*flags):
@@ -67,9 +71,7 @@ def test_the_forecast_warns_in_one_line_where_measured_runs_were_not_useful(flag
 def test_hospitals_whose_budget_is_spent_are_named_and_the_rest_forecast(tmp_path):
     cfg = settings_for("--dataset", "csv", "--data-dir", str(EXAMPLE))
     for spent in (0, 1):
-        ledger = PrivacyLedger(tmp_path / f"h{spent}", cfg.epsilon, cfg.delta, cfg.adjacency)
-        with ledger.transaction():
-            ledger.record("an earlier run", 1, 1.0, 1.0, 10)
+        spend(tmp_path / f"h{spent}", cfg)
     outlook = fresh_forecast(cfg, tmp_path)
     assert outlook.training == 1
     assert outlook.warning.startswith("forecast: only 1 of the 3 hospitals can train in this run")
@@ -80,10 +82,38 @@ def test_hospitals_whose_budget_is_spent_are_named_and_the_rest_forecast(tmp_pat
     # Measured: hospital 2 alone reaches a median AUC of 0.64, so no noise warning.
     assert "unlikely to be useful" not in outlook.warning
 
-    for spent in (0, 1, 2):
-        ledger = PrivacyLedger(tmp_path / f"h{spent}", cfg.epsilon, cfg.delta, cfg.adjacency)
-        with ledger.transaction():
-            if not ledger.releases:
-                ledger.record("an earlier run", 1, 1.0, 1.0, 10)
+    spend(tmp_path / "h2", cfg)
     nobody = fresh_forecast(cfg, tmp_path)
     assert nobody.warning.startswith("forecast: no hospital can train in this run")
+
+
+def spend(state_dir, cfg):
+    """A ledger that an earlier run spent beyond its budget."""
+    ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+    with ledger.transaction():
+        ledger.record("an earlier run", 1, 1.0, 1.0, 10)
+
+
+def test_bundled_hospitals_are_forecast_as_fresh_ones_leaving_nothing_behind(tmp_path):
+    cfg = settings_for()
+    fresh = forecast.forecast_here(cfg, None)
+    assert fresh == fresh_forecast(cfg, tmp_path)
+
+
+def test_a_simulation_in_which_no_hospital_can_train_is_refused_before_it_starts(tmp_path):
+    data_dir = shutil.copytree(EXAMPLE, tmp_path / "data")
+    cfg = settings_for("--dataset", "csv", "--data-dir", str(data_dir))
+    for hospital in range(3):
+        spend(default_state_root() / "simulation" / f"hospital-{hospital}", cfg)
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "simulation.py"), "--dataset", "csv"]
+        + ["--data-dir", str(data_dir)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and refused.stderr.count("\n") <= 2, refused.stderr
+    assert "forecast: no hospital can train in this run" in refused.stderr
+    assert "hospital 2: no budget is left" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "runs").exists()  # no run directory, no Flower process

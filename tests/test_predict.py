@@ -100,8 +100,30 @@ def test_a_file_of_another_data_set_is_named_as_such(run_dir, tmp_path):
     patients.write_text("mean radius,mean texture\n14.1,19.3\n")
     result = predict("--run-dir", run_dir, "--data", patients)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "none of its columns (mean radius, mean texture...)" in result.stderr
+    assert "2 of its 2 columns (mean radius, mean texture) are not in" in result.stderr
     assert "another data set" in result.stderr and "add it to" not in result.stderr
+    # Heart-disease's columns: age and sex are the example's too, the rest are not.
+    patients.write_text("age,sex,cp,trestbps,chol,fbs,restecg\n63,male,1,145,233,1,2\n")
+    result = predict("--run-dir", run_dir, "--data", patients)
+    assert "5 of its 7 columns (cp, trestbps, chol, ...)" in result.stderr
+    assert "another data set" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_provisional_threshold_and_the_runs_warnings_are_said(run_dir, tmp_path):
+    warning = "no operating point was chosen: too few positives under their noise"
+    (run_dir / "metrics.json").write_text(
+        json.dumps(
+            {
+                "status": "finished with warnings",
+                "operating_point": {"chosen": False, "reason": "too few positives"},
+                "warnings": [warning],
+            }
+        )
+    )
+    result = predict("--run-dir", run_dir, "--data", EXAMPLE / "test.csv")
+    assert result.returncode == 0, result.stderr
+    assert "0.4471, a provisional threshold: the run chose no operating point" in result.stderr
+    assert f"Warning: the run finished with warnings: {warning}; do not use" in result.stderr
 
 
 def test_a_run_that_did_not_finish_has_no_model_to_use(run_dir, tmp_path):

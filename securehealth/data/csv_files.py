@@ -72,10 +72,11 @@ def read_csv(
     if header:
         frame = frame[[c for c in header if c in schema.columns]]
     extra = [c for c in frame.columns if c not in schema.columns]
-    if extra and len(extra) == len(frame.columns):
+    if extra and len(extra) * 2 > len(frame.columns):
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         raise DataError(
-            f"{path}: none of its columns ({', '.join(extra[:3])}...) is in "
-            f"{schema.source}: is it a file of another data set?"
+            f"{path}: {len(extra)} of its {len(frame.columns)} columns ({shown}) are not "
+            f"in {schema.source}: is it a file of another data set?"
         )
     if extra:
         advice = (

@@ -38,6 +38,7 @@ class Subgroup:
     """Patients who share a category, or a band, of a feature the data dictionary
     marks with "subgroups" (e.g. "sex = female", "50 <= age < 65")."""
 
+    feature: str
     name: str
     members: np.ndarray  # which rows of the table it was found in
 
@@ -122,12 +123,23 @@ class Schema:
                     f'{where}: "subgroups" of a numeric feature must be band edges in '
                     f"ascending order strictly between its min and max, e.g. [50, 65]"
                 )
-        elif isinstance(marked, list) or (
-            isinstance(marked, dict) and not matches(list(marked), f["categories"]).all()
+            return
+        named = marked if isinstance(marked, dict) else {}
+        # The category each name is for (None for a key that is no category).
+        named_categories = [
+            next((i for i, c in enumerate(f["categories"]) if matches([key], [c])[0]), None)
+            for key in named
+        ]
+        if (
+            isinstance(marked, list)
+            or None in named_categories
+            or len(set(named_categories)) < len(named)
+            or len(set(named.values())) < len(named)
         ):
             raise DataError(
                 f'{where}: "subgroups" of a categorical feature must be true or name some '
-                f'of its categories, e.g. {{"0": "female", "1": "male"}}'
+                f'of its categories, each once and each by its own name, e.g. {{"0": '
+                f'"female", "1": "male"}}'
             )
 
     @classmethod
@@ -234,6 +246,7 @@ class Schema:
                 for i, (low, high) in enumerate(itertools.pairwise(edges)):
                     found.append(
                         Subgroup(
+                            f["name"],
                             _band_name(f["name"], marked, i),
                             known & (column >= low) & (column < high),
                         )
@@ -247,7 +260,8 @@ class Schema:
                     )
                     if label is not None:
                         column = x[:, names.index(f"{f['name']}={category}")]
-                        found.append(Subgroup(f"{f['name']} = {label}", known & (column == 1)))
+                        members = known & (column == 1)
+                        found.append(Subgroup(f["name"], f"{f['name']} = {label}", members))
         return found
 
     def labels(self, values: np.ndarray) -> np.ndarray:
@@ -275,12 +289,22 @@ def _scaled(feature: dict, values: np.ndarray) -> np.ndarray:
 
 
 def _band_name(name: str, edges: list[float], band: int) -> str:
-    """E.g. "age < 50", "50 <= age < 65", "age >= 65" for edges [50, 65]."""
-    if band == 0:
-        return f"{name} < {edges[0]:g}"
-    if band == len(edges):
-        return f"{name} >= {edges[-1]:g}"
-    return f"{edges[band - 1]:g} <= {name} < {edges[band]:g}"
+    """E.g. "age < 50", "50 <= age < 65", "age >= 65" for edges [50, 65]; each edge
+    written as the dictionary gives it (50, 50.000001, 1234567)."""
+    low, high = (
+        (_edge(edges[band - 1]) if band else None),
+        (_edge(edges[band]) if band < len(edges) else None),
+    )
+    if low is None:
+        return f"{name} < {high}"
+    if high is None:
+        return f"{name} >= {low}"
+    return f"{low} <= {name} < {high}"
+
+
+def _edge(value: float) -> str:
+    """A band edge in the fewest digits that still give its exact value."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 class _PlainYaml(yaml.SafeLoader):

@@ -15,7 +15,13 @@ from model import clinical_metrics, load_model, predict_risk
 from securehealth import display
 from securehealth.data import DataError, Schema
 from securehealth.data.csv_files import read_csv
-from securehealth.results import MODEL_FILE, finished_run_argument, write_atomic
+from securehealth.results import (
+    METRICS_FILE,
+    MODEL_FILE,
+    finished_run_argument,
+    read_json,
+    write_atomic,
+)
 
 
 def model_schema(saved: dict[str, Any]) -> Schema:
@@ -36,10 +42,12 @@ class Scored:
     rows: list[dict[str, Any]]
     metrics: dict[str, Any] | None
     rule: str
+    warnings: list[str]
 
 
 def predictions(run_dir: Path, data: Path) -> Scored:
-    """Score the patients of `data` with the model of `run_dir` (Scored)."""
+    """Score the patients of `data` with the model of `run_dir` (Scored), saying
+    where its threshold came from and what the run warned about (metrics.json)."""
     model, saved = load_model(run_dir / MODEL_FILE)
     schema = model_schema(saved)
     if schema.input_names != saved["input_names"]:
@@ -56,11 +64,20 @@ def predictions(run_dir: Path, data: Path) -> Scored:
         }
         for i, r in enumerate(risk)
     ]
+    run = read_json(run_dir / METRICS_FILE)
+    point = run.get("operating_point")
+    if point is None:
+        source = "the run's fixed decision threshold"
+    elif point["chosen"]:
+        source = f"the run's operating point, chosen for the {point['target']}"
+    else:
+        source = "a provisional threshold: the run chose no operating point"
     return Scored(
         rows,
         clinical_metrics(y, risk, threshold) if y is not None else None,
         f"{schema.label} {schema.decision(True)} where the risk is at least {threshold:.4g}, "
-        f"the run's decision threshold (model.pt)",
+        f"{source} (model.pt)",
+        run.get("warnings", []),
     )
 
 
@@ -87,6 +104,12 @@ def main(description: str, argv: list[str] | None = None) -> int:
     else:
         print(table.getvalue(), end="")
     print(f"Decision: {scored.rule}", file=summary)
+    if scored.warnings:
+        print(
+            f"Warning: the run finished with warnings: {'; '.join(scored.warnings)}; do not "
+            f"use this model for patients as it stands (its report.md)",
+            file=sys.stderr,
+        )
     if scored.metrics:
         print(f"Against their labels: {display.metrics_text(scored.metrics)}", file=summary)
     return 0
