@@ -17,9 +17,11 @@ CONFIDENCE = 0.95  # of the intervals shown for sensitivity, specificity and AUC
 # A subgroup's AUC, sensitivity or specificity at least this much below the whole
 # reference set's, and below it beyond chance (its interval's upper end is), is a gap.
 SUBGROUP_GAP = 0.10
-# A subgroup's AUC is given only with this many patients of each class: with fewer,
-# its interval (Hanley and McNeil's) collapses where every pair is ordered alike.
-MIN_CLASS_FOR_AUC = 10
+# A subgroup's AUC is given only with this many patients of each class (with fewer,
+# its interval, Hanley and McNeil's, collapses where every pair is ordered alike),
+# and its sensitivity or specificity is flagged only with this many of its class:
+# among dozens of subgroups, a few tiny ones fall short by chance alone.
+MIN_CLASS = 10
 # The figures' names in words.
 FIGURE_NAMES = {"auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity"}
 
@@ -126,7 +128,7 @@ class Calibration:
         )
         if not np.isfinite(self.slope):
             shape = "no calibration slope: the reference set has one class only"
-        elif self.slope < 0:
+        elif self.slope < -0.2:
             shape = (
                 f"calibration slope {self.slope:.2f}, below 0: the risks are inverted, "
                 f"higher for the healthy"
@@ -147,7 +149,7 @@ class Calibration:
         else:
             shape = f"calibration slope {self.slope:.2f}, close to 1: their spread is right"
         return (
-            f"Mean predicted risk {self.mean_risk:.3f} against {self.observed:.3f} "
+            f"Mean predicted risk {self.mean_risk:.3g} against {self.observed:.3g} "
             f"observed: {large}; {shape}."
         )
 
@@ -173,9 +175,9 @@ def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, flo
 @dataclass(frozen=True)
 class SubgroupFigures:
     """A subgroup's figures at the run's threshold, each (value, 95 % interval), or
-    None where the subgroup lacks a class (the AUC: fewer than MIN_CLASS_FOR_AUC of
+    None where the subgroup lacks a class (the AUC: fewer than MIN_CLASS of
     either); `gaps` names those below the whole reference set's by SUBGROUP_GAP
-    beyond chance, in words."""
+    beyond chance, from at least MIN_CLASS patients of the class, in words."""
 
     feature: str
     subgroup: str
@@ -198,7 +200,7 @@ def subgroup_figures(
         confusion = Confusion.at(y[members], risk[members], threshold)
         sick, healthy = confusion.positives, confusion.negatives
         auc = None
-        if min(sick, healthy) >= MIN_CLASS_FOR_AUC:
+        if min(sick, healthy) >= MIN_CLASS:
             value = float(roc_auc_score(y[members], risk[members]))
             auc = value, auc_interval(value, sick, healthy)
         return {
@@ -215,11 +217,14 @@ def subgroup_figures(
     found = []
     for subgroup in subgroups:
         own = figures(subgroup.members)
+        patients, sick = int(subgroup.members.sum()), int(y[subgroup.members].sum())
+        # The patients each figure is measured on (the AUC exists only with enough).
+        counted = {"auc": MIN_CLASS, "sensitivity": sick, "specificity": patients - sick}
         gaps = tuple(
             f"{FIGURE_NAMES[name]} {value:.2f} (95% CI {low:.2f} to {high:.2f}) against "
             f"{whole[name][0]:.2f} for all reference patients"
             for name, figure in own.items()
-            if figure is not None and whole[name] is not None
+            if figure is not None and whole[name] is not None and counted[name] >= MIN_CLASS
             for value, (low, high) in [figure]
             if value <= whole[name][0] - SUBGROUP_GAP and high < whole[name][0]
         )
@@ -227,8 +232,8 @@ def subgroup_figures(
             SubgroupFigures(
                 subgroup.feature,
                 subgroup.name,
-                int(subgroup.members.sum()),
-                int(y[subgroup.members].sum()),
+                patients,
+                sick,
                 **own,
                 gaps=gaps,
             )

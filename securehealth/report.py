@@ -277,20 +277,18 @@ def subgroup_section(final: dict[str, Any]) -> list[str]:
         f"with its 95% interval below it too"
     )
     everyone = sum(final[name] for name in clinical.Confusion.__dataclass_fields__)
-    placed: dict[str, int] = {}
-    for g in final["subgroups"]:
-        placed[g["feature"]] = placed.get(g["feature"], 0) + g["patients"]
     unrecorded = [
-        f"{everyone - n} have no recorded {feature}"
-        for feature, n in placed.items()
-        if n < everyone
+        f"{n} have no recorded {feature}"
+        for feature, n in final.get("subgroups_unrecorded", {}).items()
+        if n
     ]
     lines += [
         f"**Gaps** ({rule}): " + "; ".join(gaps) + "."
         if gaps
         else f"No gap ({rule}). Small subgroups have wide intervals: read them first.",
         f"n/a: the subgroup lacks a class, or (AUC) has fewer than "
-        f"{clinical.MIN_CLASS_FOR_AUC} patients of one."
+        f"{clinical.MIN_CLASS} patients of one; a sensitivity or specificity is "
+        f"flagged only from at least {clinical.MIN_CLASS} patients of its class."
         + (
             f" Of the {everyone} reference patients, " + ", ".join(unrecorded) + ", and "
             "are in none of that feature's subgroups."

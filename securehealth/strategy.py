@@ -401,6 +401,7 @@ class HospitalFedAvg(FedAvg):
         confusion = clinical.Confusion.at(self.test_y, risk, self.threshold)
         final.update(asdict(confusion), prevalence=confusion.prevalence)
         final["calibration"] = asdict(clinical.Calibration.of(self.test_y, risk))
+        final["subgroups_unrecorded"] = self.schema.unrecorded(self.test_x)
         final["subgroups"] = [
             asdict(figures)
             for figures in clinical.subgroup_figures(

@@ -36,6 +36,7 @@ def test_subgroups_are_found_in_encoded_rows_by_band_and_category():
         {"sex": sexes == "?", "bmi": np.zeros(6, bool)},
     )
     found = {g.name: g.members.tolist() for g in schema.subgroups(x)}
+    assert schema.unrecorded(x) == {"sex": 1}  # bmi is marked with no subgroups
     assert found == {
         "age < 50": [True, True, False, False, False, False],
         "50 <= age < 65": [False, False, True, True, False, False],
@@ -68,7 +69,11 @@ def test_the_shipped_dictionaries_mark_age_and_sex():
             {"type": "categorical", "categories": [0, 1], "subgroups": {"0": "F", "0.0": "G"}},
             "once",
         ),
-        ({"type": "numeric", "min": 0, "max": 100, "subgroups": list(range(1, 22))}, "subgroups"),
+        (
+            {"type": "categorical", "categories": [0, 1], "subgroups": {"0": "F", "1": " F"}},
+            "own name",
+        ),
+        ({"type": "numeric", "min": 0, "max": 100, "subgroups": list(range(1, 22))}, "at most 20"),
     ],
 )
 def test_a_wrong_subgroup_mark_is_one_line(feature, message):
@@ -119,19 +124,26 @@ def test_a_subgroup_the_model_fails_is_flagged_in_the_report():
     assert "have no recorded" not in section  # everyone is in one of sex's subgroups
 
 
-def test_a_small_subgroup_below_the_whole_within_chance_is_not_flagged():
-    # 300 sick, 240 of them found (0.80); in the subgroup 3 of 5 (0.60, 95% CI 0.23-0.88).
+def figures_of(members, y, risk):
+    return clinical.subgroup_figures([Subgroup("age", "some", members)], y, risk, 0.5)[0]
+
+
+def test_a_subgroup_below_the_whole_is_flagged_only_beyond_chance_and_with_enough_patients():
+    # 300 sick, 240 of them found (0.80).
     y = np.ones(300)
     risk = np.where(np.arange(300) < 240, 0.9, 0.1)
     members = np.zeros(300, bool)
-    members[237:242] = True  # 3 found, 2 missed
-    few = clinical.subgroup_figures([Subgroup("age", "few", members)], y, risk, 0.5)[0]
-    assert few.sensitivity[0] == 0.6 and few.sensitivity[1][0] < 0.3 < 0.8 < few.sensitivity[1][1]
-    assert few.gaps == ()
-    members[237:240] = False  # now 0 of 5 found: its interval's upper end (0.43) is below 0.80
-    members[242:245] = True
-    none_found = clinical.subgroup_figures([Subgroup("age", "few", members)], y, risk, 0.5)[0]
-    assert none_found.sensitivity[0] == 0.0 and none_found.gaps[0].startswith("sensitivity 0.00")
+    members[227:247] = True  # 13 found, 7 missed: 0.65 (95% CI 0.43-0.82), within chance
+    within = figures_of(members, y, risk)
+    assert within.sensitivity[0] == 0.65 and within.sensitivity[1][1] > 0.8
+    assert within.gaps == ()
+    members[:] = False
+    members[240:252] = True  # 0 of 12 found: its interval's upper end (0.24) is below 0.80
+    none_found = figures_of(members, y, risk)
+    assert none_found.gaps[0].startswith("sensitivity 0.00 (95% CI 0.00 to 0.24)")
+    members[245:252] = False  # 0 of 5: as far below, but too few of the class to flag
+    too_few = figures_of(members, y, risk)
+    assert too_few.sensitivity[1][1] < 0.8 and too_few.gaps == ()
 
 
 def test_a_subgroup_of_one_class_has_no_auc():
@@ -160,6 +172,9 @@ def test_calibration_says_which_way_the_risks_are_off():
     assert low.mean_risk < low.observed - 0.1 and "under-estimates risk" in low.text()
     assert "near 0: the risks say almost nothing" in clinical.Calibration(0.3, 0.3, 0.02).text()
     assert "inverted" in clinical.Calibration(0.3, 0.3, -0.8).text()
+    assert "almost nothing" in clinical.Calibration(0.3, 0.3, -0.06).text()  # noise, not inverted
+    # Small risks keep their digits: 0.001 against 0.0005 is not "0.001 against 0.001".
+    assert "0.001 against 0.0005 observed" in clinical.Calibration(0.001, 0.0005, 1.0).text()
     # A threefold over-estimate of a rare outcome is not "a match".
     assert "over-estimates risk" in clinical.Calibration(0.06, 0.02, 1.0).text()
 

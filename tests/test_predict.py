@@ -100,13 +100,21 @@ def test_a_file_of_another_data_set_is_named_as_such(run_dir, tmp_path):
     patients.write_text("mean radius,mean texture\n14.1,19.3\n")
     result = predict("--run-dir", run_dir, "--data", patients)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "2 of its 2 columns (mean radius, mean texture) are not in" in result.stderr
+    assert "most of its columns are not in" in result.stderr
+    assert "(mean radius, mean texture: 2 of 2)" in result.stderr
     assert "another data set" in result.stderr and "add it to" not in result.stderr
     # Heart-disease's columns: age and sex are the example's too, the rest are not.
     patients.write_text("age,sex,cp,trestbps,chol,fbs,restecg\n63,male,1,145,233,1,2\n")
     result = predict("--run-dir", run_dir, "--data", patients)
-    assert "5 of its 7 columns (cp, trestbps, chol, ...)" in result.stderr
+    assert "(cp, trestbps, chol, ...: 5 of 7)" in result.stderr
     assert "another data set" in result.stderr and result.stderr.count("\n") == 1
+    # Every column of the dictionary, and more: those are to be removed, not a data set.
+    patients, _ = unlabelled_copy(tmp_path)
+    rows = patients.read_text().splitlines()
+    extra = ",".join(f"x{i}" for i in range(12))
+    patients.write_text("\n".join(f"{row},{extra}" for row in rows) + "\n")
+    result = predict("--run-dir", run_dir, "--data", patients)
+    assert "column 'x0' is not in" in result.stderr and "remove it" in result.stderr
 
 
 def test_a_provisional_threshold_and_the_runs_warnings_are_said(run_dir, tmp_path):

@@ -72,11 +72,13 @@ def read_csv(
     if header:
         frame = frame[[c for c in header if c in schema.columns]]
     extra = [c for c in frame.columns if c not in schema.columns]
-    if extra and len(extra) * 2 > len(frame.columns):
+    lacking = any(c not in frame.columns for c in schema.columns if c != schema.label)
+    if lacking and len(extra) * 2 > len(frame.columns):
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         raise DataError(
-            f"{path}: {len(extra)} of its {len(frame.columns)} columns ({shown}) are not "
-            f"in {schema.source}: is it a file of another data set?"
+            f"{path}: most of its columns are not in {schema.source} ({shown}: "
+            f"{len(extra)} of {len(frame.columns)}), and some of the dictionary's are "
+            f"missing: is it a file of another data set?"
         )
     if extra:
         advice = (

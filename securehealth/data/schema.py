@@ -130,11 +130,12 @@ class Schema:
             next((i for i, c in enumerate(f["categories"]) if matches([key], [c])[0]), None)
             for key in named
         ]
+        names = {" ".join(name.split()) for name in named.values()} - {""}
         if (
             isinstance(marked, list)
             or None in named_categories
             or len(set(named_categories)) < len(named)
-            or len(set(named.values())) < len(named)
+            or len(names) < len(named)
         ):
             raise DataError(
                 f'{where}: "subgroups" of a categorical feature must be true or name some '
@@ -259,10 +260,22 @@ class Schema:
                         None if named else str(category),
                     )
                     if label is not None:
+                        label = " ".join(label.split())
                         column = x[:, names.index(f"{f['name']}={category}")]
                         members = known & (column == 1)
                         found.append(Subgroup(f["name"], f"{f['name']} = {label}", members))
         return found
+
+    def unrecorded(self, x: np.ndarray) -> dict[str, int]:
+        """For each feature marked "subgroups" whose missing values are encoded
+        (indicated), how many of encoded rows `x` have it missing: they are in none
+        of its subgroups."""
+        names = self.input_names
+        return {
+            f["name"]: int(x[:, names.index(f"{f['name']} missing")].sum())
+            for f in self.features
+            if "subgroups" in f and self.indicated(f)
+        }
 
     def labels(self, values: np.ndarray) -> np.ndarray:
         """1.0 for a positive (disease) value, 0.0 for any other."""
