@@ -5,6 +5,11 @@ and the in-process FedAvg loop (sweep, baselines, bench).
 Each entry is one of Flower's own strategies, used only for its combination step:
 the weighted mean (FedAvg), the coordinate-wise median (FedMedian: one wild update
 cannot drag it) and the trimmed mean (FedTrimmedAvg, 20% dropped at each end).
+
+The server then steps from the current global model towards the combined one with
+the run's `server_momentum` (`ServerMomentum`, FedAvgM; 0, plain FedAvg, by
+default), which changes nothing about privacy: it only post-processes what the
+hospitals released.
 """
 
 import numpy as np
@@ -30,3 +35,29 @@ def combine(aggregation: str, updates: list[tuple[list[np.ndarray], int]]) -> li
     ]
     parameters, _ = combiner.aggregate_fit(1, results, [])
     return parameters_to_ndarrays(parameters)
+
+
+class ServerMomentum:
+    """The server's step with heavy-ball momentum (FedAvgM; Hsu, Qi and Brown 2019):
+    each round the global model moves to the combined weights plus `momentum` times
+    its previous move. Flower's FedAvgM takes the same step at server learning rate
+    1, but only after its own weighted mean; this one follows whichever combination
+    the run uses, SecAgg+'s sum included.
+
+    With momentum 0 the new weights are exactly the combined ones (plain FedAvg). A
+    round without any update leaves the previous move as it was.
+    """
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.previous_move: list[np.ndarray] | None = None
+
+    def step(self, current: list[np.ndarray], combined: list[np.ndarray]) -> list[np.ndarray]:
+        """The new global weights after a round whose updates combined to `combined`."""
+        carried = self.previous_move or [np.zeros_like(w) for w in current]
+        new = [
+            (target + self.momentum * move).astype(now.dtype)
+            for now, target, move in zip(current, combined, carried, strict=True)
+        ]
+        self.previous_move = [after - now for after, now in zip(new, current, strict=True)]
+        return new

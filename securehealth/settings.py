@@ -33,6 +33,7 @@ RULES = {
     "num_clients": (lambda v: v >= 1, "must be at least 1"),
     "rounds": (lambda v: v >= 1, "must be at least 1"),
     "local_epochs": (lambda v: v >= 1, "must be at least 1"),
+    "server_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1) (0 = plain FedAvg)"),
     "join_timeout": (lambda v: v >= 1, "must be at least 1 (seconds)"),
     "min_available_clients": (lambda v: v >= 1, "must be at least 1"),
     "min_fit_clients": (lambda v: v >= 1, "must be at least 1"),

@@ -40,7 +40,7 @@ from model import (
 )
 from securehealth import clinical, data, operating_point
 from securehealth.admission import report_problem
-from securehealth.aggregation import combine
+from securehealth.aggregation import ServerMomentum, combine
 from securehealth.results import MODEL_FILE
 from securehealth.run_record import RunRecord
 
@@ -74,6 +74,7 @@ class HospitalFedAvg(FedAvg):
         )
         self.cfg, self.run_dir, self.admission = cfg, run_dir, admission
         self.test_x, self.test_y, reference = data.reference_test_set(cfg)
+        self.server_momentum = ServerMomentum(cfg.server_momentum)
         self.reports = {}  # hospital id -> its latest report
         self.round_reports, self.round_failures, self.round_rejections = {}, [], []
         self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
@@ -119,7 +120,8 @@ class HospitalFedAvg(FedAvg):
         results: list[tuple[Any, FitRes]],
         failures: list[tuple[Any, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """The new global model from this round's sound updates. Under SecAgg+ every
+        """The new global model from this round's sound updates, combined and
+        stepped to with the server's momentum. Under SecAgg+ every
         result carries the same, already summed model: it is checked as a whole, and
         thrown away if any hospital's report in it is unsound (its update cannot be
         taken out of the sum)."""
@@ -189,8 +191,10 @@ class HospitalFedAvg(FedAvg):
                     f"aggregation hides which one; rerun with secure_aggregation off "
                     f"to have the server name and reject it"
                 )
-            return ndarrays_to_parameters(accepted[0][0]), {}
-        return ndarrays_to_parameters(combine(self.cfg.aggregation, accepted)), {}
+            combined = accepted[0][0]
+        else:
+            combined = combine(self.cfg.aggregation, accepted)
+        return ndarrays_to_parameters(self.server_momentum.step(self.global_weights, combined)), {}
 
     def _reject(self, hospital, server_round, problem):
         log(

@@ -10,6 +10,7 @@ import sys
 import tomllib
 import zipfile
 from importlib import import_module
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from conftest import ROOT
 from scipy.stats import trim_mean
 
 from securehealth import flower, settings
-from securehealth.aggregation import AGGREGATIONS, combine
+from securehealth.aggregation import AGGREGATIONS, ServerMomentum, combine
 from securehealth.deployment import pinning, runtime
 from securehealth.tools.federation import federate
 
@@ -197,5 +198,44 @@ def test_the_fedavg_loop_leaves_out_a_hospital_that_did_not_train():
         lambda w, r: ([w[0] + 4.0], 10),
         lambda w, r: (w, 0),  # declined (its budget): no weight
     ]
-    after = federate(start, hospitals, rounds=2)
+    plain = SimpleNamespace(rounds=2, aggregation="fedavg", server_momentum=0.0)
+    after = federate(start, hospitals, plain)
     np.testing.assert_allclose(after[0], [3.5, 3.5])  # (30*1 + 10*4) / 40 = 1.75 a round
+    # With momentum 0.5 the second round moves by 1.75 plus half the first's 1.75.
+    after = federate(start, hospitals, SimpleNamespace(**{**vars(plain), "server_momentum": 0.5}))
+    np.testing.assert_allclose(after[0], [1.75 + 1.75 * 1.5] * 2)
+
+
+def test_server_momentum_takes_flowers_fedavgm_step():
+    # Flower's FedAvgM (server learning rate 1) after its weighted mean, and ours
+    # after the same mean, over rounds of random updates; a round that keeps the
+    # model where it is still carries the velocity.
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvgM
+
+    rng = np.random.default_rng(0)
+    current = [rng.normal(size=(1, 4)).astype(np.float32), rng.normal(size=1).astype(np.float32)]
+    flowers = FedAvgM(
+        initial_parameters=ndarrays_to_parameters(current),
+        server_momentum=0.5,
+        server_learning_rate=1.0,
+        fit_metrics_aggregation_fn=lambda _: {},
+    )
+    ours = ServerMomentum(0.5)
+    for server_round in range(1, 5):
+        updates = [
+            ([w + rng.normal(size=w.shape).astype(np.float32) for w in current], n)
+            for n in (30, 70)
+        ]
+        results = [
+            (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(w), n, {}))
+            for w, n in updates
+        ]
+        expected = parameters_to_ndarrays(flowers.aggregate_fit(server_round, results, [])[0])
+        current = ours.step(current, combine("fedavg", updates))
+        for got, want in zip(current, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            assert got.dtype == np.float32
+    assert settings.resolve({"server_momentum": 0.0})
+    with pytest.raises(settings.SettingsError, match="server_momentum"):
+        settings.resolve({"server_momentum": 1.0})

@@ -402,6 +402,36 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
     assert strategy.round_rejections == []
 
 
+def test_the_server_steps_with_momentum_from_the_global_model(tmp_path):
+    # Every hospital moves the model by 0.1 each round: with server momentum 0.5 the
+    # global model moves by 0.1 in round 1 and 0.1 + 0.05 in round 2.
+    cfg = settings.resolve(
+        {"server_momentum": 0.5, "secure_aggregation": "off", "global_test_patients": 200}
+    )
+    admission = Admission(None, cfg, run_id=1)
+    admission.members = {10 + hospital: hospital for hospital in range(3)}
+    strategy = HospitalFedAvg(cfg, tmp_path, admission)
+    start = [w.copy() for w in strategy.global_weights]  # the model's own memory
+    for server_round, moved in ((1, 0.1), (2, 0.25)):
+        now = strategy.global_weights
+        results = [
+            (
+                SimpleNamespace(node_id=10 + hospital),
+                FitRes(
+                    Status(Code.OK, ""),
+                    ndarrays_to_parameters([w + 0.1 for w in now]),
+                    100,
+                    sound_report(hospital),
+                ),
+            )
+            for hospital in range(3)
+        ]
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+        strategy._evaluate_global(server_round, parameters_to_ndarrays(parameters), {})
+        for new, old in zip(strategy.global_weights, start, strict=True):
+            np.testing.assert_allclose(new, old + moved, atol=1e-6)
+
+
 def sound_report(number, **changes):
     """A training report as an honest hospital sends it (securehealth.hospital.Hospital._report)."""
     release = {"round": 1, "noise_multiplier": 1.2, "sample_rate": 0.5, "steps": 2}

@@ -89,7 +89,7 @@ def fedavg_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Mo
         )
         for x, y in hospitals
     ]
-    set_weights(model, federate(get_weights(model), plain, cfg.rounds, cfg.aggregation))
+    set_weights(model, federate(get_weights(model), plain, cfg))
     return model
 
 
@@ -113,7 +113,7 @@ def hospital_alone(
 
     model = _initial_model(cfg, inputs)
     rounds = [_local_round(cfg, inputs, x, y, train)]
-    set_weights(model, federate(get_weights(model), rounds, cfg.rounds))
+    set_weights(model, federate(get_weights(model), rounds, cfg))
     return model
 
 

@@ -66,7 +66,8 @@ TUNED_NOTE = (
 CV_GRID = {"hidden_layers": [(16,), ()], "learning_rate": [0.3, 0.1]}
 CV_FOLDS, CV_SEEDS = 3, 3
 SETTINGS = (
-    *("rounds", "local_epochs", "hidden_layers", "batch_size", "learning_rate", "momentum"),
+    *("rounds", "local_epochs", "server_momentum", "hidden_layers", "batch_size"),
+    *("learning_rate", "momentum"),
     *("max_grad_norm", "delta", "adjacency", "seed", "run_dir"),
 )
 

@@ -353,9 +353,7 @@ def train_variant(
         return new, trained
 
     others = [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals[1:]]
-    set_weights(
-        model, federate(get_weights(model), [audited_round, *others], cfg.rounds, cfg.aggregation)
-    )
+    set_weights(model, federate(get_weights(model), [audited_round, *others], cfg))
     audited = hospitals[AUDITED_HOSPITAL]
     trained = [r for r in reports if r["status"] == "trained"]
     if not trained:

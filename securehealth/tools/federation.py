@@ -14,7 +14,7 @@ import torch
 
 from model import build_model, get_weights, set_weights
 from securehealth import operating_point
-from securehealth.aggregation import combine
+from securehealth.aggregation import ServerMomentum, combine
 
 Weights = list[np.ndarray]
 # One hospital's round: (global weights, round number) -> (new weights, patients);
@@ -22,14 +22,16 @@ Weights = list[np.ndarray]
 TrainRound = Callable[[Weights, int], tuple[Weights, int]]
 
 
-def federate(
-    weights: Weights, hospitals: Sequence[TrainRound], rounds: int, aggregation: str = "fedavg"
-) -> Weights:
-    """The global weights after `rounds` rounds of the hospitals' training."""
-    for server_round in range(1, rounds + 1):
+def federate(weights: Weights, hospitals: Sequence[TrainRound], cfg: SimpleNamespace) -> Weights:
+    """The global weights after cfg.rounds rounds of the hospitals' training, each
+    round's updates combined by the run's aggregation and stepped to with its
+    server momentum, as the server does."""
+    server = ServerMomentum(cfg.server_momentum)
+    for server_round in range(1, cfg.rounds + 1):
         updates = [train(weights, server_round) for train in hospitals]
         trained = [(w, n) for w, n in updates if n > 0]
-        weights = combine(aggregation, trained) if trained else weights
+        if trained:
+            weights = server.step(weights, combine(cfg.aggregation, trained))
     return weights
 
 
@@ -56,8 +58,7 @@ def dp_federation(
     weights = federate(
         get_weights(model),
         [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
-        cfg.rounds,
-        cfg.aggregation,
+        cfg,
     )
     set_weights(model, weights)
     target = operating_point.Target.parse(cfg.decision_threshold)
