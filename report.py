@@ -7,12 +7,14 @@ after adding the audit or baselines, say):
 
 import sys
 
-from securehealth.report import write_report
 from securehealth.results import finished_run_argument
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(write_report(finished_run_argument(__doc__, argv)[0]))
+    run_dir = finished_run_argument(__doc__, argv)[0]
+    from securehealth.report import write_report  # plots and the model: after --help
+
+    print(write_report(run_dir))
     return 0
 
 

@@ -15,7 +15,13 @@ Run as a script, it is the deployment server: a TLS SuperLink that hospitals
 """
 
 import sys
-from logging import INFO
+
+if __name__ == "__main__":  # the deployment launcher, before the ServerApp's heavy imports
+    from securehealth.deployment.server_cli import serve
+
+    sys.exit(serve(__doc__))
+
+from logging import INFO  # noqa: E402 (the ServerApp's imports, below the launcher)
 
 from flwr.app import Context
 from flwr.common import log
@@ -59,9 +65,3 @@ def main(grid: Grid, context: Context) -> None:
         workflow(cfg)(grid, rounds)
         ask_operating_point(grid, strategy, admission, cfg.rounds)
         strategy.finish()
-
-
-if __name__ == "__main__":
-    from securehealth.deployment.server_cli import serve
-
-    sys.exit(serve(__doc__))

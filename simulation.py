@@ -44,28 +44,40 @@ def main(argv: list[str] | None = None) -> int:
         help="also train the baselines (pooled and FedAvg without DP, each hospital "
         "alone with DP) and compare them in the summary and report",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what each hospital would train with and spend in this run, and the "
+        "forecast, then exit: nothing is trained or spent",
+    )
     settings.add_unaccounted_flag(parser)
     add_reset_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
     data.locate(cfg)
+    console = display.make_console()
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
+        lasting = cfg.dataset == "csv"  # bundled data's hospitals start afresh each run
+        if args.plan:
+            check_plan(cfg, args, lasting)
         warnings = data.check_all(cfg)
         check_lasting_ledgers(cfg, args.reset_ledger)
-        lasting = cfg.dataset == "csv"  # bundled data's hospitals start afresh each run
         if not (cfg.ray_address and lasting):  # else the cluster's workers hold the ledgers
             outlook = forecast.forecast_here(cfg, state_dirs(cfg) if lasting else None)
-            if outlook.training == 0:
-                raise LedgerError(outlook.warning)
+            if outlook.training == 0 and not args.plan:
+                raise LedgerError(no_hospital_can_train(cfg, outlook))
             warnings.append(outlook.warning)
-        cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
+        if not args.plan:
+            cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
     except (settings.SettingsError, data.DataError, RunDirError, LedgerError) as error:
         parser.error(str(error))
-    hospitals_dir = simulated_hospitals_dir(cfg)
-    console = display.make_console()
     for warning in filter(None, warnings):
         console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
+    if args.plan:
+        print_plan(cfg, outlook, lasting, console)
+        return 0
+    hospitals_dir = simulated_hospitals_dir(cfg)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
         f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "
@@ -105,6 +117,69 @@ def main(argv: list[str] | None = None) -> int:
         add_baselines(cfg, metrics, console)
     display.print_summary(metrics, cfg.run_dir, console)
     return exit_code
+
+
+def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
+    """Refuse what --plan cannot do: plan where the ledgers are elsewhere, or change
+    a ledger."""
+    if args.reset_ledger is not None:
+        raise LedgerError("--plan changes nothing: leave out --reset-ledger")
+    if cfg.ray_address and lasting:
+        raise LedgerError(
+            "--plan reads the hospitals' ledgers, which on a Ray cluster with your own data "
+            "are on its workers: run it without --ray-address on a machine that holds them "
+            f"(the same ${HOSPITALS_DIR_VARIABLE})"
+        )
+
+
+def print_plan(
+    cfg: SimpleNamespace, outlook: forecast.Forecast, lasting: bool, console: Console
+) -> None:
+    """What the run would train with and spend per hospital (its forecast's warning,
+    if any, is printed above it)."""
+    console.print(
+        f"Plan: {cfg.num_clients} hospitals, {cfg.rounds} rounds, epsilon budget "
+        f"{cfg.epsilon:g} per hospital (delta {cfg.delta:g}, {cfg.adjacency})"
+    )
+    console.print(display.plan_table(outlook))
+    lines = ["Noise: the multiplier of each step's noise."]
+    if lasting:
+        lines.append(
+            f"Ledgers in {simulated_hospitals_dir(cfg)}: a run's noise is calibrated to "
+            f"spend all that is left of each budget (the operating point's release "
+            f"included), so after it no further run can train on these patients."
+        )
+        if any(plan.budget_spent for plan in outlook.plans):
+            lines.append(spent_budget_advice(cfg) + ".")
+    else:
+        lines.append(
+            "Bundled data: every run's hospitals start with fresh ledgers in its run "
+            "directory (a demonstration: nothing lasting is spent)."
+        )
+    if outlook.warning is None:
+        lines.append(
+            f"Forecast: the DP noise is {outlook.noise_to_signal:.3f} of the largest signal, "
+            f"at most {forecast.NOISE_TO_SIGNAL_LIMIT:g}: a useful model is forecast."
+        )
+    console.print(escape(" ".join(lines)), soft_wrap=True)
+
+
+def no_hospital_can_train(cfg: SimpleNamespace, outlook: forecast.Forecast) -> str:
+    """The refusal of a run in which no hospital can train, with what to do."""
+    if not any(plan.budget_spent for plan in outlook.plans):
+        return outlook.warning
+    return f"{outlook.warning}. {spent_budget_advice(cfg)}"
+
+
+def spent_budget_advice(cfg: SimpleNamespace) -> str:
+    """What to do when the simulated hospitals' lasting budgets are spent."""
+    return (
+        f"A hospital's ledger (in {simulated_hospitals_dir(cfg)}) keeps its patients' "
+        f"budget for life and is never reset: for a new cohort of patients point "
+        f"${HOSPITALS_DIR_VARIABLE} at a new folder; raise --epsilon only if every "
+        f"hospital's privacy policy allows it; rehearse on --dataset synthetic, which "
+        f"spends nothing lasting"
+    )
 
 
 def state_dirs(cfg: SimpleNamespace) -> list[Path]:

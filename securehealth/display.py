@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,6 +21,9 @@ from rich.progress import (
 from rich.table import Table
 
 from securehealth.results import METRICS_FILE, read_json
+
+if TYPE_CHECKING:
+    from securehealth.forecast import Forecast
 
 
 def markdown_table(rows: list[list[Any]]) -> str:
@@ -212,6 +215,34 @@ METRICS = (
     ("f1", "F1"),
     ("brier", "Brier"),
 )
+
+
+def plan_table(outlook: "Forecast") -> Table:
+    """What each hospital would train with in a run, and what it has spent already
+    (simulation.py --plan)."""
+    table = Table(title="What each hospital would train with and spend (nothing is spent)")
+    for column in (
+        "Hospital",
+        "Patients",
+        "Sample rate",
+        "Steps/round",
+        "Noise",
+        "Spent before",
+        "This run spends",
+    ):
+        table.add_column(column, justify="right")
+    for plan in outlook.plans:
+        trains = plan.noise_multiplier is not None
+        table.add_row(
+            str(plan.hospital),
+            str(plan.patients),
+            f"{plan.sample_rate:.3f}",
+            str(plan.steps_per_round),
+            f"{plan.noise_multiplier:.3f}" if trains else "-",
+            f"{plan.epsilon_spent:.3f} / {plan.budget:g}",
+            f"{plan.budget - plan.epsilon_spent:.3f}" if trains else "nothing",
+        )
+    return table
 
 
 def fmt(value: float | None) -> str:

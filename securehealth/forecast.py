@@ -23,6 +23,7 @@ sizes, every one whose median AUC fell below 0.6 had a ratio of 0.36 or more, an
 every one at 0.29 or less reached 0.60 or more.
 """
 
+import functools
 import math
 import tempfile
 from collections.abc import Sequence
@@ -31,8 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from securehealth import data, operating_point
-from securehealth.privacy import dpsgd
-from securehealth.privacy.accountant import BudgetExhausted, NoiseBeyondLimit
+from securehealth.privacy.accountant import MIN_BUDGET_LEFT, BudgetExhausted, NoiseBeyondLimit
 from securehealth.privacy.ledger import PrivacyLedger
 
 # Above this noise-to-signal ratio the forecast warns that the model is unlikely to
@@ -44,7 +44,8 @@ NOISE_TO_SIGNAL_LIMIT = 0.3
 class HospitalPlan:
     """What one hospital would train with in the run: its training patients, sample
     rate and noisy steps per round, and its noise multiplier (None where it cannot
-    train in the run, `reason` saying why)."""
+    train in the run, `reason` saying why); with the epsilon its ledger holds
+    already, of its `budget`."""
 
     hospital: int
     patients: int
@@ -52,6 +53,15 @@ class HospitalPlan:
     steps_per_round: int
     noise_multiplier: float | None
     reason: str = ""
+    epsilon_spent: float = 0.0
+    budget: float = 1.0
+
+    @property
+    def budget_spent(self) -> bool:
+        """Whether it cannot train because its ledger holds (nearly) all its budget."""
+        return self.noise_multiplier is None and self.budget - self.epsilon_spent < (
+            MIN_BUDGET_LEFT * self.budget
+        )
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,20 @@ def plan_hospital(
 ) -> HospitalPlan:
     """What `hospital`, with `patients` training patients and its `ledger`, would
     train with in a run of cfg's settings on a model of `weights` weights."""
+    from securehealth.privacy import dpsgd  # torch and Opacus: loaded when planning, not for --help
+
     sample_rate, steps = dpsgd.sample_rate_and_steps(patients, cfg)
+    with ledger.transaction():
+        spent = ledger.epsilon()
+    planned = functools.partial(
+        HospitalPlan,
+        hospital,
+        patients,
+        sample_rate,
+        steps,
+        epsilon_spent=spent,
+        budget=cfg.epsilon,
+    )
     try:
         sigma = ledger.planned_noise(
             sample_rate,
@@ -134,10 +157,10 @@ def plan_hospital(
             f"the noise its budget needs would move the model further than max_update_norm "
             f"{cfg.max_update_norm:g} a round ({refusal})"
         )
-        return HospitalPlan(hospital, patients, sample_rate, steps, None, reason)
+        return planned(None, reason)
     except BudgetExhausted as refusal:
-        return HospitalPlan(hospital, patients, sample_rate, steps, None, str(refusal))
-    return HospitalPlan(hospital, patients, sample_rate, steps, sigma)
+        return planned(None, str(refusal))
+    return planned(sigma)
 
 
 def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) -> Forecast:

@@ -239,3 +239,20 @@ def test_server_momentum_takes_flowers_fedavgm_step():
     assert settings.resolve({"server_momentum": 0.0})
     with pytest.raises(settings.SettingsError, match="server_momentum"):
         settings.resolve({"server_momentum": 1.0})
+
+
+@pytest.mark.parametrize(
+    "script", ["simulation.py", "server.py", "client.py", "predict.py", "report.py"]
+)
+def test_help_does_not_load_the_training_stack(script):
+    # --help is read before anything heavy: no PyTorch or Opacus (3-4 s of CPU here).
+    shown = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "usage:" in shown.stdout
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
+    assert "securehealth.results" in loaded  # the imports were read
+    assert not {"torch", "opacus", "model"} & loaded, sorted({"torch", "opacus", "model"} & loaded)

@@ -17,6 +17,7 @@ from conftest import ROOT, assert_ran_to_the_end, flower_processes, hospital_sta
 from model import load_model
 from securehealth.certificates import make_certificates, make_hospital_key
 from securehealth.deployment import runtime
+from securehealth.privacy.ledger import PrivacyLedger
 
 
 def read_metrics(run_dir):
@@ -101,7 +102,8 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
 
     # The reset attack: the server changes what used to decide the held-out rows
     # (seed, test_fraction). The hospitals' ledgers still hold one budget for their
-    # patients, and it is spent: nobody trains, nothing is spent past the budget.
+    # patients, and it is spent: each hospital refuses at start, in one line, before
+    # it reaches the server, saying what is left and what to do; nothing more is spent.
     server = processes.server(
         port,
         1,
@@ -114,6 +116,8 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
         "43",
         "--test-fraction",
         "0.3",
+        "--join-timeout",
+        "15",
         name="server2",
     )
     clients = [
@@ -123,12 +127,14 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
             "client.py", "--client-id", "2", "--epsilon", "0.5", *address, *own[2], name="again2"
         ),
     ]
-    assert server.wait(timeout=300) == 1  # no hospital trained: the run stops in round 1
-    assert all(client.wait(timeout=60) == 1 for client in clients)  # told it failed
-    assert "declined to train" in processes.output("again0")
-    assert "every hospital declined to train, so the run stops" in processes.output("server2")
-    metrics = read_metrics(workdir / "run2")
-    assert {r["status"] for r in metrics["rounds"][0]["hospitals"].values()} == {"refused"}
+    assert all(client.wait(timeout=60) == 2 for client in clients)
+    for name in ("again0", "again1", "again2"):
+        said = processes.output(name)
+        assert "less than 1% left, so it cannot train in any run" in said, said
+        assert "for a new cohort of patients, give it a new --state-dir" in said
+        assert "Traceback" not in said and "joining the server" not in said
+    assert server.wait(timeout=300) != 0  # nobody joined
+    assert "were not admitted within 15 s" in processes.output("server2")
     for hospital in range(3):
         ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
         assert len(ledger["releases"]) == 3  # the first run's, and nothing more
@@ -229,6 +235,44 @@ def test_one_client_py_per_hospital_state_directory(tmp_path):
     refused = run_script(*join[1:], "--state-dir", str(linked), cwd=tmp_path)
     assert_one_line_error(refused, 2, "client.lock", "remove it if it is a link")
     assert (tmp_path / "precious").read_text() == "kept"
+
+
+def test_a_hospital_whose_budget_is_spent_refuses_before_it_reaches_the_server(tmp_path):
+    state_dir = tmp_path / "hospital-0"
+    ledger = PrivacyLedger(state_dir, 1.0, 1e-5, "replace-one")
+    with ledger.transaction():
+        ledger.record("an earlier run", 1, 1.0, 1.0, 10)
+    # A port that nobody listens on: the refusal must come before any attempt to join.
+    join = ["--client-id", "0", "--server-address", f"127.0.0.1:{runtime.free_port()}"]
+    refused = run_script(
+        "client.py", *join, "--insecure", "--state-dir", str(state_dir), cwd=tmp_path
+    )
+    assert_one_line_error(
+        refused, 2, "less than 1% left, so it cannot train in any run", "give it a new --state-dir"
+    )
+    assert "Waiting for server" not in refused.stdout
+    assert not (state_dir / "flower").exists()  # no SuperNode was started
+
+    fresh = PrivacyLedger(tmp_path / "hospital-1", 1.0, 1e-5, "replace-one")
+    with fresh.transaction():
+        fresh.record("an earlier run", 1, 20.0, 0.5, 1)  # a little spent
+        spent = fresh.epsilon()
+    join = ["--client-id", "1", "--server-address", f"127.0.0.1:{runtime.free_port()}"]
+    told = run_script(
+        "client.py",
+        *join,
+        "--insecure",
+        "--state-dir",
+        str(tmp_path / "hospital-1"),
+        "--connect-timeout",
+        "1",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(told, 1, "no server at")  # past the ledger, to the server
+    assert (
+        f"Hospital 1's privacy budget: epsilon 1 over all runs on its patients, {spent:.3f} "
+        f"spent before, {1 - spent:.3f} left; a run spends all that is left"
+    ) in told.stdout
 
 
 def run_script(script, *args, cwd, timeout=60):

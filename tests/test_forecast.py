@@ -11,7 +11,7 @@ from conftest import EXAMPLE, ROOT
 
 from securehealth import data, forecast, settings
 from securehealth.forecast import HospitalPlan
-from securehealth.privacy.ledger import PrivacyLedger
+from securehealth.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from securehealth.results import default_state_root
 
 
@@ -116,4 +116,55 @@ def test_a_simulation_in_which_no_hospital_can_train_is_refused_before_it_starts
     assert refused.returncode == 2 and refused.stderr.count("\n") <= 2, refused.stderr
     assert "forecast: no hospital can train in this run" in refused.stderr
     assert "hospital 2: no budget is left" in refused.stderr and "Traceback" not in refused.stderr
+    # What to do, where the ledgers are: a new folder for a new cohort, never a reset.
+    assert str(default_state_root() / "simulation") in refused.stderr
+    assert "for a new cohort of patients point $SECUREHEALTH_HOSPITALS_DIR" in refused.stderr
     assert not (tmp_path / "runs").exists()  # no run directory, no Flower process
+
+
+def simulate(tmp_path, *flags):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "simulation.py"), *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_plan_shows_what_each_hospital_would_spend_and_changes_nothing(tmp_path):
+    data_dir = shutil.copytree(EXAMPLE, tmp_path / "data")
+    cfg = settings_for("--dataset", "csv", "--data-dir", str(data_dir))
+    ledgers = default_state_root() / "simulation"
+    spend(ledgers / "hospital-0", cfg)
+    before = (ledgers / "hospital-0" / LEDGER_FILE).read_bytes()
+    planned = simulate(tmp_path, "--plan", "--dataset", "csv", "--data-dir", str(data_dir))
+    assert planned.returncode == 0, planned.stderr
+    rows = {line.split()[1]: line.split() for line in planned.stdout.splitlines() if "│" in line}
+    # Hospital 0 spent its budget earlier: it trains with nothing this run.
+    assert rows["0"][-2:] == ["nothing", "│"] and rows["0"][-5:-3] == ["/", "1"]
+    # Hospital 2 (96 training patients) samples everyone: one step a round, and this
+    # run would spend its whole budget with the noise its ledger would plan.
+    plan = forecast.forecast_here(cfg, [ledgers / f"hospital-{h}" for h in range(3)]).plans[2]
+    assert rows["2"][3:12:2] == ["96", "1.000", "1", f"{plan.noise_multiplier:.3f}", "0.000"]
+    assert rows["2"][-2] == "1.000"
+    assert "only 2 of the 3 hospitals can train in this run (hospital 0: no budget is left" in (
+        " ".join(planned.stdout.split())
+    )
+    assert "for a new cohort of patients" in planned.stdout
+    # Nothing was spent or started: the spent ledger is as it was, the others have
+    # no ledger, and there is no run directory.
+    assert (ledgers / "hospital-0" / LEDGER_FILE).read_bytes() == before
+    assert not any((ledgers / f"hospital-{h}" / LEDGER_FILE).exists() for h in (1, 2))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_plan_of_bundled_data_says_it_spends_nothing_lasting(tmp_path):
+    planned = simulate(tmp_path, "--plan", "--dataset", "breast-cancer")
+    assert planned.returncode == 0, planned.stderr
+    text = " ".join(planned.stdout.split())
+    assert "Bundled data: every run's hospitals start with fresh ledgers" in text
+    assert "a useful model is forecast" in text and "Warning" not in text
+    assert not (tmp_path / "runs").exists()
+    refused = simulate(tmp_path, "--plan", "--reset-ledger", "new patients")
+    assert refused.returncode == 2 and "--plan changes nothing" in refused.stderr

@@ -24,7 +24,13 @@ from securehealth.deployment import pinning, runtime
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
 from securehealth.operating_point import DECLINED, RELEASED
-from securehealth.privacy.ledger import LedgerError, add_reset_flag, check_before_start
+from securehealth.privacy.accountant import MIN_BUDGET_LEFT
+from securehealth.privacy.ledger import (
+    LedgerError,
+    PrivacyLedger,
+    add_reset_flag,
+    check_before_start,
+)
 from securehealth.relay import NODE_CONFIG_KEY
 from securehealth.results import (
     EVALUATION_FILE,
@@ -154,6 +160,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     try:  # no training without a sound ledger that can be written, the only one of its data
         data_file, everyone = own_patients(cfg, args.client_id, own_data)
         ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger, everyone)
+        spent = budget_spent_before(ledger, cfg)
     except LedgerError as error:
         parser.error(str(error))
     if args.reset_ledger is not None:
@@ -161,6 +168,12 @@ def join(description: str, argv: list[str] | None = None) -> int:
             f"[yellow]Started a new privacy ledger {escape(str(ledger.path))}: "
             f"{escape(repr(args.reset_ledger))}[/]"
         )
+    console.print(
+        f"Hospital {args.client_id}'s privacy budget: epsilon {cfg.epsilon:g} over all runs on "
+        f"its patients, {spent:.3f} spent before, {cfg.epsilon - spent:.3f} left; a run "
+        f"spends all that is left (ledger: {escape(str(ledger.path))})",
+        soft_wrap=True,
+    )
     if args.insecure:
         console.print(
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
@@ -225,6 +238,22 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]Interrupted.[/] This hospital left the federation.")
         return 130
+
+
+def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
+    """The epsilon this hospital's ledger holds; LedgerError, saying what to do, where
+    too little is left for it to train in any run."""
+    with ledger.transaction():
+        spent = ledger.epsilon()
+    if spent >= cfg.epsilon * (1 - MIN_BUDGET_LEFT):
+        raise LedgerError(
+            f"this hospital's privacy ledger {ledger.path} holds epsilon {spent:.4f} of its "
+            f"budget of {cfg.epsilon:g}, less than {MIN_BUDGET_LEFT:.0%} left, so it cannot "
+            f"train in any run. The budget is for its patients' lifetime and a ledger is "
+            f"never reset: for a new cohort of patients, give it a new --state-dir; raise "
+            f"--epsilon only if the hospital's privacy policy allows it"
+        )
+    return spent
 
 
 class StateDirError(RuntimeError):

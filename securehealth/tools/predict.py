@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model import clinical_metrics, load_model, predict_risk
 from securehealth import display
 from securehealth.data import DataError, Schema
 from securehealth.data.csv_files import read_csv
@@ -48,6 +47,8 @@ class Scored:
 def predictions(run_dir: Path, data: Path) -> Scored:
     """Score the patients of `data` with the model of `run_dir` (Scored), saying
     where its threshold came from and what the run warned about (metrics.json)."""
+    from model import clinical_metrics, load_model, predict_risk  # PyTorch: after --help
+
     model, saved = load_model(run_dir / MODEL_FILE)
     schema = model_schema(saved)
     if schema.input_names != saved["input_names"]:
