@@ -9,19 +9,21 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.progress import Progress
 
-from model import clinical_metrics, predict_risk
 from securehealth import data, display, settings
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
-from securehealth.tools import baselines
-from securehealth.tools.federation import dp_federation
+
+# The training stack (PyTorch, Opacus) and matplotlib are imported where they are
+# used, so that --help and a refused command answer at once.
 
 
 def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
     """The federated DP model's metrics on the reference test set, trained here with
     the hospitals' ledgers under `state_root`."""
+    from model import clinical_metrics, predict_risk
+    from securehealth.tools.federation import dp_federation
+
     model, threshold = dp_federation(cfg, state_root)
     test_x, test_y, _ = data.reference_test_set(cfg)
     return clinical_metrics(test_y, predict_risk(model, test_x), threshold)
@@ -33,6 +35,8 @@ def _mean_std(results, key):
 
 
 def plot(sweep: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(9.5, 4.5), layout="tight")
     axes = figure.subplots()
     epsilons = [p["epsilon"] for p in sweep["points"]]
@@ -102,6 +106,8 @@ def main(description: str, argv: list[str] | None = None) -> int:
         run_dir = new_run_dir(cfg.run_dir, "sweep.json", args.overwrite)
     except (settings.SettingsError, data.DataError, RunDirError) as error:
         parser.error(str(error))
+    from securehealth.tools import baselines
+
     seeds = [cfg.seed + i for i in range(args.seeds)]
     console = display.make_console()
     results, references = {e: [] for e in epsilons}, {"FedAvg, no DP": [], "Pooled data, no DP": []}
