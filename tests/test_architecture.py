@@ -242,7 +242,11 @@ def test_server_momentum_takes_flowers_fedavgm_step():
 
 
 @pytest.mark.parametrize(
-    "script", ["simulation.py", "server.py", "client.py", "predict.py", "report.py", "sweep.py"]
+    "script",
+    [
+        *("simulation.py", "server.py", "client.py", "predict.py", "report.py"),
+        *("sweep.py", "benchmark.py", "bench.py"),
+    ],
 )
 def test_help_does_not_load_the_training_stack(script):
     # --help is read before anything heavy: no PyTorch or Opacus (3-4 s of CPU here).

@@ -14,18 +14,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from opacus import PrivacyEngine
 from rich.table import Table
 
-from model import build_model
 from securehealth import data, display, settings
 from securehealth.certificates import make_certificates
 from securehealth.deployment import runtime
 from securehealth.deployment.processes import process_tree
-from securehealth.privacy import dpsgd
 from securehealth.results import METRICS_FILE, read_json, write_json
-from securehealth.tools.federation import dp_federation
+
+# The training stack (PyTorch, Opacus) is imported where it is measured, so that
+# --help answers at once.
 
 APP_DIR = Path(__file__).resolve().parents[2]
 HOSPITALS = (3, 10, 50, 100)
@@ -143,6 +141,8 @@ def import_times(repeats: int) -> dict[str, float]:
 
 def compute_floor(workdir: str) -> float:
     """The default job's training and evaluation in this process, without Flower."""
+    from securehealth.tools.federation import dp_federation
+
     cfg = settings.resolve({"secure_aggregation": "off"})
     start = time.perf_counter()
     dp_federation(cfg, Path(tempfile.mkdtemp(dir=workdir)))
@@ -152,6 +152,11 @@ def compute_floor(workdir: str) -> float:
 def step_times(repeats: int, epochs: int = 10) -> tuple[float, float]:
     """Median seconds per step of DP-SGD (Opacus) and of plain SGD, same model, same
     data (the default job's largest hospital), same loader."""
+    from opacus import PrivacyEngine
+
+    from model import build_model
+    from securehealth.privacy import dpsgd
+
     cfg = settings.resolve({})
     (x, y), _ = data.hospital_data(cfg, 0)
     sample_rate, steps = dpsgd.sample_rate_and_steps(len(y), cfg)
@@ -234,6 +239,8 @@ def main(description: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.deploy_rounds < 2:
         parser.error("--repeats must be >= 1 and --deploy-rounds >= 2")
+    import torch
+
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     console = display.make_console()
@@ -271,6 +278,10 @@ def main(description: str, argv: list[str] | None = None) -> int:
 
 
 def machine() -> dict[str, Any]:
+    import torch
+
+    from securehealth.privacy import dpsgd
+
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

@@ -17,21 +17,23 @@ from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from model import clinical_metrics, predict_risk
 from securehealth import display, settings
 from securehealth.data import heart_disease
 from securehealth.data.schema import Schema
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
-from securehealth.tools import baselines, clinical_benchmark
-from securehealth.tools.federation import dp_federation
+from securehealth.tools import clinical_benchmark
+
+# The training stack (PyTorch, Opacus) is imported where it trains, so that --help
+# and a refused command answer at once.
+if TYPE_CHECKING:
+    import torch
 
 DROPPED = ("slope", "ca", "thal")  # FLamby's protocol leaves these out
 TRAIN_FRACTION, SPLIT_SEED = 0.66, 43
@@ -120,9 +122,11 @@ def benchmark_patients(all_columns: bool) -> tuple[Patients, list[str]]:
     return patients, schema.input_names
 
 
-def per_hospital(model: torch.nn.Module, patients: Patients) -> dict[str, Any]:
+def per_hospital(model: "torch.nn.Module", patients: Patients) -> dict[str, Any]:
     """Accuracy at 0.5 and ROC-AUC on each hospital's test patients, and their means
     over the hospitals (AUC over those whose test patients hold both classes)."""
+    from model import clinical_metrics, predict_risk
+
     scores = [
         clinical_metrics(test_y, predict_risk(model, test_x), THRESHOLD)
         for _, (test_x, test_y) in patients
@@ -155,6 +159,8 @@ def choose_by_cross_validation(
     """The CV_GRID settings with the best mean validation accuracy of the DP
     federation at GOAL_EPSILON (over folds and CV_SEEDS seeds), and every candidate's
     score."""
+    from securehealth.tools.federation import dp_federation
+
     candidates = [dict(zip(CV_GRID, values, strict=True)) for values in product(*CV_GRID.values())]
     folds = cross_validation_folds(patients)
     task = progress.add_task("Choosing settings", total=len(candidates) * CV_SEEDS * len(folds))
@@ -184,6 +190,9 @@ def methods(
     order: every method with the `tuned` settings on FLamby's `flamby` patients, and,
     where cross-validation chose them (`tuning`), the DP federation with the
     product's `defaults` beside (UNTUNED)."""
+    from securehealth.tools import baselines
+    from securehealth.tools.federation import dp_federation
+
     everything, _ = benchmark_patients(all_columns=True)
     training = [rows for rows, _ in flamby]
 
@@ -230,6 +239,8 @@ def run(
     """Settings chosen by cross-validation (unless not asked), then every method
     over `seeds` seeds: per method, the per-seed results with their mean and spread;
     the seconds it all took."""
+    import torch
+
     torch.set_num_threads(1)
     started = time.perf_counter()
     results, chosen, scores = {}, {}, []
