@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from securehealth import data, display, forecast, settings
 from securehealth.deployment import runtime
+from securehealth.privacy.accountant import MIN_BUDGET_LEFT
 from securehealth.privacy.ledger import (
     LEDGER_FILE,
     LedgerError,
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings = data.check_all(cfg)
         check_lasting_ledgers(cfg, args.reset_ledger)
         if not (cfg.ray_address and lasting):  # else the cluster's workers hold the ledgers
-            outlook = forecast.forecast_here(cfg, state_dirs(cfg) if lasting else None)
+            outlook = forecast.forecast_here(
+                cfg, state_dirs(cfg) if lasting else None, spend=args.plan
+            )
             if outlook.training == 0 and not args.plan:
                 raise LedgerError(no_hospital_can_train(cfg, outlook))
             warnings.append(outlook.warning)
@@ -144,19 +147,31 @@ def print_plan(
     console.print(display.plan_table(outlook))
     lines = ["Noise: the multiplier of each step's noise."]
     if lasting:
+        emptied = all(
+            plan.epsilon_after is None or plan.epsilon_after >= plan.budget * (1 - MIN_BUDGET_LEFT)
+            for plan in outlook.plans
+        )
         lines.append(
             f"Ledgers in {simulated_hospitals_dir(cfg)}: a run's noise is calibrated to "
             f"spend all that is left of each budget (the operating point's release "
-            f"included), so after it no further run can train on these patients."
+            f"included), "
+            + (
+                "so after it no further run can train on these patients."
+                if emptied
+                else "down to the least noise calibration goes to: a hospital whose run "
+                "spends less than what is left keeps the rest for a later run."
+            )
         )
         if any(plan.budget_spent for plan in outlook.plans):
-            lines.append(spent_budget_advice(cfg) + ".")
+            lines.append(SPENT_BUDGET_ADVICE + ".")
     else:
         lines.append(
             "Bundled data: every run's hospitals start with fresh ledgers in its run "
             "directory (a demonstration: nothing lasting is spent)."
         )
-    if outlook.warning is None:
+    if outlook.training == 0:
+        lines.append("A run with these settings would be refused: no hospital can train.")
+    elif outlook.warning is None:
         lines.append(
             f"Forecast: the DP noise is {outlook.noise_to_signal:.3f} of the largest signal, "
             f"at most {forecast.NOISE_TO_SIGNAL_LIMIT:g}: a useful model is forecast."
@@ -164,21 +179,22 @@ def print_plan(
     console.print(escape(" ".join(lines)), soft_wrap=True)
 
 
+# What to do when the simulated hospitals' lasting budgets are spent.
+SPENT_BUDGET_ADVICE = (
+    "A hospital's ledger keeps its patients' budget for life and is never reset: for a "
+    f"new cohort of patients point ${HOSPITALS_DIR_VARIABLE} at a new folder; raise "
+    "--epsilon only if every hospital's privacy policy allows it; rehearse on --dataset "
+    "synthetic, which spends nothing lasting"
+)
+
+
 def no_hospital_can_train(cfg: SimpleNamespace, outlook: forecast.Forecast) -> str:
     """The refusal of a run in which no hospital can train, with what to do."""
     if not any(plan.budget_spent for plan in outlook.plans):
         return outlook.warning
-    return f"{outlook.warning}. {spent_budget_advice(cfg)}"
-
-
-def spent_budget_advice(cfg: SimpleNamespace) -> str:
-    """What to do when the simulated hospitals' lasting budgets are spent."""
     return (
-        f"A hospital's ledger (in {simulated_hospitals_dir(cfg)}) keeps its patients' "
-        f"budget for life and is never reset: for a new cohort of patients point "
-        f"${HOSPITALS_DIR_VARIABLE} at a new folder; raise --epsilon only if every "
-        f"hospital's privacy policy allows it; rehearse on --dataset synthetic, which "
-        f"spends nothing lasting"
+        f"{outlook.warning}. Their ledgers are in {simulated_hospitals_dir(cfg)}. "
+        f"{SPENT_BUDGET_ADVICE}"
     )
 
 

@@ -240,7 +240,7 @@ def plan_table(outlook: "Forecast") -> Table:
             str(plan.steps_per_round),
             f"{plan.noise_multiplier:.3f}" if trains else "-",
             f"{plan.epsilon_spent:.3f} / {plan.budget:g}",
-            f"{plan.budget - plan.epsilon_spent:.3f}" if trains else "nothing",
+            f"{plan.epsilon_after - plan.epsilon_spent:.3f}" if trains else "nothing",
         )
     return table
 

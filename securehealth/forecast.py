@@ -55,6 +55,7 @@ class HospitalPlan:
     reason: str = ""
     epsilon_spent: float = 0.0
     budget: float = 1.0
+    epsilon_after: float | None = None  # where asked for (spend=True) and it can train
 
     @property
     def budget_spent(self) -> bool:
@@ -127,10 +128,17 @@ def noise_to_signal(plans: Sequence[HospitalPlan], rounds: int, weights: int) ->
 
 
 def plan_hospital(
-    cfg: SimpleNamespace, hospital: int, patients: int, weights: int, ledger: PrivacyLedger
+    cfg: SimpleNamespace,
+    hospital: int,
+    patients: int,
+    weights: int,
+    ledger: PrivacyLedger,
+    spend: bool = False,
 ) -> HospitalPlan:
     """What `hospital`, with `patients` training patients and its `ledger`, would
-    train with in a run of cfg's settings on a model of `weights` weights."""
+    train with in a run of cfg's settings on a model of `weights` weights; with
+    `spend`, also the epsilon its ledger would hold after the run (one more
+    dp-accounting evaluation: for a plan, not for every run's forecast)."""
     from securehealth.privacy import dpsgd  # torch and Opacus: loaded when planning, not for --help
 
     sample_rate, steps = dpsgd.sample_rate_and_steps(patients, cfg)
@@ -145,12 +153,13 @@ def plan_hospital(
         epsilon_spent=spent,
         budget=cfg.epsilon,
     )
+    releases_threshold = operating_point.Target.parse(cfg.decision_threshold) is not None
     try:
         sigma = ledger.planned_noise(
             sample_rate,
             cfg.rounds * steps,
             dpsgd.noise_limit(patients, weights, cfg),
-            operating_point=operating_point.Target.parse(cfg.decision_threshold) is not None,
+            operating_point=releases_threshold,
         )
     except NoiseBeyondLimit as refusal:
         reason = (
@@ -160,7 +169,12 @@ def plan_hospital(
         return planned(None, reason)
     except BudgetExhausted as refusal:
         return planned(None, str(refusal))
-    return planned(sigma)
+    after = (
+        ledger.epsilon_after_run(sigma, sample_rate, cfg.rounds * steps, releases_threshold)
+        if spend
+        else None
+    )
+    return planned(sigma, epsilon_after=after)
 
 
 def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) -> Forecast:
@@ -168,10 +182,13 @@ def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) 
     return Forecast(noise_to_signal(plans, cfg.rounds, weights), tuple(plans))
 
 
-def forecast_here(cfg: SimpleNamespace, state_dirs: Sequence[Path] | None) -> Forecast:
+def forecast_here(
+    cfg: SimpleNamespace, state_dirs: Sequence[Path] | None, spend: bool = False
+) -> Forecast:
     """The forecast for a federation whose hospitals' data this machine holds, as in
     simulation.py: with their ledgers in `state_dirs` (one per hospital), or, with
-    None, as hospitals that start afresh (bundled data's)."""
+    None, as hospitals that start afresh (bundled data's); with `spend`, each plan
+    says what the run would spend (plan_hospital)."""
     from model import build_model  # the training stack: simulation.py has it loaded
 
     inputs = len(data.load_schema(cfg).input_names)
@@ -185,6 +202,7 @@ def forecast_here(cfg: SimpleNamespace, state_dirs: Sequence[Path] | None) -> Fo
                 len(data.hospital_data(cfg, hospital)[0][1]),
                 weights,
                 PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency),
+                spend,
             )
             for hospital, state_dir in enumerate(homes)
         ]

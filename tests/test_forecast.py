@@ -158,6 +158,13 @@ def test_the_plan_shows_what_each_hospital_would_spend_and_changes_nothing(tmp_p
     assert not any((ledgers / f"hospital-{h}" / LEDGER_FILE).exists() for h in (1, 2))
     assert not (tmp_path / "runs").exists()
 
+    for hospital in (1, 2):
+        spend(ledgers / f"hospital-{hospital}", cfg)
+    nobody = simulate(tmp_path, "--plan", "--dataset", "csv", "--data-dir", str(data_dir))
+    assert "A run with these settings would be refused: no hospital can train" in " ".join(
+        nobody.stdout.split()
+    )
+
 
 def test_the_plan_of_bundled_data_says_it_spends_nothing_lasting(tmp_path):
     planned = simulate(tmp_path, "--plan", "--dataset", "breast-cancer")
@@ -168,3 +175,21 @@ def test_the_plan_of_bundled_data_says_it_spends_nothing_lasting(tmp_path):
     assert not (tmp_path / "runs").exists()
     refused = simulate(tmp_path, "--plan", "--reset-ledger", "new patients")
     assert refused.returncode == 2 and "--plan changes nothing" in refused.stderr
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 1000.0])
+def test_the_plan_says_what_the_run_then_spends(tmp_path, epsilon):
+    # At epsilon 1000 the noise stops at the least calibration goes to, so a run
+    # spends less than the budget: the plan must say so, not "all that is left".
+    from securehealth.tools.federation import dp_federation
+
+    flags = ["--data-dir", str(EXAMPLE), "--rounds=2", f"--epsilon={epsilon}"]
+    cfg = settings_for("--dataset", "csv", *flags)
+    homes = [tmp_path / f"hospital-{h}" for h in range(cfg.num_clients)]
+    plans = forecast.forecast_here(cfg, homes, spend=True).plans
+    dp_federation(cfg, tmp_path)  # the real hospitals' training and operating point
+    for plan, home in zip(plans, homes, strict=True):
+        ledger = PrivacyLedger(home, cfg.epsilon, cfg.delta, cfg.adjacency)
+        with ledger.transaction():
+            assert ledger.epsilon() == pytest.approx(plan.epsilon_after, rel=1e-6)
+    assert all(p.epsilon_after < 0.5 * epsilon for p in plans) == (epsilon == 1000.0)

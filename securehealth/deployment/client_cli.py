@@ -246,12 +246,16 @@ def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
     with ledger.transaction():
         spent = ledger.epsilon()
     if spent >= cfg.epsilon * (1 - MIN_BUDGET_LEFT):
+        left = (
+            f"past its budget of {cfg.epsilon:g}"
+            if spent > cfg.epsilon
+            else f"of its budget of {cfg.epsilon:g}, less than {MIN_BUDGET_LEFT:.0%} left"
+        )
         raise LedgerError(
-            f"this hospital's privacy ledger {ledger.path} holds epsilon {spent:.4f} of its "
-            f"budget of {cfg.epsilon:g}, less than {MIN_BUDGET_LEFT:.0%} left, so it cannot "
-            f"train in any run. The budget is for its patients' lifetime and a ledger is "
-            f"never reset: for a new cohort of patients, give it a new --state-dir; raise "
-            f"--epsilon only if the hospital's privacy policy allows it"
+            f"this hospital's privacy ledger {ledger.path} holds epsilon {spent:.4f}, "
+            f"{left}, so it cannot train in any run. The budget is for its patients' "
+            f"lifetime and a ledger is never reset: for a new cohort of patients, give it a "
+            f"new --state-dir; raise --epsilon only if the hospital's privacy policy allows it"
         )
     return spent
 

@@ -385,6 +385,18 @@ class PrivacyLedger:
                 sample_rate, planned_steps, max_noise_multiplier, operating_point
             )[0]
 
+    def epsilon_after_run(
+        self, noise_multiplier: float, sample_rate: float, planned_steps: int, operating_point: bool
+    ) -> float:
+        """The cumulative epsilon after a new run trained with `noise_multiplier` (as
+        planned_noise gave it) and released the operating point it would reserve:
+        the budget, unless the noise had to stop at the least calibration goes to."""
+        with self.transaction():
+            reserved = []
+            if operating_point:
+                reserved = [(self._operating_point_noise(self.budget - self.epsilon()), 1.0, 1)]
+            return self.epsilon([*reserved, (noise_multiplier, sample_rate, planned_steps)])
+
     def _calibrate_run(self, sample_rate, planned_steps, max_noise_multiplier, operating_point):
         """(noise multiplier, [the operating point's release it reserves]) of a new
         run, on top of everything the ledger holds (see noise_for_round)."""
