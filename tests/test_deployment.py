@@ -272,7 +272,7 @@ def test_a_hospital_whose_budget_is_spent_refuses_before_it_reaches_the_server(t
     assert_one_line_error(told, 1, "no server at")  # past the ledger, to the server
     assert (
         f"Hospital 1's privacy budget: epsilon 1 over all runs on its patients, {spent:.3f} "
-        f"spent before, {1 - spent:.3f} left; a run spends all that is left"
+        f"spent before, {1 - spent:.3f} left; a run spends up to all that is left"
     ) in told.stdout
 
 

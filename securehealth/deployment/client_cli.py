@@ -171,7 +171,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     console.print(
         f"Hospital {args.client_id}'s privacy budget: epsilon {cfg.epsilon:g} over all runs on "
         f"its patients, {spent:.3f} spent before, {cfg.epsilon - spent:.3f} left; a run "
-        f"spends all that is left (ledger: {escape(str(ledger.path))})",
+        f"spends up to all that is left (ledger: {escape(str(ledger.path))})",
         soft_wrap=True,
     )
     if args.insecure:
