@@ -19,7 +19,6 @@ from rich.markup import escape
 
 from securehealth import data, display, forecast, settings
 from securehealth.deployment import runtime
-from securehealth.privacy.accountant import MIN_BUDGET_LEFT
 from securehealth.privacy.ledger import (
     LEDGER_FILE,
     LedgerError,
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg, state_dirs(cfg) if lasting else None, spend=args.plan
             )
             if outlook.training == 0 and not args.plan:
-                raise LedgerError(no_hospital_can_train(cfg, outlook))
+                raise LedgerError(outlook.refusal(simulated_hospitals_dir(cfg)))
             warnings.append(outlook.warning)
         if not args.plan:
             cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in filter(None, warnings):
         console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
     if args.plan:
-        print_plan(cfg, outlook, lasting, console)
+        display.print_plan(cfg, outlook, simulated_hospitals_dir(cfg) if lasting else None, console)
         return 0
     hospitals_dir = simulated_hospitals_dir(cfg)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
@@ -133,69 +132,6 @@ def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
             "are on its workers: run it without --ray-address on a machine that holds them "
             f"(the same ${HOSPITALS_DIR_VARIABLE})"
         )
-
-
-def print_plan(
-    cfg: SimpleNamespace, outlook: forecast.Forecast, lasting: bool, console: Console
-) -> None:
-    """What the run would train with and spend per hospital (its forecast's warning,
-    if any, is printed above it)."""
-    console.print(
-        f"Plan: {cfg.num_clients} hospitals, {cfg.rounds} rounds, epsilon budget "
-        f"{cfg.epsilon:g} per hospital (delta {cfg.delta:g}, {cfg.adjacency})"
-    )
-    console.print(display.plan_table(outlook))
-    lines = ["Noise: the multiplier of each step's noise."]
-    if lasting:
-        emptied = all(
-            plan.epsilon_after is None or plan.epsilon_after >= plan.budget * (1 - MIN_BUDGET_LEFT)
-            for plan in outlook.plans
-        )
-        lines.append(
-            f"Ledgers in {simulated_hospitals_dir(cfg)}: a run's noise is calibrated to "
-            f"spend all that is left of each budget (the operating point's release "
-            f"included), "
-            + (
-                "so after it no further run can train on these patients."
-                if emptied
-                else "down to the least noise calibration goes to: a hospital whose run "
-                "spends less than what is left keeps the rest for a later run."
-            )
-        )
-        if any(plan.budget_spent for plan in outlook.plans):
-            lines.append(SPENT_BUDGET_ADVICE + ".")
-    else:
-        lines.append(
-            "Bundled data: every run's hospitals start with fresh ledgers in its run "
-            "directory (a demonstration: nothing lasting is spent)."
-        )
-    if outlook.training == 0:
-        lines.append("A run with these settings would be refused: no hospital can train.")
-    elif outlook.warning is None:
-        lines.append(
-            f"Forecast: the DP noise is {outlook.noise_to_signal:.3f} of the largest signal, "
-            f"at most {forecast.NOISE_TO_SIGNAL_LIMIT:g}: a useful model is forecast."
-        )
-    console.print(escape(" ".join(lines)), soft_wrap=True)
-
-
-# What to do when the simulated hospitals' lasting budgets are spent.
-SPENT_BUDGET_ADVICE = (
-    "A hospital's ledger keeps its patients' budget for life and is never reset: for a "
-    f"new cohort of patients point ${HOSPITALS_DIR_VARIABLE} at a new folder; raise "
-    "--epsilon only if every hospital's privacy policy allows it; rehearse on --dataset "
-    "synthetic, which spends nothing lasting"
-)
-
-
-def no_hospital_can_train(cfg: SimpleNamespace, outlook: forecast.Forecast) -> str:
-    """The refusal of a run in which no hospital can train, with what to do."""
-    if not any(plan.budget_spent for plan in outlook.plans):
-        return outlook.warning
-    return (
-        f"{outlook.warning}. Their ledgers are in {simulated_hospitals_dir(cfg)}. "
-        f"{SPENT_BUDGET_ADVICE}"
-    )
 
 
 def state_dirs(cfg: SimpleNamespace) -> list[Path]:

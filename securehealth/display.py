@@ -245,6 +245,48 @@ def plan_table(outlook: "Forecast") -> Table:
     return table
 
 
+def print_plan(
+    cfg: SimpleNamespace, outlook: "Forecast", ledgers: Path | None, console: Console
+) -> None:
+    """What a run would train with and spend per hospital (simulation.py --plan; the
+    forecast's warning, if any, is printed above it): the hospitals' lasting ledgers
+    in `ledgers`, or None where each run starts them afresh (bundled data)."""
+    from securehealth.forecast import NOISE_TO_SIGNAL_LIMIT, SPENT_BUDGET_ADVICE
+
+    console.print(
+        f"Plan: {cfg.num_clients} hospitals, {cfg.rounds} rounds, epsilon budget "
+        f"{cfg.epsilon:g} per hospital (delta {cfg.delta:g}, {cfg.adjacency})"
+    )
+    console.print(plan_table(outlook))
+    lines = ["Noise: the multiplier of each step's noise."]
+    if ledgers is not None:
+        lines.append(
+            f"Ledgers in {ledgers}: a run's noise is calibrated to spend all that is left "
+            f"of each budget (the operating point's release included), "
+            + (
+                "so after it no further run can train on these patients."
+                if all(plan.empties_budget for plan in outlook.plans)
+                else "down to the least noise calibration goes to: a hospital whose run "
+                "spends less than what is left keeps the rest for a later run."
+            )
+        )
+        if any(plan.budget_spent for plan in outlook.plans):
+            lines.append(SPENT_BUDGET_ADVICE + ".")
+    else:
+        lines.append(
+            "Bundled data: every run's hospitals start with fresh ledgers in its run "
+            "directory (a demonstration: nothing lasting is spent)."
+        )
+    if outlook.training == 0:
+        lines.append("A run with these settings would be refused: no hospital can train.")
+    elif outlook.warning is None:
+        lines.append(
+            f"Forecast: the DP noise is {outlook.noise_to_signal:.3f} of the largest signal, "
+            f"at most {NOISE_TO_SIGNAL_LIMIT:g}: a useful model is forecast."
+        )
+    console.print(escape(" ".join(lines)), soft_wrap=True)
+
+
 def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 

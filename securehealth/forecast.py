@@ -32,8 +32,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from securehealth import data, operating_point
-from securehealth.privacy.accountant import MIN_BUDGET_LEFT, BudgetExhausted, NoiseBeyondLimit
+from securehealth.privacy.accountant import BudgetExhausted, NoiseBeyondLimit, nearly_spent
 from securehealth.privacy.ledger import PrivacyLedger
+from securehealth.results import HOSPITALS_DIR_VARIABLE
+
+# What to do when the simulated hospitals' lasting budgets are spent.
+SPENT_BUDGET_ADVICE = (
+    "A hospital's ledger keeps its patients' budget for life and is never reset: for a "
+    f"new cohort of patients point ${HOSPITALS_DIR_VARIABLE} at a new folder; raise "
+    "--epsilon only if every hospital's privacy policy allows it; rehearse on --dataset "
+    "synthetic, which spends nothing lasting"
+)
 
 # Above this noise-to-signal ratio the forecast warns that the model is unlikely to
 # be useful (median AUC below 0.6 in the measurements above).
@@ -60,9 +69,13 @@ class HospitalPlan:
     @property
     def budget_spent(self) -> bool:
         """Whether it cannot train because its ledger holds (nearly) all its budget."""
-        return self.noise_multiplier is None and self.budget - self.epsilon_spent < (
-            MIN_BUDGET_LEFT * self.budget
-        )
+        return self.noise_multiplier is None and nearly_spent(self.epsilon_spent, self.budget)
+
+    @property
+    def empties_budget(self) -> bool:
+        """Whether the run would leave it too little budget for another (its noise
+        calibrated to spend all that is left; None where not asked for)."""
+        return self.epsilon_after is None or nearly_spent(self.epsilon_after, self.budget)
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,13 @@ class Forecast:
             )
         )
         return "forecast: " + "; ".join(parts)
+
+    def refusal(self, ledgers: Path) -> str:
+        """The refusal of a run in which no hospital can train: the warning, and where
+        budgets are spent, where their ledgers (in `ledgers`) are and what to do."""
+        if not any(plan.budget_spent for plan in self.plans):
+            return self.warning
+        return f"{self.warning}. Their ledgers are in {ledgers}. {SPENT_BUDGET_ADVICE}"
 
 
 def noise_to_signal(plans: Sequence[HospitalPlan], rounds: int, weights: int) -> float:

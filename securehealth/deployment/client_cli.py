@@ -24,7 +24,7 @@ from securehealth.deployment import pinning, runtime
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
 from securehealth.operating_point import DECLINED, RELEASED
-from securehealth.privacy.accountant import MIN_BUDGET_LEFT
+from securehealth.privacy.accountant import MIN_BUDGET_LEFT, nearly_spent
 from securehealth.privacy.ledger import (
     LedgerError,
     PrivacyLedger,
@@ -245,7 +245,7 @@ def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
     too little is left for it to train in any run."""
     with ledger.transaction():
         spent = ledger.epsilon()
-    if spent >= cfg.epsilon * (1 - MIN_BUDGET_LEFT):
+    if nearly_spent(spent, cfg.epsilon):
         left = (
             f"past its budget of {cfg.epsilon:g}"
             if spent > cfg.epsilon

@@ -109,10 +109,16 @@ def calibrate_noise_multiplier(
     return _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_multiplier)
 
 
+def nearly_spent(spent: float, budget: float) -> bool:
+    """Whether an epsilon of `spent` leaves less than MIN_BUDGET_LEFT of `budget`:
+    too little for any further training (calibration refuses it)."""
+    return spent >= budget * (1 - MIN_BUDGET_LEFT)
+
+
 @functools.lru_cache(maxsize=1024)
 def _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_multiplier):
     spent = epsilon_spent(prior, delta, adjacency)
-    if spent >= budget * (1 - MIN_BUDGET_LEFT):
+    if nearly_spent(spent, budget):
         raise BudgetExhausted(
             f"epsilon spent {spent:.4f} of the budget of {budget:g}, less than "
             f"{MIN_BUDGET_LEFT:.0%} left"
