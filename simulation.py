@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from securehealth import data, display, forecast, settings
+from securehealth.data import demonstration
 from securehealth.deployment import runtime
 from securehealth.privacy.ledger import (
     LEDGER_FILE,
@@ -29,6 +30,7 @@ from securehealth.results import (
     HOSPITALS_DIR_VARIABLE,
     METRICS_FILE,
     RunDirError,
+    lasting_hospitals_dir,
     new_run_dir,
     simulated_hospitals_dir,
     write_json,
@@ -58,17 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
-        lasting = cfg.dataset == "csv"  # bundled data's hospitals start afresh each run
+        # Demonstrations' hospitals start afresh in each run (data/demonstration.py).
+        lasting = not demonstration.all_demonstration(cfg)
         if args.plan:
             check_plan(cfg, args, lasting)
         warnings = data.check_all(cfg)
-        check_lasting_ledgers(cfg, args.reset_ledger)
+        check_lasting_ledgers(cfg, args.reset_ledger, lasting)
         if not (cfg.ray_address and lasting):  # else the cluster's workers hold the ledgers
             outlook = forecast.forecast_here(
                 cfg, state_dirs(cfg) if lasting else None, spend=args.plan
             )
             if outlook.training == 0 and not args.plan:
-                raise LedgerError(outlook.refusal(simulated_hospitals_dir(cfg)))
+                raise LedgerError(outlook.refusal(lasting_hospitals_dir()))
             warnings.append(outlook.warning)
         if not args.plan:
             cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
@@ -77,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     for warning in filter(None, warnings):
         console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
     if args.plan:
-        display.print_plan(cfg, outlook, simulated_hospitals_dir(cfg) if lasting else None, console)
+        display.print_plan(cfg, outlook, lasting_hospitals_dir() if lasting else None, console)
         return 0
-    hospitals_dir = simulated_hospitals_dir(cfg)
+    hospitals_dir = simulated_hospitals_dir(not lasting, cfg.run_dir)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
         f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "
@@ -136,21 +139,22 @@ def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
 
 def state_dirs(cfg: SimpleNamespace) -> list[Path]:
     """The simulated hospitals' state directories, their privacy ledgers' homes."""
-    return [simulated_hospitals_dir(cfg) / f"hospital-{h}" for h in range(cfg.num_clients)]
+    return [lasting_hospitals_dir() / f"hospital-{h}" for h in range(cfg.num_clients)]
 
 
-def check_lasting_ledgers(cfg: SimpleNamespace, reset_reason: str | None) -> None:
-    """Check the simulated hospitals' lasting ledgers (your own csv data) before
-    anything starts, starting missing ones afresh if `reset_reason` is given (see
-    ledger.check_before_start). Bundled data's hospitals start afresh in every run."""
-    if cfg.dataset != "csv" or cfg.ray_address:  # a cluster's workers hold theirs
+def check_lasting_ledgers(cfg: SimpleNamespace, reset_reason: str | None, lasting: bool) -> None:
+    """Check the simulated hospitals' lasting ledgers (your own data) before anything
+    starts, starting missing ones afresh if `reset_reason` is given (see
+    ledger.check_before_start). A demonstration's hospitals start afresh in every run."""
+    if not lasting or cfg.ray_address:  # a cluster's workers hold theirs
         if reset_reason is not None:
             raise LedgerError(
-                "--reset-ledger is for the lasting ledgers of your own data (dataset csv, "
-                "on this machine); bundled data's hospitals start afresh in every run"
+                "--reset-ledger is for the lasting ledgers of your own data (on this "
+                "machine); a demonstration's hospitals (data generated or shipped with "
+                "this code) start afresh in every run"
             )
         return
-    hospitals_dir = simulated_hospitals_dir(cfg)
+    hospitals_dir = lasting_hospitals_dir()
     missing = [not (d / LEDGER_FILE).exists() for d in state_dirs(cfg)]
     if reset_reason is not None and not any(missing):
         raise LedgerError(

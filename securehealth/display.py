@@ -250,7 +250,7 @@ def print_plan(
 ) -> None:
     """What a run would train with and spend per hospital (simulation.py --plan; the
     forecast's warning, if any, is printed above it): the hospitals' lasting ledgers
-    in `ledgers`, or None where each run starts them afresh (bundled data)."""
+    in `ledgers`, or None where each run starts them afresh (a demonstration)."""
     from securehealth.forecast import NOISE_TO_SIGNAL_LIMIT, SPENT_BUDGET_ADVICE
 
     console.print(
@@ -274,8 +274,9 @@ def print_plan(
             lines.append(SPENT_BUDGET_ADVICE + ".")
     else:
         lines.append(
-            "Bundled data: every run's hospitals start with fresh ledgers in its run "
-            "directory (a demonstration: nothing lasting is spent)."
+            "Demonstration data (generated, or shipped with this code, by its "
+            "fingerprint): every run's hospitals start with fresh ledgers in its run "
+            "directory, and nothing lasting is spent."
         )
     if outlook.training == 0:
         lines.append("A run with these settings would be refused: no hospital can train.")

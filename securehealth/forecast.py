@@ -41,7 +41,7 @@ SPENT_BUDGET_ADVICE = (
     "A hospital's ledger keeps its patients' budget for life and is never reset: for a "
     f"new cohort of patients point ${HOSPITALS_DIR_VARIABLE} at a new folder; raise "
     "--epsilon only if every hospital's privacy policy allows it; rehearse on --dataset "
-    "synthetic, which spends nothing lasting"
+    "synthetic or the shipped examples/csv, which spend nothing lasting"
 )
 
 # Above this noise-to-signal ratio the forecast warns that the model is unlikely to

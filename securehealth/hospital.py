@@ -60,14 +60,16 @@ class Hospital:
         data_file=None,
         schema_file=None,
         patients=None,
+        ledger_dir=None,
         lasting=False,
         own_file=None,
     ):
         """`patients`, ((x, y), (held-out x, y)), replaces the hospital's own data and
-        held-out rule: for a benchmark's published split of public data only.
+        held-out rule: for a benchmark's published split of public data only. Its
+        privacy ledger is in `ledger_dir` (node.ledger_dir), else in `state_dir`.
         `lasting` and `own_file` (node.open_hospital) make its ledger known to this
         machine's index, with the file of its own patients (privacy/data_index.py);
-        the tools' scratch ledgers are not."""
+        the tools' scratch ledgers and demonstrations' are not."""
         torch.set_num_threads(1)  # a tiny model: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
         self.state_dir = Path(state_dir)
@@ -75,7 +77,7 @@ class Hospital:
             cfg, hospital, data_file, schema_file
         )
         self.ledger = PrivacyLedger(
-            state_dir, cfg.epsilon, cfg.delta, cfg.adjacency, lasting, own_file
+            ledger_dir or state_dir, cfg.epsilon, cfg.delta, cfg.adjacency, lasting, own_file
         )
 
     def train_round(

@@ -30,13 +30,22 @@ from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
 
 from securehealth import data, settings
 from securehealth.authorisation import Unauthorised, prove_identity, verify_run
+from securehealth.data import demonstration
+from securehealth.data.demonstration import DEMO_RUNS_DIR
 from securehealth.flower import (
     RECORD_KEY_CONFIGS,
     getpropertiesres_to_recorddict,
     recorddict_to_getpropertiesins,
 )
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
-from securehealth.results import HOSPITALS_DIR_VARIABLE, STATUS_FILE, read_json, write_json
+from securehealth.results import (
+    HOSPITALS_DIR_VARIABLE,
+    STATUS_FILE,
+    default_state_root,
+    lasting_hospitals_dir,
+    read_json,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from securehealth.hospital import Hospital
@@ -66,15 +75,23 @@ def in_simulation_engine() -> bool:
 
 
 def is_simulated(context: Context) -> bool:
-    """A hospital that simulation.py runs on this machine: in Flower's simulation
-    engine, with no state directory of its own, and the machine (never the server)
-    naming where simulated hospitals keep theirs (HOSPITALS_DIR_VARIABLE). A
-    SuperNode on a machine that sets the variable is still a deployed hospital."""
-    return (
-        "state-dir" not in context.node_config
-        and bool(os.environ.get(HOSPITALS_DIR_VARIABLE))
-        and in_simulation_engine()
-    )
+    """A hospital that the operator simulates on this machine (simulation.py, or
+    `flwr run .` on Flower's local simulation): in Flower's simulation engine, with
+    no state directory of its own. Nothing a server or a run config sends decides
+    it: a deployed SuperNode runs its ClientApps outside Ray, and client.py always
+    gives it its state directory."""
+    return "state-dir" not in context.node_config and in_simulation_engine()
+
+
+def is_demonstration(context: Context, cfg: SimpleNamespace, hospital: int) -> bool:
+    """Whether this hospital's patients are a demonstration's, from its own data
+    alone (data/demonstration.py): never a file the server names. A deployed
+    hospital that brought no file trains on generated patients only if the run's
+    data set generates them; else it does not train at all (open_hospital)."""
+    node = context.node_config
+    if is_simulated(context) or "data-file" in node:
+        return demonstration.is_demonstration(data.own_file(cfg, hospital, node.get("data-file")))
+    return not getattr(data.SOURCES[cfg.dataset], "FILES", False)
 
 
 def hospital_settings(context: Context) -> tuple[int, SimpleNamespace]:
@@ -118,8 +135,9 @@ def open_hospital(context: Context) -> "Hospital":
             f"the server's run uses dataset {cfg.dataset} but this hospital brought no "
             f"data of its own: start it with client.py {own}"
         )
-    state_dir = hospital_state_dir(context, hospital)
-    check_run(context, cfg, state_dir)
+    state_dir = hospital_state_dir(context, cfg, hospital)
+    check_run(context, cfg, hospital)
+    lasting = not is_demonstration(context, cfg, hospital)
     try:
         return Hospital(
             hospital,
@@ -128,9 +146,9 @@ def open_hospital(context: Context) -> "Hospital":
             state_dir,
             node.get("data-file"),
             node.get("schema-file"),
-            # Not a bundled-data simulation's ledger in the run directory.
-            lasting=not is_simulated(context) or cfg.dataset == "csv",
-            own_file=data.own_file(cfg, hospital, node.get("data-file")),
+            ledger_dir=ledger_dir(context, cfg, hospital),
+            lasting=lasting,
+            own_file=data.own_file(cfg, hospital, node.get("data-file")) if lasting else None,
         )
     except data.DataError as error:
         # The details quote patients' values: they stay in this hospital's own log.
@@ -141,7 +159,7 @@ def open_hospital(context: Context) -> "Hospital":
         ) from None
 
 
-def check_run(context: Context, cfg: SimpleNamespace, state_dir: Path) -> None:
+def check_run(context: Context, cfg: SimpleNamespace, hospital: int) -> None:
     """Raise Unauthorised unless this run may spend this hospital's budget: in
     deployment, its server's operator signed it (checked against the operator's
     public key the hospital was given) and no other run used that signature before.
@@ -159,11 +177,14 @@ def check_run(context: Context, cfg: SimpleNamespace, state_dir: Path) -> None:
         if not operator_pub:
             return  # client.py --insecure
         nonce = verify_run(context.run_config, operator_pub)["nonce"]
-        ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
+        ledger = PrivacyLedger(
+            ledger_dir(context, cfg, hospital), cfg.epsilon, cfg.delta, cfg.adjacency
+        )
         with ledger.transaction():
             if not ledger.authorised_run(nonce, context.run_id):
                 raise Unauthorised("its authorisation was already used by another run (a replay)")
     except Unauthorised as refusal:
+        state_dir = hospital_state_dir(context, cfg, hospital)
         _refuse_run(state_dir, context.run_id, f"the run is not authorised: {refusal}")
         raise
 
@@ -188,10 +209,10 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
     authorised, or the server's secure_aggregation differs from its own), and its
     signature of the server's challenge with its enrolled key, if it has one."""
     hospital, cfg = hospital_settings(context)
-    state_dir = hospital_state_dir(context, hospital)
+    state_dir = hospital_state_dir(context, cfg, hospital)
     problem = ""
     try:
-        check_run(context, cfg, state_dir)
+        check_run(context, cfg, hospital)
     except Unauthorised as refusal:
         problem = f"it refused the run: {refusal}"
     asked = {
@@ -243,13 +264,15 @@ def hospital_mod(
     )
 
 
-def hospital_state_dir(context: Context, hospital: int) -> Path:
-    """Where the hospital keeps its privacy ledger, status and evaluations: in
-    deployment its own directory (client.py's --state-dir); in simulation the one
-    simulation.py chose on this machine. Never a place the server names: without
-    one, the hospital does not train."""
+def hospital_state_dir(context: Context, cfg: SimpleNamespace, hospital: int) -> Path:
+    """Where the hospital keeps its status and evaluations: in deployment its own
+    directory (client.py's --state-dir); in simulation the one chosen on this
+    machine (results.lasting_hospitals_dir, or for a demonstration a fresh folder per
+    run). Never a place the server names: without one, the hospital does not train."""
     if is_simulated(context):
-        return Path(os.environ[HOSPITALS_DIR_VARIABLE]) / f"hospital-{hospital}"
+        if os.environ.get(HOSPITALS_DIR_VARIABLE) or not is_demonstration(context, cfg, hospital):
+            return lasting_hospitals_dir() / f"hospital-{hospital}"
+        return default_state_root() / DEMO_RUNS_DIR / str(context.run_id) / f"hospital-{hospital}"
     if context.node_config.get("state-dir"):
         return Path(context.node_config["state-dir"])
     raise LedgerError(
@@ -257,3 +280,13 @@ def hospital_state_dir(context: Context, hospital: int) -> Path:
         "train: start it with `python client.py --client-id N` (or give flower-supernode "
         "--node-config \"state-dir='/absolute/path'\")"
     )
+
+
+def ledger_dir(context: Context, cfg: SimpleNamespace, hospital: int) -> Path:
+    """Where the privacy ledger this run spends from lives: the state directory, but
+    a deployed hospital whose data is a demonstration's keeps a fresh ledger per run
+    in demo-runs/<run id>/ inside it, never touching its lasting one."""
+    state_dir = hospital_state_dir(context, cfg, hospital)
+    if is_simulated(context) or not is_demonstration(context, cfg, hospital):
+        return state_dir
+    return state_dir / DEMO_RUNS_DIR / str(int(context.run_id))

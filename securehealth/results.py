@@ -44,18 +44,22 @@ STATUS_FILE = "status.json"
 EVALUATION_FILE = "evaluation.json"
 
 # Where simulated hospitals keep their state (hospital-<i>/ inside it): set on the
-# machine that runs them (simulation.py does), never by the server.
+# machine that runs them (simulation.py does), never by the server; optional.
 HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"
 
 
-def simulated_hospitals_dir(cfg: SimpleNamespace) -> Path:
-    """Where simulation.py's hospitals keep their privacy ledgers: inside the run
-    directory for bundled data (generated or public patients: each run is a fresh
-    demonstration, never spending from a lasting ledger), but for your own csv data
-    a lasting folder, so that every simulation on real patients spends from the same
-    budgets: the operator's own HOSPITALS_DIR_VARIABLE, else one in the state root."""
-    if cfg.dataset != "csv":
-        return Path(cfg.run_dir) / "hospitals"
+def simulated_hospitals_dir(demonstration: bool, run_dir: str | Path) -> Path:
+    """Where simulation.py's hospitals keep their privacy ledgers (hospital-<i>/
+    inside): in the run directory where every hospital's data is a demonstration's
+    (data/demonstration.py: each run starts afresh, spending nothing lasting); else a
+    lasting folder, so that every simulation on real patients spends from the same
+    budgets (lasting_hospitals_dir)."""
+    return Path(run_dir) / "hospitals" if demonstration else lasting_hospitals_dir()
+
+
+def lasting_hospitals_dir() -> Path:
+    """The lasting folder of simulated hospitals' privacy ledgers: the operator's own
+    HOSPITALS_DIR_VARIABLE, else one in the state root."""
     if os.environ.get(HOSPITALS_DIR_VARIABLE):
         return Path(os.environ[HOSPITALS_DIR_VARIABLE]).resolve()
     return default_state_root() / "simulation"

@@ -164,13 +164,16 @@ def add_unaccounted_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def check_accounted(cfg: SimpleNamespace, allowed: bool, what: str) -> None:
-    """Refuse `what` on real (csv) patients unless the operator said, with the flag,
-    that its privacy spend goes unaccounted. Bundled data is free to use."""
-    if cfg.dataset == "csv" and not allowed:
+    """Refuse `what` on real patients unless the operator said, with the flag, that
+    its privacy spend goes unaccounted. A demonstration's data (generated, or shipped
+    with this code: securehealth/data/demonstration.py) is free to use."""
+    from securehealth.data.demonstration import all_demonstration
+
+    if not allowed and not all_demonstration(cfg):
         raise SettingsError(
-            f"{what} trains on the hospitals' csv patients outside their privacy "
+            f"{what} trains on the hospitals' own patients outside their privacy "
             f"ledgers (partly without DP): pass {UNACCOUNTED_FLAG} to accept that this "
-            f"spend is not accounted, or use a bundled dataset"
+            f"spend is not accounted, or use data generated or shipped with this code"
         )
 
 

@@ -4,6 +4,7 @@ processes, always stopped afterwards."""
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,27 @@ def flower_context(node_config, run_config, run_id=1, node_id=1):
         state=RecordDict(),
         run_config=run_config,
     )
+
+
+def own_data_copy(source, destination):
+    """A copy of a folder of shipped patient files (examples/csv, a heart-disease
+    data_dir) as "your own data": the same patients, each file's rows in reverse
+    order, so that no file is byte for byte a shipped one and every hospital spends
+    from a lasting ledger (securehealth/data/demonstration.py)."""
+    folder = Path(shutil.copytree(source, destination))
+    for path in [*folder.glob("hospital_*.csv"), *folder.glob("processed.*.data")]:
+        lines = path.read_text().splitlines()
+        header = lines[:1] if path.suffix == ".csv" else []
+        path.write_text("\n".join(header + lines[len(header) :][::-1]) + "\n")
+    return folder
+
+
+def demo_ledger(state_dir):
+    """The privacy ledger of a deployed hospital's one run on demonstration data:
+    the run's own, in demo-runs/<run id>/, never its lasting one."""
+    assert not (Path(state_dir) / "privacy-ledger.json").exists()
+    [ledger] = Path(state_dir).glob("demo-runs/*/privacy-ledger.json")
+    return ledger
 
 
 def as_simulated_hospitals(monkeypatch, hospitals_dir):

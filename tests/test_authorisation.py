@@ -4,7 +4,7 @@ and proves who it is: checked on the real ClientApp with real Flower messages.""
 import json
 
 import pytest
-from conftest import flower_context
+from conftest import EXAMPLE, flower_context, own_data_copy
 from flwr.app import Message
 from flwr.common import FitIns, GetPropertiesIns, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import (
@@ -23,7 +23,7 @@ from securehealth.certificates import load_hospital_key, make_hospital_key, make
 from securehealth.privacy.ledger import LEDGER_FILE
 from securehealth.results import STATUS_FILE
 
-SETTINGS = {"num_patients": 600, "rounds": 1, "secure_aggregation": "off"}
+SETTINGS = {"rounds": 1, "secure_aggregation": "off"}
 
 
 @pytest.fixture(autouse=True)
@@ -35,18 +35,23 @@ def inside_a_supernode(monkeypatch):
 @pytest.fixture
 def deployed(tmp_path):
     """A hospital as client.py starts it (its state directory, the operator's public
-    key, its own identity key), and the operator's signing key."""
+    key, its own identity key, its own patients: a lasting ledger), and the
+    operator's signing key."""
     operator = tmp_path / "operator"
     operator.mkdir()
     make_operator_key(operator)
     state_dir = tmp_path / "hospital-0"
     make_hospital_key(state_dir / hospital_node.AUTH_KEY)
-    cfg = settings.resolve(SETTINGS)
+    own = own_data_copy(EXAMPLE, tmp_path / "own")
+    cfg = settings.resolve({**SETTINGS, "dataset": "csv", "data_dir": str(own)})
     node_config = {
         "partition-id": 0,
         "num-partitions": cfg.num_clients,
         "state-dir": str(state_dir),
         "operator-key": str(operator / "operator.pub"),
+        "dataset": "csv",
+        "data-file": str(own / "hospital_0.csv"),
+        "schema-file": str(own / "schema.json"),
         **{name: getattr(cfg, name) for name in hospital_node.HOSPITAL_SETTINGS},
     }
     return cfg, operator / "operator.key", state_dir, node_config

@@ -12,7 +12,15 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, assert_ran_to_the_end, flower_processes, hospital_state, left_running
+from conftest import (
+    ROOT,
+    assert_ran_to_the_end,
+    demo_ledger,
+    flower_processes,
+    hospital_state,
+    left_running,
+    own_data_copy,
+)
 
 from model import load_model
 from securehealth.certificates import make_certificates, make_hospital_key
@@ -28,7 +36,7 @@ def read_metrics(run_dir):
 def hand_out_csv_files(workdir):
     """The example CSV directory as it lies in a real deployment: the server holds
     the data dictionary and its own test set, each hospital its own table only."""
-    example = ROOT / "examples" / "csv"
+    example = own_data_copy(ROOT / "examples" / "csv", workdir / "own-data")
     (workdir / "server-data").mkdir()
     for name in ("schema.json", "test.csv"):
         shutil.copy(example / name, workdir / "server-data" / name)
@@ -161,7 +169,7 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     clients[2].kill()  # kill -9 of client.py alone: hospital 2 crashes after round 1
     clients[2].wait()
     assert left_running(hospital_state(workdir, 2)) == []  # its SuperNode went with it
-    ledger_path = hospital_state(workdir, 2) / "privacy-ledger.json"
+    ledger_path = demo_ledger(hospital_state(workdir, 2))  # generated patients
     spent_before = json.loads(ledger_path.read_text())["releases"]
     processes.start("client.py", "--client-id", "2", *address, name="c2-again")
 
@@ -174,6 +182,7 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     ledger = json.loads(ledger_path.read_text())
     releases = ledger["releases"]
     assert releases[: len(spent_before)] == spent_before  # never from zero
+    assert demo_ledger(hospital_state(workdir, 2)) == ledger_path  # the run's own
     assert len(releases) > len(spent_before) and len(ledger["plans"]) == 1
     assert metrics["privacy"]["hospitals"]["2"]["epsilon"] <= 1.0
     assert "WARNING: --insecure" in processes.output("server") + processes.output("c0")
@@ -243,7 +252,9 @@ def test_a_hospital_whose_budget_is_spent_refuses_before_it_reaches_the_server(t
     with ledger.transaction():
         ledger.record("an earlier run", 1, 1.0, 1.0, 10)
     # A port that nobody listens on: the refusal must come before any attempt to join.
+    own = own_data_copy(ROOT / "examples" / "csv", tmp_path / "own")  # a lasting ledger
     join = ["--client-id", "0", "--server-address", f"127.0.0.1:{runtime.free_port()}"]
+    join += ["--data", str(own / "hospital_0.csv"), "--schema", str(own / "schema.json")]
     refused = run_script(
         "client.py", *join, "--insecure", "--state-dir", str(state_dir), cwd=tmp_path
     )
@@ -259,6 +270,7 @@ def test_a_hospital_whose_budget_is_spent_refuses_before_it_reaches_the_server(t
         fresh.record("an earlier run", 1, 20.0, 0.5, 1)  # a little spent
         spent = fresh.epsilon()
     join = ["--client-id", "1", "--server-address", f"127.0.0.1:{runtime.free_port()}"]
+    join += ["--data", str(own / "hospital_1.csv"), "--schema", str(own / "schema.json")]
     told = run_script(
         "client.py",
         *join,
@@ -441,7 +453,7 @@ def test_four_real_hospitals_each_with_its_own_sites_file(federation):
     ]
     patients = {h: p["patients"] for h, p in metrics["privacy"]["hospitals"].items()}
     assert patients == {"0": 242, "1": 235, "2": 98, "3": 160}  # each site's own file
-    for hospital in range(4):
-        ledger = json.loads((hospital_state(workdir, hospital) / "privacy-ledger.json").read_text())
+    for hospital in range(4):  # the shipped sites' files: a demonstration
+        ledger = json.loads(demo_ledger(hospital_state(workdir, hospital)).read_text())
         # One round, then the operating point's histograms.
         assert [r["mechanism"] for r in ledger["releases"]] == ["dp-sgd", "operating-point"]

@@ -2,12 +2,11 @@
 model, one line where measured runs did not, and hospitals that cannot train named."""
 
 import math
-import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLE, ROOT
+from conftest import EXAMPLE, ROOT, own_data_copy
 
 from securehealth import data, forecast, settings
 from securehealth.forecast import HospitalPlan
@@ -101,7 +100,7 @@ def test_bundled_hospitals_are_forecast_as_fresh_ones_leaving_nothing_behind(tmp
 
 
 def test_a_simulation_in_which_no_hospital_can_train_is_refused_before_it_starts(tmp_path):
-    data_dir = shutil.copytree(EXAMPLE, tmp_path / "data")
+    data_dir = own_data_copy(EXAMPLE, tmp_path / "data")
     cfg = settings_for("--dataset", "csv", "--data-dir", str(data_dir))
     for hospital in range(3):
         spend(default_state_root() / "simulation" / f"hospital-{hospital}", cfg)
@@ -133,7 +132,7 @@ def simulate(tmp_path, *flags):
 
 
 def test_the_plan_shows_what_each_hospital_would_spend_and_changes_nothing(tmp_path):
-    data_dir = shutil.copytree(EXAMPLE, tmp_path / "data")
+    data_dir = own_data_copy(EXAMPLE, tmp_path / "data")
     cfg = settings_for("--dataset", "csv", "--data-dir", str(data_dir))
     ledgers = default_state_root() / "simulation"
     spend(ledgers / "hospital-0", cfg)
@@ -166,11 +165,12 @@ def test_the_plan_shows_what_each_hospital_would_spend_and_changes_nothing(tmp_p
     )
 
 
-def test_the_plan_of_bundled_data_says_it_spends_nothing_lasting(tmp_path):
+def test_the_plan_of_a_demonstration_says_it_spends_nothing_lasting(tmp_path):
     planned = simulate(tmp_path, "--plan", "--dataset", "breast-cancer")
     assert planned.returncode == 0, planned.stderr
     text = " ".join(planned.stdout.split())
-    assert "Bundled data: every run's hospitals start with fresh ledgers" in text
+    assert "Demonstration data (generated, or shipped with this code, by its" in text
+    assert "every run's hospitals start with fresh ledgers" in text
     assert "a useful model is forecast" in text and "Warning" not in text
     assert not (tmp_path / "runs").exists()
     refused = simulate(tmp_path, "--plan", "--reset-ledger", "new patients")

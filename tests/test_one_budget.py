@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLE, ROOT, as_simulated_hospitals, flower_context
+from conftest import EXAMPLE, ROOT, as_simulated_hospitals, flower_context, own_data_copy
 from flwr.supercore.task_identity import TaskIdentity
 
 from model import build_model, get_weights
@@ -43,7 +43,7 @@ def one_line_error(result):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    return shutil.copytree(EXAMPLE, tmp_path / "data")
+    return own_data_copy(EXAMPLE, tmp_path / "data")
 
 
 def csv_settings(data_dir, **more):
@@ -134,7 +134,9 @@ def test_a_lost_ledger_is_refused_until_its_operator_resets_it(tmp_path, data_di
     with pytest.raises(LedgerError, match="is missing, but its status file .* records epsilon"):
         train_one_round(Hospital(0, cfg, run_id=2, state_dir=state_dir))
     refused = run_script(
-        "client.py", "--client-id", "0", "--insecure", "--state-dir", str(state_dir), cwd=tmp_path
+        *("client.py", "--client-id", "0", "--insecure", "--state-dir", str(state_dir)),
+        *("--data", str(data_dir / "hospital_0.csv"), "--schema", str(data_dir / "schema.json")),
+        cwd=tmp_path,
     )
     assert "--reset-ledger" in one_line_error(refused)
     assert not (state_dir / LEDGER_FILE).exists()
@@ -228,7 +230,8 @@ def test_a_ledger_index_that_cannot_be_kept_stops_before_anything_is_spent(
     cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
     with pytest.raises(LedgerError, match="cannot keep this machine's ledger index"):
         check_before_start(tmp_path / "hospital-0", cfg)
-    hospital = node.open_hospital(heart_disease_hospital(0, tmp_path / "hospital-0", cfg))
+    sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
+    hospital = node.open_hospital(heart_disease_hospital(0, tmp_path / "hospital-0", cfg, sites))
     with pytest.raises(LedgerError, match="cannot keep this machine's ledger index"):
         train_one_round(hospital)
     with hospital.ledger.transaction():
@@ -250,8 +253,9 @@ def test_a_hospital_that_never_released_leaves_no_trace(tmp_path, data_dir):
     assert train_one_round(elsewhere)["status"] == "trained"
 
 
-def heart_disease_hospital(hospital, state_dir, cfg):
-    """A heart-disease site as client.py --insecure --dataset heart-disease runs it."""
+def heart_disease_hospital(hospital, state_dir, cfg, sites):
+    """A heart-disease site as client.py --insecure --dataset heart-disease runs it,
+    its file in `sites` (own_data_copy: not the shipped demonstration's)."""
     return flower_context(
         {
             "partition-id": hospital,
@@ -259,7 +263,7 @@ def heart_disease_hospital(hospital, state_dir, cfg):
             "state-dir": str(state_dir),
             "operator-key": "",
             "dataset": "heart-disease",
-            "data-file": str(heart_disease.site_file(hospital)),
+            "data-file": str(heart_disease.site_file(hospital, sites)),
             "schema-file": str(heart_disease.SCHEMA_FILE),
         },
         settings.to_run_config(cfg),
@@ -271,7 +275,8 @@ def test_a_server_cannot_erase_the_trace_of_a_lost_ledger(tmp_path):
     # a ledger deleted afterwards is still missed (heart-disease: no data index entry).
     cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
     state_dir = tmp_path / "hospital-2"
-    context = heart_disease_hospital(2, state_dir, cfg)
+    sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
+    context = heart_disease_hospital(2, state_dir, cfg, sites)
     assert train_one_round(node.open_hospital(context))["epsilon"] > 0
     other_mode = settings.to_run_config(settings.resolve({**vars(cfg), "missing_values": "fail"}))
     answer = node.admission_answer(
@@ -287,7 +292,8 @@ def test_a_server_cannot_erase_the_trace_of_a_lost_ledger(tmp_path):
 def test_the_machine_remembers_a_ledger_whose_whole_state_directory_is_gone(tmp_path):
     cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
     state_dir = tmp_path / "hospital-0"
-    context = heart_disease_hospital(0, state_dir, cfg)
+    sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
+    context = heart_disease_hospital(0, state_dir, cfg, sites)
     assert train_one_round(node.open_hospital(context))["status"] == "trained"
     shutil.rmtree(state_dir)
     with pytest.raises(LedgerError, match="ledger index records releases from it"):
@@ -302,11 +308,9 @@ def test_a_reset_needs_a_short_reason(tmp_path, data_dir):
     assert not (tmp_path / "h" / LEDGER_FILE).exists()
 
 
-def test_bundled_data_simulations_never_use_a_lasting_hospitals_folder(tmp_path, monkeypatch):
-    # A demonstration on generated patients must not spend from the budgets that a
-    # folder named for your own data's simulated hospitals holds.
+def test_a_demonstration_simulation_never_uses_a_lasting_hospitals_folder(tmp_path, monkeypatch):
+    # A demonstration must not spend from the budgets that a folder named for your
+    # own data's simulated hospitals holds.
     monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "lasting"))
-    demo = settings.resolve({"run_dir": str(tmp_path / "run")})
-    assert simulated_hospitals_dir(demo) == tmp_path / "run" / "hospitals"
-    own = settings.resolve({"dataset": "csv", "data_dir": str(EXAMPLE)})
-    assert simulated_hospitals_dir(own) == tmp_path / "lasting"
+    assert simulated_hospitals_dir(True, tmp_path / "run") == tmp_path / "run" / "hospitals"
+    assert simulated_hospitals_dir(False, tmp_path / "run") == tmp_path / "lasting"

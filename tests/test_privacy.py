@@ -8,7 +8,7 @@ import sys
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import EXAMPLE, ROOT, flower_context
+from conftest import EXAMPLE, ROOT, flower_context, own_data_copy
 
 import client
 import data_utils
@@ -553,7 +553,7 @@ def test_a_hospital_without_a_state_directory_does_not_train(monkeypatch):
     monkeypatch.delenv(HOSPITALS_DIR_VARIABLE, raising=False)
     context = node_context({})
     with pytest.raises(LedgerError, match="no state directory for its privacy ledger"):
-        hospital_node.hospital_state_dir(context, 0)
+        hospital_node.hospital_state_dir(context, settings.resolve(), 0)
 
 
 def test_opacus_samples_at_the_calibrated_rate(tmp_path):
@@ -584,7 +584,8 @@ def test_hospitals_of_the_same_size_calibrate_once_per_process():
     ],
 )
 def test_tools_that_train_outside_the_ledgers_refuse_real_patients(script, args, tmp_path):
-    csv = ["--dataset", "csv", "--data-dir", str(EXAMPLE), "--run-dir", str(tmp_path / "run")]
+    own = own_data_copy(EXAMPLE, tmp_path / "own")  # examples/csv itself is a demonstration
+    csv = ["--dataset", "csv", "--data-dir", str(own), "--run-dir", str(tmp_path / "run")]
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *csv, *args],
         capture_output=True,

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, assert_ran_to_the_end, hospital_state
+from conftest import ROOT, TINY, assert_ran_to_the_end, demo_ledger, hospital_state
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import (
     Code,
@@ -71,9 +71,9 @@ def record(message, context, call_next):
     reply = call_next(message, context)
     if message.metadata.message_type != "train":  # the end-of-run notice
         return reply
-    hospital, _ = hospital_node.hospital_settings(context)
+    hospital, cfg = hospital_node.hospital_settings(context)
     fitres = recorddict_to_fitres(reply.content, keep_input=True)
-    path = hospital_node.hospital_state_dir(context, hospital) / "update.npz"
+    path = hospital_node.hospital_state_dir(context, cfg, hospital) / "update.npz"
     arrays = parameters_to_ndarrays(fitres.parameters)
     np.savez(path, num_examples=fitres.num_examples, *arrays)
     return reply
@@ -299,7 +299,7 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert "2 enrolled hospitals may join" in said(processes, "server")
     assert "identified by its key" in said(processes, "h0")
     assert rogue.poll() is None  # never told anything: it was never part of the run
-    rogue_ledger = json.loads((workdir / "rogue" / "privacy-ledger.json").read_text())
+    rogue_ledger = json.loads(demo_ledger(workdir / "rogue").read_text())
     assert rogue_ledger["releases"] == []  # it was never asked to train
     shown = said(processes, "server")
     assert "nodes that were not admitted as hospitals" in shown
@@ -331,14 +331,8 @@ def test_a_secure_aggregation_mismatch_is_caught_before_anyone_trains(federation
     metrics = read_metrics(workdir / "run")
     assert metrics["status"] == "failed" and metrics["rounds"] == []
     for number in (0, 1):  # nobody spent anything
-        assert (
-            not (hospital_state(workdir, number) / "privacy-ledger.json").exists()
-            or not (
-                json.loads((hospital_state(workdir, number) / "privacy-ledger.json").read_text())[
-                    "releases"
-                ]
-            )
-        )
+        ledgers = hospital_state(workdir, number).glob("**/privacy-ledger.json")
+        assert not any(json.loads(ledger.read_text())["releases"] for ledger in ledgers)
 
 
 @pytest.mark.e2e
@@ -621,7 +615,7 @@ def test_only_the_operator_can_start_or_see_runs(federation):
     assert metrics["status"] == "stopped" and len(metrics["rounds"]) < 12
     assert not (workdir / "evil").exists()  # the attacker's run wrote nothing
     for number in (0, 1):  # and spent nothing: every release is the operator's run's
-        ledger = json.loads((hospital_state(workdir, number) / "privacy-ledger.json").read_text())
+        ledger = json.loads(demo_ledger(hospital_state(workdir, number)).read_text())
         assert {r["run_id"] for r in ledger["releases"]} == {real_run}
         assert list(ledger["authorisations"].values()) == [real_run]
     for member in members:

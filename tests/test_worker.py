@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY, flower_context
+from conftest import TINY, demo_ledger, flower_context
 
 import client
 from model import build_model, get_weights
@@ -51,7 +51,7 @@ def test_the_clientapp_relays_training_to_the_hospitals_worker(hospital, tmp_pat
     assert patients == report["patients"] == 240 and report["status"] == "trained"
     assert [w.shape for w in new] == [w.shape for w in weights]
     assert not all(np.array_equal(a, b) for a, b in zip(new, weights, strict=True))
-    assert (Path(own["state-dir"]) / "privacy-ledger.json").exists()
+    assert demo_ledger(own["state-dir"]).parent.name == "5"  # generated patients: run 5's own
     assert not (tmp_path / "server's").exists()
     assert relayed.evaluate(
         new, {"server_round": 1, "run-status": "finished", "threshold": 0.5}

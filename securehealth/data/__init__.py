@@ -26,9 +26,9 @@ split.held_out_split).
 A source is a module with `DESCRIPTION`, `load_schema(cfg, schema_file)`,
 `hospital_rows(cfg, hospital, schema, data_file)` and `reference_set(cfg, schema)`;
 add one to SOURCES and the `dataset` setting accepts it. A source whose hospitals
-read files sets `FILES = True` (in deployment each reads the one its own client.py
-names); one with a fixed set of hospitals lists them in `SITES`, and num_clients
-must then match.
+read files sets `FILES = True` and has `hospital_file(cfg, hospital)` (in
+deployment each reads the one its own client.py names); one with a fixed set of
+hospitals lists them in `SITES`, and num_clients must then match.
 """
 
 import hashlib
@@ -108,13 +108,15 @@ def hospital_name(cfg: SimpleNamespace, hospital: int | str) -> str:
 
 
 def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) -> Path | None:
-    """The file of a hospital's own patients (dataset csv: the one its client.py
-    names, or DIR/hospital_<i>.csv in simulation), which one privacy ledger on this
-    machine accounts for; None for bundled data, whose simulations start each run's
-    hospitals afresh (generated or published patients, for demonstration)."""
-    if cfg.dataset != "csv":
+    """The file a hospital's patients are read from: the one its client.py names,
+    else its source's file for it (data_dir's hospital_<i>.csv, a heart-disease
+    site's file); None where the code generates them or scikit-learn bundles them.
+    Its fingerprint says whether it is a demonstration (demonstration.py); if not,
+    one lasting privacy ledger on this machine accounts for it."""
+    source = SOURCES[cfg.dataset]
+    if not getattr(source, "FILES", False):
         return None
-    return Path(data_file or csv_files.csv_paths(cfg)[1][hospital]).resolve()
+    return Path(data_file or source.hospital_file(cfg, hospital)).resolve()
 
 
 def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, str]:

@@ -172,11 +172,16 @@ def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
     return Schema.load(schema_file or csv_paths(cfg)[0], cfg.missing_values)
 
 
+def hospital_file(cfg: SimpleNamespace, hospital: int) -> Path:
+    """data_dir's hospital_<i>.csv: a simulated hospital's file."""
+    return csv_paths(cfg)[1][hospital]
+
+
 def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | Path]:
     """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv."""
-    source = data_file or csv_paths(cfg)[1][hospital]
+    source = data_file or hospital_file(cfg, hospital)
     return (*read_csv(source, schema), source)
 
 

@@ -33,6 +33,11 @@ def site_file(hospital: int, data_dir: str | Path = "") -> Path:
     return Path(data_dir or SHIPPED_DIR) / f"processed.{SITES[hospital]}.data"
 
 
+def hospital_file(cfg: SimpleNamespace, hospital: int) -> Path:
+    """Site `hospital`'s file in data_dir (the shipped folder unless another is given)."""
+    return site_file(hospital, cfg.data_dir)
+
+
 def read_site(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One site's (x, y, keys): its header-less file read by the data dictionary."""
     return read_csv(path, schema, header=COLUMNS)
@@ -46,7 +51,7 @@ def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
     """A deployed hospital's own file (client.py passes it), else its site's file."""
-    source = Path(data_file or site_file(hospital, cfg.data_dir))
+    source = Path(data_file or hospital_file(cfg, hospital))
     return (*read_site(source, schema), source)
 
 

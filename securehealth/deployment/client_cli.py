@@ -20,12 +20,14 @@ from rich.markup import escape
 from securehealth import data, display, settings
 from securehealth.certificates import OPERATOR_PUB, make_hospital_key
 from securehealth.data import heart_disease
+from securehealth.data.demonstration import DEMO_RUNS_DIR, is_demonstration
 from securehealth.deployment import pinning, runtime
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
 from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.accountant import MIN_BUDGET_LEFT, nearly_spent
 from securehealth.privacy.ledger import (
+    LEDGER_FILE,
     LedgerError,
     PrivacyLedger,
     add_reset_flag,
@@ -157,23 +159,16 @@ def join(description: str, argv: list[str] | None = None) -> int:
         own_data = own_data_files(cfg, args, console)
     except data.DataError as error:
         parser.error(str(error))
-    try:  # no training without a sound ledger that can be written, the only one of its data
-        data_file, everyone = own_patients(cfg, args.client_id, own_data)
-        ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger, everyone)
-        spent = budget_spent_before(ledger, cfg)
+    demonstration = is_demonstration(Path(own_data["data-file"]) if own_data else None)
+    try:
+        budget = (
+            demonstration_budget(state_dir, cfg, args)
+            if demonstration
+            else lasting_budget(state_dir, cfg, args, own_data, console)
+        )
     except LedgerError as error:
         parser.error(str(error))
-    if args.reset_ledger is not None:
-        console.print(
-            f"[yellow]Started a new privacy ledger {escape(str(ledger.path))}: "
-            f"{escape(repr(args.reset_ledger))}[/]"
-        )
-    console.print(
-        f"Hospital {args.client_id}'s privacy budget: epsilon {cfg.epsilon:g} over all runs on "
-        f"its patients, {spent:.3f} spent before, {cfg.epsilon - spent:.3f} left; a run "
-        f"spends up to all that is left (ledger: {escape(str(ledger.path))})",
-        soft_wrap=True,
-    )
+    console.print(f"Hospital {args.client_id}'s {budget}", soft_wrap=True)
     if args.insecure:
         console.print(
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
@@ -223,8 +218,14 @@ def join(description: str, argv: list[str] | None = None) -> int:
                 f"Hospital {args.client_id} joining the server at {args.server_address}; "
                 f"its budget: "
                 f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
-                f"over all runs on its patients (privacy ledger: {ledger.path}); "
-                f"secure aggregation "
+                + (
+                    f"for each run on its demonstration data (ledgers in "
+                    f"{state_dir / DEMO_RUNS_DIR}); "
+                    if demonstration
+                    else f"over all runs on its patients (privacy ledger: "
+                    f"{state_dir / LEDGER_FILE}); "
+                )
+                + f"secure aggregation "
                 f"{cfg.secure_aggregation}; "
                 + ("identified by its key; " if auth_key.exists() else "")
                 + (
@@ -238,6 +239,47 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]Interrupted.[/] This hospital left the federation.")
         return 130
+
+
+def demonstration_budget(state_dir: Path, cfg: SimpleNamespace, args: argparse.Namespace) -> str:
+    """What a hospital on demonstration data (data/demonstration.py) spends: a fresh
+    budget per run, in a ledger of the run's own beside (never in) its lasting one."""
+    if args.reset_ledger is not None:
+        raise LedgerError(
+            "--reset-ledger is for a ledger of a hospital's own patients; this hospital's "
+            "data is a demonstration's (generated, or shipped with this code), whose "
+            "every run starts a fresh ledger: leave out --reset-ledger"
+        )
+    return (
+        f"data is a demonstration's (generated, or shipped with this code, by its "
+        f"fingerprint): each run spends epsilon {cfg.epsilon:g} from a fresh ledger in "
+        f"{escape(str(state_dir / DEMO_RUNS_DIR))}/<run id>, never from the lasting budget "
+        f"of the patients of its own"
+    )
+
+
+def lasting_budget(
+    state_dir: Path,
+    cfg: SimpleNamespace,
+    args: argparse.Namespace,
+    own_data: dict[str, str],
+    console: Console,
+) -> str:
+    """Check this hospital's lasting ledger before it joins (sound, writable, the only
+    one of its data, with budget left) and say what is left of its budget."""
+    data_file, everyone = own_patients(cfg, args.client_id, own_data)
+    ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger, everyone)
+    spent = budget_spent_before(ledger, cfg)
+    if args.reset_ledger is not None:
+        console.print(
+            f"[yellow]Started a new privacy ledger {escape(str(ledger.path))}: "
+            f"{escape(repr(args.reset_ledger))}[/]"
+        )
+    return (
+        f"privacy budget: epsilon {cfg.epsilon:g} over all runs on its patients, "
+        f"{spent:.3f} spent before, {cfg.epsilon - spent:.3f} left; a run spends up to "
+        f"all that is left (ledger: {escape(str(ledger.path))})"
+    )
 
 
 def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
@@ -329,12 +371,12 @@ def own_data_files(
 def own_patients(
     cfg: SimpleNamespace, client_id: int, own_data: dict[str, str]
 ) -> tuple[str | None, str]:
-    """(the file of this hospital's own csv patients, their fingerprint), for the
-    ledger index's check; (None, "") for shipped data."""
-    if own_data.get("dataset") != "csv":
+    """(the file of this hospital's own patients, their fingerprint), for the ledger
+    index's check; (None, "") where it reads no file."""
+    if not own_data:
         return None, ""
-    csv = settings.resolve({**vars(cfg), "dataset": "csv"})
-    rows = data.hospital_data(csv, client_id, own_data["data-file"], own_data["schema-file"])
+    own = settings.resolve({**vars(cfg), "dataset": own_data["dataset"]})
+    rows = data.hospital_data(own, client_id, own_data["data-file"], own_data["schema-file"])
     return own_data["data-file"], data.patients_fingerprint(rows)
 
 

@@ -1,0 +1,81 @@
+"""Which hospitals' patients are a demonstration's: data this code generates or
+ships, whose runs never spend a real hospital's lasting privacy budget.
+
+A hospital's data is a demonstration's when its rows come from the code itself
+(`synthetic` generates them; `breast-cancer` is bundled inside scikit-learn) or
+when the file it reads is, byte for byte, one shipped in this repository (the UCI
+Heart Disease sites, examples/csv). That is decided from the file's SHA-256 alone,
+never from its path, its name or the `dataset` setting: a copy of your own patients
+named processed.cleveland.data, or placed in examples/csv/, is your own data and
+spends from its lasting ledger. A file edited in any way (one row changed, rows
+reordered, line endings converted) is no longer a demonstration's either: when in
+doubt, the budget is charged.
+
+A deployed hospital keeps each demonstration run's ledger apart (demo-runs/<run
+id>/ in its state directory), so its check that an operator's authorisation is used
+by one run only is per run there: a replayed demonstration trains the same
+generated or public patients again, spending nothing of anyone's, and the server's
+own ServerApp refuses a replayed authorisation anyway.
+"""
+
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+# SHA-256 of every patient file shipped in this repository (.gitattributes keeps
+# git from converting their line endings): tests/test_one_budget.py checks each
+# against the file it names.
+SHIPPED_FILES = {
+    "a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8": (
+        "data/uci-heart-disease/processed.cleveland.data"
+    ),
+    "d1ad108f785768cd3d7e82dc522e6f5a61eea93cccfb3a46ee8076f73fc3d796": (
+        "data/uci-heart-disease/processed.hungarian.data"
+    ),
+    "834a405ccf5b66ab4056bb77794adc8df0b7125186454c0a1d002d33c6c3b314": (
+        "data/uci-heart-disease/processed.switzerland.data"
+    ),
+    "e7c93d8d0d2acdadfa4c5e8de768e2191e7f618b952e29623f1f0d5949ff6b8f": (
+        "data/uci-heart-disease/processed.va.data"
+    ),
+    "7c6070bf721f6e8ce2496a91ffca1e8643019e869d990e31b0fc5ec6c79ad03f": (
+        "examples/csv/hospital_0.csv"
+    ),
+    "2c5be84e5d90bf90c59c92a1b2727faa4ac7ad0876e4ddef92461658b900b3de": (
+        "examples/csv/hospital_1.csv"
+    ),
+    "89a8e70aed63cc17821e1ba0bc33c5d856464cea01b2cd81a011e2a4bb0c9a69": (
+        "examples/csv/hospital_2.csv"
+    ),
+}
+
+# Where a deployed hospital with demonstration data keeps each run's ledger, inside
+# its state directory: demo-runs/<run id>/, a fresh one per run.
+DEMO_RUNS_DIR = "demo-runs"
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def is_demonstration(own_file: Path | None) -> bool:
+    """Whether a hospital whose patients come from `own_file` (data.own_file: None
+    where the code generates them or scikit-learn bundles them) is a demonstration.
+    A file that cannot be read is not: it then fails where it is read for training."""
+    if own_file is None:
+        return True
+    try:
+        return file_digest(own_file) in SHIPPED_FILES
+    except OSError:
+        return False
+
+
+def all_demonstration(cfg: SimpleNamespace) -> bool:
+    """Whether every hospital of a simulation on this machine is a demonstration (its
+    ledgers then live with the run; one hospital of your own data makes them all
+    lasting)."""
+    from securehealth.data import own_file
+
+    return all(is_demonstration(own_file(cfg, h)) for h in range(cfg.num_clients))

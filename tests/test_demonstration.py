@@ -1,0 +1,161 @@
+"""Demonstrations never spend a real budget: data generated or shipped with the code
+keeps its ledgers with the run, decided from the data's fingerprint alone, and
+everything else spends from the lasting ledger that simulation and deployment
+share."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import EXAMPLE, ROOT, as_simulated_hospitals, flower_context, own_data_copy
+
+from model import build_model, get_weights
+from securehealth import node, settings
+from securehealth.data import demonstration, heart_disease
+from securehealth.data.demonstration import DEMO_RUNS_DIR, SHIPPED_FILES, all_demonstration
+from securehealth.privacy.ledger import LEDGER_FILE
+from securehealth.results import HOSPITALS_DIR_VARIABLE, default_state_root
+
+
+def test_every_shipped_patient_file_has_its_fingerprint():
+    for digest, path in SHIPPED_FILES.items():
+        assert demonstration.file_digest(ROOT / path) == digest, f"update SHIPPED_FILES: {path}"
+    shipped = {*heart_disease.SHIPPED_DIR.glob("*.data"), *EXAMPLE.glob("hospital_*.csv")}
+    assert {ROOT / path for path in SHIPPED_FILES.values()} == shipped
+
+
+def test_a_demonstration_is_decided_by_the_fingerprint_never_the_path_or_name(tmp_path):
+    def demo(**cfg):
+        return all_demonstration(settings.resolve(cfg))
+
+    assert demo() and demo(dataset="breast-cancer")  # generated, or bundled in scikit-learn
+    assert demo(dataset="heart-disease", num_clients=4, data_dir=str(heart_disease.SHIPPED_DIR))
+    assert demo(dataset="csv", data_dir=str(EXAMPLE))
+    # The shipped files copied elsewhere are still the shipped files.
+    assert demo(dataset="csv", data_dir=str(shutil.copytree(EXAMPLE, tmp_path / "copy")))
+    # Own patients in files named exactly as the shipped ones, in a folder named so.
+    own_sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "uci-heart-disease")
+    assert not demo(dataset="heart-disease", num_clients=4, data_dir=str(own_sites))
+    own_csv = own_data_copy(EXAMPLE, tmp_path / "examples" / "csv")
+    assert not demo(dataset="csv", data_dir=str(own_csv))
+    # One hospital of one's own makes the whole simulation lasting; so does one byte.
+    mixed = shutil.copytree(EXAMPLE, tmp_path / "mixed")
+    shutil.copy(own_csv / "hospital_2.csv", mixed / "hospital_2.csv")
+    assert not demo(dataset="csv", data_dir=str(mixed))
+    edited = shutil.copytree(EXAMPLE, tmp_path / "edited")
+    text = (edited / "hospital_0.csv").read_text()
+    (edited / "hospital_0.csv").write_text(text.replace("\n", "\r\n", 1))
+    assert not demo(dataset="csv", data_dir=str(edited))
+
+
+def deployed(state_dir, run_id=7, **node_config):
+    """Hospital 0 as client.py --insecure starts it, in a run of the server's."""
+    run = settings.to_run_config(settings.resolve({"rounds": 2, "num_patients": 600}))
+    config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(state_dir)}
+    return flower_context({**config, "operator-key": "", **node_config}, run, run_id=run_id)
+
+
+def train_one_round(hospital):
+    weights = get_weights(build_model(hospital.x.shape[1], hospital.cfg.hidden_layers))
+    return hospital.train_round(weights, 1)[2]
+
+
+def test_a_deployed_demonstration_spends_a_fresh_ledger_per_run_beside_the_lasting_one(tmp_path):
+    state_dir = tmp_path / "hospital-0"
+    for run_id in (7, 8):
+        hospital = node.open_hospital(deployed(state_dir, run_id))  # generated patients
+        report = train_one_round(hospital)
+        assert report["status"] == "trained" and report["ledger_reset"] == ""
+        assert hospital.ledger.path == state_dir / DEMO_RUNS_DIR / str(run_id) / LEDGER_FILE
+        with hospital.ledger.transaction():
+            assert [r["run_id"] for r in hospital.ledger.releases] == [str(run_id)]
+    assert not (state_dir / LEDGER_FILE).exists()
+    assert json.loads((state_dir / "status.json").read_text())["status"] == "trained"
+
+
+def test_a_server_cannot_make_a_deployed_hospital_a_demonstration(tmp_path, monkeypatch):
+    # Its own file decides; a run config naming the shipped files, or a data set
+    # whose files the hospital did not bring, does not.
+    own = own_data_copy(EXAMPLE, tmp_path / "own")
+    files = {"dataset": "csv", "schema-file": str(own / "schema.json")}
+    context = deployed(tmp_path / "h", **files, **{"data-file": str(own / "hospital_0.csv")})
+    context.run_config.update(
+        settings.to_run_config(settings.resolve({"dataset": "csv", "data_dir": str(EXAMPLE)}))
+    )
+    _, cfg = node.hospital_settings(context)
+    assert not node.is_demonstration(context, cfg, 0)
+    assert node.ledger_dir(context, cfg, 0) == tmp_path / "h"
+    asks_shipped_sites = deployed(tmp_path / "h", **{"num-partitions": 4})
+    asks_shipped_sites.run_config.update(
+        settings.to_run_config(settings.resolve({"dataset": "heart-disease", "num_clients": 4}))
+    )
+    _, cfg = node.hospital_settings(asks_shipped_sites)
+    assert not node.is_demonstration(asks_shipped_sites, cfg, 0)
+    # Nor simulated: that takes Flower's simulation engine in this very process.
+    monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "simulated"))
+    assert not node.is_simulated(flower_context({}, {}))
+
+
+def test_flwr_run_hospitals_know_where_their_ledgers_are_without_a_variable(tmp_path, monkeypatch):
+    # `flwr run .` on Flower's local simulation: no SECUREHEALTH_HOSPITALS_DIR.
+    as_simulated_hospitals(monkeypatch, tmp_path)
+    monkeypatch.delenv(HOSPITALS_DIR_VARIABLE)
+    simulated = {"partition-id": 1, "num-partitions": 3}
+    demo = flower_context(simulated, settings.to_run_config(settings.resolve()), run_id=12)
+    assert node.is_simulated(demo)
+    _, cfg = node.hospital_settings(demo)
+    expected = default_state_root() / DEMO_RUNS_DIR / "12" / "hospital-1"
+    assert node.hospital_state_dir(demo, cfg, 1) == node.ledger_dir(demo, cfg, 1) == expected
+    own = own_data_copy(EXAMPLE, tmp_path / "own")
+    own_cfg = settings.resolve({"dataset": "csv", "data_dir": str(own)})
+    lasting = flower_context(simulated, settings.to_run_config(own_cfg), run_id=12)
+    expected = default_state_root() / "simulation" / "hospital-1"
+    assert node.ledger_dir(lasting, own_cfg, 1) == expected
+
+
+def run_script(*args, cwd):
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_client_py_says_a_demonstration_spends_nothing_lasting(tmp_path):
+    # No server listens there: client.py says what it spends, then gives up on it.
+    state_dir = tmp_path / "hospital-0"
+    flags = ["--insecure", "--state-dir", state_dir, "--connect-timeout", "1"]
+    flags += ["--server-address", "127.0.0.1:9"]
+    result = run_script(ROOT / "client.py", "--client-id", "0", *flags, cwd=tmp_path)
+    assert "data is a demonstration's" in result.stdout, result.stdout + result.stderr
+    assert f"{state_dir / DEMO_RUNS_DIR}/<run id>" in result.stdout.replace("\n", "")
+    assert not (state_dir / LEDGER_FILE).exists()
+    reset = run_script(
+        ROOT / "client.py", "--client-id", "0", *flags, "--reset-ledger", "x", cwd=tmp_path
+    )
+    assert reset.returncode == 2 and "leave out --reset-ledger" in reset.stderr
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_simulation_keeps_a_demonstrations_ledgers_with_the_run(tmp_path, own):
+    data_dir = own_data_copy(EXAMPLE, tmp_path / "own") if own else EXAMPLE
+    args = [ROOT / "simulation.py", "--dataset", "csv", "--data-dir", data_dir, "--plan"]
+    result = run_script(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert ("Ledgers in" in text) is own and ("Demonstration data" in text) is not own
+
+
+def test_tools_outside_the_ledgers_are_free_on_a_demonstration_only(tmp_path):
+    # Refused on one's own patients, whatever the data set's name; free on the
+    # shipped files (--plan: nothing trains).
+    own_sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
+    for data_set, folder, free in (
+        ("csv", EXAMPLE, True),
+        ("heart-disease", heart_disease.SHIPPED_DIR, True),
+        ("heart-disease", own_sites, False),
+    ):
+        flags = ["--dataset", data_set, "--data-dir", folder, "--baselines", "--plan"]
+        result = run_script(ROOT / "simulation.py", *flags, cwd=tmp_path)
+        assert (result.returncode == 0) is free, result.stderr
+        assert ("--unaccounted-privacy-spend" in result.stderr) is not free
