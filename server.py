@@ -1,25 +1,19 @@
-"""The server: averages the hospitals' models (FedAvg, weighted by patients),
-evaluates the global model on its own reference test set after every round, and
-writes the run's results (securehealth/results.py). `app` is the Flower ServerApp.
+"""The server's Flower ServerApp (`app`): admits the run's hospitals, averages their
+models (FedAvg, weighted by patients), evaluates the global model on its own reference
+test set after every round and writes the run's results. It never computes a
+hospital's epsilon: each hospital accounts for its own data and reports it.
 
-It never computes a hospital's epsilon itself: each hospital accounts for its own
-data and reports what it has spent; the server checks and records those reports.
-Only nodes admitted as the run's hospitals take part, and in deployment the
-ServerApp runs only a run its operator signed.
-
-Run as a script, it is the deployment server: a TLS SuperLink that hospitals
-(`python client.py --client-id N`) connect to, and one training run on it:
-
-    python server.py --make-certs            # once: a CA and server certificate
-    python server.py [--host H] [--port P] [--name value ...]
+Run as a script, it is the deployment server: `python server.py --help` (usage:
+securehealth/commands.py; the installed console script `securehealth-server` is the
+same command).
 """
 
 import sys
 
 if __name__ == "__main__":  # the deployment launcher, before the ServerApp's heavy imports
-    from securehealth.deployment.server_cli import serve
+    from securehealth.commands import server
 
-    sys.exit(serve(__doc__))
+    sys.exit(server())
 
 from logging import INFO  # noqa: E402 (the ServerApp's imports, below the launcher)
 

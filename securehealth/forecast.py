@@ -203,18 +203,19 @@ def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) 
 
 
 def forecast_here(
-    cfg: SimpleNamespace, state_dirs: Sequence[Path] | None, spend: bool = False
+    cfg: SimpleNamespace, state_dirs: Sequence[Path | None] | None, spend: bool = False
 ) -> Forecast:
     """The forecast for a federation whose hospitals' data this machine holds, as in
-    simulation.py: with their ledgers in `state_dirs` (one per hospital), or, with
-    None, as hospitals that start afresh (bundled data's); with `spend`, each plan
-    says what the run would spend (plan_hospital)."""
-    from model import build_model  # the training stack: simulation.py has it loaded
+    simulation.py: with their ledgers in `state_dirs` (one per hospital; None for one
+    that starts afresh, a demonstration's), or, with None, all starting afresh; with
+    `spend`, each plan says what the run would spend (plan_hospital)."""
+    from securehealth.model import build_model  # the training stack: simulation.py has it loaded
 
     inputs = len(data.load_schema(cfg).input_names)
     weights = sum(p.numel() for p in build_model(inputs, cfg.hidden_layers).parameters())
     with tempfile.TemporaryDirectory() as fresh:
-        homes = state_dirs or [Path(fresh) / str(h) for h in range(cfg.num_clients)]
+        given = state_dirs or [None] * cfg.num_clients
+        homes = [home or Path(fresh) / str(h) for h, home in enumerate(given)]
         plans = [
             plan_hospital(
                 cfg,

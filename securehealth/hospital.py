@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from flwr.common import log
 
-from model import (
+from securehealth import data, operating_point
+from securehealth.model import (
     build_model,
     clinical_metrics,
     get_weights,
@@ -28,7 +29,6 @@ from model import (
     set_weights,
     weights_problem,
 )
-from securehealth import data, operating_point
 from securehealth.privacy import data_index, dpsgd
 from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted, NoiseBeyondLimit
 from securehealth.privacy.ledger import DP_SGD, OPERATING_POINT, LedgerError, PrivacyLedger

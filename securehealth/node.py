@@ -39,7 +39,7 @@ from securehealth.flower import (
 )
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
 from securehealth.results import (
-    HOSPITALS_DIR_VARIABLE,
+    DEMO_HOSPITALS_DIR_VARIABLE,
     STATUS_FILE,
     default_state_root,
     lasting_hospitals_dir,
@@ -109,8 +109,9 @@ def hospital_settings(context: Context) -> tuple[int, SimpleNamespace]:
     hospital = int(node["partition-id"])
     if int(node["num-partitions"]) != cfg.num_clients:
         raise ValueError(
-            f"the federation has {node['num-partitions']} hospitals "
-            f"but num_clients is {cfg.num_clients}"
+            f"the federation has {node['num-partitions']} hospitals but the run's "
+            f"num_clients is {cfg.num_clients}: make them agree (with `flwr run`, "
+            f'--federation-config "num-supernodes={cfg.num_clients}")'
         )
     return hospital, cfg
 
@@ -177,8 +178,10 @@ def check_run(context: Context, cfg: SimpleNamespace, hospital: int) -> None:
         if not operator_pub:
             return  # client.py --insecure
         nonce = verify_run(context.run_config, operator_pub)["nonce"]
+        # One register of used authorisations per hospital, demonstration or not: its
+        # state directory's ledger (a demonstration's spends nothing from it).
         ledger = PrivacyLedger(
-            ledger_dir(context, cfg, hospital), cfg.epsilon, cfg.delta, cfg.adjacency
+            hospital_state_dir(context, cfg, hospital), cfg.epsilon, cfg.delta, cfg.adjacency
         )
         with ledger.transaction():
             if not ledger.authorised_run(nonce, context.run_id):
@@ -208,8 +211,12 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
     number, why it cannot take part in this run if it cannot (the run is not
     authorised, or the server's secure_aggregation differs from its own), and its
     signature of the server's challenge with its enrolled key, if it has one."""
-    hospital, cfg = hospital_settings(context)
-    state_dir = hospital_state_dir(context, cfg, hospital)
+    try:
+        hospital, cfg = hospital_settings(context)
+        state_dir = hospital_state_dir(context, cfg, hospital)
+    except (ValueError, LedgerError) as error:  # its own set-up: say so now, not at round 1
+        hospital = int(context.node_config.get("partition-id", -1))
+        return {"hospital": hospital, "problem": f"it cannot take part: {error}", "proof": ""}
     problem = ""
     try:
         check_run(context, cfg, hospital)
@@ -267,12 +274,17 @@ def hospital_mod(
 def hospital_state_dir(context: Context, cfg: SimpleNamespace, hospital: int) -> Path:
     """Where the hospital keeps its status and evaluations: in deployment its own
     directory (client.py's --state-dir); in simulation the one chosen on this
-    machine (results.lasting_hospitals_dir, or for a demonstration a fresh folder per
-    run). Never a place the server names: without one, the hospital does not train."""
+    machine: results.lasting_hospitals_dir for its own patients, and for a
+    demonstration a fresh folder of the run (DEMO_HOSPITALS_DIR_VARIABLE, which
+    simulation.py sets, else demo-runs/<run id>/ in the state root), never the
+    lasting one. Never a place the server names: without one, the hospital does not
+    train."""
     if is_simulated(context):
-        if os.environ.get(HOSPITALS_DIR_VARIABLE) or not is_demonstration(context, cfg, hospital):
+        if not is_demonstration(context, cfg, hospital):
             return lasting_hospitals_dir() / f"hospital-{hospital}"
-        return default_state_root() / DEMO_RUNS_DIR / str(context.run_id) / f"hospital-{hospital}"
+        demonstrations = os.environ.get(DEMO_HOSPITALS_DIR_VARIABLE)
+        runs = default_state_root() / DEMO_RUNS_DIR / str(int(context.run_id))
+        return Path(demonstrations or runs) / f"hospital-{hospital}"
     if context.node_config.get("state-dir"):
         return Path(context.node_config["state-dir"])
     raise LedgerError(

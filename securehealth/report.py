@@ -9,7 +9,6 @@ import numpy as np
 from matplotlib.figure import Figure  # matplotlib without pyplot: files, no screen
 from sklearn.metrics import roc_curve
 
-from model import load_model, predict_risk
 from securehealth import clinical, display, settings
 from securehealth import data as datasets
 from securehealth.display import (
@@ -20,6 +19,7 @@ from securehealth.display import (
     privacy_cells,
     privacy_title,
 )
+from securehealth.model import load_model, predict_risk
 from securehealth.privacy.ledger import OPERATING_POINT_SHARE
 from securehealth.results import METRICS_FILE, MODEL_FILE, read_json, write_atomic
 

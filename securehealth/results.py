@@ -46,6 +46,9 @@ EVALUATION_FILE = "evaluation.json"
 # Where simulated hospitals keep their state (hospital-<i>/ inside it): set on the
 # machine that runs them (simulation.py does), never by the server; optional.
 HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"
+# Where simulated hospitals on a demonstration's data keep this run's state:
+# simulation.py sets it to the run directory's hospitals/, never to a lasting folder.
+DEMO_HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_DEMO_HOSPITALS_DIR"
 
 
 def simulated_hospitals_dir(demonstration: bool, run_dir: str | Path) -> Path:

@@ -21,7 +21,6 @@ from flwr.common import EvaluateIns, log, ndarrays_to_parameters
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from model import get_weights
 from securehealth import operating_point
 from securehealth.admission import REASON_LIMIT
 from securehealth.authorisation import Unauthorised, claim, verify_run
@@ -39,6 +38,7 @@ from securehealth.flower import (
     recorddict_to_fitres,
     recorddict_to_getpropertiesres,
 )
+from securehealth.model import get_weights
 from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished
 
 if TYPE_CHECKING:

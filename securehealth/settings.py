@@ -11,8 +11,7 @@ from collections.abc import Collection, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
-import config
-from securehealth import operating_point
+from securehealth import config, operating_point
 from securehealth.aggregation import AGGREGATIONS
 from securehealth.data import SOURCES
 from securehealth.data.schema import MISSING_MODES
@@ -179,7 +178,9 @@ def check_accounted(cfg: SimpleNamespace, allowed: bool, what: str) -> None:
 
 def _unknown_message(name):
     close = difflib.get_close_matches(name, DEFAULTS, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else " (see config.py for the names)"
+    hint = (
+        f" (did you mean {close[0]}?)" if close else " (see securehealth/config.py for the names)"
+    )
     return f"unknown setting {name!r}{hint}"
 
 
@@ -216,7 +217,8 @@ def check_defaults(run_config: Mapping[str, Any], overridden: Collection[str]) -
             if _convert(name, run_config[name]) != default:
                 raise SettingsError(
                     f"pyproject.toml's [tool.flwr.app.config] says {name} = "
-                    f"{run_config[name]!r} but config.py says {_run_config_value(default)!r}: "
+                    f"{run_config[name]!r} but securehealth/config.py says "
+                    f"{_run_config_value(default)!r}: "
                     f"`flwr run` takes its defaults from pyproject.toml, so make them agree "
                     f'(or pass --run-config "{name}=...")'
                 )
@@ -257,7 +259,7 @@ def make_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.settings_names = names
-    group = parser.add_argument_group("settings (defaults from config.py)")
+    group = parser.add_argument_group("settings (defaults from securehealth/config.py)")
     for name in names:
         default = DEFAULTS[name]
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])

@@ -29,7 +29,10 @@ from flwr.common import (
 from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
-from model import (
+from securehealth import clinical, data, operating_point
+from securehealth.admission import report_problem
+from securehealth.aggregation import ServerMomentum, combine
+from securehealth.model import (
     build_model,
     clinical_metrics,
     get_weights,
@@ -38,9 +41,6 @@ from model import (
     set_weights,
     weights_problem,
 )
-from securehealth import clinical, data, operating_point
-from securehealth.admission import report_problem
-from securehealth.aggregation import ServerMomentum, combine
 from securehealth.results import MODEL_FILE
 from securehealth.run_record import RunRecord
 

@@ -4,7 +4,9 @@ loading the tools or launchers, and one aggregation registry and FedAvg loop."""
 
 import ast
 import inspect
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -142,10 +144,16 @@ def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
     assert built.returncode == 0, built.stdout + built.stderr
     (bundle,) = tmp_path.glob("*.fab")
     names = set(zipfile.ZipFile(bundle).namelist())
-    for needed in ("server.py", "client.py", "config.py", "model.py", "securehealth/hospital.py"):
+    for needed in ("server.py", "client.py", "securehealth/config.py", "securehealth/model.py"):
         assert needed in names
-    assert "securehealth/privacy/ledger.py" in names and "schemas/breast_cancer.json" in names
-    assert "schemas/heart_disease.json" in names and "securehealth/data/heart_disease.py" in names
+    assert (
+        "securehealth/privacy/ledger.py" in names
+        and "securehealth/schemas/breast_cancer.json" in names
+    )
+    assert (
+        "securehealth/schemas/heart_disease.json" in names
+        and "securehealth/data/heart_disease.py" in names
+    )
     unshipped = ("securehealth/tools/", "securehealth/deployment/", "tests/")
     assert not [n for n in names if n.startswith(unshipped)]
     tools = {"simulation.py", "audit.py", "sweep.py", "bench.py", "report.py", "predict.py"}
@@ -166,7 +174,9 @@ def test_pyproject_declares_every_setting_with_config_pys_default():
 
 def test_a_default_that_differs_from_config_py_is_refused_unless_overridden():
     run_config = {**settings.to_run_config(settings.resolve()), "epsilon": 8.0}
-    with pytest.raises(settings.SettingsError, match="epsilon = 8.0 but config.py says 1.0"):
+    with pytest.raises(
+        settings.SettingsError, match="epsilon = 8.0 but securehealth/config.py says 1.0"
+    ):
         settings.check_defaults(run_config, overridden={})
     settings.check_defaults(run_config, overridden={"epsilon": 8.0})  # chosen: fine
 
@@ -245,7 +255,7 @@ def test_server_momentum_takes_flowers_fedavgm_step():
     "script",
     [
         *("simulation.py", "server.py", "client.py", "predict.py", "report.py"),
-        *("sweep.py", "benchmark.py", "bench.py"),
+        *("sweep.py", "benchmark.py", "bench.py", "audit.py"),
     ],
 )
 def test_help_does_not_load_the_training_stack(script):
@@ -259,4 +269,50 @@ def test_help_does_not_load_the_training_stack(script):
     assert shown.returncode == 0 and "usage:" in shown.stdout
     loaded = {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
     assert "securehealth.results" in loaded  # the imports were read
-    assert not {"torch", "opacus", "model"} & loaded, sorted({"torch", "opacus", "model"} & loaded)
+    heavy = {"torch", "opacus", "securehealth.model"}
+    assert not heavy & loaded, sorted(heavy & loaded)
+
+
+def test_the_wheel_installs_the_package_and_its_commands_only(tmp_path):
+    # `pip wheel .` (here without build isolation: the pinned setuptools of
+    # requirements-dev.txt), from a copy so that the checkout gains no build/.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "securehealth", source / "securehealth")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    built = subprocess.run(
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "out").glob("securehealth_ml-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "securehealth",
+        wheel.name.split("-py3")[0] + ".dist-info",
+    }
+    assert "securehealth/config.py" in names and "securehealth/model.py" in names
+    assert "securehealth/schemas/data-dictionary.schema.json" in names
+    [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    for command in ("simulation", "server", "client", "predict", "report", "sweep"):
+        assert f"securehealth-{command} = securehealth.commands:{command}" in scripts
+    for command in ("benchmark", "bench", "audit"):
+        assert f"securehealth-{command} = securehealth.commands:{command}" in scripts
+    # Installed elsewhere, away from the checkout, the commands answer.
+    installed = tmp_path / "site"
+    subprocess.run([*pip, "install", "-q", "--no-deps", "--target", installed, wheel], check=True)
+    helped = subprocess.run(
+        [sys.executable, "-c", "import sys; from securehealth.commands import predict; predict()"]
+        + ["--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert helped.returncode == 0 and "--run-dir" in helped.stdout, helped.stderr

@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
-from model import build_model
 from securehealth import data, settings
+from securehealth.model import build_model
 from securehealth.privacy import dpsgd
 from securehealth.tools import audit, canary_audit, lower_bounds
 

@@ -14,12 +14,12 @@ from flwr.compat.common.recorddict_compat import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-import client
 import data_utils
-from model import build_model, get_weights
 from securehealth import authorisation, settings
+from securehealth import clientapp as client
 from securehealth import node as hospital_node
 from securehealth.certificates import load_hospital_key, make_hospital_key, make_operator_key
+from securehealth.model import build_model, get_weights
 from securehealth.privacy.ledger import LEDGER_FILE
 from securehealth.results import STATUS_FILE
 
@@ -181,3 +181,18 @@ def test_the_servers_app_refuses_a_replayed_authorisation(deployed, tmp_path):
     authorisation.claim(tmp_path / "run", signed, 7)  # the same run may check again
     with pytest.raises(authorisation.Unauthorised, match="used by run 7 already"):
         authorisation.claim(tmp_path / "run", signed, 8)
+
+
+def test_an_authorisation_used_on_a_demonstration_is_not_good_for_own_patients(deployed):
+    # The register of authorisations used is the hospital's, whatever data a run
+    # is on: a server replaying a trial run's authorisation on the hospital's own
+    # patients is refused.
+    cfg, operator_key, state_dir, node_config = deployed
+    run_config = signed_run_config(cfg, operator_key)
+    trial = {**node_config, "data-file": str(EXAMPLE / "hospital_0.csv")}
+    assert ask_to_join(trial, run_config, run_id=7)["problem"] == ""
+    train(trial, run_config, cfg, run_id=7)
+    replay = "its authorisation was already used by another run (a replay)"
+    assert replay in ask_to_join(node_config, run_config, run_id=8)["problem"]
+    assert replay in ask_to_join(trial, run_config, run_id=9)["problem"]
+    assert not releases(state_dir)  # the trial's spend stayed in its own demo ledger

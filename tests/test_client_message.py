@@ -9,10 +9,10 @@ from flwr.common.serde import message_to_proto
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 from flwr.supercore.task_identity import TaskIdentity
 
-import client
 import data_utils
-from model import build_model, get_weights
+from securehealth import clientapp as client
 from securehealth import settings
+from securehealth.model import build_model, get_weights
 
 PRIVACY_REPORT_KEYS = {
     "hospital",

@@ -16,7 +16,10 @@ from sklearn.metrics import (
 )
 
 import data_utils
-from model import (
+from securehealth import settings
+from securehealth.data import split
+from securehealth.data.schema import STRUCTURE
+from securehealth.model import (
     build_model,
     clinical_metrics,
     get_weights,
@@ -25,9 +28,6 @@ from model import (
     save_model,
     set_weights,
 )
-from securehealth import settings
-from securehealth.data import split
-from securehealth.data.schema import STRUCTURE
 
 
 @pytest.fixture(params=["synthetic", "breast-cancer"])
@@ -198,7 +198,7 @@ def test_bad_data_dictionaries_are_named_in_one_line(spec, problem):
 def test_the_shipped_data_dictionaries_follow_the_published_structure():
     structure = json.loads(STRUCTURE.read_text())
     jsonschema.Draft202012Validator.check_schema(structure)
-    for path in [*ROOT.glob("schemas/*_*.json"), *ROOT.glob("examples/*/schema.json")]:
+    for path in [*ROOT.glob("securehealth/schemas/*_*.json"), *ROOT.glob("examples/*/schema.json")]:
         data_utils.Schema.load(path)  # raises if not
 
 

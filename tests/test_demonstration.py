@@ -9,14 +9,24 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLE, ROOT, as_simulated_hospitals, flower_context, own_data_copy
+from conftest import (
+    EXAMPLE,
+    ROOT,
+    as_simulated_hospitals,
+    flower_context,
+    own_data_copy,
+)
 
-from model import build_model, get_weights
 from securehealth import node, settings
 from securehealth.data import demonstration, heart_disease
 from securehealth.data.demonstration import DEMO_RUNS_DIR, SHIPPED_FILES, all_demonstration
+from securehealth.model import build_model, get_weights
 from securehealth.privacy.ledger import LEDGER_FILE
-from securehealth.results import HOSPITALS_DIR_VARIABLE, default_state_root
+from securehealth.results import (
+    DEMO_HOSPITALS_DIR_VARIABLE,
+    HOSPITALS_DIR_VARIABLE,
+    default_state_root,
+)
 
 
 def test_every_shipped_patient_file_has_its_fingerprint():
@@ -71,7 +81,8 @@ def test_a_deployed_demonstration_spends_a_fresh_ledger_per_run_beside_the_lasti
         assert hospital.ledger.path == state_dir / DEMO_RUNS_DIR / str(run_id) / LEDGER_FILE
         with hospital.ledger.transaction():
             assert [r["run_id"] for r in hospital.ledger.releases] == [str(run_id)]
-    assert not (state_dir / LEDGER_FILE).exists()
+    lasting = state_dir / LEDGER_FILE  # the register of authorisations used, nothing spent
+    assert not lasting.exists() or not json.loads(lasting.read_text())["releases"]
     assert json.loads((state_dir / "status.json").read_text())["status"] == "trained"
 
 
@@ -96,6 +107,22 @@ def test_a_server_cannot_make_a_deployed_hospital_a_demonstration(tmp_path, monk
     # Nor simulated: that takes Flower's simulation engine in this very process.
     monkeypatch.setenv(HOSPITALS_DIR_VARIABLE, str(tmp_path / "simulated"))
     assert not node.is_simulated(flower_context({}, {}))
+
+
+def test_a_simulated_demonstration_never_uses_the_lasting_folder(tmp_path, monkeypatch):
+    # Whatever SECUREHEALTH_HOSPITALS_DIR says (the operator's lasting folder, or a
+    # Ray cluster's workers'), a demonstration's hospitals keep the run's own state.
+    as_simulated_hospitals(monkeypatch, tmp_path / "lasting")
+    demo = flower_context({"partition-id": 0, "num-partitions": 3}, {}, run_id=4)
+    cfg = settings.resolve()
+    expected = default_state_root() / DEMO_RUNS_DIR / "4" / "hospital-0"
+    assert node.hospital_state_dir(demo, cfg, 0) == expected
+    monkeypatch.setenv(DEMO_HOSPITALS_DIR_VARIABLE, str(tmp_path / "run" / "hospitals"))
+    assert node.ledger_dir(demo, cfg, 0) == tmp_path / "run" / "hospitals" / "hospital-0"
+    own_cfg = settings.resolve(
+        {"dataset": "csv", "data_dir": str(own_data_copy(EXAMPLE, tmp_path / "o"))}
+    )
+    assert node.ledger_dir(demo, own_cfg, 0) == tmp_path / "lasting" / "hospital-0"
 
 
 def test_flwr_run_hospitals_know_where_their_ledgers_are_without_a_variable(tmp_path, monkeypatch):
@@ -159,3 +186,10 @@ def test_tools_outside_the_ledgers_are_free_on_a_demonstration_only(tmp_path):
         result = run_script(ROOT / "simulation.py", *flags, cwd=tmp_path)
         assert (result.returncode == 0) is free, result.stderr
         assert ("--unaccounted-privacy-spend" in result.stderr) is not free
+
+
+def test_the_audit_self_test_trains_on_a_demonstration_only(tmp_path):
+    own_sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
+    flags = ["--self-test", "--dataset", "heart-disease", "--data-dir", own_sites]
+    refused = run_script(ROOT / "audit.py", *flags, cwd=tmp_path)
+    assert refused.returncode == 2 and "never on your own patients" in refused.stderr

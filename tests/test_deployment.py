@@ -22,9 +22,9 @@ from conftest import (
     own_data_copy,
 )
 
-from model import load_model
 from securehealth.certificates import make_certificates, make_hospital_key
 from securehealth.deployment import runtime
+from securehealth.model import load_model
 from securehealth.privacy.ledger import PrivacyLedger
 
 

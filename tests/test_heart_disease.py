@@ -10,7 +10,7 @@ import pytest
 from conftest import flower_context
 from rich.console import Console
 
-import client
+from securehealth import clientapp as client
 from securehealth import data, settings
 from securehealth.data import heart_disease
 from securehealth.data.split import held_out_split

@@ -13,10 +13,10 @@ from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 from flwr.supercore.task_identity import TaskIdentity
 
-import client
 import data_utils
-from model import build_model, get_weights
+from securehealth import clientapp as client
 from securehealth import settings
+from securehealth.model import build_model, get_weights
 from securehealth.results import EVALUATION_FILE, read_json
 
 HOSPITAL = 2  # the example's smallest hospital: 120 patients

@@ -11,10 +11,10 @@ import pytest
 from conftest import EXAMPLE, ROOT, as_simulated_hospitals, flower_context, own_data_copy
 from flwr.supercore.task_identity import TaskIdentity
 
-from model import build_model, get_weights
 from securehealth import node, settings
 from securehealth.data import heart_disease
 from securehealth.hospital import Hospital
+from securehealth.model import build_model, get_weights
 from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
 from securehealth.results import (
     HOSPITALS_DIR_VARIABLE,

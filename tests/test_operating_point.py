@@ -13,10 +13,10 @@ from flwr.common import Code, EvaluateRes, Status
 from scipy.stats import norm
 from test_privacy import independent_epsilon, train_rounds
 
-from model import build_model, get_weights
 from securehealth import clinical, operating_point, settings
 from securehealth.admission import Admission
 from securehealth.hospital import Hospital
+from securehealth.model import build_model, get_weights
 from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.accountant import epsilon_spent
 from securehealth.privacy.ledger import OPERATING_POINT_SHARE

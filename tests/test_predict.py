@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import EXAMPLE, ROOT
 
-from model import build_model, predict_risk, save_model
 from securehealth.data import Schema
 from securehealth.data.csv_files import read_csv
+from securehealth.model import build_model, predict_risk, save_model
 
 THRESHOLD = 0.4471  # within the initialised model's risks (0.43-0.48), so 0.5 would differ
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE, ROOT, flower_context, own_data_copy
 
-import client
 import data_utils
-from model import build_model, get_weights, set_weights
+from securehealth import clientapp as client
 from securehealth import node as hospital_node
 from securehealth import settings
 from securehealth.data.split import held_out_split
 from securehealth.hospital import Hospital
+from securehealth.model import build_model, get_weights, set_weights
 from securehealth.privacy.accountant import (
     BudgetExhausted,
     calibrate_noise_multiplier,

@@ -43,13 +43,13 @@ from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import read_metrics
 
-from model import get_weights, load_model
 from securehealth import settings
 from securehealth.admission import Admission, report_problem
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
 from securehealth.deployment import pinning, runtime
 from securehealth.flower import APP_LAUNCHERS
+from securehealth.model import get_weights, load_model
 from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
 from securehealth.serverapp import readable
 from securehealth.strategy import HospitalFedAvg
@@ -63,7 +63,7 @@ import numpy as np
 from flwr.client import ClientApp
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
-import client
+from securehealth import clientapp as client
 from securehealth import node as hospital_node
 
 
@@ -94,7 +94,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import (
     fitres_to_recorddict, recorddict_to_fitins, recorddict_to_fitres,
 )
-import client
+from securehealth import clientapp as client
 from securehealth import node as hospital_node
 
 BROKEN = {{
@@ -162,9 +162,9 @@ def app_copy(directory, client_module=None, change=None):
         (directory / "altered_client.py").write_text(client_module)
         pyproject = directory / "pyproject.toml"
         text = pyproject.read_text()
-        assert 'clientapp = "client:app"' in text
+        assert 'clientapp = "securehealth.clientapp:app"' in text
         text = text.replace('"/client.py",', '"/client.py",\n    "/altered_client.py",')
-        pyproject.write_text(text.replace('"client:app"', '"altered_client:app"'))
+        pyproject.write_text(text.replace('"securehealth.clientapp:app"', '"altered_client:app"'))
     if change:
         name, addition = change
         (directory / name).write_text((directory / name).read_text() + addition)

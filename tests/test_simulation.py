@@ -25,10 +25,10 @@ from conftest import (
 from PIL import Image
 
 import data_utils
-from model import clinical_metrics, load_model, predict_risk
 from securehealth import settings
 from securehealth.deployment import runtime
-from securehealth.results import HOSPITALS_DIR_VARIABLE, has_finished
+from securehealth.model import clinical_metrics, load_model, predict_risk
+from securehealth.results import has_finished
 
 pytestmark = pytest.mark.e2e  # every test here runs simulation.py
 # Enough patients that the operating point is chosen in every run (8 of 8 measured;
@@ -411,20 +411,37 @@ def test_flowers_own_cli_runs_the_app_with_typed_run_config_overrides(tmp_path):
     """`flwr run . --run-config "rounds=2 ..."`, as Flower's docs describe, against a
     local SuperLink in simulation mode: each setting is a typed run config key."""
     flwr_home, run_dir = tmp_path / "flower", tmp_path / "run"
-    hospitals = {HOSPITALS_DIR_VARIABLE: str(tmp_path / "hospitals")}
-    overrides = f"rounds=2 epsilon=2 num_patients=600 global_test_patients=200 run_dir='{run_dir}'"
-    with runtime.superlink(flwr_home, "--simulation", "--insecure", environment=hospitals) as link:
-        runtime.connect_cli(flwr_home, link)
-        result = subprocess.run(
+    # No variable tells the hospitals they are simulated or where their ledgers go;
+    # RAY_ADDRESS=local keeps Flower's simulation off any Ray cluster on this machine.
+    machine = {"RAY_ADDRESS": "local", "XDG_STATE_HOME": str(tmp_path / "state")}
+    tiny = "epsilon=2 num_patients=600 global_test_patients=200"
+
+    def flwr_run(run_config, *federation):
+        return subprocess.run(
             [runtime.executable("flwr"), "run", str(ROOT), "run", "--stream"]
-            + ["--run-config", overrides, "--federation-config", "num-supernodes=3"],
+            + ["--run-config", run_config, *federation],
             cwd=tmp_path,
             env=runtime.flower_env(flwr_home),
             capture_output=True,
             text=True,
             timeout=300,
         )
+
+    with runtime.superlink(flwr_home, "--simulation", "--insecure", environment=machine) as link:
+        runtime.connect_cli(flwr_home, link)
+        # Flower's default federation has 2 SuperNodes: the run stops as soon as the
+        # hospitals answer, each saying why, not after join_timeout (120 s).
+        started = time.monotonic()
+        flwr_run(f"rounds=1 {tiny} run_dir='{tmp_path / 'two'}'")
+        refused = json.loads((tmp_path / "two" / "metrics.json").read_text())
+        assert refused["status"] == "failed" and time.monotonic() - started < 100
+        assert "the federation has 2 hospitals but the run's num_clients is 3" in refused["error"]
+        result = flwr_run(
+            f"rounds=2 {tiny} run_dir='{run_dir}'", "--federation-config", "num-supernodes=3"
+        )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]  # flwr's own
+    demo_runs = tmp_path / "state" / "securehealth-ml" / "demo-runs"
+    assert len(list(demo_runs.glob("*/hospital-*/privacy-ledger.json"))) == 3
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert has_finished(metrics["status"]) and len(metrics["rounds"]) == 2
     assert metrics["config"]["epsilon"] == 2.0 and metrics["config"]["rounds"] == 2

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import TINY, demo_ledger, flower_context
 
-import client
-from model import build_model, get_weights
+from securehealth import clientapp as client
 from securehealth import relay, settings
 from securehealth.deployment import worker
 from securehealth.deployment.worker import warm_worker
+from securehealth.model import build_model, get_weights
 
 RUN = settings.to_run_config(
     settings.resolve(

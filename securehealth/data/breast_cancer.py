@@ -10,7 +10,7 @@ from securehealth.data.schema import Schema
 from securehealth.data.split import SERVER_STREAM, SIZE_PATTERN, stratified_parts, test_size
 
 DESCRIPTION = "the Wisconsin diagnostic breast cancer data bundled with scikit-learn"
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "breast_cancer.json"
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "breast_cancer.json"
 
 
 def _split(cfg, schema):

@@ -72,10 +72,15 @@ def is_demonstration(own_file: Path | None) -> bool:
         return False
 
 
-def all_demonstration(cfg: SimpleNamespace) -> bool:
-    """Whether every hospital of a simulation on this machine is a demonstration (its
-    ledgers then live with the run; one hospital of your own data makes them all
-    lasting)."""
+def hospitals_demonstrating(cfg: SimpleNamespace) -> list[bool]:
+    """For each hospital of a simulation on this machine, whether its data is a
+    demonstration's."""
     from securehealth.data import own_file
 
-    return all(is_demonstration(own_file(cfg, h)) for h in range(cfg.num_clients))
+    return [is_demonstration(own_file(cfg, h)) for h in range(cfg.num_clients)]
+
+
+def all_demonstration(cfg: SimpleNamespace) -> bool:
+    """Whether every hospital of a simulation on this machine is a demonstration: only
+    then may a tool train on their rows outside any ledger (settings.check_accounted)."""
+    return all(hospitals_demonstrating(cfg))

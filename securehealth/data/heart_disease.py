@@ -17,7 +17,7 @@ from securehealth.data.schema import Schema
 
 DESCRIPTION = "four real hospitals' patients (UCI Heart Disease, shipped in data/)"
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "uci-heart-disease"
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "heart_disease.json"
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "heart_disease.json"
 FILES = True  # each hospital reads its own site's file
 SITES = ("cleveland", "hungarian", "switzerland", "va")  # hospital i is SITES[i]
 SITE_NAMES = ("Cleveland", "Budapest", "Zurich & Basel", "Long Beach VA")

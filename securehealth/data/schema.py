@@ -45,7 +45,7 @@ class Subgroup:
 
 MISSING_MODES = ("fail", "drop", "indicator")
 # What a data dictionary may hold, as a JSON Schema (shipped with the app).
-STRUCTURE = Path(__file__).resolve().parents[2] / "schemas" / "data-dictionary.schema.json"
+STRUCTURE = Path(__file__).resolve().parents[1] / "schemas" / "data-dictionary.schema.json"
 
 
 class Schema:
@@ -367,8 +367,9 @@ def _validator():
 
 
 def check_structure(spec: object, source: str) -> None:
-    """Check the dictionary against its JSON Schema (schemas/data-dictionary.schema.json):
-    one line naming the first wrong field and what it may be."""
+    """Check the dictionary against its JSON Schema
+    (securehealth/schemas/data-dictionary.schema.json): one line naming the first
+    wrong field and what it may be."""
     import jsonschema  # imported here: only a run that reads a dictionary pays for it
 
     try:

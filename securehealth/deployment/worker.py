@@ -59,7 +59,7 @@ class Worker(socketserver.UnixStreamServer):
                 "this hospital's copy of the app changed since its client.py started: "
                 "restart client.py"
             )
-        from client import HospitalClient  # the training stack: loaded once, here
+        from securehealth.clientapp import HospitalClient  # the training stack: loaded once
         from securehealth.node import open_hospital
 
         context = Context(

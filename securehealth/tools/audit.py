@@ -5,7 +5,6 @@ and on two models trained here without DP, set beside the most any attack can
 achieve at the run's epsilon."""
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +12,21 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from model import build_model, load_model
-from securehealth import data, display, settings
+from securehealth import data, settings
+from securehealth.model import build_model, load_model
 from securehealth.privacy import dpsgd
 from securehealth.report import (
     AUDIT_FILE,
     AUDIT_PLOT,
-    audit_table,
-    canary_audit_section,
-    write_report,
 )
 from securehealth.results import (
     METRICS_FILE,
     MODEL_FILE,
-    RunDirError,
-    finished_run_argument,
-    new_run_dir,
     read_json,
-    write_atomic,
     write_json,
 )
 from securehealth.tools import canary_audit
+from securehealth.tools.canaries import CANARIES
 
 REPETITIONS = 200  # bootstrap draws of members and non-members
 LONG_TRAINING = 10  # the memorising contrast trains this many times longer
@@ -146,7 +139,7 @@ def membership_inference(run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def run_audit(run_dir: Path, canaries: int = canary_audit.CANARIES) -> dict[str, Any]:
+def run_audit(run_dir: Path, canaries: int = CANARIES) -> dict[str, Any]:
     """The canary audit with the run's settings and the membership-inference attack
     on its model; written to the run's audit.json and plot, and returned."""
     run_dir = Path(run_dir)
@@ -158,87 +151,3 @@ def run_audit(run_dir: Path, canaries: int = canary_audit.CANARIES) -> dict[str,
     write_json(run_dir / AUDIT_FILE, result)
     canary_audit.plot(result["canary_audit"], run_dir / AUDIT_PLOT)
     return result
-
-
-def self_test(description: str, argv: list[str]) -> int:
-    """`--self-test`: the canary audit on bundled or generated data, in a new run
-    directory (audit.json, audit.md, audit.png); exit 0 only if it passes."""
-    parser = settings.make_parser(description)
-    _add_audit_flags(parser)
-    cfg, args = settings.parse(parser, argv, simulation=True)
-    data.locate(cfg)
-    try:
-        if cfg.dataset == "csv":
-            raise settings.SettingsError(
-                "the self-test trains on bundled or generated data only: choose another "
-                "dataset, or audit a finished csv run with --run-dir"
-            )
-        canary_audit.check_settings(cfg, args.canaries)
-        run_dir = new_run_dir(cfg.run_dir, AUDIT_FILE, args.overwrite)
-    except (settings.SettingsError, canary_audit.AuditError, RunDirError) as error:
-        parser.error(str(error))
-    console = display.make_console()
-    try:
-        with console.status(
-            f"Training the product and {len(canary_audit.VARIANTS) - 1} variants with canaries"
-        ):
-            result = canary_audit.run(cfg, args.canaries)
-    except (canary_audit.AuditError, data.DataError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    write_json(run_dir / AUDIT_FILE, {"canary_audit": result})
-    canary_audit.plot(result, run_dir / AUDIT_PLOT)
-    page = "\n\n".join(["# Privacy self-test", *canary_audit_section(result)]) + "\n"
-    write_atomic(run_dir / "audit.md", page.encode())
-    console.print(audit_table(result))
-    console.print(result["summary"])
-    console.print(f"Table and plot: {run_dir / 'audit.md'}, {run_dir / AUDIT_PLOT}")
-    return 0 if result["outcome"] == "PASS" else 1
-
-
-def _add_audit_flags(parser):
-    parser.add_argument(
-        "--self-test",
-        action="store_true",
-        help="audit the product and deliberately broken versions of it on bundled or "
-        "generated data; exit 0 only if the audit passes the product and catches each "
-        "broken version",
-    )
-    parser.add_argument(
-        "--canaries",
-        type=settings.positive_int,
-        default=canary_audit.CANARIES,
-        help=f"white-box canaries in the audited hospital [default: {canary_audit.CANARIES}]",
-    )
-
-
-def _add_run_audit_flags(parser):
-    settings.add_unaccounted_flag(parser)
-    _add_audit_flags(parser)
-
-
-def main(description: str, argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--self-test" in argv:
-        return self_test(description, argv)
-    run_dir, args = finished_run_argument(description, argv, _add_run_audit_flags)
-    console = display.make_console()
-    try:
-        cfg = settings.resolve(read_json(run_dir / METRICS_FILE)["config"])
-        settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the audit")
-    except settings.SettingsError as error:
-        print(f"audit.py: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        with console.status("Auditing: canaries, and membership inference on the model"):
-            result = run_audit(run_dir, args.canaries)
-    except data.DataError as error:  # e.g. a deployment: the rows stayed home
-        print(f"audit.py: error: the audit needs every hospital's rows: {error}", file=sys.stderr)
-        return 2
-    except canary_audit.AuditError as error:
-        print(f"audit.py: error: {error}", file=sys.stderr)
-        return 2
-    write_report(run_dir)  # again, with the audit in it
-    console.print(audit_table(result["canary_audit"]))
-    console.print(result["canary_audit"]["summary"])
-    console.print(result["membership_inference"]["verdict"])
-    return 1 if result["canary_audit"]["outcome"] == "FAIL" else 0

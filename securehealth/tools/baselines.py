@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from securehealth import data, operating_point
+from securehealth.model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from securehealth.privacy import dpsgd
 from securehealth.privacy.accountant import calibrate_noise_multiplier
 from securehealth.tools.federation import federate

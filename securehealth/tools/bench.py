@@ -154,7 +154,7 @@ def step_times(repeats: int, epochs: int = 10) -> tuple[float, float]:
     data (the default job's largest hospital), same loader."""
     from opacus import PrivacyEngine
 
-    from model import build_model
+    from securehealth.model import build_model
     from securehealth.privacy import dpsgd
 
     cfg = settings.resolve({})

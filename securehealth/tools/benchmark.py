@@ -25,7 +25,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from securehealth import display, settings
-from securehealth.data import heart_disease
+from securehealth.data import demonstration, heart_disease
 from securehealth.data.schema import Schema
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
 from securehealth.tools import clinical_benchmark
@@ -125,7 +125,7 @@ def benchmark_patients(all_columns: bool) -> tuple[Patients, list[str]]:
 def per_hospital(model: "torch.nn.Module", patients: Patients) -> dict[str, Any]:
     """Accuracy at 0.5 and ROC-AUC on each hospital's test patients, and their means
     over the hospitals (AUC over those whose test patients hold both classes)."""
-    from model import clinical_metrics, predict_risk
+    from securehealth.model import clinical_metrics, predict_risk
 
     scores = [
         clinical_metrics(test_y, predict_risk(model, test_x), THRESHOLD)
@@ -390,6 +390,13 @@ def main(description: str, argv: list[str] | None = None) -> int:
     # none is reserved or released, and training spends the whole budget.
     flamby = {"dataset": "heart-disease", "num_clients": 4, "decision_threshold": str(THRESHOLD)}
     cfg = settings.resolve({**vars(cfg), **flamby})
+    sites = [heart_disease.site_file(h) for h in range(len(heart_disease.SITES))]
+    if changed := [site for site in sites if not demonstration.is_demonstration(site)]:
+        parser.error(  # it trains outside any ledger: on the public files only
+            f"{changed[0]} is not the shipped UCI file (its SHA-256 differs): the benchmark "
+            f"trains outside any privacy ledger, on the public files only; restore them "
+            f"(git checkout data/uci-heart-disease)"
+        )
     try:
         run_dir = new_run_dir(cfg.run_dir, "benchmark.json", args.overwrite)
     except RunDirError as error:

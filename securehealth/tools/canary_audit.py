@@ -57,19 +57,23 @@ from matplotlib.figure import Figure
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from model import build_model, get_weights, set_weights
 from securehealth import data, settings
 from securehealth.hospital import Hospital
+from securehealth.model import build_model, get_weights, set_weights
 from securehealth.privacy import dpsgd
 from securehealth.privacy.accountant import calibrate_noise_multiplier
 from securehealth.privacy.ledger import PrivacyLedger
 from securehealth.tools import lower_bounds
+from securehealth.tools.canaries import (
+    BLACK_BOX_CANARIES,
+    CANARIES,
+    MAX_CANARIES,
+    MIN_CANARIES,
+    AuditError,
+)
 from securehealth.tools.federation import federate
 
-CANARIES = 10000  # white-box canaries; the audit's power grows with them
-MIN_CANARIES, MAX_CANARIES = 10, 50000
 MAX_ROUNDS = 100  # each variant trains every round in this process
-BLACK_BOX_CANARIES = 100  # records: each one more also changes the model itself
 CONFIDENCE = 0.95
 AUDITED_HOSPITAL = 0
 # Large enough that, next to it, the canary row's gradient on the MLP is negligible
@@ -77,10 +81,6 @@ AUDITED_HOSPITAL = 0
 CANARY_MARK = 1e4
 # The grid of dp-accounting's PLDs here (its accountant's default).
 PLD_DISCRETIZATION = 1e-4
-
-
-class AuditError(Exception):
-    """The audit cannot run at these settings; the message says why."""
 
 
 class CanaryModel(nn.Module):

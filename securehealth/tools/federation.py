@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from model import build_model, get_weights, set_weights
 from securehealth import operating_point
 from securehealth.aggregation import ServerMomentum, combine
+from securehealth.model import build_model, get_weights, set_weights
 
 Weights = list[np.ndarray]
 # One hospital's round: (global weights, round number) -> (new weights, patients);

@@ -47,7 +47,11 @@ class Scored:
 def predictions(run_dir: Path, data: Path) -> Scored:
     """Score the patients of `data` with the model of `run_dir` (Scored), saying
     where its threshold came from and what the run warned about (metrics.json)."""
-    from model import clinical_metrics, load_model, predict_risk  # PyTorch: after --help
+    from securehealth.model import (  # PyTorch: after --help
+        clinical_metrics,
+        load_model,
+        predict_risk,
+    )
 
     model, saved = load_model(run_dir / MODEL_FILE)
     schema = model_schema(saved)

@@ -21,7 +21,7 @@ from securehealth.results import RunDirError, new_run_dir, write_atomic, write_j
 def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
     """The federated DP model's metrics on the reference test set, trained here with
     the hospitals' ledgers under `state_root`."""
-    from model import clinical_metrics, predict_risk
+    from securehealth.model import clinical_metrics, predict_risk
     from securehealth.tools.federation import dp_federation
 
     model, threshold = dp_federation(cfg, state_root)

@@ -1,0 +1,181 @@
+"""`python simulation.py`: the whole federation on this machine, on Flower's
+simulation runtime (usage: securehealth/commands.py)."""
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from securehealth import data, display, forecast, settings
+from securehealth.data import demonstration
+from securehealth.deployment import runtime
+from securehealth.privacy.ledger import (
+    LEDGER_FILE,
+    LedgerError,
+    add_reset_flag,
+    check_before_start,
+)
+from securehealth.results import (
+    DEMO_HOSPITALS_DIR_VARIABLE,
+    HOSPITALS_DIR_VARIABLE,
+    METRICS_FILE,
+    RunDirError,
+    lasting_hospitals_dir,
+    new_run_dir,
+    simulated_hospitals_dir,
+    write_json,
+)
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    """`python simulation.py`: the whole federation on this machine (exit code: how
+    the run ended)."""
+    runtime.start_launcher()
+    parser = settings.make_parser(description)
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also train the baselines (pooled and FedAvg without DP, each hospital "
+        "alone with DP) and compare them in the summary and report",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what each hospital would train with and spend in this run, and the "
+        "forecast, then exit: nothing is trained or spent",
+    )
+    settings.add_unaccounted_flag(parser)
+    add_reset_flag(parser)
+    cfg, args = settings.parse(parser, argv, simulation=True)
+    data.locate(cfg)
+    console = display.make_console()
+    try:
+        if args.baselines:
+            settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
+        # Demonstrations' hospitals start afresh in each run (data/demonstration.py).
+        demonstrations = demonstration.hospitals_demonstrating(cfg)
+        lasting = not all(demonstrations)
+        if args.plan:
+            check_plan(cfg, args, lasting)
+        warnings = data.check_all(cfg)
+        check_lasting_ledgers(cfg, args.reset_ledger, demonstrations)
+        if not (cfg.ray_address and lasting):  # else the cluster's workers hold the ledgers
+            outlook = forecast.forecast_here(cfg, state_dirs(cfg, demonstrations), spend=args.plan)
+            if outlook.training == 0 and not args.plan:
+                raise LedgerError(outlook.refusal(lasting_hospitals_dir()))
+            warnings.append(outlook.warning)
+        if not args.plan:
+            cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
+    except (settings.SettingsError, data.DataError, RunDirError, LedgerError) as error:
+        parser.error(str(error))
+    for warning in filter(None, warnings):
+        console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
+    if args.plan:
+        display.print_plan(cfg, outlook, lasting_hospitals_dir() if lasting else None, console)
+        return 0
+    hospitals_dir = simulated_hospitals_dir(not lasting, cfg.run_dir)
+    where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
+    console.print(
+        f"[bold]SecureHealth-ML[/] simulation on {where}: {cfg.num_clients} hospitals, "
+        f"{cfg.rounds} rounds, privacy budget epsilon {cfg.epsilon:g} "
+        f"(delta {cfg.delta:g}, {cfg.adjacency}) per hospital; secure aggregation "
+        f"{cfg.secure_aggregation}; hospitals' privacy ledgers in "
+        + (
+            f"${HOSPITALS_DIR_VARIABLE} of the Ray cluster's workers"
+            if cfg.ray_address
+            else str(hospitals_dir)
+        )
+    )
+    exit_code, metrics = runtime.run_federation(
+        cfg,
+        console,
+        superlink_args=["--simulation", "--insecure"],
+        federation_config=[
+            f"num-supernodes={cfg.num_clients}",
+            f"client-resources-num-cpus={cfg.client_cpus}",
+            f"client-resources-num-gpus={cfg.client_gpus}",
+        ],
+        # Flower's simulation engine calls ray.init(), which joins the cluster named
+        # in RAY_ADDRESS; "local" starts a private one even where `ray start` runs.
+        environment={
+            "RAY_ADDRESS": cfg.ray_address or "local",
+            # A private Ray of this machine listens on loopback only (Ray's own
+            # setting: its non-cluster mode, the default on macOS and Windows).
+            **({} if cfg.ray_address else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),
+            # On an existing Ray cluster its workers have their own environment:
+            # start it with HOSPITALS_DIR_VARIABLE set (see the README).
+            **({HOSPITALS_DIR_VARIABLE: str(hospitals_dir)} if lasting else {}),
+            DEMO_HOSPITALS_DIR_VARIABLE: str(simulated_hospitals_dir(True, cfg.run_dir)),
+        },
+    )
+    if metrics is None:
+        return exit_code
+    if args.baselines:
+        add_baselines(cfg, metrics, console)
+    display.print_summary(metrics, cfg.run_dir, console)
+    return exit_code
+
+
+def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
+    """Refuse what --plan cannot do: plan where the ledgers are elsewhere, or change
+    a ledger."""
+    if args.reset_ledger is not None:
+        raise LedgerError("--plan changes nothing: leave out --reset-ledger")
+    if cfg.ray_address and lasting:
+        raise LedgerError(
+            "--plan reads the hospitals' ledgers, which on a Ray cluster with your own data "
+            "are on its workers: run it without --ray-address on a machine that holds them "
+            f"(the same ${HOSPITALS_DIR_VARIABLE})"
+        )
+
+
+def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | None]:
+    """The simulated hospitals' lasting state directories, their privacy ledgers'
+    homes; None for a demonstration's hospital, which starts afresh in every run."""
+    return [
+        None if demo else lasting_hospitals_dir() / f"hospital-{h}"
+        for h, demo in enumerate(demonstrations)
+    ]
+
+
+def check_lasting_ledgers(
+    cfg: SimpleNamespace, reset_reason: str | None, demonstrations: list[bool]
+) -> None:
+    """Check the simulated hospitals' lasting ledgers (your own data) before anything
+    starts, starting missing ones afresh if `reset_reason` is given (see
+    ledger.check_before_start). A demonstration's hospitals start afresh in every run."""
+    if all(demonstrations) or cfg.ray_address:  # a cluster's workers hold theirs
+        if reset_reason is not None:
+            raise LedgerError(
+                "--reset-ledger is for the lasting ledgers of your own data (on this "
+                "machine); a demonstration's hospitals (data generated or shipped with "
+                "this code) start afresh in every run"
+            )
+        return
+    hospitals_dir = lasting_hospitals_dir()
+    lasting = {h: d for h, d in enumerate(state_dirs(cfg, demonstrations)) if d is not None}
+    missing = {h: not (d / LEDGER_FILE).exists() for h, d in lasting.items()}
+    if reset_reason is not None and not any(missing.values()):
+        raise LedgerError(
+            f"every simulated hospital's privacy ledger in {hospitals_dir} exists, and a "
+            f"budget is never reset while its ledger exists: leave out --reset-ledger"
+        )
+    for hospital, state_dir in lasting.items():
+        reset = reset_reason if missing[hospital] else None
+        everyone = data.patients_fingerprint(data.hospital_data(cfg, hospital))
+        check_before_start(state_dir, cfg, data.own_file(cfg, hospital), reset, everyone)
+
+
+def add_baselines(cfg: SimpleNamespace, metrics: dict[str, Any], console: Console) -> None:
+    """Train the baselines, add them to metrics.json and write the report again."""
+    from securehealth.report import write_report  # loaded only when asked for, after the run
+    from securehealth.tools import baselines
+
+    with console.status(
+        "Training the baselines: pooled and FedAvg without DP, each hospital alone with DP"
+    ):
+        metrics["baselines"] = baselines.run_baselines(cfg)
+    write_json(Path(cfg.run_dir) / METRICS_FILE, metrics)
+    write_report(cfg.run_dir, metrics)
