@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import EXAMPLE, ROOT, own_data_copy
 from PIL import Image
 
 from securehealth import data, settings
@@ -321,13 +321,14 @@ def test_the_self_test_on_tiny_settings(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dataset", "csv"], "bundled or generated data only"),
+        (["--dataset", "csv", "--data-dir", "own"], "never on your own patients"),
         (["--canaries", "1"], "canaries must be 10 to 50000, got 1"),
         (["--canaries", "100000"], "canaries must be 10 to 50000, got 100000"),
         (["--rounds", "1000000"], "use at most 100 rounds, not 1000000"),
     ],
 )
 def test_the_self_test_refuses_what_it_cannot_do_in_one_line(tmp_path, flags, message):
+    own_data_copy(EXAMPLE, tmp_path / "own")
     result = subprocess.run(
         [sys.executable, str(ROOT / "audit.py"), "--self-test", *flags],
         cwd=tmp_path,

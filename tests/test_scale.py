@@ -64,8 +64,13 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
     port = runtime.free_port()
     head = [ray, "start", "--head", "--port", str(port), "--num-cpus", "2"]
     head += ["--temp-dir", temp_dir, "--include-dashboard=false", "--disable-usage-stats"]
-    # The cluster's owner tells its workers where simulated hospitals keep their state.
-    cluster_env = {**os.environ, HOSPITALS_DIR_VARIABLE: str(tmp_path / "hospitals")}
+    # The cluster's owner tells its workers where simulated hospitals keep their
+    # lasting state; a demonstration's (here: generated patients) never goes there.
+    cluster_env = {
+        **os.environ,
+        HOSPITALS_DIR_VARIABLE: str(tmp_path / "hospitals"),
+        "XDG_STATE_HOME": str(tmp_path / "workers-state"),
+    }
     try:
         subprocess.run(head, check=True, capture_output=True, timeout=120, env=cluster_env)
         address = f"127.0.0.1:{port}"
@@ -83,7 +88,9 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
         # the simulation only joined it, and leaves it to its owner.
         logs = Path(temp_dir, "session_latest", "logs")
         assert any("ClientAppActor" in p.read_text(errors="ignore") for p in logs.glob("*.err"))
-        assert len(list((tmp_path / "hospitals").glob("hospital-*/privacy-ledger.json"))) == 3
+        demo_runs = tmp_path / "workers-state" / "securehealth-ml" / "demo-runs"
+        assert len(list(demo_runs.glob("*/hospital-*/privacy-ledger.json"))) == 3
+        assert not list((tmp_path / "hospitals").glob("hospital-*/privacy-ledger.json"))
         status = subprocess.run([ray, "status", "--address", address], capture_output=True)
         assert status.returncode == 0, status.stderr
     finally:

@@ -37,7 +37,7 @@ def self_test(description: str, argv: list[str]) -> int:
             )
         canary_audit.check_settings(cfg, args.canaries)
         run_dir = new_run_dir(cfg.run_dir, AUDIT_FILE, args.overwrite)
-    except (settings.SettingsError, AuditError, RunDirError) as error:
+    except (settings.SettingsError, data.DataError, AuditError, RunDirError) as error:
         parser.error(str(error))
     console = display.make_console()
     try:
