@@ -31,7 +31,14 @@ from securehealth.model import (
 )
 from securehealth.privacy import data_index, dpsgd
 from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted, NoiseBeyondLimit
-from securehealth.privacy.ledger import DP_SGD, OPERATING_POINT, LedgerError, PrivacyLedger
+from securehealth.privacy.ledger import (
+    DP_SGD,
+    LEDGER_FILE,
+    OPERATING_POINT,
+    LedgerError,
+    PrivacyLedger,
+    lasting_trace,
+)
 from securehealth.results import (
     EVALUATION_FILE,
     STATUS_FILE,
@@ -255,7 +262,7 @@ class Hospital:
             risk = predict_risk(self._model(parameters), x)
             finite = np.isfinite(risk)
             metrics = clinical_metrics(y, np.where(finite, risk, 0.5), float(threshold))
-            path = self.state_dir / EVALUATION_FILE
+            path = self.ledger.directory / EVALUATION_FILE  # beside the run's ledger
             records = read_json(path) if path.exists() else []
             records = [
                 r for r in records if r["run_id"] != str(self.run_id) or r["round"] != after_round
@@ -318,8 +325,10 @@ class Hospital:
             ),
         }
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        write_json(
-            self.state_dir / STATUS_FILE,
-            {**report, "round": server_round, "utc": now, "ledger": str(self.ledger.path)},
-        )
+        status = {**report, "round": server_round, "utc": now, "ledger": str(self.ledger.path)}
+        path = self.state_dir / STATUS_FILE
+        if self.ledger.directory != self.state_dir and path.exists():  # a demonstration's run
+            lasting = lasting_trace(read_json(path), self.state_dir / LEDGER_FILE)
+            status |= {"lasting": lasting} if lasting else {}
+        write_json(path, status)
         return report

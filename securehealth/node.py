@@ -31,7 +31,6 @@ from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
 from securehealth import data, settings
 from securehealth.authorisation import Unauthorised, prove_identity, verify_run
 from securehealth.data import demonstration
-from securehealth.data.demonstration import DEMO_RUNS_DIR
 from securehealth.flower import (
     RECORD_KEY_CONFIGS,
     getpropertiesres_to_recorddict,
@@ -40,6 +39,7 @@ from securehealth.flower import (
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
+    DEMO_RUNS_DIR,
     STATUS_FILE,
     default_state_root,
     lasting_hospitals_dir,
@@ -198,7 +198,7 @@ def _refuse_run(state_dir, run_id, reason):
     path = Path(state_dir) / STATUS_FILE
     try:
         before = read_json(path) if path.exists() else {}
-        spent = {k: before[k] for k in ("epsilon", "ledger") if k in before}
+        spent = {k: before[k] for k in ("epsilon", "ledger", "lasting") if k in before}
     except (OSError, ValueError, TypeError):
         spent = {}
     now = datetime.now(UTC).isoformat(timespec="seconds")

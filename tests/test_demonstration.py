@@ -19,11 +19,12 @@ from conftest import (
 
 from securehealth import node, settings
 from securehealth.data import demonstration, heart_disease
-from securehealth.data.demonstration import DEMO_RUNS_DIR, SHIPPED_FILES, all_demonstration
+from securehealth.data.demonstration import SHIPPED_FILES, all_demonstration
 from securehealth.model import build_model, get_weights
-from securehealth.privacy.ledger import LEDGER_FILE
+from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
+    DEMO_RUNS_DIR,
     HOSPITALS_DIR_VARIABLE,
     default_state_root,
 )
@@ -193,3 +194,69 @@ def test_the_audit_self_test_trains_on_a_demonstration_only(tmp_path):
     flags = ["--self-test", "--dataset", "heart-disease", "--data-dir", own_sites]
     refused = run_script(ROOT / "audit.py", *flags, cwd=tmp_path)
     assert refused.returncode == 2 and "never on your own patients" in refused.stderr
+
+
+def test_a_synthetic_twin_is_made_from_the_dictionary_alone_and_rehearses_for_free(tmp_path):
+    # Only the data dictionary is there: no row of anyone's can be read.
+    dictionary_only = tmp_path / "dictionary"
+    dictionary_only.mkdir()
+    shutil.copy(EXAMPLE / "schema.json", dictionary_only / "schema.json")
+    twin = tmp_path / "twin"
+    flags = ["--dataset", "csv", "--data-dir", dictionary_only, "--make-twin", twin]
+    made = run_script(ROOT / "simulation.py", *flags, "--num-patients", "900", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "no row of yours read" in " ".join(made.stdout.split())
+    names = {"schema.json", "twin.json", "test.csv", *(f"hospital_{h}.csv" for h in range(3))}
+    assert {p.name for p in twin.iterdir()} == names
+    cfg = settings.resolve({"dataset": "csv", "data_dir": str(twin), "num_patients": 900})
+    assert all_demonstration(cfg)
+    # Its patients pass every check, both classes, and a model learns something.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from securehealth import data
+
+    (x, y), (_, held_out_y) = data.hospital_data(cfg, 0)
+    test_x, test_y, _ = data.reference_test_set(cfg)
+    assert len(y) + len(held_out_y) == 450 and 0.15 < y.mean() < 0.45
+    model = LogisticRegression(max_iter=1000).fit(x, y)
+    assert roc_auc_score(test_y, model.predict_proba(test_x)[:, 1]) > 0.7
+    # A twin is its bytes: a file or the dictionary changed in any way is not one.
+    planned = run_script(
+        ROOT / "simulation.py", "--dataset", "csv", "--data-dir", twin, "--plan", cwd=tmp_path
+    )
+    assert "Demonstration data" in " ".join(planned.stdout.split()), planned.stderr
+    table = twin / "hospital_1.csv"
+    table.write_text(table.read_text() + table.read_text().splitlines()[1] + "\n")
+    assert not demonstration.is_demonstration(table)
+    assert demonstration.is_demonstration(twin / "hospital_0.csv")
+    schema = twin / "schema.json"
+    schema.write_text(schema.read_text() + " ")
+    assert not demonstration.is_demonstration(twin / "hospital_0.csv")
+    # Never into a folder that holds anything.
+    again = run_script(ROOT / "simulation.py", *flags, cwd=tmp_path)
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
+
+
+def test_a_demonstration_run_keeps_the_lasting_ledgers_trace(tmp_path):
+    # Own patients first, then a trial on generated ones in the same state directory:
+    # the status file still says what the lasting ledger had spent, so that ledger is
+    # missed if it is lost, and the trial's evaluations stay with the trial's ledger.
+    state_dir = tmp_path / "hospital-0"
+    own = own_data_copy(EXAMPLE, tmp_path / "own")
+    files = {"dataset": "csv", "schema-file": str(own / "schema.json")}
+    mine = deployed(state_dir, 5, **files, **{"data-file": str(own / "hospital_0.csv")})
+    mine.run_config.update(
+        settings.to_run_config(settings.resolve({"dataset": "csv", "data_dir": str(own)}))
+    )
+    spent = train_one_round(node.open_hospital(mine))["epsilon"]
+    assert train_one_round(node.open_hospital(deployed(state_dir, 6)))["status"] == "trained"
+    status = json.loads((state_dir / "status.json").read_text())
+    assert status["ledger"] == str(state_dir / DEMO_RUNS_DIR / "6" / LEDGER_FILE)
+    assert status["lasting"] == {"epsilon": spent, "ledger": str(state_dir / LEDGER_FILE)}
+    assert (state_dir / DEMO_RUNS_DIR / "6" / "evaluation.json").exists()
+    kept = json.loads((state_dir / "evaluation.json").read_text())
+    assert {record["run_id"] for record in kept} == {"5"}
+    (state_dir / LEDGER_FILE).unlink()
+    with pytest.raises(LedgerError, match=f"records epsilon {spent:.4g} spent"):
+        check_before_start(state_dir, settings.resolve({"dataset": "csv", "data_dir": str(own)}))

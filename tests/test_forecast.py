@@ -163,6 +163,7 @@ def test_the_plan_shows_what_each_hospital_would_spend_and_changes_nothing(tmp_p
     assert "A run with these settings would be refused: no hospital can train" in " ".join(
         nobody.stdout.split()
     )
+    assert nobody.returncode == 1  # for a script: the planned run would be refused
 
 
 def test_the_plan_of_a_demonstration_says_it_spends_nothing_lasting(tmp_path):

@@ -13,7 +13,7 @@ def parse(argv):
 
 
 def test_defaults_come_from_config_module():
-    import config
+    from securehealth import config
 
     cfg = parse([])
     assert cfg.epsilon == config.epsilon == 1.0

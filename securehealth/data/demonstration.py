@@ -1,21 +1,21 @@
-"""Which hospitals' patients are a demonstration's: data this code generates or
-ships, whose runs never spend a real hospital's lasting privacy budget.
+"""Which hospitals' patients are a demonstration's: data this code generates or ships,
+whose runs never spend a real hospital's lasting privacy budget.
 
 A hospital's data is a demonstration's when its rows come from the code itself
-(`synthetic` generates them; `breast-cancer` is bundled inside scikit-learn) or
-when the file it reads is, byte for byte, one shipped in this repository (the UCI
-Heart Disease sites, examples/csv). That is decided from the file's SHA-256 alone,
-never from its path, its name or the `dataset` setting: a copy of your own patients
-named processed.cleveland.data, or placed in examples/csv/, is your own data and
-spends from its lasting ledger. A file edited in any way (one row changed, rows
-reordered, line endings converted) is no longer a demonstration's either: when in
-doubt, the budget is charged.
+(`synthetic` generates them; `breast-cancer` is bundled inside scikit-learn), when
+the file it reads is, byte for byte, one shipped in this repository (the UCI Heart
+Disease sites, examples/csv), or when it is, byte for byte, a file of a synthetic
+twin that the code generates from a data dictionary alone (twin.py). That is decided
+from the file's bytes alone, never from its path, its name or the `dataset`
+setting: a copy of your own patients named processed.cleveland.data, or placed in
+examples/csv/, is your own data and spends from its lasting ledger. A file edited in
+any way (one row changed, rows reordered, line endings converted) is no longer a
+demonstration's either: when in doubt, the budget is charged.
 
-A deployed hospital keeps each demonstration run's ledger apart (demo-runs/<run
-id>/ in its state directory), so its check that an operator's authorisation is used
-by one run only is per run there: a replayed demonstration trains the same
-generated or public patients again, spending nothing of anyone's, and the server's
-own ServerApp refuses a replayed authorisation anyway.
+A deployed hospital keeps each demonstration run's ledger apart (demo-runs/<run id>/
+in its state directory). The register of the operator's authorisations it has used
+stays one, in its state directory, so an authorisation used on a demonstration is
+never good for a run on its own patients.
 """
 
 import hashlib
@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 # SHA-256 of every patient file shipped in this repository (.gitattributes keeps
-# git from converting their line endings): tests/test_one_budget.py checks each
+# git from converting their line endings): tests/test_demonstration.py checks each
 # against the file it names.
 SHIPPED_FILES = {
     "a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8": (
@@ -49,10 +49,6 @@ SHIPPED_FILES = {
     ),
 }
 
-# Where a deployed hospital with demonstration data keeps each run's ledger, inside
-# its state directory: demo-runs/<run id>/, a fresh one per run.
-DEMO_RUNS_DIR = "demo-runs"
-
 
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes."""
@@ -67,9 +63,13 @@ def is_demonstration(own_file: Path | None) -> bool:
     if own_file is None:
         return True
     try:
-        return file_digest(own_file) in SHIPPED_FILES
+        if file_digest(own_file) in SHIPPED_FILES:
+            return True
     except OSError:
         return False
+    from securehealth.data.twin import is_twin  # the data dictionary's reader: when needed
+
+    return is_twin(own_file)
 
 
 def hospitals_demonstrating(cfg: SimpleNamespace) -> list[bool]:

@@ -20,7 +20,7 @@ from rich.markup import escape
 from securehealth import data, display, settings
 from securehealth.certificates import OPERATOR_PUB, make_hospital_key
 from securehealth.data import heart_disease
-from securehealth.data.demonstration import DEMO_RUNS_DIR, is_demonstration
+from securehealth.data.demonstration import is_demonstration
 from securehealth.deployment import pinning, runtime
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
@@ -35,6 +35,7 @@ from securehealth.privacy.ledger import (
 )
 from securehealth.relay import NODE_CONFIG_KEY
 from securehealth.results import (
+    DEMO_RUNS_DIR,
     EVALUATION_FILE,
     STATUS_FILE,
     default_state_root,
@@ -463,7 +464,7 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
     else:
         reason = f": {escape(status['reason'])}" if status["reason"] else ""
         console.print(f"The server ended the run ({status['status']}{reason}); {spent}.")
-        evaluation = state_dir / EVALUATION_FILE
+        evaluation = Path(status.get("ledger", state_dir / "-")).parent / EVALUATION_FILE
         if has_finished(status["status"]) and evaluation.exists():
             final = read_json(evaluation)[-1]
             console.print(

@@ -1,6 +1,7 @@
 """`python simulation.py`: the whole federation on this machine, on Flower's
 simulation runtime (usage: securehealth/commands.py)."""
 
+import argparse
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,13 +45,21 @@ def main(description: str, argv: list[str] | None = None) -> int:
         "--plan",
         action="store_true",
         help="print what each hospital would train with and spend in this run, and the "
-        "forecast, then exit: nothing is trained or spent",
+        "forecast, then exit (1 if that run would be refused): nothing is trained or spent",
+    )
+    parser.add_argument(
+        "--make-twin",
+        metavar="FOLDER",
+        help="write a synthetic twin of --data-dir's data dictionary into the new FOLDER "
+        "(no patient's row is read), to rehearse every command on it for free, then exit",
     )
     settings.add_unaccounted_flag(parser)
     add_reset_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
     data.locate(cfg)
     console = display.make_console()
+    if args.make_twin:
+        return write_twin(cfg, Path(args.make_twin), parser, console)
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
@@ -74,7 +83,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
         console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
     if args.plan:
         display.print_plan(cfg, outlook, lasting_hospitals_dir() if lasting else None, console)
-        return 0
+        return 0 if outlook.training else 1  # 1: the planned run would be refused
     hospitals_dir = simulated_hospitals_dir(not lasting, cfg.run_dir)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
@@ -116,6 +125,34 @@ def main(description: str, argv: list[str] | None = None) -> int:
         add_baselines(cfg, metrics, console)
     display.print_summary(metrics, cfg.run_dir, console)
     return exit_code
+
+
+def write_twin(
+    cfg: SimpleNamespace, folder: Path, parser: argparse.ArgumentParser, console: Console
+) -> int:
+    """`--make-twin FOLDER`: a synthetic twin of the csv data dictionary (twin.py)."""
+    from securehealth.data.csv_files import csv_paths
+    from securehealth.data.twin import make_twin
+
+    try:
+        if cfg.dataset != "csv":
+            raise data.DataError(
+                "--make-twin twins your own data dictionary: give --dataset csv --data-dir "
+                "DIR (the folder with schema.json); a bundled data set is free to use as it is"
+            )
+        schema_file = csv_paths(cfg)[0]
+        twin = make_twin(schema_file, folder, vars(cfg))
+    except data.DataError as error:
+        parser.error(str(error))
+    console.print(
+        f"Wrote a synthetic twin of {escape(str(schema_file))} to {escape(str(twin))}: "
+        f"{cfg.num_clients} hospitals of invented patients (num_patients {cfg.num_patients}) "
+        f"and the server's test.csv ({cfg.global_test_patients}), no row of yours read. "
+        f"It is a demonstration: rehearse every command on it for free, e.g. python "
+        f"simulation.py --dataset csv --data-dir {escape(str(twin))}",
+        soft_wrap=True,
+    )
+    return 0
 
 
 def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:

@@ -36,7 +36,7 @@ from securehealth.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
-from securehealth.results import STATUS_FILE, read_json, write_json
+from securehealth.results import DEMO_RUNS_DIR, STATUS_FILE, read_json, write_json
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
@@ -175,7 +175,8 @@ class PrivacyLedger:
         found = []
         status = self.directory / STATUS_FILE
         try:
-            spent = read_json(status).get("epsilon", 0) if status.exists() else 0
+            spent = lasting_trace(read_json(status), self.path) if status.exists() else {}
+            spent = spent.get("epsilon", 0)
         except (OSError, ValueError, AttributeError):
             spent = 0
         if isinstance(spent, (int, float)) and spent > 0:
@@ -508,6 +509,18 @@ class PrivacyLedger:
         self.releases.append(release)
         release["epsilon_after"] = self.epsilon()
         self._save()
+
+
+def lasting_trace(status: dict[str, Any], lasting_ledger: Path) -> dict[str, Any]:
+    """What a hospital's status file says its lasting ledger `lasting_ledger` had spent
+    ({"epsilon", "ledger"}, or {}): the status's own figures, unless they are a
+    demonstration run's (its ledger in demo-runs/), which keeps the lasting ones
+    under "lasting". A trace the ledger relies on if it is lost."""
+    if "lasting" in status:
+        return dict(status["lasting"])
+    if Path(str(status.get("ledger", ""))).is_relative_to(lasting_ledger.parent / DEMO_RUNS_DIR):
+        return {}
+    return {key: status[key] for key in ("epsilon", "ledger") if key in status}
 
 
 def add_reset_flag(parser: Any) -> None:

@@ -1,0 +1,156 @@
+"""A synthetic twin of your data: a CSV data directory generated from the data
+dictionary alone (no row of any hospital is read), to rehearse the whole pipeline
+for free.
+
+    python simulation.py --dataset csv --data-dir DIR --make-twin TWIN
+
+writes TWIN/schema.json (a copy of DIR's), one hospital_<i>.csv per hospital and
+the server's test.csv, with the sizes of the num_patients and global_test_patients
+settings. Every command then runs on TWIN as on your own folder (simulation.py,
+--plan, client.py --data TWIN/hospital_<i>.csv, predict.py --data TWIN/test.csv),
+and spends nothing lasting: a twin's files are a demonstration's
+(demonstration.py), recognised by regenerating them from TWIN/twin.json and the
+dictionary and comparing the bytes, so a file changed in any way is not one.
+
+Its patients are invented: each feature drawn evenly across its declared range (on
+a log scale where declared) or categories, the label from a fixed random rule of
+the encoded features (about 30 % positive), so that a model can learn something.
+It rehearses the files, checks, encoding, federation, accounting, operating point,
+report and scoring; it cannot tell how good a model your patients give.
+"""
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from securehealth.data.schema import DataError, Schema
+from securehealth.data.split import hospital_sizes
+
+MANIFEST = "twin.json"  # in the twin's folder: what its files were generated from
+POSITIVE_SHARE = 0.3  # about this share of the twin's patients have the disease
+RULE_STRENGTH = 2.0  # spread of the label rule's logits: a learnable, not a trivial, task
+TEST_STREAM = 1_000_000  # the test set's random stream, apart from every hospital's
+
+
+@dataclass(frozen=True)
+class TwinRecipe:
+    """What a twin's files are generated from, besides its data dictionary."""
+
+    seed: int
+    hospital_patients: tuple[int, ...]
+    test_patients: int
+    schema_sha256: str
+
+
+def make_twin(schema_file: Path, folder: Path, recipe_settings: dict[str, int]) -> Path:
+    """Write a twin of the dictionary `schema_file` into the new or empty `folder`,
+    sized by `recipe_settings` (num_clients, num_patients, global_test_patients,
+    seed); returns the folder. DataError if the folder holds anything."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"--make-twin {folder}: not an empty folder; name a new one")
+    schema_bytes = Path(schema_file).read_bytes()
+    Schema.load(schema_file)  # a dictionary that would not load makes no twin
+    recipe = TwinRecipe(
+        seed=recipe_settings["seed"],
+        hospital_patients=tuple(
+            hospital_sizes(recipe_settings["num_patients"], recipe_settings["num_clients"])
+        ),
+        test_patients=recipe_settings["global_test_patients"],
+        schema_sha256=hashlib.sha256(schema_bytes).hexdigest(),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"schema{Path(schema_file).suffix}").write_bytes(schema_bytes)
+    (folder / MANIFEST).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    for name, table in twin_tables(Schema.load(schema_file), recipe).items():
+        (folder / name).write_bytes(table)
+    return folder
+
+
+def twin_tables(schema: Schema, recipe: TwinRecipe) -> dict[str, bytes]:
+    """Every file of the twin, by name: hospital_<i>.csv, then test.csv."""
+    rule = _label_rule(schema, recipe.seed)
+    streams = {f"hospital_{h}.csv": (h, n) for h, n in enumerate(recipe.hospital_patients)}
+    streams["test.csv"] = (TEST_STREAM, recipe.test_patients)
+    return {
+        name: _table(schema, rule, np.random.default_rng([recipe.seed, stream]), n, stream)
+        for name, (stream, n) in streams.items()
+    }
+
+
+def is_twin(path: Path) -> bool:
+    """Whether the file at `path` is, byte for byte, the file of that name its
+    folder's twin.json and data dictionary generate."""
+    folder = Path(path).parent
+    try:
+        recipe_data = json.loads((folder / MANIFEST).read_text())
+        recipe = TwinRecipe(
+            **{**recipe_data, "hospital_patients": tuple(recipe_data["hospital_patients"])}
+        )
+        schemas = [folder / name for name in ("schema.json", "schema.yaml", "schema.yml")]
+        schema_file = next(p for p in schemas if p.exists())
+        if hashlib.sha256(schema_file.read_bytes()).hexdigest() != recipe.schema_sha256:
+            return False
+        expected = twin_tables(Schema.load(schema_file), recipe).get(Path(path).name)
+        return expected is not None and Path(path).read_bytes() == expected
+    except (OSError, ValueError, TypeError, KeyError, StopIteration, DataError):
+        return False
+
+
+def _draw(feature: dict, rng: np.random.Generator, n: int) -> np.ndarray:
+    """A feature's invented values: evenly across its declared range (log scale where
+    declared), rounded to 2 decimals, or evenly among its categories."""
+    if feature["type"] == "categorical":
+        categories = np.array(feature["categories"], dtype=object)
+        return categories[rng.integers(len(categories), size=n)]
+    low, high = feature["min"], feature["max"]
+    if feature.get("log"):
+        values = np.expm1(rng.uniform(np.log1p(low), np.log1p(high), n))
+    else:
+        values = rng.uniform(low, high, n)
+    values = np.clip(np.round(values, 2), low, high)
+    # A value the dictionary declares to mean "not recorded" (e.g. 0) is not drawn.
+    markers = [m for m in feature.get("missing", []) if isinstance(m, int | float)]
+    return np.where(np.isin(values, markers), round((low + high) / 2, 2), values)
+
+
+def _label_rule(schema: Schema, seed: int) -> tuple[np.ndarray, float]:
+    """The twin's label rule: weights on the encoded inputs, and the offset that
+    makes about POSITIVE_SHARE of a large sample positive."""
+    rng = np.random.default_rng([seed, TEST_STREAM + 1])
+    weights = rng.normal(size=len(schema.input_names))
+    sample = schema.encode({f["name"]: _draw(f, rng, 10_000) for f in schema.features})
+    logits = sample @ weights
+    scale = RULE_STRENGTH / max(float(logits.std()), 1e-9)
+    return weights * scale, -float(np.quantile(logits * scale, 1 - POSITIVE_SHARE))
+
+
+def _table(
+    schema: Schema, rule: tuple[np.ndarray, float], rng: np.random.Generator, n: int, stream: int
+) -> bytes:
+    """One CSV table of n invented patients, in the dictionary's columns."""
+    columns = {f["name"]: _draw(f, rng, n) for f in schema.features}
+    weights, offset = rule
+    risk = 1 / (1 + np.exp(-(schema.encode(columns) @ weights + offset)))
+    sick = rng.random(n) < risk
+    labels = np.where(sick, str(schema.positive_values[0]), str(schema.negative_values[0]))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(schema.columns)
+    for row in range(n):
+        ids = [f"twin-{stream}-{row}"] if schema.patient_id else []
+        cells = [_cell(columns[f["name"]][row]) for f in schema.features]
+        writer.writerow([labels[row], *ids, *cells])
+    return text.getvalue().encode()
+
+
+def _cell(value: object) -> str:
+    """A value as the twin writes it: numbers without trailing zeros."""
+    if isinstance(value, float | np.floating):
+        return np.format_float_positional(float(value), trim="-")
+    return str(value)
