@@ -77,7 +77,15 @@ FedAvg and the pooled model without DP.
 Each point trains the federation in this process: the real hospitals (Opacus
 DP-SGD, calibrated noise, privacy ledger) and Flower's FedAvg combination, without
 the runtime's processes, which would cost 20 s a point. Writes sweep.json,
-sweep.md and sweep.png into a new run directory.
+sweep.md and sweep.png into a new run directory. The curve trains outside the
+hospitals' ledgers: free on a demonstration's data, refused on your own patients.
+
+    python sweep.py --search-budget EPSILON [--grid "learning_rate=0.1,0.3 ..."]
+
+An accounted hyper-parameter search on your own patients instead: one federation per
+candidate, each scored from the hospitals' DP histograms, all of it charged to
+their lasting ledgers (at most EPSILON of each hospital's budget, said before it
+starts). Writes search.json and search.md.
 """
 
 BENCHMARK_USAGE = """\

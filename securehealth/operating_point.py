@@ -232,6 +232,15 @@ class OperatingPoint:
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def auc(self) -> float:
+        """The ROC-AUC of the two fitted classes (binormal: a positive's logit above a
+        negative's): a score of the model computed from the DP histograms alone."""
+        from scipy.stats import norm
+
+        spread = math.hypot(self.positives.std, self.negatives.std)
+        return float(norm.cdf((self.positives.mean - self.negatives.mean) / spread))
+
 
 class NoOperatingPoint(ValueError):
     """The histograms cannot give an operating point; the message says why."""

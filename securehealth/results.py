@@ -120,6 +120,7 @@ RUN_CONTENTS = frozenset(
         *("audit.md", "audit.png"),
         *("epsilon_per_round.png", "performance_per_round.png", "roc_curve.png"),
         *("sweep.json", "sweep.md", "sweep.png", "benchmark.json", "benchmark.md"),
+        *("search.json", "search.md"),
         *("flower", "hospitals"),
     }
 )

@@ -242,6 +242,17 @@ def positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"needs a whole number >= 1; got {text!r}")
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0, such as --search-budget (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value > 0:
+        return value
+    raise argparse.ArgumentTypeError(f"needs a number > 0; got {text!r}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line on stderr and exit code 2, never a usage dump or traceback."""

@@ -145,6 +145,17 @@ def flower_context(node_config, run_config, run_id=1, node_id=1):
     )
 
 
+def run_script(script, *args, cwd, timeout=300):
+    """One of the product's scripts (`script` under the repository), run to its end."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def own_data_copy(source, destination):
     """A copy of a folder of shipped patient files (examples/csv, a heart-disease
     data_dir) as "your own data": the same patients, each file's rows in reverse

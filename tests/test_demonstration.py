@@ -5,8 +5,6 @@ share."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import (
@@ -15,6 +13,7 @@ from conftest import (
     as_simulated_hospitals,
     flower_context,
     own_data_copy,
+    run_script,
 )
 
 from securehealth import node, settings
@@ -143,31 +142,23 @@ def test_flwr_run_hospitals_know_where_their_ledgers_are_without_a_variable(tmp_
     assert node.ledger_dir(lasting, own_cfg, 1) == expected
 
 
-def run_script(*args, cwd):
-    return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_client_py_says_a_demonstration_spends_nothing_lasting(tmp_path):
     # No server listens there: client.py says what it spends, then gives up on it.
     state_dir = tmp_path / "hospital-0"
     flags = ["--insecure", "--state-dir", state_dir, "--connect-timeout", "1"]
     flags += ["--server-address", "127.0.0.1:9"]
-    result = run_script(ROOT / "client.py", "--client-id", "0", *flags, cwd=tmp_path)
+    result = run_script("client.py", "--client-id", "0", *flags, cwd=tmp_path)
     assert "data is a demonstration's" in result.stdout, result.stdout + result.stderr
     assert f"{state_dir / DEMO_RUNS_DIR}/<run id>" in result.stdout.replace("\n", "")
     assert not (state_dir / LEDGER_FILE).exists()
-    reset = run_script(
-        ROOT / "client.py", "--client-id", "0", *flags, "--reset-ledger", "x", cwd=tmp_path
-    )
+    reset = run_script("client.py", "--client-id", "0", *flags, "--reset-ledger", "x", cwd=tmp_path)
     assert reset.returncode == 2 and "leave out --reset-ledger" in reset.stderr
 
 
 @pytest.mark.parametrize("own", [False, True])
 def test_simulation_keeps_a_demonstrations_ledgers_with_the_run(tmp_path, own):
     data_dir = own_data_copy(EXAMPLE, tmp_path / "own") if own else EXAMPLE
-    args = [ROOT / "simulation.py", "--dataset", "csv", "--data-dir", data_dir, "--plan"]
+    args = ["simulation.py", "--dataset", "csv", "--data-dir", data_dir, "--plan"]
     result = run_script(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
@@ -184,7 +175,7 @@ def test_tools_outside_the_ledgers_are_free_on_a_demonstration_only(tmp_path):
         ("heart-disease", own_sites, False),
     ):
         flags = ["--dataset", data_set, "--data-dir", folder, "--baselines", "--plan"]
-        result = run_script(ROOT / "simulation.py", *flags, cwd=tmp_path)
+        result = run_script("simulation.py", *flags, cwd=tmp_path)
         assert (result.returncode == 0) is free, result.stderr
         assert ("--unaccounted-privacy-spend" in result.stderr) is not free
 
@@ -192,7 +183,7 @@ def test_tools_outside_the_ledgers_are_free_on_a_demonstration_only(tmp_path):
 def test_the_audit_self_test_trains_on_a_demonstration_only(tmp_path):
     own_sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
     flags = ["--self-test", "--dataset", "heart-disease", "--data-dir", own_sites]
-    refused = run_script(ROOT / "audit.py", *flags, cwd=tmp_path)
+    refused = run_script("audit.py", *flags, cwd=tmp_path)
     assert refused.returncode == 2 and "never on your own patients" in refused.stderr
 
 
@@ -203,7 +194,7 @@ def test_a_synthetic_twin_is_made_from_the_dictionary_alone_and_rehearses_for_fr
     shutil.copy(EXAMPLE / "schema.json", dictionary_only / "schema.json")
     twin = tmp_path / "twin"
     flags = ["--dataset", "csv", "--data-dir", dictionary_only, "--make-twin", twin]
-    made = run_script(ROOT / "simulation.py", *flags, "--num-patients", "900", cwd=tmp_path)
+    made = run_script("simulation.py", *flags, "--num-patients", "900", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     assert "no row of yours read" in " ".join(made.stdout.split())
     names = {"schema.json", "twin.json", "test.csv", *(f"hospital_{h}.csv" for h in range(3))}
@@ -223,7 +214,7 @@ def test_a_synthetic_twin_is_made_from_the_dictionary_alone_and_rehearses_for_fr
     assert roc_auc_score(test_y, model.predict_proba(test_x)[:, 1]) > 0.7
     # A twin is its bytes: a file or the dictionary changed in any way is not one.
     planned = run_script(
-        ROOT / "simulation.py", "--dataset", "csv", "--data-dir", twin, "--plan", cwd=tmp_path
+        "simulation.py", "--dataset", "csv", "--data-dir", twin, "--plan", cwd=tmp_path
     )
     assert "Demonstration data" in " ".join(planned.stdout.split()), planned.stderr
     table = twin / "hospital_1.csv"
@@ -234,7 +225,7 @@ def test_a_synthetic_twin_is_made_from_the_dictionary_alone_and_rehearses_for_fr
     schema.write_text(schema.read_text() + " ")
     assert not demonstration.is_demonstration(twin / "hospital_0.csv")
     # Never into a folder that holds anything.
-    again = run_script(ROOT / "simulation.py", *flags, cwd=tmp_path)
+    again = run_script("simulation.py", *flags, cwd=tmp_path)
     assert again.returncode == 2 and "not an empty folder" in again.stderr
 
 

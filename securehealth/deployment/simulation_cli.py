@@ -13,10 +13,8 @@ from securehealth import data, display, forecast, settings
 from securehealth.data import demonstration
 from securehealth.deployment import runtime
 from securehealth.privacy.ledger import (
-    LEDGER_FILE,
     LedgerError,
     add_reset_flag,
-    check_before_start,
 )
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
@@ -28,6 +26,7 @@ from securehealth.results import (
     simulated_hospitals_dir,
     write_json,
 )
+from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
@@ -166,43 +165,6 @@ def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
             "are on its workers: run it without --ray-address on a machine that holds them "
             f"(the same ${HOSPITALS_DIR_VARIABLE})"
         )
-
-
-def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | None]:
-    """The simulated hospitals' lasting state directories, their privacy ledgers'
-    homes; None for a demonstration's hospital, which starts afresh in every run."""
-    return [
-        None if demo else lasting_hospitals_dir() / f"hospital-{h}"
-        for h, demo in enumerate(demonstrations)
-    ]
-
-
-def check_lasting_ledgers(
-    cfg: SimpleNamespace, reset_reason: str | None, demonstrations: list[bool]
-) -> None:
-    """Check the simulated hospitals' lasting ledgers (your own data) before anything
-    starts, starting missing ones afresh if `reset_reason` is given (see
-    ledger.check_before_start). A demonstration's hospitals start afresh in every run."""
-    if all(demonstrations) or cfg.ray_address:  # a cluster's workers hold theirs
-        if reset_reason is not None:
-            raise LedgerError(
-                "--reset-ledger is for the lasting ledgers of your own data (on this "
-                "machine); a demonstration's hospitals (data generated or shipped with "
-                "this code) start afresh in every run"
-            )
-        return
-    hospitals_dir = lasting_hospitals_dir()
-    lasting = {h: d for h, d in enumerate(state_dirs(cfg, demonstrations)) if d is not None}
-    missing = {h: not (d / LEDGER_FILE).exists() for h, d in lasting.items()}
-    if reset_reason is not None and not any(missing.values()):
-        raise LedgerError(
-            f"every simulated hospital's privacy ledger in {hospitals_dir} exists, and a "
-            f"budget is never reset while its ledger exists: leave out --reset-ledger"
-        )
-    for hospital, state_dir in lasting.items():
-        reset = reset_reason if missing[hospital] else None
-        everyone = data.patients_fingerprint(data.hospital_data(cfg, hospital))
-        check_before_start(state_dir, cfg, data.own_file(cfg, hospital), reset, everyone)
 
 
 def add_baselines(cfg: SimpleNamespace, metrics: dict[str, Any], console: Console) -> None:

@@ -3,6 +3,7 @@ process, with the real hospitals (securehealth.hospital.Hospital: Opacus DP-SGD,
 calibrated noise, privacy ledger) and the registry's aggregation, in the
 in-process FedAvg loop (federation.py)."""
 
+import argparse
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from rich.progress import Progress
 
 from securehealth import data, display, settings
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
+from securehealth.tools.search import DEFAULT_GRID
 
 # The training stack (PyTorch, Opacus) and matplotlib are imported where they are
 # used, so that --help and a refused command answer at once.
@@ -96,12 +98,31 @@ def main(description: str, argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=settings.positive_int, default=3, help="seeds to average over"
     )
+    parser.add_argument(
+        "--search-budget",
+        type=settings.positive_float,
+        help="instead of the curve, an accounted hyper-parameter search that spends up to "
+        "this epsilon of each hospital's lifetime budget (its lasting ledger, on your "
+        "own patients) on the --grid's candidates, and says which scored best",
+    )
+    parser.add_argument(
+        "--grid",
+        default=DEFAULT_GRID,
+        help='the search\'s candidates, e.g. "learning_rate=0.1,0.3 hidden_layers=,16" '
+        "(every combination)",
+    )
     settings.add_unaccounted_flag(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
     epsilons = args.epsilons
     data.locate(cfg)
+    if args.search_budget is not None:
+        return search_command(cfg, args, parser)
     try:
-        settings.check_accounted(cfg, args.unaccounted_privacy_spend, "the sweep")
+        settings.check_accounted(
+            cfg,
+            args.unaccounted_privacy_spend,
+            "the sweep (on your own patients, --search-budget is its accounted search)",
+        )
         data.check_all(cfg)
         run_dir = new_run_dir(cfg.run_dir, "sweep.json", args.overwrite)
     except (settings.SettingsError, data.DataError, RunDirError) as error:
@@ -153,3 +174,98 @@ def main(description: str, argv: list[str] | None = None) -> int:
     console.print(table(sweep))
     console.print(f"Table and plot: {run_dir / 'sweep.md'}, {run_dir / 'sweep.png'}")
     return 0
+
+
+def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
+    """`--search-budget`: the accounted hyper-parameter search (search.py), on the
+    lasting ledgers of your own patients' hospitals (scratch ones for a
+    demonstration's), its cost said before it starts; writes search.json and
+    search.md into a new run directory."""
+    from securehealth.data.demonstration import hospitals_demonstrating
+    from securehealth.privacy.ledger import LedgerError
+    from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
+    from securehealth.tools import search
+
+    console = display.make_console()
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            candidates = search.parse_grid(args.grid, cfg)
+            data.check_all(cfg)
+            demonstrations = hospitals_demonstrating(cfg)
+            check_lasting_ledgers(cfg, None, demonstrations)
+            homes = [
+                home or Path(scratch, f"hospital-{h}")
+                for h, home in enumerate(state_dirs(cfg, demonstrations))
+            ]
+            before = search.spent_before(homes, cfg)
+            search.check_affordable(cfg, before, args.search_budget)
+            run_dir = new_run_dir(cfg.run_dir, "search.json", args.overwrite)
+        except (settings.SettingsError, data.DataError, LedgerError, RunDirError) as error:
+            parser.error(str(error))
+        lasting = [not demo for demo in demonstrations]
+        console.print(search_cost(cfg, candidates, args.search_budget, before, lasting))
+        with Progress(console=console) as progress:
+            task = progress.add_task("Searching", total=len(candidates))
+            trials = search.run_search(
+                cfg,
+                candidates,
+                args.search_budget,
+                homes,
+                lasting,
+                lambda: progress.advance(task),
+            )
+    chosen = search.best(trials)
+    result = {
+        "config": vars(cfg),
+        "search_budget": args.search_budget,
+        "epsilon_before": before,
+        "lasting": lasting,
+        "trials": [vars(trial) for trial in trials],
+        "best": None if chosen is None else chosen.changes,
+    }
+    write_json(run_dir / "search.json", result)
+    text = search_table(trials, chosen)
+    write_atomic(run_dir / "search.md", f"# Accounted search: {cfg.dataset}\n\n{text}\n".encode())
+    console.print(text)
+    console.print(f"Written: {run_dir / 'search.md'}, {run_dir / 'search.json'}")
+    return 0
+
+
+def search_cost(
+    cfg: SimpleNamespace,
+    candidates: list[dict[str, Any]],
+    budget: float,
+    before: list[float],
+    lasting: list[bool],
+) -> str:
+    """What the search will spend, per hospital, said before it starts."""
+    ledgers = [
+        f"hospital {h}: {spent:.3f} spent, at most {spent + budget:.3f} after, of "
+        f"{cfg.epsilon:g}" + ("" if kept else " (a demonstration: scratch ledger)")
+        for h, (spent, kept) in enumerate(zip(before, lasting, strict=True))
+    ]
+    return (
+        f"The search trains {len(candidates)} candidates, each scored from the hospitals' "
+        f"DP histograms, and spends up to epsilon {budget:g} of each hospital's budget "
+        f"({budget / len(candidates):.3g} a candidate): " + "; ".join(ledgers)
+    )
+
+
+def search_table(trials: list[Any], chosen: Any) -> str:
+    """The candidates, their scores and what each hospital held after each."""
+    rows = ["| Candidate | Score (DP ROC-AUC) | Epsilon after, per hospital |", "|---|---|---|"]
+    for trial in trials:
+        settings_text = " ".join(f"{k}={v}" for k, v in trial.changes.items())
+        score = f"n/a ({trial.unscored})" if trial.score is None else f"{trial.score:.3f}"
+        spent = ", ".join(f"{e:.3f}" for e in trial.epsilon_after)
+        rows.append(
+            f"| {settings_text}{' (best)' if trial is chosen else ''} | {score} | {spent} |"
+        )
+    advice = (
+        "No candidate could be scored (see why above): give the search more of the "
+        "budget, or fewer candidates."
+        if chosen is None
+        else "Train with: "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.changes.items())
+    )
+    return "\n".join(rows) + "\n\n" + advice

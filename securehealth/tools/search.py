@@ -1,0 +1,195 @@
+"""An accounted hyper-parameter search (sweep.py --search-budget): which of a few
+candidate settings trains the best model on the hospitals' own patients, paid for
+from their lasting privacy ledgers.
+
+Each candidate is one trial: the federation trained with its settings by the real
+hospitals (Opacus DP-SGD, each hospital's ledger calibrating the noise), then
+scored by the ROC-AUC of the normal fits to the hospitals' DP score histograms (the
+operating point's release, operating_point.py), so that every figure the search
+compares is a DP release recorded in the ledgers. The search budget is split
+evenly: trial k may take each hospital's ledger up to what it held before plus
+k/K of the budget. Releasing every trial's model and score composes in the
+ledger (dp-accounting's PLD, the product's neighbouring relation); picking the
+best is post-processing, free. Papernot and Steinke's random-stopping search would
+cost less for many candidates, but dp-accounting analyses it only with its RDP
+accountant, which does not support Poisson-sampled Gaussians under replace-one.
+"""
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from securehealth import data, operating_point, settings
+from securehealth.privacy.accountant import nearly_spent
+from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+
+DEFAULT_GRID = "learning_rate=0.1,0.3,1"
+# What a search may vary: how the federation trains, never what protects the
+# patients (the budget, delta, adjacency, clipping norm stay the hospitals').
+SEARCHABLE = (
+    "learning_rate",
+    "momentum",
+    "batch_size",
+    "rounds",
+    "local_epochs",
+    "hidden_layers",
+    "server_momentum",
+    "aggregation",
+)
+# The scores need the operating point's release: a run with a fixed threshold makes
+# none, so every trial chooses one for this target.
+SCORED_TARGET = "auto"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate's outcome: its settings, its score (the binormal ROC-AUC of the
+    DP histograms; None where no fit could be made), and each hospital's epsilon
+    after it."""
+
+    changes: dict[str, Any]
+    score: float | None
+    epsilon_after: tuple[float, ...]
+    unscored: str = ""  # why there is no score
+
+
+def parse_grid(text: str, cfg: SimpleNamespace) -> list[dict[str, Any]]:
+    """The candidates of a grid such as "learning_rate=0.1,0.3 hidden_layers=,16"
+    (every combination; an empty value is the setting's empty value), each checked as
+    settings are. SettingsError names what is wrong."""
+    axes = []
+    for part in text.split():
+        name, _, values = part.partition("=")
+        name = name.replace("-", "_")
+        if name not in SEARCHABLE or not values:
+            raise settings.SettingsError(
+                f"--grid {part!r}: give NAME=V1,V2 with NAME one of {', '.join(SEARCHABLE)}"
+            )
+        axes.append([(name, value) for value in values.split(",")])
+    candidates = [dict(combination) for combination in itertools.product(*axes)]
+    if not 2 <= len(candidates) <= 20:
+        raise settings.SettingsError(f"--grid gives {len(candidates)} candidates: give 2 to 20")
+    for candidate in candidates:
+        _trial_settings(cfg, candidate, cfg.epsilon)  # SettingsError for a bad value
+    return candidates
+
+
+def _trial_settings(cfg: SimpleNamespace, changes: dict[str, Any], epsilon: float):
+    """A trial's settings: the run's, the candidate's changes, its ledger target."""
+    trial = {**vars(cfg), **changes, "decision_threshold": SCORED_TARGET, "epsilon": epsilon}
+    return settings.resolve(trial)
+
+
+def spent_before(homes: list[Path], cfg: SimpleNamespace) -> list[float]:
+    """Each hospital's epsilon in its ledger before the search."""
+    spent = []
+    for home in homes:
+        ledger = PrivacyLedger(home, cfg.epsilon, cfg.delta, cfg.adjacency)
+        with ledger.transaction():
+            spent.append(ledger.epsilon())
+    return spent
+
+
+def check_affordable(cfg: SimpleNamespace, before: list[float], search_budget: float) -> None:
+    """LedgerError unless every hospital has the search budget left of its lifetime
+    budget (cfg.epsilon): one line naming each that has not, and what to do."""
+    short = [
+        f"hospital {h} has {cfg.epsilon - spent:.3f} left"
+        for h, spent in enumerate(before)
+        if spent + search_budget > cfg.epsilon or nearly_spent(spent, cfg.epsilon)
+    ]
+    if short:
+        raise LedgerError(
+            f"the search would spend epsilon {search_budget:g} of each hospital's lifetime "
+            f"budget of {cfg.epsilon:g}, but {'; '.join(short)}: give a smaller "
+            f"--search-budget (and keep some for the training run itself)"
+        )
+
+
+def run_search(
+    cfg: SimpleNamespace,
+    candidates: list[dict[str, Any]],
+    search_budget: float,
+    homes: list[Path],
+    lasting: bool,
+    advance: Callable[[], None] = lambda: None,
+) -> list[Trial]:
+    """Every candidate's trial, in order (see the module docstring). The hospitals'
+    ledgers are in `homes`; `lasting` ones are known to this machine's index with
+    their data files (your own patients)."""
+    import torch
+
+    from securehealth.hospital import Hospital  # the training stack
+    from securehealth.model import build_model, get_weights
+    from securehealth.tools.federation import federate
+
+    torch.set_num_threads(1)
+    before = spent_before(homes, cfg)
+    check_affordable(cfg, before, search_budget)
+    search_id = f"search-{time.strftime('%Y%m%dT%H%M%S')}"
+    trials = []
+    for k, changes in enumerate(candidates, 1):
+        share = search_budget * k / len(candidates)
+        hospitals = [
+            Hospital(
+                h,
+                _trial_settings(cfg, changes, before[h] + share),
+                f"{search_id}-{k}",
+                home,
+                lasting=lasting,
+                own_file=data.own_file(cfg, h) if lasting else None,
+            )
+            for h, home in enumerate(homes)
+        ]
+        trial_cfg = hospitals[0].cfg
+        torch.manual_seed(cfg.seed)  # the server's initial model, the same for every trial
+        model = build_model(hospitals[0].x.shape[1], trial_cfg.hidden_layers)
+        weights = federate(
+            get_weights(model),
+            [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
+            trial_cfg,
+        )
+        score, unscored = _score(hospitals, weights, trial_cfg)
+        trials.append(Trial(changes, score, _epsilons(hospitals), unscored))
+        advance()
+    return trials
+
+
+def _score(
+    hospitals: list[Any], weights: list[Any], trial_cfg: SimpleNamespace
+) -> tuple[float | None, str]:
+    """The trial's score, the binormal ROC-AUC of the hospitals' DP histograms, or
+    None and why there is none."""
+    import json
+
+    released, declined = [], []
+    for hospital in hospitals:
+        histograms, report = hospital.release_operating_point(weights, trial_cfg.rounds)
+        if histograms is None:
+            declined.append(f"hospital {hospital.hospital}: {report.get('reason', '')}")
+        else:
+            released.append(operating_point.Release.of(histograms, json.loads(report["releases"])))
+    try:
+        point = operating_point.choose(released, operating_point.Target.parse(SCORED_TARGET))
+    except operating_point.NoOperatingPoint as error:
+        return None, "; ".join([str(error), *declined])
+    return point.auc, ""
+
+
+def _epsilons(hospitals: list[Any]) -> tuple[float, ...]:
+    spent = []
+    for hospital in hospitals:
+        with hospital.ledger.transaction():
+            spent.append(hospital.ledger.epsilon())
+    return tuple(spent)
+
+
+def best(trials: list[Trial]) -> Trial | None:
+    """The trial with the highest score (the first of equals); None if none scored."""
+    scored = [t for t in trials if t.score is not None and math.isfinite(t.score)]
+    return max(scored, key=lambda t: t.score) if scored else None
