@@ -18,6 +18,7 @@ travel with a deployed run instead:
 
 import base64
 import binascii
+import fcntl
 import hashlib
 import json
 import secrets
@@ -34,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 APP_DIR = Path(__file__).resolve().parents[1]
 SIGNED_RUN_KEYS = ("authorisation", "signature")  # run config keys the signature adds
 CLAIM_FILE = "authorisation.json"  # in a run's results folder: the run that used it
+# In a hospital's state directory: which run used each of the operator's authorisations.
+REGISTER_FILE = "authorisations.json"
 SIGNATURE = ec.ECDSA(hashes.SHA256())
 
 
@@ -173,3 +176,34 @@ def identity_proven(
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def first_use(state_dir: Path, nonce: str, run_id: int | str) -> bool:
+    """Whether run `run_id` may use the operator's authorisation `nonce` at this
+    hospital: the first run that presents it may, and no other, so a replayed
+    authorisation spends nothing. Recorded at once, under a lock, in the register in
+    its state directory (REGISTER_FILE), for every run, a demonstration's too, so an
+    authorisation used on one is never good for a run on its own patients. The
+    register is apart from the privacy ledger, whose guarantee a demonstration must
+    not touch; authorisations an earlier version recorded in the ledger count too.
+    Unauthorised where the register cannot be read or written."""
+    from securehealth.privacy.ledger import LEDGER_FILE
+    from securehealth.results import read_json, write_json
+
+    path, ledger = state_dir / REGISTER_FILE, state_dir / LEDGER_FILE
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with open(state_dir / f".{REGISTER_FILE}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            runs = read_json(path) if path.exists() else {}
+            earlier = read_json(ledger).get("authorisations", {}) if ledger.exists() else {}
+            used = {**earlier, **runs}
+            if nonce not in used:
+                write_json(path, {**runs, nonce: str(run_id)})
+                return True
+            return used[nonce] == str(run_id)
+    except (OSError, ValueError, AttributeError) as error:
+        raise Unauthorised(
+            f"its register of the authorisations it used ({path}) cannot be kept "
+            f"({type(error).__name__}): restore it from a backup"
+        ) from None

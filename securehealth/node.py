@@ -29,14 +29,14 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
 
 from securehealth import data, settings
-from securehealth.authorisation import Unauthorised, prove_identity, verify_run
+from securehealth.authorisation import Unauthorised, first_use, prove_identity, verify_run
 from securehealth.data import demonstration
 from securehealth.flower import (
     RECORD_KEY_CONFIGS,
     getpropertiesres_to_recorddict,
     recorddict_to_getpropertiesins,
 )
-from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.privacy.ledger import LedgerError
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
     DEMO_RUNS_DIR,
@@ -83,14 +83,24 @@ def is_simulated(context: Context) -> bool:
     return "state-dir" not in context.node_config and in_simulation_engine()
 
 
-def is_demonstration(context: Context, cfg: SimpleNamespace, hospital: int) -> bool:
-    """Whether this hospital's patients are a demonstration's, from its own data
-    alone (data/demonstration.py): never a file the server names. A deployed
-    hospital that brought no file trains on generated patients only if the run's
-    data set generates them; else it does not train at all (open_hospital)."""
+def own_data_file(context: Context, cfg: SimpleNamespace, hospital: int) -> Path | None:
+    """The file of this hospital's patients: in deployment only the one its own
+    client.py named, never a file the server names; None where they are generated."""
     node = context.node_config
     if is_simulated(context) or "data-file" in node:
-        return demonstration.is_demonstration(data.own_file(cfg, hospital, node.get("data-file")))
+        return data.own_file(cfg, hospital, node.get("data-file"))
+    return None
+
+
+def is_demonstration(
+    context: Context, cfg: SimpleNamespace, hospital: int, content: bytes | None = None
+) -> bool:
+    """Whether this hospital's patients are a demonstration's, from its own data
+    alone (data/demonstration.py; `content`: its file's bytes as read for training).
+    A deployed hospital that brought no file trains on generated patients only if
+    the run's data set generates them; else it does not train at all (open_hospital)."""
+    if is_simulated(context) or "data-file" in context.node_config:
+        return demonstration.is_demonstration(own_data_file(context, cfg, hospital), content)
     return not getattr(data.SOURCES[cfg.dataset], "FILES", False)
 
 
@@ -136,21 +146,24 @@ def open_hospital(context: Context) -> "Hospital":
             f"the server's run uses dataset {cfg.dataset} but this hospital brought no "
             f"data of its own: start it with client.py {own}"
         )
-    state_dir = hospital_state_dir(context, cfg, hospital)
-    check_run(context, cfg, hospital)
-    lasting = not is_demonstration(context, cfg, hospital)
+    own = own_data_file(context, cfg, hospital)
     try:
-        return Hospital(
-            hospital,
-            cfg,
-            context.run_id,
-            state_dir,
-            node.get("data-file"),
-            node.get("schema-file"),
-            ledger_dir=ledger_dir(context, cfg, hospital),
-            lasting=lasting,
-            own_file=data.own_file(cfg, hospital, node.get("data-file")) if lasting else None,
-        )
+        # Judged and trained on the same bytes, whatever happens to the file meanwhile.
+        with data.read_once(own) as (copy, content):
+            demo = is_demonstration(context, cfg, hospital, content)
+            state_dir = hospital_state_dir(context, cfg, hospital, demo)
+            check_run(context, cfg, hospital)
+            return Hospital(
+                hospital,
+                cfg,
+                context.run_id,
+                state_dir,
+                None if copy is None else str(copy),
+                node.get("schema-file"),
+                ledger_dir=ledger_dir(context, cfg, hospital, demo),
+                lasting=not demo,
+                own_file=None if demo else own,
+            )
     except data.DataError as error:
         # The details quote patients' values: they stay in this hospital's own log.
         log(ERROR, "Hospital %s cannot use its data: %s", hospital, error)
@@ -178,14 +191,8 @@ def check_run(context: Context, cfg: SimpleNamespace, hospital: int) -> None:
         if not operator_pub:
             return  # client.py --insecure
         nonce = verify_run(context.run_config, operator_pub)["nonce"]
-        # One register of used authorisations per hospital, demonstration or not: its
-        # state directory's ledger (a demonstration's spends nothing from it).
-        ledger = PrivacyLedger(
-            hospital_state_dir(context, cfg, hospital), cfg.epsilon, cfg.delta, cfg.adjacency
-        )
-        with ledger.transaction():
-            if not ledger.authorised_run(nonce, context.run_id):
-                raise Unauthorised("its authorisation was already used by another run (a replay)")
+        if not first_use(hospital_state_dir(context, cfg, hospital), nonce, context.run_id):
+            raise Unauthorised("its authorisation was already used by another run (a replay)")
     except Unauthorised as refusal:
         state_dir = hospital_state_dir(context, cfg, hospital)
         _refuse_run(state_dir, context.run_id, f"the run is not authorised: {refusal}")
@@ -271,16 +278,18 @@ def hospital_mod(
     )
 
 
-def hospital_state_dir(context: Context, cfg: SimpleNamespace, hospital: int) -> Path:
+def hospital_state_dir(
+    context: Context, cfg: SimpleNamespace, hospital: int, demo: bool | None = None
+) -> Path:
     """Where the hospital keeps its status and evaluations: in deployment its own
     directory (client.py's --state-dir); in simulation the one chosen on this
     machine: results.lasting_hospitals_dir for its own patients, and for a
     demonstration a fresh folder of the run (DEMO_HOSPITALS_DIR_VARIABLE, which
     simulation.py sets, else demo-runs/<run id>/ in the state root), never the
     lasting one. Never a place the server names: without one, the hospital does not
-    train."""
+    train. `demo`: whether it is a demonstration, where known already."""
     if is_simulated(context):
-        if not is_demonstration(context, cfg, hospital):
+        if not (is_demonstration(context, cfg, hospital) if demo is None else demo):
             return lasting_hospitals_dir() / f"hospital-{hospital}"
         demonstrations = os.environ.get(DEMO_HOSPITALS_DIR_VARIABLE)
         runs = default_state_root() / DEMO_RUNS_DIR / str(int(context.run_id))
@@ -294,11 +303,15 @@ def hospital_state_dir(context: Context, cfg: SimpleNamespace, hospital: int) ->
     )
 
 
-def ledger_dir(context: Context, cfg: SimpleNamespace, hospital: int) -> Path:
+def ledger_dir(
+    context: Context, cfg: SimpleNamespace, hospital: int, demo: bool | None = None
+) -> Path:
     """Where the privacy ledger this run spends from lives: the state directory, but
     a deployed hospital whose data is a demonstration's keeps a fresh ledger per run
-    in demo-runs/<run id>/ inside it, never touching its lasting one."""
-    state_dir = hospital_state_dir(context, cfg, hospital)
-    if is_simulated(context) or not is_demonstration(context, cfg, hospital):
+    in demo-runs/<run id>/ inside it, never touching its lasting one. `demo`: whether
+    it is a demonstration, where known already."""
+    demo = is_demonstration(context, cfg, hospital) if demo is None else demo
+    state_dir = hospital_state_dir(context, cfg, hospital, demo)
+    if is_simulated(context) or not demo:
         return state_dir
     return state_dir / DEMO_RUNS_DIR / str(int(context.run_id))

@@ -196,3 +196,23 @@ def test_an_authorisation_used_on_a_demonstration_is_not_good_for_own_patients(d
     assert replay in ask_to_join(node_config, run_config, run_id=8)["problem"]
     assert replay in ask_to_join(trial, run_config, run_id=9)["problem"]
     assert not releases(state_dir)  # the trial's spend stayed in its own demo ledger
+
+
+def test_a_demonstration_run_leaves_the_lasting_ledgers_guarantee_alone(deployed):
+    # A trial on the shipped example with a stricter delta must not make the lasting
+    # ledger adopt it: the next run on the hospital's own patients is still taken.
+    cfg, operator_key, state_dir, node_config = deployed
+    own_run = signed_run_config(cfg, operator_key)
+    train(node_config, own_run, cfg, run_id=7)
+    trial = {**node_config, "data-file": str(EXAMPLE / "hospital_0.csv"), "delta": 1e-7}
+    trial_run = signed_run_config(cfg, operator_key)
+    assert ask_to_join(trial, trial_run, run_id=8)["problem"] == ""
+    train(trial, trial_run, cfg, run_id=8)
+    ledger = json.loads((state_dir / LEDGER_FILE).read_text())
+    assert ledger["guarantee"]["delta"] == 1e-5 and len(ledger["releases"]) == 1
+    next_run = signed_run_config(cfg, operator_key)
+    assert ask_to_join(node_config, next_run, run_id=9)["problem"] == ""
+    train(node_config, next_run, cfg, run_id=9)
+    assert len(releases(state_dir)) == 2
+    register = json.loads((state_dir / authorisation.REGISTER_FILE).read_text())
+    assert sorted(register.values()) == ["7", "8", "9"]

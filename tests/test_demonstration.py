@@ -3,6 +3,7 @@ keeps its ledgers with the run, decided from the data's fingerprint alone, and
 everything else spends from the lasting ledger that simulation and deployment
 share."""
 
+import hashlib
 import json
 import shutil
 
@@ -19,6 +20,7 @@ from conftest import (
 from securehealth import node, settings
 from securehealth.data import demonstration, heart_disease
 from securehealth.data.demonstration import SHIPPED_FILES, all_demonstration
+from securehealth.data.twin import make_twin
 from securehealth.model import build_model, get_weights
 from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
 from securehealth.results import (
@@ -31,7 +33,8 @@ from securehealth.results import (
 
 def test_every_shipped_patient_file_has_its_fingerprint():
     for digest, path in SHIPPED_FILES.items():
-        assert demonstration.file_digest(ROOT / path) == digest, f"update SHIPPED_FILES: {path}"
+        shipped = hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
+        assert shipped == digest, f"update SHIPPED_FILES: {path}"
     shipped = {*heart_disease.SHIPPED_DIR.glob("*.data"), *EXAMPLE.glob("hospital_*.csv")}
     assert {ROOT / path for path in SHIPPED_FILES.values()} == shipped
 
@@ -251,3 +254,70 @@ def test_a_demonstration_run_keeps_the_lasting_ledgers_trace(tmp_path):
     (state_dir / LEDGER_FILE).unlink()
     with pytest.raises(LedgerError, match=f"records epsilon {spent:.4g} spent"):
         check_before_start(state_dir, settings.resolve({"dataset": "csv", "data_dir": str(own)}))
+
+
+def test_what_is_judged_a_demonstration_is_what_trains(tmp_path, monkeypatch):
+    # The attack: the twin's file is judged, then swapped for real patients before
+    # training reads it. The hospital trains on the bytes it judged.
+    twin = tmp_path / "twin"
+    settings_for_twin = {"seed": 1, "num_patients": 900, "num_clients": 3}
+    make_twin(EXAMPLE / "schema.json", twin, {**settings_for_twin, "global_test_patients": 100})
+    real = own_data_copy(EXAMPLE, tmp_path / "own") / "hospital_0.csv"  # 300 patients
+    judge = demonstration.is_demonstration
+
+    def judge_then_swap(own_file, content=None):
+        verdict = judge(own_file, content)
+        shutil.copy(real, own_file)
+        return verdict
+
+    monkeypatch.setattr(demonstration, "is_demonstration", judge_then_swap)
+    files = {"dataset": "csv", "schema-file": str(twin / "schema.json")}
+    context = deployed(tmp_path / "h", 9, **files, **{"data-file": str(twin / "hospital_0.csv")})
+    context.run_config.update(
+        settings.to_run_config(settings.resolve({"dataset": "csv", "data_dir": str(twin)}))
+    )
+    hospital = node.open_hospital(context)
+    assert len(hospital.y) + len(hospital.held_out[1]) == 450  # the twin's hospital 0
+    assert hospital.ledger.directory == tmp_path / "h" / DEMO_RUNS_DIR / "9"
+    assert (twin / "hospital_0.csv").read_bytes() == real.read_bytes()  # it was swapped
+
+
+def test_a_twin_manifest_out_of_a_twins_bounds_is_no_twin_and_costs_nothing(tmp_path):
+    twin = make_twin(
+        EXAMPLE / "schema.json",
+        tmp_path / "twin",
+        {"seed": 3, "num_patients": 300, "num_clients": 3, "global_test_patients": 100},
+    )
+    table = twin / "hospital_0.csv"
+    manifest = json.loads((twin / "twin.json").read_text())
+    assert demonstration.is_demonstration(table)
+    for changed in (
+        {**manifest, "test_patients": 10**10},  # would take minutes and all the memory
+        {**manifest, "seed": "3"},
+        {**manifest, "hospital_patients": [150.0, 90, 60]},
+    ):
+        (twin / "twin.json").write_text(json.dumps(changed))
+        assert not demonstration.is_demonstration(table)
+    (twin / "twin.json").write_text("[" * 100_000)
+    assert not demonstration.is_demonstration(table)
+
+
+def test_a_twin_never_writes_a_value_its_dictionary_calls_missing(tmp_path):
+    spec = json.loads((EXAMPLE / "schema.json").read_text())
+    for feature in spec["features"]:
+        if feature["name"] == "age":
+            feature.update(min=0, max=2, missing=[0, 1])  # the midpoint is a marker
+            feature.pop("subgroups", None)
+        if feature["name"] == "sex":
+            feature["missing"] = ["male"]
+    (tmp_path / "schema.json").write_text(json.dumps(spec))
+    twin = make_twin(
+        tmp_path / "schema.json",
+        tmp_path / "twin",
+        {"seed": 3, "num_patients": 300, "num_clients": 3, "global_test_patients": 100},
+    )
+    strict = settings.resolve({"dataset": "csv", "data_dir": str(twin), "missing_values": "fail"})
+    from securehealth import data
+
+    for hospital in range(3):
+        data.hospital_data(strict, hospital)  # DataError on any "not recorded" value

@@ -32,6 +32,9 @@ hospitals lists them in `SITES`, and num_clients must then match.
 """
 
 import hashlib
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,6 +63,7 @@ __all__ = [
     "load_schema",
     "locate",
     "own_file",
+    "read_once",
     "patients_fingerprint",
     "reference_test_set",
     "single_class",
@@ -117,6 +121,29 @@ def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) 
     if not getattr(source, "FILES", False):
         return None
     return Path(data_file or source.hospital_file(cfg, hospital)).resolve()
+
+
+@contextmanager
+def read_once(path: Path | None) -> Iterator[tuple[Path | None, bytes | None]]:
+    """A hospital's data file read once: (a private copy of its bytes to train from,
+    the bytes), so that what is judged a demonstration (demonstration.py) is exactly
+    what trains, whatever happens to the file meanwhile. (None, None) without a file;
+    (the path, None) where it cannot be read (reading it for training says why).
+    DataError for anything but a regular file (a pipe would block)."""
+    if path is None:
+        yield None, None
+        return
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    try:
+        content = path.read_bytes()
+    except OSError:
+        yield path, None
+        return
+    with tempfile.TemporaryDirectory(prefix="securehealth-") as private:
+        copy = Path(private) / path.name
+        copy.write_bytes(content)
+        yield copy, content
 
 
 def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, str]:

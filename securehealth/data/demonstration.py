@@ -50,26 +50,23 @@ SHIPPED_FILES = {
 }
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def is_demonstration(own_file: Path | None) -> bool:
+def is_demonstration(own_file: Path | None, content: bytes | None = None) -> bool:
     """Whether a hospital whose patients come from `own_file` (data.own_file: None
-    where the code generates them or scikit-learn bundles them) is a demonstration.
-    A file that cannot be read is not: it then fails where it is read for training."""
+    where the code generates them or scikit-learn bundles them) is a demonstration,
+    judged on `content`, the file's bytes as read once for both the judgement and the
+    training (data.snapshot), else read here. A file that cannot be read is not one:
+    it then fails where it is read for training."""
     if own_file is None:
         return True
     try:
-        if file_digest(own_file) in SHIPPED_FILES:
-            return True
+        content = Path(own_file).read_bytes() if content is None else content
     except OSError:
         return False
+    if hashlib.sha256(content).hexdigest() in SHIPPED_FILES:
+        return True
     from securehealth.data.twin import is_twin  # the data dictionary's reader: when needed
 
-    return is_twin(own_file)
+    return is_twin(own_file, content)
 
 
 def hospitals_demonstrating(cfg: SimpleNamespace) -> list[bool]:

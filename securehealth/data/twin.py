@@ -28,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from securehealth.data.schema import DataError, Schema
+from securehealth.data.schema import DataError, Schema, matches
 from securehealth.data.split import hospital_sizes
 
 MANIFEST = "twin.json"  # in the twin's folder: what its files were generated from
+MAX_MANIFEST_BYTES = 4096  # a real twin.json is a few hundred bytes
+MAX_TABLE_PATIENTS = 1_000_000  # a twin's table holds at most this many patients
 POSITIVE_SHARE = 0.3  # about this share of the twin's patients have the disease
 RULE_STRENGTH = 2.0  # spread of the label rule's logits: a learnable, not a trivial, task
 TEST_STREAM = 1_000_000  # the test set's random stream, apart from every hospital's
@@ -74,39 +76,68 @@ def make_twin(schema_file: Path, folder: Path, recipe_settings: dict[str, int]) 
 
 def twin_tables(schema: Schema, recipe: TwinRecipe) -> dict[str, bytes]:
     """Every file of the twin, by name: hospital_<i>.csv, then test.csv."""
-    rule = _label_rule(schema, recipe.seed)
+    names = [f"hospital_{h}.csv" for h in range(len(recipe.hospital_patients))] + ["test.csv"]
+    return {name: twin_table(schema, recipe, name) for name in names}
+
+
+def twin_table(schema: Schema, recipe: TwinRecipe, name: str) -> bytes | None:
+    """The twin's file `name` (hospital_<i>.csv or test.csv), or None if it has none:
+    each from its own random stream, so one is made without the others."""
     streams = {f"hospital_{h}.csv": (h, n) for h, n in enumerate(recipe.hospital_patients)}
     streams["test.csv"] = (TEST_STREAM, recipe.test_patients)
-    return {
-        name: _table(schema, rule, np.random.default_rng([recipe.seed, stream]), n, stream)
-        for name, (stream, n) in streams.items()
-    }
+    if name not in streams:
+        return None
+    stream, n = streams[name]
+    rule = _label_rule(schema, recipe.seed)
+    return _table(schema, rule, np.random.default_rng([recipe.seed, stream]), n, stream)
 
 
-def is_twin(path: Path) -> bool:
-    """Whether the file at `path` is, byte for byte, the file of that name its
-    folder's twin.json and data dictionary generate."""
+def is_twin(path: Path, content: bytes) -> bool:
+    """Whether `content`, the bytes of the file at `path`, is the file of that name
+    its folder's twin.json and data dictionary generate. Anything unexpected in
+    them (types, sizes beyond a twin's) answers no."""
     folder = Path(path).parent
     try:
-        recipe_data = json.loads((folder / MANIFEST).read_text())
-        recipe = TwinRecipe(
-            **{**recipe_data, "hospital_patients": tuple(recipe_data["hospital_patients"])}
-        )
+        recipe = _recipe(folder / MANIFEST)
         schemas = [folder / name for name in ("schema.json", "schema.yaml", "schema.yml")]
         schema_file = next(p for p in schemas if p.exists())
         if hashlib.sha256(schema_file.read_bytes()).hexdigest() != recipe.schema_sha256:
             return False
-        expected = twin_tables(Schema.load(schema_file), recipe).get(Path(path).name)
-        return expected is not None and Path(path).read_bytes() == expected
-    except (OSError, ValueError, TypeError, KeyError, StopIteration, DataError):
-        return False
+        return twin_table(Schema.load(schema_file), recipe, Path(path).name) == content
+    except (OSError, ValueError, TypeError, KeyError, StopIteration, RecursionError):
+        return False  # DataError is a ValueError
+
+
+def _recipe(manifest: Path) -> TwinRecipe:
+    """A twin.json read with its types and sizes checked (ValueError otherwise)."""
+    with open(manifest, "rb") as file:
+        text = file.read(MAX_MANIFEST_BYTES + 1)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ValueError("not a twin's manifest: too long")
+    fields = json.loads(text)
+    sizes = [*fields["hospital_patients"], fields["test_patients"]]
+    whole = [fields["seed"], *sizes]
+    if not all(type(v) is int for v in whole) or not isinstance(fields["schema_sha256"], str):
+        raise ValueError("not a twin's manifest: wrong types")
+    if not all(1 <= n <= MAX_TABLE_PATIENTS for n in sizes) or len(sizes) > 1001:
+        raise ValueError("not a twin's manifest: sizes beyond a twin's")
+    return TwinRecipe(
+        seed=fields["seed"],
+        hospital_patients=tuple(fields["hospital_patients"]),
+        test_patients=fields["test_patients"],
+        schema_sha256=fields["schema_sha256"],
+    )
 
 
 def _draw(feature: dict, rng: np.random.Generator, n: int) -> np.ndarray:
     """A feature's invented values: evenly across its declared range (log scale where
     declared), rounded to 2 decimals, or evenly among its categories."""
+    markers = feature.get("missing", [])  # values that mean "not recorded": never drawn
     if feature["type"] == "categorical":
-        categories = np.array(feature["categories"], dtype=object)
+        recorded = [c for c in feature["categories"] if not matches([str(c)], markers)[0]]
+        if not recorded:
+            raise DataError(f"feature {feature['name']!r}: every category means missing")
+        categories = np.array(recorded, dtype=object)
         return categories[rng.integers(len(categories), size=n)]
     low, high = feature["min"], feature["max"]
     if feature.get("log"):
@@ -114,9 +145,14 @@ def _draw(feature: dict, rng: np.random.Generator, n: int) -> np.ndarray:
     else:
         values = rng.uniform(low, high, n)
     values = np.clip(np.round(values, 2), low, high)
-    # A value the dictionary declares to mean "not recorded" (e.g. 0) is not drawn.
-    markers = [m for m in feature.get("missing", []) if isinstance(m, int | float)]
-    return np.where(np.isin(values, markers), round((low + high) / 2, 2), values)
+    missing = matches([_cell(v) for v in values], markers)
+    if missing.any():
+        candidates = [round((low + high) / 2, 2), low, high]
+        fill = next((v for v in candidates if not matches([_cell(v)], markers)[0]), None)
+        if fill is None:
+            raise DataError(f"feature {feature['name']!r}: no value in its range is recorded")
+        values = np.where(missing, fill, values)
+    return values
 
 
 def _label_rule(schema: Schema, seed: int) -> tuple[np.ndarray, float]:

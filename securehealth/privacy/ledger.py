@@ -288,16 +288,6 @@ class PrivacyLedger:
         if self.data_file is not None:
             noted["claimed"] = True
 
-    def authorised_run(self, nonce: str, run_id: int | str) -> bool:
-        """Whether run `run_id` may use the operator's authorisation `nonce`: the first
-        run that presents it may, and no other, so a replayed authorisation spends
-        nothing (authorisation.py). The first use is recorded at once."""
-        runs = self.data.setdefault("authorisations", {})
-        if nonce not in runs:
-            runs[nonce] = str(run_id)
-            self._save()
-        return runs[nonce] == str(run_id)
-
     @property
     def releases(self) -> list[dict[str, Any]]:
         return self.data["releases"]
