@@ -40,8 +40,8 @@ from securehealth.results import HOSPITALS_DIR_VARIABLE
 SPENT_BUDGET_ADVICE = (
     "A hospital's ledger keeps its patients' budget for life and is never reset: for a "
     f"new cohort of patients point ${HOSPITALS_DIR_VARIABLE} at a new folder; raise "
-    "--epsilon only if every hospital's privacy policy allows it; rehearse on --dataset "
-    "synthetic or the shipped examples/csv, which spend nothing lasting"
+    "--epsilon only if every hospital's privacy policy allows it; rehearse on a synthetic "
+    "twin of your data (simulation.py --make-twin FOLDER), which spends nothing lasting"
 )
 
 # Above this noise-to-signal ratio the forecast warns that the model is unlikely to

@@ -316,10 +316,12 @@ def choose(released: list[Release], target: Target) -> OperatingPoint:
     except ValueError as error:  # counts the fit cannot use
         raise NoOperatingPoint(f"the fit failed ({error})") from None
     for name, fitted in (("negative", negatives), ("positive", positives)):
-        if fitted.patients < least_patients(fitted, noise_std):
+        least = least_patients(fitted, noise_std)
+        if fitted.patients < least:
             raise NoOperatingPoint(
                 f"the hospitals' histograms hold about {fitted.patients:.0f} {name} "
-                f"patients, too few under their noise to place a threshold"
+                f"patients, too few under their noise to place a threshold (it takes "
+                f"{least:.0f} at that noise)"
             )
     logit = _threshold_logit(negatives, positives, target)
     return OperatingPoint(

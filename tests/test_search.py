@@ -78,3 +78,17 @@ def test_a_grid_that_cannot_be_searched_is_refused_in_one_line(tmp_path, grid, p
     result = sweep("--grid", grid, "--search-budget", "0.5", cwd=tmp_path)
     assert result.returncode == 2 and problem in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_search_whose_first_candidate_cannot_be_scored_stops_there(tmp_path):
+    # 0.1 a candidate on hospitals of 96-240 training patients: the histograms drown,
+    # and so would every other candidate's (the same share): stop, spending 0.1.
+    own = own_data_copy(EXAMPLE, tmp_path / "own")
+    flags = ["--dataset", "csv", "--data-dir", own, "--rounds", "2", "--search-budget", "0.3"]
+    result = sweep(*flags, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / "run" / "search.json").read_text())
+    [trial] = found["trials"]
+    assert trial["score"] is None and "too few under their noise" in trial["unscored"]
+    assert max(trial["epsilon_after"]) <= 0.1 * (1 + 1e-3) and found["best"] is None
+    assert "No candidate could be scored" in result.stdout

@@ -95,6 +95,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
             if cfg.ray_address
             else str(hospitals_dir)
         )
+        + ("" if lasting else " (a demonstration's data: nothing lasting is spent)")
     )
     exit_code, metrics = runtime.run_federation(
         cfg,
@@ -131,6 +132,7 @@ def write_twin(
 ) -> int:
     """`--make-twin FOLDER`: a synthetic twin of the csv data dictionary (twin.py)."""
     from securehealth.data.csv_files import csv_paths
+    from securehealth.data.split import hospital_sizes
     from securehealth.data.twin import make_twin
 
     try:
@@ -141,12 +143,15 @@ def write_twin(
             )
         schema_file = csv_paths(cfg)[0]
         twin = make_twin(schema_file, folder, vars(cfg))
+        sizes = hospital_sizes(cfg.num_patients, cfg.num_clients)
     except data.DataError as error:
         parser.error(str(error))
     console.print(
         f"Wrote a synthetic twin of {escape(str(schema_file))} to {escape(str(twin))}: "
-        f"{cfg.num_clients} hospitals of invented patients (num_patients {cfg.num_patients}) "
-        f"and the server's test.csv ({cfg.global_test_patients}), no row of yours read. "
+        f"{cfg.num_clients} hospitals of {'/'.join(map(str, sizes))} invented patients "
+        f"(--num-patients {cfg.num_patients}: give your federation's; 5:3:2 between "
+        f"hospitals) and the server's test.csv of {cfg.global_test_patients} "
+        f"(--global-test-patients), no row of yours read. "
         f"It is a demonstration: rehearse every command on it for free, e.g. python "
         f"simulation.py --dataset csv --data-dir {escape(str(twin))}",
         soft_wrap=True,

@@ -8,7 +8,9 @@ scored by the ROC-AUC of the normal fits to the hospitals' DP score histograms (
 operating point's release, operating_point.py), so that every figure the search
 compares is a DP release recorded in the ledgers. The search budget is split
 evenly: trial k may take each hospital's ledger up to what it held before plus
-k/K of the budget. Releasing every trial's model and score composes in the
+k/K of the budget; a first trial that cannot be scored stops the search (the others
+would not be either), spending only its share. Releasing every trial's model and
+score composes in the
 ledger (dp-accounting's PLD, the product's neighbouring relation); picking the
 best is post-processing, free. Papernot and Steinke's random-stopping search would
 cost less for many candidates, but dp-accounting analyses it only with its RDP
@@ -98,16 +100,23 @@ def spent_before(homes: list[Path], cfg: SimpleNamespace) -> list[float]:
 def check_affordable(cfg: SimpleNamespace, before: list[float], search_budget: float) -> None:
     """LedgerError unless every hospital has the search budget left of its lifetime
     budget (cfg.epsilon): one line naming each that has not, and what to do."""
+    from securehealth.forecast import SPENT_BUDGET_ADVICE
+
     short = [
-        f"hospital {h} has {cfg.epsilon - spent:.3f} left"
+        f"hospital {h} has {max(cfg.epsilon - spent, 0):.3f} left"
         for h, spent in enumerate(before)
         if spent + search_budget > cfg.epsilon or nearly_spent(spent, cfg.epsilon)
     ]
     if short:
+        spent_out = any(nearly_spent(spent, cfg.epsilon) for spent in before)
         raise LedgerError(
             f"the search would spend epsilon {search_budget:g} of each hospital's lifetime "
-            f"budget of {cfg.epsilon:g}, but {'; '.join(short)}: give a smaller "
-            f"--search-budget (and keep some for the training run itself)"
+            f"budget of {cfg.epsilon:g}, but {'; '.join(short)}: "
+            + (
+                SPENT_BUDGET_ADVICE
+                if spent_out
+                else "give a smaller --search-budget, and keep the rest for the training run"
+            )
         )
 
 
@@ -157,6 +166,8 @@ def run_search(
         score, unscored = _score(hospitals, weights, trial_cfg)
         trials.append(Trial(changes, score, _epsilons(hospitals), unscored))
         advance()
+        if score is None and k == 1:  # every trial gets the same share: none would score
+            break
     return trials
 
 
