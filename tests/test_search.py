@@ -62,6 +62,8 @@ def test_a_search_on_a_demonstration_spends_nothing_lasting(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "scratch ledger" in result.stdout
     assert not (default_state_root() / "simulation").exists()
+    index = default_state_root() / "data-ledgers.json"  # no claim on the shipped files
+    assert not index.exists() or "examples" not in index.read_text()
 
 
 @pytest.mark.parametrize(

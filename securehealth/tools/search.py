@@ -19,6 +19,7 @@ accountant, which does not support Poisson-sampled Gaussians under replace-one.
 
 import itertools
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,12 +126,13 @@ def run_search(
     candidates: list[dict[str, Any]],
     search_budget: float,
     homes: list[Path],
-    lasting: bool,
+    lasting: list[bool],
     advance: Callable[[], None] = lambda: None,
 ) -> list[Trial]:
     """Every candidate's trial, in order (see the module docstring). The hospitals'
-    ledgers are in `homes`; `lasting` ones are known to this machine's index with
-    their data files (your own patients)."""
+    ledgers are in `homes`; a hospital's is lasting (`lasting`: your own patients)
+    or a demonstration's scratch one; lasting ones are known to this machine's index
+    with their data files."""
     import torch
 
     from securehealth.hospital import Hospital  # the training stack
@@ -140,7 +142,8 @@ def run_search(
     torch.set_num_threads(1)
     before = spent_before(homes, cfg)
     check_affordable(cfg, before, search_budget)
-    search_id = f"search-{time.strftime('%Y%m%dT%H%M%S')}"
+    # A ledger plans each run id once: every search's trials are runs of their own.
+    search_id = f"search-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
     trials = []
     for k, changes in enumerate(candidates, 1):
         share = search_budget * k / len(candidates)
@@ -150,8 +153,8 @@ def run_search(
                 _trial_settings(cfg, changes, before[h] + share),
                 f"{search_id}-{k}",
                 home,
-                lasting=lasting,
-                own_file=data.own_file(cfg, h) if lasting else None,
+                lasting=lasting[h],
+                own_file=data.own_file(cfg, h) if lasting[h] else None,
             )
             for h, home in enumerate(homes)
         ]
