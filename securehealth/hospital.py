@@ -70,16 +70,19 @@ class Hospital:
         ledger_dir=None,
         lasting=False,
         own_file=None,
+        evaluates=True,
     ):
         """`patients`, ((x, y), (held-out x, y)), replaces the hospital's own data and
         held-out rule: for a benchmark's published split of public data only. Its
         privacy ledger is in `ledger_dir` (node.ledger_dir), else in `state_dir`.
         `lasting` and `own_file` (node.open_hospital) make its ledger known to this
         machine's index, with the file of its own patients (privacy/data_index.py);
-        the tools' scratch ledgers and demonstrations' are not."""
+        the tools' scratch ledgers and demonstrations' are not. Unless `evaluates`,
+        it keeps no evaluation of the models on its held-out patients (a search's
+        trials compare DP figures only)."""
         torch.set_num_threads(1)  # a tiny model: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
-        self.state_dir = Path(state_dir)
+        self.state_dir, self.evaluates = Path(state_dir), evaluates
         (self.x, self.y), self.held_out = patients or data.hospital_data(
             cfg, hospital, data_file, schema_file
         )
@@ -252,6 +255,8 @@ class Hospital:
         of it reaches the server, not even whether it worked: a model whose scores are
         not finite is scored 0.5 there (and counted), and any failure goes to this
         hospital's own log."""
+        if not self.evaluates:
+            return
         try:
             problem = self._model_problem(parameters)
             if problem:

@@ -26,7 +26,7 @@ def test_a_search_charges_every_trial_and_score_to_the_lasting_ledgers(tmp_path)
     result = sweep(*flags, "--search-budget", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stdout.split())
-    assert said.index("spends up to epsilon 3 of each hospital's budget") < said.index("|")
+    assert said.index("raises each hospital's cumulative epsilon by at most 3") < said.index("|")
     found = json.loads((tmp_path / "run" / "search.json").read_text())
     assert [t["changes"] for t in found["trials"]] == [
         {"learning_rate": "0.1"},
@@ -46,6 +46,11 @@ def test_a_search_charges_every_trial_and_score_to_the_lasting_ledgers(tmp_path)
         after = found["trials"][-1]["epsilon_after"][hospital]
         assert recomputed <= after + 1e-6 and after <= 3 * (1 + 1e-3)
         assert found["trials"][0]["epsilon_after"][hospital] <= 1.5 * (1 + 1e-3)
+        # The ledger was new: the search alone is everything in it.
+        alone = found["epsilon_of_the_search_alone"][hospital]
+        assert alone == pytest.approx(after, rel=1e-6) and recomputed <= alone + 1e-6
+        # The trials' models were not evaluated on held-out patients (figures without DP).
+        assert not (path.parent / "evaluation.json").exists()
     # What is left is what a later run may spend: a second search of 3 is refused.
     again = sweep(
         *flags[:-2], "--run-dir", tmp_path / "again", "--search-budget", "3", cwd=tmp_path
@@ -93,4 +98,4 @@ def test_a_search_whose_first_candidate_cannot_be_scored_stops_there(tmp_path):
     [trial] = found["trials"]
     assert trial["score"] is None and "too few under their noise" in trial["unscored"]
     assert max(trial["epsilon_after"]) <= 0.1 * (1 + 1e-3) and found["best"] is None
-    assert "No candidate could be scored" in result.stdout
+    assert "No candidate scored better than chance" in result.stdout

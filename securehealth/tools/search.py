@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from securehealth import data, operating_point, settings
-from securehealth.privacy.accountant import nearly_spent
+from securehealth.privacy.accountant import epsilon_spent, nearly_spent
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
 
 DEFAULT_GRID = "learning_rate=0.1,0.3,1"
@@ -47,6 +47,15 @@ SEARCHABLE = (
 # The scores need the operating point's release: a run with a fixed threshold makes
 # none, so every trial chooses one for this target.
 SCORED_TARGET = "auto"
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """A search's trials, and what its releases alone cost each hospital (the
+    epsilon of the search by itself; its ledger composes it with all the rest)."""
+
+    trials: list["Trial"]
+    epsilon_alone: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -98,13 +107,23 @@ def spent_before(homes: list[Path], cfg: SimpleNamespace) -> list[float]:
     return spent
 
 
-def check_affordable(cfg: SimpleNamespace, before: list[float], search_budget: float) -> None:
+def check_affordable(
+    cfg: SimpleNamespace, before: list[float], search_budget: float, candidates: int
+) -> None:
     """LedgerError unless every hospital has the search budget left of its lifetime
-    budget (cfg.epsilon): one line naming each that has not, and what to do."""
+    budget (cfg.epsilon), and a candidate's share is enough to train on (over 1 % of
+    what its ledger will hold): one line naming each that has not, and what to do."""
     from securehealth.forecast import SPENT_BUDGET_ADVICE
 
+    share = search_budget / candidates
+    if any(nearly_spent(spent, spent + share) for spent in before):
+        raise LedgerError(
+            f"a candidate's share of the search budget ({share:.3g}) is less than 1 % of "
+            f"what a hospital's ledger would then hold: no trial could train; give a "
+            f"larger --search-budget or fewer candidates"
+        )
     short = [
-        f"hospital {h} has {max(cfg.epsilon - spent, 0):.3f} left"
+        f"hospital {h} has {max(cfg.epsilon - spent, 0):.4g} left"
         for h, spent in enumerate(before)
         if spent + search_budget > cfg.epsilon or nearly_spent(spent, cfg.epsilon)
     ]
@@ -127,12 +146,14 @@ def run_search(
     search_budget: float,
     homes: list[Path],
     lasting: list[bool],
+    files: list[Path | None],
     advance: Callable[[], None] = lambda: None,
-) -> list[Trial]:
+) -> SearchOutcome:
     """Every candidate's trial, in order (see the module docstring). The hospitals'
     ledgers are in `homes`; a hospital's is lasting (`lasting`: your own patients)
     or a demonstration's scratch one; lasting ones are known to this machine's index
-    with their data files."""
+    with their data files. Each hospital trains on `files`, its data file as read
+    once and judged (data.read_once), whatever happens to the file meanwhile."""
     import torch
 
     from securehealth.hospital import Hospital  # the training stack
@@ -141,7 +162,7 @@ def run_search(
 
     torch.set_num_threads(1)
     before = spent_before(homes, cfg)
-    check_affordable(cfg, before, search_budget)
+    check_affordable(cfg, before, search_budget, len(candidates))
     # A ledger plans each run id once: every search's trials are runs of their own.
     search_id = f"search-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
     trials = []
@@ -153,7 +174,9 @@ def run_search(
                 _trial_settings(cfg, changes, before[h] + share),
                 f"{search_id}-{k}",
                 home,
+                None if files[h] is None else str(files[h]),
                 lasting=lasting[h],
+                evaluates=False,  # figures without DP: the search compares DP ones only
                 own_file=data.own_file(cfg, h) if lasting[h] else None,
             )
             for h, home in enumerate(homes)
@@ -171,7 +194,15 @@ def run_search(
         advance()
         if score is None and k == 1:  # every trial gets the same share: none would score
             break
-    return trials
+    return SearchOutcome(trials, tuple(_epsilon_alone(h.ledger, search_id) for h in hospitals))
+
+
+def _epsilon_alone(ledger: PrivacyLedger, search_id: str) -> float:
+    """The epsilon of a search's releases by themselves, in one hospital's ledger."""
+    with ledger.transaction():
+        mine = [r for r in ledger.releases if r["run_id"].startswith(search_id)]
+    history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in mine]
+    return epsilon_spent(history, ledger.delta, ledger.adjacency) if history else 0.0
 
 
 def _score(
@@ -204,6 +235,8 @@ def _epsilons(hospitals: list[Any]) -> tuple[float, ...]:
 
 
 def best(trials: list[Trial]) -> Trial | None:
-    """The trial with the highest score (the first of equals); None if none scored."""
+    """The trial with the highest score (the first of equals); None if none scored
+    better than chance (0.5: a noisy fit can score a useless model near 0)."""
     scored = [t for t in trials if t.score is not None and math.isfinite(t.score)]
-    return max(scored, key=lambda t: t.score) if scored else None
+    useful = [t for t in scored if t.score > 0.5]
+    return max(useful, key=lambda t: t.score) if useful else None

@@ -5,6 +5,7 @@ in-process FedAvg loop (federation.py)."""
 
 import argparse
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -181,24 +182,30 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
     lasting ledgers of your own patients' hospitals (scratch ones for a
     demonstration's), its cost said before it starts; writes search.json and
     search.md into a new run directory."""
-    from securehealth.data.demonstration import hospitals_demonstrating
+    from securehealth.data.demonstration import is_demonstration
     from securehealth.privacy.ledger import LedgerError
     from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
     from securehealth.tools import search
 
     console = display.make_console()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, ExitStack() as held:
         try:
             candidates = search.parse_grid(args.grid, cfg)
             data.check_all(cfg)
-            demonstrations = hospitals_demonstrating(cfg)
+            # Each file read once: judged and trained on the same bytes throughout.
+            own = [data.own_file(cfg, h) for h in range(cfg.num_clients)]
+            read = [held.enter_context(data.read_once(path)) for path in own]
+            demonstrations = [
+                is_demonstration(path, content)
+                for path, (_, content) in zip(own, read, strict=True)
+            ]
             check_lasting_ledgers(cfg, None, demonstrations)
             homes = [
                 home or Path(scratch, f"hospital-{h}")
                 for h, home in enumerate(state_dirs(cfg, demonstrations))
             ]
             before = search.spent_before(homes, cfg)
-            search.check_affordable(cfg, before, args.search_budget)
+            search.check_affordable(cfg, before, args.search_budget, len(candidates))
             run_dir = new_run_dir(cfg.run_dir, "search.json", args.overwrite)
         except (settings.SettingsError, data.DataError, LedgerError, RunDirError) as error:
             parser.error(str(error))
@@ -206,25 +213,27 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
         console.print(search_cost(cfg, candidates, args.search_budget, before, lasting))
         with Progress(console=console) as progress:
             task = progress.add_task("Searching", total=len(candidates))
-            trials = search.run_search(
+            outcome = search.run_search(
                 cfg,
                 candidates,
                 args.search_budget,
                 homes,
                 lasting,
+                [copy for copy, _ in read],
                 lambda: progress.advance(task),
             )
-    chosen = search.best(trials)
+    chosen = search.best(outcome.trials)
     result = {
         "config": vars(cfg),
         "search_budget": args.search_budget,
         "epsilon_before": before,
+        "epsilon_of_the_search_alone": outcome.epsilon_alone,
         "lasting": lasting,
-        "trials": [vars(trial) for trial in trials],
+        "trials": [vars(trial) for trial in outcome.trials],
         "best": None if chosen is None else chosen.changes,
     }
     write_json(run_dir / "search.json", result)
-    text = search_table(trials, chosen)
+    text = search_table(outcome, chosen)
     write_atomic(run_dir / "search.md", f"# Accounted search: {cfg.dataset}\n\n{text}\n".encode())
     console.print(text)
     console.print(f"Written: {run_dir / 'search.md'}, {run_dir / 'search.json'}")
@@ -246,26 +255,32 @@ def search_cost(
     ]
     return (
         f"The search trains {len(candidates)} candidates, each scored from the hospitals' "
-        f"DP histograms, and spends up to epsilon {budget:g} of each hospital's budget "
-        f"({budget / len(candidates):.3g} a candidate): " + "; ".join(ledgers)
+        f"DP histograms, and raises each hospital's cumulative epsilon by at most "
+        f"{budget:g} ({budget / len(candidates):.3g} a candidate): " + "; ".join(ledgers)
     )
 
 
-def search_table(trials: list[Any], chosen: Any) -> str:
-    """The candidates, their scores and what each hospital held after each."""
+def search_table(outcome: Any, chosen: Any) -> str:
+    """The candidates, their scores, what each hospital held after each, and what
+    the search's releases cost on their own."""
     rows = ["| Candidate | Score (DP ROC-AUC) | Epsilon after, per hospital |", "|---|---|---|"]
-    for trial in trials:
+    for trial in outcome.trials:
         settings_text = " ".join(f"{k}={v}" for k, v in trial.changes.items())
         score = f"n/a ({trial.unscored})" if trial.score is None else f"{trial.score:.3f}"
         spent = ", ".join(f"{e:.3f}" for e in trial.epsilon_after)
         rows.append(
             f"| {settings_text}{' (best)' if trial is chosen else ''} | {score} | {spent} |"
         )
+    alone = ", ".join(f"{e:.3f}" for e in outcome.epsilon_alone)
     advice = (
-        "No candidate could be scored (see why above): give the search more of the "
-        "budget, or fewer candidates."
+        "No candidate scored better than chance (see why above): give the search more "
+        "of the budget, or fewer candidates."
         if chosen is None
         else "Train with: "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.changes.items())
+        + " ".join(f"--{k.replace('_', '-')} {v or repr('')}" for k, v in chosen.changes.items())
     )
-    return "\n".join(rows) + "\n\n" + advice
+    cost = (
+        f"The search's releases on their own: epsilon {alone} per hospital (the ledgers "
+        f"compose them with everything else; the table shows the cumulative figures)."
+    )
+    return "\n".join(rows) + "\n\n" + cost + "\n\n" + advice
