@@ -231,6 +231,39 @@ def finished_run_argument(
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     metrics = run_dir / METRICS_FILE
-    if not metrics.exists() or not has_finished(read_json(metrics)["status"]):
+    try:
+        finished = metrics.exists() and has_finished(read_json(metrics)["status"])
+    except (OSError, ValueError, TypeError, KeyError):
+        parser.exit(
+            2,
+            f"{parser.prog}: error: {metrics} is damaged (not a run's metrics): restore it "
+            f"from a backup, or run the training again\n",
+        )
+    if not finished:
         parser.exit(2, f"{parser.prog}: error: {run_dir} holds no finished run\n")
     return run_dir, args
+
+
+def spreadsheet_safe(cell: object) -> object:
+    """A CSV cell that a spreadsheet shows and never runs: text that starts with
+    = + - @, a tab or a carriage return (a formula to Excel, LibreOffice and Google
+    Sheets) gets a leading apostrophe (OWASP, CSV injection). Numbers stay numbers."""
+    if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + cell
+    return cell
+
+
+def check_new_output(path: Path, overwrite: bool) -> None:
+    """RunDirError unless `path` may be written: never inside a run directory (a
+    folder with a run's metrics.json: its files are the run's own), and never over
+    an existing file unless `overwrite`."""
+    path = Path(path).resolve()
+    if (path.parent / METRICS_FILE).exists():
+        raise RunDirError(
+            f"{path} is inside the run directory {path.parent}, whose files are the run's "
+            f"own: write it elsewhere"
+        )
+    if path.exists() and not overwrite:
+        raise RunDirError(f"{path} exists: choose a new file, or pass --overwrite to replace it")
+    if path.exists() and not path.is_file():
+        raise RunDirError(f"{path} is not a file")

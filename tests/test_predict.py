@@ -139,3 +139,56 @@ def test_a_run_that_did_not_finish_has_no_model_to_use(run_dir, tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps({"status": "failed"}))
     result = predict("--run-dir", run_dir, "--data", tmp_path / "patients.csv")
     assert result.returncode == 2 and "holds no finished run" in result.stderr
+
+
+def test_no_output_replaces_a_file_unasked_or_a_runs_own_file(run_dir, tmp_path):
+    patients, _ = unlabelled_copy(tmp_path)
+    metrics = (run_dir / "metrics.json").read_bytes()
+    for extra in ([], ["--overwrite"]):  # a run's own files: never, even when asked
+        refused = predict(
+            "--run-dir", run_dir, "--data", patients, "--output", run_dir / "metrics.json", *extra
+        )
+        assert refused.returncode == 2 and "the run's own" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert (run_dir / "metrics.json").read_bytes() == metrics
+    kept = tmp_path / "risks.csv"
+    kept.write_text("mine\n")
+    refused = predict("--run-dir", run_dir, "--data", patients, "--output", kept)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert kept.read_text() == "mine\n"
+    replaced = predict("--run-dir", run_dir, "--data", patients, "--output", kept, "--overwrite")
+    assert replaced.returncode == 0 and kept.read_text().startswith("line,risk")
+
+
+def test_a_damaged_runs_metrics_is_one_line_not_a_traceback(run_dir, tmp_path):
+    (run_dir / "metrics.json").write_text("line,risk\n2,0.4\n")  # what an overwrite left
+    patients, _ = unlabelled_copy(tmp_path)
+    for script, args in (("predict.py", ["--data", patients]), ("report.py", [])):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / script), "--run-dir", str(run_dir), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and "is damaged" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_patient_ids_a_spreadsheet_would_run_are_written_as_text(tmp_path):
+    spec = json.loads((EXAMPLE / "schema.json").read_text())
+    schema = Schema({**spec, "patient_id": "mrn"}, "with ids")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"status": "finished"}))
+    save_model(run / "model.pt", build_model(len(schema.input_names), (4,)), (4,), schema, 0.5)
+    hostile = ['=HYPERLINK("http://x","y")', "+1+cmd|' /C calc'!A0", "@SUM(1)", "-2+3", "=1+1"]
+    rows = list(csv.DictReader((EXAMPLE / "test.csv").open()))[: len(hostile)]
+    patients = tmp_path / "patients.csv"
+    with patients.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["mrn", *rows[0]])
+        writer.writeheader()
+        writer.writerows({"mrn": mrn, **row} for mrn, row in zip(hostile, rows, strict=True))
+    result = predict("--run-dir", run, "--data", patients, "--output", tmp_path / "risks.csv")
+    assert result.returncode == 0, result.stderr
+    written = [row["mrn"] for row in csv.DictReader((tmp_path / "risks.csv").open())]
+    assert written == ["'" + mrn for mrn in hostile]

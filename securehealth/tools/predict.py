@@ -17,8 +17,11 @@ from securehealth.data.csv_files import read_csv
 from securehealth.results import (
     METRICS_FILE,
     MODEL_FILE,
+    RunDirError,
+    check_new_output,
     finished_run_argument,
     read_json,
+    spreadsheet_safe,
     write_atomic,
 )
 
@@ -89,19 +92,27 @@ def predictions(run_dir: Path, data: Path) -> Scored:
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a CSV of patients, label column optional")
     parser.add_argument("--output", default="", help="where to write the risks [default: stdout]")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it exists (never a run's file)",
+    )
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
+    """`python predict.py`: score new patients (exit 2, one line, on bad input)."""
     run_dir, args = finished_run_argument(description, argv, add_arguments)
     try:
+        if args.output:
+            check_new_output(Path(args.output), args.overwrite)
         scored = predictions(run_dir, Path(args.data))
-    except DataError as error:
+    except (DataError, RunDirError) as error:
         print(f"predict.py: error: {error}", file=sys.stderr)
         return 2
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(scored.rows[0]) if scored.rows else ["line"])
     writer.writeheader()
-    writer.writerows(scored.rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in scored.rows)
     summary = sys.stdout if args.output else sys.stderr  # the CSV may be on stdout
     if args.output:
         write_atomic(Path(args.output), table.getvalue().encode())
