@@ -152,7 +152,7 @@ def open_hospital(context: Context) -> "Hospital":
         with data.read_once(own) as (copy, content):
             demo = is_demonstration(context, cfg, hospital, content)
             state_dir = hospital_state_dir(context, cfg, hospital, demo)
-            check_run(context, cfg, hospital)
+            check_run(context, state_dir)
             return Hospital(
                 hospital,
                 cfg,
@@ -173,7 +173,7 @@ def open_hospital(context: Context) -> "Hospital":
         ) from None
 
 
-def check_run(context: Context, cfg: SimpleNamespace, hospital: int) -> None:
+def check_run(context: Context, state_dir: Path) -> None:
     """Raise Unauthorised unless this run may spend this hospital's budget: in
     deployment, its server's operator signed it (checked against the operator's
     public key the hospital was given) and no other run used that signature before.
@@ -191,10 +191,9 @@ def check_run(context: Context, cfg: SimpleNamespace, hospital: int) -> None:
         if not operator_pub:
             return  # client.py --insecure
         nonce = verify_run(context.run_config, operator_pub)["nonce"]
-        if not first_use(hospital_state_dir(context, cfg, hospital), nonce, context.run_id):
+        if not first_use(state_dir, nonce, context.run_id):
             raise Unauthorised("its authorisation was already used by another run (a replay)")
     except Unauthorised as refusal:
-        state_dir = hospital_state_dir(context, cfg, hospital)
         _refuse_run(state_dir, context.run_id, f"the run is not authorised: {refusal}")
         raise
 
@@ -226,7 +225,7 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
         return {"hospital": hospital, "problem": f"it cannot take part: {error}", "proof": ""}
     problem = ""
     try:
-        check_run(context, cfg, hospital)
+        check_run(context, state_dir)
     except Unauthorised as refusal:
         problem = f"it refused the run: {refusal}"
     asked = {
