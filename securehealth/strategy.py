@@ -44,6 +44,11 @@ from securehealth.model import (
 from securehealth.results import MODEL_FILE
 from securehealth.run_record import RunRecord
 
+# Rounds whose updates may be thrown away (by hospitals that cannot be told apart
+# under SecAgg+) before the run stops: each one costs every hospital that trained
+# in it a round of its budget.
+DISCARDS_BEFORE_STOP = 2
+
 
 class AggregationError(RuntimeError):
     """A round ended without a usable update: the run must stop, not pretend."""
@@ -79,7 +84,8 @@ class HospitalFedAvg(FedAvg):
         self.round_reports, self.round_failures, self.round_rejections = {}, [], []
         self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
         self.round_accepted = 0  # updates that went into that round's model
-        self.round_discarded = None  # why the round's (secure) sum was thrown away
+        self.round_discarded = None  # why the round's updates were thrown away
+        self.round_weights_capped = {}  # hospital -> [patients claimed, weight used]
         # The decision threshold: fixed, or chosen after the last round
         # (choose_operating_point); until then the figures use a provisional one.
         self.target = operating_point.Target.parse(cfg.decision_threshold)
@@ -120,13 +126,14 @@ class HospitalFedAvg(FedAvg):
         results: list[tuple[Any, FitRes]],
         failures: list[tuple[Any, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """The new global model from this round's sound updates, combined and
-        stepped to with the server's momentum. Under SecAgg+ every
-        result carries the same, already summed model: it is checked as a whole, and
-        thrown away if any hospital's report in it is unsound (its update cannot be
-        taken out of the sum)."""
+        """The new global model from this round's sound updates, combined (no
+        hospital's FedAvg weight above the rest's together) and stepped to with the
+        server's momentum, unless the round must be thrown away (_discard_reason).
+        Under SecAgg+ every result carries the same, already summed model: it is
+        checked as a whole."""
         self.aggregated_round = server_round
         self.round_reports, self.round_rejections, self.round_discarded = {}, [], None
+        self.round_weights_capped = {}
         accepted = []
         for proxy, fit_res in results:
             report = dict(fit_res.metrics)
@@ -167,34 +174,58 @@ class HospitalFedAvg(FedAvg):
             if problem:
                 self._reject(name, server_round, problem)
             else:
-                accepted.append((weights, fit_res.num_examples))
+                accepted.append((name, weights, fit_res.num_examples))
         self.round_failures = [failure_reason(f) for f in failures]
         for reason in self.round_failures:
             log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
         self.reports.update(self.round_reports)
-        if self.secure and self.round_rejections and accepted:
-            self.round_discarded = (
-                "secure aggregation summed an update whose hospital sent an unsound report; "
-                "the sum cannot be separated, so the round's model was thrown away"
-            )
+        self.round_discarded = self._discard_reason(accepted) if accepted else None
+        if self.round_discarded:
             log(WARNING, "Round %d discarded: %s", server_round, self.round_discarded)
             accepted = []
         self.round_accepted = len(accepted)
         if not accepted:
             return None, {}
         if self.secure:
-            problem = self.check_update(accepted[0][0])
-            if problem:
-                raise AggregationError(
-                    f"round {server_round}: the securely aggregated model is unusable "
-                    f"({problem}). A hospital sent a corrupt update and secure "
-                    f"aggregation hides which one; rerun with secure_aggregation off "
-                    f"to have the server name and reject it"
-                )
-            combined = accepted[0][0]
+            combined = accepted[0][1]
         else:
-            combined = combine(self.cfg.aggregation, accepted)
+            updates = bounded_weights(accepted)
+            self.round_weights_capped = {
+                name: [claimed, used]
+                for (name, _, claimed), (_, _, used) in zip(accepted, updates, strict=True)
+                if used < claimed
+            }
+            combined = combine(self.cfg.aggregation, [(w, p) for _, w, p in updates])
         return ndarrays_to_parameters(self.server_momentum.step(self.global_weights, combined)), {}
+
+    def _discard_reason(self, accepted: list[tuple[str, list[np.ndarray], int]]) -> str | None:
+        """Why the round's accepted updates must not become the global model (None
+        if they may). Under SecAgg+ the sum is one update whose senders cannot be
+        told apart: it is thrown away whole if a hospital in it sent an unsound
+        report, or if it moves the model further than any honest round can
+        (max_update_norm: each honest hospital keeps its DP noise within it before it
+        trains, and a weighted mean of updates within it stays within it). Without
+        SecAgg+, fewer sound updates than min_fit_clients would be one hospital's
+        update presented as the federation's."""
+        if self.secure and self.round_rejections:
+            return (
+                "secure aggregation summed an update whose hospital sent an unsound report; "
+                "the sum cannot be separated, so the round's model was thrown away"
+            )
+        if self.secure:
+            problem = self.check_update(accepted[0][1])
+            return problem and (
+                f"the securely aggregated model is implausible ({problem}): a hospital "
+                f"sent an update no honest DP training makes, and secure aggregation "
+                f"hides which one, so the round's model was thrown away"
+            )
+        if len(accepted) < self.min_fit_clients:
+            return (
+                f"only {len(accepted)} hospital's update could be used, fewer than "
+                f"min_fit_clients ({self.min_fit_clients}), so the round's model was "
+                f"thrown away"
+            )
+        return None
 
     def _reject(self, hospital, server_round, problem):
         log(
@@ -238,6 +269,7 @@ class HospitalFedAvg(FedAvg):
         if server_round > 0:
             self._record_round(server_round, metrics)
             self._stop_if_all_declined(server_round)
+            self._stop_after_discards()
         return metrics["loss"], metrics
 
     def _stop_if_all_declined(self, server_round):
@@ -250,6 +282,20 @@ class HospitalFedAvg(FedAvg):
             f"round {server_round}: every hospital declined to train, so the run stops "
             f"(each one's reason is in the round's line above and in metrics.json)"
         )
+
+    def _stop_after_discards(self):
+        """Stop the run once DISCARDS_BEFORE_STOP rounds were thrown away: whoever
+        sends what no honest hospital does would otherwise spend every hospital's
+        budget round after round."""
+        discarded = [r["round"] for r in self.record.results.get("discarded_rounds", [])]
+        if self.round_discarded and len(discarded) >= DISCARDS_BEFORE_STOP:
+            raise AggregationError(
+                f"rounds {discarded} were discarded (the last: {self.round_discarded}); the "
+                f"hospitals that trained in them have recorded them as spent, so the run "
+                f"stops rather than spend more on updates that cannot be used. Under secure "
+                f"aggregation the hospital responsible cannot be named: rerun with "
+                f"secure_aggregation off to have the server name and reject it"
+            )
 
     def _check_round_applied(self, server_round):
         """Stop the run when a round's updates never reached the global model for a
@@ -285,6 +331,11 @@ class HospitalFedAvg(FedAvg):
                 "hospitals_trained": self.round_accepted,  # updates in the average
                 "failures": self.round_failures,
                 "rejected": self.round_rejections,
+                **(
+                    {"weights_capped": self.round_weights_capped}
+                    if self.round_weights_capped
+                    else {}
+                ),
                 **({"discarded": self.round_discarded} if self.round_discarded else {}),
                 "hospitals": self.round_reports,
             },
@@ -422,6 +473,18 @@ class HospitalFedAvg(FedAvg):
             self.record.results.get("operating_point"),
         )
         self.record.save()
+
+
+def bounded_weights(
+    updates: list[tuple[str, list[np.ndarray], int]],
+) -> list[tuple[str, list[np.ndarray], int]]:
+    """The updates (hospital, weights, patients claimed) with each FedAvg weight capped
+    at the sum of the others' (where there are others), so that no hospital, whatever
+    patient count it claims, outweighs the rest of the round together."""
+    if len(updates) < 2:
+        return updates
+    total = sum(patients for _, _, patients in updates)
+    return [(name, weights, min(patients, total - patients)) for name, weights, patients in updates]
 
 
 def failure_reason(failure: tuple[Any, FitRes] | BaseException) -> str:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,7 +53,7 @@ from securehealth.flower import APP_LAUNCHERS
 from securehealth.model import get_weights, load_model
 from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
 from securehealth.serverapp import readable
-from securehealth.strategy import HospitalFedAvg
+from securehealth.strategy import AggregationError, HospitalFedAvg
 
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
 # masks it), so that a test can recompute the plain FedAvg of the round.
@@ -396,6 +397,89 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
     assert strategy.round_rejections == []
 
 
+def hospitals_round(strategy, moves, patients=(100, 100, 100)):
+    """Round results in which hospital i moves every weight of the global model by
+    moves[i] ("nan" for NaN weights) and claims patients[i] patients."""
+    return [
+        (
+            SimpleNamespace(node_id=10 + hospital),
+            FitRes(
+                Status(Code.OK, ""),
+                ndarrays_to_parameters(
+                    [w * np.nan if move == "nan" else w + move for w in strategy.global_weights]
+                ),
+                claimed,
+                sound_report(hospital, patients=claimed),
+            ),
+        )
+        for hospital, (move, claimed) in enumerate(zip(moves, patients, strict=True))
+    ]
+
+
+def plain_strategy(tmp_path, **settings_changes):
+    cfg = settings.resolve(
+        {"secure_aggregation": "off", "global_test_patients": 200, **settings_changes}
+    )
+    admission = Admission(None, cfg, run_id=1)
+    admission.members = {10 + hospital: hospital for hospital in range(3)}  # node -> number
+    return HospitalFedAvg(cfg, tmp_path, admission)
+
+
+def test_no_hospital_outweighs_the_rest_whatever_patient_count_it_claims(tmp_path):
+    # Issue 28: hospital 2 claims 9999 patients (under max_patients) and pulls the
+    # other way; uncapped it held 98 % of the FedAvg weight. Capped at the others'
+    # 200 patients, it holds half: (200 * -0.9 + 100 * 0.1 + 100 * 0.1) / 400.
+    strategy = plain_strategy(tmp_path)
+    start = strategy.global_weights
+    results = hospitals_round(strategy, (0.1, 0.1, -0.9), patients=(100, 100, 9999))
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    for new, old in zip(parameters_to_ndarrays(parameters), start, strict=True):
+        np.testing.assert_allclose(new, old - 0.4, atol=1e-6)
+    assert strategy.round_weights_capped == {"2": [9999, 200]}
+    strategy._evaluate_global(1, parameters_to_ndarrays(parameters), {})
+    assert strategy.record.results["rounds"][0]["weights_capped"] == {"2": [9999, 200]}
+
+
+def test_fewer_sound_updates_than_min_fit_clients_are_thrown_away_and_twice_stops_the_run(
+    tmp_path,
+):
+    # Issue 28: with two of three updates rejected, the round went on with the
+    # third alone, though min_fit_clients is 2.
+    strategy = plain_strategy(tmp_path)
+    start = strategy.global_weights
+    for server_round in (1, 2):
+        results = hospitals_round(strategy, ("nan", "nan", 0.1))
+        assert strategy.aggregate_fit(server_round, results, []) == (None, {})
+        assert "only 1 hospital's update could be used" in strategy.round_discarded
+        if server_round == 1:
+            strategy._evaluate_global(server_round, start, {})  # the model stays as it was
+    with pytest.raises(AggregationError, match=r"rounds \[1, 2\] were discarded"):
+        strategy._evaluate_global(2, start, {})
+    discarded = strategy.record.results["discarded_rounds"]
+    assert [d["round"] for d in discarded] == [1, 2]
+    assert "min_fit_clients (2)" in discarded[0]["reason"]
+
+
+def test_an_implausible_secure_sum_is_thrown_away_and_a_second_one_stops_the_run(tmp_path):
+    # Issue 28: under SecAgg+ every result carries the same summed model. One
+    # moved by more than max_update_norm ended the run at once; now it is thrown
+    # away, the run goes on, and a second such round stops it.
+    strategy = plain_strategy(tmp_path, secure_aggregation="on")
+    start = strategy.global_weights
+    for server_round in (1, 2):
+        results = hospitals_round(strategy, (100.0, 100.0, 100.0))
+        the_sum = results[0][1].parameters
+        summed = [(proxy, replace(fit_res, parameters=the_sum)) for proxy, fit_res in results]
+        assert strategy.aggregate_fit(server_round, summed, []) == (None, {})
+        assert "the securely aggregated model is implausible" in strategy.round_discarded
+        assert "more than max_update_norm 100" in strategy.round_discarded
+        if server_round == 1:
+            strategy._evaluate_global(server_round, start, {})
+            assert strategy.record.results["rounds"][0]["discarded"]
+    with pytest.raises(AggregationError, match="secure_aggregation off to have the server name"):
+        strategy._evaluate_global(2, start, {})
+
+
 def test_the_server_steps_with_momentum_from_the_global_model(tmp_path):
     # Every hospital moves the model by 0.1 each round: with server momentum 0.5 the
     # global model moves by 0.1 in round 1 and 0.1 + 0.05 in round 2.
@@ -525,6 +609,37 @@ def test_a_secure_sum_with_a_lying_report_is_discarded_and_counted_as_spent(tmp_
         assert [r["mechanism"] for r in released] == ["dp-sgd", "dp-sgd", "operating-point"]
     assert "rounds [1] were discarded after the hospitals trained" in shown
     assert "ledgers count them as spent" in shown
+
+
+@pytest.mark.e2e
+def test_a_hostile_hospital_under_secure_aggregation_costs_two_rounds_then_the_run_stops(
+    tmp_path,
+):
+    # Issue 28: one hospital's weights of 1e6 (clipped by SecAgg+ to 8) made the run
+    # fail in round 1, every time. Now its sum is thrown away and the run goes on;
+    # a second thrown-away round stops it, and every hospital is told why.
+    app = app_copy(
+        tmp_path / "app",
+        TAMPERING_CLIENT.format(tampering=repr({1: {"weights": "huge"}, 3: {"weights": "huge"}})),
+    )
+    run_dir = tmp_path / "run"
+    result = simulate(app, "--secure-aggregation", "on", "--rounds", "4", "--run-dir", str(run_dir))
+    shown = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, shown
+    metrics = read_metrics(run_dir)
+    assert metrics["status"] == "failed"
+    assert [r["round"] for r in metrics["discarded_rounds"]] == [1, 3]
+    first, second, third = metrics["rounds"]
+    assert "the securely aggregated model is implausible" in first["discarded"]
+    assert "more than max_update_norm 100" in first["discarded"]
+    assert second["hospitals_trained"] == 3 and "discarded" not in second
+    assert "rounds [1, 3] were discarded" in metrics["error"]
+    for hospital in (0, 1, 2):  # round 4 never trained: the run stopped after round 3
+        ledger = run_dir / "hospitals" / f"hospital-{hospital}" / "privacy-ledger.json"
+        released = json.loads(ledger.read_text())["releases"]
+        assert [r["round"] for r in released] == [1, 2, 3]
+        status = json.loads((ledger.parent / "status.json").read_text())
+        assert "rounds [1, 3] were discarded" in status["reason"], status
 
 
 def attacker(workdir, address, *command):
