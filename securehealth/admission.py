@@ -21,6 +21,7 @@ from flwr.common import GetPropertiesIns, log
 
 from securehealth.authorisation import identity_proven
 from securehealth.flower import getpropertiesins_to_recorddict, recorddict_to_getpropertiesres
+from securehealth.text import quoted
 
 ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp process)
 STATUSES = ("trained", "refused")  # what a training reply may say it did
@@ -90,7 +91,9 @@ class Admission:
     def _judge(self, node, answer, challenge):
         hospital = answer.get("hospital")
         if not isinstance(hospital, int) or not 0 <= hospital < self.cfg.num_clients:
-            return self._refuse(node, f"it claims hospital {hospital!r}, not one of this run's")
+            return self._refuse(
+                node, f"it claims hospital {quoted(hospital)}, not one of this run's"
+            )
         if self.enrolled_keys and not identity_proven(
             self.enrolled_keys[hospital],
             str(answer.get("proof", "")),
@@ -178,7 +181,10 @@ def report_problem(
     if report["hospital"] != hospital:
         return f"its report claims hospital {report['hospital']}, but it was admitted as {hospital}"
     checks = [
-        (report["status"] in statuses, f"status {report['status']!r} is not one of {statuses}"),
+        (
+            report["status"] in statuses,
+            f"status {quoted(report['status'])} is not one of {statuses}",
+        ),
         (1 <= report["patients"] <= max_patients, _patients_problem(report, max_patients)),
         (report["epsilon"] >= 0, "epsilon is negative"),
         (report["epsilon_budget"] > 0, "epsilon_budget is not positive"),

@@ -209,10 +209,9 @@ def forecast_here(
     simulation.py: with their ledgers in `state_dirs` (one per hospital; None for one
     that starts afresh, a demonstration's), or, with None, all starting afresh; with
     `spend`, each plan says what the run would spend (plan_hospital)."""
-    from securehealth.model import build_model  # the training stack: simulation.py has it loaded
+    from securehealth.model import weight_count  # the training stack: simulation.py has it loaded
 
-    inputs = len(data.load_schema(cfg).input_names)
-    weights = sum(p.numel() for p in build_model(inputs, cfg.hidden_layers).parameters())
+    weights = weight_count(len(data.load_schema(cfg).input_names), cfg.hidden_layers)
     with tempfile.TemporaryDirectory() as fresh:
         given = state_dirs or [None] * cfg.num_clients
         homes = [home or Path(fresh) / str(h) for h, home in enumerate(given)]

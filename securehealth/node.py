@@ -149,7 +149,7 @@ def open_hospital(context: Context) -> "Hospital":
     own = own_data_file(context, cfg, hospital)
     try:
         # Judged and trained on the same bytes, whatever happens to the file meanwhile.
-        with data.read_once(own) as (copy, content):
+        with data.read_once(own, cfg) as (copy, content):
             demo = is_demonstration(context, cfg, hospital, content)
             state_dir = hospital_state_dir(context, cfg, hospital, demo)
             check_run(context, state_dir)

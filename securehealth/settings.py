@@ -15,6 +15,7 @@ from securehealth import config, operating_point
 from securehealth.aggregation import AGGREGATIONS
 from securehealth.data import SOURCES
 from securehealth.data.schema import MISSING_MODES
+from securehealth.text import quoted
 
 DEFAULTS = {
     name: value
@@ -96,7 +97,7 @@ def _convert(name, raw):
     except (TypeError, ValueError):
         kind = {tuple: "comma-separated integers, e.g. 32,16", float: "a finite number"}
         expected = kind.get(type(default), "an integer")
-        raise SettingsError(f"{name} must be {expected}, got {raw!r}") from None
+        raise SettingsError(f"{name} must be {expected}, got {quoted(raw)}") from None
 
 
 def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
@@ -109,7 +110,7 @@ def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
     values.update({k: _convert(k, v) for k, v in overrides.items()})
     for name, (is_valid, requirement) in RULES.items():
         if not is_valid(values[name]):
-            raise SettingsError(f"{name} {requirement}, got {values[name]!r}")
+            raise SettingsError(f"{name} {requirement}, got {quoted(values[name])}")
     if not values["min_fit_clients"] <= values["min_available_clients"] <= values["num_clients"]:
         raise SettingsError(
             "min_fit_clients <= min_available_clients <= num_clients must hold, got "
@@ -181,7 +182,7 @@ def _unknown_message(name):
     hint = (
         f" (did you mean {close[0]}?)" if close else " (see securehealth/config.py for the names)"
     )
-    return f"unknown setting {name!r}{hint}"
+    return f"unknown setting {quoted(name)}{hint}"
 
 
 def _run_config_value(value):
@@ -217,7 +218,7 @@ def check_defaults(run_config: Mapping[str, Any], overridden: Collection[str]) -
             if _convert(name, run_config[name]) != default:
                 raise SettingsError(
                     f"pyproject.toml's [tool.flwr.app.config] says {name} = "
-                    f"{run_config[name]!r} but securehealth/config.py says "
+                    f"{quoted(run_config[name])} but securehealth/config.py says "
                     f"{_run_config_value(default)!r}: "
                     f"`flwr run` takes its defaults from pyproject.toml, so make them agree "
                     f'(or pass --run-config "{name}=...")'

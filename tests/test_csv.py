@@ -1,6 +1,7 @@
 """Your own tables: a CSV directory with a data dictionary, good and bad."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import EXAMPLE, ROOT
 
 import data_utils
 from securehealth import settings
+from securehealth.data import read_once
 from securehealth.data.csv_files import read_csv
 
 
@@ -258,6 +260,11 @@ BAD_CASES = {
         lambda p: edit(p, lambda ls: [ls[0].replace("bmi", "age")] + ls[1:]),
         ["hospital_0.csv: column 'age' appears twice in the header row"],
     ),
+    "a 200 KB cell": (  # issue 28: echoed whole; now its start only
+        "hospital_0.csv",
+        lambda p: edit(p, set_cell(5, "bmi", "9" * 200_000)),
+        ["line 5, column 'bmi'", "'9999999999", "... (200000 characters)", "not a number"],
+    ),
     "a ragged row": (
         "hospital_1.csv",
         lambda p: edit(p, lambda ls: ls[:7] + [ls[7] + ",1,2"] + ls[8:]),
@@ -290,4 +297,56 @@ def test_bad_data_stops_with_one_line_and_nothing_written(case, data_dir, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert all(word in lines[0] for word in words), lines[0]
+    assert len(lines[0]) < 500, lines[0][:1000]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_file_with_more_rows_than_a_hospital_may_hold_is_refused_before_it_is_parsed(
+    data_dir, monkeypatch
+):
+    import pandas as pd
+
+    cfg = settings.resolve({"dataset": "csv", "data_dir": str(data_dir), "max_patients": 40})
+    rows = (data_dir / "hospital_0.csv").read_text().splitlines()
+    assert len(rows) - 1 > 50  # max_patients 40 training, 20 % held out: at most 50 rows
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the file was parsed")
+
+    monkeypatch.setattr(pd, "read_csv", no_parsing)
+    with pytest.raises(data_utils.DataError, match=rf"{len(rows) - 1} rows, more than the 50"):
+        data_utils.hospital_data(cfg, 0)
+    with pytest.raises(data_utils.DataError, match="more than the 50 a hospital may hold"):
+        with read_once(data_dir / "hospital_0.csv", cfg):
+            pass
+
+
+def test_a_200_mb_file_is_refused_by_client_py_in_bounded_memory(data_dir, tmp_path):
+    # Issue 28: 5.6 million rows took 9.1 GB and more than 300 s, without a word.
+    header, *rows = (data_dir / "hospital_0.csv").read_bytes().splitlines(keepends=True)
+    big = tmp_path / "big.csv"
+    with open(big, "wb") as file:
+        file.write(header)
+        while file.tell() < 200_000_000:
+            file.write(b"".join(rows) * 100)
+    # The child's peak memory, measured by a parent that runs nothing else.
+    measure = (
+        "import resource, subprocess, sys; "
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "print(r.stderr)"
+    )
+    client = [str(ROOT / "client.py"), "--client-id", "0", "--insecure"]
+    client += ["--data", str(big), "--schema", str(data_dir / "schema.json")]
+    result = subprocess.run(
+        [sys.executable, "-c", measure, sys.executable, *client],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")},
+    )
+    exit_code, peak_kb = map(int, result.stdout.split("\n")[0].split())
+    stderr = result.stdout.split("\n", 1)[1].strip()
+    assert exit_code == 2 and len(stderr.splitlines()) == 1, result.stdout
+    assert "big.csv: 200 MB, more than 12500 patients' rows can take" in stderr
+    assert peak_kb < 500_000, peak_kb

@@ -5,6 +5,7 @@ them. Hospitals that record, corrupt or lie run from a copy of the app whose
 ClientApp adds one Flower mod (below); attackers use Flower's own `flwr` CLI."""
 
 import hashlib
+import http.client
 import importlib
 import io
 import json
@@ -48,7 +49,7 @@ from securehealth import authorisation, settings
 from securehealth.admission import Admission, report_problem
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
-from securehealth.deployment import pinning, runtime
+from securehealth.deployment import pinning, runtime, superlink_gate
 from securehealth.flower import APP_LAUNCHERS
 from securehealth.model import get_weights, load_model
 from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
@@ -640,6 +641,56 @@ def test_a_hostile_hospital_under_secure_aggregation_costs_two_rounds_then_the_r
         assert [r["round"] for r in released] == [1, 2, 3]
         status = json.loads((ledger.parent / "status.json").read_text())
         assert "rounds [1, 3] were discarded" in status["reason"], status
+
+
+def peak_memory_kb(pid):
+    """The process's peak resident memory so far (VmHWM), in kB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1])
+
+
+def post(address, path, headers, body_pieces):
+    """An unauthenticated POST to the SuperLink, sent piece by piece: the status it
+    got, or None where the server closed the connection first."""
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        for piece in body_pieces:
+            connection.send(piece)
+        return connection.getresponse().status
+    except (BrokenPipeError, ConnectionResetError):
+        return None
+    finally:
+        connection.close()
+
+
+@pytest.mark.e2e
+def test_the_superlink_refuses_a_huge_request_before_reading_it(tmp_path):
+    # Issue 28: a 200 MB unauthenticated body was read into the SuperLink's memory
+    # (148 to 430 MB) before anything was checked.
+    limit = superlink_gate.fleet_body_limit(1000)
+    variable = {superlink_gate.BODY_LIMIT_VARIABLE: str(limit)}
+    with runtime.superlink(tmp_path / "flower", "--insecure", environment=variable) as address:
+        [gate] = [
+            pid
+            for pid in runtime.process_tree(os.getpid())
+            if b"superlink_gate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        before = peak_memory_kb(gate)
+        megabyte = b"x" * 1_000_000
+        declared = {"Content-Length": "200000000", "Content-Type": "application/protobuf"}
+        assert post(address, "/v1/fleet/push-object", declared, [megabyte] * 200) in (413, None)
+        chunked = {"Transfer-Encoding": "chunked", "Content-Type": "application/protobuf"}
+        pieces = [b"%x\r\n%s\r\n" % (len(megabyte), megabyte)] * 200 + [b"0\r\n\r\n"]
+        assert post(address, "/v1/fleet/push-object", chunked, pieces) in (413, None)
+        within = {"Content-Length": "1000", "Content-Type": "application/protobuf"}
+        answer = post(address, "/v1/fleet/push-object", within, [b"x" * 1000])
+        assert answer not in (413, None)  # Flower's own answer to bytes that mean nothing
+        assert peak_memory_kb(gate) - before < 50_000  # not 200 MB
 
 
 def attacker(workdir, address, *command):

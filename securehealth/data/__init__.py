@@ -124,17 +124,21 @@ def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) 
 
 
 @contextmanager
-def read_once(path: Path | None) -> Iterator[tuple[Path | None, bytes | None]]:
+def read_once(
+    path: Path | None, cfg: SimpleNamespace
+) -> Iterator[tuple[Path | None, bytes | None]]:
     """A hospital's data file read once: (a private copy of its bytes to train from,
     the bytes), so that what is judged a demonstration (demonstration.py) is exactly
     what trains, whatever happens to the file meanwhile. (None, None) without a file;
     (the path, None) where it cannot be read (reading it for training says why).
-    DataError for anything but a regular file (a pipe would block)."""
+    DataError for anything but a regular file (a pipe would block), and, before it
+    is read, for a file with more rows than a hospital may hold (csv_files.row_limit)."""
     if path is None:
         yield None, None
         return
     if path.exists() and not path.is_file():
         raise DataError(f"{path}: not a regular file")
+    csv_files.check_size(path, csv_files.row_limit(cfg), csv_files.limit_reason(cfg))
     try:
         content = path.read_bytes()
     except OSError:

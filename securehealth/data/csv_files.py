@@ -2,15 +2,21 @@
 dictionary DIR/schema.json (or .yaml); the server's reference test set is
 DIR/test.csv. Every cell is checked against the dictionary."""
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from securehealth.data.schema import DataError, Schema
+from securehealth.text import quoted
 
 DESCRIPTION = "your own tables, one file per hospital (data_dir)"
 FILES = True  # each hospital reads its own file
+# The most bytes one patient's row may take: dozens of columns of numbers and short
+# categories take 100-300, so a file with room for more rows than a hospital may
+# hold is refused by its size alone, before a byte of it is read.
+MAX_ROW_BYTES = 4096
 
 
 def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
@@ -24,6 +30,39 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
     schema = next((p for p in schemas if p.exists()), schemas[0])
     hospitals = [directory / f"hospital_{h}.csv" for h in range(cfg.num_clients)]
     return schema, hospitals, directory / "test.csv"
+
+
+def row_limit(cfg: SimpleNamespace) -> int:
+    """The most rows (patients) a hospital's table may hold: max_patients training
+    patients once test_fraction of them are held out."""
+    return math.ceil(cfg.max_patients / (1 - cfg.test_fraction))
+
+
+def check_size(path: Path, max_rows: int, why: str) -> None:
+    """DataError where the file at `path` holds more than `max_rows` rows (`why`
+    says where the limit comes from), found before anything is parsed and in bounded
+    memory: its size against MAX_ROW_BYTES a row, then its lines, counted in 1 MB
+    pieces. A file that cannot be opened is left to its reader to report."""
+    try:
+        size = path.stat().st_size
+        if size > (max_rows + 1) * MAX_ROW_BYTES:
+            raise DataError(
+                f"{path}: {size / 1e6:.0f} MB, more than {max_rows} patients' rows can "
+                f"take ({why}, at most {MAX_ROW_BYTES} bytes a row): give this hospital "
+                f"its own patients only"
+            )
+        lines, last = 0, b"\n"
+        with open(path, "rb") as file:
+            while piece := file.read(1 << 20):
+                lines, last = lines + piece.count(b"\n"), piece[-1:]
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return
+    rows = lines + (last != b"\n") - 1  # a last line without a newline; the header row
+    if rows > max_rows:
+        raise DataError(
+            f"{path}: {rows} rows, more than the {max_rows} a hospital may hold ({why}): "
+            f"give this hospital its own patients only"
+        )
 
 
 def read_csv(
@@ -65,7 +104,7 @@ def read_csv(
         names = frame.iloc[0].str.strip().tolist()
         repeated = next((name for name in names if names.count(name) > 1), None)
         if repeated is not None:
-            raise DataError(f"{path}: column {repeated!r} appears twice in the header row")
+            raise DataError(f"{path}: column {quoted(repeated)} appears twice in the header row")
         frame = frame.iloc[1:].set_axis(names, axis=1)
     written = frame[sorted(frame.columns)].apply(lambda col: col.str.strip())
     written = written.agg("\x1f".join, axis=1)  # each row as written, column by column
@@ -86,13 +125,13 @@ def read_csv(
             if labelled
             else "remove it from the file (a model reads only its own dictionary's columns)"
         )
-        raise DataError(f"{path}: column {extra[0]!r} is not in {schema.source}; {advice}")
+        raise DataError(f"{path}: column {quoted(extra[0])} is not in {schema.source}; {advice}")
     has_label = labelled or schema.label in frame.columns
     required = [c for c in schema.columns if has_label or c != schema.label]
     absent = [c for c in required if c not in frame.columns]
     if absent:
         what = "the label column" if absent[0] == schema.label else "column"
-        raise DataError(f"{path}: {what} {absent[0]!r} of {schema.source} is missing")
+        raise DataError(f"{path}: {what} {quoted(absent[0])} of {schema.source} is missing")
 
     line = frame.index.to_numpy() + 1  # file line numbers
     cells = frame[required].apply(lambda col: col.str.strip())
@@ -110,18 +149,22 @@ def read_csv(
     if unhandled:
         row, column = min(unhandled)
         value = cells[column].iloc[row]
-        what = "empty value" if value == "" else f"{value!r} means a missing value"
+        what = "empty value" if value == "" else f"{quoted(value)} means a missing value"
         fix = "set missing_values to 'drop' (with adjacency add-remove) to leave such patients out"
         if schema.missing_values == "indicator" and column not in (schema.label, schema.patient_id):
             fix = f'declare the feature\'s missing markers ("missing": [...]), or {fix}'
         elif schema.missing_values == "fail":
             fix = f"{fix}, or to 'indicator' to encode it as missing"
-        raise DataError(f"{path} line {line[row]}, column {column!r}: {what}; fill it in, or {fix}")
+        raise DataError(
+            f"{path} line {line[row]}, column {quoted(column)}: {what}; fill it in, or {fix}"
+        )
 
     def fail(rows, column, problem):
         first = np.flatnonzero(rows)[0]
         value = cells[column].iloc[first]
-        raise DataError(f"{path} line {line[first]}, column {column!r}: {value!r} {problem}")
+        raise DataError(
+            f"{path} line {line[first]}, column {quoted(column)}: {quoted(value)} {problem}"
+        )
 
     columns = {}
     for f in schema.features:
@@ -180,9 +223,19 @@ def hospital_file(cfg: SimpleNamespace, hospital: int) -> Path:
 def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | Path]:
-    """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv."""
+    """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv,
+    refused unread where it holds more rows than a hospital may (row_limit)."""
     source = data_file or hospital_file(cfg, hospital)
+    check_size(Path(source), row_limit(cfg), limit_reason(cfg))
     return (*read_csv(source, schema), source)
+
+
+def limit_reason(cfg: SimpleNamespace) -> str:
+    """Where row_limit's number comes from, for a message."""
+    return (
+        f"max_patients {cfg.max_patients} for training, test_fraction {cfg.test_fraction:g} "
+        f"held out"
+    )
 
 
 def reference_set(

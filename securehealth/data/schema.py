@@ -27,6 +27,8 @@ from typing import Self
 import numpy as np
 import yaml
 
+from securehealth.text import quoted
+
 
 class DataError(ValueError):
     """Bad data or data dictionary; the message names the file (row, column) and
@@ -77,7 +79,7 @@ class Schema:
         ]
         if shared:
             raise DataError(
-                f"{self.source}: {shared[0]!r} is both a positive and a negative label value"
+                f"{self.source}: {quoted(shared[0])} is both a positive and a negative label value"
             )
         columns = [self.label, *(f["name"] for f in self.features)]
         if self.patient_id is not None:
@@ -85,15 +87,15 @@ class Schema:
         repeated = next((c for c in columns if columns.count(c) > 1), None)
         if repeated is not None:
             raise DataError(
-                f"{self.source}: {repeated!r} names two columns; feature names must be unique "
-                f"and differ from the label and patient_id columns"
+                f"{self.source}: {quoted(repeated)} names two columns; feature names must be "
+                f"unique and differ from the label and patient_id columns"
             )
         for feature in self.features:
             self._check_feature(feature)
 
     def _check_feature(self, f):
         """What the JSON Schema cannot say: finite numbers, min < max, a fill in range."""
-        where = f"{self.source}: feature {f['name']!r}"
+        where = f"{self.source}: feature {quoted(f['name'])}"
         if f["type"] == "numeric":
             low, high = f["min"], f["max"]
             if not (low < high and math.isfinite(float(high) - float(low))):
@@ -334,7 +336,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [key for key, _ in pairs]
     repeated = next((key for key in keys if keys.count(key) > 1), None)
     if repeated is not None:
-        raise ValueError(f"the key {repeated!r} appears twice in one object")
+        raise ValueError(f"the key {quoted(repeated)} appears twice in one object")
     return dict(pairs)
 
 
@@ -384,7 +386,7 @@ def check_structure(spec: object, source: str) -> None:
     for step in error.absolute_path:  # e.g. features, 0, min -> feature 'age'.min
         item = node[step]
         if where == "features" and isinstance(item, dict) and isinstance(item.get("name"), str):
-            where = f"feature {item['name']!r}"
+            where = f"feature {quoted(item['name'])}"
         else:
             where = f"{where}[{step}]" if isinstance(step, int) else f"{where}.{step}".lstrip(".")
         node = item

@@ -390,8 +390,14 @@ def run_federation(
     with `operator_key`, if given), show the rounds. Returns (exit code, metrics of
     the finished run, or None after saying what went wrong). `where` (host, port)
     says where the SuperLink listens."""
+    from securehealth import data  # the data dictionary and the model: loaded by now
+    from securehealth.deployment.superlink_gate import BODY_LIMIT_VARIABLE, fleet_body_limit
+    from securehealth.model import weight_count
+
     run_dir = Path(cfg.run_dir)
     flwr_home = run_dir / "flower"
+    weights = weight_count(len(data.load_schema(cfg).input_names), cfg.hidden_layers)
+    environment = {**(environment or {}), BODY_LIMIT_VARIABLE: str(fleet_body_limit(weights))}
     try:
         with superlink(
             flwr_home, *superlink_args, ca_cert=ca_cert, environment=environment, **where

@@ -194,7 +194,7 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
             data.check_all(cfg)
             # Each file read once: judged and trained on the same bytes throughout.
             own = [data.own_file(cfg, h) for h in range(cfg.num_clients)]
-            read = [held.enter_context(data.read_once(path)) for path in own]
+            read = [held.enter_context(data.read_once(path, cfg)) for path in own]
             demonstrations = [
                 is_demonstration(path, content)
                 for path, (_, content) in zip(own, read, strict=True)
