@@ -270,14 +270,15 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     host = server(
         processes, app, port, "--rounds", "1", "--run-dir", "run", "--hospital-keys", str(keys)
     )
+    soon = ["--connect-timeout", "5"]  # how long a hospital asks again before it gives up
     impostor = hospital(
-        processes, app, port, 1, "--state-dir", str(workdir / "impostor"), name="impostor"
+        processes, app, port, 1, "--state-dir", str(workdir / "impostor"), *soon, name="impostor"
     )
     assert impostor.wait(timeout=120) == 1
     assert "The server refused this hospital" in said(processes, "impostor")
     assert "not enrolled" in said(processes, "impostor")
     keyless = hospital(
-        processes, app, port, 1, "--state-dir", str(workdir / "keyless"), name="keyless"
+        processes, app, port, 1, "--state-dir", str(workdir / "keyless"), *soon, name="keyless"
     )
     assert keyless.wait(timeout=120) == 1
     told = said(processes, "keyless")
@@ -312,6 +313,35 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert metrics["config"]["secure_aggregation"] == "on"  # deployment's default
     expected = recorded_fedavg([workdir / "hospital-0", workdir / "hospital-1"])
     assert largest_difference(workdir / "run", expected) < 1e-3
+
+
+@pytest.mark.e2e
+def test_a_hospital_that_asks_before_its_key_is_registered_waits_and_joins(federation):
+    # Issue 28: an enrolled hospital started with server.py --hospital-keys asked 3 s
+    # before its key was registered, was told it was "not enrolled" and exited 1.
+    # Here its key is registered only once it has been turned away.
+    processes, workdir, port = federation
+    certs, flwr_home = workdir / "certs", workdir / "superlink"
+    public_key = make_hospital_key(workdir / "h0" / "hospital.key")
+    tls = ["--enable-supernode-auth", "--ssl-ca-certfile", str(certs / "ca.crt")]
+    tls += ["--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key")]
+    with runtime.superlink(flwr_home, *tls, port=port, ca_cert=certs / "ca.crt") as address:
+        runtime.connect_cli(flwr_home, address, certs / "ca.crt")
+        member = hospital(processes, ROOT, port, 0, "--state-dir", str(workdir / "h0"), name="h0")
+        wait_for(lambda: "does not admit this hospital yet" in said(processes, "h0"), 120)
+        runtime.enroll(flwr_home, [public_key])
+        listing = [runtime.executable("flwr"), "supernode", "list", "run", "--format", "json"]
+
+        def online():
+            answer = subprocess.run(
+                listing, cwd=flwr_home, env=runtime.flower_env(flwr_home),
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            return '"online"' in answer.stdout
+
+        wait_for(online, 120)
+        assert member.poll() is None, said(processes, "h0")
+    assert "The server refused this hospital" not in said(processes, "h0")
 
 
 @pytest.mark.e2e

@@ -47,6 +47,7 @@ END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
 # its key is not enrolled there, or it has no key.
 NOT_ADMITTED = ("Failed to activate SuperNode", "All SuperNodes must be registered")
+JOIN_RETRY_S = 3  # seconds between asks to join a server that does not admit this hospital yet
 LOCK_FILE = "client.lock"  # in the state directory: the pid of the client.py holding it
 
 
@@ -111,7 +112,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
         "--connect-timeout",
         type=float,
         default=300,
-        help="seconds to keep trying to reach the server",
+        help="seconds to keep trying to reach the server and, where it admits only "
+        "enrolled hospitals, to be admitted (its operator may still be enrolling the keys)",
     )
     cfg, args = settings.parse(parser, argv)
     if not 0 <= args.client_id < cfg.num_clients:
@@ -204,17 +206,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     try:
         # The warm worker runs this copy's code: not for a hospital that runs the server's.
         worker = nullcontext() if args.trust_server_app else warm_worker(dict(node_config))
-        with (
-            worker as worker_socket,
-            runtime.supernode(
-                flwr_home,
-                args.server_address,
-                {**node_config, **({NODE_CONFIG_KEY: worker_socket} if worker_socket else {})},
-                ca_cert,
-                auth_key if auth_key.exists() and ca_cert else None,
-                launcher,
-            ) as node,
-        ):
+        with worker as worker_socket:
             console.print(
                 f"Hospital {args.client_id} joining the server at {args.server_address}; "
                 f"its budget: "
@@ -236,7 +228,25 @@ def join(description: str, argv: list[str] | None = None) -> int:
                 )
                 + f"State and logs: {state_dir}"
             )
-            return follow_rounds(node, state_dir, args, console)
+            node_config |= {NODE_CONFIG_KEY: worker_socket} if worker_socket else {}
+            identity = auth_key if auth_key.exists() and ca_cert else None
+            deadline = time.monotonic() + args.connect_timeout
+            while True:
+                log_start = runtime.log_size(flwr_home / runtime.SUPERNODE_LOG)
+                with runtime.supernode(
+                    flwr_home, args.server_address, node_config, ca_cert, identity, launcher
+                ) as node:
+                    exit_code = follow_rounds(node, state_dir, args, console, log_start)
+                if exit_code is not None:
+                    return exit_code
+                if time.monotonic() > deadline:
+                    return refused(state_dir, console)
+                console.print(
+                    "The server does not admit this hospital yet (its operator may still be "
+                    "enrolling the hospitals' keys); asking again for up to "
+                    f"{deadline - time.monotonic():.0f} s more (--connect-timeout) ..."
+                )
+                time.sleep(JOIN_RETRY_S)
     except KeyboardInterrupt:
         console.print("[red]Interrupted.[/] This hospital left the federation.")
         return 130
@@ -396,10 +406,16 @@ def wait_for_server(address: str, timeout: float, console: Console) -> None:
 
 
 def follow_rounds(
-    node: subprocess.Popen[bytes], state_dir: Path, args: argparse.Namespace, console: Console
-) -> int:
+    node: subprocess.Popen[bytes],
+    state_dir: Path,
+    args: argparse.Namespace,
+    console: Console,
+    log_start: int,
+) -> int | None:
     """Print what this hospital does each round, until the server ends the run;
-    the exit code says how it ended."""
+    the exit code says how it ended. None where the server turned the SuperNode
+    away (what it logged after `log_start` says so): its key is not enrolled
+    there, or not yet."""
     status_path = state_dir / STATUS_FILE
     last = status_path.read_text() if status_path.exists() else None
     unreachable_since = None
@@ -421,21 +437,26 @@ def follow_rounds(
                 )
                 return 1
         time.sleep(1)
-    log = state_dir / "flower" / "supernode.log"
-    if any(refusal in runtime.log_tail(log) for refusal in NOT_ADMITTED):
-        key = state_dir / AUTH_KEY
-        console.print(
-            "[red]The server refused this hospital: it admits only enrolled hospitals.[/] "
-            + (
-                f"This hospital's key is not enrolled there: send {key.with_suffix('.pub')} "
-                f"to the server's operator."
-                if key.exists()
-                else "Create this hospital's key with --make-key and send the .pub file "
-                "to the server's operator."
-            )
+    said = runtime.log_tail(state_dir / "flower" / runtime.SUPERNODE_LOG, since=log_start)
+    if any(refusal in said for refusal in NOT_ADMITTED):
+        return None
+    console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{said}")
+    return 1
+
+
+def refused(state_dir: Path, console: Console) -> int:
+    """Say that the server admits only enrolled hospitals and this is not one; exit 1."""
+    key = state_dir / AUTH_KEY
+    console.print(
+        "[red]The server refused this hospital: it admits only enrolled hospitals.[/] "
+        + (
+            f"This hospital's key is not enrolled there: send {key.with_suffix('.pub')} "
+            f"to the server's operator."
+            if key.exists()
+            else "Create this hospital's key with --make-key and send the .pub file "
+            "to the server's operator."
         )
-    else:
-        console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{runtime.log_tail(log)}")
+    )
     return 1
 
 

@@ -37,6 +37,7 @@ from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, has_fini
 APP_DIR = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60  # seconds for a SuperLink to answer its health check
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+SUPERNODE_LOG = "supernode.log"  # in a hospital's Flower folder
 DEFAULT_PORT = 9092  # where hospitals reach the server (Flower's traditional Fleet API port)
 # How often a hospital's SuperNode asks the server for a message (Flower 1.42: every
 # 3 s, fixed): four messages a round with SecAgg+, each waited for the next ask.
@@ -99,11 +100,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15, since: int = 0) -> str:
+    """The last `lines` lines of a log, of what was written after its first `since`
+    bytes (a process started on a log that an earlier one wrote)."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
     except OSError:
         return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def log_size(path: Path) -> int:
+    """How many bytes a log holds so far (0 where there is none yet)."""
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -316,7 +330,7 @@ def supernode(
         "--port",
         str(free_port()),
     ]
-    return flower_process(command, flwr_home, "supernode.log", bin_dir)
+    return flower_process(command, flwr_home, SUPERNODE_LOG, bin_dir)
 
 
 def server_reachable(address: str) -> bool:
