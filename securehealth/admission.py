@@ -23,6 +23,7 @@ from securehealth.authorisation import identity_proven
 from securehealth.flower import getpropertiesins_to_recorddict, recorddict_to_getpropertiesres
 from securehealth.text import quoted
 
+NOT_ADMITTED = "not-admitted"  # the notice to a refused node: why it is not in the run
 ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp process)
 STATUSES = ("trained", "refused")  # what a training reply may say it did
 REASON_LIMIT = 1000  # characters of a hospital's stated reason kept
@@ -87,6 +88,23 @@ class Admission:
             except Exception as error:  # a trust boundary: a node may answer anything
                 self._refuse(node, f"its admission answer is malformed ({type(error).__name__})")
         # Nodes that did not answer in time are asked again at the next refresh.
+        self._tell_refused([node for node in sorted(new) if node in self.refused])
+
+    def _tell_refused(self, nodes: list[int]) -> None:
+        """Tell each refused node why, so that its client.py stops instead of waiting
+        for a run it is not part of (node.hospital_mod); no answer is awaited."""
+        notices = [
+            Message(
+                getpropertiesins_to_recorddict(
+                    GetPropertiesIns({NOT_ADMITTED: self.refused[node][:REASON_LIMIT]})
+                ),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+            )
+            for node in nodes
+        ]
+        if notices:
+            self.grid.push_messages(notices)
 
     def _judge(self, node, answer, challenge):
         hospital = answer.get("hospital")

@@ -22,13 +22,14 @@ from datetime import UTC, datetime
 from logging import ERROR
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
 
 from securehealth import data, settings
+from securehealth.admission import NOT_ADMITTED, REASON_LIMIT
 from securehealth.authorisation import Unauthorised, first_use, prove_identity, verify_run
 from securehealth.data import demonstration
 from securehealth.flower import (
@@ -201,15 +202,33 @@ def check_run(context: Context, state_dir: Path) -> None:
 def _refuse_run(state_dir, run_id, reason):
     """Tell this hospital's operator (client.py watches the status file), keeping
     what the file says was spent: it is a trace the ledger relies on if it is lost."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
+    write_json(Path(state_dir) / STATUS_FILE, {**_spent_trace(state_dir), **status})
+
+
+def _spent_trace(state_dir) -> dict[str, Any]:
+    """What the status file says this hospital spent (and where its ledger is), to
+    keep when another status replaces it: a trace the ledger relies on if it is lost."""
     path = Path(state_dir) / STATUS_FILE
     try:
         before = read_json(path) if path.exists() else {}
-        spent = {k: before[k] for k in ("epsilon", "ledger", "lasting") if k in before}
+        return {k: before[k] for k in ("epsilon", "ledger", "lasting") if k in before}
     except (OSError, ValueError, TypeError):
-        spent = {}
+        return {}
+
+
+def _record_not_admitted(context: Context, reason: str) -> None:
+    """The server's notice that it did not admit this node to the run, and why, in
+    the hospital's status file, for client.py to say and stop (nothing was spent)."""
+    try:
+        hospital, cfg = hospital_settings(context)
+        state_dir = hospital_state_dir(context, cfg, hospital)
+    except (ValueError, LedgerError):
+        return  # no state directory of its own: nobody to tell
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
-    write_json(path, {**spent, **status})
+    status = {"status": NOT_ADMITTED, "run_id": str(context.run_id), "reason": reason}
+    write_json(Path(state_dir) / STATUS_FILE, {**_spent_trace(state_dir), **status, "utc": now})
 
 
 def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str, Scalar]:
@@ -260,7 +279,11 @@ def hospital_mod(
     kind = message.metadata.message_type
     if kind == MessageType.QUERY:
         question = recorddict_to_getpropertiesins(message.content).config
-        answer = GetPropertiesRes(Status(Code.OK, ""), admission_answer(question, context))
+        if NOT_ADMITTED in question:
+            _record_not_admitted(context, str(question[NOT_ADMITTED])[:REASON_LIMIT])
+            answer = GetPropertiesRes(Status(Code.OK, ""), {})
+        else:
+            answer = GetPropertiesRes(Status(Code.OK, ""), admission_answer(question, context))
         return Message(getpropertiesres_to_recorddict(answer), reply_to=message)
     if kind != MessageType.TRAIN:
         return call_next(message, context)

@@ -26,11 +26,18 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-SOCKET_NAME = "worker.sock"
 NODE_CONFIG_KEY = "worker-socket"  # client.py names the socket in the node config
+ABSTRACT = "@"  # a socket name starting so is in Linux's abstract namespace (no file)
 LENGTH = struct.Struct("!Q")
 MAX_PART = 64 << 20  # bytes: a header or a model's weights larger than this is refused
 PEER_CREDENTIALS = struct.Struct("3i")  # Linux SO_PEERCRED: pid, uid, gid
+
+
+def socket_address(name: str) -> str:
+    """The address to bind or connect to for a worker's socket name: a name starting
+    with ABSTRACT is Linux's abstract namespace (a leading NUL byte, which a node
+    config cannot carry), which leaves no file behind whatever ends the worker."""
+    return "\0" + name[len(ABSTRACT) :] if name.startswith(ABSTRACT) else name
 
 
 def peer_uid(connection: socket.socket) -> int:
@@ -96,7 +103,7 @@ class RelayClient(NumPyClient):
         }
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             try:
-                connection.connect(self.socket_path)
+                connection.connect(socket_address(self.socket_path))
             except OSError:
                 raise ValueError(
                     "this hospital's worker does not answer: is its client.py still running?"

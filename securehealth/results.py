@@ -30,6 +30,7 @@ MODEL_FILE = "model.pt"
 # fewer hospitals than it started with (clinical.usefulness_warnings, metrics.json's
 # "warnings"); the launchers then exit with EXIT_WARNINGS.
 FINISHED, FINISHED_WITH_WARNINGS = "finished", "finished with warnings"
+INTERRUPTED = "interrupted"  # stopped before its end: Ctrl-C, SIGTERM, or found so later
 EXIT_WARNINGS = 3
 
 
@@ -231,16 +232,19 @@ def finished_run_argument(
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     metrics = run_dir / METRICS_FILE
+    from securehealth.run_record import current_status
+
     try:
-        finished = metrics.exists() and has_finished(read_json(metrics)["status"])
+        status = current_status(run_dir) if metrics.exists() else None
     except (OSError, ValueError, TypeError, KeyError):
         parser.exit(
             2,
             f"{parser.prog}: error: {metrics} is damaged (not a run's metrics): restore it "
             f"from a backup, or run the training again\n",
         )
-    if not finished:
-        parser.exit(2, f"{parser.prog}: error: {run_dir} holds no finished run\n")
+    if status is None or not has_finished(status):
+        how = f" (its run is {status})" if status else ""
+        parser.exit(2, f"{parser.prog}: error: {run_dir} holds no finished run{how}\n")
     return run_dir, args
 
 

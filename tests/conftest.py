@@ -92,10 +92,12 @@ class Processes:
     def __init__(self, workdir):
         self.workdir, self.started = workdir, []
 
-    def start(self, script, *args, name):
+    def start(self, script, *args, name, prefix=()):
+        """Run one of the product's scripts, after the command `prefix` if given (a
+        wrapper that runs the rest of its arguments)."""
         out = open(self.workdir / f"{name}.out", "w")
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / script), *args],
+            [*prefix, sys.executable, str(ROOT / script), *args],
             cwd=self.workdir,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -2,24 +2,29 @@
 on loopback, with TLS, Flower's real SuperLink and SuperNodes, and real files."""
 
 import json
+import shlex
 import shutil
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
     ROOT,
+    Processes,
     assert_ran_to_the_end,
     demo_ledger,
     flower_processes,
     hospital_state,
     left_running,
     own_data_copy,
+    run_script,
 )
 
 from securehealth.certificates import make_certificates, make_hospital_key
@@ -158,6 +163,8 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     plain = ["--insecure", "--secure-aggregation", "off"]
     address = ["--server-address", f"127.0.0.1:{port}", *plain]
     server = processes.server(port, 4, "run", *plain)
+    sockets = Path(tempfile.gettempdir()).glob("securehealth-*/worker.sock")
+    sockets_before = set(sockets)
     clients = [
         processes.start("client.py", "--client-id", str(h), *address, name=f"c{h}")
         for h in range(3)
@@ -169,6 +176,8 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     clients[2].kill()  # kill -9 of client.py alone: hospital 2 crashes after round 1
     clients[2].wait()
     assert left_running(hospital_state(workdir, 2)) == []  # its SuperNode went with it
+    # Issue 28: its worker's socket folder stayed in /tmp; the socket now has no file.
+    assert set(Path(tempfile.gettempdir()).glob("securehealth-*/worker.sock")) <= sockets_before
     ledger_path = demo_ledger(hospital_state(workdir, 2))  # generated patients
     spent_before = json.loads(ledger_path.read_text())["releases"]
     processes.start("client.py", "--client-id", "2", *address, name="c2-again")
@@ -207,6 +216,10 @@ def test_kill_9_of_server_py_leaves_nothing_running(federation):
     server.wait()
     assert left_running(run_dir) == []
     assert not runtime.server_reachable(f"127.0.0.1:{port}")  # the port is free again
+    # Issue 28: metrics.json then said "running" forever; the next reader marks it.
+    predicted = run_script("predict.py", "--run-dir", run_dir, "--data", "x.csv", cwd=workdir)
+    assert predicted.returncode == 2 and "(its run is interrupted)" in predicted.stderr
+    assert read_metrics(run_dir)["status"] == "interrupted"
 
 
 def test_one_client_py_per_hospital_state_directory(tmp_path):
@@ -286,16 +299,6 @@ def test_a_hospital_whose_budget_is_spent_refuses_before_it_reaches_the_server(t
         f"Hospital 1's privacy budget: epsilon 1 over all runs on its patients, {spent:.3f} "
         f"spent before, {1 - spent:.3f} left; a run spends up to all that is left"
     ) in told.stdout
-
-
-def run_script(script, *args, cwd, timeout=60):
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def assert_one_line_error(result, code, *words):
@@ -457,3 +460,94 @@ def test_four_real_hospitals_each_with_its_own_sites_file(federation):
         ledger = json.loads(demo_ledger(hospital_state(workdir, hospital)).read_text())
         # One round, then the operating point's histograms.
         assert [r["mechanism"] for r in ledger["releases"]] == ["dp-sgd", "operating-point"]
+
+
+# A command's own small file system (tmpfs, in a mount namespace of its own, so no
+# privilege is needed): $1 is its size, $2 what to fill at once; FILL_WHEN a file
+# whose appearance fills the rest, KEEP where its contents go when the command ends.
+SMALL_DISK = """
+disk=$(mktemp -d) && mount -t tmpfs -o size=$1 tmpfs "$disk" || exit 97
+head -c $2 /dev/zero > "$disk/filler"
+shift 2
+cd "$disk" && "$@" &
+command=$!
+while [ ! -e "$FILL_WHEN" ] && kill -0 $command 2>/dev/null; do sleep 0.2; done
+[ -e "$FILL_WHEN" ] && cat /dev/zero >> "$disk/filler" 2>/dev/null
+wait $command
+code=$?
+cp -a "$disk/." "$KEEP/"
+exit $code
+"""
+
+
+def on_a_small_disk(workdir, size, filled, fill_when=None):
+    """The prefix that runs a command in its own tmpfs of `size` bytes (its working
+    directory), `filled` of them taken at once and all the rest once `fill_when`
+    exists; what it holds is then copied to workdir/small-disk. Skips where this
+    machine cannot make one (no user namespaces)."""
+    if subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine cannot mount a small file system without privileges")
+    (workdir / "small-disk").mkdir()
+    fill = fill_when or workdir / "never"
+    keep = workdir / "small-disk"
+    script = f"FILL_WHEN={shlex.quote(str(fill))}; KEEP={shlex.quote(str(keep))}" + SMALL_DISK
+    return ["unshare", "-Urm", "sh", "-c", script, "sh", str(size), str(filled)]
+
+
+def test_a_hospital_on_a_full_disk_says_so_in_one_line_before_joining(tmp_path):
+    # Issue 28: a traceback in supernode.log only, the console silent, the server
+    # waiting. Now client.py refuses before it joins, in one line.
+    processes = Processes(tmp_path)
+    try:
+        full = on_a_small_disk(tmp_path, 30_000_000, 29_500_000)
+        client = processes.start(
+            "client.py", "--client-id", "0", "--insecure", "--state-dir", "state",
+            "--server-address", "127.0.0.1:9", name="full", prefix=full,
+        )  # fmt: skip
+        assert client.wait(timeout=120) == 2
+    finally:
+        processes.stop_all()
+    said = processes.output("full").strip().splitlines()
+    assert len(said) == 1 and "Traceback" not in said[0], said
+    assert "the disk of this hospital's state directory" in said[0] and "is full" in said[0]
+    assert "MB free; it needs 20 MB" in said[0]
+
+
+@pytest.mark.e2e
+def test_a_hospital_whose_disk_fills_mid_run_leaves_in_one_line_and_the_run_goes_on(
+    federation,
+):
+    # Issue 28: the same, with the disk filling up during the run: the hospital says
+    # why and leaves, the server is told and carries on with the others, and the
+    # ledger is whole.
+    processes, workdir, port = federation
+    plain = ["--insecure", "--secure-aggregation", "off"]
+    address = ["--server-address", f"127.0.0.1:{port}", *plain]
+    server = processes.server(port, 4, "run", *plain)
+    for number in (0, 1):
+        processes.start("client.py", "--client-id", str(number), *address, name=f"c{number}")
+    fill_now = workdir / "fill-now"
+    small = on_a_small_disk(workdir, 40_000_000, 0, fill_when=fill_now)
+    state = ["--state-dir", "state"]  # on the small disk
+    filling = processes.start(
+        "client.py", "--client-id", "2", *address, *state, name="c2", prefix=small
+    )
+    deadline = time.monotonic() + 180
+    while not ((m := read_metrics(workdir / "run")) and m["rounds"]):
+        assert time.monotonic() < deadline and server.poll() is None
+        time.sleep(0.5)
+    fill_now.touch()
+    assert filling.wait(timeout=120) == 1
+    left = processes.output("c2")
+    assert "Leaving the run: the disk of this hospital's state directory" in " ".join(left.split())
+    assert "Traceback" not in left
+    assert_ran_to_the_end(server.wait(timeout=400), workdir / "run", processes.output("server"))
+    metrics = read_metrics(workdir / "run")
+    assert metrics["rounds"][0]["hospitals_trained"] == 3
+    assert metrics["rounds"][-1]["hospitals_trained"] == 2
+    # Its ledger is whole: every round it trained in, nothing half-written beside it.
+    ledger = demo_ledger(workdir / "small-disk" / "state")
+    releases = json.loads(ledger.read_text())["releases"]
+    trained = [r for r in metrics["rounds"] if "2" in r["hospitals"]]
+    assert 1 <= len(releases) and len(releases) >= len(trained) - 1
+    assert not [p.name for p in ledger.parent.iterdir() if p.name.startswith(".")]

@@ -301,7 +301,10 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert all(member.wait(timeout=60) == 0 for member in members)
     assert "2 enrolled hospitals may join" in said(processes, "server")
     assert "identified by its key" in said(processes, "h0")
-    assert rogue.poll() is None  # never told anything: it was never part of the run
+    # Issue 28: the refused node was never told, and waited for its timeout.
+    assert rogue.wait(timeout=60) == 1
+    assert "The server did not admit this hospital to run" in said(processes, "rogue")
+    assert "did not prove it with hospital 1's enrolled key" in said(processes, "rogue")
     rogue_ledgers = (workdir / "rogue").glob("**/privacy-ledger.json")
     assert not any(json.loads(p.read_text())["releases"] for p in rogue_ledgers)  # never trained
     shown = said(processes, "server")

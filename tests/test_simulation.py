@@ -21,6 +21,7 @@ from conftest import (
     flower_processes,
     left_running,
     listening_addresses,
+    run_script,
 )
 from PIL import Image
 
@@ -195,6 +196,16 @@ def test_kill_9_of_simulation_py_leaves_nothing_running(tmp_path):
     process.kill()
     process.wait()
     assert left_running(run_dir) == []  # Ray's processes too
+    # Issue 28: metrics.json then said "running" forever. The next command that
+    # reads it finds its recorder gone and marks the run interrupted.
+    metrics_path = run_dir / "metrics.json"
+    assert json.loads(metrics_path.read_text())["status"] == "running"
+    result = run_script("report.py", "--run-dir", run_dir, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("holds no finished run (its run is interrupted)")
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["status"] == "interrupted"
+    assert "ended without recording how (it was killed" in metrics["error"]
 
 
 def test_a_dead_superlink_takes_the_rest_of_the_run_with_it(tmp_path):

@@ -7,6 +7,7 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import time
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from securehealth import data, display, settings
+from securehealth.admission import NOT_ADMITTED
 from securehealth.certificates import OPERATOR_PUB, make_hospital_key
 from securehealth.data import heart_disease
 from securehealth.data.demonstration import is_demonstration
@@ -46,7 +48,11 @@ from securehealth.results import (
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
 # its key is not enrolled there, or it has no key.
-NOT_ADMITTED = ("Failed to activate SuperNode", "All SuperNodes must be registered")
+KEY_NOT_REGISTERED = ("Failed to activate SuperNode", "All SuperNodes must be registered")
+# Bytes free on the state directory's disk that a hospital needs to join (Flower
+# installs the server's app there, 0.5 MB a version; logs, ledger and status take
+# kilobytes a round), and below which it leaves a run before a write fails.
+ROOM_TO_JOIN, ROOM_TO_GO_ON = 20_000_000, 1_000_000
 JOIN_RETRY_S = 3  # seconds between asks to join a server that does not admit this hospital yet
 LOCK_FILE = "client.lock"  # in the state directory: the pid of the client.py holding it
 
@@ -136,6 +142,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
         )
         return 0
     try:
+        check_room(state_dir, ROOM_TO_JOIN)
         _held = hold(state_dir)  # kept until join returns (or the process ends)
     except (StateDirError, OSError) as error:
         parser.error(str(error))
@@ -318,6 +325,22 @@ class StateDirError(RuntimeError):
     or it is no folder."""
 
 
+def check_room(state_dir: Path, needed: int) -> None:
+    """StateDirError where the file system of the state directory (or of the folder
+    it will be made in) has less than `needed` bytes free: a hospital that cannot
+    write its ledger, status and Flower's copy of the app cannot take part, and
+    must say so here rather than fail in a log nobody reads."""
+    folder = next(p for p in (state_dir, *state_dir.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StateDirError(
+            f"the disk of this hospital's state directory {state_dir} is full "
+            f"({free / 1e6:.1f} MB free; it needs {needed / 1e6:.0f} MB for its privacy "
+            f"ledger, status and Flower's copy of the server's app): free some space, or "
+            f"move the state directory with its ledger to another disk (--state-dir)"
+        )
+
+
 def hold(state_dir: Path) -> TextIO:
     """Lock the hospital's state directory (0700) for this process: two launchers on
     one ledger and one Flower state would be two nodes of one hospital. The kernel
@@ -426,6 +449,11 @@ def follow_rounds(
             exit_code = show_status(json.loads(text), state_dir, console)
             if exit_code is not None:
                 return exit_code
+        try:
+            check_room(state_dir, ROOM_TO_GO_ON)
+        except StateDirError as full:
+            console.print(f"[red]Leaving the run:[/] {escape(str(full))}")
+            return 1
         if runtime.server_reachable(args.server_address):
             unreachable_since = None
         else:
@@ -438,7 +466,7 @@ def follow_rounds(
                 return 1
         time.sleep(1)
     said = runtime.log_tail(state_dir / "flower" / runtime.SUPERNODE_LOG, since=log_start)
-    if any(refusal in said for refusal in NOT_ADMITTED):
+    if any(refusal in said for refusal in KEY_NOT_REGISTERED):
         return None
     console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{said}")
     return 1
@@ -465,6 +493,12 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
     for this hospital, else None."""
     if status["status"] == pinning.REFUSED:
         console.print(f"[red]Refused to run the server's app:[/] {escape(status['reason'])}")
+        return 1
+    if status["status"] == NOT_ADMITTED:  # nothing spent; the run goes on without it
+        console.print(
+            f"[red]The server did not admit this hospital to run {status['run_id']}:[/] "
+            f"{escape(status['reason'])}"
+        )
         return 1
     if status["status"] == REFUSED_RUN:  # nothing spent; the server's own run may follow
         console.print(

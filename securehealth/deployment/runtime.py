@@ -32,7 +32,13 @@ from securehealth.deployment.processes import (
     process_tree,
     send,
 )
-from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, has_finished, mark_stopped
+from securehealth.results import (
+    EXIT_WARNINGS,
+    FINISHED_WITH_WARNINGS,
+    INTERRUPTED,
+    has_finished,
+    mark_stopped,
+)
 
 APP_DIR = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60  # seconds for a SuperLink to answer its health check
@@ -424,7 +430,7 @@ def run_federation(
             ended = (metrics or {}).get("status") in ("running", "failed")
             stopped = ended and stopped_by_flower(flwr_home)
     except KeyboardInterrupt:
-        mark_stopped(run_dir, "interrupted")
+        mark_stopped(run_dir, INTERRUPTED)
         console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")
         return 130, None
     except FlowerError as error:

@@ -1,21 +1,22 @@
 """A deployed hospital's warm worker (see securehealth/relay.py): a thread of
 `client.py` that keeps the training stack loaded and answers its ClientApps' relayed
 training and end-of-run messages, one at a time, with the hospital's own node
-config. Its socket lies in a private folder (0700) and it answers only processes of
-the hospital's own user. It trains only with the code it started with, and refuses
-once this copy's files have changed (the run's signature is checked against the
-files): restart client.py to load them."""
+config. Its socket has a random name in Linux's abstract namespace, so that no file
+is left behind however client.py ends, and it answers only processes of the
+hospital's own user (as the ClientApp talks only to a worker of that user). It
+trains only with the code it started with, and refuses once this copy's files have
+changed (the run's signature is checked against the files): restart client.py to
+load them."""
 
 import os
+import secrets
 import socket
 import socketserver
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from logging import ERROR
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
@@ -41,15 +42,24 @@ class _Handler(socketserver.BaseRequestHandler):
             relay.send(self.request, {"result": result}, arrays)
         except Exception as error:  # the ClientApp reports it to the server, as before
             log(ERROR, "Hospital worker: %s: %s", type(error).__name__, error)
-            relay.send(self.request, {"error": str(error)})
+            relay.send(self.request, {"error": said_to_the_server(error)})
+
+
+def said_to_the_server(error: Exception) -> str:
+    """What the server is told of an error at the hospital: its own one-line text,
+    but for a file that could not be read or written (a full disk) only why, never
+    the hospital's paths."""
+    if isinstance(error, OSError):
+        return f"this hospital could not read or write a file of its own ({error.strerror})"
+    return str(error)
 
 
 class Worker(socketserver.UnixStreamServer):
     """The hospital's training, served on a Unix socket."""
 
-    def __init__(self, socket_path: Path, node_config: dict[str, Any]):
+    def __init__(self, address: str, node_config: dict[str, Any]):
         self.node_config, self.code = node_config, app_digest()
-        super().__init__(str(socket_path), _Handler)
+        super().__init__(address, _Handler)
 
     def answer(self, request: dict, parameters: list) -> tuple[list, list]:
         """(arrays, scalars) of a relayed fit or evaluate, done here as the ClientApp
@@ -79,31 +89,27 @@ class Worker(socketserver.UnixStreamServer):
 
 @contextmanager
 def warm_worker(node_config: dict[str, Any]) -> Iterator[str | None]:
-    """Run the hospital's worker for the duration: yields its socket's path (for the
-    node config), in a new private folder, with the training stack imported at once
-    in the background, so that the first round does not wait for it. Yields None
-    where it cannot run (no SO_PEERCRED, i.e. not Linux; a TMPDIR too long for a
-    socket's path): the ClientApp then trains in its own process, as Flower runs it."""
+    """Run the hospital's worker for the duration: yields its socket's name (for the
+    node config), with the training stack imported at once in the background, so
+    that the first round does not wait for it. Yields None where it cannot run (no
+    SO_PEERCRED or abstract sockets, i.e. not Linux): the ClientApp then trains in
+    its own process, as Flower runs it."""
     if not hasattr(socket, "SO_PEERCRED"):
         yield None
         return
-    folder = Path(tempfile.mkdtemp(prefix="securehealth-"))  # 0700: the user's own
-    socket_path = folder / relay.SOCKET_NAME
+    name = f"{relay.ABSTRACT}securehealth-worker-{secrets.token_hex(16)}"
     try:
-        worker = Worker(socket_path, node_config)
+        worker = Worker(relay.socket_address(name), node_config)
     except OSError:
-        folder.rmdir()
         yield None
         return
     threading.Thread(target=_load_training_stack, daemon=True).start()
     threading.Thread(target=worker.serve_forever, daemon=True).start()
     try:
-        yield str(socket_path)
+        yield name
     finally:
         worker.shutdown()
         worker.server_close()
-        socket_path.unlink(missing_ok=True)
-        folder.rmdir()
 
 
 def _load_training_stack():
