@@ -46,7 +46,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import read_metrics
 
 from securehealth import authorisation, settings
-from securehealth.admission import Admission, report_problem
+from securehealth.admission import NOT_ADMITTED, Admission, report_problem
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
 from securehealth.deployment import pinning, runtime, superlink_gate
@@ -827,10 +827,16 @@ class AnsweringGrid:
     is what that connected node replies to the admission question."""
 
     def __init__(self, answers):
-        self.answers = answers
+        self.answers, self.notices = answers, {}  # node -> the notice it was sent
 
     def get_node_ids(self):
         return list(self.answers)
+
+    def push_messages(self, messages):
+        for message in messages:
+            config = recorddict_to_getpropertiesins(message.content).config
+            self.notices[message.metadata.dst_node_id] = dict(config)
+        return [str(n) for n in range(len(self.notices))]
 
     def send_and_receive(self, questions, timeout=None):
         replies = []
@@ -876,6 +882,9 @@ def test_admission_binds_each_number_to_one_proven_node(tmp_path, monkeypatch):
     assert admission.members == {12: 0, 13: 1} and not admission.waiting
     assert [r["node"] for r in admission.refusals()] == ["11", "14"]  # named, never admitted
     assert "it claims hospital 'zero', not one of this run's" in admission.refused[14]
+    # Issue 28: each refused node is told why (it waited for its timeout before).
+    assert sorted(grid.notices) == [11, 14]
+    assert grid.notices[11] == {NOT_ADMITTED: admission.refused[11]}
 
 
 def test_a_reply_flower_cannot_read_fails_its_node_not_the_run(monkeypatch):
