@@ -21,7 +21,7 @@ from flwr.common import GetPropertiesIns, log
 
 from securehealth.authorisation import identity_proven
 from securehealth.flower import getpropertiesins_to_recorddict, recorddict_to_getpropertiesres
-from securehealth.text import quoted
+from securehealth.text import quoted, untrusted
 
 NOT_ADMITTED = "not-admitted"  # the notice to a refused node: why it is not in the run
 ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp process)
@@ -80,7 +80,8 @@ class Admission:
         for reply in self.grid.send_and_receive(questions, timeout=ADMISSION_TIMEOUT):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self._refuse(node, f"its admission check failed: {reply.error.reason}")
+                failed = untrusted(reply.error.reason, REASON_LIMIT)
+                self._refuse(node, f"its admission check failed: {failed}")
                 continue
             try:
                 answer = dict(recorddict_to_getpropertiesres(reply.content).properties)
@@ -134,7 +135,7 @@ class Admission:
             return
         self.waiting.pop(node, None)
         if answer.get("problem"):
-            reason = str(answer["problem"])[:REASON_LIMIT]
+            reason = untrusted(answer["problem"], REASON_LIMIT)
             self.disagreeing[node] = (hospital, reason)
             log(WARNING, "Hospital %d (node %d) cannot take part: %s", hospital, node, reason)
         else:

@@ -18,7 +18,11 @@ import numpy as np
 AGGREGATIONS = {
     "fedavg": ("FedAvg", {}, "the mean, weighted by training patients"),
     "median": ("FedMedian", {}, "coordinate-wise median (robust; needs every update)"),
-    "trimmed-mean": ("FedTrimmedAvg", {"beta": 0.2}, "mean without the top and bottom 20%"),
+    "trimmed-mean": (
+        "FedTrimmedAvg",
+        {"beta": 0.2},
+        "mean without the top and bottom 20% (int(0.2 x hospitals): none below 5)",
+    ),
 }
 
 

@@ -10,8 +10,10 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from securehealth import operating_point
+from securehealth.admission import REASON_LIMIT
 from securehealth.node import hospital_mod, open_hospital
 from securehealth.relay import NODE_CONFIG_KEY, RelayClient
+from securehealth.text import untrusted
 
 
 class HospitalClient(NumPyClient):
@@ -39,7 +41,7 @@ class HospitalClient(NumPyClient):
                 report["histograms"] = json.dumps(histograms.tolist())
             return 0.0, 0, report
         threshold = float(config["threshold"])
-        reason = str(config.get("reason", ""))
+        reason = untrusted(config.get("reason", ""), REASON_LIMIT)  # the server's words
         self.hospital.end_of_run(parameters, config["run-status"], rounds, reason, threshold)
         return 0.0, 0, {}
 

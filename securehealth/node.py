@@ -47,6 +47,7 @@ from securehealth.results import (
     read_json,
     write_json,
 )
+from securehealth.text import untrusted
 
 if TYPE_CHECKING:
     from securehealth.hospital import Hospital
@@ -224,8 +225,10 @@ def _record_not_admitted(context: Context, reason: str) -> None:
     try:
         hospital, cfg = hospital_settings(context)
         state_dir = hospital_state_dir(context, cfg, hospital)
-    except (ValueError, LedgerError):
-        return  # no state directory of its own: nobody to tell
+    except (ValueError, LedgerError):  # it disagrees with the run's settings
+        state_dir = context.node_config.get("state-dir")  # client.py's, in deployment
+        if not state_dir:
+            return  # no state directory of its own: nobody to tell
     now = datetime.now(UTC).isoformat(timespec="seconds")
     status = {"status": NOT_ADMITTED, "run_id": str(context.run_id), "reason": reason}
     write_json(Path(state_dir) / STATUS_FILE, {**_spent_trace(state_dir), **status, "utc": now})
@@ -280,7 +283,7 @@ def hospital_mod(
     if kind == MessageType.QUERY:
         question = recorddict_to_getpropertiesins(message.content).config
         if NOT_ADMITTED in question:
-            _record_not_admitted(context, str(question[NOT_ADMITTED])[:REASON_LIMIT])
+            _record_not_admitted(context, untrusted(question[NOT_ADMITTED], REASON_LIMIT))
             answer = GetPropertiesRes(Status(Code.OK, ""), {})
         else:
             answer = GetPropertiesRes(Status(Code.OK, ""), admission_answer(question, context))

@@ -40,6 +40,7 @@ from securehealth.flower import (
 )
 from securehealth.model import get_weights
 from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished
+from securehealth.text import untrusted
 
 if TYPE_CHECKING:
     from securehealth.admission import Admission
@@ -66,9 +67,22 @@ def check_authorised(context: Context, run_dir: Path) -> None:
             raise Unauthorised(f"run {context.run_id} refused: {refusal}") from None
 
 
+class HaltingSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ round, which halts (rather than ending the run with a bare
+    error) where the masked vectors cannot be summed: a hostile hospital may send
+    one of another shape. The round is then reported as halted, like one that too
+    few hospitals finished (strategy._check_round_applied)."""
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        try:
+            super().__call__(grid, context)
+        except Exception as error:  # noqa: BLE001 (what hospitals sent: any of it)
+            log(WARNING, "Secure aggregation halted: %s: %s", type(error).__name__, error)
+
+
 def workflow(cfg: SimpleNamespace) -> DefaultWorkflow:
     """Flower's FedAvg workflow, its training through SecAgg+ where it is on."""
-    secure = SecAggPlusWorkflow(
+    secure = HaltingSecAggPlus(
         SECAGG_SHARES, SECAGG_THRESHOLD, max_weight=cfg.max_patients, timeout=SECAGG_TIMEOUT
     )
     return DefaultWorkflow(fit_workflow=secure if cfg.secure_aggregation == "on" else None)
@@ -178,7 +192,7 @@ def ask_operating_point(
     for reply in grid.send_and_receive(messages, timeout=OPERATING_POINT_TIMEOUT):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            replies[node] = f"it failed: {reply.error.reason[:REASON_LIMIT]}"
+            replies[node] = f"it failed: {untrusted(reply.error.reason, REASON_LIMIT)}"
             continue
         try:
             replies[node] = recorddict_to_evaluateres(reply.content)

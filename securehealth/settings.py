@@ -15,7 +15,7 @@ from securehealth import config, operating_point
 from securehealth.aggregation import AGGREGATIONS
 from securehealth.data import SOURCES
 from securehealth.data.schema import MISSING_MODES
-from securehealth.text import quoted
+from securehealth.text import quoted, shortened
 
 DEFAULTS = {
     name: value
@@ -233,14 +233,14 @@ def epsilon_list(text: str) -> list[float]:
             return epsilons
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"needs positive numbers, e.g. 0.5,1,2; got {text!r}")
+    raise argparse.ArgumentTypeError(f"needs positive numbers, e.g. 0.5,1,2; got {quoted(text)}")
 
 
 def positive_int(text: str) -> int:
     """A count such as --seeds: a whole number >= 1 (an argparse type)."""
     if text.isdigit() and int(text) >= 1:
         return int(text)
-    raise argparse.ArgumentTypeError(f"needs a whole number >= 1; got {text!r}")
+    raise argparse.ArgumentTypeError(f"needs a whole number >= 1; got {quoted(text)}")
 
 
 def positive_float(text: str) -> float:
@@ -251,13 +251,14 @@ def positive_float(text: str) -> float:
         value = math.nan
     if math.isfinite(value) and value > 0:
         return value
-    raise argparse.ArgumentTypeError(f"needs a number > 0; got {text!r}")
+    raise argparse.ArgumentTypeError(f"needs a number > 0; got {quoted(text)}")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        """One line on stderr and exit code 2, never a usage dump or traceback."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        """One line on stderr and exit code 2, never a usage dump or traceback, nor a
+        huge value echoed back (text.shortened)."""
+        self.exit(2, f"{self.prog}: error: {shortened(message)}\n")
 
 
 def make_parser(

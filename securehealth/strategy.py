@@ -30,7 +30,7 @@ from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
 from securehealth import clinical, data, operating_point
-from securehealth.admission import report_problem
+from securehealth.admission import REASON_LIMIT, report_problem
 from securehealth.aggregation import ServerMomentum, combine
 from securehealth.model import (
     build_model,
@@ -43,6 +43,7 @@ from securehealth.model import (
 )
 from securehealth.results import MODEL_FILE
 from securehealth.run_record import RunRecord
+from securehealth.text import untrusted
 
 # Rounds whose updates may be thrown away (by hospitals that cannot be told apart
 # under SecAgg+) before the run stops: each one costs every hospital that trained
@@ -155,6 +156,7 @@ class HospitalFedAvg(FedAvg):
                 continue
             report.pop("hospital")
             report["releases"] = json.loads(report["releases"])
+            report["reason"] = untrusted(report["reason"], REASON_LIMIT)
             self.round_reports[name] = report
             if report["status"] != "trained":
                 log(
@@ -204,20 +206,13 @@ class HospitalFedAvg(FedAvg):
         told apart: it is thrown away whole if a hospital in it sent an unsound
         report, or if it moves the model further than any honest round can
         (max_update_norm: each honest hospital keeps its DP noise within it before it
-        trains, and a weighted mean of updates within it stays within it). Without
-        SecAgg+, fewer sound updates than min_fit_clients would be one hospital's
-        update presented as the federation's."""
+        trains, and a weighted mean of updates within it stays within it). With
+        SecAgg+ or without, fewer sound updates than min_fit_clients would be one
+        hospital's update presented as the federation's."""
         if self.secure and self.round_rejections:
             return (
                 "secure aggregation summed an update whose hospital sent an unsound report; "
                 "the sum cannot be separated, so the round's model was thrown away"
-            )
-        if self.secure:
-            problem = self.check_update(accepted[0][1])
-            return problem and (
-                f"the securely aggregated model is implausible ({problem}): a hospital "
-                f"sent an update no honest DP training makes, and secure aggregation "
-                f"hides which one, so the round's model was thrown away"
             )
         if len(accepted) < self.min_fit_clients:
             return (
@@ -225,7 +220,12 @@ class HospitalFedAvg(FedAvg):
                 f"min_fit_clients ({self.min_fit_clients}), so the round's model was "
                 f"thrown away"
             )
-        return None
+        problem = self.check_update(accepted[0][1]) if self.secure else None
+        return problem and (
+            f"the securely aggregated model is implausible ({problem}): a hospital "
+            f"sent an update no honest DP training makes, and secure aggregation "
+            f"hides which one, so the round's model was thrown away"
+        )
 
     def _reject(self, hospital, server_round, problem):
         log(
@@ -309,7 +309,8 @@ class HospitalFedAvg(FedAvg):
             raise AggregationError(
                 f"round {server_round} was discarded: secure aggregation halted before "
                 f"the sum was complete (fewer than two thirds of the hospitals answered, "
-                f"or one failed mid-protocol; see the hospitals' consoles); {spent}"
+                f"one failed mid-protocol, or one sent a masked update that cannot be "
+                f"summed; see the server's log and the hospitals' consoles); {spent}"
             )
         if self.round_discarded:
             self.record.discard_round(server_round, f"{self.round_discarded}; {spent}")
@@ -488,10 +489,11 @@ def bounded_weights(
 
 
 def failure_reason(failure: tuple[Any, FitRes] | BaseException) -> str:
-    """What a failed hospital's exception said. Flower reports it as
+    """What a failed hospital's exception said (its start, without control
+    characters: the hospital chose it). Flower reports it as
     "<class '...'>:<'Exception ClientAppException occurred. Message: what it said'>"."""
     if isinstance(failure, tuple):  # (client, FitRes) with an error status
-        return failure[1].status.message
+        return untrusted(failure[1].status.message, REASON_LIMIT)
     error = failure.args[0] if failure.args else failure
     reason = str(getattr(error, "reason", error))
-    return re.sub(r"(?s)^.*Message: |'>$", "", reason).strip()
+    return untrusted(re.sub(r"(?s)^.*Message: |'>$", "", reason).strip(), REASON_LIMIT)

@@ -1,8 +1,13 @@
 """Values quoted in one-line messages: a value from a file, a flag or another
 machine is shown by its start only, so that a message stays one readable line and
-never echoes a huge field back to whoever sent it."""
+never echoes a huge field back to whoever sent it; text another machine wrote is
+shown without the control characters a terminal would obey."""
+
+import re
 
 QUOTE_LIMIT = 40  # characters of a value a message shows
+MESSAGE_LIMIT = 600  # characters of a one-line error message shown (its start and end)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls: escapes, bells, newlines
 
 
 def quoted(value: object) -> str:
@@ -12,3 +17,22 @@ def quoted(value: object) -> str:
     if len(text) <= QUOTE_LIMIT:
         return repr(value)
     return f"{text[:QUOTE_LIMIT]!r}... ({len(text)} characters)"
+
+
+def untrusted(text: str, limit: int) -> str:
+    """Text another machine sent (a reason, an error), for a console and a record: its
+    control characters (terminal escapes among them) shown as spaces, and no more
+    than its first `limit` characters (its length said when it was longer)."""
+    text = str(text)
+    shown = CONTROL.sub(" ", text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+def shortened(message: str) -> str:
+    """A one-line error message of at most about MESSAGE_LIMIT characters: where a
+    library echoed a huge value in it, its start (what is wrong) and its end (how to
+    fix it) around the length of what was left out."""
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    half = MESSAGE_LIMIT // 2
+    return f"{message[:half]} ... ({len(message)} characters) ... {message[-half:]}"

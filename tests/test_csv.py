@@ -260,10 +260,15 @@ BAD_CASES = {
         lambda p: edit(p, lambda ls: [ls[0].replace("bmi", "age")] + ls[1:]),
         ["hospital_0.csv: column 'age' appears twice in the header row"],
     ),
-    "a 200 KB cell": (  # issue 28: echoed whole; now its start only
+    "a 10 KB cell": (  # issue 28: echoed whole; now its start only
+        "hospital_0.csv",
+        lambda p: edit(p, set_cell(5, "bmi", "9" * 10_000)),
+        ["line 5, column 'bmi'", "'9999999999", "... (10000 characters)", "not a number"],
+    ),
+    "a 200 KB line": (  # longer than any patient's row: refused before it is parsed
         "hospital_0.csv",
         lambda p: edit(p, set_cell(5, "bmi", "9" * 200_000)),
-        ["line 5, column 'bmi'", "'9999999999", "... (200000 characters)", "not a number"],
+        ["hospital_0.csv: a line longer than 16384 bytes"],
     ),
     "a ragged row": (
         "hospital_1.csv",
@@ -314,9 +319,9 @@ def test_a_file_with_more_rows_than_a_hospital_may_hold_is_refused_before_it_is_
         raise AssertionError("the file was parsed")
 
     monkeypatch.setattr(pd, "read_csv", no_parsing)
-    with pytest.raises(data_utils.DataError, match=rf"{len(rows) - 1} rows, more than the 50"):
+    with pytest.raises(data_utils.DataError, match="more than the 50 rows a hospital may hold"):
         data_utils.hospital_data(cfg, 0)
-    with pytest.raises(data_utils.DataError, match="more than the 50 a hospital may hold"):
+    with pytest.raises(data_utils.DataError, match="more than the 50 rows a hospital may hold"):
         with read_once(data_dir / "hospital_0.csv", cfg):
             pass
 
@@ -348,5 +353,27 @@ def test_a_200_mb_file_is_refused_by_client_py_in_bounded_memory(data_dir, tmp_p
     exit_code, peak_kb = map(int, result.stdout.split("\n")[0].split())
     stderr = result.stdout.split("\n", 1)[1].strip()
     assert exit_code == 2 and len(stderr.splitlines()) == 1, result.stdout
-    assert "big.csv: 200 MB, more than 12500 patients' rows can take" in stderr
+    assert "big.csv: more than the 12500 rows a hospital may hold" in stderr
     assert peak_kb < 500_000, peak_kb
+
+
+def test_a_device_a_pipe_or_a_table_of_endless_lines_is_refused_before_it_is_read(
+    data_dir, tmp_path
+):
+    # Found in review: --data /dev/zero looped forever, a pipe blocked, a 21 MB
+    # header of 2 million columns took 2.9 GB, --schema /dev/zero read until
+    # MemoryError.
+    cfg = settings.resolve({"dataset": "csv", "data_dir": str(data_dir)})
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(100_000)) + "\n1\n")
+    for data_file, problem in (
+        ("/dev/zero", "not a regular file"),
+        (str(pipe), "not a regular file"),
+        (str(wide), "a line longer than 16384 bytes"),
+    ):
+        with pytest.raises(data_utils.DataError, match=problem):
+            data_utils.hospital_data(cfg, 0, data_file, str(data_dir / "schema.json"))
+    with pytest.raises(data_utils.DataError, match="not a regular file"):
+        data_utils.hospital_data(cfg, 0, str(data_dir / "hospital_0.csv"), "/dev/zero")

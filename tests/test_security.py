@@ -23,12 +23,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, assert_ran_to_the_end, demo_ledger, hospital_state
+from conftest import (
+    ROOT,
+    TINY,
+    assert_ran_to_the_end,
+    demo_ledger,
+    flower_context,
+    hospital_state,
+)
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import (
     Code,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     GetPropertiesRes,
     Status,
     ndarrays_to_parameters,
@@ -38,6 +46,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import (
     fitins_to_recorddict,
     fitres_to_recorddict,
+    getpropertiesins_to_recorddict,
     getpropertiesres_to_recorddict,
     recorddict_to_getpropertiesins,
 )
@@ -46,6 +55,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import read_metrics
 
 from securehealth import authorisation, settings
+from securehealth import node as hospital_node
 from securehealth.admission import NOT_ADMITTED, Admission, report_problem
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
@@ -54,7 +64,7 @@ from securehealth.flower import APP_LAUNCHERS
 from securehealth.model import get_weights, load_model
 from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
 from securehealth.serverapp import readable
-from securehealth.strategy import AggregationError, HospitalFedAvg
+from securehealth.strategy import AggregationError, HospitalFedAvg, failure_reason
 
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
 # masks it), so that a test can recompute the plain FedAvg of the round.
@@ -514,6 +524,46 @@ def test_an_implausible_secure_sum_is_thrown_away_and_a_second_one_stops_the_run
         strategy._evaluate_global(2, start, {})
 
 
+def test_under_secure_aggregation_one_hospitals_update_alone_is_thrown_away(tmp_path):
+    # Found in review: with two hospitals declining, SecAgg+'s "sum" was one
+    # hospital's update, used as the global model in every round.
+    strategy = plain_strategy(tmp_path, secure_aggregation="on")
+    results = hospitals_round(strategy, (0.1, 0.1, 0.1))
+    for proxy, fit_res in results[1:]:
+        number = proxy.node_id - 10
+        fit_res.metrics = sound_report(number, status="refused", reason="its budget is spent")
+        fit_res.num_examples = 0  # as a hospital that declined sends it
+    assert strategy.aggregate_fit(1, results, []) == (None, {})
+    assert "only 1 hospital's update could be used" in strategy.round_discarded
+
+
+def test_a_hospitals_error_text_reaches_the_console_cut_and_without_escapes():
+    # Found in review: a 300,000-character error with terminal escapes stalled the
+    # server's console for minutes and reached it raw.
+    said = "\x1b]0;PWNED\x07\x1b[2J" + "Z" * 300_000
+    flower = f"<class 'ValueError'>:<'Exception occurred. Message: {said}'>"
+    reason = failure_reason(RuntimeError(flower))
+    assert "\x1b" not in reason and "\x07" not in reason
+    assert reason.endswith("... (300014 characters)") and len(reason) < 1100
+
+
+def test_a_refused_node_is_told_even_where_its_settings_disagree_with_the_run(
+    tmp_path, monkeypatch
+):
+    for name in ("_run_id", "_node_id", "_task_id"):  # as in a ClientApp's process
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    # Found in review: a node whose number is outside the run's was refused and
+    # notified, but wrote nothing and waited silently.
+    own = {"partition-id": 4, "num-partitions": 5, "state-dir": str(tmp_path)}
+    context = flower_context(own, settings.to_run_config(settings.resolve({})))
+    notice = GetPropertiesIns({NOT_ADMITTED: "\x1b[2Jit claims hospital 4, not one of this run's"})
+    message = Message(getpropertiesins_to_recorddict(notice), dst_node_id=1, message_type="query")
+    hospital_node.hospital_mod(message, context, lambda m, c: None)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == NOT_ADMITTED
+    assert status["reason"] == " [2Jit claims hospital 4, not one of this run's"
+
+
 def test_the_server_steps_with_momentum_from_the_global_model(tmp_path):
     # Every hospital moves the model by 0.1 each round: with server momentum 0.5 the
     # global model moves by 0.1 in round 1 and 0.1 + 0.05 in round 2.
@@ -724,6 +774,23 @@ def test_the_superlink_refuses_a_huge_request_before_reading_it(tmp_path):
         answer = post(address, "/v1/fleet/push-object", within, [b"x" * 1000])
         assert answer not in (413, None)  # Flower's own answer to bytes that mean nothing
         assert peak_memory_kb(gate) - before < 50_000  # not 200 MB
+        # Found in review: 600 connections each sending almost the limit, then
+        # waiting, held 2.85 GB. Bodies in flight now hold 8 limits at most.
+        host, port = address.split(":")
+        stalled, answers = [], []
+        for _ in range(30):
+            connection = http.client.HTTPConnection(host, int(port), timeout=20)
+            connection.putrequest("POST", "/v1/fleet/push-object")
+            connection.putheader("Content-Length", str(limit))
+            connection.endheaders()
+            connection.send(b"x" * (limit - 1000))  # and the last 1000 bytes never come
+            stalled.append(connection)
+        for connection in stalled[8:]:
+            answers.append(connection.getresponse().status)
+        assert answers.count(503) >= 20, answers
+        assert peak_memory_kb(gate) - before < 60_000
+        for connection in stalled:
+            connection.close()
 
 
 def attacker(workdir, address, *command):

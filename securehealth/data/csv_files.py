@@ -13,10 +13,10 @@ from securehealth.text import quoted
 
 DESCRIPTION = "your own tables, one file per hospital (data_dir)"
 FILES = True  # each hospital reads its own file
-# The most bytes one patient's row may take: dozens of columns of numbers and short
-# categories take 100-300, so a file with room for more rows than a hospital may
-# hold is refused by its size alone, before a byte of it is read.
-MAX_ROW_BYTES = 4096
+# The most bytes one patient's row may take (dozens of columns of numbers and short
+# categories take 100-300; a thousand columns fit): a longer line, or a file with
+# room for more rows than a hospital may hold, is refused before it is parsed.
+MAX_ROW_BYTES = 16384
 
 
 def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
@@ -39,11 +39,15 @@ def row_limit(cfg: SimpleNamespace) -> int:
 
 
 def check_size(path: Path, max_rows: int, why: str) -> None:
-    """DataError where the file at `path` holds more than `max_rows` rows (`why`
-    says where the limit comes from), found before anything is parsed and in bounded
-    memory: its size against MAX_ROW_BYTES a row, then its lines, counted in 1 MB
-    pieces. A file that cannot be opened is left to its reader to report."""
+    """DataError where the file at `path` is no regular file (a device or a pipe
+    would never end), or holds more than `max_rows` rows (`why` says where the limit
+    comes from) or a line longer than MAX_ROW_BYTES, found before anything is parsed
+    and in bounded memory: its size against MAX_ROW_BYTES a row, then its lines,
+    measured in 1 MB pieces until they are too many. A file that cannot be opened is
+    left to its reader to report."""
     try:
+        if path.exists() and not path.is_file():
+            raise DataError(f"{path}: not a regular file; give the patients' CSV file itself")
         size = path.stat().st_size
         if size > (max_rows + 1) * MAX_ROW_BYTES:
             raise DataError(
@@ -51,18 +55,26 @@ def check_size(path: Path, max_rows: int, why: str) -> None:
                 f"take ({why}, at most {MAX_ROW_BYTES} bytes a row): give this hospital "
                 f"its own patients only"
             )
-        lines, last = 0, b"\n"
+        lines, line_start, read = 0, 0, 0  # newlines; where the open line began; bytes
         with open(path, "rb") as file:
             while piece := file.read(1 << 20):
-                lines, last = lines + piece.count(b"\n"), piece[-1:]
+                ends = read + np.flatnonzero(np.frombuffer(piece, np.uint8) == ord("\n"))
+                starts = np.concatenate(([line_start], ends[:-1] + 1))
+                read, lines = read + len(piece), lines + len(ends)
+                line_start = int(ends[-1]) + 1 if len(ends) else line_start
+                if max((ends - starts).max(initial=0), read - line_start) > MAX_ROW_BYTES:
+                    raise DataError(
+                        f"{path}: a line longer than {MAX_ROW_BYTES} bytes, more than a "
+                        f"patient's row takes: give this hospital its own patients' table"
+                    )
+                # The header row, and a last line without a newline, are lines too.
+                if lines + (read > line_start) - 1 > max_rows:
+                    raise DataError(
+                        f"{path}: more than the {max_rows} rows a hospital may hold ({why}): "
+                        f"give this hospital its own patients only"
+                    )
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return
-    rows = lines + (last != b"\n") - 1  # a last line without a newline; the header row
-    if rows > max_rows:
-        raise DataError(
-            f"{path}: {rows} rows, more than the {max_rows} a hospital may hold ({why}): "
-            f"give this hospital its own patients only"
-        )
 
 
 def read_csv(

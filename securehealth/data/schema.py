@@ -29,6 +29,8 @@ import yaml
 
 from securehealth.text import quoted
 
+MAX_DICTIONARY_BYTES = 1_000_000  # a data dictionary of thousands of columns takes less
+
 
 class DataError(ValueError):
     """Bad data or data dictionary; the message names the file (row, column) and
@@ -149,6 +151,13 @@ class Schema:
     def load(cls, path: str | Path, missing_values: str = "fail") -> Self:
         path = Path(path)
         try:
+            if path.exists() and not path.is_file():
+                raise DataError(f"{path}: not a regular file; give the data dictionary itself")
+            if path.stat().st_size > MAX_DICTIONARY_BYTES:
+                raise DataError(
+                    f"{path}: {path.stat().st_size / 1e6:.0f} MB, more than a data "
+                    f"dictionary takes (at most {MAX_DICTIONARY_BYTES // 1_000_000} MB)"
+                )
             text = path.read_text(encoding="utf-8-sig")
         except OSError as error:
             raise DataError(f"{path}: cannot read the data dictionary ({error.strerror})") from None

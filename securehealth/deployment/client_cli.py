@@ -7,7 +7,6 @@ import argparse
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import time
 from contextlib import nullcontext
@@ -53,6 +52,7 @@ KEY_NOT_REGISTERED = ("Failed to activate SuperNode", "All SuperNodes must be re
 # installs the server's app there, 0.5 MB a version; logs, ledger and status take
 # kilobytes a round), and below which it leaves a run before a write fails.
 ROOM_TO_JOIN, ROOM_TO_GO_ON = 20_000_000, 1_000_000
+FILES_TO_GO_ON = 1000  # free inodes below which the disk is as good as full
 JOIN_RETRY_S = 3  # seconds between asks to join a server that does not admit this hospital yet
 LOCK_FILE = "client.lock"  # in the state directory: the pid of the client.py holding it
 
@@ -116,7 +116,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     )
     group.add_argument(
         "--connect-timeout",
-        type=float,
+        type=settings.positive_float,
         default=300,
         help="seconds to keep trying to reach the server and, where it admits only "
         "enrolled hospitals, to be admitted (its operator may still be enrolling the keys)",
@@ -246,7 +246,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
                     exit_code = follow_rounds(node, state_dir, args, console, log_start)
                 if exit_code is not None:
                     return exit_code
-                if time.monotonic() > deadline:
+                if identity is None or time.monotonic() > deadline:  # keyless: never admitted
                     return refused(state_dir, console)
                 console.print(
                     "The server does not admit this hospital yet (its operator may still be "
@@ -331,7 +331,10 @@ def check_room(state_dir: Path, needed: int) -> None:
     write its ledger, status and Flower's copy of the app cannot take part, and
     must say so here rather than fail in a log nobody reads."""
     folder = next(p for p in (state_dir, *state_dir.parents) if p.exists())
-    free = shutil.disk_usage(folder).free
+    disk = os.statvfs(folder)
+    free = disk.f_bavail * disk.f_frsize
+    if disk.f_files and disk.f_favail < FILES_TO_GO_ON:  # no room for a file's name
+        free = 0
     if free < needed:
         raise StateDirError(
             f"the disk of this hospital's state directory {state_dir} is full "

@@ -18,6 +18,7 @@ is in securehealth/flower.py).
 Run as: python -m securehealth.deployment.superlink_gate [flower-superlink's arguments]
 """
 
+import asyncio
 import ipaddress
 import os
 from typing import TYPE_CHECKING
@@ -39,6 +40,12 @@ PROTOCOL_ALLOWANCE = 4_000_000
 # A weight as it travels: SecAgg+'s masked integers take 8 bytes, counted twice for
 # Flower's encoding of the arrays.
 BYTES_PER_WEIGHT = 16
+# Bodies being received at once hold at most this many times the limit together
+# (a hospital sends one message at a time), and each must arrive within
+# BODY_TIMEOUT seconds of its headers.
+IN_FLIGHT_LIMITS = 8
+BODY_TIMEOUT = 60
+DISCONNECTED = "disconnected"
 
 
 def fleet_body_limit(weights: int) -> int:
@@ -86,11 +93,15 @@ class LocalControlOnly:
 class BoundedFleetBodies:
     """ASGI middleware: a Fleet API request with a body over `limit` bytes is answered
     413, before any of it is read where it declares its length, else as soon as what
-    arrived passes the limit; the app then gets the body whole, so no request holds
-    more than `limit` bytes of the server's memory."""
+    arrived passes the limit; the app then gets the body whole. The bodies being
+    received hold at most IN_FLIGHT_LIMITS times `limit` bytes together (a body that
+    would pass it is answered 503), and one that stalls for BODY_TIMEOUT seconds is
+    answered 408, so that many connections each sending almost `limit` bytes and
+    then waiting cannot fill the server's memory either."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
+        self.in_flight = 0  # bytes of bodies being received, all connections together
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/fleet/"):
@@ -98,19 +109,18 @@ class BoundedFleetBodies:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, 413, f"at most {self.limit} bytes")
             return
-        pieces, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            pieces.append(message.get("body", b""))
-            size += len(pieces[-1])
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            more = message.get("more_body", False)
+        pieces = []
+        try:
+            refusal = await self._receive(receive, pieces)
+        finally:
+            self.in_flight -= sum(map(len, pieces))
+        if refusal == DISCONNECTED:
+            return
+        if refusal:
+            await self._refuse(scope, receive, send, *refusal)
+            return
         body = {"type": "http.request", "body": b"".join(pieces), "more_body": False}
         replayed = False
 
@@ -123,11 +133,32 @@ class BoundedFleetBodies:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
-        refusal = JSONResponse(
-            {"detail": f"a Fleet API request is at most {self.limit} bytes in this run"},
-            status_code=413,
-        )
+    async def _receive(self, receive, pieces: list[bytes]) -> tuple[int, str] | str | None:
+        """Read a body into `pieces`, counted in self.in_flight as it arrives: None
+        when it is whole, DISCONNECTED, or the (status, why) to refuse it with."""
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT
+        size, more = 0, True
+        while more:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                return 408, f"its body did not arrive within {BODY_TIMEOUT} s"
+            if message["type"] == "http.disconnect":
+                return DISCONNECTED
+            piece = message.get("body", b"")
+            if size + len(piece) > self.limit:
+                return 413, f"at most {self.limit} bytes"
+            if self.in_flight + len(piece) > IN_FLIGHT_LIMITS * self.limit:
+                return 503, "too many requests are arriving at once; try again"
+            pieces.append(piece)
+            size += len(piece)
+            self.in_flight += len(piece)
+            more = message.get("more_body", False)
+        return None
+
+    async def _refuse(self, scope, receive, send, status: int, why: str):
+        refusal = JSONResponse({"detail": f"a Fleet API request: {why}"}, status_code=status)
         await refusal(scope, receive, send)
 
 
