@@ -6,7 +6,7 @@ shown without the control characters a terminal would obey."""
 import re
 
 QUOTE_LIMIT = 40  # characters of a value a message shows
-MESSAGE_LIMIT = 600  # characters of a one-line error message shown (its start and end)
+MESSAGE_LIMIT = 2000  # characters of a one-line error message shown (its start and end)
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls: escapes, bells, newlines
 
 
