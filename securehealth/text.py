@@ -29,9 +29,11 @@ def untrusted(text: str, limit: int) -> str:
 
 
 def shortened(message: str) -> str:
-    """A one-line error message of at most about MESSAGE_LIMIT characters: where a
-    library echoed a huge value in it, its start (what is wrong) and its end (how to
-    fix it) around the length of what was left out."""
+    """A one-line error message of at most about MESSAGE_LIMIT characters, without
+    control characters (a value in it may hold terminal escapes): where a library
+    echoed a huge value in it, its start (what is wrong) and its end (how to fix it)
+    around the length of what was left out."""
+    message = CONTROL.sub(" ", message)
     if len(message) <= MESSAGE_LIMIT:
         return message
     half = MESSAGE_LIMIT // 2

@@ -775,19 +775,27 @@ def test_the_superlink_refuses_a_huge_request_before_reading_it(tmp_path):
         assert answer not in (413, None)  # Flower's own answer to bytes that mean nothing
         assert peak_memory_kb(gate) - before < 50_000  # not 200 MB
         # Found in review: 600 connections each sending almost the limit, then
-        # waiting, held 2.85 GB. Bodies in flight now hold 8 limits at most.
+        # waiting, held 2.85 GB. Bodies in flight from one address now hold 2 limits
+        # at most (a global bound let 8 such connections lock every hospital out).
         host, port = address.split(":")
         stalled, answers = [], []
         for _ in range(30):
-            connection = http.client.HTTPConnection(host, int(port), timeout=20)
+            connection = http.client.HTTPConnection(host, int(port), timeout=60)
             connection.putrequest("POST", "/v1/fleet/push-object")
             connection.putheader("Content-Length", str(limit))
             connection.endheaders()
-            connection.send(b"x" * (limit - 1000))  # and the last 1000 bytes never come
+            try:
+                connection.send(b"x" * (limit - 1000))  # and the last 1000 bytes never come
+            except OSError:  # refused and closed before all of it was sent
+                pass
             stalled.append(connection)
-        for connection in stalled[8:]:
-            answers.append(connection.getresponse().status)
-        assert answers.count(503) >= 20, answers
+        for connection in stalled[2:]:
+            try:
+                answers.append(connection.getresponse().status)
+            except OSError:
+                answers.append(None)  # closed on it
+        # 408: one took a place while the first two were still arriving, and stalled.
+        assert set(answers) <= {503, 408, None} and answers.count(503) >= 20, answers
         assert peak_memory_kb(gate) - before < 60_000
         for connection in stalled:
             connection.close()

@@ -43,6 +43,7 @@ from securehealth.results import (
     has_finished,
     read_json,
 )
+from securehealth.text import quoted
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
 # What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
@@ -151,7 +152,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--server-address: {error}")
     ca_cert = None if args.insecure else Path(args.root_certificates).resolve()
-    if ca_cert and not ca_cert.is_file():
+    if ca_cert and not is_file(ca_cert):
         parser.error(
             f"no CA certificate at {ca_cert}: copy the server's certs/ca.crt "
             f"(made by `python server.py --make-certs`) or pass --root-certificates"
@@ -159,7 +160,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     operator_pub = ""
     if ca_cert:
         operator_pub = Path(args.operator_key or ca_cert.with_name(OPERATOR_PUB)).resolve()
-        if not operator_pub.is_file():
+        if not is_file(operator_pub):
             parser.error(
                 f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
                 f"(made by `python server.py --make-certs`) or pass --operator-key"
@@ -169,6 +170,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
         own_data = own_data_files(cfg, args, console)
     except data.DataError as error:
         parser.error(str(error))
+    except OSError as error:  # a path the file system cannot even look up
+        parser.error(f"cannot read {quoted(error.filename)}: {error.strerror}")
     demonstration = is_demonstration(Path(own_data["data-file"]) if own_data else None)
     try:
         budget = (
@@ -323,6 +326,15 @@ def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
 class StateDirError(RuntimeError):
     """This hospital's state directory cannot be held: another live client.py holds it,
     or it is no folder."""
+
+
+def is_file(path: Path) -> bool:
+    """Whether path is a file, False where the file system cannot even look it up
+    (a name too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def check_room(state_dir: Path, needed: int) -> None:

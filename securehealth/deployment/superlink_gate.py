@@ -40,10 +40,10 @@ PROTOCOL_ALLOWANCE = 4_000_000
 # A weight as it travels: SecAgg+'s masked integers take 8 bytes, counted twice for
 # Flower's encoding of the arrays.
 BYTES_PER_WEIGHT = 16
-# Bodies being received at once hold at most this many times the limit together
-# (a hospital sends one message at a time), and each must arrive within
-# BODY_TIMEOUT seconds of its headers.
-IN_FLIGHT_LIMITS = 8
+# The bodies being received from one address hold at most this many times the limit
+# together (a hospital sends one message at a time, most of them small), and each
+# must arrive within BODY_TIMEOUT seconds of its headers.
+IN_FLIGHT_LIMITS = 2
 BODY_TIMEOUT = 60
 DISCONNECTED = "disconnected"
 
@@ -94,14 +94,15 @@ class BoundedFleetBodies:
     """ASGI middleware: a Fleet API request with a body over `limit` bytes is answered
     413, before any of it is read where it declares its length, else as soon as what
     arrived passes the limit; the app then gets the body whole. The bodies being
-    received hold at most IN_FLIGHT_LIMITS times `limit` bytes together (a body that
-    would pass it is answered 503), and one that stalls for BODY_TIMEOUT seconds is
-    answered 408, so that many connections each sending almost `limit` bytes and
-    then waiting cannot fill the server's memory either."""
+    received from one address hold at most IN_FLIGHT_LIMITS times `limit` bytes
+    together (a body that would pass it is answered 503), and one that stalls for
+    BODY_TIMEOUT seconds is answered 408, so that many connections each sending
+    almost `limit` bytes and then waiting cannot fill the server's memory, nor, from
+    one address, crowd out the hospitals at others."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
-        self.in_flight = 0  # bytes of bodies being received, all connections together
+        self.in_flight = {}  # address -> bytes of its bodies being received
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/fleet/"):
@@ -111,11 +112,13 @@ class BoundedFleetBodies:
         if not declared.isdigit() or int(declared) > self.limit:
             await self._refuse(scope, receive, send, 413, f"at most {self.limit} bytes")
             return
-        pieces = []
+        pieces, source = [], (scope.get("client") or ("",))[0]
         try:
-            refusal = await self._receive(receive, pieces)
+            refusal = await self._receive(receive, pieces, source)
         finally:
-            self.in_flight -= sum(map(len, pieces))
+            self.in_flight[source] -= sum(map(len, pieces))
+            if not self.in_flight[source]:
+                del self.in_flight[source]
         if refusal == DISCONNECTED:
             return
         if refusal:
@@ -133,11 +136,15 @@ class BoundedFleetBodies:
 
         await self.app(scope, replay, send)
 
-    async def _receive(self, receive, pieces: list[bytes]) -> tuple[int, str] | str | None:
-        """Read a body into `pieces`, counted in self.in_flight as it arrives: None
-        when it is whole, DISCONNECTED, or the (status, why) to refuse it with."""
+    async def _receive(
+        self, receive, pieces: list[bytes], source: str
+    ) -> tuple[int, str] | str | None:
+        """Read a body from `source` into `pieces`, counted in self.in_flight as it
+        arrives: None when it is whole, DISCONNECTED, or the (status, why) to refuse
+        it with."""
         deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT
         size, more = 0, True
+        self.in_flight.setdefault(source, 0)
         while more:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -149,11 +156,11 @@ class BoundedFleetBodies:
             piece = message.get("body", b"")
             if size + len(piece) > self.limit:
                 return 413, f"at most {self.limit} bytes"
-            if self.in_flight + len(piece) > IN_FLIGHT_LIMITS * self.limit:
-                return 503, "too many requests are arriving at once; try again"
+            if self.in_flight[source] + len(piece) > IN_FLIGHT_LIMITS * self.limit:
+                return 503, "too many requests are arriving at once from here; try again"
             pieces.append(piece)
             size += len(piece)
-            self.in_flight += len(piece)
+            self.in_flight[source] += len(piece)
             more = message.get("more_body", False)
         return None
 
