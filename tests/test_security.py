@@ -4,6 +4,7 @@ did not approve, and a server that rejects bad updates and reports and survives
 them. Hospitals that record, corrupt or lie run from a copy of the app whose
 ClientApp adds one Flower mod (below); attackers use Flower's own `flwr` CLI."""
 
+import asyncio
 import hashlib
 import http.client
 import importlib
@@ -749,6 +750,33 @@ def post(address, path, headers, body_pieces):
         return None
     finally:
         connection.close()
+
+
+def test_two_bodies_from_one_address_arriving_at_once_both_reach_flower():
+    # Found in the e2e run: one request ending while another from the same address
+    # was arriving made the second fail (500), and the hospital left.
+    delivered = []
+
+    async def flower(scope, receive, send):
+        delivered.append((await receive())["body"])
+
+    gate = superlink_gate.BoundedFleetBodies(flower, limit=1000)
+    scope = {"type": "http", "path": "/v1/fleet/push-object", "client": ("127.0.0.1", 1)}
+
+    async def both():
+        first, second = asyncio.Queue(), asyncio.Queue()
+        headers = {**scope, "headers": [(b"content-length", b"6")]}
+        started = asyncio.create_task(gate(headers, second.get, None))
+        await asyncio.sleep(0)  # the second is waiting for its first bytes
+        await first.put({"type": "http.request", "body": b"xyz123", "more_body": False})
+        await gate(headers, first.get, None)  # ends while the second is arriving
+        await second.put({"type": "http.request", "body": b"abc", "more_body": True})
+        await second.put({"type": "http.request", "body": b"def", "more_body": False})
+        await started
+
+    asyncio.run(both())
+    assert sorted(delivered) == [b"abcdef", b"xyz123"]
+    assert not gate.in_flight
 
 
 @pytest.mark.e2e

@@ -21,6 +21,7 @@ Run as: python -m securehealth.deployment.superlink_gate [flower-superlink's arg
 import asyncio
 import ipaddress
 import os
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
@@ -102,7 +103,7 @@ class BoundedFleetBodies:
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
-        self.in_flight = {}  # address -> bytes of its bodies being received
+        self.in_flight = Counter()  # address -> bytes of its bodies being received
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/fleet/"):
@@ -117,7 +118,7 @@ class BoundedFleetBodies:
             refusal = await self._receive(receive, pieces, source)
         finally:
             self.in_flight[source] -= sum(map(len, pieces))
-            if not self.in_flight[source]:
+            if self.in_flight[source] == 0:  # no body of its is arriving: forget it
                 del self.in_flight[source]
         if refusal == DISCONNECTED:
             return
@@ -144,7 +145,6 @@ class BoundedFleetBodies:
         it with."""
         deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT
         size, more = 0, True
-        self.in_flight.setdefault(source, 0)
         while more:
             try:
                 async with asyncio.timeout_at(deadline):
