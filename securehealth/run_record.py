@@ -37,7 +37,7 @@ class RunRecord:
         self.results = {
             "status": "running",
             # Who records it: while it says "running", a reader that finds this
-            # process gone marks the run interrupted (results.current_status).
+            # process gone marks the run interrupted (current_status).
             "recorder": {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),

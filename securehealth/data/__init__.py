@@ -131,14 +131,12 @@ def read_once(
     the bytes), so that what is judged a demonstration (demonstration.py) is exactly
     what trains, whatever happens to the file meanwhile. (None, None) without a file;
     (the path, None) where it cannot be read (reading it for training says why).
-    DataError for anything but a regular file (a pipe would block), and, before it
-    is read, for a file with more rows than a hospital may hold (csv_files.row_limit)."""
+    DataError, before it is read, for anything but a regular file (a pipe would
+    block) or a file larger than a hospital's may be (csv_files.check_size)."""
     if path is None:
         yield None, None
         return
-    if path.exists() and not path.is_file():
-        raise DataError(f"{path}: not a regular file")
-    csv_files.check_size(path, csv_files.row_limit(cfg), csv_files.limit_reason(cfg))
+    csv_files.check_size(path, cfg)
     try:
         content = path.read_bytes()
     except OSError:

@@ -32,19 +32,18 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
     return schema, hospitals, directory / "test.csv"
 
 
-def row_limit(cfg: SimpleNamespace) -> int:
-    """The most rows (patients) a hospital's table may hold: max_patients training
-    patients once test_fraction of them are held out."""
-    return math.ceil(cfg.max_patients / (1 - cfg.test_fraction))
-
-
-def check_size(path: Path, max_rows: int, why: str) -> None:
+def check_size(path: Path, cfg: SimpleNamespace) -> None:
     """DataError where the file at `path` is no regular file (a device or a pipe
-    would never end), or holds more than `max_rows` rows (`why` says where the limit
-    comes from) or a line longer than MAX_ROW_BYTES, found before anything is parsed
-    and in bounded memory: its size against MAX_ROW_BYTES a row, then its lines,
-    measured in 1 MB pieces until they are too many. A file that cannot be opened is
-    left to its reader to report."""
+    would never end), or holds more rows than a hospital may (max_patients training
+    patients once test_fraction of them are held out) or a line longer than
+    MAX_ROW_BYTES, found before anything is parsed and in bounded memory: its size
+    against MAX_ROW_BYTES a row, then its lines, measured in 1 MB pieces until they
+    are too many. A file that cannot be opened is left to its reader to report."""
+    max_rows = math.ceil(cfg.max_patients / (1 - cfg.test_fraction))
+    why = (
+        f"max_patients {cfg.max_patients} for training, test_fraction "
+        f"{cfg.test_fraction:g} held out"
+    )
     try:
         if path.exists() and not path.is_file():
             raise DataError(f"{path}: not a regular file; give the patients' CSV file itself")
@@ -236,18 +235,10 @@ def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | Path]:
     """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv,
-    refused unread where it holds more rows than a hospital may (row_limit)."""
+    refused unread where it holds more than a hospital may (check_size)."""
     source = data_file or hospital_file(cfg, hospital)
-    check_size(Path(source), row_limit(cfg), limit_reason(cfg))
+    check_size(Path(source), cfg)
     return (*read_csv(source, schema), source)
-
-
-def limit_reason(cfg: SimpleNamespace) -> str:
-    """Where row_limit's number comes from, for a message."""
-    return (
-        f"max_patients {cfg.max_patients} for training, test_fraction {cfg.test_fraction:g} "
-        f"held out"
-    )
 
 
 def reference_set(

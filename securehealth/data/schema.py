@@ -153,9 +153,9 @@ class Schema:
         try:
             if path.exists() and not path.is_file():
                 raise DataError(f"{path}: not a regular file; give the data dictionary itself")
-            if path.stat().st_size > MAX_DICTIONARY_BYTES:
+            if (size := path.stat().st_size) > MAX_DICTIONARY_BYTES:
                 raise DataError(
-                    f"{path}: {path.stat().st_size / 1e6:.0f} MB, more than a data "
+                    f"{path}: {size / 1e6:.0f} MB, more than a data "
                     f"dictionary takes (at most {MAX_DICTIONARY_BYTES // 1_000_000} MB)"
                 )
             text = path.read_text(encoding="utf-8-sig")
