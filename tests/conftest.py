@@ -1,5 +1,7 @@
-"""Shared by the deployment and security tests: the product's scripts as real
-processes, always stopped afterwards."""
+"""Fixtures and helpers shared by the deployment and security tests.
+
+They run the product's scripts as real processes, always stopped afterwards.
+"""
 
 import ipaddress
 import json
@@ -33,8 +35,10 @@ def assert_ran_to_the_end(returncode, run_dir, output=""):
 
 
 def flower_pids(directory):
-    """Live processes whose Flower state (FLWR_HOME) lies under `directory`: what a
-    run or a hospital started, Ray's included (Linux /proc)."""
+    """Live processes whose Flower state (FLWR_HOME) lies under `directory`.
+
+    That is what a run or a hospital started, Ray's included (read from Linux /proc).
+    """
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -93,8 +97,10 @@ class Processes:
         self.workdir, self.started = workdir, []
 
     def start(self, script, *args, name, prefix=()):
-        """Run one of the product's scripts, after the command `prefix` if given (a
-        wrapper that runs the rest of its arguments)."""
+        """Run one of the product's scripts, after the command `prefix` if given.
+
+        `prefix` is a wrapper that runs the rest of its arguments.
+        """
         out = open(self.workdir / f"{name}.out", "w")
         process = subprocess.Popen(
             [*prefix, sys.executable, str(ROOT / script), *args],
@@ -131,8 +137,11 @@ class Processes:
 
 @pytest.fixture(autouse=True)
 def own_state_home(tmp_path, monkeypatch):
-    """Hospitals' default state directories (results.default_state_root) inside the
-    test's folder, never in the home directory of whoever runs the tests."""
+    """Hospitals' default state directories lie inside the test's folder.
+
+    That is results.default_state_root, never in the home directory of whoever runs
+    the tests.
+    """
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
@@ -159,10 +168,13 @@ def run_script(script, *args, cwd, timeout=300):
 
 
 def own_data_copy(source, destination):
-    """A copy of a folder of shipped patient files (examples/csv, a heart-disease
-    data_dir) as "your own data": the same patients, each file's rows in reverse
-    order, so that no file is byte for byte a shipped one and every hospital spends
-    from a lasting ledger (securehealth/data/demonstration.py)."""
+    """A copy of a folder of shipped patient files as "your own data".
+
+    The folder is examples/csv or a heart-disease data_dir. The copy has the same
+    patients, each file's rows in reverse order, so that no file is byte for byte a
+    shipped one and every hospital spends from a lasting ledger
+    (securehealth/data/demonstration.py).
+    """
     folder = Path(shutil.copytree(source, destination))
     for path in [*folder.glob("hospital_*.csv"), *folder.glob("processed.*.data")]:
         lines = path.read_text().splitlines()
@@ -172,9 +184,11 @@ def own_data_copy(source, destination):
 
 
 def demo_ledger(state_dir):
-    """The privacy ledger of a deployed hospital's one run on demonstration data:
-    the run's own, in demo-runs/<run id>/; its lasting one (the register of the
-    operator's authorisations it used) holds no release."""
+    """The privacy ledger of a deployed hospital's one run on demonstration data.
+
+    It is the run's own, in demo-runs/<run id>/; the lasting one (the register of the
+    operator's authorisations it used) holds no release.
+    """
     lasting = Path(state_dir) / "privacy-ledger.json"
     assert not lasting.exists() or not json.loads(lasting.read_text())["releases"]
     [ledger] = Path(state_dir).glob("demo-runs/*/privacy-ledger.json")
@@ -182,9 +196,11 @@ def demo_ledger(state_dir):
 
 
 def as_simulated_hospitals(monkeypatch, hospitals_dir):
-    """This process as simulation.py's ClientApps run: in Flower's simulation engine
-    (a Ray worker), with the machine naming where simulated hospitals keep their
-    state."""
+    """Make this process run as simulation.py's ClientApps do.
+
+    That is in Flower's simulation engine (a Ray worker), with the machine naming
+    where simulated hospitals keep their state.
+    """
     from securehealth import node
     from securehealth.results import HOSPITALS_DIR_VARIABLE
 
