@@ -1,5 +1,7 @@
-"""The privacy audit (the one-run canary audit and the membership-inference attack)
-and the privacy-utility sweep."""
+"""Tests of the privacy audit and the privacy-utility sweep.
+
+The audit is the one-run canary audit and the membership-inference attack.
+"""
 
 import json
 import math

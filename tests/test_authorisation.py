@@ -1,5 +1,7 @@
-"""A deployed hospital spends its budget only on runs its operator signed, once each,
-and proves who it is: checked on the real ClientApp with real Flower messages."""
+"""A deployed hospital spends its budget only on runs its operator signed, once each.
+
+It also proves who it is. Checked on the real ClientApp with real Flower messages.
+"""
 
 import json
 
@@ -34,9 +36,11 @@ def inside_a_supernode(monkeypatch):
 
 @pytest.fixture
 def deployed(tmp_path):
-    """A hospital as client.py starts it (its state directory, the operator's public
-    key, its own identity key, its own patients: a lasting ledger), and the
-    operator's signing key."""
+    """A hospital as client.py starts it, and the operator's signing key.
+
+    The hospital has its state directory, the operator's public key, its own identity
+    key and its own patients (a lasting ledger).
+    """
     operator = tmp_path / "operator"
     operator.mkdir()
     make_operator_key(operator)

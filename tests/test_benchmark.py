@@ -1,5 +1,8 @@
-"""benchmark.py flamby-heart: FLamby's rows and split exactly, test patients kept out
-of every choice, and the command end to end on one seed with tiny settings."""
+"""Tests of benchmark.py flamby-heart.
+
+FLamby's rows and split exactly, test patients kept out of every choice, and the
+command end to end on one seed with tiny settings.
+"""
 
 import json
 import subprocess

@@ -1,5 +1,8 @@
-"""What the report tells a clinician beyond the overall figures: subgroups the data
-dictionary marks, with intervals, and the gaps that end a run with warnings."""
+"""What the report tells a clinician beyond the overall figures.
+
+Subgroups the data dictionary marks, with intervals, and the gaps that end a run
+with warnings.
+"""
 
 import json
 
@@ -100,8 +103,10 @@ def test_auc_interval_matches_the_spread_of_the_auc_over_resampled_patients():
 
 
 def one_worse_subgroup(rng, worse_patients):
-    """Reference patients where a model separates the classes well, except in a
-    subgroup of `worse_patients`, where its risks are noise."""
+    """Reference patients where a model separates the classes well, except in a subgroup.
+
+    The subgroup is the first `worse_patients` patients, where its risks are noise.
+    """
     y = rng.permutation(np.array([1, 0] * 300))
     risk = 1 / (1 + np.exp(-rng.normal(np.where(y == 1, 2.0, -2.0), 1.0)))
     worse = np.zeros(len(y), bool)
