@@ -1,20 +1,15 @@
-"""How the hospitals' accepted updates become the new global model: one registry,
-read by the settings (the `aggregation` setting's choices), the server's strategy
-and the in-process FedAvg loop (sweep, baselines, bench).
+"""How the hospitals' accepted updates become the new global model.
 
-Each entry is one of Flower's own strategies, used only for its combination step:
-the weighted mean (FedAvg), the coordinate-wise median (FedMedian: one wild update
-cannot drag it) and the trimmed mean (FedTrimmedAvg, 20% dropped at each end).
-
-The server then steps from the current global model towards the combined one with
-the run's `server_momentum` (`ServerMomentum`, FedAvgM; 0, plain FedAvg, by
-default), which changes nothing about privacy: it only post-processes what the
-hospitals released.
+`AGGREGATIONS` is the one registry, read by the settings (the `aggregation` setting's choices),
+the server's strategy and the in-process FedAvg loop (sweep, baselines, bench); `combine` applies
+an entry, and `ServerMomentum` takes the server's step towards what it combined.
 """
 
 import numpy as np
 
-# name -> (Flower strategy class in flwr.server.strategy, its arguments, what it does)
+# name -> (Flower strategy class in flwr.server.strategy, its arguments, what it does).
+# Each strategy is used only for its combination step; the median is robust because one wild
+# update cannot drag it.
 AGGREGATIONS = {
     "fedavg": ("FedAvg", {}, "the mean, weighted by training patients"),
     "median": ("FedMedian", {}, "coordinate-wise median (robust; needs every update)"),
@@ -27,7 +22,20 @@ AGGREGATIONS = {
 
 
 def combine(aggregation: str, updates: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
-    """The new global weights from (weights, training patients) of each update."""
+    """The new global weights, combined from the hospitals' updates.
+
+    Parameters
+    ----------
+    aggregation : str
+        A name in AGGREGATIONS.
+    updates : list[tuple[list[np.ndarray], int]]
+        Each update's weights and its hospital's number of training patients.
+
+    Returns
+    -------
+    list[np.ndarray]
+        The combined weights.
+    """
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import strategy
 
@@ -42,14 +50,16 @@ def combine(aggregation: str, updates: list[tuple[list[np.ndarray], int]]) -> li
 
 
 class ServerMomentum:
-    """The server's step with heavy-ball momentum (FedAvgM; Hsu, Qi and Brown 2019):
-    each round the global model moves to the combined weights plus `momentum` times
-    its previous move. Flower's FedAvgM takes the same step at server learning rate
-    1, but only after its own weighted mean; this one follows whichever combination
-    the run uses, SecAgg+'s sum included.
+    """The server's step with heavy-ball momentum (FedAvgM; Hsu, Qi and Brown 2019).
 
-    With momentum 0 the new weights are exactly the combined ones (plain FedAvg). A
-    round without any update leaves the previous move as it was.
+    Each round the global model moves to the combined weights plus `momentum` (the run's
+    `server_momentum`) times its previous move. Flower's FedAvgM takes the same step at server
+    learning rate 1, but only after its own weighted mean; this one follows whichever
+    combination the run uses, SecAgg+'s sum included.
+
+    With momentum 0 (the default) the new weights are exactly the combined ones (plain FedAvg).
+    A round without any update leaves the previous move as it was. The step changes nothing
+    about privacy: it only post-processes what the hospitals released.
     """
 
     def __init__(self, momentum: float):

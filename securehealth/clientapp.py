@@ -1,7 +1,9 @@
-"""The hospital's Flower ClientApp (`app`): trains the shared model on its own
-patients with DP-SGD (Opacus) and sends back only the new weights and a privacy
-report (scalars). It runs in simulation and deployment alike; what a hospital decides
-for itself is in node.py, its training in hospital.py."""
+"""The hospital's Flower ClientApp (`app`), the same in simulation and deployment.
+
+It trains the shared model on the hospital's own patients with DP-SGD (Opacus) and sends back
+only the new weights and a privacy report (scalars). What a hospital decides for itself is in
+node.py, its training in hospital.py.
+"""
 
 import json
 
@@ -17,11 +19,13 @@ from securehealth.text import untrusted
 
 
 class HospitalClient(NumPyClient):
-    """Flower's view of a hospital: a training round per fit; as evaluate requests,
-    the server's request for the operating point's histograms (answered with them,
-    noised and accounted for) and its notice that the run has ended (with the final
-    model and threshold), answered with an acknowledgement only: the hospital's
-    figures on its own patients stay home."""
+    """Flower's view of a hospital: a training round per fit, and two requests as evaluate.
+
+    The evaluate requests are the server's request for the operating point's histograms
+    (answered with them, noised and accounted for) and its notice that the run has ended (with
+    the final model and threshold), answered with an acknowledgement only: the hospital's
+    figures on its own patients stay home.
+    """
 
     def __init__(self, hospital):
         self.hospital = hospital
@@ -47,8 +51,11 @@ class HospitalClient(NumPyClient):
 
 
 def client_fn(context: Context) -> Client:
-    """The hospital for this node, checked for this run (see node.open_hospital); in
-    deployment, its warm worker in client.py's process (see securehealth/relay.py)."""
+    """The client for this node: its hospital, checked for this run (node.open_hospital).
+
+    In deployment, a relay to the hospital's warm worker in client.py's process
+    (securehealth/relay.py).
+    """
     worker = context.node_config.get(NODE_CONFIG_KEY)
     if worker:
         return RelayClient(worker, context).to_client()

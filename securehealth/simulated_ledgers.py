@@ -1,6 +1,9 @@
-"""The lasting privacy ledgers of the hospitals simulated on this machine, one per
-hospital of your own data (results.lasting_hospitals_dir): where they are, and their
-check before anything trains on them (simulation.py, sweep.py's accounted search)."""
+"""The lasting privacy ledgers of the hospitals simulated on this machine.
+
+One per hospital of your own data (results.lasting_hospitals_dir): `state_dirs` says where they
+are, `check_lasting_ledgers` checks them before anything trains (simulation.py, sweep.py's
+accounted search).
+"""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,8 +14,21 @@ from securehealth.results import lasting_hospitals_dir
 
 
 def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | None]:
-    """The simulated hospitals' lasting state directories, their privacy ledgers'
-    homes; None for a demonstration's hospital, which starts afresh in every run."""
+    """The simulated hospitals' lasting state directories, their privacy ledgers' homes.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings.
+    demonstrations : list[bool]
+        For each hospital, whether its data is a demonstration's (generated or shipped).
+
+    Returns
+    -------
+    list[Path | None]
+        One directory per hospital; None for a demonstration's hospital, which starts afresh
+        in every run.
+    """
     return [
         None if demo else lasting_hospitals_dir() / f"hospital-{h}"
         for h, demo in enumerate(demonstrations)
@@ -22,9 +38,27 @@ def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | 
 def check_lasting_ledgers(
     cfg: SimpleNamespace, reset_reason: str | None, demonstrations: list[bool]
 ) -> None:
-    """Check the simulated hospitals' lasting ledgers (your own data) before anything
-    starts, starting missing ones afresh if `reset_reason` is given (see
-    ledger.check_before_start). A demonstration's hospitals start afresh in every run."""
+    """Check the simulated hospitals' lasting ledgers (your own data) before anything starts.
+
+    A demonstration's hospitals start afresh in every run, and a Ray cluster's workers hold
+    their own ledgers: neither is checked here.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings.
+    reset_reason : str or None
+        Given, missing ledgers are started afresh with this reason recorded (see
+        ledger.check_before_start).
+    demonstrations : list[bool]
+        For each hospital, whether its data is a demonstration's.
+
+    Raises
+    ------
+    LedgerError
+        A ledger fails its check, or `reset_reason` is given where no ledger is missing or
+        only a demonstration's hospitals (or a cluster's) would run.
+    """
     if all(demonstrations) or cfg.ray_address:  # a cluster's workers hold theirs
         if reset_reason is not None:
             raise LedgerError(

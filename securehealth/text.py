@@ -1,7 +1,9 @@
-"""Values quoted in one-line messages: a value from a file, a flag or another
-machine is shown by its start only, so that a message stays one readable line and
-never echoes a huge field back to whoever sent it; text another machine wrote is
-shown without the control characters a terminal would obey."""
+"""Values quoted in one-line messages, cut to a readable length and free of control characters.
+
+A value from a file, a flag or another machine is shown by its start only, so that a message stays
+one readable line and never echoes a huge field back to whoever sent it; text another machine
+wrote is shown without the control characters a terminal would obey.
+"""
 
 import re
 
@@ -11,8 +13,10 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls: escapes, be
 
 
 def quoted(value: object) -> str:
-    """`value` as repr() writes it, cut to its first QUOTE_LIMIT characters (and its
-    length said) when it is longer."""
+    """`value` as repr() writes it, cut to its first QUOTE_LIMIT characters.
+
+    A longer value is shown by its start, followed by its length.
+    """
     text = value if isinstance(value, str) else repr(value)
     if len(text) <= QUOTE_LIMIT:
         return repr(value)
@@ -20,19 +24,23 @@ def quoted(value: object) -> str:
 
 
 def untrusted(text: str, limit: int) -> str:
-    """Text another machine sent (a reason, an error), for a console and a record: its
-    control characters (terminal escapes among them) shown as spaces, and no more
-    than its first `limit` characters (its length said when it was longer)."""
+    """Text another machine sent (a reason, an error), made safe for a console and a record.
+
+    Its control characters (terminal escapes among them) are shown as spaces, and no more than
+    its first `limit` characters are kept (its length said when it was longer).
+    """
     text = str(text)
     shown = CONTROL.sub(" ", text[:limit])
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
 def shortened(message: str) -> str:
-    """A one-line error message of at most about MESSAGE_LIMIT characters, without
-    control characters (a value in it may hold terminal escapes): where a library
-    echoed a huge value in it, its start (what is wrong) and its end (how to fix it)
-    around the length of what was left out."""
+    """`message` on one line of at most about MESSAGE_LIMIT characters, without control characters.
+
+    Control characters go because a value in the message may hold terminal escapes. Where a
+    library echoed a huge value in it, its start (what is wrong) and its end (how to fix it) are
+    kept, around the length of what was left out.
+    """
     message = CONTROL.sub(" ", message)
     if len(message) <= MESSAGE_LIMIT:
         return message
