@@ -92,6 +92,22 @@ def table(sweep: dict[str, Any]) -> str:
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
+    parser = _parser(description)
+    cfg, args = settings.parse(parser, argv, simulation=True)
+    epsilons = args.epsilons
+    data.locate(cfg)
+    if args.search_budget is not None:
+        return search_command(cfg, args, parser)
+    run_dir = _check_sweep(cfg, args, parser)
+    seeds = [cfg.seed + i for i in range(args.seeds)]
+    console = display.make_console()
+    results, references = _train_points(cfg, epsilons, seeds, console)
+    sweep = _summarise(cfg, seeds, results, references)
+    _write_sweep(cfg, seeds, sweep, run_dir, console)
+    return 0
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
     parser = settings.make_parser(description)
     parser.add_argument(
         "--epsilons", type=settings.epsilon_list, default="0.5,1,2,4,8", help="budgets to train at"
@@ -113,11 +129,10 @@ def main(description: str, argv: list[str] | None = None) -> int:
         "(every combination)",
     )
     settings.add_unaccounted_flag(parser)
-    cfg, args = settings.parse(parser, argv, simulation=True)
-    epsilons = args.epsilons
-    data.locate(cfg)
-    if args.search_budget is not None:
-        return search_command(cfg, args, parser)
+    return parser
+
+
+def _check_sweep(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> Path:
     try:
         settings.check_accounted(
             cfg,
@@ -125,13 +140,14 @@ def main(description: str, argv: list[str] | None = None) -> int:
             "the sweep (on your own patients, --search-budget is its accounted search)",
         )
         data.check_all(cfg)
-        run_dir = new_run_dir(cfg.run_dir, "sweep.json", args.overwrite)
+        return new_run_dir(cfg.run_dir, "sweep.json", args.overwrite)
     except (settings.SettingsError, data.DataError, RunDirError) as error:
         parser.error(str(error))
+
+
+def _train_points(cfg, epsilons, seeds, console):
     from securehealth.tools import baselines
 
-    seeds = [cfg.seed + i for i in range(args.seeds)]
-    console = display.make_console()
     results, references = {e: [] for e in epsilons}, {"FedAvg, no DP": [], "Pooled data, no DP": []}
     with Progress(console=console) as progress, tempfile.TemporaryDirectory() as scratch:
         task = progress.add_task("Training", total=len(seeds) * (len(epsilons) + 1))
@@ -148,7 +164,11 @@ def main(description: str, argv: list[str] | None = None) -> int:
                 state_root = Path(scratch, f"{seed}-{epsilon}")
                 results[epsilon].append(dp_federation_metrics(point, state_root))
                 progress.advance(task)
-    sweep = {
+    return results, references
+
+
+def _summarise(cfg, seeds, results, references):
+    return {
         "dataset": cfg.dataset,
         "delta": cfg.delta,
         "seeds": len(seeds),
@@ -162,6 +182,9 @@ def main(description: str, argv: list[str] | None = None) -> int:
             for name, r in references.items()
         },
     }
+
+
+def _write_sweep(cfg, seeds, sweep, run_dir, console):
     write_json(run_dir / "sweep.json", sweep)
     plot(sweep, run_dir / "sweep.png")
     write_atomic(
@@ -174,7 +197,6 @@ def main(description: str, argv: list[str] | None = None) -> int:
     )
     console.print(table(sweep))
     console.print(f"Table and plot: {run_dir / 'sweep.md'}, {run_dir / 'sweep.png'}")
-    return 0
 
 
 def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
@@ -182,34 +204,13 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
     lasting ledgers of your own patients' hospitals (scratch ones for a
     demonstration's), its cost said before it starts; writes search.json and
     search.md into a new run directory."""
-    from securehealth.data.demonstration import is_demonstration
-    from securehealth.privacy.ledger import LedgerError
-    from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
     from securehealth.tools import search
 
     console = display.make_console()
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as held:
-        try:
-            candidates = search.parse_grid(args.grid, cfg)
-            data.check_all(cfg)
-            # Each file read once: judged and trained on the same bytes throughout.
-            own = [data.own_file(cfg, h) for h in range(cfg.num_clients)]
-            read = [held.enter_context(data.read_once(path, cfg)) for path in own]
-            demonstrations = [
-                is_demonstration(path, content)
-                for path, (_, content) in zip(own, read, strict=True)
-            ]
-            check_lasting_ledgers(cfg, None, demonstrations)
-            homes = [
-                home or Path(scratch, f"hospital-{h}")
-                for h, home in enumerate(state_dirs(cfg, demonstrations))
-            ]
-            before = search.spent_before(homes, cfg)
-            search.check_affordable(cfg, before, args.search_budget, len(candidates))
-            run_dir = new_run_dir(cfg.run_dir, "search.json", args.overwrite)
-        except (settings.SettingsError, data.DataError, LedgerError, RunDirError) as error:
-            parser.error(str(error))
-        lasting = [not demo for demo in demonstrations]
+        candidates, read, homes, lasting, before, run_dir = _prepare_search(
+            cfg, args, parser, scratch, held
+        )
         console.print(search_cost(cfg, candidates, args.search_budget, before, lasting))
         with Progress(console=console) as progress:
             task = progress.add_task("Searching", total=len(candidates))
@@ -222,6 +223,43 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
                 [copy for copy, _ in read],
                 lambda: progress.advance(task),
             )
+    _write_search(cfg, args, before, lasting, outcome, run_dir, console)
+    return 0
+
+
+def _prepare_search(cfg, args, parser, scratch, held):
+    """Check the search and read the hospitals' files once (held open by `held`)."""
+    from securehealth.data.demonstration import is_demonstration
+    from securehealth.privacy.ledger import LedgerError
+    from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
+    from securehealth.tools import search
+
+    try:
+        candidates = search.parse_grid(args.grid, cfg)
+        data.check_all(cfg)
+        # Each file read once: judged and trained on the same bytes throughout.
+        own = [data.own_file(cfg, h) for h in range(cfg.num_clients)]
+        read = [held.enter_context(data.read_once(path, cfg)) for path in own]
+        demonstrations = [
+            is_demonstration(path, content) for path, (_, content) in zip(own, read, strict=True)
+        ]
+        check_lasting_ledgers(cfg, None, demonstrations)
+        homes = [
+            home or Path(scratch, f"hospital-{h}")
+            for h, home in enumerate(state_dirs(cfg, demonstrations))
+        ]
+        before = search.spent_before(homes, cfg)
+        search.check_affordable(cfg, before, args.search_budget, len(candidates))
+        run_dir = new_run_dir(cfg.run_dir, "search.json", args.overwrite)
+    except (settings.SettingsError, data.DataError, LedgerError, RunDirError) as error:
+        parser.error(str(error))
+    lasting = [not demo for demo in demonstrations]
+    return candidates, read, homes, lasting, before, run_dir
+
+
+def _write_search(cfg, args, before, lasting, outcome, run_dir, console):
+    from securehealth.tools import search
+
     chosen = search.best(outcome.trials)
     result = {
         "config": vars(cfg),
@@ -237,7 +275,6 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
     write_atomic(run_dir / "search.md", f"# Accounted search: {cfg.dataset}\n\n{text}\n".encode())
     console.print(text)
     console.print(f"Written: {run_dir / 'search.md'}, {run_dir / 'search.json'}")
-    return 0
 
 
 def search_cost(
