@@ -11,6 +11,7 @@ patients) in the in-process FedAvg loop, and are judged on those test patients,
 beside FLamby's published figures; ROC-AUC too, which FLamby omits.
 """
 
+import argparse
 import tempfile
 import time
 from collections.abc import Callable
@@ -350,6 +351,25 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
+    parser = _parser(description)
+    cfg, args = settings.parse(parser, argv, simulation=True)  # in-process: no SecAgg+
+    if args.benchmark == "clinical":
+        return _clinical(cfg, args, parser)
+    cfg = _flamby_settings(cfg, parser)
+    try:
+        run_dir = new_run_dir(cfg.run_dir, "benchmark.json", args.overwrite)
+    except RunDirError as error:
+        parser.error(str(error))
+    console = display.make_console()
+    result = run(cfg, args.epsilons, args.seeds, not args.no_cross_validation, console)
+    write_json(run_dir / "benchmark.json", result)
+    summary = verdict(result)
+    _write_markdown(result, args.seeds, summary, run_dir)
+    _print_results(result, args.seeds, summary, run_dir, console)
+    return 0
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
     parser = settings.make_parser(description, SETTINGS)
     parser.add_argument(
         "benchmark", choices=["flamby-heart", "clinical"], help="the benchmark to run"
@@ -369,23 +389,28 @@ def main(description: str, argv: list[str] | None = None) -> int:
         help="train with the settings as given, not choosing the model and learning rate "
         "by cross-validation inside the training patients",
     )
-    cfg, args = settings.parse(parser, argv, simulation=True)  # in-process: no SecAgg+
-    if args.benchmark == "clinical":
-        changed = [
-            name
-            for name in SETTINGS
-            if name not in ("seed", "run_dir") and getattr(cfg, name) != settings.DEFAULTS[name]
-        ]
-        changes = [
-            part
-            for name in changed
-            for part in (f"--{name.replace('_', '-')}", settings.as_text(getattr(cfg, name)))
-        ]
-        try:
-            run_dir = new_run_dir(cfg.run_dir, "clinical.json", args.overwrite)
-        except RunDirError as error:
-            parser.error(str(error))
-        return clinical_benchmark.main(run_dir, changes, args.seeds)
+    return parser
+
+
+def _clinical(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
+    changed = [
+        name
+        for name in SETTINGS
+        if name not in ("seed", "run_dir") and getattr(cfg, name) != settings.DEFAULTS[name]
+    ]
+    changes = [
+        part
+        for name in changed
+        for part in (f"--{name.replace('_', '-')}", settings.as_text(getattr(cfg, name)))
+    ]
+    try:
+        run_dir = new_run_dir(cfg.run_dir, "clinical.json", args.overwrite)
+    except RunDirError as error:
+        parser.error(str(error))
+    return clinical_benchmark.main(run_dir, changes, args.seeds)
+
+
+def _flamby_settings(cfg: SimpleNamespace, parser: argparse.ArgumentParser) -> SimpleNamespace:
     # FLamby judges accuracy at its fixed threshold: no operating point is chosen, so
     # none is reserved or released, and training spends the whole budget.
     flamby = {"dataset": "heart-disease", "num_clients": 4, "decision_threshold": str(THRESHOLD)}
@@ -397,27 +422,26 @@ def main(description: str, argv: list[str] | None = None) -> int:
             f"trains outside any privacy ledger, on the public files only; restore them "
             f"(git checkout data/uci-heart-disease)"
         )
-    try:
-        run_dir = new_run_dir(cfg.run_dir, "benchmark.json", args.overwrite)
-    except RunDirError as error:
-        parser.error(str(error))
-    console = display.make_console()
-    result = run(cfg, args.epsilons, args.seeds, not args.no_cross_validation, console)
-    write_json(run_dir / "benchmark.json", result)
+    return cfg
+
+
+def _write_markdown(result: dict[str, Any], seeds: int, summary: str, run_dir: Path) -> None:
     text = display.markdown_table(table(result))
-    summary = verdict(result)
     write_atomic(
         run_dir / "benchmark.md",
         (
             f"# FLamby Fed-Heart-Disease, reproduced\n\nMean per-hospital test accuracy at "
-            f"0.5 (± spread over {args.seeds} seeds) and ROC-AUC; {result['seconds']:g} s.\n\n"
+            f"0.5 (± spread over {seeds} seeds) and ROC-AUC; {result['seconds']:g} s.\n\n"
             f"{text}\n\n{FOOTNOTE}\n\n{settings_line(result)}\n\n{summary}\n"
         ).encode(),
     )
+
+
+def _print_results(
+    result: dict[str, Any], seeds: int, summary: str, run_dir: Path, console: Console
+) -> None:
     rows = table(result)
-    shown = Table(
-        title=f"FLamby Fed-Heart-Disease: test accuracy per hospital ({args.seeds} seeds)"
-    )
+    shown = Table(title=f"FLamby Fed-Heart-Disease: test accuracy per hospital ({seeds} seeds)")
     for column in rows[0]:
         shown.add_column(column, justify="left" if column in ("Method", "FLamby") else "right")
     for row in rows[1:]:
@@ -427,4 +451,3 @@ def main(description: str, argv: list[str] | None = None) -> int:
     console.print(settings_line(result))
     console.print(summary)
     console.print(f"Took {result['seconds']:g} s. Results: {run_dir / 'benchmark.md'}")
-    return 0
