@@ -326,22 +326,7 @@ def train_variant(
     # training spends the whole budget (the operating point's histograms are a plain
     # Gaussian mechanism, checked against dp-accounting in tests/test_operating_point).
     cfg = settings.resolve({**vars(cfg), "decision_threshold": "0.5"})
-    hospitals = []
-    for h, ((x, y), (held_x, held_y)) in enumerate(patients):
-        train = canaries.audited_rows(x, y) if h == AUDITED_HOSPITAL else (canaries.unmarked(x), y)
-        rows = (train, (canaries.unmarked(held_x), held_y))
-        hospitals.append(
-            AuditedHospital(
-                h,
-                cfg,
-                f"audit-{name}",
-                state_root / f"hospital-{h}",
-                rows,
-                canaries.white,
-                variant,
-                len(y),
-            )
-        )
+    hospitals = _audit_hospitals(cfg, name, canaries, patients, state_root, variant)
     torch.manual_seed(cfg.seed)  # the server's initial model
     model = CanaryModel(patients[0][0][0].shape[1], cfg.hidden_layers, canaries.white)
     updates, reports = [], []
@@ -361,11 +346,35 @@ def train_variant(
             f"in the audit's {name} training, its hospital {AUDITED_HOSPITAL} "
             f"({audited.patients} patients) declined to train: {reports[0]['reason']}"
         )
+    return _facts(cfg, name, variant, audited, trained), updates, model
+
+
+def _audit_hospitals(cfg, name, canaries, patients, state_root, variant):
+    hospitals = []
+    for h, ((x, y), (held_x, held_y)) in enumerate(patients):
+        train = canaries.audited_rows(x, y) if h == AUDITED_HOSPITAL else (canaries.unmarked(x), y)
+        rows = (train, (canaries.unmarked(held_x), held_y))
+        hospitals.append(
+            AuditedHospital(
+                h,
+                cfg,
+                f"audit-{name}",
+                state_root / f"hospital-{h}",
+                rows,
+                canaries.white,
+                variant,
+                len(y),
+            )
+        )
+    return hospitals
+
+
+def _facts(cfg, name, variant, audited, trained):
     with audited.ledger.transaction():
         sigma = audited.ledger.releases[-1]["noise_multiplier"]  # the same every round
     sample_rate, steps = audited.sampling()
     used = sigma * variant.noise_used
-    facts = {
+    return {
         "variant": name,
         "description": variant.description,
         "must_fail": variant.must_fail,
@@ -383,7 +392,6 @@ def train_variant(
         if used > 0 and variant.batches is dpsgd.PoissonBatches
         else (math.inf if used == 0 else None),
     }
-    return facts, updates, model
 
 
 def audit_variant(
