@@ -169,8 +169,10 @@ def test_the_indicator_mode_still_refuses_a_gap_the_dictionary_does_not_declare(
 
 
 def test_no_statistic_of_any_hospitals_rows_enters_the_encoding(data_dir):
-    """A patient's inputs are the same whatever the other rows are: changing another
-    hospital's rows, or this hospital's other rows, changes none of them."""
+    """A patient's inputs are the same whatever the other rows are.
+
+    Changing another hospital's rows, or this hospital's other rows, changes none of them.
+    """
     declare_missing(data_dir, "total_cholesterol", ["?", 0])
     edit(data_dir / "hospital_0.csv", set_cell(2, "total_cholesterol", "?"))
     cfg = csv_settings(data_dir, "indicator")
@@ -260,7 +262,7 @@ BAD_CASES = {
         lambda p: edit(p, lambda ls: [ls[0].replace("bmi", "age")] + ls[1:]),
         ["hospital_0.csv: column 'age' appears twice in the header row"],
     ),
-    "a 10 KB cell": (  # issue 28: echoed whole; now its start only
+    "a 10 KB cell": (  # only the cell's start is echoed, and its length
         "hospital_0.csv",
         lambda p: edit(p, set_cell(5, "bmi", "9" * 10_000)),
         ["line 5, column 'bmi'", "'9999999999", "... (10000 characters)", "not a number"],
@@ -327,7 +329,7 @@ def test_a_file_with_more_rows_than_a_hospital_may_hold_is_refused_before_it_is_
 
 
 def test_a_200_mb_file_is_refused_by_client_py_in_bounded_memory(data_dir, tmp_path):
-    # Issue 28: 5.6 million rows took 9.1 GB and more than 300 s, without a word.
+    # Parsed whole, 5.6 million rows take 9.1 GB and more than 300 s, without a word.
     header, *rows = (data_dir / "hospital_0.csv").read_bytes().splitlines(keepends=True)
     big = tmp_path / "big.csv"
     with open(big, "wb") as file:
@@ -360,8 +362,8 @@ def test_a_200_mb_file_is_refused_by_client_py_in_bounded_memory(data_dir, tmp_p
 def test_a_device_a_pipe_or_a_table_of_endless_lines_is_refused_before_it_is_read(
     data_dir, tmp_path
 ):
-    # Found in review: --data /dev/zero looped forever, a pipe blocked, a 21 MB
-    # header of 2 million columns took 2.9 GB, --schema /dev/zero read until
+    # Read unchecked, --data /dev/zero loops forever, a pipe blocks, a 21 MB header
+    # of 2 million columns takes 2.9 GB, and --schema /dev/zero is read until
     # MemoryError.
     cfg = settings.resolve({"dataset": "csv", "data_dir": str(data_dir)})
     pipe = tmp_path / "pipe"
