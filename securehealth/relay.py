@@ -1,17 +1,10 @@
-"""A deployed hospital's warm worker, as its ClientApp sees it.
+"""A deployed hospital's warm worker as its ClientApp sees it: `RelayClient` and the framing.
 
-Flower 1.42 starts a fresh ClientApp process for every message a SuperNode
-receives, and a training message's process imported PyTorch, Opacus and
-scikit-learn anew each time (5 s of a round's CPU per hospital). So `client.py`
-keeps one process of the hospital's own with that stack loaded (the worker,
-deployment/worker.py), and the ClientApp relays its training and end-of-run
-messages to it over a Unix socket in a folder only the hospital's user can open
-(the worker also checks the caller's user id). The worker trains with its own node
-config (state directory, data, budget), never one the message brings: the relay
-carries only the run (id and config), the message's config and the weights.
-
-Framing: an 8-byte length and a JSON header, then an 8-byte length and the arrays
-as NumPy's .npz without pickles.
+Flower starts a fresh ClientApp process for every message, so client.py keeps one process with
+the training stack loaded (deployment/worker.py) and the ClientApp relays its messages to it over
+a Unix socket only the hospital's user can open. The worker trains with its own node config,
+never one the message brings. A message is an 8-byte length and a JSON header, then an 8-byte
+length and the arrays as NumPy's .npz without pickles.
 """
 
 import io
@@ -34,9 +27,11 @@ PEER_CREDENTIALS = struct.Struct("3i")  # Linux SO_PEERCRED: pid, uid, gid
 
 
 def socket_address(name: str) -> str:
-    """The address to bind or connect to for a worker's socket name: a name starting
-    with ABSTRACT is Linux's abstract namespace (a leading NUL byte, which a node
-    config cannot carry), which leaves no file behind whatever ends the worker."""
+    """The address to bind or connect to for a worker's socket name.
+
+    A name starting with ABSTRACT is in Linux's abstract namespace (a leading NUL byte, which a
+    node config cannot carry), which leaves no file behind whatever ends the worker.
+    """
     return "\0" + name[len(ABSTRACT) :] if name.startswith(ABSTRACT) else name
 
 
@@ -57,8 +52,27 @@ def send(connection: socket.socket, header: dict, arrays: NDArrays = ()) -> None
 
 
 def receive(connection: socket.socket, deadline: float | None = None) -> tuple[dict, NDArrays]:
-    """One framed message: (header, arrays), all of it before `deadline` (a
-    time.monotonic() value) if given."""
+    """One framed message, read whole from `connection`.
+
+    Parameters
+    ----------
+    connection : socket.socket
+        The connected Unix socket.
+    deadline : float, optional
+        A time.monotonic() value by which all of the message must have arrived.
+
+    Returns
+    -------
+    tuple[dict, NDArrays]
+        The header and the arrays.
+
+    Raises
+    ------
+    ConnectionError
+        The other end closed the connection, or a part is larger than MAX_PART.
+    TimeoutError
+        The message took longer than `deadline`.
+    """
 
     def part():
         return _read(
