@@ -1,33 +1,9 @@
-"""Every piece of Flower that SecureHealth-ML uses but Flower does not publish as API,
-in one place, checked against the one Flower version it was written for.
+"""Every piece of Flower that SecureHealth-ML uses but Flower does not publish as API.
 
-A Flower upgrade may move or change any of these without notice. Importing this
-module fails closed, with one line, on any other Flower version, and
-tests/test_flower_internals.py imports each name below, so that an upgrade breaks
-here, loudly, rather than somewhere in a run. Everything else in the package uses
-Flower's public API (flwr.app, flwr.client, flwr.common, flwr.server, flwr.serverapp).
-
-Used, and why:
-- recorddict_compat: converting Flower's Message records to and from the legacy
-  NumPyClient types (FitRes, GetPropertiesIns/Res, EvaluateIns) where the product
-  speaks to nodes itself, outside the strategy: admission, the request for the
-  operating point's histograms, the end-of-run notice, and checking a reply before
-  Flower's own workflow decodes it.
-- RECORD_KEY_CONFIGS: tells a SecAgg+ stage of a training message from a plain one
-  (a hospital that expects secure aggregation never sends its update in the clear).
-- ErrorCode: the code of the error reply that replaces a node's malformed reply.
-- APP_LAUNCHERS: the modules that install a shipped app (install_from_fab) and run
-  Flower's flwr-clientapp / flwr-serverapp commands: the launchers in
-  deployment/pinning.py wrap the installer to refuse an app that differs from the
-  approved copy, and the ClientApp's task input (pull_task_input) to refuse a run
-  that names another installed app than the one shipped (Flower has no hook for
-  this); get_fab_metadata reads a bundle's own app id and version.
-- SUPERLINK_APP: the SuperLink's app factory and command, which
-  deployment/superlink_gate.py wraps to serve only the Fleet API to the network.
-- SUPERNODE: the SuperNode's pull loop, whose waits are fixed in code (3 s between
-  asks for a message, 0.5 s while its ClientApp's reply is pending), and its
-  command: run_supernode shortens those waits. SecAgg+ sends each hospital four
-  messages a round, and every one waited for the next 3-second ask.
+They are checked against the one Flower version they were written for: importing this module
+fails closed, with one line, on any other, and tests/test_flower_internals.py imports each name
+below, so that an upgrade breaks here, loudly, rather than somewhere in a run. Everything else in
+the package uses Flower's public API. Why each piece is used is noted beside it.
 """
 
 import hashlib
@@ -48,8 +24,16 @@ if version("flwr") != FLOWER_VERSION:
         f"pip install -r requirements.txt"
     )
 
+# ErrorCode: the code of the error reply that replaces a node's malformed reply.
 from flwr.common.constant import ErrorCode  # noqa: E402
+
+# RECORD_KEY_CONFIGS tells a SecAgg+ stage of a training message from a plain one (a hospital
+# that expects secure aggregation never sends its update in the clear).
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
+
+# Flower's Message records to and from the legacy NumPyClient types, where the product speaks to
+# nodes itself, outside the strategy: admission, the request for the operating point's
+# histograms, the end-of-run notice, and checking a reply before Flower's own workflow decodes it.
 from flwr.compat.common.recorddict_compat import (  # noqa: E402
     evaluateins_to_recorddict,
     getpropertiesins_to_recorddict,
@@ -60,14 +44,21 @@ from flwr.compat.common.recorddict_compat import (  # noqa: E402
     recorddict_to_getpropertiesres,
 )
 
-# Flower's command -> (module with its app installer, module with its CLI entry point).
+# Flower's command -> (module with its app installer, module with its CLI entry point). The
+# launchers in deployment/pinning.py wrap the installer (install_from_fab) to refuse an app that
+# differs from the approved copy, and the ClientApp's task input (pull_task_input) to refuse a run
+# that names another installed app than the one shipped: Flower has no hook for this.
 APP_LAUNCHERS = {
     "flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli.flwr_clientapp"),
     "flwr-serverapp": ("flwr.superlink.runtime.run_serverapp", "flwr.superlink.cli.flwr_serverapp"),
 }
-# (module with the SuperNode's pull loop, module with flower_supernode)
+# (module with the SuperNode's pull loop, module with flower_supernode). The loop's waits are
+# fixed in code (3 s between asks for a message, 0.5 s while its ClientApp's reply is pending);
+# SecAgg+ sends each hospital four messages a round, each waiting for the next ask, so
+# run_supernode shortens them.
 SUPERNODE = ("flwr.supernode.start_client_internal", "flwr.supernode.cli.flower_supernode")
-# (module with the SuperLink's app factory create_app, module with flower_superlink)
+# (module with the SuperLink's app factory create_app, module with flower_superlink), wrapped by
+# deployment/superlink_gate.py to serve only the Fleet API to the network.
 SUPERLINK_APP = ("flwr.superlink.main", "flwr.superlink.cli")
 
 __all__ = [
@@ -93,11 +84,20 @@ __all__ = [
 
 
 def install_app_check(command: str, check: Callable[[bytes], None]) -> None:
-    """Make Flower's `command` (flwr-clientapp or flwr-serverapp) call check(fab bytes)
-    before it installs a shipped app; check raises to refuse it. A ClientApp is then
-    loaded from the folder Flower names after the run's app id, version and hash, as
-    the server sends them: those must be the shipped bytes' own, or a server could
-    have another installed app (an older one, or any folder through "..") loaded."""
+    """Make Flower's `command` refuse to install, or load, any app but the shipped one.
+
+    A ClientApp is loaded from the folder Flower names after the run's app id, version and hash,
+    as the server sends them: for flwr-clientapp those must also be the shipped bytes' own
+    (check_loaded_as_shipped), or a server could have another installed app (an older one, or any
+    folder through "..") loaded.
+
+    Parameters
+    ----------
+    command : str
+        flwr-clientapp or flwr-serverapp.
+    check : Callable[[bytes], None]
+        Called with the app bundle's bytes before Flower installs it; raises to refuse it.
+    """
     installer = import_module(APP_LAUNCHERS[command][0])
     install = installer.install_from_fab
 
@@ -118,8 +118,15 @@ def install_app_check(command: str, check: Callable[[bytes], None]) -> None:
 
 
 def check_loaded_as_shipped(fab_id: str, fab_version: str, fab_hash: str, content: bytes) -> None:
-    """Raise PermissionError unless the app id, version and hash a run names are those
-    of the bundle it shipped (Flower installs by the bytes, but loads by the names)."""
+    """Refuse a run whose app id, version or hash are not those of the bundle it shipped.
+
+    Flower installs by the bytes, but loads by the names.
+
+    Raises
+    ------
+    PermissionError
+        The names differ from the bundle's own (`content`, the bundle's bytes).
+    """
     from flwr.cli.config_utils import get_fab_metadata
 
     shipped = (*get_fab_metadata(content), hashlib.sha256(content).hexdigest())
@@ -148,8 +155,11 @@ def wrap_superlink_app(wrap: Callable[[Any], Any]) -> None:
 
 
 def run_supernode(poll_interval: float) -> None:
-    """Run flower-supernode in this process, with its pull loop's fixed waits (3 s
-    between asks for a message, 0.5 s for a pending reply) cut to poll_interval."""
+    """Run flower-supernode in this process, its pull loop's fixed waits cut to `poll_interval`.
+
+    The waits are 3 s between asks for a message and 0.5 s for a pending reply; `poll_interval`
+    is in seconds.
+    """
     pull_loop = import_module(SUPERNODE[0])
 
     def sleep(seconds: float) -> None:
