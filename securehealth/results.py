@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -232,8 +233,6 @@ def finished_run_argument(
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     metrics = run_dir / METRICS_FILE
-    from securehealth.run_record import current_status
-
     try:
         status = current_status(run_dir) if metrics.exists() else None
     except (OSError, ValueError, TypeError, KeyError):
@@ -271,3 +270,36 @@ def check_new_output(path: Path, overwrite: bool) -> None:
         raise RunDirError(f"{path} exists: choose a new file, or pass --overwrite to replace it")
     if path.exists() and not path.is_file():
         raise RunDirError(f"{path} is not a file")
+
+
+def started_at(pid: int) -> int | None:
+    """When the process pid started, in clock ticks since boot: with the pid it names
+    one process, even once the pid is used again. None where it has ended (a zombie
+    included) or /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # fields 3 and 22: state, starttime
+
+
+def current_status(run_dir: Path) -> str:
+    """The run's status in its metrics.json; one that says "running" though the
+    process recording it has ended (kill -9, a power cut) is marked "interrupted"
+    there first, with why. A run recorded on another machine, or where /proc cannot
+    tell, is taken at its word."""
+    metrics = read_json(Path(run_dir) / METRICS_FILE)
+    recorder = metrics.get("recorder")
+    if metrics["status"] != "running" or not recorder or recorder["started_at"] is None:
+        return metrics["status"]
+    pid = recorder["pid"]
+    if recorder["host"] != socket.gethostname() or started_at(pid) == recorder["started_at"]:
+        return metrics["status"]
+    mark_stopped(
+        run_dir,
+        INTERRUPTED,
+        f"the process that ran it (pid {pid}) ended without recording how (it was killed, "
+        f"or its machine stopped)",
+    )
+    return INTERRUPTED

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securehealth.results import INTERRUPTED, METRICS_FILE, mark_stopped, read_json, write_json
+from securehealth.results import METRICS_FILE, started_at, write_json
 
 # What a hospital reports about its own privacy spending, as metrics.json records it:
 # epsilon is cumulative over every release on its patients (all listed in
@@ -102,39 +102,6 @@ class RunRecord:
             },
         }
         self.save()
-
-
-def started_at(pid: int) -> int | None:
-    """When the process pid started, in clock ticks since boot: with the pid it names
-    one process, even once the pid is used again. None where it has ended (a zombie
-    included) or /proc cannot say."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else int(fields[19])  # fields 3 and 22: state, starttime
-
-
-def current_status(run_dir: Path) -> str:
-    """The run's status in its metrics.json; one that says "running" though the
-    process recording it has ended (kill -9, a power cut) is marked "interrupted"
-    there first, with why. A run recorded on another machine, or where /proc cannot
-    tell, is taken at its word."""
-    metrics = read_json(Path(run_dir) / METRICS_FILE)
-    recorder = metrics.get("recorder")
-    if metrics["status"] != "running" or not recorder or recorder["started_at"] is None:
-        return metrics["status"]
-    pid = recorder["pid"]
-    if recorder["host"] != socket.gethostname() or started_at(pid) == recorder["started_at"]:
-        return metrics["status"]
-    mark_stopped(
-        run_dir,
-        INTERRUPTED,
-        f"the process that ran it (pid {pid}) ended without recording how (it was killed, "
-        f"or its machine stopped)",
-    )
-    return INTERRUPTED
 
 
 def common_value(reports: list[dict[str, Any]], key: str) -> Any:

@@ -1,8 +1,10 @@
-"""The ServerApp's run around the strategy: the operator's signature checked before
-anything is written, the hospitals admitted before anyone trains, Flower's workflow
-(SecAgg+ where set) with a Grid that collects replies promptly and hands Flower only
-replies it can read, and at the end the hospitals told, the report written and the
-outcome recorded, whatever happened."""
+"""The server's Flower ServerApp (`app`): one training run around the strategy.
+
+The operator's signature is checked before anything is written, the hospitals are
+admitted before anyone trains, Flower's workflow (SecAgg+ where set) runs with a Grid
+that hands Flower only replies it can read, and at the end the hospitals are told,
+the report written and the outcome recorded, whatever happened.
+"""
 
 import os
 import threading
@@ -12,17 +14,18 @@ from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, Error, Message, MessageType
 from flwr.common import EvaluateIns, log, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
 
-from securehealth import operating_point
-from securehealth.admission import REASON_LIMIT
+from securehealth import operating_point, settings
+from securehealth.admission import REASON_LIMIT, Admission
 from securehealth.authorisation import Unauthorised, claim, verify_run
 from securehealth.certificates import (
     ENROLLED_KEYS_VARIABLE,
@@ -39,12 +42,9 @@ from securehealth.flower import (
     recorddict_to_getpropertiesres,
 )
 from securehealth.model import get_weights
-from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished
+from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished, run_directory
+from securehealth.strategy import HospitalFedAvg
 from securehealth.text import untrusted
-
-if TYPE_CHECKING:
-    from securehealth.admission import Admission
-    from securehealth.strategy import HospitalFedAvg
 
 END_NOTICE_TIMEOUT = 30  # seconds to tell the hospitals that the run has ended
 # Seconds the hospitals have to send their operating point's histograms (each scores
@@ -90,7 +90,7 @@ def workflow(cfg: SimpleNamespace) -> DefaultWorkflow:
 
 @contextmanager
 def recorded_outcome(
-    grid: Grid, strategy: "HospitalFedAvg", admission: "Admission", run_dir: Path
+    grid: Grid, strategy: HospitalFedAvg, admission: Admission, run_dir: Path
 ) -> Iterator[None]:
     """Around the run: afterwards, tell the hospitals how it ended (with the final
     model), write the report if it finished, and save its status in metrics.json."""
@@ -131,7 +131,7 @@ def recorded_outcome(
 
 
 def wait_for_hospitals(
-    admission: "Admission", cfg: SimpleNamespace, strategy: "HospitalFedAvg"
+    admission: Admission, cfg: SimpleNamespace, strategy: HospitalFedAvg
 ) -> None:
     """Start only when every hospital 0..num_clients-1 has been admitted, and before
     anyone trains, stop if one of them cannot take part (it disagrees on a setting
@@ -168,7 +168,7 @@ def wait_for_hospitals(
 
 
 def ask_operating_point(
-    grid: Grid, strategy: "HospitalFedAvg", admission: "Admission", rounds: int
+    grid: Grid, strategy: HospitalFedAvg, admission: Admission, rounds: int
 ) -> None:
     """Ask every admitted hospital for its operating point's histograms of the final
     model (Hospital.release_operating_point), and have the strategy choose the
@@ -315,3 +315,31 @@ def enrolled_keys(cfg: SimpleNamespace) -> dict[int, ec.EllipticCurvePublicKey]:
         return {}
     enrolled = check_hospital_keys(folder, cfg.num_clients)
     return {number: load_hospital_key(path) for number, path in enrolled.items()}
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one training run: admit the hospitals, then `rounds` rounds, then the operating point.
+
+    The operating point comes from the hospitals' DP score histograms after the last
+    round; the run's outcome is recorded whatever happens.
+    """
+    settings.check_defaults(context.run_config, grid.run.override_config)
+    cfg = settings.decide_auto(settings.from_run_config(context.run_config))
+    run_dir = run_directory(cfg, context.run_id)
+    check_authorised(context, run_dir)  # before anything is written
+    log(INFO, "SecureHealth-ML: results go to %s", run_dir)
+    grid = PromptGrid(grid)
+    admission = Admission(grid, cfg, context.run_id, enrolled_keys(cfg))
+    strategy = HospitalFedAvg(cfg, run_dir, admission)
+    with recorded_outcome(grid, strategy, admission, run_dir):
+        wait_for_hospitals(admission, cfg, strategy)
+        rounds = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy
+        )
+        workflow(cfg)(grid, rounds)
+        ask_operating_point(grid, strategy, admission, cfg.rounds)
+        strategy.finish()

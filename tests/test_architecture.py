@@ -87,7 +87,7 @@ def test_another_flower_version_fails_closed_in_one_line():
     pretend = (
         "import importlib.metadata as metadata; real = metadata.version; "
         "metadata.version = lambda name: '1.43.0' if name == 'flwr' else real(name); "
-        "import server"
+        "import securehealth.serverapp"
     )
     result = subprocess.run(
         [sys.executable, "-c", pretend], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -97,12 +97,91 @@ def test_another_flower_version_fails_closed_in_one_line():
     assert "Flower 1.42.0's internals" in last and "flwr 1.43.0 is installed" in last
 
 
+def product_imports():
+    """Every product module and the product modules it imports, at any level of the code.
+
+    Imports inside functions count: they are how a circle hides from Python at
+    import time, and the reader still has to follow them.
+    """
+    modules = {}
+    for path in product_sources():
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        name = parts[:-1] if parts[-1] == "__init__" else parts
+        modules[".".join(name)] = (path, parts[:-1])
+    graph = {}
+    for name, (path, package) in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package[: len(package) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def import_circles(graph):
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index, low, stack, circles = {}, {}, [], []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in graph[module]:
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while not group or group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_import_circles_at_any_level():
+    assert import_circles(product_imports()) == []
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_package_imports_no_script_above_it():
+    graph = product_imports()
+    scripts = {name for name in graph if not name.startswith("securehealth")}
+    above = {name: graph[name] & scripts for name in graph if name.startswith("securehealth")}
+    assert {name: found for name, found in above.items() if found} == {}
+
+
+def test_both_apps_live_in_the_package():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    components = project["tool"]["flwr"]["app"]["components"]
+    assert components == {
+        "serverapp": "securehealth.serverapp:app",
+        "clientapp": "securehealth.clientapp:app",
+    }
+
+
 def test_the_apps_load_neither_tools_nor_launchers():
     loaded = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import sys, server, client; print(' '.join(sorted(m for m in sys.modules "
+            "import sys, securehealth.serverapp, securehealth.clientapp; "
+            "print(' '.join(sorted(m for m in sys.modules "
             "if m.startswith(('securehealth.tools', 'securehealth.deployment')))))",
         ],
         cwd=ROOT,
@@ -122,7 +201,8 @@ def test_a_message_that_does_not_train_loads_no_training_stack():
         [
             sys.executable,
             "-c",
-            "import sys, client; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))",
+            "import sys, securehealth.clientapp; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))",
         ],
         cwd=ROOT,
         capture_output=True,
