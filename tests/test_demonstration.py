@@ -1,7 +1,9 @@
-"""Demonstrations never spend a real budget: data generated or shipped with the code
-keeps its ledgers with the run, decided from the data's fingerprint alone, and
-everything else spends from the lasting ledger that simulation and deployment
-share."""
+"""Demonstrations never spend a real budget.
+
+Data generated or shipped with the code keeps its ledgers with the run, decided from
+the data's fingerprint alone, and everything else spends from the lasting ledger that
+simulation and deployment share.
+"""
 
 import hashlib
 import json

@@ -1,5 +1,7 @@
-"""Deployment end to end: `python server.py` and three `python client.py` processes
-on loopback, with TLS, Flower's real SuperLink and SuperNodes, and real files."""
+"""Deployment end to end: `python server.py` and three `python client.py` processes.
+
+They run on loopback, with TLS, Flower's real SuperLink and SuperNodes, and real files.
+"""
 
 import json
 import shlex
@@ -39,8 +41,11 @@ def read_metrics(run_dir):
 
 
 def hand_out_csv_files(workdir):
-    """The example CSV directory as it lies in a real deployment: the server holds
-    the data dictionary and its own test set, each hospital its own table only."""
+    """The example CSV directory as it lies in a real deployment.
+
+    The server holds the data dictionary and its own test set, each hospital its own
+    table only.
+    """
     example = own_data_copy(ROOT / "examples" / "csv", workdir / "own-data")
     (workdir / "server-data").mkdir()
     for name in ("schema.json", "test.csv"):
@@ -113,7 +118,7 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
     time.sleep(1)
     assert flower_processes(workdir) == []
 
-    # The reset attack: the server changes what used to decide the held-out rows
+    # The reset attack: the server changes what decided the first run's held-out rows
     # (seed, test_fraction). The hospitals' ledgers still hold one budget for their
     # patients, and it is spent: each hospital refuses at start, in one line, before
     # it reaches the server, saying what is left and what to do; nothing more is spent.
@@ -176,7 +181,7 @@ def test_a_hospital_that_crashes_and_comes_back(federation):
     clients[2].kill()  # kill -9 of client.py alone: hospital 2 crashes after round 1
     clients[2].wait()
     assert left_running(hospital_state(workdir, 2)) == []  # its SuperNode went with it
-    # Issue 28: its worker's socket folder stayed in /tmp; the socket now has no file.
+    # Its worker's socket has no file, so a crash leaves no socket folder in /tmp.
     assert set(Path(tempfile.gettempdir()).glob("securehealth-*/worker.sock")) <= sockets_before
     ledger_path = demo_ledger(hospital_state(workdir, 2))  # generated patients
     spent_before = json.loads(ledger_path.read_text())["releases"]
@@ -216,7 +221,7 @@ def test_kill_9_of_server_py_leaves_nothing_running(federation):
     server.wait()
     assert left_running(run_dir) == []
     assert not runtime.server_reachable(f"127.0.0.1:{port}")  # the port is free again
-    # Issue 28: metrics.json then said "running" forever; the next reader marks it.
+    # The killed run's metrics.json says "running"; the next reader marks it interrupted.
     predicted = run_script("predict.py", "--run-dir", run_dir, "--data", "x.csv", cwd=workdir)
     assert predicted.returncode == 2 and "(its run is interrupted)" in predicted.stderr
     assert read_metrics(run_dir)["status"] == "interrupted"
@@ -481,10 +486,12 @@ exit $code
 
 
 def on_a_small_disk(workdir, size, filled, fill_when=None):
-    """The prefix that runs a command in its own tmpfs of `size` bytes (its working
-    directory), `filled` of them taken at once and all the rest once `fill_when`
-    exists; what it holds is then copied to workdir/small-disk. Skips where this
-    machine cannot make one (no user namespaces)."""
+    """The prefix that runs a command in its own tmpfs of `size` bytes.
+
+    The tmpfs is the command's working directory: `filled` of its bytes are taken at
+    once and all the rest once `fill_when` exists; what it holds is then copied to
+    workdir/small-disk. Skips where this machine cannot make one (no user namespaces).
+    """
     if subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode != 0:
         pytest.skip("this machine cannot mount a small file system without privileges")
     (workdir / "small-disk").mkdir()
@@ -495,8 +502,8 @@ def on_a_small_disk(workdir, size, filled, fill_when=None):
 
 
 def test_a_hospital_on_a_full_disk_says_so_in_one_line_before_joining(tmp_path):
-    # Issue 28: a traceback in supernode.log only, the console silent, the server
-    # waiting. Now client.py refuses before it joins, in one line.
+    # client.py refuses before it joins, in one line, rather than leaving a traceback
+    # in supernode.log only, the console silent and the server waiting.
     processes = Processes(tmp_path)
     try:
         full = on_a_small_disk(tmp_path, 30_000_000, 29_500_000)
@@ -517,9 +524,8 @@ def test_a_hospital_on_a_full_disk_says_so_in_one_line_before_joining(tmp_path):
 def test_a_hospital_whose_disk_fills_mid_run_leaves_in_one_line_and_the_run_goes_on(
     federation,
 ):
-    # Issue 28: the same, with the disk filling up during the run: the hospital says
-    # why and leaves, the server is told and carries on with the others, and the
-    # ledger is whole.
+    # The disk fills up during the run: the hospital says why and leaves, the server
+    # is told and carries on with the others, and the ledger is whole.
     processes, workdir, port = federation
     plain = ["--insecure", "--secure-aggregation", "off"]
     address = ["--server-address", f"127.0.0.1:{port}", *plain]
