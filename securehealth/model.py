@@ -1,6 +1,8 @@
-"""The diagnosis model (logistic regression by default, or a small MLP; either
-outputs a risk logit), the exchange of its weights between hospitals and server,
-its clinical evaluation, and model.pt."""
+"""The diagnosis model, the exchange of its weights, its clinical evaluation, and model.pt.
+
+The model is logistic regression by default, or a small MLP; either outputs a risk logit. Its
+weights travel between hospitals and server as NumPy arrays (get_weights, set_weights).
+"""
 
 import io
 import json
@@ -30,8 +32,10 @@ if TYPE_CHECKING:
 
 
 def build_model(in_features: int, hidden_layers: Sequence[int]) -> nn.Sequential:
-    """An MLP without BatchNorm (not compatible with per-patient DP gradients);
-    without hidden layers, logistic regression."""
+    """The diagnosis model: an MLP with `hidden_layers`, or logistic regression without any.
+
+    It has no BatchNorm, which is not compatible with per-patient DP gradients.
+    """
     layers, width = [], in_features
     for hidden in hidden_layers:
         layers += [nn.Linear(width, hidden), nn.ReLU()]
@@ -70,10 +74,16 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
 def weights_problem(
     weights: list[np.ndarray], expected: list[np.ndarray], max_magnitude: float = math.inf
 ) -> str | None:
-    """Why `weights` are not a model shaped like `expected` (None if they are): a
-    wrong number or shape of arrays, numbers that are not floating-point, NaN or
-    infinite values, or a value beyond `max_magnitude`. Depends on the arrays
-    alone, so that the answer says nothing about anyone's patients."""
+    """Why `weights` are not a model shaped like `expected`, or None if they are.
+
+    The answer depends on the arrays alone, so that it says nothing about anyone's patients.
+
+    Returns
+    -------
+    str or None
+        The first problem found: a wrong number or shape of arrays, numbers that are not
+        floating-point, NaN or infinite values, or a value beyond `max_magnitude`.
+    """
     if len(weights) != len(expected):
         return f"{len(weights)} weight arrays where the model has {len(expected)}"
     for i, (got, want) in enumerate(zip(weights, expected, strict=True)):
@@ -98,9 +108,24 @@ def predict_risk(model: nn.Module, x: np.ndarray) -> np.ndarray:
 def clinical_metrics(
     y_true: np.ndarray, risk: np.ndarray, threshold: float
 ) -> dict[str, float | None]:
-    """What clinicians read, from scikit-learn: discrimination (ROC-AUC, undefined
-    when only one class is present), the figures at the decision threshold, and
-    the calibration of the predicted risks (Brier score, log loss)."""
+    """What clinicians read of a model's predicted risks, computed with scikit-learn.
+
+    Parameters
+    ----------
+    y_true : np.ndarray
+        Each patient's label (1: has the disease).
+    risk : np.ndarray
+        Each patient's predicted risk.
+    threshold : float
+        The decision threshold: a risk at or above it is called positive.
+
+    Returns
+    -------
+    dict[str, float | None]
+        Discrimination (`auc`, None when only one class is present), the figures at the
+        threshold (accuracy, sensitivity, specificity, precision, f1), the calibration of the
+        risks (`brier`, log `loss`) and the `threshold` itself.
+    """
     predicted = (risk >= threshold).astype(int)
     both_classes = len(np.unique(y_true)) == 2
     return {
@@ -123,9 +148,11 @@ def save_model(
     schema: "Schema",
     threshold: float,
 ) -> None:
-    """Write model.pt atomically: the weights plus what is needed to rebuild and
-    use them (the model's inputs, and the data dictionary and missing-value mode
-    that encode them)."""
+    """Write model.pt atomically: the weights and what is needed to rebuild and use them.
+
+    That is the model's hidden layers and inputs, the data dictionary and missing-value mode that
+    encode them, and the decision threshold.
+    """
     buffer = io.BytesIO()
     torch.save(
         {
