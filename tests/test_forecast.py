@@ -1,5 +1,8 @@
-"""The utility forecast before training: silent where the defaults give a useful
-model, one line where measured runs did not, and hospitals that cannot train named."""
+"""The utility forecast before training.
+
+Silent where the defaults give a useful model, one line where measured runs did not,
+and hospitals that cannot train named.
+"""
 
 import math
 import subprocess

@@ -1,5 +1,7 @@
-"""The shipped UCI Heart Disease files: four real sites, their gaps, and an encoding
-that no hospital's rows can move."""
+"""The shipped UCI Heart Disease files.
+
+Four real sites, their gaps, and an encoding that no hospital's rows can move.
+"""
 
 import io
 import shutil

@@ -1,7 +1,8 @@
-"""A server that sends a crafted global model learns nothing about one patient beyond
-what DP allows: the attack, played on the real ClientApp with real Flower messages,
-the real Opacus training and real CSV files, under a data set and its replace-one
-neighbour."""
+"""A server that sends a crafted global model learns no more about a patient than DP allows.
+
+The attack is played on the real ClientApp with real Flower messages, the real Opacus
+training and real CSV files, under a data set and its replace-one neighbour.
+"""
 
 import shutil
 
@@ -31,8 +32,10 @@ def inside_a_supernode(monkeypatch, tmp_path):
 
 
 def with_oldest_patient(folder, line, age=OLDEST):
-    """The example's CSV files, with the patient on `line` of hospital 2's file aged
-    `age`: the single patient a crafted model will single out."""
+    """The example's CSV files, with the patient on `line` of hospital 2's file aged `age`.
+
+    That patient is the single one a crafted model will single out.
+    """
     shutil.copytree(EXAMPLE, folder)
     path = folder / f"hospital_{HOSPITAL}.csv"
     lines = path.read_text().splitlines()
@@ -63,8 +66,10 @@ def csv_settings(folder, max_weight):
 
 
 def oldest_is(folder, where):
-    """Whether the oldest patient is among hospital 2's training ("training") or
-    held-out ("held-out") patients."""
+    """Whether the oldest patient is among hospital 2's `where` patients.
+
+    `where` is "training" or "held-out".
+    """
     cfg = csv_settings(folder, settings.DEFAULTS["max_weight"])
     age = data_utils.load_schema(cfg).input_names.index("age")
     train, held_out = data_utils.hospital_data(cfg, HOSPITAL)
@@ -74,9 +79,12 @@ def oldest_is(folder, where):
 
 
 def neighbours(tmp_path, where):
-    """(D, D'): the example data with one patient, the oldest, among hospital 2's
-    `where` patients; and the same with that patient's record replaced by another
-    (the same record, 40 years younger)."""
+    """(D, D'): a data set and its replace-one neighbour.
+
+    D is the example data with one patient, the oldest, among hospital 2's `where`
+    patients; D' is the same with that patient's record replaced by another (the same
+    record, 40 years younger).
+    """
     for line in range(1, 121):
         shutil.rmtree(tmp_path / "D", ignore_errors=True)
         data = with_oldest_patient(tmp_path / "D", line)
@@ -86,9 +94,11 @@ def neighbours(tmp_path, where):
 
 
 def crafted_model(data_dir):
-    """Finite weights whose output is NaN for exactly the oldest patient: two hidden
-    units open only above the second-oldest age, each at 1e30 for the oldest, met by
-    output weights +1e30 and -1e30 (infinity minus infinity)."""
+    """Finite weights whose output is NaN for exactly the oldest patient.
+
+    Two hidden units open only above the second-oldest age, each at 1e30 for the
+    oldest, met by output weights +1e30 and -1e30 (infinity minus infinity).
+    """
     cfg = csv_settings(data_dir, settings.DEFAULTS["max_weight"])
     names = data_utils.load_schema(cfg).input_names
     age = names.index("age")
