@@ -1,8 +1,10 @@
-"""What a clinician needs beside a model's figures, and when to tell them plainly
-that the model is not usable: the confusion counts at its decision threshold with
-95 % confidence intervals, the prevalence and the majority-class baseline, the
-figures in each subgroup the data dictionary marks, and the warnings that make a
-run end "finished with warnings" (results.py)."""
+"""What a clinician needs beside a model's figures, and when to say plainly it is not usable.
+
+The confusion counts at the decision threshold with 95 % confidence intervals (`Confusion`), the
+calibration (`Calibration`), the figures in each subgroup the data dictionary marks
+(`subgroup_figures`), and the warnings that make a run end "finished with warnings"
+(`usefulness_warnings`, read by results.py).
+"""
 
 import math
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ class Confusion:
 
     @classmethod
     def at(cls, y: np.ndarray, risk: np.ndarray, threshold: float) -> "Confusion":
+        """The counts for labels `y` and predicted risks `risk` at `threshold`."""
         called, sick = risk >= threshold, y == 1
         return cls(
             int((called & sick).sum()),
@@ -77,17 +80,18 @@ class Confusion:
         return self.true_negatives + self.false_negatives
 
     def predictive_values(self) -> tuple[float | None, float | None]:
-        """(PPV, NPV): the share sick among those called sick, and healthy among those
-        called healthy, at this reference set's prevalence (None where nobody is
-        called so)."""
+        """(PPV, NPV) at this reference set's prevalence.
+
+        They are the share sick among those called sick, and healthy among those called
+        healthy; each is None where nobody is called so.
+        """
         ppv = self.true_positives / self.called_positive if self.called_positive else None
         npv = self.true_negatives / self.called_negative if self.called_negative else None
         return ppv, npv
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
-    """SciPy's Wilson score interval of a proportion, at CONFIDENCE; (0, 1) with no
-    trials."""
+    """SciPy's Wilson score interval of a proportion, at CONFIDENCE; (0, 1) with no trials."""
     if trials == 0:
         return 0.0, 1.0
     from scipy.stats import binomtest
@@ -98,10 +102,12 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """How far the predicted risks are from the observed ones: calibration-in-the-
-    large (the mean predicted risk against the share observed) and the calibration
-    slope (of the logistic regression of the outcome on the risk's logit: 1 is
-    calibrated, above 1 risks compressed towards the middle, below 1 too extreme)."""
+    """How far the predicted risks are from the observed ones.
+
+    Calibration-in-the-large is the mean predicted risk against the share observed. The
+    calibration slope is that of the logistic regression of the outcome on the risk's logit: 1 is
+    calibrated, above 1 the risks are compressed towards the middle, below 1 too extreme.
+    """
 
     mean_risk: float
     observed: float
@@ -109,6 +115,7 @@ class Calibration:
 
     @classmethod
     def of(cls, y: np.ndarray, risk: np.ndarray) -> "Calibration":
+        """The calibration of predicted risks `risk` against labels `y`."""
         from sklearn.linear_model import LogisticRegression
 
         clipped = np.clip(risk.astype(float), 1e-6, 1 - 1e-6)
@@ -118,8 +125,11 @@ class Calibration:
         return cls(float(risk.mean()), float(y.mean()), slope)
 
     def text(self) -> str:
-        """The two figures in words, for the report. The means are compared on the
-        logit scale (0.06 against 0.02 is a threefold over-estimate, not a match)."""
+        """The two figures in words, for the report.
+
+        The means are compared on the logit scale (0.06 against 0.02 is a threefold
+        over-estimate, not a match).
+        """
         gap = _logit(self.mean_risk) - _logit(self.observed)
         large = (
             f"the model {'over' if gap > 0 else 'under'}-estimates risk on average"
@@ -160,8 +170,10 @@ def _logit(p: float) -> float:
 
 
 def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
-    """The ROC-AUC's interval at CONFIDENCE from Hanley and McNeil's (1982) standard
-    error, which needs only the AUC and the two classes' sizes."""
+    """The ROC-AUC's interval at CONFIDENCE, from Hanley and McNeil's (1982) standard error.
+
+    That standard error needs only the AUC and the two classes' sizes.
+    """
     from scipy.stats import norm
 
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
@@ -174,10 +186,12 @@ def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, flo
 
 @dataclass(frozen=True)
 class SubgroupFigures:
-    """A subgroup's figures at the run's threshold, each (value, 95 % interval), or
-    None where the subgroup lacks a class (the AUC: fewer than MIN_CLASS of
-    either); `gaps` names those below the whole reference set's by SUBGROUP_GAP
-    beyond chance, from at least MIN_CLASS patients of the class, in words."""
+    """A subgroup's figures at the run's threshold, each a (value, 95 % interval) or None.
+
+    A figure is None where the subgroup lacks its class (the AUC: fewer than MIN_CLASS of
+    either). `gaps` names, in words, those below the whole reference set's by SUBGROUP_GAP
+    beyond chance, from at least MIN_CLASS patients of the class.
+    """
 
     feature: str
     subgroup: str
@@ -192,8 +206,25 @@ class SubgroupFigures:
 def subgroup_figures(
     subgroups: list[Subgroup], y: np.ndarray, risk: np.ndarray, threshold: float
 ) -> list[SubgroupFigures]:
-    """Each subgroup's AUC, sensitivity and specificity with 95 % intervals, and
-    where each falls short of the whole reference set's (SUBGROUP_GAP)."""
+    """Each subgroup's AUC, sensitivity and specificity with 95 % intervals, and their gaps.
+
+    Parameters
+    ----------
+    subgroups : list[Subgroup]
+        The subgroups the data dictionary marks, each with its members among the reference set.
+    y : np.ndarray
+        The reference patients' labels.
+    risk : np.ndarray
+        Their predicted risks.
+    threshold : float
+        The run's decision threshold.
+
+    Returns
+    -------
+    list[SubgroupFigures]
+        One per subgroup, its `gaps` saying where it falls short of the whole reference set's
+        figures (SUBGROUP_GAP).
+    """
     from sklearn.metrics import roc_auc_score
 
     def figures(members):
@@ -244,13 +275,34 @@ def subgroup_figures(
 def usefulness_warnings(
     final: dict, confusion: Confusion, hospitals: int, trained: int, operating_point: dict | None
 ) -> list[str]:
-    """Why a finished run's model should not be taken as a success, in words (empty
-    if none applies): it calls every patient the same, its AUC is below
-    MIN_USEFUL_AUC, it tells the classes apart no better than calling everyone the
-    majority class (sensitivity + specificity at most 1, that baseline's sum),
-    fewer hospitals trained in the last round than the run started with, or no
-    operating point could be chosen. (Subgroup gaps are flagged in the report, not
-    here: at one threshold they come from the case mix as much as from the model.)"""
+    """Why a finished run's model should not be taken as a success, in words.
+
+    Subgroup gaps are flagged in the report, not here: at one threshold they come from the case
+    mix as much as from the model.
+
+    Parameters
+    ----------
+    final : dict
+        The final model's figures on the reference set (model.clinical_metrics).
+    confusion : Confusion
+        Its confusion counts at the threshold.
+    hospitals : int
+        How many hospitals the run started with.
+    trained : int
+        How many trained in the last round.
+    operating_point : dict or None
+        The operating point's record (`chosen`, and `reason` where it was not), or None for a
+        fixed threshold.
+
+    Returns
+    -------
+    list[str]
+        Empty if none applies; else each of: the model calls every patient the same, its AUC is
+        below MIN_USEFUL_AUC, it tells the classes apart no better than calling everyone the
+        majority class (sensitivity + specificity at most 1, that baseline's sum), fewer
+        hospitals trained in the last round than the run started with, or no operating point
+        could be chosen.
+    """
     found = []
     if 0 in (confusion.called_positive, confusion.called_negative):
         kind = "negative" if confusion.called_positive == 0 else "positive"
