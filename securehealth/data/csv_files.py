@@ -3,8 +3,10 @@ dictionary DIR/schema.json (or .yaml); the server's reference test set is
 DIR/test.csv. Every cell is checked against the dictionary."""
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -91,12 +93,44 @@ def read_csv(
     None): new patients to score. A file without a header row is read with the
     column names `header`, of which the dictionary's are used. The first problem
     stops it, named with its line."""
+    path = Path(path)
+    frame, written = _named_columns(_read_table(path), path, schema, header)
+    required = _required_columns(frame, path, schema, labelled)
+    table, written, missing = _kept_rows(frame, path, schema, required, written)
+    _check_missing(table, schema, missing)
+    columns = _feature_columns(table, schema, missing)
+    keys = _patient_keys(table, schema, written)
+    x = schema.encode(columns, missing)
+    if schema.label not in required:  # unlabelled, and the file has no label column
+        return x, None, keys
+    return x, _label_values(table, schema), keys
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A table's stripped cells, with each row's line in the file, for error messages."""
+
+    path: Path
+    cells: Any  # a pandas DataFrame of text
+    line: np.ndarray
+
+    def fail(self, rows: np.ndarray, column: str, problem: str) -> NoReturn:
+        """Raise DataError naming the first of `rows` in `column` and its `problem`."""
+        first = np.flatnonzero(rows)[0]
+        value = self.cells[column].iloc[first]
+        raise DataError(
+            f"{self.path} line {self.line[first]}, column {quoted(column)}: {quoted(value)} "
+            f"{problem}"
+        )
+
+
+def _read_table(path: Path) -> Any:
+    """The file's every cell as text, its header row read as a row."""
     import pandas as pd  # imported here: only CSV runs pay for it
 
-    path = Path(path)
     try:
         # Header row read as a row: pandas would rename a repeated column "age.1".
-        frame = pd.read_csv(
+        return pd.read_csv(
             path, dtype=str, keep_default_na=False, skipinitialspace=True, header=None
         )
     except FileNotFoundError:
@@ -104,6 +138,13 @@ def read_csv(
     except (OSError, ValueError) as error:
         problem = " ".join(str(error).split())  # pandas' own message may span lines
         raise DataError(f"{path}: cannot read it as CSV ({problem})") from None
+
+
+def _named_columns(
+    frame: Any, path: Path, schema: Schema, header: list[str] | None
+) -> tuple[Any, Any]:
+    """(the rows under their column names, each row as written): the names from the
+    header row, or from `header` for a file without one."""
     if header:  # the file's own layout: the dictionary chooses the columns it uses
         if frame.shape[1] != len(header):
             raise DataError(
@@ -121,6 +162,12 @@ def read_csv(
     written = written.agg("\x1f".join, axis=1)  # each row as written, column by column
     if header:
         frame = frame[[c for c in header if c in schema.columns]]
+    return frame, written
+
+
+def _required_columns(frame: Any, path: Path, schema: Schema, labelled: bool) -> list[str]:
+    """The dictionary's columns the table must have (the label's only where it is
+    `labelled` or has one), refusing a column the dictionary does not declare."""
     extra = [c for c in frame.columns if c not in schema.columns]
     lacking = any(c not in frame.columns for c in schema.columns if c != schema.label)
     if lacking and len(extra) * 2 > len(frame.columns):
@@ -143,7 +190,14 @@ def read_csv(
     if absent:
         what = "the label column" if absent[0] == schema.label else "column"
         raise DataError(f"{path}: {what} {quoted(absent[0])} of {schema.source} is missing")
+    return required
 
+
+def _kept_rows(
+    frame: Any, path: Path, schema: Schema, required: list[str], written: Any
+) -> tuple[_Table, Any, dict[str, np.ndarray]]:
+    """(the required cells, each row as written, each column's missing cells), of the
+    rows kept: with missing_values "drop", those without a missing value."""
     line = frame.index.to_numpy() + 1  # file line numbers
     cells = frame[required].apply(lambda col: col.str.strip())
     missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in required}
@@ -151,6 +205,11 @@ def read_csv(
         keep = ~np.any(list(missing.values()), axis=0)
         cells, line, written = cells[keep], line[keep], written[keep]
         missing = {c: gaps[keep] for c, gaps in missing.items()}
+    return _Table(path, cells, line), written, missing
+
+
+def _check_missing(table: _Table, schema: Schema, missing: dict[str, np.ndarray]) -> None:
+    """Refuse the first missing value that missing_values does not handle in its column."""
     encodable = {f["name"] for f in schema.features if schema.indicated(f)}
     unhandled = [
         (np.flatnonzero(gaps)[0], c)
@@ -159,7 +218,7 @@ def read_csv(
     ]
     if unhandled:
         row, column = min(unhandled)
-        value = cells[column].iloc[row]
+        value = table.cells[column].iloc[row]
         what = "empty value" if value == "" else f"{quoted(value)} means a missing value"
         fix = "set missing_values to 'drop' (with adjacency add-remove) to leave such patients out"
         if schema.missing_values == "indicator" and column not in (schema.label, schema.patient_id):
@@ -167,26 +226,28 @@ def read_csv(
         elif schema.missing_values == "fail":
             fix = f"{fix}, or to 'indicator' to encode it as missing"
         raise DataError(
-            f"{path} line {line[row]}, column {quoted(column)}: {what}; fill it in, or {fix}"
+            f"{table.path} line {table.line[row]}, column {quoted(column)}: {what}; "
+            f"fill it in, or {fix}"
         )
 
-    def fail(rows, column, problem):
-        first = np.flatnonzero(rows)[0]
-        value = cells[column].iloc[first]
-        raise DataError(
-            f"{path} line {line[first]}, column {quoted(column)}: {quoted(value)} {problem}"
-        )
+
+def _feature_columns(
+    table: _Table, schema: Schema, missing: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each feature's values (numbers, or category names), checked against the
+    dictionary's declared range or categories."""
+    import pandas as pd
 
     columns = {}
     for f in schema.features:
-        raw, gap = cells[f["name"]], missing[f["name"]]
+        raw, gap = table.cells[f["name"]], missing[f["name"]]
         if f["type"] == "numeric":
             values = pd.to_numeric(raw.where(~gap, "nan"), errors="coerce").to_numpy(float)
             if (np.isnan(values) & ~gap).any():
-                fail(np.isnan(values) & ~gap, f["name"], "is not a number")
+                table.fail(np.isnan(values) & ~gap, f["name"], "is not a number")
             outside = ((values < f["min"]) | (values > f["max"])) & ~gap
             if outside.any():
-                fail(
+                table.fail(
                     outside,
                     f["name"],
                     f"is outside the declared range [{f['min']}, "
@@ -197,27 +258,33 @@ def read_csv(
             named = schema.categories_of(f, raw.to_numpy())
             unknown = (named == "") & ~gap
             if unknown.any():
-                fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
+                table.fail(unknown, f["name"], f"is not one of the categories {f['categories']}")
             columns[f["name"]] = named
-    keys = written.to_numpy()
-    if schema.patient_id:
-        keys = cells[schema.patient_id].to_numpy()
-        repeated = cells[schema.patient_id].duplicated().to_numpy()
-        if repeated.any():
-            fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
-    x = schema.encode(columns, missing)
-    if not has_label:
-        return x, None, keys
-    label = cells[schema.label]
+    return columns
+
+
+def _patient_keys(table: _Table, schema: Schema, written: Any) -> np.ndarray:
+    """Each patient's key: its patient_id (each appearing once), else its row as written."""
+    if not schema.patient_id:
+        return written.to_numpy()
+    repeated = table.cells[schema.patient_id].duplicated().to_numpy()
+    if repeated.any():
+        table.fail(repeated, schema.patient_id, "appears twice: each patient must have one row")
+    return table.cells[schema.patient_id].to_numpy()
+
+
+def _label_values(table: _Table, schema: Schema) -> np.ndarray:
+    """The labels (1.0 disease, 0.0 not), each a declared positive or negative value."""
+    label = table.cells[schema.label]
     odd = ~schema.is_label(label.to_numpy())
     if odd.any():
-        fail(
+        table.fail(
             odd,
             schema.label,
             f"is neither the positive label {schema.positive!r} nor "
             f"the negative {schema.negative!r}",
         )
-    return x, schema.labels(label.to_numpy()), keys
+    return schema.labels(label.to_numpy())
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
