@@ -1,3 +1,5 @@
-"""The machinery of the tools (audit.py, sweep.py, bench.py and simulation.py's
---baselines): they train their own copies in this process. Never imported by the
-Flower apps, and not shipped to the hospitals."""
+"""The machinery of the tools that train their own copies of the federation in this process.
+
+Used by audit.py, sweep.py, bench.py, benchmark.py and simulation.py's --baselines; never imported
+by the Flower apps, and not shipped to the hospitals.
+"""

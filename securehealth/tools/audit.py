@@ -1,8 +1,10 @@
-"""The privacy audit (audit.py): the one-run canary audit (canary_audit.py), on its
-own (`--self-test`) or with a finished run's settings, and, for a finished run, the
-loss-threshold membership-inference attack (Yeom et al., 2018) on the run's model
-and on two models trained here without DP, set beside the most any attack can
-achieve at the run's epsilon."""
+"""The privacy audit of a finished run (audit.py --run-dir): canaries and membership inference.
+
+The one-run canary audit (canary_audit.py) with the run's settings, and the loss-threshold
+membership-inference attack (Yeom et al., 2018) on the run's model and on two models trained here
+without DP, set beside the most any attack can achieve at the run's epsilon. Entry point:
+`run_audit`; the command line is audit_cli.py.
+"""
 
 import math
 from pathlib import Path
@@ -50,8 +52,25 @@ def attack(
     repetitions: int = REPETITIONS,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """AUC and best advantage (max TPR - FPR) of the attack: mean and 95% bootstrap
-    interval over draws of as many members as non-members (both with replacement)."""
+    """The loss-threshold attack's AUC and best advantage, with their bootstrap intervals.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model attacked.
+    members, non_members : tuple of (np.ndarray, np.ndarray)
+        Features and labels of patients it trained on, and of patients it did not.
+    repetitions : int
+        Bootstrap draws of as many members as non-members (both with replacement).
+    seed : int
+        Seed of the draws.
+
+    Returns
+    -------
+    dict
+        "auc" and "advantage" (max TPR - FPR), each the mean over the draws and its 95%
+        bootstrap interval ("mean", "low", "high").
+    """
     (mx, my), (nx, ny) = members, non_members
     member_scores, other_scores = attack_scores(model, mx, my), attack_scores(model, nx, ny)
     rng = np.random.default_rng(seed)
@@ -67,14 +86,21 @@ def attack(
 
 
 def _summary(values):
+    """The mean of `values` and their 95% percentile interval."""
     low, high = np.percentile(values, [2.5, 97.5])
     return {"mean": float(np.mean(values)), "low": float(low), "high": float(high)}
 
 
 def bound(epsilon: float, delta: float) -> dict[str, float]:
-    """The most any membership-inference attack can achieve against (epsilon, delta)-
-    DP: its ROC curve lies under TPR <= e^eps FPR + delta and
-    1 - FPR <= e^eps (1 - TPR) + delta. Returns the largest advantage and AUC."""
+    """The most any membership-inference attack can achieve against (epsilon, delta)-DP.
+
+    Its ROC curve lies under TPR <= e^eps FPR + delta and 1 - FPR <= e^eps (1 - TPR) + delta.
+
+    Returns
+    -------
+    dict
+        "advantage": the largest advantage (TPR - FPR); "auc": the largest ROC-AUC.
+    """
     e = math.exp(epsilon)
     false_positive = np.linspace(0, 1, 100_001)
     true_positive = np.minimum.reduce(
@@ -91,7 +117,19 @@ def bound(epsilon: float, delta: float) -> dict[str, float]:
 
 
 def membership_inference(run_dir: Path) -> dict[str, Any]:
-    """Attack the run's model and the two contrasts."""
+    """Attack the run's model and the two contrasts trained here without DP.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A finished run's directory (its metrics.json and model.pt).
+
+    Returns
+    -------
+    dict
+        The attack, the members and non-members counted, the run's epsilon and delta, the
+        bound, each model's results (`attack`) and the verdict in words.
+    """
     metrics = read_json(run_dir / METRICS_FILE)
     cfg = settings.resolve(metrics["config"])
     torch.set_num_threads(1)
@@ -140,8 +178,29 @@ def membership_inference(run_dir: Path) -> dict[str, Any]:
 
 
 def run_audit(run_dir: Path, canaries: int = CANARIES) -> dict[str, Any]:
-    """The canary audit with the run's settings and the membership-inference attack
-    on its model; written to the run's audit.json and plot, and returned."""
+    """Audit a finished run: the canary audit with its settings, and the attack on its model.
+
+    The result is also written to the run's audit.json, and the canary audit's plot beside it.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The finished run's directory.
+    canaries : int
+        White-box canaries in the audited hospital.
+
+    Returns
+    -------
+    dict
+        "canary_audit" (canary_audit.run) and "membership_inference" (membership_inference).
+
+    Raises
+    ------
+    AuditError
+        The canary audit cannot run at the run's settings.
+    data.DataError
+        A hospital's rows cannot be read (in a deployment, they stayed home).
+    """
     run_dir = Path(run_dir)
     cfg = settings.resolve(read_json(run_dir / METRICS_FILE)["config"])
     result = {

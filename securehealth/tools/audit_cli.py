@@ -1,6 +1,8 @@
-"""`python audit.py`: the privacy audit's command line (usage:
-securehealth/commands.py); the audit itself (audit.py, canary_audit.py) is loaded
-once the arguments are read."""
+"""`python audit.py`: the privacy audit's command line.
+
+Its usage text is in securehealth/commands.py; the audit itself (audit.py, canary_audit.py) is
+loaded once the arguments are read. Entry point: `main`.
+"""
 
 import sys
 
@@ -19,8 +21,10 @@ from securehealth.tools.canaries import CANARIES, AuditError
 
 
 def self_test(description: str, argv: list[str]) -> int:
-    """`--self-test`: the canary audit on bundled or generated data, in a new run
-    directory (audit.json, audit.md, audit.png); exit 0 only if it passes."""
+    """`--self-test`: the canary audit on bundled or generated data, in a new run directory.
+
+    Writes audit.json, audit.md and audit.png; returns the exit status, 0 only if it passes.
+    """
     parser = settings.make_parser(description)
     _add_audit_flags(parser)
     cfg, args = settings.parse(parser, argv, simulation=True)
@@ -58,6 +62,7 @@ def self_test(description: str, argv: list[str]) -> int:
 
 
 def _add_audit_flags(parser):
+    """Add --self-test and --canaries to `parser`."""
     parser.add_argument(
         "--self-test",
         action="store_true",
@@ -74,12 +79,16 @@ def _add_audit_flags(parser):
 
 
 def _add_run_audit_flags(parser):
+    """Add a finished run's audit flags: the unaccounted-spend one, and the audit's."""
     settings.add_unaccounted_flag(parser)
     _add_audit_flags(parser)
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
-    """`python audit.py`: --self-test, or the audit of a finished run (--run-dir)."""
+    """`python audit.py`: --self-test, or the audit of a finished run (--run-dir).
+
+    Returns the exit status: 1 only where the canary audit fails, 2 on an error.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--self-test" in argv:
         return self_test(description, argv)

@@ -1,6 +1,8 @@
-"""How many canaries the privacy audit plants, and the error it stops with: apart
-from the audit's training (PyTorch, Opacus), so that `audit.py --help` and a refused
-audit answer at once."""
+"""How many canaries the privacy audit plants, and the error it stops with.
+
+Kept apart from the audit's training (PyTorch, Opacus), so that `audit.py --help` and a refused
+audit answer at once.
+"""
 
 CANARIES = 10000  # white-box canaries; the audit's power grows with them
 MIN_CANARIES, MAX_CANARIES = 10, 50000
