@@ -1,18 +1,9 @@
-"""TLS for deployment: a local certificate authority (CA) and a server certificate
-signed by it, made with the `cryptography` package.
+"""TLS, run signing and hospital identities for deployment, made with the `cryptography` package.
 
-The server presents certs/server.crt (its private key certs/server.key never leaves
-the server); every hospital verifies it with a copy of certs/ca.crt. The CA's own
-key (certs/ca.key) signs new server certificates and should be kept offline.
-Private keys are written with mode 0600 and are git-ignored.
-
-Run authorisation: the federation's operator signs every run it starts with
-certs/operator.key (authorisation.py); hospitals check the signature with a copy of
-certs/operator.pub, so a run submitted by anyone else trains nowhere.
-
-Hospital authentication: each hospital's identity is an EC key pair
-(`make_hospital_key`); the server's operator enrolls the public halves, one file
-per hospital named after its number (hospital-N.pub).
+make_certificates: a local CA (ca.key, to keep offline), the server's certificate and key, and the
+operator's run-signing key pair (make_operator_key; authorisation.py); every hospital gets copies
+of ca.crt and operator.pub. make_hospital_key: a hospital's identity, whose public half the
+operator enrolls as hospital-N.pub. Private keys are written with mode 0600 and are git-ignored.
 """
 
 import datetime
@@ -60,10 +51,29 @@ def _subject_alternative_name(hosts):
 
 
 def make_certificates(directory: Path, hosts: list[str]) -> Path:
-    """Create ca.crt, ca.key, server.crt and server.key in `directory`, the server
-    certificate valid for each of `hosts` (names or IP addresses), and the operator's
-    run-signing key (make_operator_key). Existing files are never overwritten:
-    hospitals may already trust the old CA."""
+    """Create the CA, the server's certificate and the operator's run-signing key in `directory`.
+
+    The server presents server.crt (its key server.key never leaves the server) and every
+    hospital verifies it with a copy of ca.crt; the CA's own key, ca.key, signs new server
+    certificates and should be kept offline.
+
+    Parameters
+    ----------
+    directory : Path
+        Where to write ca.crt, ca.key, server.crt, server.key, operator.key and operator.pub.
+    hosts : list[str]
+        The names or IP addresses the server certificate is valid for; the first is its subject.
+
+    Returns
+    -------
+    Path
+        `directory`.
+
+    Raises
+    ------
+    FileExistsError
+        One of the files exists already: hospitals may trust the old CA, so none is overwritten.
+    """
     directory = Path(directory)
     names = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, OPERATOR_KEY, OPERATOR_PUB)
     existing = [n for n in names if (directory / n).exists()]
@@ -75,7 +85,18 @@ def make_certificates(directory: Path, hosts: list[str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     validity = {"not_valid_before": now, "not_valid_after": now + datetime.timedelta(VALID_DAYS)}
+    ca_key, ca_cert = _certificate_authority(validity)
+    server_key, server_cert = _server_certificate(hosts, ca_key, ca_cert.subject, validity)
+    _write_key(directory / CA_KEY, ca_key)
+    _write_key(directory / SERVER_KEY, server_key)
+    (directory / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / SERVER_CERT).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    make_operator_key(directory)
+    return directory
 
+
+def _certificate_authority(validity):
+    """The federation CA's new key and self-signed certificate (EC P-256)."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("SecureHealth-ML federation CA")
     ca_cert = (
@@ -99,7 +120,11 @@ def make_certificates(directory: Path, hosts: list[str]) -> Path:
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca_cert
 
+
+def _server_certificate(hosts, ca_key, ca_name, validity):
+    """The server's new key (EC P-256) and its certificate for `hosts`, signed by the CA."""
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder(subject_name=_name(hosts[0]), issuer_name=ca_name, **validity)
@@ -110,19 +135,27 @@ def make_certificates(directory: Path, hosts: list[str]) -> Path:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-
-    _write_key(directory / CA_KEY, ca_key)
-    _write_key(directory / SERVER_KEY, server_key)
-    (directory / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    (directory / SERVER_CERT).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    make_operator_key(directory)
-    return directory
+    return server_key, server_cert
 
 
 def make_operator_key(directory: Path) -> Path:
-    """Create the operator's run-signing key pair (EC P-256, PEM): operator.key, mode
-    0600, stays with the server's operator; operator.pub goes to every hospital with
-    ca.crt. For certificates made before run signing existed, `--make-certs` adds it."""
+    """Create the operator's run-signing key pair (EC P-256, PEM) in `directory`.
+
+    The federation's operator signs every run it starts with operator.key (mode 0600, it stays
+    with the server's operator); hospitals check the signature with a copy of operator.pub, sent
+    with ca.crt, so a run submitted by anyone else trains nowhere. `--make-certs` adds the pair
+    to a certificates folder that lacks one.
+
+    Returns
+    -------
+    Path
+        The public key's file, operator.pub.
+
+    Raises
+    ------
+    FileExistsError
+        operator.key or operator.pub exists already: hospitals may trust it.
+    """
     directory = Path(directory)
     for name in (OPERATOR_KEY, OPERATOR_PUB):
         if (directory / name).exists():
@@ -141,9 +174,21 @@ def make_operator_key(directory: Path) -> Path:
 
 
 def make_hospital_key(private_key_path: Path) -> Path:
-    """Create a hospital's identity for SuperNode authentication: an EC (P-384) key
-    pair in OpenSSH format, the private key with mode 0600 and the public key beside
-    it (.pub), for the server's operator to enroll. Never overwrites a key."""
+    """Create a hospital's identity for SuperNode authentication: an EC (P-384) key pair.
+
+    Both halves are in OpenSSH format: the private key at `private_key_path` with mode 0600, the
+    public key beside it (.pub), for the server's operator to enroll.
+
+    Returns
+    -------
+    Path
+        The public key's file.
+
+    Raises
+    ------
+    FileExistsError
+        Either file exists already (the server may have enrolled it): a key is never overwritten.
+    """
     private_key_path = Path(private_key_path)
     public_key_path = private_key_path.with_suffix(".pub")
     for path in (private_key_path, public_key_path):
@@ -164,10 +209,27 @@ def make_hospital_key(private_key_path: Path) -> Path:
 
 
 def check_hospital_keys(directory: str, num_clients: int) -> dict[int, Path]:
-    """The enrolled hospitals' public keys in `directory`: {hospital number: path}.
-    Each file is named hospital-N.pub after the number the key is enrolled for, for
-    N in 0..num_clients-1, and holds a key the SuperLink accepts (EC on a NIST curve,
-    OpenSSH format); ValueError, naming the file, otherwise."""
+    """The enrolled hospitals' public keys in `directory`, checked, by hospital number.
+
+    Parameters
+    ----------
+    directory : str
+        The folder of enrolled keys, one hospital-N.pub per hospital.
+    num_clients : int
+        How many hospitals the federation has (N in 0..num_clients-1).
+
+    Returns
+    -------
+    dict[int, Path]
+        Each hospital number and its key's file.
+
+    Raises
+    ------
+    ValueError
+        Naming the file: there are no keys, a file is not named hospital-N.pub for such an N,
+        holds no key the SuperLink accepts (EC on a NIST curve, OpenSSH format), or holds the
+        same key as another hospital's.
+    """
     paths = sorted(Path(directory).glob("*.pub"))
     if not paths:
         raise ValueError(
