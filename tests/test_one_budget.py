@@ -1,6 +1,8 @@
-"""One set of patients has one budget on a machine: a simulation and a deployed
-hospital on the same file share one ledger, and a lost ledger is never silently
-replaced by an empty one."""
+"""One set of patients has one budget on a machine.
+
+A simulation and a deployed hospital on the same file share one ledger, and a lost
+ledger is never silently replaced by an empty one.
+"""
 
 import json
 import shutil
@@ -190,8 +192,10 @@ def deployed_context(data_dir, state_dir, data_file, cfg, **own):
 
 
 def rewritten(text):
-    """The same patients, written otherwise: other line endings, rows in reverse
-    order, whole numbers written as decimals."""
+    """The same patients, written otherwise.
+
+    Other line endings, rows in reverse order, whole numbers written as decimals.
+    """
     header, *rows = text.splitlines()
     decimals = [",".join(c + ".0" if c.isdigit() else c for c in r.split(",")) for r in rows]
     return {
@@ -254,8 +258,10 @@ def test_a_hospital_that_never_released_leaves_no_trace(tmp_path, data_dir):
 
 
 def heart_disease_hospital(hospital, state_dir, cfg, sites):
-    """A heart-disease site as client.py --insecure --dataset heart-disease runs it,
-    its file in `sites` (own_data_copy: not the shipped demonstration's)."""
+    """A heart-disease site as client.py --insecure --dataset heart-disease runs it.
+
+    Its file is in `sites` (own_data_copy: not the shipped demonstration's).
+    """
     return flower_context(
         {
             "partition-id": hospital,

@@ -1,6 +1,9 @@
-"""The operating point: one patient's effect on a hospital's histograms, their
-accounting as the Gaussian mechanism the ledger records, the server's choice of a
-threshold from noisy histograms, and a hospital's one release per run."""
+"""The operating point: histograms, their accounting, the threshold and one release per run.
+
+One patient's effect on a hospital's histograms, their accounting as the Gaussian
+mechanism the ledger records, the server's choice of a threshold from noisy
+histograms, and a hospital's one release per run.
+"""
 
 import json
 import math
@@ -210,8 +213,10 @@ def test_a_useless_model_is_called_useless():
 
 
 def operating_point_reply(number, counts, **changes):
-    """A hospital's reply to the request for its operating point, as an honest one
-    sends it (Hospital.release_operating_point), with `changes` to its report."""
+    """A hospital's reply to the request for its operating point, with `changes` to its report.
+
+    The reply is as an honest hospital sends it (Hospital.release_operating_point).
+    """
     release = {
         "round": 10,
         "noise_multiplier": 17.3,

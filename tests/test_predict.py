@@ -19,9 +19,11 @@ THRESHOLD = 0.4471  # within the initialised model's risks (0.43-0.48), so 0.5 w
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A finished run's directory: its metrics.json and a model.pt for the example CSV
-    data dictionary (weights as initialised: what is checked is the scoring), with a
-    decision threshold of its own (THRESHOLD)."""
+    """A finished run's directory, with a decision threshold of its own (THRESHOLD).
+
+    It holds its metrics.json and a model.pt for the example CSV data dictionary
+    (weights as initialised: what is checked is the scoring).
+    """
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"status": "finished"}))

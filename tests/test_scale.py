@@ -1,5 +1,7 @@
-"""Scale: Poisson sampling that costs the batch, not the hospital, per step, and a
-simulation on a Ray cluster that was already running."""
+"""Scale: Poisson sampling and a simulation on a Ray cluster that was already running.
+
+Each step of the Poisson sampling costs what its batch costs, not the whole hospital.
+"""
 
 import os
 import shutil

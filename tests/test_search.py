@@ -1,7 +1,9 @@
-"""The accounted hyper-parameter search (sweep.py --search-budget): every trial and
-every score it compares is charged to the hospitals' lasting ledgers, the charge
-recomputed independently, its cost said before it starts and refused where it is
-not affordable."""
+"""The accounted hyper-parameter search (sweep.py --search-budget).
+
+Every trial and every score it compares is charged to the hospitals' lasting ledgers,
+the charge recomputed independently, its cost said before it starts and refused where
+it is not affordable.
+"""
 
 import json
 
