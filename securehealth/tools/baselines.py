@@ -1,15 +1,8 @@
-"""Reference points for the federated DP model, trained in this process on the same
-data and judged on the same reference test set (`python simulation.py --baselines`):
+"""Reference points for the federated DP model (`python simulation.py --baselines`).
 
-    pooled, no DP      every hospital's training rows in one place, no privacy:
-                       the upper bound nobody can have in reality
-    FedAvg, no DP      the same federation without clipping or noise
-    hospital N alone   each hospital training only on its own rows, with DP at
-                       its own budget: what it would get without the federation
-                       (without DP for the published benchmark's comparison)
-
-All use the same model, initial weights, learning rate, batch size and number of
-passes over the data as the federated run.
+Pooled training and FedAvg without DP, and each hospital alone, trained in this process with the
+federated run's model, initial weights, learning rate, batch size and passes over the data, and
+judged on the same reference test set. Entry point: `run_baselines`.
 """
 
 from collections.abc import Callable, Sequence
@@ -26,6 +19,7 @@ from securehealth.tools.federation import federate
 
 
 def _initial_model(cfg, inputs):
+    """The server's initial model, the same for every baseline (seeded by cfg.seed)."""
     torch.manual_seed(cfg.seed)  # the server's initial model
     return build_model(inputs, cfg.hidden_layers)
 
@@ -36,11 +30,19 @@ Rows = tuple[np.ndarray, np.ndarray]
 def training_rows_and_judge(
     cfg: SimpleNamespace,
 ) -> tuple[list[Rows], Callable[[torch.nn.Module], dict[str, float | None]]]:
-    """Every hospital's training rows, and a function that scores a model on the
-    server's reference test set at its decision threshold: the fixed one, or one
-    chosen for the run's target as the server chooses it, from histograms of all
-    the training rows' scores, here without noise (the baselines are reference
-    points computed in one place; their epsilon covers their training alone)."""
+    """Every hospital's training rows, and a judge that scores a model on the reference test set.
+
+    Returns
+    -------
+    hospitals : list of (np.ndarray, np.ndarray)
+        Each hospital's training features and labels.
+    judge : callable
+        A model's clinical metrics on the server's reference test set at its decision
+        threshold: the fixed one, or one chosen for the run's target as the server chooses
+        it, from histograms of all the training rows' scores, here without noise (the
+        baselines are reference points computed in one place; their epsilon covers their
+        training alone).
+    """
     torch.set_num_threads(1)
     hospitals = [data.hospital_data(cfg, h)[0] for h in range(cfg.num_clients)]
     test_x, test_y, _ = data.reference_test_set(cfg)
@@ -58,7 +60,10 @@ def training_rows_and_judge(
 
 
 def pooled_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Module:
-    """Every hospital's training rows in one place, trained without DP."""
+    """Every hospital's training rows in one place, trained without DP.
+
+    The upper bound nobody can have in reality.
+    """
     model = _initial_model(cfg, hospitals[0][0].shape[1])
     pooled_x = np.concatenate([x for x, _ in hospitals])
     pooled_y = np.concatenate([y for _, y in hospitals])
@@ -67,8 +72,10 @@ def pooled_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Mo
 
 
 def _local_round(cfg, inputs, x, y, train):
-    """A hospital's round in the in-process FedAvg loop: train(model) on a copy of
-    the global model, as a hospital trains each round."""
+    """A hospital's round in the in-process FedAvg loop, training with `train(model)`.
+
+    It trains a copy of the global model, as a hospital trains each round.
+    """
 
     def train_round(weights, server_round):
         local = _initial_model(cfg, inputs)
@@ -96,8 +103,11 @@ def fedavg_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Mo
 def hospital_alone(
     cfg: SimpleNamespace, x: np.ndarray, y: np.ndarray, private: bool
 ) -> torch.nn.Module:
-    """One hospital training only on its own rows, the federation's rounds on its
-    own: with DP at its budget (private), or without."""
+    """One hospital training only on its own rows, for the federation's rounds.
+
+    With DP at its own budget where `private` (what it would get without the federation),
+    else without (the published benchmark's comparison).
+    """
     inputs = x.shape[1]
     if private:
         sample_rate, steps = dpsgd.sample_rate_and_steps(len(y), cfg)

@@ -1,8 +1,10 @@
-"""One in-process FedAvg loop, without Flower's processes: the same rounds the
-server runs (every hospital trains from the global weights, the registry's
-aggregation combines the updates), for the tools that train many federations in
-one process (sweep, baselines, bench, benchmark), where the runtime would cost 20 s
-each."""
+"""One in-process FedAvg loop, without Flower's processes.
+
+The same rounds the server runs (every hospital trains from the global weights, the registry's
+aggregation combines the updates), for the tools that train many federations in one process
+(sweep, baselines, bench, benchmark), where the runtime would cost 20 s each. Entry points:
+`federate`, `dp_federation`.
+"""
 
 import json
 from collections.abc import Callable, Sequence
@@ -23,9 +25,20 @@ TrainRound = Callable[[Weights, int], tuple[Weights, int]]
 
 
 def federate(weights: Weights, hospitals: Sequence[TrainRound], cfg: SimpleNamespace) -> Weights:
-    """The global weights after cfg.rounds rounds of the hospitals' training, each
-    round's updates combined by the run's aggregation and stepped to with its
-    server momentum, as the server does."""
+    """The global weights after cfg.rounds rounds of the hospitals' training.
+
+    Each round's updates are combined by the run's aggregation and stepped to with its server
+    momentum, as the server does.
+
+    Parameters
+    ----------
+    weights : list of np.ndarray
+        The initial global weights.
+    hospitals : sequence of TrainRound
+        Each hospital's round: (global weights, round number) -> (new weights, patients).
+    cfg : SimpleNamespace
+        The run's settings: rounds, aggregation, server_momentum.
+    """
     server = ServerMomentum(cfg.server_momentum)
     for server_round in range(1, cfg.rounds + 1):
         updates = [train(weights, server_round) for train in hospitals]
@@ -41,11 +54,13 @@ def dp_federation(
     patients: Sequence[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
     | None = None,
 ) -> tuple[torch.nn.Module, float]:
-    """The federated DP model and its decision threshold, trained here by the real
-    hospitals (Opacus DP-SGD, calibrated noise, a privacy ledger each under
-    `state_root`), on their own data or on `patients` (each hospital's (training,
-    held-out) rows) where given; the threshold chosen as the server chooses it, from
-    their DP histograms (the provisional one where none can be chosen)."""
+    """The federated DP model and its decision threshold, trained here by the real hospitals.
+
+    Opacus DP-SGD and calibrated noise, a privacy ledger each under `state_root`
+    (hospital-N), on their own data or on `patients` (each hospital's (training, held-out)
+    rows) where given. The threshold is the fixed one, or chosen as the server chooses it,
+    from their DP histograms (the provisional one where none can be chosen).
+    """
     from securehealth.hospital import Hospital  # the training stack
 
     torch.set_num_threads(1)

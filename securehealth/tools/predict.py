@@ -1,6 +1,9 @@
-"""Scoring new patients with a finished run's model (predict.py): its model.pt holds
-the weights, the decision threshold and the data dictionary that encodes the inputs,
-so new patients are checked and encoded exactly as the training patients were."""
+"""Scoring new patients with a finished run's model (predict.py).
+
+Its model.pt holds the weights, the decision threshold and the data dictionary that encodes the
+inputs, so new patients are checked and encoded exactly as the training patients were. Entry
+points: `predictions`, `main`.
+"""
 
 import csv
 import io
@@ -28,8 +31,10 @@ from securehealth.results import (
 
 def model_schema(saved: dict[str, Any]) -> Schema:
     """The data dictionary stored in model.pt, missing values encoded as in training.
-    A model trained with "drop" cannot score a patient with a gap: that is an error
-    naming the line, never a patient silently left out."""
+
+    A model trained with "drop" cannot score a patient with a gap: that is an error naming the
+    line, never a patient silently left out.
+    """
     mode = saved.get("missing_values", "fail")
     spec = json.loads(saved["data_dictionary"])
     return Schema(spec, "the run's data dictionary (model.pt)", "fail" if mode == "drop" else mode)
@@ -37,9 +42,12 @@ def model_schema(saved: dict[str, Any]) -> Schema:
 
 @dataclass(frozen=True)
 class Scored:
-    """New patients scored by a run's model: one row each (its file line, patient id
-    if declared, risk, and decision at the threshold, which each row states too),
-    the clinical metrics if the file has labels, and the decision rule in words."""
+    """New patients scored by a run's model, with the decision rule in words.
+
+    `rows`: one a patient (its file line, patient id if declared, risk, and decision at the
+    threshold, which each row states too); `metrics`: the clinical metrics if the file has
+    labels; `warnings`: what the run warned about.
+    """
 
     rows: list[dict[str, Any]]
     metrics: dict[str, Any] | None
@@ -48,8 +56,25 @@ class Scored:
 
 
 def predictions(run_dir: Path, data: Path) -> Scored:
-    """Score the patients of `data` with the model of `run_dir` (Scored), saying
-    where its threshold came from and what the run warned about (metrics.json)."""
+    """Score the patients of `data` with the model of `run_dir`.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A finished run's directory (model.pt, metrics.json).
+    data : Path
+        A CSV of patients, label column optional.
+
+    Returns
+    -------
+    Scored
+        The rule says where its threshold came from; the warnings are the run's (metrics.json).
+
+    Raises
+    ------
+    DataError
+        The file does not fit the run's data dictionary, or model.pt's inputs do not.
+    """
     from securehealth.model import (  # PyTorch: after --help
         clinical_metrics,
         load_model,
@@ -90,6 +115,7 @@ def predictions(run_dir: Path, data: Path) -> Scored:
 
 
 def add_arguments(parser: ArgumentParser) -> None:
+    """Add predict.py's flags to `parser`: --data, --output and --overwrite."""
     parser.add_argument("--data", required=True, help="a CSV of patients, label column optional")
     parser.add_argument("--output", default="", help="where to write the risks [default: stdout]")
     parser.add_argument(
