@@ -150,7 +150,7 @@ def test_a_looser_guarantee_cannot_re_price_what_was_spent(tmp_path):
     stricter = PrivacyLedger(tmp_path, budget=1.0, delta=1e-6, adjacency="replace-one")
     with stricter.transaction():
         stricter.record(2, 1, 2.0, 0.1, 10)
-    with pytest.raises(LedgerError):  # 1e-5 is now looser than what is accounted
+    with pytest.raises(LedgerError):  # after the 1e-6 record, 1e-5 is looser than accounted
         with ledger.transaction():
             pass
 
@@ -330,9 +330,9 @@ def test_a_budget_too_small_to_train_usefully_is_declined_with_what_would_work(t
 
 
 def test_the_server_cannot_reset_a_budget_with_another_seed_or_split(tmp_path):
-    # The reset attack: the server's seed and test_fraction used to choose the held-out
-    # rows, and the ledger was keyed by the training split, so each change opened a
-    # fresh budget on the same patients.
+    # The reset attack: the server's seed and test_fraction choose the held-out rows;
+    # a ledger keyed by the training split would open a fresh budget on the same
+    # patients at each change.
     # A fixed threshold: the runs reserve nothing for an operating point, and the
     # first spends the whole budget on training.
     base = {
@@ -380,9 +380,9 @@ def test_replacing_one_patient_changes_at_most_one_training_record(tmp_path):
 
 
 def test_adding_or_removing_one_patient_changes_only_that_patients_training_record():
-    # Add-remove privacy of the training rows needs it: a cut by count moved with the
-    # count, swapping another patient in or out as well (found by review: 302 -> 303
-    # patients held out 61 instead of 60).
+    # Add-remove privacy of the training rows needs it: a cut by count moves with the
+    # count, swapping another patient in or out as well (302 -> 303 patients would
+    # hold out 61 instead of 60).
     rng = np.random.default_rng(1)
     for n in (26, 101, 302, 1016):
         x = rng.normal(size=(n + 1, 3)).astype(np.float32)
