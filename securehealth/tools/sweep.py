@@ -1,7 +1,9 @@
-"""The privacy-utility curve (sweep.py): each point trains the federation in this
-process, with the real hospitals (securehealth.hospital.Hospital: Opacus DP-SGD,
-calibrated noise, privacy ledger) and the registry's aggregation, in the
-in-process FedAvg loop (federation.py)."""
+"""The privacy-utility curve (sweep.py), and its accounted search (--search-budget, search.py).
+
+Each point trains the federation in this process, with the real hospitals
+(securehealth.hospital.Hospital: Opacus DP-SGD, calibrated noise, privacy ledger) and the
+registry's aggregation, in the in-process FedAvg loop (federation.py). Entry point: `main`.
+"""
 
 import argparse
 import tempfile
@@ -22,8 +24,10 @@ from securehealth.tools.search import DEFAULT_GRID
 
 
 def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
-    """The federated DP model's metrics on the reference test set, trained here with
-    the hospitals' ledgers under `state_root`."""
+    """The federated DP model's metrics on the reference test set, trained here.
+
+    The hospitals' ledgers go under `state_root`.
+    """
     from securehealth.model import clinical_metrics, predict_risk
     from securehealth.tools.federation import dp_federation
 
@@ -33,11 +37,13 @@ def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, f
 
 
 def _mean_std(results, key):
+    """The mean and standard deviation of `key` over `results`."""
     values = [r[key] for r in results]
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def plot(sweep: dict[str, Any], path: Path) -> None:
+    """Plot each epsilon's scores, with their spread and the references without DP, to `path`."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9.5, 4.5), layout="tight")
@@ -77,6 +83,7 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
 
 
 def table(sweep: dict[str, Any]) -> str:
+    """The sweep's markdown table: each epsilon's and reference's ROC-AUC and accuracy."""
     rows = ["| Epsilon | ROC-AUC | Accuracy |", "|---|---|---|"]
     for p in sweep["points"]:
         rows.append(
@@ -92,6 +99,11 @@ def table(sweep: dict[str, Any]) -> str:
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
+    """`python sweep.py`: the privacy-utility curve, or the accounted search (--search-budget).
+
+    The curve goes to sweep.json, sweep.png and sweep.md in a new run directory. Returns the
+    exit status.
+    """
     parser = _parser(description)
     cfg, args = settings.parse(parser, argv, simulation=True)
     epsilons = args.epsilons
@@ -108,6 +120,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
 
 
 def _parser(description: str) -> argparse.ArgumentParser:
+    """sweep.py's command line: the run's settings and the sweep's own flags."""
     parser = settings.make_parser(description)
     parser.add_argument(
         "--epsilons", type=settings.epsilon_list, default="0.5,1,2,4,8", help="budgets to train at"
@@ -133,6 +146,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
 
 
 def _check_sweep(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> Path:
+    """The sweep's new run directory, once its settings and data pass (else a usage error)."""
     try:
         settings.check_accounted(
             cfg,
@@ -146,6 +160,7 @@ def _check_sweep(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParse
 
 
 def _train_points(cfg, epsilons, seeds, console):
+    """Each seed's metrics: per epsilon, and per reference (without DP)."""
     from securehealth.tools import baselines
 
     results, references = {e: [] for e in epsilons}, {"FedAvg, no DP": [], "Pooled data, no DP": []}
@@ -168,6 +183,7 @@ def _train_points(cfg, epsilons, seeds, console):
 
 
 def _summarise(cfg, seeds, results, references):
+    """What sweep.json holds: each point's and reference's mean and spread over the seeds."""
     return {
         "dataset": cfg.dataset,
         "delta": cfg.delta,
@@ -185,6 +201,7 @@ def _summarise(cfg, seeds, results, references):
 
 
 def _write_sweep(cfg, seeds, sweep, run_dir, console):
+    """Write sweep.json, sweep.png and sweep.md, and print the table."""
     write_json(run_dir / "sweep.json", sweep)
     plot(sweep, run_dir / "sweep.png")
     write_atomic(
@@ -200,10 +217,12 @@ def _write_sweep(cfg, seeds, sweep, run_dir, console):
 
 
 def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
-    """`--search-budget`: the accounted hyper-parameter search (search.py), on the
-    lasting ledgers of your own patients' hospitals (scratch ones for a
-    demonstration's), its cost said before it starts; writes search.json and
-    search.md into a new run directory."""
+    """`--search-budget`: the accounted hyper-parameter search (search.py).
+
+    It pays from the lasting ledgers of your own patients' hospitals (scratch ones for a
+    demonstration's), its cost said before it starts, and writes search.json and search.md
+    into a new run directory. Returns the exit status.
+    """
     from securehealth.tools import search
 
     console = display.make_console()
@@ -228,7 +247,12 @@ def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentPar
 
 
 def _prepare_search(cfg, args, parser, scratch, held):
-    """Check the search and read the hospitals' files once (held open by `held`)."""
+    """Check the search, and read each hospital's file once (held open by `held`).
+
+    Returns the candidates, the files as read, the ledgers' folders, which ledgers are
+    lasting, each hospital's epsilon before the search and the new run directory; any
+    problem is a usage error.
+    """
     from securehealth.data.demonstration import is_demonstration
     from securehealth.privacy.ledger import LedgerError
     from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
@@ -258,6 +282,7 @@ def _prepare_search(cfg, args, parser, scratch, held):
 
 
 def _write_search(cfg, args, before, lasting, outcome, run_dir, console):
+    """Write search.json and search.md, and print the table."""
     from securehealth.tools import search
 
     chosen = search.best(outcome.trials)
@@ -298,8 +323,11 @@ def search_cost(
 
 
 def search_table(outcome: Any, chosen: Any) -> str:
-    """The candidates, their scores, what each hospital held after each, and what
-    the search's releases cost on their own."""
+    """The search's table: each candidate's score and epsilons after, and the search's cost.
+
+    The epsilons after are what each hospital's ledger held after the candidate; the cost is
+    what the search's releases cost on their own.
+    """
     rows = ["| Candidate | Score (DP ROC-AUC) | Epsilon after, per hospital |", "|---|---|---|"]
     for trial in outcome.trials:
         settings_text = " ".join(f"{k}={v}" for k, v in trial.changes.items())
