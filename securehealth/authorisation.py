@@ -1,19 +1,10 @@
 """Who may make a hospital spend its privacy budget, proven with signatures.
 
-Flower 1.42's open-source Control API (submit, stop, list runs) is unauthenticated,
-so a run's arrival at a hospital proves nothing about who started it. Two proofs
-travel with a deployed run instead:
-
-- The operator's **run authorisation**. Before it submits a run, server.py signs
-  what defines it (a fresh nonce, the effective settings, the digest of the app's
-  code) with the operator's key (certs/operator.key). The ServerApp and every
-  hospital check the signature against operator.pub and refuse a run they cannot
-  verify, before anything is trained or written. An authorisation is good for one
-  run: each hospital's privacy ledger remembers which run used it.
-- A hospital's **proof of identity**. Before its first training in a run, each
-  hospital signs the server's challenge, bound to the run, its Flower node and its
-  hospital number, with its enrolled key (hospital.key). The server admits a node
-  only as the hospital whose enrolled key verifies that signature.
+Flower's open-source Control API is unauthenticated, so a run's arrival proves nothing about who
+started it. Two proofs travel with a deployed run instead: the operator's run authorisation
+(`authorise`, checked by `verify_run` before anything is trained or written, and good for one run:
+`claim`, `first_use`), and each hospital's proof of identity (`prove_identity`, checked by the
+server with `identity_proven` before it admits the node as that hospital).
 """
 
 import base64
@@ -49,8 +40,10 @@ def _canonical(document):
 
 
 def shipped_files(app_dir: Path = APP_DIR) -> list[Path]:
-    """The files the app ships (pyproject's fab-include less fab-exclude), pyproject
-    itself aside, as Flower rewrites it."""
+    """The files the app ships (pyproject's fab-include less fab-exclude), pyproject aside.
+
+    pyproject.toml itself is left out because Flower rewrites it in the bundle.
+    """
     app_dir = Path(app_dir)
     app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     excluded = {
@@ -62,8 +55,10 @@ def shipped_files(app_dir: Path = APP_DIR) -> list[Path]:
 
 
 def app_digest(app_dir: Path = APP_DIR) -> str:
-    """SHA-256 over the files the app ships: the same in the operator's checkout and
-    in the copy a SuperNode or SuperExec installs."""
+    """SHA-256 (hex) over the files the app ships.
+
+    It is the same in the operator's checkout and in the copy a SuperNode or SuperExec installs.
+    """
     app_dir = Path(app_dir)
     digest = hashlib.sha256()
     for path in shipped_files(app_dir):
@@ -79,8 +74,25 @@ def _settings_digest(run_config):
 
 
 def authorise(run_config: dict, operator_key: Path) -> dict:
-    """The run config entries that authorise one run with this run config (the
-    settings), signed with the operator's private key (a PEM file)."""
+    """The run config entries that authorise one run with these settings, signed by the operator.
+
+    server.py calls this before it submits a run. The signed document holds a fresh nonce, the
+    time it was issued, the digest of the settings (every run config entry but the signature's
+    own) and the digest of the app's code (app_digest).
+
+    Parameters
+    ----------
+    run_config : dict
+        The run's effective settings.
+    operator_key : Path
+        The operator's private key, a PEM file (certs/operator.key).
+
+    Returns
+    -------
+    dict
+        `authorisation` (the signed document, JSON) and `signature` (base64), to add to the run
+        config.
+    """
     key = serialization.load_pem_private_key(Path(operator_key).read_bytes(), None)
     document = _canonical(
         {
@@ -97,9 +109,30 @@ def authorise(run_config: dict, operator_key: Path) -> dict:
 def verify_run(
     run_config: Mapping[str, Any], operator_pub: str, app_dir: Path = APP_DIR
 ) -> dict[str, Any]:
-    """The run's authorisation (a dict) if the operator whose public key is in the
-    PEM file `operator_pub` signed it for exactly these settings and this code;
-    Unauthorised with the reason otherwise."""
+    """The run's authorisation, once it is shown to be signed by the operator for this run.
+
+    The ServerApp and every hospital call this and refuse a run they cannot verify.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        The run config, with the entries `authorise` added.
+    operator_pub : str
+        The operator's public key, a PEM file (operator.pub).
+    app_dir : Path
+        The app's installed copy, whose digest must be the one signed.
+
+    Returns
+    -------
+    dict[str, Any]
+        The signed document (nonce, issued, settings_sha256, app_sha256).
+
+    Raises
+    ------
+    Unauthorised
+        With the reason: no authorisation, an unreadable key, a signature that is not the
+        operator's, or settings or code other than the ones signed.
+    """
     document = str(run_config.get("authorisation", ""))
     if not document:
         raise Unauthorised(
@@ -125,9 +158,15 @@ def verify_run(
 
 
 def claim(directory: Path, authorisation: dict[str, Any], run_id: int) -> None:
-    """Bind an authorisation to the first run that uses it, with a file created once
-    in `directory` (the run's results folder): a replay of the same authorisation by
-    another run gets Unauthorised, and writes nothing there."""
+    """Bind an authorisation to the first run that uses it, with a file created once.
+
+    The file is CLAIM_FILE in `directory` (the run's results folder).
+
+    Raises
+    ------
+    Unauthorised
+        Another run used the same authorisation already (a replay); nothing is written.
+    """
     path = Path(directory) / CLAIM_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"nonce": authorisation["nonce"], "run_id": str(run_id)}
@@ -151,9 +190,12 @@ def _identity_statement(challenge, run_id, node_id, hospital):
 def prove_identity(
     private_key: Path, challenge: str, run_id: int, node_id: int, hospital: int
 ) -> str:
-    """The hospital's answer to the server's challenge: its signature (hex), with its
-    enrolled key (an OpenSSH private key file), over the challenge bound to this run,
-    this node and this hospital number, so that it cannot be replayed elsewhere."""
+    """The hospital's answer to the server's challenge: its signature (hex) with its enrolled key.
+
+    The signature covers the challenge bound to this run, this Flower node and this hospital
+    number, so that it cannot be replayed elsewhere. `private_key` is the hospital's enrolled key,
+    an OpenSSH private key file (hospital.key).
+    """
     key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), None)
     statement = _identity_statement(challenge, run_id, node_id, hospital)
     return key.sign(statement, SIGNATURE).hex()
@@ -167,8 +209,10 @@ def identity_proven(
     node_id: int,
     hospital: int,
 ) -> bool:
-    """Whether `proof` is hospital `hospital`'s signature of the challenge for this run
-    and node, made with the private half of `public_key` (a loaded EC public key)."""
+    """Whether `proof` is hospital `hospital`'s signature of the challenge for this run and node.
+
+    It must be made with the private half of `public_key` (a loaded EC public key).
+    """
     try:
         signature = bytes.fromhex(proof)
         statement = _identity_statement(challenge, run_id, node_id, hospital)
@@ -179,14 +223,20 @@ def identity_proven(
 
 
 def first_use(state_dir: Path, nonce: str, run_id: int | str) -> bool:
-    """Whether run `run_id` may use the operator's authorisation `nonce` at this
-    hospital: the first run that presents it may, and no other, so a replayed
-    authorisation spends nothing. Recorded at once, under a lock, in the register in
-    its state directory (REGISTER_FILE), for every run, a demonstration's too, so an
-    authorisation used on one is never good for a run on its own patients. The
-    register is apart from the privacy ledger, whose guarantee a demonstration must
-    not touch; authorisations an earlier version recorded in the ledger count too.
-    Unauthorised where the register cannot be read or written."""
+    """Whether run `run_id` may use the operator's authorisation `nonce` at this hospital.
+
+    The first run that presents it may, and no other, so a replayed authorisation spends
+    nothing. The use is recorded at once, under a lock, in the register in the hospital's state
+    directory (REGISTER_FILE), for every run, a demonstration's too, so an authorisation used on
+    one is never good for a run on its own patients. The register is apart from the privacy
+    ledger, whose guarantee a demonstration must not touch; authorisations listed in the ledger's
+    own `authorisations` entry count as used too.
+
+    Raises
+    ------
+    Unauthorised
+        The register cannot be read or written.
+    """
     from securehealth.privacy.ledger import LEDGER_FILE
     from securehealth.results import read_json, write_json
 
