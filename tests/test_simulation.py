@@ -1,5 +1,8 @@
-"""End to end: `python simulation.py` on Flower's real simulation runtime (SuperLink,
-Ray, `flwr run`), with the real Opacus engine, on tiny settings."""
+"""End to end: `python simulation.py` on Flower's real simulation runtime.
+
+That runtime is the SuperLink, Ray and `flwr run`, here with the real Opacus engine,
+on tiny settings.
+"""
 
 import json
 import math
@@ -102,8 +105,10 @@ def test_results_contract(run):
 
 
 def independent_epsilon(releases, delta):
-    """Google's dp-accounting PLD, replace-one, at its default precision, on every
-    reported release."""
+    """The epsilon of all reported releases composed, by Google's dp-accounting PLD.
+
+    Replace-one, at its default precision, at `delta`.
+    """
     pld = dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
     for r in releases:
         event = dp_accounting.PoissonSampledDpEvent(
@@ -196,8 +201,8 @@ def test_kill_9_of_simulation_py_leaves_nothing_running(tmp_path):
     process.kill()
     process.wait()
     assert left_running(run_dir) == []  # Ray's processes too
-    # Issue 28: metrics.json then said "running" forever. The next command that
-    # reads it finds its recorder gone and marks the run interrupted.
+    # The killed run's metrics.json says "running". The next command that reads it
+    # finds its recorder gone and marks the run interrupted.
     metrics_path = run_dir / "metrics.json"
     assert json.loads(metrics_path.read_text())["status"] == "running"
     result = run_script("report.py", "--run-dir", run_dir, cwd=tmp_path)
@@ -419,8 +424,10 @@ def test_runs_without_an_activated_venv(tmp_path):
 
 
 def test_flowers_own_cli_runs_the_app_with_typed_run_config_overrides(tmp_path):
-    """`flwr run . --run-config "rounds=2 ..."`, as Flower's docs describe, against a
-    local SuperLink in simulation mode: each setting is a typed run config key."""
+    """`flwr run . --run-config "rounds=2 ..."` sets each setting as a typed run config key.
+
+    It runs as Flower's docs describe, against a local SuperLink in simulation mode.
+    """
     flwr_home, run_dir = tmp_path / "flower", tmp_path / "run"
     # No variable tells the hospitals they are simulated or where their ledgers go;
     # RAY_ADDRESS=local keeps Flower's simulation off any Ray cluster on this machine.

@@ -1,6 +1,8 @@
-"""A deployed hospital's warm worker (deployment/worker.py) and its ClientApp relay
-(relay.py): real training through a real Unix socket, with the hospital's own node
-config whatever the message says, answering only the hospital's own user."""
+"""A deployed hospital's warm worker (deployment/worker.py) and its ClientApp relay (relay.py).
+
+Real training through a real Unix socket, with the hospital's own node config
+whatever the message says, answering only the hospital's own user.
+"""
 
 import os
 import socket
@@ -39,8 +41,8 @@ def hospital(tmp_path):
 
 def test_the_clientapp_relays_training_to_the_hospitals_worker(hospital, tmp_path):
     own, socket_path = hospital
-    # Issue 28: its socket lay in a folder in /tmp that kill -9 of client.py left
-    # behind. It now has no file: a random name in Linux's abstract namespace.
+    # Its socket has no file, so kill -9 of client.py leaves nothing behind in /tmp:
+    # it is a random name in Linux's abstract namespace.
     assert socket_path.startswith(relay.ABSTRACT) and not Path(socket_path).exists()
     assert f"@{socket_path[1:]}" in Path("/proc/net/unix").read_text()
     # The message's node config cannot move the hospital: only the socket is read.
