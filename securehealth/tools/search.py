@@ -1,20 +1,9 @@
-"""An accounted hyper-parameter search (sweep.py --search-budget): which of a few
-candidate settings trains the best model on the hospitals' own patients, paid for
-from their lasting privacy ledgers.
+"""An accounted hyper-parameter search (sweep.py --search-budget).
 
-Each candidate is one trial: the federation trained with its settings by the real
-hospitals (Opacus DP-SGD, each hospital's ledger calibrating the noise), then
-scored by the ROC-AUC of the normal fits to the hospitals' DP score histograms (the
-operating point's release, operating_point.py), so that every figure the search
-compares is a DP release recorded in the ledgers. The search budget is split
-evenly: trial k may take each hospital's ledger up to what it held before plus
-k/K of the budget; a first trial that cannot be scored stops the search (the others
-would not be either), spending only its share. Releasing every trial's model and
-score composes in the
-ledger (dp-accounting's PLD, the product's neighbouring relation); picking the
-best is post-processing, free. Papernot and Steinke's random-stopping search would
-cost less for many candidates, but dp-accounting analyses it only with its RDP
-accountant, which does not support Poisson-sampled Gaussians under replace-one.
+Which of a few candidate settings trains the best model on the hospitals' own patients, paid for
+from their lasting privacy ledgers: every trial is trained and scored with DP releases recorded
+in the ledgers, which compose them; picking the best is post-processing, free. Entry points:
+`parse_grid`, `check_affordable`, `run_search`, `best`.
 """
 
 import itertools
@@ -51,8 +40,11 @@ SCORED_TARGET = "auto"
 
 @dataclass(frozen=True)
 class SearchOutcome:
-    """A search's trials, and what its releases alone cost each hospital (the
-    epsilon of the search by itself; its ledger composes it with all the rest)."""
+    """A search's trials, and what its releases alone cost each hospital.
+
+    `epsilon_alone` is the epsilon of the search by itself; each ledger composes it with all
+    the rest.
+    """
 
     trials: list["Trial"]
     epsilon_alone: tuple[float, ...]
@@ -60,9 +52,11 @@ class SearchOutcome:
 
 @dataclass(frozen=True)
 class Trial:
-    """One candidate's outcome: its settings, its score (the binormal ROC-AUC of the
-    DP histograms; None where no fit could be made), and each hospital's epsilon
-    after it."""
+    """One candidate's outcome: its settings, its score, and each hospital's epsilon after it.
+
+    The score is the binormal ROC-AUC of the DP histograms; None where no fit could be made
+    (`unscored` says why).
+    """
 
     changes: dict[str, Any]
     score: float | None
@@ -71,9 +65,26 @@ class Trial:
 
 
 def parse_grid(text: str, cfg: SimpleNamespace) -> list[dict[str, Any]]:
-    """The candidates of a grid such as "learning_rate=0.1,0.3 hidden_layers=,16"
-    (every combination; an empty value is the setting's empty value), each checked as
-    settings are. SettingsError names what is wrong."""
+    """The candidates of a grid such as "learning_rate=0.1,0.3 hidden_layers=,16".
+
+    Parameters
+    ----------
+    text : str
+        NAME=V1,V2 parts separated by spaces, NAME one of SEARCHABLE; an empty value is the
+        setting's empty value.
+    cfg : SimpleNamespace
+        The run's settings, which each candidate changes.
+
+    Returns
+    -------
+    list of dict
+        Every combination of the values, each checked as settings are.
+
+    Raises
+    ------
+    settings.SettingsError
+        A part or value is wrong (named), or the grid gives fewer than 2 or more than 20.
+    """
     axes = []
     for part in text.split():
         name, _, values = part.partition("=")
@@ -110,9 +121,26 @@ def spent_before(homes: list[Path], cfg: SimpleNamespace) -> list[float]:
 def check_affordable(
     cfg: SimpleNamespace, before: list[float], search_budget: float, candidates: int
 ) -> None:
-    """LedgerError unless every hospital has the search budget left of its lifetime
-    budget (cfg.epsilon), and a candidate's share is enough to train on (over 1 % of
-    what its ledger will hold): one line naming each that has not, and what to do."""
+    """Check that every hospital can afford the search, and each candidate can train.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings; cfg.epsilon is each hospital's lifetime budget.
+    before : list of float
+        Each hospital's epsilon before the search.
+    search_budget : float
+        The epsilon the search may add to each hospital's.
+    candidates : int
+        How many candidates share the search budget, evenly.
+
+    Raises
+    ------
+    LedgerError
+        A candidate's share is not enough to train on (over 1 % of what its ledger will
+        hold), or a hospital has not the search budget left: one line naming each that has
+        not, and what to do.
+    """
     from securehealth.forecast import SPENT_BUDGET_ADVICE
 
     share = search_budget / candidates
@@ -149,16 +177,30 @@ def run_search(
     files: list[Path | None],
     advance: Callable[[], None] = lambda: None,
 ) -> SearchOutcome:
-    """Every candidate's trial, in order (see the module docstring). The hospitals'
-    ledgers are in `homes`; a hospital's is lasting (`lasting`: your own patients)
-    or a demonstration's scratch one; lasting ones are known to this machine's index
-    with their data files. Each hospital trains on `files`, its data file as read
-    once and judged (data.read_once), whatever happens to the file meanwhile."""
-    import torch
+    """Every candidate's trial, in order, each hospital paying from its ledger.
 
-    from securehealth.hospital import Hospital  # the training stack
-    from securehealth.model import build_model, get_weights
-    from securehealth.tools.federation import federate
+    A trial is the federation trained with the candidate's settings by the real hospitals
+    (Opacus DP-SGD, each hospital's ledger calibrating the noise), then scored from their DP
+    histograms (`_score`). The search budget is split evenly: trial k of K may take each
+    hospital's ledger up to what it held before plus k/K of the budget; a first trial that
+    cannot be scored stops the search (the others would not be either), spending only its share.
+
+    Parameters
+    ----------
+    cfg, candidates, search_budget
+        As for `check_affordable`, which is checked again here.
+    homes : list of Path
+        The hospitals' ledger folders.
+    lasting : list of bool
+        Whether each ledger is lasting (your own patients: known to this machine's index with
+        its data file) or a demonstration's scratch one.
+    files : list of Path or None
+        Each hospital's data file as read once and judged (data.read_once), trained on
+        whatever happens to the file meanwhile.
+    advance : callable
+        Called after each trial.
+    """
+    import torch
 
     torch.set_num_threads(1)
     before = spent_before(homes, cfg)
@@ -167,34 +209,49 @@ def run_search(
     search_id = f"search-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
     trials = []
     for k, changes in enumerate(candidates, 1):
-        share = search_budget * k / len(candidates)
-        hospitals = [
-            Hospital(
-                h,
-                _trial_settings(cfg, changes, before[h] + share),
-                f"{search_id}-{k}",
-                home,
-                None if files[h] is None else str(files[h]),
-                lasting=lasting[h],
-                evaluates=False,  # figures without DP: the search compares DP ones only
-                own_file=data.own_file(cfg, h) if lasting[h] else None,
-            )
-            for h, home in enumerate(homes)
-        ]
-        trial_cfg = hospitals[0].cfg
-        torch.manual_seed(cfg.seed)  # the server's initial model, the same for every trial
-        model = build_model(hospitals[0].x.shape[1], trial_cfg.hidden_layers)
-        weights = federate(
-            get_weights(model),
-            [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
-            trial_cfg,
-        )
-        score, unscored = _score(hospitals, weights, trial_cfg)
-        trials.append(Trial(changes, score, _epsilons(hospitals), unscored))
+        budgets = [spent + search_budget * k / len(candidates) for spent in before]
+        trial, hospitals = _trial(cfg, changes, f"{search_id}-{k}", budgets, homes, lasting, files)
+        trials.append(trial)
         advance()
-        if score is None and k == 1:  # every trial gets the same share: none would score
+        if trial.score is None and k == 1:  # every trial gets the same share: none would score
             break
     return SearchOutcome(trials, tuple(_epsilon_alone(h.ledger, search_id) for h in hospitals))
+
+
+def _trial(cfg, changes, run_id, budgets, homes, lasting, files):
+    """One candidate trained and scored, each hospital's ledger up to its `budgets` entry.
+
+    Returns the Trial and the hospitals that trained it.
+    """
+    import torch
+
+    from securehealth.hospital import Hospital  # the training stack
+    from securehealth.model import build_model, get_weights
+    from securehealth.tools.federation import federate
+
+    hospitals = [
+        Hospital(
+            h,
+            _trial_settings(cfg, changes, budgets[h]),
+            run_id,
+            home,
+            None if files[h] is None else str(files[h]),
+            lasting=lasting[h],
+            evaluates=False,  # figures without DP: the search compares DP ones only
+            own_file=data.own_file(cfg, h) if lasting[h] else None,
+        )
+        for h, home in enumerate(homes)
+    ]
+    trial_cfg = hospitals[0].cfg
+    torch.manual_seed(cfg.seed)  # the server's initial model, the same for every trial
+    model = build_model(hospitals[0].x.shape[1], trial_cfg.hidden_layers)
+    weights = federate(
+        get_weights(model),
+        [lambda w, r, h=h: h.train_round(w, r)[:2] for h in hospitals],
+        trial_cfg,
+    )
+    score, unscored = _score(hospitals, weights, trial_cfg)
+    return Trial(changes, score, _epsilons(hospitals), unscored), hospitals
 
 
 def _epsilon_alone(ledger: PrivacyLedger, search_id: str) -> float:
@@ -208,8 +265,11 @@ def _epsilon_alone(ledger: PrivacyLedger, search_id: str) -> float:
 def _score(
     hospitals: list[Any], weights: list[Any], trial_cfg: SimpleNamespace
 ) -> tuple[float | None, str]:
-    """The trial's score, the binormal ROC-AUC of the hospitals' DP histograms, or
-    None and why there is none."""
+    """The trial's score, the binormal ROC-AUC of the hospitals' DP histograms, and why not.
+
+    The score is that of the operating point's release (operating_point.py); None, with the
+    reasons, where there is none.
+    """
     import json
 
     released, declined = [], []
@@ -227,6 +287,7 @@ def _score(
 
 
 def _epsilons(hospitals: list[Any]) -> tuple[float, ...]:
+    """Each hospital's epsilon, as its ledger holds it."""
     spent = []
     for hospital in hospitals:
         with hospital.ledger.transaction():
@@ -235,8 +296,10 @@ def _epsilons(hospitals: list[Any]) -> tuple[float, ...]:
 
 
 def best(trials: list[Trial]) -> Trial | None:
-    """The trial with the highest score (the first of equals); None if none scored
-    better than chance (0.5: a noisy fit can score a useless model near 0)."""
+    """The trial with the highest score (the first of equals); None if none beat chance.
+
+    Chance is 0.5: a noisy fit can score a useless model near 0.
+    """
     scored = [t for t in trials if t.score is not None and math.isfinite(t.score)]
     useful = [t for t in scored if t.score > 0.5]
     return max(useful, key=lambda t: t.score) if useful else None
