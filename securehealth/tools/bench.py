@@ -1,6 +1,9 @@
-"""The figures of bench.py: the default simulation and deployment timed through
-their metrics.json, the in-process compute floor, DP-SGD against plain steps, and
-scaling in hospitals and patients."""
+"""The figures of bench.py: where the time of a simulation and a deployment goes.
+
+The default simulation and deployment timed through their metrics.json, the in-process compute
+floor, imports per message, DP-SGD against plain steps, and scaling in hospitals and patients.
+Entry point: `main`.
+"""
 
 import argparse
 import os
@@ -31,8 +34,9 @@ PATIENTS = (4_000, 40_000, 400_000, 1_000_000)
 SCALING_PATIENTS = 40_000  # while the hospitals vary
 POLL = 0.1  # seconds between looks at a running job
 DEFAULT_ROUNDS = settings.resolve().rounds
-# Issue 14's figures before its work (this project's 2-core machine) and its goals:
-# 10 rounds of the defaults, deployment with TLS on loopback, 3 hospitals.
+# The table's "Before" and "Goal" columns: an earlier version's seconds and the targets set
+# for them (10 rounds of the defaults, deployment with TLS on loopback, 3 hospitals, this
+# project's 2-core machine).
 BEFORE = {"simulation": 19.1, "deployment off": 112.0, "deployment on": 432.0}
 GOALS = {"simulation": 12.0, "deployment off": 45.0, "deployment on": 90.0}
 # What a fresh process imports to handle one message, by kind: Flower starts one
@@ -61,8 +65,19 @@ def resident_mb(pid: int) -> float:
 
 
 def watch(processes: list[subprocess.Popen[bytes]], metrics_path: Path) -> dict[str, Any]:
-    """Wait for `processes` (the first is the server side), timing the run through
-    its metrics.json: (start-up, rounds, shutdown, peak MB, metrics)."""
+    """Wait for `processes` (the first is the server side), timing the run by its metrics.json.
+
+    Returns
+    -------
+    dict
+        total_s, startup_s, rounds_s, shutdown_s, peak_mb (all the processes' resident
+        memory), and the run's metrics.
+
+    Raises
+    ------
+    RuntimeError
+        The server side exited with an error.
+    """
     start, first, finished, peak = time.monotonic(), None, None, 0.0
     samples = 0
     while processes[0].poll() is None:
@@ -91,6 +106,7 @@ def watch(processes: list[subprocess.Popen[bytes]], metrics_path: Path) -> dict[
 
 
 def simulate(workdir: str, *args: str) -> dict[str, Any]:
+    """Time simulation.py with `args`, its run directory in `workdir` (see `watch`)."""
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     command = [sys.executable, str(APP_DIR / "simulation.py"), "--run-dir", str(run_dir), *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,7 +114,10 @@ def simulate(workdir: str, *args: str) -> dict[str, Any]:
 
 
 def deploy(workdir: str, rounds: int, secure_aggregation: str) -> dict[str, Any]:
-    """server.py and 3 client.py processes on loopback, with TLS."""
+    """Time server.py and 3 client.py processes on loopback, with TLS (see `watch`).
+
+    The result also holds per_round_s: the seconds per round after the first.
+    """
     home = Path(tempfile.mkdtemp(dir=workdir))
     make_certificates(home / "certs", ["localhost", "127.0.0.1"])
     port = runtime.free_port()
@@ -125,8 +144,10 @@ def deploy(workdir: str, rounds: int, secure_aggregation: str) -> dict[str, Any]
 
 
 def import_times(repeats: int) -> dict[str, float]:
-    """Median wall seconds a fresh Python takes to import what each kind of message's
-    process imports (IMPORTS)."""
+    """Median wall seconds a fresh Python takes to import what each kind of message needs.
+
+    The kinds and their modules are IMPORTS.
+    """
 
     def once(modules):
         start = time.perf_counter()
@@ -150,8 +171,10 @@ def compute_floor(workdir: str) -> float:
 
 
 def step_times(repeats: int, epochs: int = 10) -> tuple[float, float]:
-    """Median seconds per step of DP-SGD (Opacus) and of plain SGD, same model, same
-    data (the default job's largest hospital), same loader."""
+    """Median seconds per step of DP-SGD (Opacus) and of plain SGD: same model, data, loader.
+
+    The data are the default job's largest hospital's.
+    """
     from opacus import PrivacyEngine
 
     from securehealth.model import build_model
@@ -189,8 +212,10 @@ def step_times(repeats: int, epochs: int = 10) -> tuple[float, float]:
 
 
 def scaling(workdir: str) -> list[dict[str, Any]]:
-    """One round at each size, then the largest federation for the default rounds:
-    wall time, the rounds' time and peak memory."""
+    """One round at each size, then the largest federation for the default rounds.
+
+    Each point holds its wall time, the rounds' time and peak memory.
+    """
     points = []
     sizes = [(h, SCALING_PATIENTS, 1) for h in HOSPITALS] + [(3, n, 1) for n in PATIENTS]
     for hospitals, patients, rounds in [*sizes, (HOSPITALS[-1], PATIENTS[-1], DEFAULT_ROUNDS)]:
@@ -214,8 +239,10 @@ def scaling(workdir: str) -> list[dict[str, Any]]:
 
 
 def growth_rates(points: list[dict[str, Any]]) -> dict[str, float]:
-    """What one more patient and one more hospital add to a round: the slopes between
-    the smallest and largest one-round runs of each series."""
+    """What one more patient and one more hospital add to a round.
+
+    The slopes between the smallest and largest one-round runs of each series.
+    """
     by_hospitals = [p for p in points if p["patients"] == SCALING_PATIENTS and p["rounds"] == 1]
     by_patients = [p for p in points if p["hospitals"] == 3 and p["rounds"] == 1]
 
@@ -230,6 +257,7 @@ def growth_rates(points: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
+    """`python bench.py`: measure every figure, write bench.json and print the tables."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -278,6 +306,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
 
 
 def machine() -> dict[str, Any]:
+    """The machine measured: CPUs, Python, PyTorch, the training device and the processor."""
     import torch
 
     from securehealth.privacy import dpsgd
@@ -292,8 +321,10 @@ def machine() -> dict[str, Any]:
 
 
 def against_before(figures: dict[str, Any]) -> Table:
-    """The default jobs, 10 rounds, side by side: before issue 14, now, its goal, and
-    now against the in-process compute floor."""
+    """The default jobs at 10 rounds: the BEFORE figures, this machine's, and the GOALS.
+
+    The last column sets this machine's figure against the in-process compute floor.
+    """
     sim, floor = figures["simulation"], figures["simulation"]["compute_s"]
     now = {"simulation": sim["total_s"]}
     for mode, run in figures["deployment"].items():
@@ -321,6 +352,7 @@ def against_before(figures: dict[str, Any]) -> Table:
 
 
 def table(figures: dict[str, Any], args: argparse.Namespace) -> Table:
+    """Every figure of the benchmark, as one table."""
     rows = Table(
         title=f"bench.py on {figures['machine']['cpus']} CPUs, {figures['machine']['device']}"
     )
