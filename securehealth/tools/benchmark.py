@@ -1,14 +1,9 @@
 """Published federated benchmarks reproduced on the shipped data (benchmark.py).
 
-flamby-heart: FLamby's Fed-Heart-Disease (du Terrail et al., NeurIPS 2022 Datasets
-and Benchmarks) on data/uci-heart-disease/, with its exact protocol: slope, ca and
-thal dropped, every row that still has a "?" dropped, in each hospital a 66/34
-train/test split (scikit-learn's train_test_split, random_state 43, stratified where
-each class has more than 2 patients), and the accuracy at threshold 0.5 on each
-hospital's test patients, averaged over the four. Our methods train on those
-training patients with the product's settings (nothing tuned on these test
-patients) in the in-process FedAvg loop, and are judged on those test patients,
-beside FLamby's published figures; ROC-AUC too, which FLamby omits.
+flamby-heart: FLamby's Fed-Heart-Disease (du Terrail et al., NeurIPS 2022) on
+data/uci-heart-disease/ with its exact protocol (`flamby_rows`), our methods trained in the
+in-process FedAvg loop and judged on its test patients beside FLamby's published figures;
+clinical: clinical_benchmark.py. Entry point: `main`; see docs/how-to/reproduce-flamby.md.
 """
 
 import argparse
@@ -78,7 +73,12 @@ Patients = list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarra
 
 
 def flamby_rows(hospital: int) -> tuple[np.ndarray, np.ndarray]:
-    """FLamby's (training, test) rows of a site's file, as row numbers in the file."""
+    """FLamby's (training, test) rows of a site's file, as row numbers in the file.
+
+    FLamby's protocol: slope, ca and thal dropped (DROPPED), every row that still has a "?"
+    dropped, and a 66/34 train/test split (scikit-learn's train_test_split, random_state 43,
+    stratified where each class has more than 2 patients).
+    """
     import pandas as pd
     from sklearn.model_selection import train_test_split
 
@@ -105,10 +105,19 @@ def flamby_rows(hospital: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def benchmark_patients(all_columns: bool) -> tuple[Patients, list[str]]:
-    """Each hospital's ((training x, y), (test x, y)) under FLamby's protocol, and the
-    model's input names. With all_columns, every column and every patient FLamby
-    leaves out of its test sets trains too (missing values as indicators), judged on
-    the same test patients: whether using everything the sites recorded helps."""
+    """Each hospital's patients under FLamby's protocol, and the model's input names.
+
+    With `all_columns`, every column and every patient FLamby leaves out of its test sets
+    trains too (missing values as indicators), judged on the same test patients: whether
+    using everything the sites recorded helps.
+
+    Returns
+    -------
+    patients : Patients
+        Each hospital's ((training x, y), (test x, y)).
+    input_names : list of str
+        The model's input names.
+    """
     spec = Schema.load(heart_disease.SCHEMA_FILE).spec
     if not all_columns:
         spec = {**spec, "features": [f for f in spec["features"] if f["name"] not in DROPPED]}
@@ -124,8 +133,11 @@ def benchmark_patients(all_columns: bool) -> tuple[Patients, list[str]]:
 
 
 def per_hospital(model: "torch.nn.Module", patients: Patients) -> dict[str, Any]:
-    """Accuracy at 0.5 and ROC-AUC on each hospital's test patients, and their means
-    over the hospitals (AUC over those whose test patients hold both classes)."""
+    """Accuracy at 0.5 and ROC-AUC on each hospital's test patients, and their means.
+
+    The mean AUC is over the hospitals whose test patients hold both classes. Returns
+    {"accuracy": mean, "auc": mean, "hospitals": each hospital's accuracy}.
+    """
     from securehealth.model import clinical_metrics, predict_risk
 
     scores = [
@@ -138,9 +150,10 @@ def per_hospital(model: "torch.nn.Module", patients: Patients) -> dict[str, Any]
 
 
 def cross_validation_folds(patients: Patients) -> list[Patients]:
-    """CV_FOLDS splits of each hospital's training patients into (training,
-    validation) rows, stratified where each class has CV_FOLDS patients: its test
-    patients are never used."""
+    """CV_FOLDS splits of each hospital's training patients into (training, validation) rows.
+
+    Stratified where each class has CV_FOLDS patients; the test patients are never used.
+    """
     from sklearn.model_selection import KFold, StratifiedKFold
 
     folds = [[] for _ in range(CV_FOLDS)]
@@ -157,9 +170,11 @@ def cross_validation_folds(patients: Patients) -> list[Patients]:
 def choose_by_cross_validation(
     cfg: SimpleNamespace, patients: Patients, scratch: Path, progress: Progress
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The CV_GRID settings with the best mean validation accuracy of the DP
-    federation at GOAL_EPSILON (over folds and CV_SEEDS seeds), and every candidate's
-    score."""
+    """The CV_GRID settings with the best mean validation accuracy of the DP federation.
+
+    At GOAL_EPSILON, over the folds and CV_SEEDS seeds. Returns the chosen settings and every
+    candidate's score.
+    """
     from securehealth.tools.federation import dp_federation
 
     candidates = [dict(zip(CV_GRID, values, strict=True)) for values in product(*CV_GRID.values())]
@@ -187,10 +202,18 @@ def methods(
     flamby: Patients,
     tuning: bool,
 ) -> dict[str, Callable]:
-    """{name: train(seed) -> (model, the patients that judge it)}, in the table's
-    order: every method with the `tuned` settings on FLamby's `flamby` patients, and,
-    where cross-validation chose them (`tuning`), the DP federation with the
-    product's `defaults` beside (UNTUNED)."""
+    """Each method's trainer, in the table's order.
+
+    Every method trains with the `tuned` settings on FLamby's `flamby` patients (the DP
+    federation at each of `epsilons`, and on all the data at GOAL_EPSILON), and, where
+    cross-validation chose them (`tuning`), the DP federation with the product's `defaults`
+    beside (UNTUNED). Each DP training's fresh ledgers go under `scratch`.
+
+    Returns
+    -------
+    dict
+        {name: train(seed) -> (model, the patients that judge it)}.
+    """
     from securehealth.tools import baselines
     from securehealth.tools.federation import dp_federation
 
@@ -198,9 +221,12 @@ def methods(
     training = [rows for rows, _ in flamby]
 
     def seeded(cfg, seed, **changes):
+        """`cfg` with `changes`, at `seed`."""
         return settings.resolve({**vars(cfg), **changes, "seed": seed})
 
     def dp(cfg, epsilon, patients):
+        """The DP federation's trainer at `epsilon`, on `patients`."""
+
         def train(seed):
             state_root = Path(tempfile.mkdtemp(dir=scratch))  # fresh ledgers: public data
             model, _ = dp_federation(seeded(cfg, seed, epsilon=epsilon), state_root, patients)
@@ -237,9 +263,15 @@ def run(
     cross_validate: bool,
     console: Console,
 ) -> dict[str, Any]:
-    """Settings chosen by cross-validation (unless not asked), then every method
-    over `seeds` seeds: per method, the per-seed results with their mean and spread;
-    the seconds it all took."""
+    """Choose the settings by cross-validation (unless not asked), then train every method.
+
+    Returns
+    -------
+    dict
+        What benchmark.json holds: per method over `seeds` seeds, the per-seed results with
+        their mean and spread (`summarise`), the settings and how they were chosen, and the
+        seconds it all took.
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -323,14 +355,17 @@ def settings_line(result: dict[str, Any]) -> str:
 
 
 def _shown(candidate: dict[str, Any]) -> str:
+    """A candidate's model and learning rate, in words."""
     layers = candidate["hidden_layers"]
     model = f"MLP {','.join(map(str, layers))}" if layers else "logistic regression"
     return f"{model}, learning rate {candidate['learning_rate']:g}"
 
 
 def verdict(result: dict[str, Any]) -> str:
-    """Whether the DP federation at GOAL_EPSILON reaches FLamby's non-private pooled
-    figure: untuned (every release accounted) and, where cross-validated, tuned."""
+    """Whether the DP federation at GOAL_EPSILON reaches FLamby's non-private pooled figure.
+
+    Untuned (every release accounted) and, where cross-validated, tuned.
+    """
     mark = f", {TUNED}" if result["cross_validation"]["chosen"] else ""
     rows = [(f"DP FedAvg, ε {GOAL_EPSILON:g}{mark}", "tuned, tuning not accounted")]
     if mark:
@@ -351,6 +386,7 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 def main(description: str, argv: list[str] | None = None) -> int:
+    """`python benchmark.py`: flamby-heart or clinical; returns the exit status."""
     parser = _parser(description)
     cfg, args = settings.parse(parser, argv, simulation=True)  # in-process: no SecAgg+
     if args.benchmark == "clinical":
@@ -370,6 +406,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
 
 
 def _parser(description: str) -> argparse.ArgumentParser:
+    """benchmark.py's command line: the benchmark, its settings and its own flags."""
     parser = settings.make_parser(description, SETTINGS)
     parser.add_argument(
         "benchmark", choices=["flamby-heart", "clinical"], help="the benchmark to run"
@@ -393,6 +430,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
 
 
 def _clinical(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
+    """`benchmark.py clinical`, the settings changed from the defaults passed on as flags."""
     changed = [
         name
         for name in SETTINGS
@@ -411,6 +449,7 @@ def _clinical(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) 
 
 
 def _flamby_settings(cfg: SimpleNamespace, parser: argparse.ArgumentParser) -> SimpleNamespace:
+    """FLamby's data set and threshold; a usage error unless the shipped files are intact."""
     # FLamby judges accuracy at its fixed threshold: no operating point is chosen, so
     # none is reserved or released, and training spends the whole budget.
     flamby = {"dataset": "heart-disease", "num_clients": 4, "decision_threshold": str(THRESHOLD)}
@@ -426,6 +465,7 @@ def _flamby_settings(cfg: SimpleNamespace, parser: argparse.ArgumentParser) -> S
 
 
 def _write_markdown(result: dict[str, Any], seeds: int, summary: str, run_dir: Path) -> None:
+    """Write benchmark.md: the table, its footnote, the settings and the verdict."""
     text = display.markdown_table(table(result))
     write_atomic(
         run_dir / "benchmark.md",
@@ -440,6 +480,7 @@ def _write_markdown(result: dict[str, Any], seeds: int, summary: str, run_dir: P
 def _print_results(
     result: dict[str, Any], seeds: int, summary: str, run_dir: Path, console: Console
 ) -> None:
+    """Print the table, its footnote, the settings, the verdict and where the results are."""
     rows = table(result)
     shown = Table(title=f"FLamby Fed-Heart-Disease: test accuracy per hospital ({seeds} seeds)")
     for column in rows[0]:
