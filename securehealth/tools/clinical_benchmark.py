@@ -1,13 +1,9 @@
-"""`benchmark.py clinical`: whether the product's model is one a clinician can use,
-on every shipped data set, at the settings given (the defaults unless changed).
+"""`benchmark.py clinical`: whether the product's model is one a clinician can use.
 
-For each data set and seed it runs the real simulation (simulation.py --baselines:
-Flower's processes, Opacus, the hospitals' ledgers, the operating point chosen from
-their DP histograms) and reads its metrics.json: the final model's ROC-AUC, and its
-sensitivity, specificity and Brier score at the chosen operating point, on the
-server's reference test set, beside FedAvg and pooled training without DP (their
-thresholds chosen the same way, from their training rows without noise) and the
-seconds each simulation took. The table is the README's "Clinical benchmark".
+On every shipped data set and seed, at the settings given, it runs the real simulation
+(simulation.py --baselines) and sets its model's figures at the chosen operating point beside
+FedAvg and pooled training without DP, against the bars of BARS. Entry point: `main`; the
+table is docs/results/clinical-benchmark.md's.
 """
 
 import subprocess
@@ -41,7 +37,17 @@ FIGURES = ("auc", "sensitivity", "specificity", "brier")
 
 
 def simulate(dataset: str, seed: int, changes: list[str], run_dir: Path) -> dict[str, Any]:
-    """One real simulation with its baselines: its metrics.json and seconds."""
+    """One real simulation with its baselines: its metrics.json and seconds.
+
+    The simulation runs Flower's processes, Opacus and the hospitals' ledgers, its operating
+    point chosen from their DP histograms (the baselines' from their training rows, without
+    noise).
+
+    Raises
+    ------
+    RuntimeError
+        The simulation did not finish; the message ends with its last lines of output.
+    """
     started = time.perf_counter()
     command = [sys.executable, str(SIMULATION), "--dataset", dataset, "--seed", str(seed)]
     command += [*changes, "--baselines", "--run-dir", str(run_dir)]
@@ -95,8 +101,7 @@ def verdict(dataset: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def run(changes: list[str], seeds: int, console: Console) -> dict[str, Any]:
-    """Every data set over `seeds` seeds (0, 1, ...), with `changes` (flags) to the
-    defaults."""
+    """Every data set over `seeds` seeds (0, 1, ...), with `changes` (flags) to the defaults."""
     started = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -116,13 +121,16 @@ def run(changes: list[str], seeds: int, console: Console) -> dict[str, Any]:
 
 
 def _median(rows, method, key):
+    """The median and range of a method's figure over the seeds, as text."""
     values = [row[method][key] for row in rows]
     return f"{np.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def table(result: dict[str, Any]) -> list[list[str]]:
-    """The rows of the results table (header first): per data set and method, the
-    median (and range) over seeds of each figure."""
+    """The rows of the results table, header first.
+
+    Per data set and method, the median (and range) over seeds of each figure.
+    """
     rows = [["Data set", "Model", "ROC-AUC", "Sensitivity", "Specificity", "Brier", "Seconds"]]
     for dataset, found in result["datasets"].items():
         seeds = found["seeds"]
@@ -140,6 +148,7 @@ def table(result: dict[str, Any]) -> list[list[str]]:
 
 
 def verdict_lines(result: dict[str, Any]) -> list[str]:
+    """One line a data set: the bars it missed, or that it meets every bar."""
     return [
         f"{dataset}: " + ("meets every bar" if not found["missed"] else "; ".join(found["missed"]))
         for dataset, found in result["datasets"].items()
@@ -147,8 +156,10 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(run_dir: Path, changes: list[str], seeds: int) -> int:
-    """Run the benchmark, write clinical.json and clinical.md to `run_dir` and print
-    the table; 1 where a data set misses a bar."""
+    """Run the benchmark, write clinical.json and clinical.md to `run_dir`, print the table.
+
+    Returns the exit status: 1 where a data set misses a bar, else 0.
+    """
     console = display.make_console()
     result = run(changes, seeds, console)
     write_json(run_dir / "clinical.json", result)
