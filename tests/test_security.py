@@ -1,8 +1,11 @@
-"""Security end to end: secure aggregation (SecAgg+) in simulation and deployment,
-enrolled hospitals only, runs only from the operator, a hospital refusing code it
-did not approve, and a server that rejects bad updates and reports and survives
-them. Hospitals that record, corrupt or lie run from a copy of the app whose
-ClientApp adds one Flower mod (below); attackers use Flower's own `flwr` CLI."""
+"""Security end to end: secure aggregation, enrolment, the operator's runs, bad updates.
+
+Secure aggregation (SecAgg+) in simulation and deployment, enrolled hospitals only,
+runs only from the operator, a hospital refusing code it did not approve, and a server
+that rejects bad updates and reports and survives them. Hospitals that record, corrupt
+or lie run from a copy of the app whose ClientApp adds one Flower mod (below);
+attackers use Flower's own `flwr` CLI.
+"""
 
 import asyncio
 import hashlib
@@ -57,12 +60,13 @@ from test_deployment import read_metrics
 
 from securehealth import authorisation, settings
 from securehealth import node as hospital_node
-from securehealth.admission import NOT_ADMITTED, Admission, report_problem
+from securehealth.admission import NOT_ADMITTED, Admission
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
 from securehealth.deployment import pinning, runtime, superlink_gate
 from securehealth.flower import APP_LAUNCHERS
 from securehealth.model import get_weights, load_model
+from securehealth.privacy.report import PrivacyReport, UnsoundReport
 from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
 from securehealth.serverapp import readable
 from securehealth.strategy import AggregationError, HospitalFedAvg, failure_reason
@@ -142,8 +146,11 @@ app = ClientApp(client_fn=client.client_fn, mods=[hospital_node.hospital_mod, ta
 
 
 def tampered_run(tmp_path, tampering, *args):
-    """A simulation in tmp_path/run in which hospital 0 tampers with its replies
-    (TAMPERING_CLIENT): what it printed, whitespace undone, and its metrics.json."""
+    """A simulation in tmp_path/run in which hospital 0 tampers with its replies.
+
+    The tampering is done by TAMPERING_CLIENT. Returns what the run printed,
+    whitespace undone, and its metrics.json.
+    """
     app = app_copy(tmp_path / "app", TAMPERING_CLIENT.format(tampering=repr(tampering)))
     result = simulate(app, *args, "--run-dir", str(tmp_path / "run"))
     metrics = read_metrics(tmp_path / "run")
@@ -153,8 +160,10 @@ def tampered_run(tmp_path, tampering, *args):
 
 
 def assert_last_round_short_of_one(metrics, run_dir):
-    """Hospital 0's last update was rejected: the run finished, with that warning,
-    which the report states first."""
+    """Hospital 0's last update was rejected: the run finished, with that warning.
+
+    The report states the warning first.
+    """
     assert metrics["status"] == FINISHED_WITH_WARNINGS
     warning = "only 2 of the 3 hospitals trained in the last round"
     assert warning in metrics["warnings"]
@@ -164,8 +173,11 @@ def assert_last_round_short_of_one(metrics, run_dir):
 
 
 def app_copy(directory, client_module=None, change=None):
-    """A copy of the app in `directory`: its ClientApp replaced by `client_module`
-    (source text), or one of its files changed by `change` (name, text to add)."""
+    """A copy of the app in `directory`, its ClientApp or one of its files changed.
+
+    The ClientApp is replaced by `client_module` (source text), or one of the files
+    is changed by `change` (name, text to add).
+    """
     shutil.copytree(
         ROOT,
         directory,
@@ -312,7 +324,7 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
     assert all(member.wait(timeout=60) == 0 for member in members)
     assert "2 enrolled hospitals may join" in said(processes, "server")
     assert "identified by its key" in said(processes, "h0")
-    # Issue 28: the refused node was never told, and waited for its timeout.
+    # The refused node is told why and exits, rather than waiting for its timeout.
     assert rogue.wait(timeout=60) == 1
     assert "The server did not admit this hospital to run" in said(processes, "rogue")
     assert "did not prove it with hospital 1's enrolled key" in said(processes, "rogue")
@@ -331,9 +343,9 @@ def test_only_enrolled_hospitals_join_and_secure_aggregation_sums_exactly(federa
 
 @pytest.mark.e2e
 def test_a_hospital_that_asks_before_its_key_is_registered_waits_and_joins(federation):
-    # Issue 28: an enrolled hospital started with server.py --hospital-keys asked 3 s
-    # before its key was registered, was told it was "not enrolled" and exited 1.
-    # Here its key is registered only once it has been turned away.
+    # An enrolled hospital that asks before server.py --hospital-keys has registered
+    # its key is told it is not admitted yet, not that it is "not enrolled", and
+    # keeps running. Here its key is registered only once it has been turned away.
     processes, workdir, port = federation
     certs, flwr_home = workdir / "certs", workdir / "superlink"
     public_key = make_hospital_key(workdir / "h0" / "hospital.key")
@@ -439,12 +451,15 @@ def test_robust_aggregation_is_not_dragged_by_one_hospital(aggregation, shift, t
     parameters, _ = strategy.aggregate_fit(1, results, [])
     for new, old in zip(parameters_to_ndarrays(parameters), start, strict=True):
         np.testing.assert_allclose(new, old + shift, atol=1e-6)
-    assert strategy.round_rejections == []
+    assert strategy.last_round.rejections == []
 
 
 def hospitals_round(strategy, moves, patients=(100, 100, 100)):
-    """Round results in which hospital i moves every weight of the global model by
-    moves[i] ("nan" for NaN weights) and claims patients[i] patients."""
+    """Round results in which each hospital moves the global model and claims a patient count.
+
+    Hospital i moves every weight of the global model by moves[i] ("nan" for NaN
+    weights) and claims patients[i] patients.
+    """
     return [
         (
             SimpleNamespace(node_id=10 + hospital),
@@ -471,8 +486,8 @@ def plain_strategy(tmp_path, **settings_changes):
 
 
 def test_no_hospital_outweighs_the_rest_whatever_patient_count_it_claims(tmp_path):
-    # Issue 28: hospital 2 claims 9999 patients (under max_patients) and pulls the
-    # other way; uncapped it held 98 % of the FedAvg weight. Capped at the others'
+    # Hospital 2 claims 9999 patients (under max_patients) and pulls the other way;
+    # uncapped it would hold 98 % of the FedAvg weight. Capped at the others'
     # 200 patients, it holds half: (200 * -0.9 + 100 * 0.1 + 100 * 0.1) / 400.
     strategy = plain_strategy(tmp_path)
     start = strategy.global_weights
@@ -480,7 +495,7 @@ def test_no_hospital_outweighs_the_rest_whatever_patient_count_it_claims(tmp_pat
     parameters, _ = strategy.aggregate_fit(1, results, [])
     for new, old in zip(parameters_to_ndarrays(parameters), start, strict=True):
         np.testing.assert_allclose(new, old - 0.4, atol=1e-6)
-    assert strategy.round_weights_capped == {"2": [9999, 200]}
+    assert strategy.last_round.weights_capped == {"2": [9999, 200]}
     strategy._evaluate_global(1, parameters_to_ndarrays(parameters), {})
     assert strategy.record.results["rounds"][0]["weights_capped"] == {"2": [9999, 200]}
 
@@ -488,14 +503,14 @@ def test_no_hospital_outweighs_the_rest_whatever_patient_count_it_claims(tmp_pat
 def test_fewer_sound_updates_than_min_fit_clients_are_thrown_away_and_twice_stops_the_run(
     tmp_path,
 ):
-    # Issue 28: with two of three updates rejected, the round went on with the
-    # third alone, though min_fit_clients is 2.
+    # With two of three updates rejected, the third alone must not make a round:
+    # min_fit_clients is 2.
     strategy = plain_strategy(tmp_path)
     start = strategy.global_weights
     for server_round in (1, 2):
         results = hospitals_round(strategy, ("nan", "nan", 0.1))
         assert strategy.aggregate_fit(server_round, results, []) == (None, {})
-        assert "only 1 hospital's update could be used" in strategy.round_discarded
+        assert "only 1 hospital's update could be used" in strategy.last_round.discarded
         if server_round == 1:
             strategy._evaluate_global(server_round, start, {})  # the model stays as it was
     with pytest.raises(AggregationError, match=r"rounds \[1, 2\] were discarded"):
@@ -506,9 +521,9 @@ def test_fewer_sound_updates_than_min_fit_clients_are_thrown_away_and_twice_stop
 
 
 def test_an_implausible_secure_sum_is_thrown_away_and_a_second_one_stops_the_run(tmp_path):
-    # Issue 28: under SecAgg+ every result carries the same summed model. One
-    # moved by more than max_update_norm ended the run at once; now it is thrown
-    # away, the run goes on, and a second such round stops it.
+    # Under SecAgg+ every result carries the same summed model. One moved by more
+    # than max_update_norm is thrown away and the run goes on; a second such round
+    # stops it.
     strategy = plain_strategy(tmp_path, secure_aggregation="on")
     start = strategy.global_weights
     for server_round in (1, 2):
@@ -516,8 +531,8 @@ def test_an_implausible_secure_sum_is_thrown_away_and_a_second_one_stops_the_run
         the_sum = results[0][1].parameters
         summed = [(proxy, replace(fit_res, parameters=the_sum)) for proxy, fit_res in results]
         assert strategy.aggregate_fit(server_round, summed, []) == (None, {})
-        assert "the securely aggregated model is implausible" in strategy.round_discarded
-        assert "more than max_update_norm 100" in strategy.round_discarded
+        assert "the securely aggregated model is implausible" in strategy.last_round.discarded
+        assert "more than max_update_norm 100" in strategy.last_round.discarded
         if server_round == 1:
             strategy._evaluate_global(server_round, start, {})
             assert strategy.record.results["rounds"][0]["discarded"]
@@ -526,8 +541,8 @@ def test_an_implausible_secure_sum_is_thrown_away_and_a_second_one_stops_the_run
 
 
 def test_under_secure_aggregation_one_hospitals_update_alone_is_thrown_away(tmp_path):
-    # Found in review: with two hospitals declining, SecAgg+'s "sum" was one
-    # hospital's update, used as the global model in every round.
+    # With two hospitals declining, SecAgg+'s "sum" is one hospital's update, which
+    # must not become the global model.
     strategy = plain_strategy(tmp_path, secure_aggregation="on")
     results = hospitals_round(strategy, (0.1, 0.1, 0.1))
     for proxy, fit_res in results[1:]:
@@ -535,12 +550,12 @@ def test_under_secure_aggregation_one_hospitals_update_alone_is_thrown_away(tmp_
         fit_res.metrics = sound_report(number, status="refused", reason="its budget is spent")
         fit_res.num_examples = 0  # as a hospital that declined sends it
     assert strategy.aggregate_fit(1, results, []) == (None, {})
-    assert "only 1 hospital's update could be used" in strategy.round_discarded
+    assert "only 1 hospital's update could be used" in strategy.last_round.discarded
 
 
 def test_a_hospitals_error_text_reaches_the_console_cut_and_without_escapes():
-    # Found in review: a 300,000-character error with terminal escapes stalled the
-    # server's console for minutes and reached it raw.
+    # Passed on whole, a 300,000-character error with terminal escapes stalls the
+    # server's console for minutes and reaches it raw.
     said = "\x1b]0;PWNED\x07\x1b[2J" + "Z" * 300_000
     flower = f"<class 'ValueError'>:<'Exception occurred. Message: {said}'>"
     reason = failure_reason(RuntimeError(flower))
@@ -553,8 +568,8 @@ def test_a_refused_node_is_told_even_where_its_settings_disagree_with_the_run(
 ):
     for name in ("_run_id", "_node_id", "_task_id"):  # as in a ClientApp's process
         monkeypatch.setattr(TaskIdentity, name, 1)
-    # Found in review: a node whose number is outside the run's was refused and
-    # notified, but wrote nothing and waited silently.
+    # A node whose number is outside the run's is refused and notified; it writes
+    # why to its status file rather than waiting silently.
     own = {"partition-id": 4, "num-partitions": 5, "state-dir": str(tmp_path)}
     context = flower_context(own, settings.to_run_config(settings.resolve({})))
     notice = GetPropertiesIns({NOT_ADMITTED: "\x1b[2Jit claims hospital 4, not one of this run's"})
@@ -617,6 +632,24 @@ def sound_report(number, **changes):
     return {**report, **changes}
 
 
+def report_problem(metrics, num_examples, hospital, previous, max_patients):
+    """Why the server refuses a report (None where it accepts it)."""
+    earlier = previous and PrivacyReport.read(
+        previous, hospital=0, num_examples=100, previous=None, max_patients=max_patients
+    )
+    try:
+        PrivacyReport.read(
+            metrics,
+            hospital=hospital,
+            num_examples=num_examples,
+            previous=earlier,
+            max_patients=max_patients,
+        )
+    except UnsoundReport as problem:
+        return str(problem)
+    return None
+
+
 @pytest.mark.parametrize(
     "changes, problem",
     [
@@ -633,7 +666,8 @@ def sound_report(number, **changes):
         ({"releases": "[" + ", ".join(["{}"] * 400_000) + "]"}, "releases are over"),
         ({"epsilon": 0.0}, "it trained, yet its report says it spent no epsilon"),
         ({"note": "hello"}, "its report has fields no hospital sends: note"),
-        ({"releases": '[{"round": 1}]'}, "releases hold an entry without exactly"),
+        ({"releases": '[{"round": 1}]'}, "release noise_multiplier is NoneType, not float"),
+        ({"adjacency": "anyone"}, "adjacency 'anyone' is not one of replace-one, add-remove"),
     ],
 )
 def test_a_report_is_checked_field_by_field(changes, problem):
@@ -641,6 +675,16 @@ def test_a_report_is_checked_field_by_field(changes, problem):
     report = sound_report(0, **changes)
     found = report_problem(report, report["patients"], 0, previous, max_patients=10000)
     assert (found is None) if problem is None else (problem in found), found
+
+
+def test_a_sound_report_survives_the_trip_through_flowers_metrics():
+    report = PrivacyReport.read(
+        sound_report(0), hospital=0, num_examples=100, previous=None, max_patients=10000
+    )
+    again = PrivacyReport.read(
+        report.to_metrics(), hospital=0, num_examples=100, previous=None, max_patients=10000
+    )
+    assert again == report and again.releases[0].this_run is True
 
 
 def test_a_report_without_a_hospital_number_or_with_another_weight_is_rejected():
@@ -700,9 +744,9 @@ def test_a_secure_sum_with_a_lying_report_is_discarded_and_counted_as_spent(tmp_
 def test_a_hostile_hospital_under_secure_aggregation_costs_two_rounds_then_the_run_stops(
     tmp_path,
 ):
-    # Issue 28: one hospital's weights of 1e6 (clipped by SecAgg+ to 8) made the run
-    # fail in round 1, every time. Now its sum is thrown away and the run goes on;
-    # a second thrown-away round stops it, and every hospital is told why.
+    # One hospital's weights of 1e6 (clipped by SecAgg+ to 8) spoil a round's sum: it
+    # is thrown away and the run goes on; a second thrown-away round stops it, and
+    # every hospital is told why.
     app = app_copy(
         tmp_path / "app",
         TAMPERING_CLIENT.format(tampering=repr({1: {"weights": "huge"}, 3: {"weights": "huge"}})),
@@ -734,8 +778,10 @@ def peak_memory_kb(pid):
 
 
 def post(address, path, headers, body_pieces):
-    """An unauthenticated POST to the SuperLink, sent piece by piece: the status it
-    got, or None where the server closed the connection first."""
+    """Send an unauthenticated POST to the SuperLink, piece by piece.
+
+    Returns the status it got, or None where the server closed the connection first.
+    """
     host, port = address.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
@@ -753,8 +799,8 @@ def post(address, path, headers, body_pieces):
 
 
 def test_two_bodies_from_one_address_arriving_at_once_both_reach_flower():
-    # Found in the e2e run: one request ending while another from the same address
-    # was arriving made the second fail (500), and the hospital left.
+    # One request ending while another from the same address is arriving must not
+    # make the second fail: a 500 makes the hospital leave the run.
     delivered = []
 
     async def flower(scope, receive, send):
@@ -781,8 +827,8 @@ def test_two_bodies_from_one_address_arriving_at_once_both_reach_flower():
 
 @pytest.mark.e2e
 def test_the_superlink_refuses_a_huge_request_before_reading_it(tmp_path):
-    # Issue 28: a 200 MB unauthenticated body was read into the SuperLink's memory
-    # (148 to 430 MB) before anything was checked.
+    # Read before any check, a 200 MB unauthenticated body takes 148 to 430 MB of the
+    # SuperLink's memory.
     limit = superlink_gate.fleet_body_limit(1000)
     variable = {superlink_gate.BODY_LIMIT_VARIABLE: str(limit)}
     with runtime.superlink(tmp_path / "flower", "--insecure", environment=variable) as address:
@@ -802,9 +848,9 @@ def test_the_superlink_refuses_a_huge_request_before_reading_it(tmp_path):
         answer = post(address, "/v1/fleet/push-object", within, [b"x" * 1000])
         assert answer not in (413, None)  # Flower's own answer to bytes that mean nothing
         assert peak_memory_kb(gate) - before < 50_000  # not 200 MB
-        # Found in review: 600 connections each sending almost the limit, then
-        # waiting, held 2.85 GB. Bodies in flight from one address now hold 2 limits
-        # at most (a global bound let 8 such connections lock every hospital out).
+        # Unbounded, 600 connections each sending almost the limit, then waiting,
+        # hold 2.85 GB. Bodies in flight from one address hold 2 limits at most (a
+        # global bound would let 8 such connections lock every hospital out).
         host, port = address.split(":")
         stalled, answers = [], []
         for _ in range(30):
@@ -830,8 +876,10 @@ def test_the_superlink_refuses_a_huge_request_before_reading_it(tmp_path):
 
 
 def attacker(workdir, address, *command):
-    """Flower's own `flwr` CLI, run by someone holding only the public ca.crt and the
-    server's address, for the federation they call "victim"."""
+    """Flower's own `flwr` CLI, run by someone holding only ca.crt and the server's address.
+
+    ca.crt is public; they call the server's federation "victim".
+    """
     home = workdir / "attacker"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
@@ -875,9 +923,12 @@ def network_address():
 
 @pytest.mark.e2e
 def test_only_the_operator_can_start_or_see_runs(federation):
-    """Attack: with ca.crt and the server's address, list the live run, read its log,
+    """Runs need the operator's signature, once each; the network reaches only the Fleet API.
+
+    Attack: with ca.crt and the server's address, list the live run, read its log,
     submit a clean copy of this app with settings of one's choosing, replay the
-    operator's own signed run config, and stop the run."""
+    operator's own signed run config, and stop the run.
+    """
     processes, workdir, port = federation
     external = network_address()
     shutil.rmtree(workdir / "certs")  # certificates valid for the network address too
@@ -926,8 +977,11 @@ def test_only_the_operator_can_start_or_see_runs(federation):
 
 
 class AnsweringGrid:
-    """Stands in for Flower's Grid in front of Admission: `answers[node](challenge)`
-    is what that connected node replies to the admission question."""
+    """Stands in for Flower's Grid in front of Admission.
+
+    `answers[node](challenge)` is what that connected node replies to the admission
+    question.
+    """
 
     def __init__(self, answers):
         self.answers, self.notices = answers, {}  # node -> the notice it was sent
@@ -985,7 +1039,7 @@ def test_admission_binds_each_number_to_one_proven_node(tmp_path, monkeypatch):
     assert admission.members == {12: 0, 13: 1} and not admission.waiting
     assert [r["node"] for r in admission.refusals()] == ["11", "14"]  # named, never admitted
     assert "it claims hospital 'zero', not one of this run's" in admission.refused[14]
-    # Issue 28: each refused node is told why (it waited for its timeout before).
+    # Each refused node is told why, rather than waiting for its timeout.
     assert sorted(grid.notices) == [11, 14]
     assert grid.notices[11] == {NOT_ADMITTED: admission.refused[11]}
 
@@ -1018,8 +1072,10 @@ def this_bundle(tmp_path_factory):
 
 
 def rebundled(bundle, change):
-    """The bundle with change(name, bytes) applied to each file: new bytes, or None
-    to leave the file out."""
+    """The bundle with change(name, bytes) applied to each file.
+
+    The change returns the file's new bytes, or None to leave the file out.
+    """
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(bundle)) as old, zipfile.ZipFile(out, "w") as new:
         for name in old.namelist():
@@ -1034,9 +1090,11 @@ def tampered_server_py(name, content):
 
 
 def pinned_flower_command(command, monkeypatch, task=None):
-    """Flower's `command` as the pinned launcher runs it, its real installer replaced
-    by a recorder; Flower's CLI installs `task`'s bundle, as it does first. Returns
-    the list of installs that happened."""
+    """Flower's `command` as the pinned launcher runs it, its real installer a recorder.
+
+    Flower's CLI installs `task`'s bundle, as it does first. Returns the list of
+    installs that happened.
+    """
     runner = importlib.import_module(APP_LAUNCHERS[command][0])
     installed = []
     monkeypatch.setattr(runner, "install_from_fab", lambda *args, **kwargs: installed.append(1))
@@ -1065,8 +1123,10 @@ def task_shipping(bundle, fab_version="0.1.0", fab_hash=None):
 def test_both_launchers_refuse_an_app_that_differs_from_this_copy(
     command, monkeypatch, this_bundle
 ):
-    """The pinned launchers wrap the installer Flower really calls (flwr is pinned):
-    a bundle with one file changed never reaches it, on a hospital or the server."""
+    """A bundle with one file changed never reaches Flower's installer, on a hospital or server.
+
+    The pinned launchers wrap the installer Flower really calls (flwr is pinned).
+    """
     task = task_shipping(rebundled(this_bundle, tampered_server_py))
     installed = pinned_flower_command(command, monkeypatch, task)
     with pytest.raises(PermissionError, match="differs from the approved copy .* in server.py;"):
@@ -1091,8 +1151,11 @@ def test_a_hospital_runs_this_copy_and_refuses_one_with_a_file_left_out(monkeypa
     ],
 )
 def test_a_run_must_load_the_app_it_shipped(monkeypatch, this_bundle, fab_version, fab_hash):
-    """Flower installs the shipped bytes but loads the folder the run names by app id,
-    version and hash: a server must not point a hospital at another folder."""
+    """A server cannot point a hospital at another folder than the app the run shipped.
+
+    Flower installs the shipped bytes but loads the folder the run names by app id,
+    version and hash.
+    """
     task = task_shipping(this_bundle, fab_version, fab_hash)
     installed = pinned_flower_command("flwr-clientapp", monkeypatch, task)
     with pytest.raises(PermissionError, match="names another app than the one it shipped"):
