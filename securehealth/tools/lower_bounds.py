@@ -1,24 +1,9 @@
-"""Empirical epsilon lower bounds from one training run: how much privacy a run must
-at least have lost, given how well an auditor guessed its canaries.
+"""Empirical epsilon lower bounds from one training run's guessed canaries.
 
-A one-run audit inserts m canaries, each in one of two versions chosen by a fair
-coin (present or absent; or, for replace-one, one of two records), trains once, and
-guesses the coins of the canaries it is surest about. If the training is
-(epsilon, delta)-DP, many correct guesses are unlikely; a lower bound is the largest
-epsilon under which the guesses observed would be too unlikely (p-value at most
-1 - confidence). Two analyses of the same guesses:
-
-- "epsilon-delta": Steinke, Nasr and Jagielski, "Privacy Auditing with One (1)
-  Training Run" (NeurIPS 2023), Theorem 5.2: assumes only (epsilon, delta)-DP.
-- "gaussian": Mahloujifar, Melis and Chaudhuri, "Auditing f-Differential Privacy in
-  One Run" (ICML 2025): assumes the whole privacy curve of the Gaussian mechanism
-  that is (epsilon, delta)-DP, the curve DP-SGD's many composed steps approach
-  (Dong, Roth and Su's central limit theorem). Tighter; valid as a bound where the
-  training's own curve lies within that Gaussian one (`gaussian_premise_holds`).
-
-A lower bound is evidence, not a guarantee: a correct implementation's bound stays
-below its claimed epsilon (with the stated confidence), and a broken one's may rise
-above it.
+The largest epsilon under which an auditor's correct guesses of its canaries' coins would be too
+unlikely, by two analyses (ANALYSES): Steinke, Nasr and Jagielski's (NeurIPS 2023), assuming
+only (epsilon, delta)-DP, and Mahloujifar, Melis and Chaudhuri's Gaussian one (ICML 2025).
+Entry points: `audit_guesses`, `epsilon_lower_bound`, `gaussian_premise_holds`.
 """
 
 import math
@@ -30,17 +15,20 @@ from scipy import special, stats
 ANALYSES = ("epsilon-delta", "gaussian")
 # The share of the canaries whose coins the auditor guesses: those with the highest
 # and lowest scores, half each. Fixed before any audit, by simulating Gaussian canary
-# scores at the separation of the self-test's half-noise variant (see the README):
+# scores at the separation of the self-test's half-noise variant (docs/how-to/privacy-audit.md):
 # fewer guesses are too few to count, more are mostly coin flips. One share, so that
 # the whole confidence rests on one test.
 GUESS_SHARE = 0.1
 
 
 def p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
-    """Steinke, Nasr and Jagielski's bound on the chance of `correct` or more right
-    out of `guesses` under (epsilon, delta)-DP: P[Binomial(guesses, p) >= correct] +
+    """Steinke, Nasr and Jagielski's bound on the chance of `correct` or more right guesses.
+
+    Out of `guesses` under (epsilon, delta)-DP (their Theorem 5.2):
+    P[Binomial(guesses, p) >= correct] +
     2 * canaries * delta * max_i P[correct - i <= Binomial(guesses, p) < correct] / i,
-    where p = e^eps / (1 + e^eps) is the best accuracy eps-DP allows one guess."""
+    where p = e^eps / (1 + e^eps) is the best accuracy eps-DP allows one guess.
+    """
     p = special.expit(epsilon)
     tail = stats.binom.sf(correct - 1, guesses, p)
     if delta == 0 or correct == 0:
@@ -54,22 +42,27 @@ Tradeoff = Callable[[float], float]
 
 
 def gaussian_tradeoff(mu: float) -> Tradeoff:
-    """mu-Gaussian DP's privacy curve: the least type II error of any test between a
-    canary's two versions at type I error alpha, as between N(0, 1) and N(mu, 1)."""
+    """mu-Gaussian DP's privacy curve, as between N(0, 1) and N(mu, 1).
+
+    The least type II error of any test between a canary's two versions at type I error alpha.
+    """
     return lambda alpha: float(stats.norm.cdf(stats.norm.ppf(1 - alpha) - mu))
 
 
 def rejects(
     canaries: int, guesses: int, correct: int, tradeoff: Tradeoff, significance: float
 ) -> bool:
-    """Whether `correct` right out of `guesses` (of `canaries`) is too unlikely, at
-    `significance`, for a mechanism whose privacy curve is at least `tradeoff`.
+    """Whether `correct` right out of `guesses` is too unlikely under the privacy curve.
+
+    Too unlikely, at `significance`, with `canaries` canaries, for a mechanism whose privacy
+    curve is at least `tradeoff`.
 
     Mahloujifar, Melis and Chaudhuri's bound (their Theorem 9 and its algorithm):
     starting from the shares of right and wrong guesses scaled by the significance,
     each right guess fewer is traded against the least wrong ones the privacy curve
     allows with it (tradeoff(1 - right)); the observation is rejected if the shares
-    reached exceed the share of guesses made."""
+    reached exceed the share of guesses made.
+    """
     right = significance * correct / canaries
     wrong = significance * (guesses - correct) / canaries
     for fewer in range(correct - 1, -1, -1):
@@ -100,11 +93,21 @@ PREMISE_STEP = 0.025  # of epsilon between the points compared
 def gaussian_premise_holds(
     delta_for_epsilon: Callable[[list[float]], Sequence[float]], epsilon: float, delta: float
 ) -> bool:
-    """Whether a mechanism whose privacy profile is `delta_for_epsilon` (a PLD's
-    get_delta_for_epsilon) lies within the Gaussian mechanism that is exactly
-    (epsilon, delta)-DP: the premise under which the Gaussian analysis refutes the
-    mechanism's own claim. Checked wherever the Gaussian's delta is at least
-    PREMISE_DELTA, to within PREMISE_TOLERANCE."""
+    """Whether a privacy profile lies within the Gaussian mechanism exactly (epsilon, delta)-DP.
+
+    That is the premise under which the Gaussian analysis refutes the mechanism's own claim:
+    the Gaussian curve is what DP-SGD's many composed steps approach (Dong, Roth and Su's
+    central limit theorem), and the analysis is valid as a bound where the mechanism's own
+    curve lies within it. Checked wherever the Gaussian's delta is at least PREMISE_DELTA, to
+    within PREMISE_TOLERANCE.
+
+    Parameters
+    ----------
+    delta_for_epsilon : callable
+        The mechanism's privacy profile, a PLD's get_delta_for_epsilon.
+    epsilon, delta : float
+        The mechanism's claim.
+    """
     mu = gaussian_mu(epsilon, delta)
     end = 2 * epsilon + 1
     while gaussian_delta(mu, end) >= PREMISE_DELTA:  # out to where the check stops
@@ -131,8 +134,18 @@ def epsilon_lower_bound(
     confidence: float = 0.95,
     analysis: str = "epsilon-delta",
 ) -> float:
-    """The largest epsilon that `correct` right out of `guesses` refutes at
-    `confidence` (0 if none), under `analysis` (see ANALYSES), to within 1e-4 below."""
+    """The largest epsilon that `correct` right out of `guesses` refutes at `confidence`.
+
+    0 if none; under `analysis` (see ANALYSES), to within 1e-4 below. A lower bound is
+    evidence, not a guarantee: a correct implementation's bound stays below its claimed
+    epsilon (with the stated confidence), and a broken one's may rise above it.
+
+    Raises
+    ------
+    ValueError
+        The counts are not 0 <= correct <= guesses <= canaries, the analysis is unknown, or
+        the Gaussian one is asked for with delta 0.
+    """
     if not 0 <= correct <= guesses <= canaries:
         raise ValueError(
             f"need 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {canaries}"
@@ -167,8 +180,11 @@ def epsilon_lower_bound(
 
 
 def _guesses(scores, coins, share):
-    """(guesses, correct) when the auditor guesses coin 1 for the highest-scoring
-    `share` / 2 of the canaries and coin 0 for the lowest-scoring as many."""
+    """(guesses, correct) when the auditor guesses the coins of the extreme scores.
+
+    Coin 1 for the highest-scoring `share` / 2 of the canaries, coin 0 for as many of the
+    lowest-scoring.
+    """
     order = np.argsort(scores, kind="stable")
     half = max(1, math.floor(share * len(coins) / 2))
     correct = int((coins[order[-half:]] == 1).sum() + (coins[order[:half]] == 0).sum())
@@ -183,9 +199,17 @@ def audit_guesses(
     analysis: str = "epsilon-delta",
     share: float = GUESS_SHARE,
 ) -> dict[str, float | int]:
-    """The lower bound at `confidence` when the auditor guesses coin 1 for the
-    highest-scoring `share` / 2 of the canaries and coin 0 for as many of the lowest;
-    returns it with the guesses behind it."""
+    """The lower bound at `confidence` from the auditor's guesses of the extreme scores' coins.
+
+    The auditor guesses coin 1 for the highest-scoring `share` / 2 of the canaries and coin 0
+    for as many of the lowest.
+
+    Returns
+    -------
+    dict
+        "epsilon": the lower bound (`epsilon_lower_bound`); "guesses" and "correct": the
+        guesses behind it.
+    """
     scores, coins = np.asarray(scores, dtype=float), np.asarray(coins, dtype=int)
     order = np.argsort(scores, kind="stable")
     half = max(1, math.floor(share * len(coins) / 2))
