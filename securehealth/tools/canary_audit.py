@@ -1,45 +1,9 @@
-"""The one-run canary audit (audit.py): from what an attacker sees, a lower bound on
-how much privacy a training lost, for the product and for deliberately broken
-versions of it that the audit must catch.
+"""The one-run canary audit (audit.py): a lower bound on how much privacy a training lost.
 
-Each variant trains the audit's federation (the run's or the command's settings and
-data) with fresh privacy ledgers in a scratch folder (no real hospital's budget is
-touched), through the product's own code: `Hospital.train_round` (its ledger's
-noise calibration, Opacus DP-SGD, Poisson sampling). The audited hospital samples
-at its own patients' sample rate and takes their number of steps (the canaries ride
-along at that rate), so the mechanism audited is the hospital's own. Its rows get
-canaries whose versions secret fair coins choose:
-
-- white-box (a curious server without SecAgg+, which sees every round's update of
-  the hospital): Dirac canaries in gradient space (Steinke, Nasr and Jagielski,
-  section 6). The audit model is the product's MLP plus one weight per canary that
-  never changes the model's output; a canary's row marks its own weight, and
-  clipping turns its gradient into max_grad_norm along that weight, whatever the
-  model has learnt. Scored by the sum over rounds of that weight's updates.
-- black-box (anyone holding model.pt): records with a chosen diagnosis, scored by
-  the final model's predicted logit for them. A figure, not part of the verdict.
-
-Under replace-one adjacency (the product's default) a canary is always there, in
-one of two versions (opposite gradients; opposite diagnoses), so the patient count
-never depends on a coin, as the guarantee requires; under add-remove a coin decides
-whether it is there at all.
-
-The verdict rests on one test, fixed in advance: the white-box canaries' lower
-bound at 95% confidence (lower_bounds.GUESS_SHARE of the canaries guessed), by the
-Gaussian analysis where the claim lies within the Gaussian curve at its (epsilon,
-delta) (checked with dp-accounting at the audited sample rate and steps: `claim_pld`),
-else by the (epsilon, delta) one. A variant passes if that bound is at most its
-claim.
-
-The broken variants live here only, never behind a setting; each changes one thing
-inside DP-SGD or its accounting, the settings and run files as the product's:
-- half noise: DP-SGD adds half the noise the ledger calibrated and records;
-- no noise: DP-SGD adds none;
-- one-round accounting: the noise is calibrated for one round and used for every
-  round, and only the latest round is composed, so every round claims the budget;
-- shuffled batches: each pass over the rows shuffled and cut into batches of the
-  expected size, instead of the Poisson sampling the accounting assumes (reported;
-  the self-test does not require the audit to catch it).
+From what an attacker sees, for the product and for deliberately broken versions of it
+(VARIANTS) that the audit must catch, each trained with fresh ledgers in a scratch folder
+through the product's own code. Entry points: `run`, `check_settings`, `plot`; the method is
+described in docs/how-to/privacy-audit.md.
 """
 
 import functools
@@ -84,11 +48,14 @@ PLD_DISCRETIZATION = 1e-4
 
 
 class CanaryModel(nn.Module):
-    """The product's MLP (`body`) plus one weight per white-box canary. A row is a
-    patient's features, then a canary's number and its mark: mark 0 for a patient,
-    +-CANARY_MARK for a canary in one version or the other. A canary's weight adds
-    nothing to the output (traced minus its detached self) but receives the
-    canary's gradient."""
+    """The product's MLP (`body`) plus one weight per white-box canary.
+
+    These are Dirac canaries in gradient space (Steinke, Nasr and Jagielski, section 6). A row
+    is a patient's features, then a canary's number and its mark: mark 0 for a patient,
+    +-CANARY_MARK for a canary in one version or the other. A canary's weight adds nothing to
+    the output (traced minus its detached self) but receives the canary's gradient, which
+    clipping turns into max_grad_norm along that weight, whatever the model has learnt.
+    """
 
     def __init__(self, features: int, hidden_layers: tuple[int, ...], canaries: int):
         super().__init__()
@@ -97,6 +64,7 @@ class CanaryModel(nn.Module):
         self.canary_weights = nn.Embedding(canaries, 1)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """The MLP's logits for the rows' features; the canary weights add nothing to them."""
         number, mark = rows[:, self.features].long(), rows[:, self.features + 1]
         traced = (self.canary_weights(number).squeeze(-1) * mark).unsqueeze(-1)
         return self.body(rows[:, : self.features]) + traced - traced.detach()
@@ -104,7 +72,12 @@ class CanaryModel(nn.Module):
 
 @dataclass
 class Canaries:
-    """The canaries and their secret coins, which the auditor must guess."""
+    """The canaries and their secret coins, which the auditor must guess.
+
+    White-box canaries stand for a curious server without SecAgg+, which sees every round's
+    update of the audited hospital; black-box ones are records with a chosen diagnosis, for
+    anyone holding model.pt (a figure, not part of the verdict).
+    """
 
     white_coins: np.ndarray  # one per white-box canary
     black_coins: np.ndarray  # one per black-box canary
@@ -114,9 +87,11 @@ class Canaries:
 
     @classmethod
     def draw(cls, white: int, black: int, features: np.ndarray, adjacency: str) -> "Canaries":
-        """Coins from secret randomness, and black-box records: features of real
-        patients, shuffled column by column (plausible values, no real patient),
-        with diagnoses by coin."""
+        """Draw the coins from secret randomness, and the black-box records.
+
+        The records are features of real patients shuffled column by column (plausible
+        values, no real patient), with diagnoses by coin.
+        """
         rng = np.random.default_rng(dpsgd.secret_seed())
         inputs = np.stack([rng.choice(column, black) for column in features.T], axis=1)
         return cls(
@@ -129,6 +104,7 @@ class Canaries:
 
     @property
     def white(self) -> int:
+        """The number of white-box canaries."""
         return len(self.white_coins)
 
     @staticmethod
@@ -137,8 +113,13 @@ class Canaries:
         return np.hstack([x, np.zeros((len(x), 2), np.float32)])
 
     def audited_rows(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The audited hospital's training rows: its patients plus its canaries in the
-        versions the coins chose."""
+        """The audited hospital's training rows: its patients plus its canaries.
+
+        Under replace-one adjacency a canary is always there, in the version its coin chose
+        (opposite gradients; opposite diagnoses), so that the patient count never depends
+        on a coin, as the guarantee requires; under add-remove the coin decides whether it
+        is there at all.
+        """
         replace = self.adjacency == "replace-one"
         white = np.arange(self.white) if replace else np.flatnonzero(self.white_coins == 1)
         sign = 2.0 * self.white_coins[white] - 1 if replace else np.ones(len(white))
@@ -153,14 +134,18 @@ class Canaries:
 
     @staticmethod
     def white_box_scores(updates: list[np.ndarray]) -> np.ndarray:
-        """Each canary's weight summed over the audited hospital's round updates: its
-        clipped gradient pushes it up in the version of coin 1."""
+        """Each canary's weight summed over the audited hospital's round updates.
+
+        Its clipped gradient pushes it up in the version of coin 1.
+        """
         return np.sum(updates, axis=0).reshape(-1)
 
     def black_box_scores(self, model: CanaryModel) -> np.ndarray:
-        """The final model's logit for each record (replace-one: coin 1 is diagnosis
-        1), or its confidence in the record's own diagnosis (add-remove: coin 1 is
-        "trained on")."""
+        """The final model's score for each black-box record.
+
+        Its logit (replace-one: coin 1 is diagnosis 1), or its confidence in the record's own
+        diagnosis (add-remove: coin 1 is "trained on").
+        """
         model.eval()
         with torch.no_grad():
             logits = model(torch.as_tensor(self.unmarked(self.black_inputs))).squeeze(-1).numpy()
@@ -182,10 +167,13 @@ class _NoiselessOptimizer(dpsgd.FiniteDPOptimizer):
 
 
 class _OneRoundLedger(PrivacyLedger):
-    """Broken: calibrates the noise for one round, every round, and composes only
-    the round at hand, so each round claims the whole budget."""
+    """Broken: calibrates the noise for one round, every round, composing only that round.
+
+    So each round claims the whole budget.
+    """
 
     def noise_for_round(self, run_id, sample_rate, steps, planned_steps, *limit, **reserve):
+        """The noise for one round's steps at the whole budget, the earlier rounds forgotten."""
         self.releases.clear()
         return calibrate_noise_multiplier(
             self.budget, self.delta, sample_rate, steps, self.adjacency
@@ -193,8 +181,10 @@ class _OneRoundLedger(PrivacyLedger):
 
 
 class _ShuffledBatches(dpsgd.PoissonBatches):
-    """Broken: each pass over the rows is a fresh shuffle cut into batches of the
-    expected size, every row in exactly one of them, instead of Poisson sampling."""
+    """Broken: each pass is a fresh shuffle cut into batches, not Poisson sampling.
+
+    The batches are of the expected size, every row in exactly one of them.
+    """
 
     def __iter__(self):
         yield from np.array_split(self.random.permutation(self.n), self.steps)
@@ -202,7 +192,11 @@ class _ShuffledBatches(dpsgd.PoissonBatches):
 
 @dataclass(frozen=True)
 class Variant:
-    """A way of training the audit's federation: the product, or a broken version."""
+    """A way of training the audit's federation: the product, or a broken version.
+
+    Each broken version changes one thing inside DP-SGD or its accounting, the settings and
+    run files as the product's; they live here only, never behind a setting.
+    """
 
     description: str
     ledger: type[PrivacyLedger] = PrivacyLedger
@@ -229,9 +223,13 @@ VARIANTS = {
 
 
 class AuditedHospital(Hospital):
-    """A hospital of the audit's federation: the product's training of a round, on
-    the canary model, as `variant` trains, sampling at the rate and for the steps of
-    its `patients` real patients (the canaries ride along)."""
+    """A hospital of the audit's federation, training the canary model as `variant` trains.
+
+    It trains a round as the product does (`Hospital.train_round`: its ledger's noise
+    calibration, Opacus DP-SGD, Poisson sampling), sampling at the rate and for the steps of
+    its `patients` real patients (the canaries ride along), so that the mechanism audited is
+    the hospital's own.
+    """
 
     def __init__(self, hospital, cfg, run_id, state_dir, rows, canaries, variant, patients):
         super().__init__(hospital, cfg, run_id, state_dir, patients=rows)
@@ -240,12 +238,15 @@ class AuditedHospital(Hospital):
 
     @property
     def sampled_patients(self) -> int:
+        """The real patients, whose rate and steps the hospital samples at."""
         return self.patients
 
     def _new_model(self):
+        """The canary model, in place of the product's MLP."""
         return CanaryModel(self.x.shape[1] - 2, self.cfg.hidden_layers, self.canaries)
 
     def _train(self, model, sigma, sampling):
+        """DP-SGD with the variant's optimizer and batches."""
         return dpsgd.train_private(
             model,
             self.x,
@@ -259,14 +260,17 @@ class AuditedHospital(Hospital):
 
 
 def independent_pld(history: list[tuple[float, float, int]], adjacency: str):
-    """The privacy loss distribution of (noise_multiplier, sample_rate, steps)
-    releases, from dp-accounting directly rather than through the product's
-    accountant. Remembered per history."""
+    """The privacy loss distribution of (noise_multiplier, sample_rate, steps) releases.
+
+    From dp-accounting directly rather than through the product's accountant; remembered per
+    history.
+    """
     return _pld(tuple(tuple(release) for release in history), adjacency)
 
 
 @functools.lru_cache(maxsize=16)
 def _pld(history, adjacency):
+    """The composed PLD of a history, a tuple so that it can be remembered."""
     from dp_accounting.pld import privacy_loss_distribution
     from dp_accounting.privacy_accountant import NeighboringRelation
 
@@ -288,10 +292,12 @@ def _pld(history, adjacency):
 
 @functools.lru_cache(maxsize=16)
 def claim_pld(epsilon: float, delta: float, sample_rate: float, steps: int, adjacency: str):
-    """The privacy loss distribution a claim stands for: DP-SGD at the sample rate
-    and for the steps a hospital released, with the noise that makes it exactly
-    (epsilon, delta)-DP, calibrated here with dp-accounting directly (a bug in the
-    product's accountant would otherwise shape the claim it is judged by)."""
+    """The privacy loss distribution a claim stands for, calibrated with dp-accounting.
+
+    DP-SGD at the sample rate and for the steps a hospital released, with the noise that makes
+    it exactly (epsilon, delta)-DP, calibrated here with dp-accounting directly (a bug in the
+    product's accountant would otherwise shape the claim it is judged by).
+    """
     from dp_accounting import dp_event, mechanism_calibration, pld
     from dp_accounting.privacy_accountant import NeighboringRelation
 
@@ -318,9 +324,22 @@ Patients = list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarra
 def train_variant(
     cfg: SimpleNamespace, name: str, canaries: Canaries, patients: Patients, state_root: Path
 ) -> tuple[dict[str, Any], list[np.ndarray], CanaryModel]:
-    """Train the audit's federation as variant `name`: (what the audited hospital
-    claims and what its noise really spent, its canary weights' update in each
-    round, the final model)."""
+    """Train the audit's federation as variant `name`.
+
+    Returns
+    -------
+    facts : dict
+        What the audited hospital claims, and what its noise really spent.
+    updates : list of np.ndarray
+        Its canary weights' update in each round.
+    model : CanaryModel
+        The final model.
+
+    Raises
+    ------
+    AuditError
+        The audited hospital declined to train in every round.
+    """
     variant = VARIANTS[name]
     # The audit is of DP-SGD: its hospitals reserve no operating point, so that their
     # training spends the whole budget (the operating point's histograms are a plain
@@ -350,6 +369,7 @@ def train_variant(
 
 
 def _audit_hospitals(cfg, name, canaries, patients, state_root, variant):
+    """The audit's hospitals: the audited one with its canaries, the others unmarked."""
     hospitals = []
     for h, ((x, y), (held_x, held_y)) in enumerate(patients):
         train = canaries.audited_rows(x, y) if h == AUDITED_HOSPITAL else (canaries.unmarked(x), y)
@@ -370,6 +390,7 @@ def _audit_hospitals(cfg, name, canaries, patients, state_root, variant):
 
 
 def _facts(cfg, name, variant, audited, trained):
+    """What the audited hospital claims, and the epsilon of the noise it really added."""
     with audited.ledger.transaction():
         sigma = audited.ledger.releases[-1]["noise_multiplier"]  # the same every round
     sample_rate, steps = audited.sampling()
@@ -397,8 +418,13 @@ def _facts(cfg, name, variant, audited, trained):
 def audit_variant(
     cfg: SimpleNamespace, name: str, canaries: Canaries, patients: Patients, state_root: Path
 ) -> dict[str, Any]:
-    """Train variant `name` and audit it: its claim, each threat model's lower
-    bounds, and its verdict."""
+    """Train variant `name` and audit it: its claim, each threat model's bounds, its verdict.
+
+    One test decides, fixed in advance: the white-box canaries' lower bound at CONFIDENCE
+    (lower_bounds.GUESS_SHARE of the canaries guessed), by the Gaussian analysis where the
+    claim lies within the Gaussian curve at its (epsilon, delta), else by the (epsilon,
+    delta) one. The variant passes if that bound is at most its claim.
+    """
     facts, updates, model = train_variant(cfg, name, canaries, patients, state_root)
     scores = {
         "white-box": canaries.white_box_scores(updates),
@@ -438,7 +464,13 @@ def audit_variant(
 
 
 def check_settings(cfg: SimpleNamespace, white: int) -> None:
-    """AuditError unless the audit can run with these settings and canaries."""
+    """Check that the audit can run with these settings and `white` white-box canaries.
+
+    Raises
+    ------
+    AuditError
+        More than MAX_ROUNDS rounds, or canaries outside MIN_CANARIES to MAX_CANARIES.
+    """
     if cfg.rounds > MAX_ROUNDS:
         raise AuditError(
             f"the audit trains every round {len(VARIANTS)} times in this process: use at "
@@ -451,7 +483,28 @@ def check_settings(cfg: SimpleNamespace, white: int) -> None:
 def run(
     cfg: SimpleNamespace, white: int = CANARIES, black: int = BLACK_BOX_CANARIES
 ) -> dict[str, Any]:
-    """The audit of every variant on the data `cfg` names, with its verdict."""
+    """The audit of every variant on the data `cfg` names, with its verdict.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The settings audited: the run's, or the command's.
+    white, black : int
+        White-box and black-box canaries in the audited hospital.
+
+    Returns
+    -------
+    dict
+        The method, confidence, guess share and settings, each variant's audit
+        (`audit_variant`), and the outcome and summary (`verdict`).
+
+    Raises
+    ------
+    AuditError
+        The settings or canaries are out of range, or a variant could not train.
+    data.DataError
+        A hospital's rows cannot be read.
+    """
     check_settings(cfg, white)
     torch.set_num_threads(1)
     patients = [data.hospital_data(cfg, h) for h in range(cfg.num_clients)]
@@ -483,9 +536,12 @@ def run(
 
 
 def verdict(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """PASS if the product's lower bound is at most its claim and every broken
-    variant's is above its own; FAIL if the product's is above its claim;
-    INCONCLUSIVE if the audit missed a broken variant (too weak to be evidence)."""
+    """The audit's outcome, PASS, FAIL or INCONCLUSIVE, and its summary in words.
+
+    PASS if the product's lower bound is at most its claim and every broken variant's is
+    above its own; FAIL if the product's is above its claim; INCONCLUSIVE if the audit missed
+    a broken variant (too weak to be evidence).
+    """
     product = variants["product"]
     missed = [
         v["description"] for v in variants.values() if v["must_fail"] and v["verdict"] == "PASS"
