@@ -1,25 +1,10 @@
-"""The model's operating point: the decision threshold a clinician acts on, chosen
-for a stated target from the hospitals' differentially private score histograms,
-never assumed (0.5 is an accident for a model trained with DP noise, whose scores
-are shifted and compressed) and never taken from test patients.
+"""The model's operating point: the decision threshold a clinician acts on, chosen for a target.
 
-How it is chosen:
-1. After the last round each hospital scores its own training patients with the
-   final model, one patient at a time (a model trained with DP-SGD barely fits its
-   training patients more closely than others, which is what DP bounds), and counts
-   them per class over one fixed grid of risk logits (GRID_EDGES, the same for every
-   data set), each count spread over neighbouring bins (`kernel`).
-2. It adds Gaussian noise to every count, the release recorded first in its privacy
-   ledger like a training round (ledger.py, OPERATING_POINT_SHARE): whatever model
-   the server sent, one patient moves the counts by at most
-   histogram_sensitivity().
-3. The server checks each hospital's release (`Release.read`), sums them and fits
-   each class's logits with a normal distribution by least squares, the
-   maximum-likelihood fit under Gaussian noise (the binormal ROC model of medical
-   decision making, Metz 1978), and puts the threshold where the fit meets the
-   target (`Target`): the largest Youden's J (sensitivity + specificity - 1) by
-   default, or a stated sensitivity or specificity (`choose`). The server's
-   reference test set plays no part: it only reports.
+It comes from the hospitals' differentially private score histograms, never assumed (0.5 is an
+accident for a model trained with DP noise) nor taken from test patients: each hospital releases
+noisy, smoothed counts of its training patients' risk logits (`score_histogram`, `add_noise`); the
+server checks each release (`Release.read`), fits each class with a normal distribution and puts
+the threshold where the fit meets the `Target` (`choose`). See docs/how-to/operating-point.md.
 """
 
 import functools
@@ -60,9 +45,11 @@ _CELL_CENTRES = (_CELL_EDGES[:-1] + _CELL_EDGES[1:]) / 2
 
 
 def kernel(logits: np.ndarray) -> np.ndarray:
-    """Each patient's spread count over the bins (rows: patients), from its logit
-    clipped into [-CLIP, CLIP]; non-finite logits (a model a server crafted) count
-    at 0, so that every patient counts exactly once."""
+    """Each patient's count spread over the bins (rows: patients), from its logit.
+
+    The logit is first clipped into [-CLIP, CLIP]; a non-finite logit (from a model a server
+    crafted) counts at 0, so that every patient counts exactly once.
+    """
     from scipy.stats import norm
 
     x = np.clip(np.where(np.isfinite(logits), logits, 0.0), -CLIP, CLIP)
@@ -71,9 +58,11 @@ def kernel(logits: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def kernel_norm() -> float:
-    """The most one patient's spread count can weigh (L2), wherever its logit is:
-    about 0.43 of a whole count (the largest over a fine scan of the clip range,
-    rounded up by a millionth for the logits between its points)."""
+    """The most one patient's spread count can weigh (L2), wherever its logit is.
+
+    That is about 0.43 of a whole count: the largest over a fine scan of the clip range, rounded
+    up by a millionth for the logits between its points.
+    """
     scanned = np.linalg.norm(kernel(np.linspace(-CLIP, CLIP, 2401)), axis=1).max()
     return float(scanned) * (1 + 1e-6)
 
@@ -85,23 +74,40 @@ def _cell_kernels() -> np.ndarray:
 
 
 def histogram_sensitivity(adjacency: str) -> float:
-    """How far one patient moves a hospital's histograms (both classes, one vector,
-    L2): replacing a record takes one spread count out and puts one in (at most
-    sqrt 2 times kernel_norm(), as the counts are never negative); adding or
-    removing one moves one (kernel_norm())."""
+    """How far one patient moves a hospital's histograms (both classes as one vector, L2).
+
+    Replacing a record (`adjacency` replace-one) takes one spread count out and puts one in: at
+    most sqrt 2 times kernel_norm(), as the counts are never negative. Adding or removing one
+    (add-remove) moves one: kernel_norm().
+    """
     return kernel_norm() * (math.sqrt(2) if adjacency == "replace-one" else 1.0)
 
 
 def histogram_noise_std(noise_multiplier: float, adjacency: str) -> float:
-    """The standard deviation of the noise on every count for a release the ledger
-    accounts as the Gaussian mechanism with `noise_multiplier` (sample rate 1, one
-    step): the same ratio of noise to one patient's effect."""
+    """The standard deviation of the noise on every count of an operating point's release.
+
+    The ledger accounts the release as the Gaussian mechanism with `noise_multiplier` (sample
+    rate 1, one step); this std gives the histograms the same ratio of noise to one patient's
+    effect.
+    """
     return noise_multiplier * histogram_sensitivity(adjacency) / ACCOUNTED_SENSITIVITY[adjacency]
 
 
 def score_histogram(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Spread counts of patients per class (row 0 negative, row 1 positive) over the
-    bins of GRID_EDGES."""
+    """Spread counts of patients per class over the bins of GRID_EDGES.
+
+    Parameters
+    ----------
+    logits : np.ndarray
+        Each patient's risk logit under the model.
+    labels : np.ndarray
+        Each patient's label (0 or 1).
+
+    Returns
+    -------
+    np.ndarray
+        Two rows of BINS counts: row 0 the negative patients, row 1 the positive.
+    """
     labels = np.asarray(labels, dtype=int)
     spread = kernel(np.asarray(logits, dtype=float))
     return np.stack([spread[labels == label].sum(axis=0) for label in (0, 1)])
@@ -114,17 +120,22 @@ def add_noise(counts: np.ndarray, std: float, random: np.random.Generator) -> np
 
 @dataclass(frozen=True)
 class Target:
-    """What the operating point aims at: `youden` (the largest sensitivity +
-    specificity - 1, for when neither error is worse than the other), or at least a
-    stated `sensitivity` or `specificity` (`value`)."""
+    """What the operating point aims at: Youden's J, or a stated sensitivity or specificity.
+
+    `kind` is `youden` (the largest sensitivity + specificity - 1, for when neither error is
+    worse than the other), or `sensitivity` or `specificity`, at least `value`.
+    """
 
     kind: str
     value: float | None = None
 
     @classmethod
     def parse(cls, setting: str) -> "Target | None":
-        """The decision_threshold setting's target ("auto", "sensitivity:0.9",
-        "specificity:0.9"), or None for a fixed threshold (a number)."""
+        """The decision_threshold setting's target, or None for a fixed threshold (a number).
+
+        A target is "auto", or "sensitivity:V" or "specificity:V" with V strictly between 0
+        and 1 (e.g. "sensitivity:0.9").
+        """
         if setting == "auto":
             return cls("youden")
         found = re.fullmatch(r"(sensitivity|specificity):(0?\.\d+|1(\.0*)?)", setting)
@@ -143,8 +154,10 @@ PROVISIONAL_THRESHOLD = 0.5  # figures of a round's model before its point is ch
 
 
 def fixed_threshold(setting: str) -> float | None:
-    """The decision_threshold setting's fixed threshold (a risk strictly between 0
-    and 1), or None where it names a target."""
+    """The decision_threshold setting's fixed threshold, or None where it names a target.
+
+    A fixed threshold is a risk strictly between 0 and 1.
+    """
     try:
         value = float(setting)
     except ValueError:
@@ -163,8 +176,10 @@ def setting_problem(setting: str) -> str | None:
 
 
 def working_threshold(setting: str) -> float:
-    """The threshold a model's figures use before its operating point is chosen: the
-    fixed one, else PROVISIONAL_THRESHOLD."""
+    """The threshold a model's figures use before its operating point is chosen.
+
+    That is the setting's fixed threshold, else PROVISIONAL_THRESHOLD.
+    """
     fixed = fixed_threshold(setting)
     return PROVISIONAL_THRESHOLD if fixed is None else fixed
 
@@ -178,6 +193,7 @@ class ClassFit:
     std: float
 
     def share_above(self, logit: float) -> float:
+        """The share of the class whose logits are above `logit`."""
         from scipy.stats import norm
 
         return float(norm.sf(logit, self.mean, self.std))
@@ -194,10 +210,12 @@ def expected_counts(patients: float, mean: float, std: float) -> np.ndarray:
 
 
 def fit_class(counts: np.ndarray) -> ClassFit:
-    """The normal distribution whose expected spread counts are nearest (least
-    squares) to one class's noisy counts: the maximum-likelihood fit when the noise
-    is Gaussian and the same on every count. Started from every whole logit, so that
-    a spike of noise cannot hold it."""
+    """The normal distribution whose expected spread counts best fit one class's noisy counts.
+
+    The fit is by least squares: the maximum-likelihood fit when the noise is Gaussian and the
+    same on every count. It starts from every whole logit, so that a spike of noise cannot hold
+    it.
+    """
     from scipy import optimize
 
     def residuals(p):
@@ -217,8 +235,11 @@ def fit_class(counts: np.ndarray) -> ClassFit:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The chosen decision threshold (a risk; its logit) and what the fit expects
-    of it (sensitivity, specificity), from how many hospitals' `histograms`."""
+    """The chosen decision threshold (a risk, and its logit) and what the fit expects of it.
+
+    The expected sensitivity and specificity are the fitted classes'; `histograms` is how many
+    hospitals' releases the fit came from.
+    """
 
     threshold: float
     logit: float
@@ -230,12 +251,15 @@ class OperatingPoint:
     positives: ClassFit
 
     def as_record(self) -> dict[str, Any]:
+        """The operating point as a plain dict, for the run's record."""
         return asdict(self)
 
     @property
     def auc(self) -> float:
-        """The ROC-AUC of the two fitted classes (binormal: a positive's logit above a
-        negative's): a score of the model computed from the DP histograms alone."""
+        """The ROC-AUC of the two fitted classes, computed from the DP histograms alone.
+
+        Binormal: the chance that a positive's logit is above a negative's.
+        """
         from scipy.stats import norm
 
         spread = math.hypot(self.positives.std, self.negatives.std)
@@ -247,9 +271,10 @@ class NoOperatingPoint(ValueError):
 
 
 def drowned(noise_std: float, patients: int) -> bool:
-    """Whether noise of this std on every count would drown a hospital's `patients`:
-    such a release says nothing, so a hospital does not make it and the server does
-    not take it."""
+    """Whether noise of `noise_std` on every count would drown a hospital's `patients`.
+
+    Such a release says nothing, so a hospital does not make it and the server does not take it.
+    """
     return noise_std > patients
 
 
@@ -271,9 +296,21 @@ class Release:
 
     @classmethod
     def of(cls, histograms: np.ndarray, releases: list[dict[str, Any]]) -> "Release":
-        """The release whose histograms these are, its noise from the releases the
-        hospital's report lists: exactly one operating point's release this run,
-        with a known adjacency and a finite, positive noise multiplier."""
+        """The release whose histograms these are, its noise from the hospital's report.
+
+        Parameters
+        ----------
+        histograms : np.ndarray
+            The hospital's noisy histograms.
+        releases : list[dict[str, Any]]
+            The releases its privacy report lists.
+
+        Raises
+        ------
+        ReleaseProblem
+            The report does not list exactly one operating point's release this run, with a
+            known adjacency and a finite, positive noise multiplier.
+        """
         mine = [r for r in releases if r["this_run"] and r["mechanism"] == TASK]
         if len(mine) != 1:
             raise ReleaseProblem(f"its report lists {len(mine)} operating-point releases, not 1")
@@ -284,10 +321,24 @@ class Release:
 
     @classmethod
     def read(cls, text: Any, releases: list[dict[str, Any]], patients: int) -> "Release":
-        """A release from a hospital's reply (its histograms as JSON text), refused
-        unless its counts could come from its `patients` and its noise: each count
-        and their total within NOISE_BOUND standard deviations of what they could be,
-        and noise no larger than the patients (it would only drown the others)."""
+        """A release read from a hospital's reply, refused unless its counts could be real.
+
+        Parameters
+        ----------
+        text : Any
+            The reply's histograms, as JSON text.
+        releases : list[dict[str, Any]]
+            The releases the hospital's privacy report lists (see `of`).
+        patients : int
+            The hospital's training patients.
+
+        Raises
+        ------
+        ReleaseProblem
+            The histograms are not 2 finite rows of BINS counts; the release's noise is unknown
+            or larger than the patients (it would only drown the others); or a count, or their
+            total, is beyond NOISE_BOUND standard deviations of what its patients could give.
+        """
         try:
             histograms = np.array(json.loads(text), dtype=float)
         except (TypeError, ValueError, OverflowError, RecursionError):  # e.g. 10**400
@@ -306,7 +357,14 @@ class Release:
 
 
 def choose(released: list[Release], target: Target) -> OperatingPoint:
-    """The operating point for `target` from the hospitals' releases."""
+    """The operating point for `target` from the hospitals' releases.
+
+    Raises
+    ------
+    NoOperatingPoint
+        There is no release, the fit fails, or a class holds too few patients to be told from
+        the noise (least_patients).
+    """
     if not released:
         raise NoOperatingPoint("no hospital released its score histograms")
     counts = np.sum([r.histograms for r in released], axis=0)
@@ -337,10 +395,12 @@ def choose(released: list[Release], target: Target) -> OperatingPoint:
 
 
 def least_patients(fitted: ClassFit, noise_std: float) -> float:
-    """The fewest patients a fitted class must hold to be told from the noise: at
-    least MIN_CLASS_PATIENTS, and three times the noise on the total of the bins
-    it spans (within two of its observed standard deviations either side), which a
-    fit to pure noise rarely reaches."""
+    """The fewest patients a fitted class must hold to be told from the noise.
+
+    That is at least MIN_CLASS_PATIENTS, and three times the noise on the total of the bins it
+    spans (within two of its observed standard deviations either side), which a fit to pure
+    noise rarely reaches.
+    """
     observed = math.hypot(fitted.std, KERNEL_STD)
     spanned = max(1.0, 4 * observed / (GRID_EDGES[1] - GRID_EDGES[0]))
     return max(MIN_CLASS_PATIENTS, 3 * noise_std * math.sqrt(spanned))
@@ -366,9 +426,11 @@ def _threshold_logit(negatives: ClassFit, positives: ClassFit, target: Target) -
 def choose_without_noise(
     model: "torch.nn.Module", rows: list[tuple[np.ndarray, np.ndarray]], target: Target
 ) -> float:
-    """The threshold chosen as the server chooses it, from histograms of `rows`'
-    scores without noise: for the baselines, which are not private; the provisional
-    one where none can be chosen."""
+    """The threshold chosen as the server chooses it, from histograms without noise.
+
+    For the baselines, which are not private: the histograms are of `model`'s scores on each
+    (x, y) of `rows`. Where none can be chosen, PROVISIONAL_THRESHOLD.
+    """
     import torch
 
     with torch.no_grad():
