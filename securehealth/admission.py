@@ -7,11 +7,9 @@ keys, its signature of the server's challenge with its key (authorisation.py). A
 node joins the run only as a hospital it has proven to be, once per number; all
 others are refused and named, and never receive a training message. Every report a
 hospital sends afterwards is checked against its admitted number, the operator's
-patient cap and its own earlier reports (`report_problem`).
+patient cap and its own earlier reports (privacy/report.py's `PrivacyReport.read`).
 """
 
-import json
-import math
 import secrets
 from logging import WARNING
 from typing import Any
@@ -21,22 +19,11 @@ from flwr.common import GetPropertiesIns, log
 
 from securehealth.authorisation import identity_proven
 from securehealth.flower import getpropertiesins_to_recorddict, recorddict_to_getpropertiesres
+from securehealth.privacy.report import REASON_LIMIT
 from securehealth.text import quoted, untrusted
 
 NOT_ADMITTED = "not-admitted"  # the notice to a refused node: why it is not in the run
 ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp process)
-STATUSES = ("trained", "refused")  # what a training reply may say it did
-REASON_LIMIT = 1000  # characters of a hospital's stated reason kept
-RELEASES_LIMIT = 1_000_000  # characters of a report's list of releases (~10,000 of them)
-RELEASE_FIELDS = {
-    "round": int,
-    "noise_multiplier": float,
-    "sample_rate": float,
-    "steps": int,
-    "adjacency": str,
-    "mechanism": str,
-    "this_run": bool,
-}
 
 
 class Admission:
@@ -160,113 +147,3 @@ class Admission:
         """The nodes known to be this run's hospitals, admitted or not (they are told
         when the run ends)."""
         return sorted({*self.members, *self.disagreeing})
-
-
-def report_problem(
-    report: dict[str, Any],
-    num_examples: int,
-    hospital: int,
-    previous: dict[str, Any] | None,
-    max_patients: int,
-    statuses: tuple[str, ...] = STATUSES,
-) -> str | None:
-    """Why a hospital's training report cannot be accepted (None if it can): a field
-    of the wrong type or out of range, another hospital's number, more patients than
-    the operator's cap, an epsilon below what it reported before (`previous`, its
-    earlier report in this run, or None), or a malformed list of releases."""
-    expected = {
-        "hospital": int,
-        "patients": int,
-        "status": str,
-        "reason": str,
-        "epsilon": float,
-        "epsilon_budget": float,
-        "delta": float,
-        "adjacency": str,
-        "accountant": str,
-        "noise_multiplier": float,
-        "sample_rate": float,
-        "steps": int,
-        "ledger_reset": str,
-        "releases": str,
-    }
-    unexpected = sorted(set(report) - set(expected))
-    if unexpected:
-        return f"its report has fields no hospital sends: {', '.join(map(str, unexpected))[:200]}"
-    for key, kind in expected.items():
-        problem = _type_problem(key, report.get(key), kind)
-        if problem:
-            return f"its report's {problem}"
-    if report["hospital"] != hospital:
-        return f"its report claims hospital {report['hospital']}, but it was admitted as {hospital}"
-    checks = [
-        (
-            report["status"] in statuses,
-            f"status {quoted(report['status'])} is not one of {statuses}",
-        ),
-        (1 <= report["patients"] <= max_patients, _patients_problem(report, max_patients)),
-        (report["epsilon"] >= 0, "epsilon is negative"),
-        (report["epsilon_budget"] > 0, "epsilon_budget is not positive"),
-        (0 < report["delta"] < 1, "delta is not between 0 and 1"),
-        (report["noise_multiplier"] >= 0, "noise_multiplier is negative"),
-        (0 <= report["sample_rate"] <= 1, "sample_rate is not between 0 and 1"),
-        (report["steps"] >= 0, "steps is negative"),
-        (len(report["reason"]) <= REASON_LIMIT, f"reason is over {REASON_LIMIT} characters"),
-        (
-            len(report["ledger_reset"]) <= REASON_LIMIT,
-            f"ledger_reset is over {REASON_LIMIT} characters",
-        ),
-    ]
-    for sound, problem in checks:
-        if not sound:
-            return f"its report's {problem}"
-    trained = report["status"] == "trained"
-    if report["status"] in ("trained", "released") and report["epsilon"] == 0:
-        return f"it {report['status']}, yet its report says it spent no epsilon"
-    if num_examples != (report["patients"] if trained else 0):
-        return (
-            f"it weights its update by {num_examples} patients but reports "
-            f"{report['patients']} ({report['status']})"
-        )
-    if previous is not None and report["epsilon"] < previous["epsilon"] - 1e-9:
-        return (
-            f"its report says epsilon {report['epsilon']:.4g}, less than the "
-            f"{previous['epsilon']:.4g} it reported before"
-        )
-    return _releases_problem(report["releases"])
-
-
-def _patients_problem(report, max_patients):
-    return (
-        f"patient count {report['patients']} is outside 1..{max_patients} (max_patients, "
-        f"the operator's cap on one hospital's weight)"
-    )
-
-
-def _type_problem(key, value, kind):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        return f"{key} is {type(value).__name__}, not {kind.__name__}"
-    if kind is float and not math.isfinite(value):
-        return f"{key} is not a finite number"
-    return None
-
-
-def _releases_problem(text):
-    if len(text) > RELEASES_LIMIT:
-        return f"its report's releases are over {RELEASES_LIMIT} characters"
-    try:
-        releases = json.loads(text)
-    except (ValueError, RecursionError):  # deep nesting exhausts the decoder
-        return "its report's releases are not valid JSON"
-    if not isinstance(releases, list):
-        return "its report's releases are not a list"
-    for release in releases:
-        if not isinstance(release, dict) or set(release) != set(RELEASE_FIELDS):
-            return f"its report's releases hold an entry without exactly {sorted(RELEASE_FIELDS)}"
-        for key, kind in RELEASE_FIELDS.items():
-            problem = _type_problem(key, release[key], kind)
-            if problem:
-                return f"its report's release {problem}"
-    return None

@@ -12,8 +12,8 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from securehealth import operating_point
-from securehealth.admission import REASON_LIMIT
 from securehealth.node import hospital_mod, open_hospital
+from securehealth.privacy.report import REASON_LIMIT
 from securehealth.relay import NODE_CONFIG_KEY, RelayClient
 from securehealth.text import untrusted
 

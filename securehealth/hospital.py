@@ -10,7 +10,6 @@ sends back is then differentially private whatever model it was sent; its local
 evaluation, which is not, can neither fail nor say anything to the server.
 """
 
-import json
 from datetime import UTC, datetime
 from logging import ERROR
 from pathlib import Path
@@ -39,6 +38,7 @@ from securehealth.privacy.ledger import (
     PrivacyLedger,
     lasting_trace,
 )
+from securehealth.privacy.report import Adjacency, PrivacyReport, ReportedRelease, ReportStatus
 from securehealth.results import (
     EVALUATION_FILE,
     STATUS_FILE,
@@ -110,7 +110,7 @@ class Hospital:
                     f"does not train on it (its bound on weights: max_weight "
                     f"{self.cfg.max_weight:g})"
                 )
-                return parameters, 0, self._report("refused", server_round, reason)
+                return parameters, 0, self._report(ReportStatus.REFUSED, server_round, reason)
         provisional = operating_point.working_threshold(self.cfg.decision_threshold)
         self._evaluate_locally(parameters, server_round - 1, provisional)
         n, cfg = len(self.y), self.cfg
@@ -159,13 +159,13 @@ class Hospital:
                     f"model further than that a round, and the server would reject every "
                     f"update; raise max_update_norm or lower learning_rate"
                 )
-                return parameters, 0, self._report("refused", server_round, reason)
+                return parameters, 0, self._report(ReportStatus.REFUSED, server_round, reason)
             except BudgetExhausted as refusal:
-                return parameters, 0, self._report("refused", server_round, str(refusal))
+                return parameters, 0, self._report(ReportStatus.REFUSED, server_round, str(refusal))
             model = self._model(parameters)
             steps_taken = self._train(model, sigma, (sample_rate, steps))
             self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
-            return get_weights(model), len(self.y), self._report("trained", server_round)
+            return get_weights(model), len(self.y), self._report(ReportStatus.TRAINED, server_round)
 
     @property
     def sampled_patients(self) -> int:
@@ -191,23 +191,23 @@ class Hospital:
             problem = self._model_problem(parameters)
             if problem:
                 reason = f"the server sent a malformed final model ({problem})"
-                return None, self._report(operating_point.DECLINED, server_round, reason)
+                return None, self._report(ReportStatus.DECLINED, server_round, reason)
             try:
                 noise = self.ledger.operating_point_noise(self.run_id)
             except BudgetExhausted as refusal:
-                return None, self._report(operating_point.DECLINED, server_round, str(refusal))
+                return None, self._report(ReportStatus.DECLINED, server_round, str(refusal))
             std = operating_point.histogram_noise_std(noise, self.cfg.adjacency)
             if operating_point.drowned(std, len(self.y)):
                 reason = (
                     f"its noise (std {std:.3g} a count) would drown its {len(self.y)} "
                     f"training patients: nothing released"
                 )
-                return None, self._report(operating_point.DECLINED, server_round, reason)
+                return None, self._report(ReportStatus.DECLINED, server_round, reason)
             counts = operating_point.score_histogram(self._logits(parameters), self.y)
             self.ledger.record(self.run_id, server_round, noise, 1.0, 1, OPERATING_POINT)
             random = np.random.default_rng(dpsgd.secret_seed())
             noisy = operating_point.add_noise(counts, std, random)
-            return noisy, self._report(operating_point.RELEASED, server_round)
+            return noisy, self._report(ReportStatus.RELEASED, server_round)
 
     @torch.no_grad()
     def _logits(self, parameters: list[np.ndarray]) -> np.ndarray:
@@ -292,43 +292,41 @@ class Hospital:
                 error,
             )
 
-    def _report(self, status, server_round, reason=""):
-        """Scalars the server may see: this hospital's privacy spending, no data.
-        `epsilon` is cumulative over every release on these patients; the noise
-        multiplier, sample rate and steps are this run's; `releases` lists them all,
-        so that anyone can recompute epsilon. They also go to the hospital's status
-        file, for its operator."""
+    def _report(self, status: ReportStatus, server_round: int, reason: str = "") -> dict:
+        """This hospital's privacy spending as Flower metrics for the server: no data.
+
+        The same report goes to the hospital's status file, for its operator.
+        """
         plan = self.ledger.data["plans"].get(str(self.run_id), {})
         releases = self.ledger.releases
-        report = {
-            "hospital": self.hospital,
-            "patients": len(self.y),
-            "status": status,
-            "reason": reason,
-            "epsilon": self.ledger.epsilon(),
-            "epsilon_budget": self.cfg.epsilon,
-            "delta": self.cfg.delta,
-            "adjacency": self.cfg.adjacency,
-            "accountant": ACCOUNTANT,
-            "noise_multiplier": plan.get("noise_multiplier", 0.0),
-            "sample_rate": plan.get("sample_rate", 0.0),
-            "steps": sum(
+        this_run = str(self.run_id)
+        report = PrivacyReport(
+            hospital=self.hospital,
+            patients=len(self.y),
+            status=status,
+            reason=reason,
+            epsilon=self.ledger.epsilon(),
+            epsilon_budget=self.cfg.epsilon,
+            delta=self.cfg.delta,
+            adjacency=Adjacency(self.cfg.adjacency),
+            accountant=ACCOUNTANT,
+            noise_multiplier=plan.get("noise_multiplier", 0.0),
+            sample_rate=plan.get("sample_rate", 0.0),
+            steps=sum(
                 r["steps"]
                 for r in releases
-                if r["run_id"] == str(self.run_id) and r.get("mechanism", DP_SGD) == DP_SGD
+                if r["run_id"] == this_run and r.get("mechanism", DP_SGD) == DP_SGD
             ),
-            "ledger_reset": self.ledger.reset_notice(),
-            "releases": json.dumps(
-                [
-                    {
-                        **{k: r[k] for k in RELEASE_KEYS},
-                        "mechanism": r.get("mechanism", DP_SGD),
-                        "this_run": r["run_id"] == str(self.run_id),
-                    }
-                    for r in releases
-                ]
+            ledger_reset=self.ledger.reset_notice(),
+            releases=tuple(
+                ReportedRelease(
+                    **{k: r[k] for k in RELEASE_KEYS},
+                    mechanism=r.get("mechanism", DP_SGD),
+                    this_run=r["run_id"] == this_run,
+                )
+                for r in releases
             ),
-        }
+        ).to_metrics()
         now = datetime.now(UTC).isoformat(timespec="seconds")
         status = {**report, "round": server_round, "utc": now, "ledger": str(self.ledger.path)}
         path = self.state_dir / STATUS_FILE

@@ -29,7 +29,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
 
 from securehealth import data, settings
-from securehealth.admission import NOT_ADMITTED, REASON_LIMIT
+from securehealth.admission import NOT_ADMITTED
 from securehealth.authorisation import Unauthorised, first_use, prove_identity, verify_run
 from securehealth.data import demonstration
 from securehealth.flower import (
@@ -38,6 +38,7 @@ from securehealth.flower import (
     recorddict_to_getpropertiesins,
 )
 from securehealth.privacy.ledger import LedgerError
+from securehealth.privacy.report import REASON_LIMIT
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
     DEMO_RUNS_DIR,

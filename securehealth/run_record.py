@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from securehealth.privacy.report import PrivacyReport
 from securehealth.results import METRICS_FILE, started_at, write_json
 
 # What a hospital reports about its own privacy spending, as metrics.json records it:
@@ -77,24 +78,30 @@ class RunRecord:
             {"round": server_round, "reason": reason}
         )
 
-    def finish(self, reports: dict[str, dict[str, Any]], final: dict[str, Any]) -> None:
-        """The final model's figures (`final`, at the run's decision threshold) and the
-        privacy summary, from each hospital's latest report (hospital id -> report);
-        the status is set by the caller."""
+    def finish(self, reports: dict[str, PrivacyReport], final: dict[str, Any]) -> None:
+        """Record the final model's figures and the privacy summary; the caller sets the status.
+
+        Parameters
+        ----------
+        reports : dict
+            Each hospital's latest accepted report, by hospital number as text.
+        final : dict
+            The final model's figures at the run's decision threshold.
+        """
         self.results["final"] = {"global": final}
         reported = [reports[h] for h in sorted(reports)]
         self.results["privacy"] = {
             "target_epsilon": self.cfg.epsilon,
             # Each hospital has its own delta: the statement holds with the largest.
-            "delta": max((r["delta"] for r in reported), default=self.cfg.delta),
+            "delta": max((r.delta for r in reported), default=self.cfg.delta),
             # Each hospital states its own guarantee; shown once when they agree.
-            "adjacency": common_value(reported, "adjacency"),
-            "accountant": common_value(reported, "accountant"),
+            "adjacency": common_value([r.adjacency for r in reported]),
+            "accountant": common_value([r.accountant for r in reported]),
             # Noise comes from a PRNG seeded from OS entropy, not a CSPRNG.
             "secure_rng": False,
             "hospitals": {
                 str(h): (
-                    {k: reports[str(h)][k] for k in (*PRIVACY_KEYS, "patients", "status")}
+                    _privacy_summary(reports[str(h)])
                     if str(h) in reports
                     else {"status": "no report"}  # it failed in every round
                 )
@@ -104,8 +111,13 @@ class RunRecord:
         self.save()
 
 
-def common_value(reports: list[dict[str, Any]], key: str) -> Any:
-    """The value of `key` shared by all reports, "per hospital" if they differ
-    (None without reports)."""
-    values = {r[key] for r in reports}
-    return values.pop() if len(values) == 1 else ("per hospital" if values else None)
+def _privacy_summary(report: PrivacyReport) -> dict[str, Any]:
+    """A hospital's privacy as the run's summary records it: its report without its reason."""
+    record = report.as_record()
+    return {key: record[key] for key in (*PRIVACY_KEYS, "patients", "status")}
+
+
+def common_value(values: list[Any]) -> Any:
+    """The value all hospitals reported, "per hospital" if they differ (None without any)."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else ("per hospital" if distinct else None)

@@ -25,7 +25,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from securehealth import operating_point, settings
-from securehealth.admission import REASON_LIMIT, Admission
+from securehealth.admission import Admission
 from securehealth.authorisation import Unauthorised, claim, verify_run
 from securehealth.certificates import (
     ENROLLED_KEYS_VARIABLE,
@@ -42,6 +42,7 @@ from securehealth.flower import (
     recorddict_to_getpropertiesres,
 )
 from securehealth.model import get_weights
+from securehealth.privacy.report import REASON_LIMIT
 from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished, run_directory
 from securehealth.strategy import HospitalFedAvg
 from securehealth.text import untrusted

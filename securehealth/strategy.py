@@ -7,10 +7,9 @@ It never computes a hospital's epsilon itself: each hospital accounts for its ow
 data and reports what it has spent; the strategy checks and records those reports.
 """
 
-import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -30,7 +29,6 @@ from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
 from securehealth import clinical, data, operating_point
-from securehealth.admission import REASON_LIMIT, report_problem
 from securehealth.aggregation import ServerMomentum, combine
 from securehealth.model import (
     build_model,
@@ -40,6 +38,13 @@ from securehealth.model import (
     save_model,
     set_weights,
     weights_problem,
+)
+from securehealth.privacy.report import (
+    OPERATING_POINT_STATUSES,
+    REASON_LIMIT,
+    PrivacyReport,
+    ReportStatus,
+    UnsoundReport,
 )
 from securehealth.results import MODEL_FILE
 from securehealth.run_record import RunRecord
@@ -53,6 +58,43 @@ DISCARDS_BEFORE_STOP = 2
 
 class AggregationError(RuntimeError):
     """A round ended without a usable update: the run must stop, not pretend."""
+
+
+@dataclass
+class RoundOutcome:
+    """What became of one round's replies: the record of the round, and what decides its fate.
+
+    Built by `HospitalFedAvg.aggregate_fit` as it reads the replies, and read once the
+    round's global model is evaluated.
+    """
+
+    server_round: int
+    reports: dict[str, PrivacyReport] = field(default_factory=dict)  # hospital -> its report
+    failures: list[str] = field(default_factory=list)  # what failed hospitals said
+    rejections: list[dict[str, str]] = field(default_factory=list)  # hospital, reason
+    accepted: int = 0  # updates that went into the round's model
+    discarded: str | None = None  # why the round's updates were thrown away, if they were
+    weights_capped: dict[str, list[int]] = field(default_factory=dict)  # [claimed, used]
+
+    @property
+    def all_declined(self) -> bool:
+        """Whether every hospital that answered declined to train (and none failed)."""
+        return (
+            not self.accepted
+            and bool(self.reports)
+            and all(r.status != ReportStatus.TRAINED for r in self.reports.values())
+        )
+
+    def as_record(self) -> dict[str, Any]:
+        """The round's outcome as metrics.json records it beside the global metrics."""
+        return {
+            "hospitals_trained": self.accepted,
+            "failures": self.failures,
+            "rejected": self.rejections,
+            **({"weights_capped": self.weights_capped} if self.weights_capped else {}),
+            **({"discarded": self.discarded} if self.discarded else {}),
+            "hospitals": {name: report.as_record() for name, report in self.reports.items()},
+        }
 
 
 class HospitalFedAvg(FedAvg):
@@ -81,12 +123,8 @@ class HospitalFedAvg(FedAvg):
         self.cfg, self.run_dir, self.admission = cfg, run_dir, admission
         self.test_x, self.test_y, reference = data.reference_test_set(cfg)
         self.server_momentum = ServerMomentum(cfg.server_momentum)
-        self.reports = {}  # hospital id -> its latest report
-        self.round_reports, self.round_failures, self.round_rejections = {}, [], []
-        self.aggregated_round = 0  # the last round whose updates reached aggregate_fit
-        self.round_accepted = 0  # updates that went into that round's model
-        self.round_discarded = None  # why the round's updates were thrown away
-        self.round_weights_capped = {}  # hospital -> [patients claimed, weight used]
+        self.reports: dict[str, PrivacyReport] = {}  # hospital -> its latest report
+        self.last_round = RoundOutcome(0)  # the last round whose replies reached aggregate_fit
         # The decision threshold: fixed, or chosen after the last round
         # (choose_operating_point); until then the figures use a provisional one.
         self.target = operating_point.Target.parse(cfg.decision_threshold)
@@ -132,67 +170,60 @@ class HospitalFedAvg(FedAvg):
         server's momentum, unless the round must be thrown away (_discard_reason).
         Under SecAgg+ every result carries the same, already summed model: it is
         checked as a whole."""
-        self.aggregated_round = server_round
-        self.round_reports, self.round_rejections, self.round_discarded = {}, [], None
-        self.round_weights_capped = {}
-        accepted = []
+        outcome, accepted = RoundOutcome(server_round), []
+        self.last_round = outcome
         for proxy, fit_res in results:
-            report = dict(fit_res.metrics)
             hospital = self.admission.members.get(proxy.node_id)
-            problem = (
-                f"node {proxy.node_id} is not an admitted hospital"
-                if hospital is None
-                else report_problem(
-                    report,
-                    fit_res.num_examples,
-                    hospital,
-                    self.reports.get(str(hospital)),
-                    self.cfg.max_patients,
-                )
-            )
             name = str(proxy.node_id if hospital is None else hospital)
-            if problem:
-                self._reject(name, server_round, problem)
+            try:
+                if hospital is None:
+                    raise UnsoundReport(f"node {proxy.node_id} is not an admitted hospital")
+                report = PrivacyReport.read(
+                    dict(fit_res.metrics),
+                    hospital=hospital,
+                    num_examples=fit_res.num_examples,
+                    previous=self.reports.get(name),
+                    max_patients=self.cfg.max_patients,
+                )
+            except UnsoundReport as problem:
+                self._reject(outcome, name, str(problem))
                 continue
-            report.pop("hospital")
-            report["releases"] = json.loads(report["releases"])
-            report["reason"] = untrusted(report["reason"], REASON_LIMIT)
-            self.round_reports[name] = report
-            if report["status"] != "trained":
+            outcome.reports[name] = report
+            if report.status != ReportStatus.TRAINED:
                 log(
                     WARNING,
                     "Hospital %s did not train in round %d: %s",
                     name,
                     server_round,
-                    report["reason"],
+                    report.reason,
                 )
                 continue
             try:
                 weights = parameters_to_ndarrays(fit_res.parameters)
             except (ValueError, OSError, EOFError) as error:  # bytes that are no arrays
-                self._reject(name, server_round, f"its update is not arrays ({error})")
+                self._reject(outcome, name, f"its update is not arrays ({error})")
                 continue
             problem = None if self.secure else self.check_update(weights)
             if problem:
-                self._reject(name, server_round, problem)
+                self._reject(outcome, name, problem)
             else:
                 accepted.append((name, weights, fit_res.num_examples))
-        self.round_failures = [failure_reason(f) for f in failures]
-        for reason in self.round_failures:
+        outcome.failures = [failure_reason(f) for f in failures]
+        for reason in outcome.failures:
             log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
-        self.reports.update(self.round_reports)
-        self.round_discarded = self._discard_reason(accepted) if accepted else None
-        if self.round_discarded:
-            log(WARNING, "Round %d discarded: %s", server_round, self.round_discarded)
+        self.reports.update(outcome.reports)
+        outcome.discarded = self._discard_reason(outcome, accepted) if accepted else None
+        if outcome.discarded:
+            log(WARNING, "Round %d discarded: %s", server_round, outcome.discarded)
             accepted = []
-        self.round_accepted = len(accepted)
+        outcome.accepted = len(accepted)
         if not accepted:
             return None, {}
         if self.secure:
             combined = accepted[0][1]
         else:
             updates = bounded_weights(accepted)
-            self.round_weights_capped = {
+            outcome.weights_capped = {
                 name: [claimed, used]
                 for (name, _, claimed), (_, _, used) in zip(accepted, updates, strict=True)
                 if used < claimed
@@ -200,7 +231,9 @@ class HospitalFedAvg(FedAvg):
             combined = combine(self.cfg.aggregation, [(w, p) for _, w, p in updates])
         return ndarrays_to_parameters(self.server_momentum.step(self.global_weights, combined)), {}
 
-    def _discard_reason(self, accepted: list[tuple[str, list[np.ndarray], int]]) -> str | None:
+    def _discard_reason(
+        self, outcome: RoundOutcome, accepted: list[tuple[str, list[np.ndarray], int]]
+    ) -> str | None:
         """Why the round's accepted updates must not become the global model (None
         if they may). Under SecAgg+ the sum is one update whose senders cannot be
         told apart: it is thrown away whole if a hospital in it sent an unsound
@@ -209,7 +242,7 @@ class HospitalFedAvg(FedAvg):
         trains, and a weighted mean of updates within it stays within it). With
         SecAgg+ or without, fewer sound updates than min_fit_clients would be one
         hospital's update presented as the federation's."""
-        if self.secure and self.round_rejections:
+        if self.secure and outcome.rejections:
             return (
                 "secure aggregation summed an update whose hospital sent an unsound report; "
                 "the sum cannot be separated, so the round's model was thrown away"
@@ -227,15 +260,16 @@ class HospitalFedAvg(FedAvg):
             f"hides which one, so the round's model was thrown away"
         )
 
-    def _reject(self, hospital, server_round, problem):
+    def _reject(self, outcome: RoundOutcome, hospital: str, problem: str) -> None:
+        """Leave a hospital's reply out of the round, saying why."""
         log(
             WARNING,
             "Rejected hospital %s's update in round %d: %s",
             hospital,
-            server_round,
+            outcome.server_round,
             problem,
         )
-        self.round_rejections.append({"hospital": hospital, "reason": problem})
+        outcome.rejections.append({"hospital": hospital, "reason": problem})
 
     @property
     def secure(self) -> bool:
@@ -275,8 +309,7 @@ class HospitalFedAvg(FedAvg):
     def _stop_if_all_declined(self, server_round):
         """Stop the run when every hospital declined a round (recorded as such): their
         budgets do not come back, so every later round would be the same."""
-        reports = self.round_reports.values()
-        if self.round_accepted or not reports or any(r["status"] == "trained" for r in reports):
+        if not self.last_round.all_declined:
             return
         raise AggregationError(
             f"round {server_round}: every hospital declined to train, so the run stops "
@@ -288,9 +321,10 @@ class HospitalFedAvg(FedAvg):
         sends what no honest hospital does would otherwise spend every hospital's
         budget round after round."""
         discarded = [r["round"] for r in self.record.results.get("discarded_rounds", [])]
-        if self.round_discarded and len(discarded) >= DISCARDS_BEFORE_STOP:
+        last = self.last_round.discarded
+        if last and len(discarded) >= DISCARDS_BEFORE_STOP:
             raise AggregationError(
-                f"rounds {discarded} were discarded (the last: {self.round_discarded}); the "
+                f"rounds {discarded} were discarded (the last: {last}); the "
                 f"hospitals that trained in them have recorded them as spent, so the run "
                 f"stops rather than spend more on updates that cannot be used. Under secure "
                 f"aggregation the hospital responsible cannot be named: rerun with "
@@ -305,43 +339,29 @@ class HospitalFedAvg(FedAvg):
         spent = (
             "the hospitals that trained in it have recorded it as spent in their privacy ledgers"
         )
-        if self.aggregated_round != server_round:
+        outcome = self.last_round
+        if outcome.server_round != server_round:
             raise AggregationError(
                 f"round {server_round} was discarded: secure aggregation halted before "
                 f"the sum was complete (fewer than two thirds of the hospitals answered, "
                 f"one failed mid-protocol, or one sent a masked update that cannot be "
                 f"summed; see the server's log and the hospitals' consoles); {spent}"
             )
-        if self.round_discarded:
-            self.record.discard_round(server_round, f"{self.round_discarded}; {spent}")
+        if outcome.discarded:
+            self.record.discard_round(server_round, f"{outcome.discarded}; {spent}")
             return
-        if self.round_accepted or not (self.round_failures or self.round_rejections):
+        if outcome.accepted or not (outcome.failures or outcome.rejections):
             return  # an update went in, or every hospital declined (see _stop_if_all_declined)
-        reasons = self.round_failures + [
-            f"hospital {r['hospital']}: {r['reason']}" for r in self.round_rejections
+        reasons = outcome.failures + [
+            f"hospital {r['hospital']}: {r['reason']}" for r in outcome.rejections
         ]
         raise AggregationError(
             f"round {server_round}: no hospital's update could be used: " + "; ".join(reasons)
         )
 
     def _record_round(self, server_round, metrics):
-        self.record.add_round(
-            server_round,
-            metrics,
-            {
-                "hospitals_trained": self.round_accepted,  # updates in the average
-                "failures": self.round_failures,
-                "rejected": self.round_rejections,
-                **(
-                    {"weights_capped": self.round_weights_capped}
-                    if self.round_weights_capped
-                    else {}
-                ),
-                **({"discarded": self.round_discarded} if self.round_discarded else {}),
-                "hospitals": self.round_reports,
-            },
-        )
-        max_epsilon = max((r["epsilon"] for r in self.reports.values()), default=0.0)
+        self.record.add_round(server_round, metrics, self.last_round.as_record())
+        max_epsilon = max((r.epsilon for r in self.reports.values()), default=0.0)
         log(
             INFO,
             "Round %d/%d: global AUC %.3f, accuracy %.3f, max epsilon %.3f of %g",
@@ -367,15 +387,14 @@ class HospitalFedAvg(FedAvg):
         for node, reply in replies.items():
             hospital = self.admission.members.get(node)
             name = str(node if hospital is None else hospital)
-            problem, release = self._operating_point_reply(hospital, reply)
-            if problem:
-                outcome[name] = {"status": "rejected", "reason": problem}
+            try:
+                report, release = self._operating_point_reply(hospital, reply)
+            except UnsoundReport as problem:
+                outcome[name] = {"status": "rejected", "reason": str(problem)}
                 log(WARNING, "Hospital %s's operating point was not used: %s", name, problem)
                 continue
-            report = {**reply.metrics, "releases": json.loads(reply.metrics["releases"])}
-            report.pop("hospital")
             self.reports[name] = report
-            outcome[name] = {"status": report["status"], "reason": report["reason"]}
+            outcome[name] = {"status": str(report.status), "reason": report.reason}
             if release is not None:
                 released.append(release)
         try:
@@ -407,40 +426,44 @@ class HospitalFedAvg(FedAvg):
 
     def _operating_point_reply(
         self, hospital: int | None, reply: EvaluateRes | str
-    ) -> tuple[str | None, operating_point.Release | None]:
-        """(why a hospital's operating-point reply cannot be used or None, its release
-        or None where it declined). A hospital may send anything: its report is
-        checked as a training report is, and its histograms against what it reports
-        (operating_point.Release.read)."""
+    ) -> tuple[PrivacyReport, operating_point.Release | None]:
+        """A hospital's operating-point reply: its report, and its release (None if it declined).
+
+        A hospital may send anything: its report is checked as a training report is,
+        and its histograms against what it reports (operating_point.Release.read).
+
+        Raises
+        ------
+        UnsoundReport
+            Why the reply cannot be used.
+        """
         if hospital is None:
-            return "it is not an admitted hospital", None
+            raise UnsoundReport("it is not an admitted hospital")
         if isinstance(reply, str):
-            return reply, None
+            raise UnsoundReport(reply)
         metrics = dict(reply.metrics)
         text = metrics.pop("histograms", None)
-        problem = report_problem(
+        report = PrivacyReport.read(
             metrics,
-            reply.num_examples,
-            hospital,
-            self.reports.get(str(hospital)),
-            self.cfg.max_patients,
-            statuses=(operating_point.RELEASED, operating_point.DECLINED),
+            hospital=hospital,
+            num_examples=reply.num_examples,
+            previous=self.reports.get(str(hospital)),
+            max_patients=self.cfg.max_patients,
+            statuses=OPERATING_POINT_STATUSES,
         )
-        if problem or metrics["status"] != operating_point.RELEASED:
-            return problem, None
-        trained = self.reports.get(str(hospital), {})
-        if trained.get("patients") != metrics["patients"]:  # its FedAvg weight this run
-            return (
-                f"it reports {metrics['patients']} patients, where its training reports "
-                f"in this run said {trained.get('patients', 'nothing')}"
-            ), None
-        try:
-            release = operating_point.Release.read(
-                text, json.loads(metrics["releases"]), metrics["patients"]
+        if report.status != ReportStatus.RELEASED:
+            return report, None
+        trained = self.reports.get(str(hospital))
+        if trained is None or trained.patients != report.patients:  # its FedAvg weight
+            raise UnsoundReport(
+                f"it reports {report.patients} patients, where its training reports "
+                f"in this run said {trained.patients if trained else 'nothing'}"
             )
+        releases = [asdict(r) for r in report.releases]
+        try:
+            return report, operating_point.Release.read(text, releases, report.patients)
         except operating_point.ReleaseProblem as problem:
-            return str(problem), None
-        return None, release
+            raise UnsoundReport(str(problem)) from None
 
     def finish(self) -> None:
         """Write model.pt with the run's decision threshold, and the final figures at

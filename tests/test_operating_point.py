@@ -7,6 +7,7 @@ histograms, and a hospital's one release per run.
 
 import json
 import math
+from dataclasses import replace
 
 import dp_accounting
 import numpy as np
@@ -23,6 +24,7 @@ from securehealth.model import build_model, get_weights
 from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.accountant import epsilon_spent
 from securehealth.privacy.ledger import OPERATING_POINT_SHARE
+from securehealth.privacy.report import OPERATING_POINT_STATUSES, PrivacyReport, ReportStatus
 from securehealth.strategy import HospitalFedAvg
 
 
@@ -247,13 +249,28 @@ def operating_point_reply(number, counts, **changes):
     return EvaluateRes(Status(Code.OK, ""), 0.0, 0, report)
 
 
+def trained_report(number):
+    """What hospital `number` reported after training in this run: 300 patients."""
+    metrics = dict(operating_point_reply(number, []).metrics)
+    del metrics["histograms"]
+    released = PrivacyReport.read(
+        metrics,
+        hospital=number,
+        num_examples=0,
+        previous=None,
+        max_patients=10000,
+        statuses=OPERATING_POINT_STATUSES,
+    )
+    return replace(released, status=ReportStatus.TRAINED, epsilon=0.9)
+
+
 def test_a_hostile_hospitals_operating_point_is_refused_and_the_others_choose_it(tmp_path):
     cfg = settings.resolve({"secure_aggregation": "off", "global_test_patients": 200})
     admission = Admission(None, cfg, run_id=1)
     admission.members = {10 + hospital: hospital for hospital in range(3)}
     strategy = HospitalFedAvg(cfg, tmp_path, admission)
     # Each trained in this run as a hospital of 300 patients (its FedAvg weight).
-    strategy.reports = {str(h): {"patients": 300, "epsilon": 0.9} for h in range(3)}
+    strategy.reports = {str(h): trained_report(h) for h in range(3)}
     random = np.random.default_rng(3)
     std = operating_point.histogram_noise_std(17.3, "replace-one")
     honest = [
