@@ -1,26 +1,10 @@
-"""Before a run trains: whether its model can be useful at all, forecast from what
-each hospital knows before it trains and never from the values in its rows: its
-number of training patients, the Poisson sample rate and steps that number sets,
-and the noise multiplier its privacy ledger would plan for the run (nothing is
-planned or spent by asking).
+"""Before a run trains: whether its model can be useful at all, and what each hospital would spend.
 
-The forecast is a noise-to-signal ratio. In a step of DP-SGD a hospital of n
-training patients sampled at rate q adds Gaussian noise of std sigma * C / (q * n)
-to every weight of its averaged clipped gradient (Opacus divides the noised sum by
-the expected batch), while the gradient's signal is at most C in norm. Over a
-round's s steps the signal adds up (at most s * C) and the noise as a random walk
-(sqrt(s) per weight); FedAvg weights hospital i by w_i = n_i / sum(n); over R rounds
-the same again. So the run's noise, in norm over its W weights, against the largest
-signal it could carry, is
-
-    sqrt(W * sum_i w_i^2 * s_i * (sigma_i / (q_i * n_i))^2) / (sqrt(R) * sum_i w_i * s_i)
-
-(learning rate and momentum scale both alike). How useful a model is also depends
-on how separable the data are, which nobody sees before training, so the limit is
-set from measurements (README: Will it be useful? The forecast): at the defaults,
-over 16 federations of 5 seeds each on four data sets at several budgets and
-sizes, every one whose median AUC fell below 0.6 had a ratio of 0.36 or more, and
-every one at 0.29 or less reached 0.60 or more.
+The forecast (`forecast`, `forecast_here`) uses only what each hospital knows before it trains,
+never the values in its rows: its number of training patients, the sample rate and steps that
+number sets, and the noise multiplier its privacy ledger would plan (`plan_hospital`; nothing is
+planned or spent by asking). Its figure is a noise-to-signal ratio (`noise_to_signal`); its
+derivation and the measurements behind its limit are in docs/how-to/forecast.md.
 """
 
 import functools
@@ -44,17 +28,22 @@ SPENT_BUDGET_ADVICE = (
     "twin of your data (simulation.py --make-twin FOLDER), which spends nothing lasting"
 )
 
-# Above this noise-to-signal ratio the forecast warns that the model is unlikely to
-# be useful (median AUC below 0.6 in the measurements above).
+# Above this noise-to-signal ratio the forecast warns that the model is unlikely to be useful.
+# How useful a model is also depends on how separable the data are, which nobody sees before
+# training, so the limit is measured: at the defaults, over 16 federations of 5 seeds each on four
+# data sets at several budgets and sizes, every one whose median AUC fell below 0.6 had a ratio of
+# 0.36 or more, and every one at 0.29 or less reached 0.60 or more (docs/how-to/forecast.md).
 NOISE_TO_SIGNAL_LIMIT = 0.3
 
 
 @dataclass(frozen=True)
 class HospitalPlan:
-    """What one hospital would train with in the run: its training patients, sample
-    rate and noisy steps per round, and its noise multiplier (None where it cannot
-    train in the run, `reason` saying why); with the epsilon its ledger holds
-    already, of its `budget`."""
+    """What one hospital would train with in the run.
+
+    That is its training patients, sample rate and noisy steps per round, and its noise
+    multiplier (None where it cannot train in the run, `reason` saying why); with the epsilon its
+    ledger holds already, of its `budget`.
+    """
 
     hospital: int
     patients: int
@@ -73,15 +62,21 @@ class HospitalPlan:
 
     @property
     def empties_budget(self) -> bool:
-        """Whether the run would leave it too little budget for another (its noise
-        calibrated to spend all that is left; None where not asked for)."""
+        """Whether the run would leave it too little budget for another.
+
+        Its noise is calibrated to spend all that is left. Also true where `epsilon_after` is
+        None (not asked for, or it cannot train).
+        """
         return self.epsilon_after is None or nearly_spent(self.epsilon_after, self.budget)
 
 
 @dataclass(frozen=True)
 class Forecast:
-    """A run's forecast: its noise against the largest signal its updates could
-    carry (infinite when no hospital can train), from its hospitals' plans."""
+    """A run's forecast, from its hospitals' plans.
+
+    `noise_to_signal` is its noise against the largest signal its updates could carry (infinite
+    when no hospital can train).
+    """
 
     noise_to_signal: float
     plans: tuple[HospitalPlan, ...]
@@ -93,8 +88,10 @@ class Forecast:
 
     @property
     def warning(self) -> str | None:
-        """One line where the model is unlikely to be useful, or where some hospitals
-        cannot train (each named, with why); else None."""
+        """One line where the model is unlikely to be useful or some hospitals cannot train.
+
+        Each hospital that cannot train is named, with why; None where neither applies.
+        """
         noisy = self.noise_to_signal > NOISE_TO_SIGNAL_LIMIT
         if not noisy and self.training == len(self.plans):
             return None
@@ -125,15 +122,28 @@ class Forecast:
         return "forecast: " + "; ".join(parts)
 
     def refusal(self, ledgers: Path) -> str:
-        """The refusal of a run in which no hospital can train: the warning, and where
-        budgets are spent, where their ledgers (in `ledgers`) are and what to do."""
+        """The refusal of a run in which no hospital can train.
+
+        That is the warning and, where budgets are spent, where their ledgers (in `ledgers`) are
+        and what to do.
+        """
         if not any(plan.budget_spent for plan in self.plans):
             return self.warning
         return f"{self.warning}. Their ledgers are in {ledgers}. {SPENT_BUDGET_ADVICE}"
 
 
 def noise_to_signal(plans: Sequence[HospitalPlan], rounds: int, weights: int) -> float:
-    """The ratio of the module's docstring, over the hospitals that can train."""
+    """The run's noise against the largest signal its updates could carry (inf if none trains).
+
+    Over the hospitals that can train, with hospital i's training patients n_i, FedAvg weight
+    w_i = n_i / sum(n), sample rate q_i, steps per round s_i and noise multiplier sigma_i, over
+    R rounds and W weights:
+
+        sqrt(W * sum_i w_i^2 * s_i * (sigma_i / (q_i * n_i))^2) / (sqrt(R) * sum_i w_i * s_i)
+
+    A step's noise, sigma * C / (q * n) on every weight, adds up as a random walk; its signal, at
+    most C, adds up in a line (docs/how-to/forecast.md derives it).
+    """
     training = [p for p in plans if p.noise_multiplier is not None]
     if not training:
         return math.inf
@@ -155,10 +165,29 @@ def plan_hospital(
     ledger: PrivacyLedger,
     spend: bool = False,
 ) -> HospitalPlan:
-    """What `hospital`, with `patients` training patients and its `ledger`, would
-    train with in a run of cfg's settings on a model of `weights` weights; with
-    `spend`, also the epsilon its ledger would hold after the run (one more
-    dp-accounting evaluation: for a plan, not for every run's forecast)."""
+    """What `hospital` would train with in a run of cfg's settings.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings.
+    hospital : int
+        The hospital's number.
+    patients : int
+        Its training patients.
+    weights : int
+        The model's number of weights.
+    ledger : PrivacyLedger
+        Its privacy ledger, asked only (nothing is planned or spent).
+    spend : bool
+        Also work out the epsilon its ledger would hold after the run: one more dp-accounting
+        evaluation, for a plan, not for every run's forecast.
+
+    Returns
+    -------
+    HospitalPlan
+        Its plan; without a noise multiplier, and with the reason, where it cannot train.
+    """
     from securehealth.privacy import dpsgd  # torch and Opacus: loaded when planning, not for --help
 
     sample_rate, steps = dpsgd.sample_rate_and_steps(patients, cfg)
@@ -174,27 +203,32 @@ def plan_hospital(
         budget=cfg.epsilon,
     )
     releases_threshold = operating_point.Target.parse(cfg.decision_threshold) is not None
-    try:
-        sigma = ledger.planned_noise(
-            sample_rate,
-            cfg.rounds * steps,
-            dpsgd.noise_limit(patients, weights, cfg),
-            operating_point=releases_threshold,
-        )
-    except NoiseBeyondLimit as refusal:
-        reason = (
-            f"the noise its budget needs would move the model further than max_update_norm "
-            f"{cfg.max_update_norm:g} a round ({refusal})"
-        )
+    limit = dpsgd.noise_limit(patients, weights, cfg)
+    sigma, reason = _planned_noise(cfg, ledger, sample_rate, steps, limit, releases_threshold)
+    if sigma is None:
         return planned(None, reason)
-    except BudgetExhausted as refusal:
-        return planned(None, str(refusal))
     after = (
         ledger.epsilon_after_run(sigma, sample_rate, cfg.rounds * steps, releases_threshold)
         if spend
         else None
     )
     return planned(sigma, epsilon_after=after)
+
+
+def _planned_noise(cfg, ledger, sample_rate, steps, limit, releases_threshold):
+    """The noise multiplier the ledger would plan for the run and "", or None and why not."""
+    try:
+        sigma = ledger.planned_noise(
+            sample_rate, cfg.rounds * steps, limit, operating_point=releases_threshold
+        )
+    except NoiseBeyondLimit as refusal:
+        return None, (
+            f"the noise its budget needs would move the model further than max_update_norm "
+            f"{cfg.max_update_norm:g} a round ({refusal})"
+        )
+    except BudgetExhausted as refusal:
+        return None, str(refusal)
+    return sigma, ""
 
 
 def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) -> Forecast:
@@ -205,10 +239,18 @@ def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) 
 def forecast_here(
     cfg: SimpleNamespace, state_dirs: Sequence[Path | None] | None, spend: bool = False
 ) -> Forecast:
-    """The forecast for a federation whose hospitals' data this machine holds, as in
-    simulation.py: with their ledgers in `state_dirs` (one per hospital; None for one
-    that starts afresh, a demonstration's), or, with None, all starting afresh; with
-    `spend`, each plan says what the run would spend (plan_hospital)."""
+    """The forecast for a federation whose hospitals' data this machine holds, as in simulation.py.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings.
+    state_dirs : Sequence[Path | None] or None
+        The hospitals' state directories, homes of their ledgers, one per hospital: None for
+        one that starts afresh (a demonstration's); None for all to start afresh.
+    spend : bool
+        Each plan also says what the run would spend (plan_hospital).
+    """
     from securehealth.model import weight_count  # the training stack: simulation.py has it loaded
 
     weights = weight_count(len(data.load_schema(cfg).input_names), cfg.hidden_layers)
