@@ -225,29 +225,10 @@ def subgroup_figures(
         One per subgroup, its `gaps` saying where it falls short of the whole reference set's
         figures (SUBGROUP_GAP).
     """
-    from sklearn.metrics import roc_auc_score
-
-    def figures(members):
-        confusion = Confusion.at(y[members], risk[members], threshold)
-        sick, healthy = confusion.positives, confusion.negatives
-        auc = None
-        if min(sick, healthy) >= MIN_CLASS:
-            value = float(roc_auc_score(y[members], risk[members]))
-            auc = value, auc_interval(value, sick, healthy)
-        return {
-            "auc": auc,
-            "sensitivity": (confusion.true_positives / sick, confusion.sensitivity_interval())
-            if sick
-            else None,
-            "specificity": (confusion.true_negatives / healthy, confusion.specificity_interval())
-            if healthy
-            else None,
-        }
-
-    whole = figures(np.ones(len(y), bool))
+    whole = _figures(y, risk, threshold)
     found = []
     for subgroup in subgroups:
-        own = figures(subgroup.members)
+        own = _figures(y[subgroup.members], risk[subgroup.members], threshold)
         patients, sick = int(subgroup.members.sum()), int(y[subgroup.members].sum())
         # The patients each figure is measured on (the AUC exists only with enough).
         counted = {"auc": MIN_CLASS, "sensitivity": sick, "specificity": patients - sick}
@@ -270,6 +251,27 @@ def subgroup_figures(
             )
         )
     return found
+
+
+def _figures(y, risk, threshold):
+    """The AUC, sensitivity and specificity of these patients, each (value, interval) or None."""
+    from sklearn.metrics import roc_auc_score
+
+    confusion = Confusion.at(y, risk, threshold)
+    sick, healthy = confusion.positives, confusion.negatives
+    auc = None
+    if min(sick, healthy) >= MIN_CLASS:
+        value = float(roc_auc_score(y, risk))
+        auc = value, auc_interval(value, sick, healthy)
+    return {
+        "auc": auc,
+        "sensitivity": (confusion.true_positives / sick, confusion.sensitivity_interval())
+        if sick
+        else None,
+        "specificity": (confusion.true_negatives / healthy, confusion.specificity_interval())
+        if healthy
+        else None,
+    }
 
 
 def usefulness_warnings(
