@@ -1,34 +1,9 @@
-"""Patient data for a federation of hospitals, described by a data dictionary.
+"""Patient data for a federation of hospitals, each source described by a data dictionary.
 
-Four sources (the `dataset` setting):
-
-    synthetic      generated patients (coronary heart disease), non-IID hospitals
-    breast-cancer  the Wisconsin diagnostic breast cancer data shipped inside
-                   scikit-learn (569 patients), split into hospitals
-    heart-disease  four real hospitals' patients (UCI Heart Disease, shipped in
-                   data/uci-heart-disease/): one hospital per site
-    csv            your own tables: one file per hospital, DIR/hospital_<i>.csv,
-                   and a data dictionary DIR/schema.json (or .yaml); the server's
-                   reference test set is DIR/test.csv
-
-Every source has a data dictionary (Schema): the label column with its positive
-(disease) and negative values, and each feature's type with its declared valid
-range or categories. Inputs are encoded from the dictionary alone, never from
-statistics of a hospital's rows, so the encoding reveals nothing about any patient
-and every hospital feeds the shared model the same way.
-
-Each hospital splits its own patients into training rows (the only rows DP-SGD
-touches) and held-out rows (evaluated at the hospital itself), by a rule on its own
-rows alone: nothing the server sets (seed, a new run) moves a patient between the
-two, and replacing one patient's record moves at most one other (see
-split.held_out_split).
-
-A source is a module with `DESCRIPTION`, `load_schema(cfg, schema_file)`,
-`hospital_rows(cfg, hospital, schema, data_file)` and `reference_set(cfg, schema)`;
-add one to SOURCES and the `dataset` setting accepts it. A source whose hospitals
-read files sets `FILES = True` and has `hospital_file(cfg, hospital)` (in
-deployment each reads the one its own client.py names); one with a fixed set of
-hospitals lists them in `SITES`, and num_clients must then match.
+SOURCES maps the `dataset` setting to a module with `DESCRIPTION`, `load_schema`,
+`hospital_rows` and `reference_set` (and `FILES` with `hospital_file` where hospitals
+read files, `SITES` where the hospitals are fixed). Entry points: hospital_data,
+reference_test_set, check_all, own_file and read_once.
 """
 
 import hashlib
@@ -76,9 +51,11 @@ def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
 
 
 def locate(cfg: SimpleNamespace) -> None:
-    """Give data_dir as an absolute path (the one given, or the folder a bundled data
-    set ships in), for Flower's processes: they run elsewhere, from an app bundle
-    that carries no data files."""
+    """Make data_dir an absolute path, for Flower's processes.
+
+    The path is the one given, or the folder a bundled data set ships in: Flower's
+    processes run elsewhere, from an app bundle that carries no data files.
+    """
     shipped = getattr(SOURCES[cfg.dataset], "SHIPPED_DIR", None)
     if cfg.data_dir or shipped:
         cfg.data_dir = str(Path(cfg.data_dir or shipped).resolve())
@@ -90,8 +67,30 @@ def hospital_data(
     data_file: str | None = None,
     schema_file: str | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """One hospital's ((train_x, train_y), (test_x, test_y)). In deployment a csv
-    hospital passes its own file and data dictionary."""
+    """One hospital's training and held-out patients.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings (dataset, test_fraction, adjacency, ...).
+    hospital : int
+        The hospital's number.
+    data_file : str, optional
+        A deployed csv hospital's own file, in place of its source's.
+    schema_file : str, optional
+        A deployed csv hospital's own data dictionary.
+
+    Returns
+    -------
+    tuple
+        ((train_x, train_y), (test_x, test_y)).
+
+    Raises
+    ------
+    DataError
+        Where the data cannot be read or fails its dictionary, or leaves fewer than
+        MIN_TRAINING_PATIENTS for training.
+    """
     schema = load_schema(cfg, schema_file)
     x, y, ids, source = SOURCES[cfg.dataset].hospital_rows(cfg, hospital, schema, data_file)
     train, test = held_out_split(x, y, cfg.test_fraction, ids, cfg.adjacency)
@@ -105,18 +104,23 @@ def hospital_data(
 
 
 def hospital_name(cfg: SimpleNamespace, hospital: int | str) -> str:
-    """A hospital's number, with its site's name where the data set has real sites
-    (SITE_NAMES), e.g. "0 (Cleveland)"."""
+    """A hospital's number, with its site's name where the data set has real sites.
+
+    E.g. "0 (Cleveland)", from the source's SITE_NAMES.
+    """
     names = getattr(SOURCES[cfg.dataset], "SITE_NAMES", ())
     return f"{hospital} ({names[int(hospital)]})" if names else str(hospital)
 
 
 def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) -> Path | None:
-    """The file a hospital's patients are read from: the one its client.py names,
-    else its source's file for it (data_dir's hospital_<i>.csv, a heart-disease
-    site's file); None where the code generates them or scikit-learn bundles them.
-    Its fingerprint says whether it is a demonstration (demonstration.py); if not,
-    one lasting privacy ledger on this machine accounts for it."""
+    """The file a hospital's patients are read from, or None where there is none.
+
+    That is the file its client.py names, else its source's file for it (data_dir's
+    hospital_<i>.csv, a heart-disease site's file); None where the code generates the
+    patients or scikit-learn bundles them. Its fingerprint says whether it is a
+    demonstration (demonstration.py); if not, one lasting privacy ledger on this
+    machine accounts for it.
+    """
     source = SOURCES[cfg.dataset]
     if not getattr(source, "FILES", False):
         return None
@@ -127,12 +131,31 @@ def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) 
 def read_once(
     path: Path | None, cfg: SimpleNamespace
 ) -> Iterator[tuple[Path | None, bytes | None]]:
-    """A hospital's data file read once: (a private copy of its bytes to train from,
-    the bytes), so that what is judged a demonstration (demonstration.py) is exactly
-    what trains, whatever happens to the file meanwhile. (None, None) without a file;
-    (the path, None) where it cannot be read (reading it for training says why).
-    DataError, before it is read, for anything but a regular file (a pipe would
-    block) or a file larger than a hospital's may be (csv_files.check_size)."""
+    """Read a hospital's data file once, so that what is judged a demonstration trains.
+
+    What demonstration.py judges is then exactly what trains, whatever happens to the
+    file meanwhile.
+
+    Parameters
+    ----------
+    path : Path or None
+        The hospital's own file (own_file), None where it has none.
+    cfg : SimpleNamespace
+        The run's settings (for csv_files.check_size).
+
+    Yields
+    ------
+    tuple
+        (a private copy of its bytes to train from, the bytes); (None, None) without a
+        file; (the path, None) where it cannot be read (reading it for training says
+        why).
+
+    Raises
+    ------
+    DataError
+        Before it is read, for anything but a regular file (a pipe would block) or a
+        file larger than a hospital's may be (csv_files.check_size).
+    """
     if path is None:
         yield None, None
         return
@@ -153,7 +176,7 @@ def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, st
     reference = SOURCES[cfg.dataset].reference_set(cfg, load_schema(cfg))
     if reference is not None:
         return reference
-    # Simulation only: every hospital's held-out rows, pooled (see the README).
+    # Simulation only: every hospital's held-out rows, pooled (docs/how-to/your-own-csv.md).
     held_out = [hospital_data(cfg, h)[1] for h in range(cfg.num_clients)]
     x = np.concatenate([h[0] for h in held_out])
     y = np.concatenate([h[1] for h in held_out])
@@ -168,8 +191,10 @@ def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, st
 
 
 def single_class(y: np.ndarray, hospital: int | str) -> str | None:
-    """A warning if a hospital's training patients are all of one class: DP-SGD on
-    them can only push the shared model towards that class."""
+    """A warning where a hospital's training patients are all of one class, else None.
+
+    DP-SGD on them can only push the shared model towards that class.
+    """
     classes = np.unique(y)
     if len(classes) > 1:
         return None
@@ -181,10 +206,28 @@ def single_class(y: np.ndarray, hospital: int | str) -> str | None:
 
 
 def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> list[str]:
-    """Load every hospital's data and the server's reference set once, before anything
-    starts, so that bad data stops a launcher with one line (DataError) rather than
-    a failed run; return warnings (single_class). With pool_held_out=False (a
-    deployed server) the csv reference set must be the server's own test.csv."""
+    """Load every hospital's data and the server's reference set once, before anything starts.
+
+    Bad data then stops a launcher with one line rather than a failed run.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings.
+    pool_held_out : bool
+        True in simulation (this machine holds every hospital's data); False for a
+        deployed server, whose csv reference set must then be its own test.csv.
+
+    Returns
+    -------
+    list of str
+        Warnings (single_class).
+
+    Raises
+    ------
+    DataError
+        The first problem found, in one line.
+    """
     test_file = csv_files.csv_paths(cfg)[2] if cfg.dataset == "csv" else None
     if test_file and not pool_held_out and not test_file.exists():
         raise DataError(
@@ -203,9 +246,12 @@ def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> list[str]:
 def patients_fingerprint(
     patients: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
 ) -> str:
-    """SHA-256 of all of a hospital's patients, ((training x, y), (held-out x, y)), as
-    encoded rows in sorted order: the same patients give the same fingerprint however
-    their file orders or writes them and whichever are held out."""
+    """SHA-256 of all of a hospital's patients, whichever of them are held out.
+
+    `patients` is ((training x, y), (held-out x, y)), hashed as encoded rows in sorted
+    order: the same patients give the same fingerprint however their file orders or
+    writes them.
+    """
     (x, y), (held_x, held_y) = patients
     rows = np.column_stack([np.vstack([x, held_x]), np.concatenate([y, held_y])])
     ordered = rows[np.lexsort(rows.T[::-1])].astype(np.float32)
@@ -213,8 +259,11 @@ def patients_fingerprint(
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    """SHA-256 of a dataset's rows: names a version of a hospital's data in its
-    privacy ledger (which holds one budget for all of them)."""
+    """SHA-256 of a dataset's rows.
+
+    It names a version of a hospital's data in its privacy ledger (which holds one
+    budget for all of them).
+    """
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(x).tobytes())
     digest.update(np.ascontiguousarray(y).tobytes())

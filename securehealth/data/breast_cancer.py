@@ -1,5 +1,8 @@
-"""The Wisconsin diagnostic breast cancer data shipped inside scikit-learn (569
-patients), split into hospitals of different sizes and a reference test set."""
+"""The `breast-cancer` data source: the Wisconsin diagnostic data shipped in scikit-learn.
+
+Its 569 patients are split, seeded and stratified, into hospitals of different sizes
+and a reference test set for the server.
+"""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +17,11 @@ SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "breast_cancer.j
 
 
 def _split(cfg, schema):
-    """The 569 patients split, seeded and stratified: a reference test set for the
-    server (test_fraction of them), the rest into hospitals of different sizes."""
+    """The 569 patients split, seeded and stratified, for the server and the hospitals.
+
+    A reference test set for the server (test_fraction of them), the rest into
+    hospitals of different sizes.
+    """
     from sklearn.datasets import load_breast_cancer  # scikit-learn: only when it is used
 
     data = load_breast_cancer()
@@ -31,16 +37,19 @@ def _split(cfg, schema):
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+    """The data set's own data dictionary (schemas/breast_cancer.json)."""
     return Schema.load(SCHEMA_FILE)
 
 
 def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, None, str]:
+    """(x, y, patient ids, where they come from) of one hospital's patients."""
     x, y = _split(cfg, schema)[1][hospital]
     return x, y, None, f"breast-cancer hospital {hospital}"
 
 
 def reference_set(cfg: SimpleNamespace, schema: Schema) -> tuple[np.ndarray, np.ndarray, str]:
+    """The server's reference test set: patients held out before the hospitals' split."""
     x, y = _split(cfg, schema)[0]
     return x, y, f"{len(y)} patients held out of the data set before the split"

@@ -1,6 +1,9 @@
-"""Your own tables: one file per hospital, DIR/hospital_<i>.csv, and a data
-dictionary DIR/schema.json (or .yaml); the server's reference test set is
-DIR/test.csv. Every cell is checked against the dictionary."""
+"""The `csv` data source: your own tables, one file per hospital.
+
+A data directory holds DIR/hospital_<i>.csv per hospital, the data dictionary
+DIR/schema.json (or .yaml) and the server's reference test set DIR/test.csv. read_csv
+checks every cell against the dictionary; check_size refuses an oversized file unparsed.
+"""
 
 import math
 from dataclasses import dataclass
@@ -22,7 +25,13 @@ MAX_ROW_BYTES = 16384
 
 
 def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
-    """(schema file, hospital files, reference test file) of a csv data directory."""
+    """(schema file, hospital files, reference test file) of a csv data directory.
+
+    Raises
+    ------
+    DataError
+        Where no data_dir is set.
+    """
     if not cfg.data_dir:
         raise DataError(
             "dataset 'csv' needs --data-dir: the folder with hospital_<i>.csv and schema.json"
@@ -35,12 +44,26 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
 
 
 def check_size(path: Path, cfg: SimpleNamespace) -> None:
-    """DataError where the file at `path` is no regular file (a device or a pipe
-    would never end), or holds more rows than a hospital may (max_patients training
-    patients once test_fraction of them are held out) or a line longer than
-    MAX_ROW_BYTES, found before anything is parsed and in bounded memory: its size
-    against MAX_ROW_BYTES a row, then its lines, measured in 1 MB pieces until they
-    are too many. A file that cannot be opened is left to its reader to report."""
+    """Refuse a hospital's file that is not a regular file or holds more than a hospital may.
+
+    Checked before anything is parsed and in bounded memory: the file's size against
+    MAX_ROW_BYTES a row, then its lines, counted in 1 MB pieces until they are too
+    many. A file that cannot be opened is left to its reader to report.
+
+    Parameters
+    ----------
+    path : Path
+        The hospital's file.
+    cfg : SimpleNamespace
+        The run's settings: a hospital holds at most max_patients training patients
+        once test_fraction of them are held out.
+
+    Raises
+    ------
+    DataError
+        For anything but a regular file (a device or a pipe would never end), more
+        rows than a hospital may hold, or a line longer than MAX_ROW_BYTES.
+    """
     max_rows = math.ceil(cfg.max_patients / (1 - cfg.test_fraction))
     why = (
         f"max_patients {cfg.max_patients} for training, test_fraction "
@@ -84,15 +107,35 @@ def read_csv(
     labelled: bool = True,
     header: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """A hospital's (or the server's) table, checked cell by cell against the data
-    dictionary, missing values as schema.missing_values says; returns (x, y, keys).
-    A patient's key is its patient_id if the dictionary declares one, else its row as
-    written (every cell): the hospital's held-out rule hashes it, so which patients
-    are held out depends on the rows alone, never on a setting such as
-    missing_values. Unless `labelled`, the label column may be left out (y is then
-    None): new patients to score. A file without a header row is read with the
-    column names `header`, of which the dictionary's are used. The first problem
-    stops it, named with its line."""
+    """A hospital's (or the server's) table, checked cell by cell against the data dictionary.
+
+    Parameters
+    ----------
+    path : str or Path
+        The CSV file.
+    schema : Schema
+        The data dictionary; missing values are handled as its missing_values says.
+    labelled : bool
+        Whether the label column is required. If not, it may be left out (new patients
+        to score), and y is then None.
+    header : list of str, optional
+        The column names of a file without a header row; the dictionary's are used.
+
+    Returns
+    -------
+    tuple
+        (x, y, keys). A patient's key is its patient_id if the dictionary declares
+        one, else its row as written (every cell): the hospital's held-out rule hashes
+        it, so which patients are held out depends on the rows alone, never on a
+        setting such as missing_values.
+
+    Raises
+    ------
+    DataError
+        The first problem found, named with its line: a file that cannot be read, a
+        column missing or not in the dictionary, an unhandled missing value, a value
+        outside its declared range or categories, a repeated patient_id.
+    """
     path = Path(path)
     frame, written = _named_columns(_read_table(path), path, schema, header)
     required = _required_columns(frame, path, schema, labelled)
@@ -143,8 +186,11 @@ def _read_table(path: Path) -> Any:
 def _named_columns(
     frame: Any, path: Path, schema: Schema, header: list[str] | None
 ) -> tuple[Any, Any]:
-    """(the rows under their column names, each row as written): the names from the
-    header row, or from `header` for a file without one."""
+    """The rows under their column names, and each row as written.
+
+    The names come from the header row, or from `header` for a file without one (of
+    which only the dictionary's columns are kept).
+    """
     if header:  # the file's own layout: the dictionary chooses the columns it uses
         if frame.shape[1] != len(header):
             raise DataError(
@@ -166,8 +212,10 @@ def _named_columns(
 
 
 def _required_columns(frame: Any, path: Path, schema: Schema, labelled: bool) -> list[str]:
-    """The dictionary's columns the table must have (the label's only where it is
-    `labelled` or has one), refusing a column the dictionary does not declare."""
+    """The dictionary's columns the table must have, refusing any it does not declare.
+
+    The label column is required where the table is `labelled` or has one.
+    """
     extra = [c for c in frame.columns if c not in schema.columns]
     lacking = any(c not in frame.columns for c in schema.columns if c != schema.label)
     if lacking and len(extra) * 2 > len(frame.columns):
@@ -196,8 +244,10 @@ def _required_columns(frame: Any, path: Path, schema: Schema, labelled: bool) ->
 def _kept_rows(
     frame: Any, path: Path, schema: Schema, required: list[str], written: Any
 ) -> tuple[_Table, Any, dict[str, np.ndarray]]:
-    """(the required cells, each row as written, each column's missing cells), of the
-    rows kept: with missing_values "drop", those without a missing value."""
+    """The required cells, each row as written, and each column's missing cells.
+
+    Of the rows kept: with missing_values "drop", only those without a missing value.
+    """
     line = frame.index.to_numpy() + 1  # file line numbers
     cells = frame[required].apply(lambda col: col.str.strip())
     missing = {c: schema.is_missing(c, cells[c].to_numpy()) for c in required}
@@ -234,8 +284,10 @@ def _check_missing(table: _Table, schema: Schema, missing: dict[str, np.ndarray]
 def _feature_columns(
     table: _Table, schema: Schema, missing: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Each feature's values (numbers, or category names), checked against the
-    dictionary's declared range or categories."""
+    """Each feature's values (numbers, or category names), checked against the dictionary.
+
+    A number must lie in its declared range, a category be one of the declared ones.
+    """
     import pandas as pd
 
     columns = {}
@@ -288,8 +340,7 @@ def _label_values(table: _Table, schema: Schema) -> np.ndarray:
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
-    """The federation's data dictionary: a deployed hospital's own --schema file, else
-    data_dir's."""
+    """The federation's data dictionary: a hospital's own --schema file, else data_dir's."""
     return Schema.load(schema_file or csv_paths(cfg)[0], cfg.missing_values)
 
 
@@ -301,8 +352,12 @@ def hospital_file(cfg: SimpleNamespace, hospital: int) -> Path:
 def hospital_rows(
     cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | Path]:
-    """A hospital's own file (client.py --data), else data_dir's hospital_<i>.csv,
-    refused unread where it holds more than a hospital may (check_size)."""
+    """A hospital's patients, (x, y, keys, the file they come from).
+
+    The file is a deployed hospital's own (client.py --data), else data_dir's
+    hospital_<i>.csv, refused unread where it holds more than a hospital may
+    (check_size).
+    """
     source = data_file or hospital_file(cfg, hospital)
     check_size(Path(source), cfg)
     return (*read_csv(source, schema), source)

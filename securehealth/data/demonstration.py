@@ -1,21 +1,9 @@
-"""Which hospitals' patients are a demonstration's: data this code generates or ships,
-whose runs never spend a real hospital's lasting privacy budget.
+"""Which hospitals' data is a demonstration's, whose runs spend no lasting privacy budget.
 
-A hospital's data is a demonstration's when its rows come from the code itself
-(`synthetic` generates them; `breast-cancer` is bundled inside scikit-learn), when
-the file it reads is, byte for byte, one shipped in this repository (the UCI Heart
-Disease sites, examples/csv), or when it is, byte for byte, a file of a synthetic
-twin that the code generates from a data dictionary alone (twin.py). That is decided
-from the file's bytes alone, never from its path, its name or the `dataset`
-setting: a copy of your own patients named processed.cleveland.data, or placed in
-examples/csv/, is your own data and spends from its lasting ledger. A file edited in
-any way (one row changed, rows reordered, line endings converted) is no longer a
-demonstration's either: when in doubt, the budget is charged.
-
-A deployed hospital keeps each demonstration run's ledger apart (demo-runs/<run id>/
-in its state directory). The register of the operator's authorisations it has used
-stays one, in its state directory, so an authorisation used on a demonstration is
-never good for a run on its own patients.
+Data the code generates or bundles is one, and so is a file that is, byte for byte,
+shipped in this repository (SHIPPED_FILES) or a synthetic twin's (twin.py): judged from
+the bytes alone, never the path or name, so any edit makes it your own data.
+Entry points: is_demonstration, all_demonstration.
 """
 
 import hashlib
@@ -51,11 +39,24 @@ SHIPPED_FILES = {
 
 
 def is_demonstration(own_file: Path | None, content: bytes | None = None) -> bool:
-    """Whether a hospital whose patients come from `own_file` (data.own_file: None
-    where the code generates them or scikit-learn bundles them) is a demonstration,
-    judged on `content`, the file's bytes as read once for both the judgement and the
-    training (data.snapshot), else read here. A file that cannot be read is not one:
-    it then fails where it is read for training."""
+    """Whether a hospital's patients are a demonstration's.
+
+    Parameters
+    ----------
+    own_file : Path or None
+        The file its patients come from (data.own_file): None where the code generates
+        them or scikit-learn bundles them.
+    content : bytes, optional
+        The file's bytes as read once for both the judgement and the training
+        (data.read_once), else read here.
+
+    Returns
+    -------
+    bool
+        True for generated or bundled patients, a shipped file or a twin's file. False
+        for any other, and for a file that cannot be read (it then fails where it is
+        read for training).
+    """
     if own_file is None:
         return True
     try:
@@ -70,14 +71,15 @@ def is_demonstration(own_file: Path | None, content: bytes | None = None) -> boo
 
 
 def hospitals_demonstrating(cfg: SimpleNamespace) -> list[bool]:
-    """For each hospital of a simulation on this machine, whether its data is a
-    demonstration's."""
+    """For each hospital of a simulation on this machine, whether its data is a demonstration's."""
     from securehealth.data import own_file
 
     return [is_demonstration(own_file(cfg, h)) for h in range(cfg.num_clients)]
 
 
 def all_demonstration(cfg: SimpleNamespace) -> bool:
-    """Whether every hospital of a simulation on this machine is a demonstration: only
-    then may a tool train on their rows outside any ledger (settings.check_accounted)."""
+    """Whether every hospital of a simulation on this machine is a demonstration.
+
+    Only then may a tool train on their rows outside any ledger (settings.check_accounted).
+    """
     return all(hospitals_demonstrating(cfg))

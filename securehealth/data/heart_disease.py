@@ -1,11 +1,9 @@
-"""UCI Heart Disease: four real hospitals' patients, one file per site, shipped in
-data/uci-heart-disease/ (CC BY 4.0; attribution in its README). The partition is
-the natural one: hospital i is site i, with its own size, case mix and gaps, so a
-federation on it has exactly four hospitals.
+"""The `heart-disease` data source: UCI Heart Disease, four real hospitals' patients.
 
-In deployment each hospital reads its own site's file from its own copy
-(`client.py --client-id N --dataset heart-disease`); Flower's app bundle cannot
-carry data files, so launchers pass the folder's absolute path (data_dir)."""
+One file per site, shipped in data/uci-heart-disease/ (CC BY 4.0; attribution in its
+README). Hospital i is site i, so a federation on it has exactly four hospitals; Flower's
+app bundle carries no data files, so launchers pass the folder's path (data_dir).
+"""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +42,7 @@ def read_site(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray,
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+    """A hospital's own data dictionary, else the shipped one (schemas/heart_disease.json)."""
     return Schema.load(schema_file or SCHEMA_FILE, cfg.missing_values)
 
 
@@ -56,6 +55,8 @@ def hospital_rows(
 
 
 def reference_set(cfg: SimpleNamespace, schema: Schema) -> None:
-    """None: the server judges the model on the four sites' held-out patients (a
-    public data set, shipped in every copy; see data.reference_test_set)."""
+    """None: the server judges the model on the four sites' held-out patients.
+
+    They are a public data set, shipped in every copy (see data.reference_test_set).
+    """
     return None

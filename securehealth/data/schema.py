@@ -1,19 +1,10 @@
-"""The data dictionary (Schema): the label with its positive and negative value (or
-list of values, e.g. a diagnosis graded 1-4 that all mean disease), and each
-feature's type with its declared valid range or categories, and the values
-that mean "not recorded" where a feature declares them (`"missing": ["?", 0]`; an
-empty cell always does). Inputs are encoded from the dictionary alone, never from
-statistics of a hospital's rows, so the encoding reveals nothing about any patient
-and every hospital feeds the shared model the same way.
+"""The data dictionary (Schema): the label's values and each feature's type, range or categories.
 
-What happens to a missing value is the `missing_values` setting: "fail" stops with
-the file, line and column; "drop" leaves the patient out; "indicator" encodes it as
-the feature's declared fill value (by default the middle of its declared range; for
-a category, no category) plus a 0/1 "was missing" input, for features that declare
-their missing markers.
-
-Values written as numbers in the dictionary (categories, label values, markers)
-match cells by number, so a file that writes 1 as "1.0" reads the same."""
+Inputs are encoded from the dictionary alone, never from statistics of a hospital's
+rows, so the encoding reveals nothing about any patient. Missing values are handled as
+the `missing_values` setting says ("fail", "drop" or "indicator"); numbers in the
+dictionary match cells by number. The format: docs/how-to/your-own-csv.md.
+"""
 
 import functools
 import itertools
@@ -33,14 +24,18 @@ MAX_DICTIONARY_BYTES = 1_000_000  # a data dictionary of thousands of columns ta
 
 
 class DataError(ValueError):
-    """Bad data or data dictionary; the message names the file (row, column) and
-    says how to fix it."""
+    """Bad data or data dictionary.
+
+    The message names the file (row, column) and says how to fix it.
+    """
 
 
 @dataclass(frozen=True)
 class Subgroup:
-    """Patients who share a category, or a band, of a feature the data dictionary
-    marks with "subgroups" (e.g. "sex = female", "50 <= age < 65")."""
+    """Patients who share a category, or a band, of a feature marked with "subgroups".
+
+    E.g. "sex = female", "50 <= age < 65".
+    """
 
     feature: str
     name: str
@@ -53,11 +48,22 @@ STRUCTURE = Path(__file__).resolve().parents[1] / "schemas" / "data-dictionary.s
 
 
 class Schema:
-    """A data dictionary: validated on creation, then used to check and encode
-    tables the same way at every hospital and at the server, missing values as
-    `missing_values` says."""
+    """A data dictionary, validated on creation.
+
+    It checks and encodes tables the same way at every hospital and at the server,
+    missing values as `missing_values` says.
+    """
 
     def __init__(self, spec: dict, source: str | Path, missing_values: str = "fail"):
+        """Validate `spec`, a parsed data dictionary, named in messages by `source`.
+
+        Raises
+        ------
+        DataError
+            Where it breaks the dictionary's JSON Schema, or a rule the JSON Schema
+            cannot state (label values both positive and negative, a repeated column
+            name, a feature's range, fill or subgroups).
+        """
         self.spec, self.source, self.missing_values = spec, str(source), missing_values
         check_structure(spec, self.source)
         self.name = spec.get("name", self.source)
@@ -115,8 +121,11 @@ class Schema:
         self._check_subgroups(f, where)
 
     def _check_subgroups(self, f, where):
-        """A numeric feature's subgroups are band edges, ascending, inside its range; a
-        categorical one's are true or a name for each of some of its categories."""
+        """Check a feature's "subgroups" marks (band edges, or category names).
+
+        A numeric feature's are band edges, ascending, inside its range; a categorical
+        one's are true or a name for each of some of its categories.
+        """
         marked = f.get("subgroups")
         if marked is None:
             return
@@ -149,6 +158,22 @@ class Schema:
 
     @classmethod
     def load(cls, path: str | Path, missing_values: str = "fail") -> Self:
+        """Read a data dictionary from a JSON or YAML file.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file (.json, .yaml or .yml).
+        missing_values : str
+            How its tables' missing values are handled: "fail", "drop" or "indicator".
+
+        Raises
+        ------
+        DataError
+            Where the file cannot be read, is not UTF-8, is larger than
+            MAX_DICTIONARY_BYTES or is not valid JSON or YAML, or the dictionary is not
+            sound.
+        """
         path = Path(path)
         try:
             if path.exists() and not path.is_file():
@@ -180,14 +205,19 @@ class Schema:
         return [self.label] + ids + [f["name"] for f in self.features]
 
     def indicated(self, feature: dict) -> bool:
-        """Whether `feature` gets a "was missing" input: it declares its missing
-        markers and missing_values is "indicator"."""
+        """Whether `feature` gets a "was missing" input.
+
+        It does where it declares its missing markers and missing_values is "indicator".
+        """
         return self.missing_values == "indicator" and "missing" in feature
 
     @property
     def input_names(self) -> list[str]:
-        """The model's inputs: one per numeric feature, one per category, and one
-        "<feature> missing" after each feature that is indicated."""
+        """The model's inputs, by name.
+
+        One per numeric feature, one per category, and one "<feature> missing" after
+        each feature that is indicated.
+        """
         names = []
         for f in self.features:
             if f["type"] == "numeric":
@@ -199,15 +229,20 @@ class Schema:
         return names
 
     def is_missing(self, column: str, cells: np.ndarray) -> np.ndarray:
-        """Which of a column's cells (stripped text) mean "not recorded": empty, or one
-        of the feature's declared markers (numbers compared as numbers)."""
+        """Which of a column's cells (stripped text) mean "not recorded".
+
+        Those that are empty, or one of the feature's declared markers (numbers compared
+        as numbers).
+        """
         cells = np.asarray(cells, dtype=str)
         feature = next((f for f in self.features if f["name"] == column), {})
         return (cells == "") | matches(cells, feature.get("missing", []))
 
     def categories_of(self, feature: dict, cells: np.ndarray) -> np.ndarray:
-        """Each cell as the category it names, written as in the dictionary ("1.0" is
-        category 1), or "" where it names none."""
+        """Each cell as the category it names, or "" where it names none.
+
+        Categories are written as in the dictionary ("1.0" is category 1).
+        """
         cells, found = np.asarray(cells, dtype=str), np.full(len(cells), "", dtype=object)
         for category in feature["categories"]:
             found[matches(cells, [category]) & (found == "")] = str(category)
@@ -216,11 +251,25 @@ class Schema:
     def encode(
         self, columns: dict[str, np.ndarray], missing: dict[str, np.ndarray] | None = None
     ) -> np.ndarray:
-        """Model inputs from checked feature columns (name -> array), with `missing`
-        (name -> mask) for indicated features: numeric values mapped from their
-        declared range (log-scaled if declared) to [-1, 1], categories one-hot, and a
-        missing value as its declared fill plus 1 in its "missing" input. Row by row:
-        no other row, and no statistic of any, enters a row's encoding."""
+        """Model inputs from checked feature columns, encoded from the dictionary alone.
+
+        Numeric values are mapped from their declared range (log-scaled if declared) to
+        [-1, 1], categories one-hot, and a missing value as its declared fill plus 1 in
+        its "missing" input. Row by row: no other row, and no statistic of any, enters
+        a row's encoding.
+
+        Parameters
+        ----------
+        columns : dict of str to np.ndarray
+            Each feature's checked values, by name.
+        missing : dict of str to np.ndarray, optional
+            Each indicated feature's missing cells (a boolean mask), by name.
+
+        Returns
+        -------
+        np.ndarray
+            One float32 row of inputs per patient, in input_names' order.
+        """
         missing = missing or {}
         encoded = []
         for f in self.features:
@@ -238,9 +287,11 @@ class Schema:
         return np.column_stack(encoded).astype(np.float32)
 
     def subgroups(self, x: np.ndarray) -> list[Subgroup]:
-        """The subgroups of encoded rows `x` for every feature marked "subgroups", in
-        the dictionary's order. A patient whose value is missing belongs to none of
-        that feature's subgroups."""
+        """The subgroups of encoded rows `x` for every feature marked "subgroups".
+
+        In the dictionary's order. A patient whose value is missing belongs to none of
+        that feature's subgroups.
+        """
         found = []
         for f in self.features:
             marked = f.get("subgroups")
@@ -278,9 +329,11 @@ class Schema:
         return found
 
     def unrecorded(self, x: np.ndarray) -> dict[str, int]:
-        """For each feature marked "subgroups" whose missing values are encoded
-        (indicated), how many of encoded rows `x` have it missing: they are in none
-        of its subgroups."""
+        """How many of encoded rows `x` have each feature marked "subgroups" missing.
+
+        Only for features whose missing values are encoded (indicated): those patients
+        are in none of its subgroups.
+        """
         names = self.input_names
         return {
             f["name"]: int(x[:, names.index(f"{f['name']} missing")].sum())
@@ -294,8 +347,10 @@ class Schema:
         return matches(cells, self.positive_values).astype(np.float32)
 
     def decision(self, positive: bool) -> str:
-        """The label value a positive or negative decision stands for ("1/2/3/4" where
-        several values mean the same)."""
+        """The label value a positive or negative decision stands for.
+
+        "1/2/3/4" where several values mean the same.
+        """
         return "/".join(map(str, self.positive_values if positive else self.negative_values))
 
     def is_label(self, values: np.ndarray) -> np.ndarray:
@@ -304,8 +359,10 @@ class Schema:
 
 
 def _scaled(feature: dict, values: np.ndarray) -> np.ndarray:
-    """A numeric feature's values mapped from its declared range (log-scaled if
-    declared; clipped to it) to [-1, 1]."""
+    """A numeric feature's values mapped from its declared range to [-1, 1].
+
+    Log-scaled if declared; clipped to the range.
+    """
     low, high, v = feature["min"], feature["max"], np.clip(values, feature["min"], feature["max"])
     if feature.get("log"):
         low, high, v = np.log1p(low), np.log1p(high), np.log1p(v)
@@ -313,8 +370,10 @@ def _scaled(feature: dict, values: np.ndarray) -> np.ndarray:
 
 
 def _band_name(name: str, edges: list[float], band: int) -> str:
-    """E.g. "age < 50", "50 <= age < 65", "age >= 65" for edges [50, 65]; each edge
-    written as the dictionary gives it (50, 50.000001, 1234567)."""
+    """A band's name, e.g. "age < 50", "50 <= age < 65", "age >= 65" for edges [50, 65].
+
+    Each edge is written as the dictionary gives it (50, 50.000001, 1234567).
+    """
     low, high = (
         (_edge(edges[band - 1]) if band else None),
         (_edge(edges[band]) if band < len(edges) else None),
@@ -332,8 +391,11 @@ def _edge(value: float) -> str:
 
 
 class _PlainYaml(yaml.SafeLoader):
-    """YAML without aliases (*name): a dictionary has no use for them, and nested
-    aliases expand exponentially ("billion laughs")."""
+    """YAML without aliases (*name).
+
+    A dictionary has no use for them, and nested aliases expand exponentially ("billion
+    laughs").
+    """
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -342,6 +404,7 @@ class _PlainYaml(yaml.SafeLoader):
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict, refusing a key that appears twice."""
     keys = [key for key, _ in pairs]
     repeated = next((key for key in keys if keys.count(key) > 1), None)
     if repeated is not None:
@@ -350,12 +413,15 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _no_nan(constant: str) -> float:
+    """Refuse JSON's NaN and Infinity constants."""
     raise ValueError(f"{constant} is not a number a dictionary may hold")
 
 
 def _finite(value: object) -> bool:
-    """Whether every number in a parsed dictionary is a finite float (YAML's .nan and
-    .inf, or an integer too large for a float, are not)."""
+    """Whether every number in a parsed dictionary is a finite float.
+
+    YAML's .nan and .inf, or an integer too large for a float, are not.
+    """
     if isinstance(value, dict):
         return all(map(_finite, value.values()))
     if isinstance(value, list):
@@ -370,17 +436,24 @@ def _finite(value: object) -> bool:
 
 @functools.cache
 def _validator():
-    """The JSON Schema's validator, read once per process (a worker opens a hospital,
-    and so reads its dictionary, for every message)."""
+    """The JSON Schema's validator, read once per process.
+
+    A worker opens a hospital, and so reads its dictionary, for every message.
+    """
     import jsonschema
 
     return jsonschema.Draft202012Validator(json.loads(STRUCTURE.read_text()))
 
 
 def check_structure(spec: object, source: str) -> None:
-    """Check the dictionary against its JSON Schema
-    (securehealth/schemas/data-dictionary.schema.json): one line naming the first
-    wrong field and what it may be."""
+    """Check the dictionary against its JSON Schema (schemas/data-dictionary.schema.json).
+
+    Raises
+    ------
+    DataError
+        One line naming the first wrong field and what it may be, or saying that a
+        number is not finite.
+    """
     import jsonschema  # imported here: only a run that reads a dictionary pays for it
 
     try:
@@ -425,6 +498,8 @@ NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def _number(text: str) -> float:
-    """text as a number, NaN if it is none (Python's float() would also read "1_0",
-    non-ASCII digits, "inf" and "nan")."""
+    """`text` as a number, NaN if it is none.
+
+    Python's float() would also read "1_0", non-ASCII digits, "inf" and "nan".
+    """
     return float(text) if NUMBER.fullmatch(text) else float("nan")

@@ -1,6 +1,9 @@
-"""How patients are divided: into hospitals (bundled data sets), and within each
-hospital into training rows (the only rows DP-SGD touches) and held-out rows
-(evaluated at the hospital itself)."""
+"""How patients are divided: into hospitals, and within each into training and held-out rows.
+
+Hospitals are cut from the bundled data sets (hospital_sizes, stratified_parts); each
+hospital's training rows are the only rows DP-SGD touches, its held-out rows are
+evaluated at the hospital itself (held_out_split).
+"""
 
 import hashlib
 from collections.abc import Sequence
@@ -27,8 +30,10 @@ def test_size(n: int, test_fraction: float) -> int:
 def stratified_parts(
     y: np.ndarray, weights: Sequence[float], rng: np.random.Generator
 ) -> list[np.ndarray]:
-    """Row indices split into parts in proportion to `weights`, each class dealt out
-    separately so that every part keeps the overall share of the disease."""
+    """Row indices split into parts in proportion to `weights`, each class dealt separately.
+
+    Every part thus keeps the overall share of the disease.
+    """
     parts = [[] for _ in weights]
     for label in np.unique(y):
         rows = rng.permutation(np.flatnonzero(y == label))
@@ -39,9 +44,24 @@ def stratified_parts(
 
 
 def row_keys(x: np.ndarray, y: np.ndarray, patient_keys: np.ndarray | None = None) -> np.ndarray:
-    """A stable pseudo-random key per patient: a hash of its key where the source
-    gives one (a table's patient_id, else its row as written: csv_files.read_csv),
-    else of its encoded row (bundled data sets). The hospital's held-out rule."""
+    """A stable pseudo-random key per patient, on which the hospital's held-out rule cuts.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        The encoded rows.
+    y : np.ndarray
+        Their labels.
+    patient_keys : np.ndarray, optional
+        The source's key per patient (a table's patient_id, else its row as written:
+        csv_files.read_csv). Without them, the encoded rows are hashed (bundled data
+        sets).
+
+    Returns
+    -------
+    np.ndarray
+        One uint64 hash per patient.
+    """
     if patient_keys is not None:
         rows = [str(p).encode() for p in patient_keys]
     else:
@@ -60,10 +80,11 @@ def held_out_split(
     patient_keys: np.ndarray | None = None,
     adjacency: str = "replace-one",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, held out) of one hospital's rows, by their row_keys alone,
-    so that the same patients are held out in every run, whatever the server's
-    settings; which of them, so that one patient's record moves the training rows
-    by no more than the hospital's adjacency allows:
+    """Row indices (train, held out) of one hospital's rows, by their row_keys alone.
+
+    The same patients are held out in every run, whatever the server's settings; which
+    of them is chosen so that one patient's record moves the training rows by no more
+    than the hospital's adjacency allows:
 
     - replace-one: the test_size patients with the smallest keys. Replacing one
       record changes the training rows by at most one record and never their
@@ -74,7 +95,24 @@ def held_out_split(
       in or out as well.
 
     Not stratified by diagnosis, on purpose: per-class cuts move when a replaced
-    record has the other diagnosis, pulling further patients across."""
+    record has the other diagnosis, pulling further patients across.
+
+    Parameters
+    ----------
+    x, y : np.ndarray
+        The hospital's encoded rows and their labels.
+    test_fraction : float
+        The share of its patients held out.
+    patient_keys : np.ndarray, optional
+        The source's key per patient (see row_keys).
+    adjacency : str
+        "replace-one" or "add-remove".
+
+    Returns
+    -------
+    tuple of np.ndarray
+        (training row indices, held-out row indices), each sorted.
+    """
     keys = row_keys(x, y, patient_keys)
     if adjacency == "add-remove":
         held = keys < np.uint64(int(test_fraction * 2**64))

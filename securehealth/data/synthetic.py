@@ -1,5 +1,8 @@
-"""Generated patients (coronary heart disease) in non-IID hospitals: each hospital
-has its own case mix, and the server has its own reference population."""
+"""The `synthetic` data source: generated patients (coronary heart disease).
+
+The hospitals are non-IID, each with its own case mix, and the server has its own
+reference population.
+"""
 
 from types import SimpleNamespace
 
@@ -53,8 +56,11 @@ def _hospital_profile(seed, hospital):
 
 
 def _patients(rng, profile, n):
-    """Raw features (name -> values) and diagnoses of n patients of one hospital,
-    from a nonlinear risk model of the kind used in clinical risk scores."""
+    """Raw features (name -> values) and diagnoses of n patients of one hospital.
+
+    The diagnoses come from a nonlinear risk model of the kind used in clinical risk
+    scores.
+    """
     age = np.clip(rng.normal(profile["mean_age"], 14.0, n), 18, 95)
     male = rng.binomial(1, profile["share_male"], n)
     bmi = np.clip(rng.normal(27.0 + 0.03 * (age - 50), 4.5, n), 15, 50)
@@ -106,4 +112,5 @@ def reference_set(cfg: SimpleNamespace, schema: Schema) -> tuple[np.ndarray, np.
 
 
 def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+    """The generated patients' own data dictionary (SYNTHETIC_SCHEMA)."""
     return Schema(SYNTHETIC_SCHEMA, "synthetic data")

@@ -1,22 +1,9 @@
-"""A synthetic twin of your data: a CSV data directory generated from the data
-dictionary alone (no row of any hospital is read), to rehearse the whole pipeline
-for free.
+"""Synthetic twins: CSV data directories generated from a data dictionary alone.
 
-    python simulation.py --dataset csv --data-dir DIR --make-twin TWIN
-
-writes TWIN/schema.json (a copy of DIR's), one hospital_<i>.csv per hospital and
-the server's test.csv, with the sizes of the num_patients and global_test_patients
-settings. Every command then runs on TWIN as on your own folder (simulation.py,
---plan, client.py --data TWIN/hospital_<i>.csv, predict.py --data TWIN/test.csv),
-and spends nothing lasting: a twin's files are a demonstration's
-(demonstration.py), recognised by regenerating them from TWIN/twin.json and the
-dictionary and comparing the bytes, so a file changed in any way is not one.
-
-Its patients are invented: each feature drawn evenly across its declared range (on
-a log scale where declared) or categories, the label from a fixed random rule of
-the encoded features (about 30 % positive), so that a model can learn something.
-It rehearses the files, checks, encoding, federation, accounting, operating point,
-report and scoring; it cannot tell how good a model your patients give.
+`simulation.py --dataset csv --data-dir DIR --make-twin TWIN` (make_twin) writes one, to
+rehearse the whole pipeline without reading any hospital's row. Its files are a
+demonstration's (is_twin: regenerated from TWIN/twin.json and compared byte for byte).
+Its invented patients cannot tell how good a model your own give (docs/how-to/your-own-csv.md).
 """
 
 import csv
@@ -50,9 +37,28 @@ class TwinRecipe:
 
 
 def make_twin(schema_file: Path, folder: Path, recipe_settings: dict[str, int]) -> Path:
-    """Write a twin of the dictionary `schema_file` into the new or empty `folder`,
-    sized by `recipe_settings` (num_clients, num_patients, global_test_patients,
-    seed); returns the folder. DataError if the folder holds anything."""
+    """Write a twin of the data dictionary `schema_file` into the new or empty `folder`.
+
+    Parameters
+    ----------
+    schema_file : Path
+        The data dictionary, copied into the twin.
+    folder : Path
+        A new or empty folder.
+    recipe_settings : dict of str to int
+        num_clients, num_patients, global_test_patients and seed: the twin's sizes and
+        its random streams.
+
+    Returns
+    -------
+    Path
+        The folder.
+
+    Raises
+    ------
+    DataError
+        Where the folder holds anything, or the dictionary does not load.
+    """
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"--make-twin {folder}: not an empty folder; name a new one")
@@ -81,8 +87,10 @@ def twin_tables(schema: Schema, recipe: TwinRecipe) -> dict[str, bytes]:
 
 
 def twin_table(schema: Schema, recipe: TwinRecipe, name: str) -> bytes | None:
-    """The twin's file `name` (hospital_<i>.csv or test.csv), or None if it has none:
-    each from its own random stream, so one is made without the others."""
+    """The twin's file `name` (hospital_<i>.csv or test.csv), or None if it has none.
+
+    Each file comes from its own random stream, so one is made without the others.
+    """
     streams = {f"hospital_{h}.csv": (h, n) for h, n in enumerate(recipe.hospital_patients)}
     streams["test.csv"] = (TEST_STREAM, recipe.test_patients)
     if name not in streams:
@@ -93,9 +101,11 @@ def twin_table(schema: Schema, recipe: TwinRecipe, name: str) -> bytes | None:
 
 
 def is_twin(path: Path, content: bytes) -> bool:
-    """Whether `content`, the bytes of the file at `path`, is the file of that name
-    its folder's twin.json and data dictionary generate. Anything unexpected in
-    them (types, sizes beyond a twin's) answers no."""
+    """Whether `content`, the bytes of the file at `path`, is that file of its folder's twin.
+
+    That is the file of that name which the folder's twin.json and data dictionary
+    generate. Anything unexpected in them (types, sizes beyond a twin's) answers no.
+    """
     folder = Path(path).parent
     try:
         recipe = _recipe(folder / MANIFEST)
@@ -130,8 +140,11 @@ def _recipe(manifest: Path) -> TwinRecipe:
 
 
 def _draw(feature: dict, rng: np.random.Generator, n: int) -> np.ndarray:
-    """A feature's invented values: evenly across its declared range (log scale where
-    declared), rounded to 2 decimals, or evenly among its categories."""
+    """A feature's invented values, drawn evenly across its range or categories.
+
+    Numbers are drawn on a log scale where declared and rounded to 2 decimals; values
+    the feature declares as missing markers are never drawn.
+    """
     markers = feature.get("missing", [])  # values that mean "not recorded": never drawn
     if feature["type"] == "categorical":
         recorded = [c for c in feature["categories"] if not matches([str(c)], markers)[0]]
@@ -156,8 +169,10 @@ def _draw(feature: dict, rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _label_rule(schema: Schema, seed: int) -> tuple[np.ndarray, float]:
-    """The twin's label rule: weights on the encoded inputs, and the offset that
-    makes about POSITIVE_SHARE of a large sample positive."""
+    """The twin's label rule: weights on the encoded inputs, and an offset.
+
+    The offset makes about POSITIVE_SHARE of a large sample positive.
+    """
     rng = np.random.default_rng([seed, TEST_STREAM + 1])
     weights = rng.normal(size=len(schema.input_names))
     sample = schema.encode({f["name"]: _draw(f, rng, 10_000) for f in schema.features})
