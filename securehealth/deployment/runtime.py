@@ -405,19 +405,35 @@ def run_federation(
     environment: dict[str, str] | None = None,
     **where: Any,
 ) -> tuple[int, dict[str, Any] | None]:
-    """One whole training on a SuperLink of our own (with `environment` added to
-    its own): start it, enroll the hospitals' keys (if any), submit the app (signed
-    with `operator_key`, if given), show the rounds. Returns (exit code, metrics of
-    the finished run, or None after saying what went wrong). `where` (host, port)
-    says where the SuperLink listens."""
-    from securehealth import data  # the data dictionary and the model: loaded by now
-    from securehealth.deployment.superlink_gate import BODY_LIMIT_VARIABLE, fleet_body_limit
-    from securehealth.model import weight_count
+    """Run one whole training on a SuperLink of our own, and leave nothing running (also on Ctrl-C).
 
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings; its run_dir holds the results and Flower's state and logs.
+    superlink_args : Sequence[str]
+        More arguments for `flower-superlink` (TLS files, --simulation, ...).
+    federation_config : Sequence[str]
+        `flwr run --federation-config` entries ("key=value").
+    ca_cert : Path | None
+        The CA certificate the SuperLink's TLS is verified with; None: no TLS.
+    hospital_keys : Iterable[Path]
+        The public keys of the hospitals to enroll (none: any hospital may join).
+    operator_key : Path | None
+        The operator's private key the run is signed with (authorisation.py); None: unsigned.
+    environment : dict[str, str] | None
+        Added to the SuperLink's environment.
+    **where : Any
+        host and port: where the SuperLink listens.
+
+    Returns
+    -------
+    tuple[int, dict[str, Any] | None]
+        The exit code, and the finished run's metrics (None after saying what went wrong).
+    """
     run_dir = Path(cfg.run_dir)
     flwr_home = run_dir / "flower"
-    weights = weight_count(len(data.load_schema(cfg).input_names), cfg.hidden_layers)
-    environment = {**(environment or {}), BODY_LIMIT_VARIABLE: str(fleet_body_limit(weights))}
+    environment = _with_body_limit(cfg, environment)
     try:
         with superlink(
             flwr_home, *superlink_args, ca_cert=ca_cert, environment=environment, **where
@@ -437,6 +453,23 @@ def run_federation(
         mark_stopped(run_dir, "failed")
         console.print(f"[red]Flower failed:[/] {error}")
         return 1, None
+    return _outcome(run_dir, metrics, stopped, console)
+
+
+def _with_body_limit(cfg: SimpleNamespace, environment: dict[str, str] | None) -> dict[str, str]:
+    """`environment` with the bound on a Fleet API body for this run's model (superlink_gate)."""
+    from securehealth import data  # the data dictionary and the model: loaded by now
+    from securehealth.deployment.superlink_gate import BODY_LIMIT_VARIABLE, fleet_body_limit
+    from securehealth.model import weight_count
+
+    weights = weight_count(len(data.load_schema(cfg).input_names), cfg.hidden_layers)
+    return {**(environment or {}), BODY_LIMIT_VARIABLE: str(fleet_body_limit(weights))}
+
+
+def _outcome(
+    run_dir: Path, metrics: dict[str, Any] | None, stopped: bool, console: Console
+) -> tuple[int, dict[str, Any] | None]:
+    """How a run that Flower completed ended: run_federation's (exit code, metrics or None)."""
     if stopped:
         reason = (
             "stopped through Flower's Control API (`flwr stop`), which answers on this "
@@ -450,7 +483,7 @@ def run_federation(
     if not metrics or not has_finished(metrics["status"]):
         mark_stopped(run_dir, "failed")
         error = (metrics or {}).get("error", "the server stopped without a result")
-        log = flwr_home / "flwr-run.log"
+        log = run_dir / "flower" / "flwr-run.log"
         console.print(
             f"[red]The run failed:[/] {error}\nEach hospital's own privacy ledger records "
             f"what it spent, including a round it trained that did not finish here.\n"
