@@ -2,6 +2,7 @@
 simulation runtime (usage: securehealth/commands.py)."""
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,10 +13,7 @@ from rich.markup import escape
 from securehealth import data, display, forecast, settings
 from securehealth.data import demonstration
 from securehealth.deployment import runtime
-from securehealth.privacy.ledger import (
-    LedgerError,
-    add_reset_flag,
-)
+from securehealth.privacy.ledger import LedgerError, add_reset_flag
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
     HOSPITALS_DIR_VARIABLE,
@@ -29,10 +27,55 @@ from securehealth.results import (
 from securehealth.simulated_ledgers import check_lasting_ledgers, state_dirs
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A simulation checked before it starts: what `main` passes from its checks on."""
+
+    lasting: bool  # some hospital's data is not a demonstration's: its ledger lasts
+    warnings: list[str | None]  # to print before the run (None: nothing to say)
+    outlook: forecast.Forecast | None  # None where the Ray cluster's workers hold the ledgers
+
+
 def main(description: str, argv: list[str] | None = None) -> int:
-    """`python simulation.py`: the whole federation on this machine (exit code: how
-    the run ended)."""
+    """Run `python simulation.py`: the whole federation on this machine.
+
+    Parameters
+    ----------
+    description : str
+        The command's usage text, shown by --help.
+    argv : list[str] | None
+        The command line without the program's name; None: sys.argv's.
+
+    Returns
+    -------
+    int
+        The exit code: how the run ended (with --plan: 1 if the run would be refused).
+    """
     runtime.start_launcher()
+    parser = simulation_parser(description)
+    cfg, args = settings.parse(parser, argv, simulation=True)
+    data.locate(cfg)
+    console = display.make_console()
+    if args.make_twin:
+        return write_twin(cfg, Path(args.make_twin), parser, console)
+    checked = check_simulation(parser, cfg, args)
+    for warning in filter(None, checked.warnings):
+        console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
+    if args.plan:
+        ledgers = lasting_hospitals_dir() if checked.lasting else None
+        display.print_plan(cfg, checked.outlook, ledgers, console)
+        return 0 if checked.outlook.training else 1  # 1: the planned run would be refused
+    exit_code, metrics = run_simulation(cfg, checked.lasting, console)
+    if metrics is None:
+        return exit_code
+    if args.baselines:
+        add_baselines(cfg, metrics, console)
+    display.print_summary(metrics, cfg.run_dir, console)
+    return exit_code
+
+
+def simulation_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of simulation.py: every setting and the simulation's own flags."""
     parser = settings.make_parser(description)
     parser.add_argument(
         "--baselines",
@@ -54,11 +97,17 @@ def main(description: str, argv: list[str] | None = None) -> int:
     )
     settings.add_unaccounted_flag(parser)
     add_reset_flag(parser)
-    cfg, args = settings.parse(parser, argv, simulation=True)
-    data.locate(cfg)
-    console = display.make_console()
-    if args.make_twin:
-        return write_twin(cfg, Path(args.make_twin), parser, console)
+    return parser
+
+
+def check_simulation(
+    parser: argparse.ArgumentParser, cfg: SimpleNamespace, args: argparse.Namespace
+) -> Checked:
+    """Check the data, the hospitals' ledgers and the forecast, and make the run directory.
+
+    Exits 2 with one line where the run cannot start; with --plan nothing is created.
+    """
+    outlook = None
     try:
         if args.baselines:
             settings.check_accounted(cfg, args.unaccounted_privacy_spend, "--baselines")
@@ -78,11 +127,13 @@ def main(description: str, argv: list[str] | None = None) -> int:
             cfg.run_dir = str(new_run_dir(cfg.run_dir, overwrite=args.overwrite))
     except (settings.SettingsError, data.DataError, RunDirError, LedgerError) as error:
         parser.error(str(error))
-    for warning in filter(None, warnings):
-        console.print(f"[yellow]Warning: {escape(warning)}[/]", soft_wrap=True)
-    if args.plan:
-        display.print_plan(cfg, outlook, lasting_hospitals_dir() if lasting else None, console)
-        return 0 if outlook.training else 1  # 1: the planned run would be refused
+    return Checked(lasting=lasting, warnings=warnings, outlook=outlook)
+
+
+def run_simulation(
+    cfg: SimpleNamespace, lasting: bool, console: Console
+) -> tuple[int, dict[str, Any] | None]:
+    """Say what will run, and run it on Flower's simulation runtime: runtime.run_federation's."""
     hospitals_dir = simulated_hospitals_dir(not lasting, cfg.run_dir)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
@@ -97,7 +148,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
         )
         + ("" if lasting else " (a demonstration's data: nothing lasting is spent)")
     )
-    exit_code, metrics = runtime.run_federation(
+    return runtime.run_federation(
         cfg,
         console,
         superlink_args=["--simulation", "--insecure"],
@@ -114,17 +165,11 @@ def main(description: str, argv: list[str] | None = None) -> int:
             # setting: its non-cluster mode, the default on macOS and Windows).
             **({} if cfg.ray_address else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),
             # On an existing Ray cluster its workers have their own environment:
-            # start it with HOSPITALS_DIR_VARIABLE set (see the README).
+            # start it with HOSPITALS_DIR_VARIABLE set (docs/how-to/ray-cluster.md).
             **({HOSPITALS_DIR_VARIABLE: str(hospitals_dir)} if lasting else {}),
             DEMO_HOSPITALS_DIR_VARIABLE: str(simulated_hospitals_dir(True, cfg.run_dir)),
         },
     )
-    if metrics is None:
-        return exit_code
-    if args.baselines:
-        add_baselines(cfg, metrics, console)
-    display.print_summary(metrics, cfg.run_dir, console)
-    return exit_code
 
 
 def write_twin(
