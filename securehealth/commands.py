@@ -28,7 +28,7 @@ ServerApp runs only a run its operator signed.
 Run as a script, it is the deployment server: a TLS SuperLink that hospitals
 (`python client.py --client-id N`) connect to, and one training run on it:
 
-    python server.py --make-certs            # once: a CA and server certificate
+    python server.py make-certs              # once: a CA and server certificate
     python server.py [--host H] [--port P] [--name value ...]
 """
 
