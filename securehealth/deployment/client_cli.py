@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TextIO
@@ -23,6 +24,7 @@ from securehealth.certificates import OPERATOR_PUB, make_hospital_key
 from securehealth.data import heart_disease
 from securehealth.data.demonstration import is_demonstration
 from securehealth.deployment import pinning, runtime
+from securehealth.deployment.subcommands import CommandLine
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
 from securehealth.operating_point import DECLINED, RELEASED
@@ -56,13 +58,100 @@ ROOM_TO_JOIN, ROOM_TO_GO_ON = 20_000_000, 1_000_000
 FILES_TO_GO_ON = 1000  # free inodes below which the disk is as good as full
 JOIN_RETRY_S = 3  # seconds between asks to join a server that does not admit this hospital yet
 LOCK_FILE = "client.lock"  # in the state directory: the pid of the client.py holding it
+MAKE_KEY = "make-key"  # the subcommand that does what --make-key does
+MAKE_KEY_HELP = (
+    "create this hospital's identity key in --state-dir for a server that admits only "
+    "enrolled hospitals, then exit"
+)
+
+
+@dataclass(frozen=True)
+class Hospital:
+    """This hospital, checked and ready to join: what the steps of `join` pass on."""
+
+    cfg: SimpleNamespace
+    args: argparse.Namespace
+    state_dir: Path
+    lock: TextIO  # held until join returns (or the process ends): see hold
+    ca_cert: Path | None  # None: --insecure
+    operator_pub: Path | None  # None: --insecure
+    own_data: dict[str, str]  # the node config naming its own data; {} if it reads none
+    demonstration: bool  # its data is a demonstration's: a fresh budget per run
+    budget: str  # what is left of its privacy budget, in words
 
 
 def join(description: str, argv: list[str] | None = None) -> int:
-    """`python client.py --client-id N`: this hospital's SuperNode, until the run ends."""
+    """Run `python client.py --client-id N`: this hospital's SuperNode, until the run ends.
+
+    Parameters
+    ----------
+    description : str
+        The command's usage text, shown by --help.
+    argv : list[str] | None
+        The command line without the program's name; None: sys.argv's.
+
+    Returns
+    -------
+    int
+        The exit code: 0 once the run finished (or the key is made), 1 where this
+        hospital could not take part to the end, 130 after Ctrl-C; 2 (argparse's exit)
+        for bad input, said in one line.
+    """
     runtime.start_launcher()
-    parser = settings.make_parser(description, ("num_clients", "dataset", *HOSPITAL_SETTINGS))
+    command_line = client_parser(description)
+    cfg, args = command_line.parse(argv)
+    parser = command_line.parser
+    check_client_id(parser, cfg, args)
+    state_dir = Path(args.state_dir or default_state_root() / f"hospital-{args.client_id}")
+    state_dir = state_dir.resolve()
+    if args.make_key:
+        return make_key(parser, state_dir / AUTH_KEY)
+    console = display.make_console()
+    hospital = check_hospital(parser, cfg, args, state_dir, console)
+    warn(hospital, console)
+    try:
+        wait_for_server(args.server_address, args.connect_timeout, console)
+        runtime.check_server(args.server_address, hospital.ca_cert)
+    except runtime.FlowerError as error:
+        console.print(f"[red]{escape(str(error))}[/]")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[red]Interrupted[/] before joining the server.")
+        return 130
+    return take_part(hospital, console)
+
+
+def client_parser(description: str) -> CommandLine:
+    """The command line of client.py: the hospital's settings, its flags and its subcommand."""
+    names = ("num_clients", "dataset", *HOSPITAL_SETTINGS)
+    command_line = CommandLine(settings.make_parser(description, names))
+    add_client_flags(command_line.parser)
+    command_line.add_subcommand(
+        MAKE_KEY,
+        MAKE_KEY_HELP + " (the same as --make-key)",
+        lambda parser: add_client_flags(parser, subcommand=True),
+        make_key=True,
+    )
+    return command_line
+
+
+def add_client_flags(parser: argparse.ArgumentParser, subcommand: bool = False) -> None:
+    """Add client.py's own flags (--client-id, --server-address, ...) to `parser`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser, or its subcommand's.
+    subcommand : bool
+        Whether `parser` is the make-key subcommand's, which has no --make-key flag.
+    """
     group = parser.add_argument_group("hospital")
+    _add_connection_flags(group)
+    _add_own_flags(group, subcommand)
+
+
+def _add_connection_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags that say which server this hospital joins and how it trusts it."""
     group.add_argument(
         "--client-id", type=int, required=True, help="this hospital's number, 0 to num_clients - 1"
     )
@@ -88,6 +177,10 @@ def join(description: str, argv: list[str] | None = None) -> int:
         help="no TLS, and runs are not checked for the operator's signature: only "
         "against a server started with --insecure",
     )
+
+
+def _add_own_flags(group: argparse._ArgumentGroup, subcommand: bool) -> None:
+    """The flags of this hospital's own: its state, its data, its ledger and its patience."""
     group.add_argument(
         "--state-dir",
         default="",
@@ -103,12 +196,8 @@ def join(description: str, argv: list[str] | None = None) -> int:
     group.add_argument(
         "--schema", default="", help="the federation's data dictionary (schema.json or .yaml)"
     )
-    group.add_argument(
-        "--make-key",
-        action="store_true",
-        help="create this hospital's identity key in --state-dir for a server that "
-        "admits only enrolled hospitals, then exit",
-    )
+    if not subcommand:
+        group.add_argument("--make-key", action="store_true", help=MAKE_KEY_HELP)
     add_reset_flag(group)
     group.add_argument(
         "--trust-server-app",
@@ -122,50 +211,59 @@ def join(description: str, argv: list[str] | None = None) -> int:
         help="seconds to keep trying to reach the server and, where it admits only "
         "enrolled hospitals, to be admitted (its operator may still be enrolling the keys)",
     )
-    cfg, args = settings.parse(parser, argv)
+
+
+def check_client_id(
+    parser: argparse.ArgumentParser, cfg: SimpleNamespace, args: argparse.Namespace
+) -> None:
+    """Exit 2 with one line where --client-id is not one of the federation's hospitals."""
     if not 0 <= args.client_id < cfg.num_clients:
         parser.error(
             f"--client-id must be in 0..{cfg.num_clients - 1} "
             f"(num_clients is {cfg.num_clients}), got {args.client_id}"
         )
-    state_dir = Path(args.state_dir or default_state_root() / f"hospital-{args.client_id}")
-    state_dir = state_dir.resolve()
-    auth_key = state_dir / AUTH_KEY
-    if args.make_key:
-        try:
-            public_key = make_hospital_key(auth_key)
-        except FileExistsError as error:
-            parser.error(str(error))
-        print(
-            f"Created this hospital's identity: {auth_key} (private: it never leaves this "
-            f"machine) and {public_key}. Send {public_key.name} to the server's operator "
-            f"to be enrolled (server.py --hospital-keys)."
-        )
-        return 0
+
+
+def make_key(parser: argparse.ArgumentParser, auth_key: Path) -> int:
+    """Create this hospital's identity key at `auth_key` and say what to do with it; exit code 0.
+
+    An existing key is never overwritten (a one-line error, exit 2): the server may
+    have enrolled it.
+    """
+    try:
+        public_key = make_hospital_key(auth_key)
+    except FileExistsError as error:
+        parser.error(str(error))
+    print(
+        f"Created this hospital's identity: {auth_key} (private: it never leaves this "
+        f"machine) and {public_key}. Send {public_key.name} to the server's operator "
+        f"to be enrolled (server.py --hospital-keys)."
+    )
+    return 0
+
+
+def check_hospital(
+    parser: argparse.ArgumentParser,
+    cfg: SimpleNamespace,
+    args: argparse.Namespace,
+    state_dir: Path,
+    console: Console,
+) -> Hospital:
+    """Check all this hospital needs to join, holding its state directory; exit 2 if not.
+
+    Checks its disk, its state directory (held from here on), the server's address, the
+    CA certificate and operator key, its own data and its privacy ledger.
+    """
     try:
         check_room(state_dir, ROOM_TO_JOIN)
-        _held = hold(state_dir)  # kept until join returns (or the process ends)
+        lock = hold(state_dir)
     except (StateDirError, OSError) as error:
         parser.error(str(error))
     try:
         runtime.split_address(args.server_address)
     except ValueError as error:
         parser.error(f"--server-address: {error}")
-    ca_cert = None if args.insecure else Path(args.root_certificates).resolve()
-    if ca_cert and not is_file(ca_cert):
-        parser.error(
-            f"no CA certificate at {ca_cert}: copy the server's certs/ca.crt "
-            f"(made by `python server.py --make-certs`) or pass --root-certificates"
-        )
-    operator_pub = ""
-    if ca_cert:
-        operator_pub = Path(args.operator_key or ca_cert.with_name(OPERATOR_PUB)).resolve()
-        if not is_file(operator_pub):
-            parser.error(
-                f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
-                f"(made by `python server.py --make-certs`) or pass --operator-key"
-            )
-    console = display.make_console()
+    ca_cert, operator_pub = _trust_files(parser, args)
     try:
         own_data = own_data_files(cfg, args, console)
     except data.DataError as error:
@@ -181,7 +279,44 @@ def join(description: str, argv: list[str] | None = None) -> int:
         )
     except LedgerError as error:
         parser.error(str(error))
-    console.print(f"Hospital {args.client_id}'s {budget}", soft_wrap=True)
+    return Hospital(
+        cfg=cfg,
+        args=args,
+        state_dir=state_dir,
+        lock=lock,
+        ca_cert=ca_cert,
+        operator_pub=operator_pub,
+        own_data=own_data,
+        demonstration=demonstration,
+        budget=budget,
+    )
+
+
+def _trust_files(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[Path | None, Path | None]:
+    """(the CA certificate, the operator's public key), both present; (None, None) if --insecure."""
+    if args.insecure:
+        return None, None
+    ca_cert = Path(args.root_certificates).resolve()
+    if not is_file(ca_cert):
+        parser.error(
+            f"no CA certificate at {ca_cert}: copy the server's certs/ca.crt "
+            f"(made by `python server.py --make-certs`) or pass --root-certificates"
+        )
+    operator_pub = Path(args.operator_key or ca_cert.with_name(OPERATOR_PUB)).resolve()
+    if not is_file(operator_pub):
+        parser.error(
+            f"no operator key at {operator_pub}: copy the server's certs/{OPERATOR_PUB} "
+            f"(made by `python server.py --make-certs`) or pass --operator-key"
+        )
+    return ca_cert, operator_pub
+
+
+def warn(hospital: Hospital, console: Console) -> None:
+    """Say what is left of this hospital's budget, and warn of flags that lower its guard."""
+    args = hospital.args
+    console.print(f"Hospital {args.client_id}'s {hospital.budget}", soft_wrap=True)
     if args.insecure:
         console.print(
             "[bold red]WARNING: --insecure: no TLS, this hospital's model updates "
@@ -193,73 +328,105 @@ def join(description: str, argv: list[str] | None = None) -> int:
             "[bold red]WARNING: --trust-server-app: this hospital runs whatever code the "
             "server ships, with access to its patients' data.[/]"
         )
-    try:
-        wait_for_server(args.server_address, args.connect_timeout, console)
-        runtime.check_server(args.server_address, ca_cert)
-    except runtime.FlowerError as error:
-        console.print(f"[red]{escape(str(error))}[/]")
-        return 1
-    except KeyboardInterrupt:
-        console.print("[red]Interrupted[/] before joining the server.")
-        return 130
-    node_config = {
+
+
+def node_config(hospital: Hospital) -> dict[str, Any]:
+    """The node config of this hospital's SuperNode: who it is, its state and its data."""
+    cfg, args = hospital.cfg, hospital.args
+    return {
         "partition-id": args.client_id,
         "num-partitions": cfg.num_clients,
-        "state-dir": str(state_dir),
-        "operator-key": str(operator_pub),
-        **own_data,
+        "state-dir": str(hospital.state_dir),
+        "operator-key": str(hospital.operator_pub or ""),
+        **hospital.own_data,
         **{name: getattr(cfg, name) for name in HOSPITAL_SETTINGS},
     }
+
+
+def take_part(hospital: Hospital, console: Console) -> int:
+    """Run this hospital's SuperNode (and its warm worker) until the run ends; the exit code."""
+    args, state_dir = hospital.args, hospital.state_dir
+    config = node_config(hospital)
     flwr_home = state_dir / "flower"
     status_file, pinned = state_dir / STATUS_FILE, not args.trust_server_app
     launcher = pinning.install_launcher(flwr_home / "bin", status_file, pinned)
     try:
         # The warm worker runs this copy's code: not for a hospital that runs the server's.
-        worker = nullcontext() if args.trust_server_app else warm_worker(dict(node_config))
+        worker = nullcontext() if args.trust_server_app else warm_worker(dict(config))
         with worker as worker_socket:
-            console.print(
-                f"Hospital {args.client_id} joining the server at {args.server_address}; "
-                f"its budget: "
-                f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
-                + (
-                    f"for each run on its demonstration data (ledgers in "
-                    f"{state_dir / DEMO_RUNS_DIR}); "
-                    if demonstration
-                    else f"over all runs on its patients (privacy ledger: "
-                    f"{state_dir / LEDGER_FILE}); "
-                )
-                + f"secure aggregation "
-                f"{cfg.secure_aggregation}; "
-                + ("identified by its key; " if auth_key.exists() else "")
-                + (
-                    "runs any app the server ships. "
-                    if args.trust_server_app
-                    else "runs only an app identical to this copy. "
-                )
-                + f"State and logs: {state_dir}"
-            )
-            node_config |= {NODE_CONFIG_KEY: worker_socket} if worker_socket else {}
-            identity = auth_key if auth_key.exists() and ca_cert else None
-            deadline = time.monotonic() + args.connect_timeout
-            while True:
-                log_start = runtime.log_size(flwr_home / runtime.SUPERNODE_LOG)
-                with runtime.supernode(
-                    flwr_home, args.server_address, node_config, ca_cert, identity, launcher
-                ) as node:
-                    exit_code = follow_rounds(node, state_dir, args, console, log_start)
-                if exit_code is not None:
-                    return exit_code
-                if identity is None or time.monotonic() > deadline:  # keyless: never admitted
-                    return refused(state_dir, console)
-                console.print(
-                    "The server does not admit this hospital yet (its operator may still be "
-                    "enrolling the hospitals' keys); asking again for up to "
-                    f"{deadline - time.monotonic():.0f} s more (--connect-timeout) ..."
-                )
-                time.sleep(JOIN_RETRY_S)
+            console.print(joining_line(hospital))
+            config |= {NODE_CONFIG_KEY: worker_socket} if worker_socket else {}
+            return run_supernode(hospital, config, launcher, console)
     except KeyboardInterrupt:
         console.print("[red]Interrupted.[/] This hospital left the federation.")
         return 130
+
+
+def joining_line(hospital: Hospital) -> str:
+    """The line that says which server this hospital joins, with what budget and trust."""
+    cfg, args, state_dir = hospital.cfg, hospital.args, hospital.state_dir
+    return (
+        f"Hospital {args.client_id} joining the server at {args.server_address}; "
+        f"its budget: "
+        f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
+        + (
+            f"for each run on its demonstration data (ledgers in {state_dir / DEMO_RUNS_DIR}); "
+            if hospital.demonstration
+            else f"over all runs on its patients (privacy ledger: {state_dir / LEDGER_FILE}); "
+        )
+        + f"secure aggregation "
+        f"{cfg.secure_aggregation}; "
+        + ("identified by its key; " if (state_dir / AUTH_KEY).exists() else "")
+        + (
+            "runs any app the server ships. "
+            if args.trust_server_app
+            else "runs only an app identical to this copy. "
+        )
+        + f"State and logs: {state_dir}"
+    )
+
+
+def run_supernode(
+    hospital: Hospital, config: dict[str, Any], launcher: Path, console: Console
+) -> int:
+    """Start the SuperNode and follow its rounds; ask again while the server does not admit it.
+
+    Parameters
+    ----------
+    hospital : Hospital
+        This hospital, checked.
+    config : dict[str, Any]
+        The SuperNode's node config (node_config, and the warm worker's socket).
+    launcher : Path
+        The folder of the pinned `flwr-clientapp` launcher (pinning.install_launcher).
+    console : Console
+        Where the rounds are shown.
+
+    Returns
+    -------
+    int
+        The exit code: how the run ended for this hospital.
+    """
+    args, state_dir, flwr_home = hospital.args, hospital.state_dir, hospital.state_dir / "flower"
+    auth_key = state_dir / AUTH_KEY
+    identity = auth_key if auth_key.exists() and hospital.ca_cert else None
+    deadline = time.monotonic() + args.connect_timeout
+    while True:
+        log_start = runtime.log_size(flwr_home / runtime.SUPERNODE_LOG)
+        with runtime.supernode(
+            flwr_home, args.server_address, config, hospital.ca_cert, identity, launcher
+        ) as node:
+            exit_code = follow_rounds(node, state_dir, args, console, log_start)
+        if exit_code is not None:
+            return exit_code
+        if identity is None or time.monotonic() > deadline:  # keyless: never admitted
+            return refused(state_dir, console)
+        console.print(
+            "The server does not admit this hospital yet (its operator may still be "
+            "enrolling the hospitals' keys); asking again for up to "
+            f"{deadline - time.monotonic():.0f} s more (--connect-timeout) ..."
+        )
+        time.sleep(JOIN_RETRY_S)
 
 
 def demonstration_budget(state_dir: Path, cfg: SimpleNamespace, args: argparse.Namespace) -> str:
