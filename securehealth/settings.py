@@ -1,30 +1,28 @@
-"""Effective settings: config.py's defaults, overridden from the command line or
-from a Flower run config, and validated once so that bad input stops early with
-one clear line instead of a traceback halfway through training."""
+"""Effective settings: config.py's defaults overridden by flags or a Flower run config.
+
+`resolve` validates them once, so that bad input stops early with one clear line
+instead of a traceback halfway through training; `make_parser` and `parse` give
+every script its --name flags.
+"""
 
 import argparse
 import difflib
-import inspect
 import math
-import re
 from collections.abc import Collection, Mapping, Sequence
-from types import SimpleNamespace
+from dataclasses import fields
+from enum import StrEnum
 from typing import Any, NoReturn
 
-from securehealth import config, operating_point
+from securehealth import operating_point
 from securehealth.aggregation import AGGREGATIONS
+from securehealth.config import Settings
 from securehealth.data import SOURCES
 from securehealth.data.schema import MISSING_MODES
+from securehealth.privacy.report import Adjacency
 from securehealth.text import quoted, shortened
 
-DEFAULTS = {
-    name: value
-    for name, value in vars(config).items()
-    if not name.startswith("_") and isinstance(value, (int, float, str, tuple))
-}
-
-# The comment after each default in config.py doubles as its --help text.
-HELP = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", inspect.getsource(config), re.M))
+DEFAULTS = {setting.name: setting.default for setting in fields(Settings)}
+HELP = {setting.name: setting.metadata["help"] for setting in fields(Settings)}
 
 SWITCH = ("on", "off", "auto")
 FLOAT32_MAX = 3.4028234663852886e38  # the model's weights are float32
@@ -54,8 +52,8 @@ RULES = {
     "epsilon": (lambda v: v > 0, "must be > 0 (it is the total privacy budget)"),
     "delta": (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive), e.g. 1e-5"),
     "adjacency": (
-        lambda v: v in ("replace-one", "add-remove"),
-        "must be 'replace-one' or 'add-remove' (see the README's Privacy section)",
+        lambda v: v in set(Adjacency),
+        "must be 'replace-one' or 'add-remove' (see docs/explanation/privacy-guarantee.md)",
     ),
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "secure_aggregation": (lambda v: v in SWITCH, "must be 'on', 'off' or 'auto'"),
@@ -100,7 +98,7 @@ def _convert(name, raw):
         raise SettingsError(f"{name} must be {expected}, got {quoted(raw)}") from None
 
 
-def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
+def resolve(overrides: dict[str, Any] | None = None) -> Settings:
     """Defaults updated with `overrides` (a dict), converted and validated."""
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(DEFAULTS))
@@ -136,10 +134,10 @@ def resolve(overrides: dict[str, Any] | None = None) -> SimpleNamespace:
             f"aggregation {values['aggregation']!r} needs each hospital's update, which "
             f"secure aggregation hides: set secure_aggregation off, or aggregation fedavg"
         )
-    return SimpleNamespace(**values)
+    return Settings(**{**values, "adjacency": Adjacency(values["adjacency"])})
 
 
-def decide_auto(cfg: SimpleNamespace, simulation: bool = False) -> SimpleNamespace:
+def decide_auto(cfg: Settings, simulation: bool = False) -> Settings:
     """Settings with secure_aggregation "auto" decided: on between machines, off in
     a simulation (one machine holds every hospital's data: there is nothing to hide
     from the server, and the protocol costs three more exchanges a round)."""
@@ -163,7 +161,7 @@ def add_unaccounted_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_accounted(cfg: SimpleNamespace, allowed: bool, what: str) -> None:
+def check_accounted(cfg: Settings, allowed: bool, what: str) -> None:
     """Refuse `what` on real patients unless the operator said, with the flag, that
     its privacy spend goes unaccounted. A demonstration's data (generated, or shipped
     with this code: securehealth/data/demonstration.py) is free to use."""
@@ -188,6 +186,8 @@ def _unknown_message(name):
 def _run_config_value(value):
     """A setting as a Flower run config value (bool, int, float or str): a tuple of
     layer widths becomes "32,16"."""
+    if isinstance(value, StrEnum):
+        return str(value)
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
@@ -196,13 +196,13 @@ def as_text(value: Any) -> str:
     return str(_run_config_value(value))
 
 
-def to_run_config(cfg: SimpleNamespace) -> dict:
+def to_run_config(cfg: Settings) -> dict:
     """The settings as Flower's typed run config (one key per setting, as in
     pyproject.toml's [tool.flwr.app.config])."""
     return {name: _run_config_value(value) for name, value in vars(cfg).items()}
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> SimpleNamespace:
+def from_run_config(run_config: Mapping[str, Any]) -> Settings:
     """The settings a Flower app was started with: its run config's keys (those of
     pyproject.toml, with `flwr run --run-config` overrides), converted and validated."""
     return resolve({name: run_config[name] for name in DEFAULTS if name in run_config})
@@ -295,7 +295,7 @@ def make_parser(
 
 def parse(
     parser: argparse.ArgumentParser, argv: list[str] | None = None, simulation: bool = False
-) -> tuple[SimpleNamespace, argparse.Namespace]:
+) -> tuple[Settings, argparse.Namespace]:
     """Parse the command line into (settings, the parsed arguments), with "auto"
     decided for a simulation or a deployment; exit 2 on error."""
     args, unknown = parser.parse_known_args(argv)
