@@ -1,21 +1,9 @@
 """A hospital runs only the code it approved, and so does the server.
 
-In a Flower deployment the server ships the app (this repository's modules) and
-every SuperNode runs what it receives: a hostile or compromised server could ship
-a client that uploads patient rows. Flower 1.42's own app verification
-(`flower-supernode --trusted-entities`) accepts only apps signed through Flower's
-hosted platform, which an open-source SuperLink cannot supply. So the hospital pins
-the app to its own reviewed copy of the code instead: before Flower installs a
-shipped app, every file in it must be identical to the hospital's copy (for
-pyproject.toml: the same content once parsed, as Flower rewrites its layout).
-Anything else is refused and never runs.
-
-How it is enforced: a SuperNode starts each ClientApp with the first
-`flwr-clientapp` command on its PATH; client.py puts the launcher written by
-`install_launcher` there, which checks the app before handing it to Flower. The
-server's SuperLink starts each ServerApp with `flwr-serverapp` the same way, and
-server.py pins it to the operator's checkout: a run submitted with other code (say,
-through the Control API) never runs on the server's machine.
+Before Flower installs a shipped app, every file in it must be identical to this copy of
+the code (`differences`); anything else is refused and never runs. `install_launcher`
+writes the `flwr-clientapp` (or `flwr-serverapp`) that Flower starts and that checks the
+app first (`run_pinned`). Why and how: docs/explanation/threat-model.md.
 """
 
 import io
@@ -35,9 +23,22 @@ REFUSED = "untrusted-app"  # the status a refused app leaves in the hospital's s
 
 
 def differences(bundle_bytes: bytes, app_dir: Path = APP_DIR) -> list[str]:
-    """The files of a shipped app bundle (a FAB, a zip file) that are not exactly as
-    in `app_dir`, or that lie outside it, and the files `app_dir` ships that the
-    bundle lacks ("(missing)")."""
+    """List the files in which a shipped app bundle differs from `app_dir`.
+
+    Parameters
+    ----------
+    bundle_bytes : bytes
+        The shipped app bundle (a FAB: a zip file).
+    app_dir : Path
+        The approved copy of the app.
+
+    Returns
+    -------
+    list[str]
+        The bundle's files that are not exactly as in `app_dir` (pyproject.toml: not the
+        same once parsed, as Flower rewrites its layout) or that lie outside it, and the
+        files `app_dir` ships that the bundle lacks ("NAME (missing)"); [] if none.
+    """
     differing = []
     with zipfile.ZipFile(io.BytesIO(bundle_bytes)) as bundle:
         shipped = {p.relative_to(app_dir).as_posix() for p in shipped_files(app_dir)}
@@ -65,10 +66,26 @@ def install_launcher(
     pinned: bool = True,
     command: str = "flwr-clientapp",
 ) -> Path:
-    """Write Flower's `command` (flwr-clientapp for a hospital's SuperNode,
-    flwr-serverapp for the server's SuperLink), pinned to this copy of the app
-    unless `pinned` is false; put `bin_dir` first on the PATH of the process that
-    runs it. Refusals also go to `status_file` (the hospital's), if given."""
+    """Write a launcher for Flower's `command` that runs only this copy of the app.
+
+    Put the returned `bin_dir` first on the PATH of the process that starts `command`.
+
+    Parameters
+    ----------
+    bin_dir : Path
+        The folder to write the launcher in (made if missing).
+    status_file : Path | None
+        The hospital's status file, where a refusal is also recorded; None on the server.
+    pinned : bool
+        False: the launcher runs whatever app is shipped (client.py --trust-server-app).
+    command : str
+        flwr-clientapp for a hospital's SuperNode, flwr-serverapp for the server's SuperLink.
+
+    Returns
+    -------
+    Path
+        `bin_dir`.
+    """
     bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / command
     status = str(status_file) if status_file else None
@@ -86,10 +103,17 @@ def install_launcher(
 
 
 def run_pinned(command: str, status_file: str | None = None, pinned: bool = True) -> None:
-    """Flower's `command`, installing and loading a shipped app only if it matches
-    this copy (securehealth/flower.py wraps Flower's installer; tests/test_security.py
-    proves the refusals). A hospital (with a `status_file`) keeps the details of a
-    refusal to itself: its path and files are none of the server's business."""
+    """Run Flower's `command`, installing and loading a shipped app only if it matches this copy.
+
+    securehealth/flower.py wraps Flower's installer; tests/test_security.py proves the
+    refusals. A hospital (with a `status_file`) keeps the details of a refusal to itself:
+    its path and files are none of the server's business.
+
+    Raises
+    ------
+    PermissionError
+        In Flower's installer, where the app differs from this copy (and `pinned`).
+    """
     if pinned:
 
         def approve(bundle_bytes):
@@ -109,16 +133,20 @@ def run_pinned(command: str, status_file: str | None = None, pinned: bool = True
 
 
 def forget_this_copy() -> None:
-    """Unload this copy's package from the launcher's process, so that the app runs
-    from Flower's install of what was shipped, never from this copy."""
+    """Unload this copy's package from the launcher's process.
+
+    The app then runs from Flower's install of what was shipped, never from this copy.
+    """
     for name in [m for m in sys.modules if m.split(".")[0] == "securehealth"]:
         del sys.modules[name]
 
 
 def _record_refusal(status_file, reason):
-    """Tell the hospital's launcher (client.py), which watches its status file
-    (written whole, then renamed, as results.write_json does, without importing the
-    app's modules)."""
+    """Record a refusal in the status file that the hospital's client.py watches.
+
+    The file is written whole, then renamed, as results.write_json does, without
+    importing the app's modules.
+    """
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     now = datetime.now(UTC).isoformat(timespec="seconds")
     partial = status_file.with_name(f".{status_file.name}.partial")
