@@ -1,11 +1,10 @@
 """The processes of a run: the tree a launcher started, and its end.
 
-Flower's SuperExec and Ray's processes run in sessions of their own, so a process
-group is not enough to find them: the tree is read from `ps`. A launcher's own
-`finally` stops them after Ctrl-C or an error (runtime.stop); after kill -9 no
-`finally` runs, so each process a launcher starts follows it (follow_launcher):
-otherwise a SuperNode went on training headless and a simulation's Ray processes
-outlived it for minutes."""
+Flower's SuperExec and Ray's processes run in sessions of their own, so the tree is read
+from `ps` (`process_tree`), not a process group. A launcher stops it after Ctrl-C or an
+error (runtime.stop); after kill -9, each process it started ends itself
+(`follow_launcher`), so that no SuperNode trains on headless.
+"""
 
 import ctypes
 import os
@@ -46,17 +45,21 @@ def process_tree(pid: int, children: dict[int, list[int]] | None = None) -> list
 
 
 def adopt_orphans() -> None:
-    """Make this launcher the parent of any process whose own parent dies below it
-    (Linux; elsewhere nothing): if Flower's SuperLink or SuperNode process dies,
-    what it started is then still found (adopted) and stopped, not left training."""
+    """Make this launcher the parent of any process whose own parent dies below it.
+
+    Linux only (elsewhere nothing): if Flower's SuperLink or SuperNode process dies, what
+    it started is then still found (adopted) and stopped, not left training.
+    """
     global _adopting
     if sys.platform == "linux":
         _adopting = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
 
 
 def adopted(started: set[int]) -> list[int]:
-    """The processes this launcher adopted (children it did not start itself), with
-    all below them; none unless it adopts orphans."""
+    """List the processes this launcher adopted, with all below them.
+
+    Its children that are not in `started` (none unless it adopts orphans).
+    """
     if not _adopting:
         return []
     children = _children()
@@ -65,8 +68,7 @@ def adopted(started: set[int]) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Whether pid still runs (a zombie, dead but not yet reaped by its parent,
-    does not)."""
+    """Whether pid still runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -89,9 +91,11 @@ def send(pid: int, signal_number: int) -> None:
 
 
 def follow_launcher(launcher: int) -> None:
-    """In a process that `launcher` started: once the launcher is gone (its parent
-    is then another process), kill everything this process started and then this
-    process. The tree is whole at that moment, so nothing of the run is left over."""
+    """End this process and all it started once its launcher (pid `launcher`) is gone.
+
+    Called in a process that `launcher` started; its parent is another process once the
+    launcher is gone. The tree is whole at that moment, so nothing of the run is left over.
+    """
 
     def watch() -> None:
         while os.getppid() == launcher:
