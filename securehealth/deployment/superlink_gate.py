@@ -1,19 +1,9 @@
-"""Flower's `flower-superlink`, with everything but the hospitals' Fleet API kept to
-this machine.
+"""Flower's `flower-superlink`, with everything but the hospitals' Fleet API kept to this machine.
 
-Flower 1.42 serves all of a SuperLink's APIs on one port: the Fleet API that
-SuperNodes use (/v1/fleet/...), but also the Control API (/v1/control/...: submit,
-stop and list runs, read their logs, register SuperNodes), unauthenticated in the
-open-source edition, and the Runtime API (/v1/runtime/...) that the ServerApp
-process uses. The server's port must be reachable by the hospitals, so this
-launcher adds two middlewares to Flower's app: a request from any address other
-than loopback may reach only /v1/fleet/ and /health, anything else is answered 403;
-and a Fleet API request larger than the run's largest honest message (its bound is
-in SECUREHEALTH_FLEET_BODY_LIMIT, set by the launcher from the run's model) is
-answered 413 before Flower reads it. `python server.py` itself reaches its SuperLink
-over 127.0.0.1. Flower 1.42 has no hook for this, so the launcher wraps its app
-factory (flwr is pinned; tests/test_security.py proves the refusals; the wrapping
-is in securehealth/flower.py).
+Two middlewares wrap Flower's app: a request from any address other than loopback may
+reach only /v1/fleet/ and /health, anything else is answered 403 (`LocalControlOnly`); and a
+Fleet API request larger than the run's largest honest message is answered 413 before Flower
+reads it (`BoundedFleetBodies`). Why: docs/explanation/threat-model.md.
 
 Run as: python -m securehealth.deployment.superlink_gate [flower-superlink's arguments]
 """
@@ -50,8 +40,10 @@ DISCONNECTED = "disconnected"
 
 
 def fleet_body_limit(weights: int) -> int:
-    """The most bytes a Fleet API request of a run whose model has `weights` weights
-    needs: its largest message, a training reply."""
+    """Return the most bytes a Fleet API request needs in a run whose model has `weights` weights.
+
+    That is its largest message, a training reply.
+    """
     return PROTOCOL_ALLOWANCE + BYTES_PER_WEIGHT * weights
 
 
@@ -92,14 +84,16 @@ class LocalControlOnly:
 
 
 class BoundedFleetBodies:
-    """ASGI middleware: a Fleet API request with a body over `limit` bytes is answered
-    413, before any of it is read where it declares its length, else as soon as what
-    arrived passes the limit; the app then gets the body whole. The bodies being
-    received from one address hold at most IN_FLIGHT_LIMITS times `limit` bytes
-    together (a body that would pass it is answered 503), and one that stalls for
-    BODY_TIMEOUT seconds is answered 408, so that many connections each sending
-    almost `limit` bytes and then waiting cannot fill the server's memory, nor, from
-    one address, crowd out the hospitals at others."""
+    """ASGI middleware: a Fleet API request with a body over `limit` bytes is answered 413.
+
+    It is refused before any of it is read where it declares its length, else as soon as
+    what arrived passes the limit; the app then gets the body whole. The bodies being
+    received from one address hold at most IN_FLIGHT_LIMITS times `limit` bytes together
+    (a body that would pass it is answered 503), and one that stalls for BODY_TIMEOUT
+    seconds is answered 408, so that many connections each sending almost `limit` bytes
+    and then waiting cannot fill the server's memory, nor, from one address, crowd out the
+    hospitals at others.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -140,9 +134,10 @@ class BoundedFleetBodies:
     async def _receive(
         self, receive, pieces: list[bytes], source: str
     ) -> tuple[int, str] | str | None:
-        """Read a body from `source` into `pieces`, counted in self.in_flight as it
-        arrives: None when it is whole, DISCONNECTED, or the (status, why) to refuse
-        it with."""
+        """Read a body from `source` into `pieces`, counted in self.in_flight as it arrives.
+
+        Returns None when it is whole, DISCONNECTED, or the (status, why) to refuse it with.
+        """
         deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT
         size, more = 0, True
         while more:
@@ -165,13 +160,13 @@ class BoundedFleetBodies:
         return None
 
     async def _refuse(self, scope, receive, send, status: int, why: str):
+        """Answer the request with `status`, saying `why`."""
         refusal = JSONResponse({"detail": f"a Fleet API request: {why}"}, status_code=status)
         await refusal(scope, receive, send)
 
 
 def gate(app: "Starlette") -> "Starlette":
-    """Flower's SuperLink app behind LocalControlOnly (outermost), then
-    BoundedFleetBodies, before its own handling."""
+    """Put Flower's SuperLink app behind LocalControlOnly (outermost), then BoundedFleetBodies."""
     limit = int(os.environ.get(BODY_LIMIT_VARIABLE, fleet_body_limit(0)))
     app.add_middleware(BoundedFleetBodies, limit=limit)
     app.add_middleware(LocalControlOnly)
@@ -179,6 +174,7 @@ def gate(app: "Starlette") -> "Starlette":
 
 
 def main() -> None:
+    """Run `flower-superlink` with the command line's arguments, its app gated."""
     wrap_superlink_app(gate)
 
 
