@@ -1,12 +1,10 @@
-"""A deployed hospital's warm worker (see securehealth/relay.py): a thread of
-`client.py` that keeps the training stack loaded and answers its ClientApps' relayed
-training and end-of-run messages, one at a time, with the hospital's own node
-config. Its socket has a random name in Linux's abstract namespace, so that no file
-is left behind however client.py ends, and it answers only processes of the
-hospital's own user (as the ClientApp talks only to a worker of that user). It
-trains only with the code it started with, and refuses once this copy's files have
-changed (the run's signature is checked against the files): restart client.py to
-load them."""
+"""A deployed hospital's warm worker (see securehealth/relay.py): a thread of `client.py`.
+
+It keeps the training stack loaded and answers its ClientApps' relayed training and
+end-of-run messages, one at a time, with the hospital's own node config, on a socket with a
+random name in Linux's abstract namespace, to processes of the hospital's own user only
+(`warm_worker`). It refuses once this copy's files have changed: restart client.py.
+"""
 
 import os
 import secrets
@@ -29,7 +27,10 @@ REQUEST_TIMEOUT = 60  # seconds a caller has to send its request (training may t
 
 
 class _Handler(socketserver.BaseRequestHandler):
+    """One relayed request: answered if it comes from the hospital's own user."""
+
     def handle(self):
+        """Receive the request, answer it, and send back the result or the error."""
         if relay.peer_uid(self.request) != os.getuid():
             return  # not the hospital's own user: no answer
         try:  # a silent, slow or garbled caller does not hold up the next one
@@ -40,15 +41,17 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             arrays, result = self.server.answer(request, parameters)
             relay.send(self.request, {"result": result}, arrays)
-        except Exception as error:  # the ClientApp reports it to the server, as before
+        except Exception as error:  # the ClientApp reports it, as from its own process
             log(ERROR, "Hospital worker: %s: %s", type(error).__name__, error)
             relay.send(self.request, {"error": said_to_the_server(error)})
 
 
 def said_to_the_server(error: Exception) -> str:
-    """What the server is told of an error at the hospital: its own one-line text,
-    but for a file that could not be read or written (a full disk) only why, never
-    the hospital's paths."""
+    """Say what the server is told of an error at the hospital.
+
+    Its own one-line text, but for a file that could not be read or written (a full disk)
+    only why, never the hospital's paths.
+    """
     if isinstance(error, OSError):
         return f"this hospital could not read or write a file of its own ({error.strerror})"
     return str(error)
@@ -62,8 +65,27 @@ class Worker(socketserver.UnixStreamServer):
         super().__init__(address, _Handler)
 
     def answer(self, request: dict, parameters: list) -> tuple[list, list]:
-        """(arrays, scalars) of a relayed fit or evaluate, done here as the ClientApp
-        would do it in its own process."""
+        """Do a relayed fit or evaluate here, as the ClientApp would in its own process.
+
+        Parameters
+        ----------
+        request : dict
+            The relayed message: its kind ("fit" or "evaluate"), run and node ids, run
+            config and config.
+        parameters : list
+            The global model's weights.
+
+        Returns
+        -------
+        tuple[list, list]
+            (arrays, scalars): the new weights (none for evaluate) and what the hospital
+            reports.
+
+        Raises
+        ------
+        ValueError
+            Where this copy's files changed since client.py started.
+        """
         if app_digest() != self.code:
             raise ValueError(
                 "this hospital's copy of the app changed since its client.py started: "
@@ -89,11 +111,13 @@ class Worker(socketserver.UnixStreamServer):
 
 @contextmanager
 def warm_worker(node_config: dict[str, Any]) -> Iterator[str | None]:
-    """Run the hospital's worker for the duration: yields its socket's name (for the
-    node config), with the training stack imported at once in the background, so
-    that the first round does not wait for it. Yields None where it cannot run (no
-    SO_PEERCRED or abstract sockets, i.e. not Linux): the ClientApp then trains in
-    its own process, as Flower runs it."""
+    """Run the hospital's worker for the duration; yield its socket's name, for the node config.
+
+    The training stack is imported at once in the background, so that the first round
+    does not wait for it. Yields None where it cannot run (no SO_PEERCRED or abstract
+    sockets, i.e. not Linux): the ClientApp then trains in its own process, as Flower runs
+    it.
+    """
     if not hasattr(socket, "SO_PEERCRED"):
         yield None
         return
@@ -113,4 +137,5 @@ def warm_worker(node_config: dict[str, Any]) -> Iterator[str | None]:
 
 
 def _load_training_stack():
+    """Import the training stack, so that the first round finds it loaded."""
     import securehealth.hospital  # noqa: F401  (PyTorch, Opacus, scikit-learn, dp-accounting)
