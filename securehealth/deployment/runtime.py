@@ -1,7 +1,9 @@
-"""Flower's own runtime, driven for the user: a SuperLink and `flwr run` on the
-server's side, a SuperNode on a hospital's, with Flower's state and logs kept in
-the run's (or the hospital's) directory, and nothing left running afterwards (also
-after Ctrl-C or an error)."""
+"""Flower's own runtime, driven for the user: `run_federation` and `supernode`.
+
+A SuperLink and `flwr run` on the server's side, a SuperNode on a hospital's, with Flower's
+state and logs kept in the run's (or the hospital's) directory, and nothing left running
+afterwards (also after Ctrl-C or an error).
+"""
 
 import json
 import os
@@ -56,11 +58,13 @@ class FlowerError(RuntimeError):
 
 
 def flower_env(flwr_home: Path, environment: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: this Python's scripts first on PATH (Flower
-    starts its own commands by name, also where the venv is not activated: cron,
-    systemd, `/path/to/venv/bin/python simulation.py`), state under flwr_home, no
-    telemetry or update checks (these machines may have no internet), quiet Ray,
-    and `environment` on top."""
+    """Return the environment for Flower's processes, with `environment` on top.
+
+    This Python's scripts come first on PATH (Flower starts its own commands by name, also
+    where the venv is not activated: cron, systemd, `/path/to/venv/bin/python
+    simulation.py`); state goes under flwr_home; no telemetry or update checks (these
+    machines may have no internet); Ray is quiet.
+    """
     scripts = str(Path(sys.executable).parent)
     return {
         **os.environ,
@@ -75,7 +79,7 @@ def flower_env(flwr_home: Path, environment: dict[str, str] | None = None) -> di
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """("host", port) from "host:port", or ValueError saying what is expected."""
+    """Split "host:port" into ("host", port); ValueError saying what is expected if it is not."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, e.g. 127.0.0.1:9092, got {address!r}")
@@ -101,14 +105,18 @@ def executable(name: str) -> str:
 
 
 def free_port() -> int:
+    """Return a TCP port of 127.0.0.1 that is free at the moment."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 15, since: int = 0) -> str:
-    """The last `lines` lines of a log, of what was written after its first `since`
-    bytes (a process started on a log that an earlier one wrote)."""
+    """Return the last `lines` lines of a log, of what was written after its first `since` bytes.
+
+    `since` leaves out what an earlier process wrote to the same log; "(no log)" where
+    there is none.
+    """
     try:
         with open(path, "rb") as log:
             log.seek(since)
@@ -127,8 +135,10 @@ def log_size(path: Path) -> int:
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """Stop a process and everything it started: politely, then by force. A second
-    Ctrl-C meanwhile must not leave half of it running."""
+    """Stop a process and everything it started: politely, then by force.
+
+    A second Ctrl-C meanwhile must not leave half of it running.
+    """
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _stop_tree(process, timeout)
@@ -137,9 +147,12 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
 
 
 def _stop_tree(process, timeout, grace=1.0):
-    """SIGTERM to all; wait for the process itself, then `grace` seconds for the
-    rest (Flower's simulation process alone takes 3 s to shut down, with nothing
-    left to save once the run's results are written); SIGKILL what remains."""
+    """Send SIGTERM to the tree, wait, and SIGKILL what remains.
+
+    It waits for the process itself, then `grace` seconds for the rest (Flower's simulation
+    process alone takes 3 s to shut down, with nothing left to save once the run's results
+    are written).
+    """
     # What it started, and what this launcher adopted when a process in between died.
     tree = process_tree(process.pid) + adopted(_started)
     for pid in tree:
@@ -164,9 +177,11 @@ def flower_process(
     bin_dir: Path | None = None,
     environment: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a Flower command with its output in flwr_home/log_name, with bin_dir (if
-    given) first on its PATH and `environment` added; stop it (and all it started)
-    on leaving the block."""
+    """Run a Flower command with its output in flwr_home/log_name; stop it on leaving the block.
+
+    bin_dir (if given) comes first on its PATH, and `environment` is added to its own.
+    Leaving the block stops it and all it started.
+    """
     env = flower_env(flwr_home, environment)
     if bin_dir:
         env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
@@ -188,10 +203,12 @@ def flower_process(
 
 
 def this_copy_runs(code: str) -> list[str]:
-    """The command that runs `code` (which then takes the command's further
-    arguments as its own) with this copy of the package importable, last on the
-    path (it shadows nothing) and without the working folder; the process, and all
-    it starts, ends with this one (processes.follow_launcher)."""
+    """Return the command that runs the Python `code` with this copy of the package importable.
+
+    `code` then takes the command's further arguments as its own. The package is last on
+    the path (it shadows nothing) and the working folder is not on it; the process, and all
+    it starts, ends with this one (processes.follow_launcher).
+    """
     path = "import sys; sys.path[:] = [*filter(None, sys.path), sys.argv.pop(1)]"
     follow = f"{follow_launcher.__module__} import follow_launcher; follow_launcher({os.getpid()})"
     return [sys.executable, "-c", f"{path}; from {follow}; {code}", str(APP_DIR)]
@@ -206,9 +223,17 @@ def superlink(
     ca_cert: Path | None = None,
     environment: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """Run `flower-superlink` (TLS when `ca_cert` is given, with the certificate
-    and key in extra_args) behind superlink_gate.py, its ServerApps pinned to this
-    copy of the app (pinning.py); yield the address `flwr run` reaches it at."""
+    """Run `flower-superlink` behind superlink_gate.py; yield the address `flwr run` reaches it at.
+
+    TLS when `ca_cert` is given, with the certificate and key in extra_args. Its ServerApps
+    are pinned to this copy of the app (pinning.py).
+
+    Raises
+    ------
+    FlowerError
+        Where the SuperLink exits at start-up, does not start within STARTUP_TIMEOUT, or
+        presents a certificate that does not verify.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     bin_dir = pinning.install_launcher(flwr_home / "bin", command="flwr-serverapp")
@@ -229,6 +254,7 @@ def superlink(
 
 
 def _wait_until_healthy(process, address, ca_cert, log_path):
+    """Wait until the SuperLink answers its health check; FlowerError where it does not."""
     scheme = "https" if ca_cert else "http"
     context = ssl.create_default_context(cafile=ca_cert) if ca_cert else None
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -256,8 +282,16 @@ def connect_cli(flwr_home: Path, address: str, ca_cert: Path | None = None) -> N
 
 
 def enroll(flwr_home: Path, public_keys: Iterable[Path]) -> None:
-    """Register each hospital's public key with the SuperLink (started with
-    --enable-supernode-auth): only SuperNodes holding a matching private key join."""
+    """Register each hospital's public key with the SuperLink, so that only they may join.
+
+    The SuperLink runs with --enable-supernode-auth: only SuperNodes holding a matching
+    private key join.
+
+    Raises
+    ------
+    FlowerError
+        Where `flwr supernode register` refuses a key.
+    """
     for key in public_keys:
         result = subprocess.run(
             [executable("flwr"), "supernode", "register", str(Path(key).resolve()), "run"],
@@ -272,8 +306,10 @@ def enroll(flwr_home: Path, public_keys: Iterable[Path]) -> None:
 
 
 def stopped_by_flower(flwr_home: Path) -> bool:
-    """Whether Flower records this SuperLink's run (the one `flwr run` started, see
-    flwr-run.log) as stopped, i.e. someone ran `flwr stop` on it."""
+    """Whether Flower records this SuperLink's run as stopped, i.e. someone ran `flwr stop` on it.
+
+    The run is the one `flwr run` started (see flwr-run.log).
+    """
     started = re.search(r"started run (\d+)", log_tail(flwr_home / "flwr-run.log", 10**6))
     if not started:
         return False
@@ -294,9 +330,15 @@ def flwr_run(
     federation_config: Sequence[str] = (),
     operator_key: Path | None = None,
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
-    """Submit this app to the SuperLink (see connect_cli) with `flwr run --stream`,
-    signed with `operator_key` if given (authorisation.py): a context manager
-    yielding the process, whose output goes to flwr-run.log."""
+    """Submit this app to the SuperLink (see connect_cli) with `flwr run --stream`.
+
+    The run config is signed with `operator_key` if given (authorisation.py).
+
+    Returns
+    -------
+    AbstractContextManager[subprocess.Popen[bytes]]
+        A context manager yielding the process, whose output goes to flwr-run.log.
+    """
     run_config = settings.to_run_config(cfg)
     signed = authorisation.authorise(run_config, operator_key) if operator_key else {}
     run_config_file = flwr_home / "run-config.toml"
@@ -316,11 +358,32 @@ def supernode(
     auth_key: Path | None = None,
     bin_dir: Path | None = None,
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
-    """Run `flower-supernode` for one hospital, connected to the server's SuperLink:
-    a context manager yielding the process. It proves its identity with auth_key
-    (if given) and starts ClientApps with the `flwr-clientapp` in bin_dir (see
-    pinning.py). Its own Runtime API listens on a free port of 127.0.0.1 only: a
-    hospital opens no port to the outside."""
+    """Run `flower-supernode` for one hospital, connected to the server's SuperLink.
+
+    Its own Runtime API listens on a free port of 127.0.0.1 only: a hospital opens no port
+    to the outside.
+
+    Parameters
+    ----------
+    flwr_home : Path
+        Flower's folder of this hospital: its state and supernode.log.
+    server_address : str
+        host:port of the server's SuperLink.
+    node_config : dict[str, Any]
+        The SuperNode's node config (client_cli.node_config).
+    ca_cert : Path | None
+        The federation's CA certificate; None: no TLS.
+    auth_key : Path | None
+        The private key it proves its identity with, for a server that admits only
+        enrolled hospitals; None: none.
+    bin_dir : Path | None
+        The folder of the `flwr-clientapp` it starts ClientApps with (pinning.py).
+
+    Returns
+    -------
+    AbstractContextManager[subprocess.Popen[bytes]]
+        A context manager yielding the process.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
     command = [
@@ -349,8 +412,15 @@ def server_reachable(address: str) -> bool:
 
 
 def check_server(address: str, ca_cert: Path | None = None) -> None:
-    """Talk to the server once before starting a SuperNode, so that a certificate
-    or TLS mismatch is reported in words instead of as endless retries."""
+    """Talk to the server once before starting a SuperNode.
+
+    A certificate or TLS mismatch is then reported in words instead of as endless retries.
+
+    Raises
+    ------
+    FlowerError
+        Where the server does not answer as `ca_cert` (or, without it, plain HTTP) expects.
+    """
     host, port = split_address(address)
     if not ca_cert:
         try:
@@ -378,14 +448,17 @@ def check_server(address: str, ca_cert: Path | None = None) -> None:
 
 
 def start_launcher() -> None:
-    """What simulation.py, server.py and client.py do first. SIGTERM and SIGHUP stop
-    them like Ctrl-C does: everything they started is stopped and the run's status
-    recorded. Whatever they and Flower's processes create (state and run folders,
-    logs, ledgers, keys, results) is readable by this user only: umask 077. They
-    adopt the orphans of a Flower process that dies (processes.adopt_orphans), so
-    stopping finds those too."""
+    """Do what simulation.py, server.py and client.py do first.
+
+    SIGTERM and SIGHUP stop them like Ctrl-C does: everything they started is stopped and
+    the run's status recorded. Whatever they and Flower's processes create (state and run
+    folders, logs, ledgers, keys, results) is readable by this user only: umask 077. They
+    adopt the orphans of a Flower process that dies (processes.adopt_orphans), so stopping
+    finds those too.
+    """
 
     def interrupt(signal_number, frame):
+        """Stop as Ctrl-C does."""
         raise KeyboardInterrupt
 
     for signal_number in (signal.SIGTERM, signal.SIGHUP):
