@@ -1,7 +1,10 @@
-"""`python client.py --client-id N`: a hospital in a deployment. Flower's SuperNode,
-connected to the server, with its ClientApps pinned to this copy of the app
-(pinning.py), its privacy ledger in the hospital's own state directory, and a line
-per round on the console until the server ends the run."""
+"""`python client.py --client-id N`: a hospital in a deployment (`join`).
+
+Flower's SuperNode, connected to the server, with its ClientApps pinned to this copy of the
+app (pinning.py), its privacy ledger in the hospital's own state directory, and a line per
+round on the console until the server ends the run; or, with the subcommand `make-key` (or
+the flag --make-key), the hospital's identity key.
+"""
 
 import argparse
 import fcntl
@@ -430,8 +433,15 @@ def run_supernode(
 
 
 def demonstration_budget(state_dir: Path, cfg: SimpleNamespace, args: argparse.Namespace) -> str:
-    """What a hospital on demonstration data (data/demonstration.py) spends: a fresh
-    budget per run, in a ledger of the run's own beside (never in) its lasting one."""
+    """Say what a hospital on demonstration data (data/demonstration.py) spends, in words.
+
+    A fresh budget per run, in a ledger of the run's own beside (never in) its lasting one.
+
+    Raises
+    ------
+    LedgerError
+        Where --reset-ledger is given: there is no lasting ledger to reset.
+    """
     if args.reset_ledger is not None:
         raise LedgerError(
             "--reset-ledger is for a ledger of a hospital's own patients; this hospital's "
@@ -453,8 +463,15 @@ def lasting_budget(
     own_data: dict[str, str],
     console: Console,
 ) -> str:
-    """Check this hospital's lasting ledger before it joins (sound, writable, the only
-    one of its data, with budget left) and say what is left of its budget."""
+    """Check this hospital's lasting ledger before it joins, and say what is left of its budget.
+
+    The ledger must be sound, writable, the only one of its data, and have budget left.
+
+    Raises
+    ------
+    LedgerError
+        Where it is not, saying what to do.
+    """
     data_file, everyone = own_patients(cfg, args.client_id, own_data)
     ledger = check_before_start(state_dir, cfg, data_file, args.reset_ledger, everyone)
     spent = budget_spent_before(ledger, cfg)
@@ -471,8 +488,13 @@ def lasting_budget(
 
 
 def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
-    """The epsilon this hospital's ledger holds; LedgerError, saying what to do, where
-    too little is left for it to train in any run."""
+    """Return the epsilon this hospital's ledger holds.
+
+    Raises
+    ------
+    LedgerError
+        Where too little is left for it to train in any run, saying what to do.
+    """
     with ledger.transaction():
         spent = ledger.epsilon()
     if nearly_spent(spent, cfg.epsilon):
@@ -491,13 +513,14 @@ def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
 
 
 class StateDirError(RuntimeError):
-    """This hospital's state directory cannot be held: another live client.py holds it,
-    or it is no folder."""
+    """This hospital's state directory cannot be held: it is in use, no folder, or its disk full.
+
+    In use: another live client.py holds it (hold). Disk full: check_room.
+    """
 
 
 def is_file(path: Path) -> bool:
-    """Whether path is a file, False where the file system cannot even look it up
-    (a name too long)."""
+    """Whether path is a file; False where the file system cannot look it up (a name too long)."""
     try:
         return path.is_file()
     except OSError:
@@ -505,10 +528,12 @@ def is_file(path: Path) -> bool:
 
 
 def check_room(state_dir: Path, needed: int) -> None:
-    """StateDirError where the file system of the state directory (or of the folder
-    it will be made in) has less than `needed` bytes free: a hospital that cannot
-    write its ledger, status and Flower's copy of the app cannot take part, and
-    must say so here rather than fail in a log nobody reads."""
+    """Raise StateDirError where the state directory's disk has less than `needed` bytes free.
+
+    The disk is that of the state directory, or of the folder it will be made in. A
+    hospital that cannot write its ledger, status and Flower's copy of the app cannot take
+    part, and must say so here rather than fail in a log nobody reads.
+    """
     folder = next(p for p in (state_dir, *state_dir.parents) if p.exists())
     disk = os.statvfs(folder)
     free = disk.f_bavail * disk.f_frsize
@@ -524,9 +549,18 @@ def check_room(state_dir: Path, needed: int) -> None:
 
 
 def hold(state_dir: Path) -> TextIO:
-    """Lock the hospital's state directory (0700) for this process: two launchers on
-    one ledger and one Flower state would be two nodes of one hospital. The kernel
-    releases the lock when the process ends, even by kill -9; the file names its pid."""
+    """Lock the hospital's state directory (made, mode 0700) for this process; return the lock.
+
+    Two launchers on one ledger and one Flower state would be two nodes of one hospital.
+    The kernel releases the lock when the process ends, even by kill -9; the lock file
+    names its pid.
+
+    Raises
+    ------
+    StateDirError
+        Where the state directory is a file, its lock file cannot be opened, or another
+        live client.py holds it.
+    """
     if state_dir.exists() and not state_dir.is_dir():
         raise StateDirError(f"--state-dir {state_dir} is a file, not a folder")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -559,10 +593,22 @@ def hold(state_dir: Path) -> TextIO:
 def own_data_files(
     cfg: SimpleNamespace, args: argparse.Namespace, console: Console
 ) -> dict[str, str]:
-    """The node config naming this hospital's own data, checked now rather than in
-    the middle of round 1 (a warning on the console if its training patients are
-    all of one class): its CSV file and data dictionary (--data, --schema), or its
-    site's file of a data set shipped in this copy; {} if it reads none."""
+    """Return the node config naming this hospital's own data, checked before it joins.
+
+    Checking it here rather than in the middle of round 1 also warns on the console where
+    its training patients are all of one class.
+
+    Returns
+    -------
+    dict[str, str]
+        "dataset", "data-file" and "schema-file": its CSV file and data dictionary (--data,
+        --schema), or its site's file of a data set shipped in this copy; {} if it reads none.
+
+    Raises
+    ------
+    DataError
+        Where its data is missing or bad (data.DataError).
+    """
     if args.data or args.schema:
         if not (args.data and args.schema):
             raise data.DataError(
@@ -587,8 +633,10 @@ def own_data_files(
 def own_patients(
     cfg: SimpleNamespace, client_id: int, own_data: dict[str, str]
 ) -> tuple[str | None, str]:
-    """(the file of this hospital's own patients, their fingerprint), for the ledger
-    index's check; (None, "") where it reads no file."""
+    """Return (the file of this hospital's own patients, their fingerprint), for the ledger index.
+
+    (None, "") where it reads no file.
+    """
     if not own_data:
         return None, ""
     own = settings.resolve({**vars(cfg), "dataset": own_data["dataset"]})
@@ -597,7 +645,13 @@ def own_patients(
 
 
 def wait_for_server(address: str, timeout: float, console: Console) -> None:
-    """Wait until the server accepts connections (start order does not matter)."""
+    """Wait until the server accepts connections (start order does not matter).
+
+    Raises
+    ------
+    runtime.FlowerError
+        Where nothing accepts connections at `address` within `timeout` seconds.
+    """
     deadline = time.monotonic() + timeout
     if not runtime.server_reachable(address):
         console.print(f"Waiting for server at {address} ...")
@@ -617,10 +671,15 @@ def follow_rounds(
     console: Console,
     log_start: int,
 ) -> int | None:
-    """Print what this hospital does each round, until the server ends the run;
-    the exit code says how it ended. None where the server turned the SuperNode
-    away (what it logged after `log_start` says so): its key is not enrolled
-    there, or not yet."""
+    """Print what this hospital does each round, until the server ends the run.
+
+    Returns
+    -------
+    int | None
+        The exit code: how the run ended for this hospital. None where the server turned
+        the SuperNode away (what it logged after `log_start` says so): its key is not
+        enrolled there, or not yet.
+    """
     status_path = state_dir / STATUS_FILE
     last = status_path.read_text() if status_path.exists() else None
     unreachable_since = None
@@ -671,8 +730,7 @@ def refused(state_dir: Path, console: Console) -> int:
 
 
 def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> int | None:
-    """Print a change of this hospital's status; the exit code once the run is over
-    for this hospital, else None."""
+    """Print a change of this hospital's status; return the exit code once its run is over."""
     if status["status"] == pinning.REFUSED:
         console.print(f"[red]Refused to run the server's app:[/] {escape(status['reason'])}")
         return 1
