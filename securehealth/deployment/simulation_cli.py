@@ -1,5 +1,7 @@
-"""`python simulation.py`: the whole federation on this machine, on Flower's
-simulation runtime (usage: securehealth/commands.py)."""
+"""`python simulation.py`: the whole federation on this machine, on Flower's simulation runtime.
+
+Its entry point is `main` (usage: securehealth/commands.py; docs/tutorial/first-simulation.md).
+"""
 
 import argparse
 from dataclasses import dataclass
@@ -133,7 +135,10 @@ def check_simulation(
 def run_simulation(
     cfg: SimpleNamespace, lasting: bool, console: Console
 ) -> tuple[int, dict[str, Any] | None]:
-    """Say what will run, and run it on Flower's simulation runtime: runtime.run_federation's."""
+    """Say what will run, and run it on Flower's simulation runtime.
+
+    Returns runtime.run_federation's (exit code, metrics or None).
+    """
     hospitals_dir = simulated_hospitals_dir(not lasting, cfg.run_dir)
     where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "this machine"
     console.print(
@@ -175,7 +180,10 @@ def run_simulation(
 def write_twin(
     cfg: SimpleNamespace, folder: Path, parser: argparse.ArgumentParser, console: Console
 ) -> int:
-    """`--make-twin FOLDER`: a synthetic twin of the csv data dictionary (twin.py)."""
+    """Write a synthetic twin of the csv data dictionary into `folder` (--make-twin; twin.py).
+
+    Returns exit code 0; exits 2 with one line where there is no data dictionary to twin.
+    """
     from securehealth.data.csv_files import csv_paths
     from securehealth.data.split import hospital_sizes
     from securehealth.data.twin import make_twin
@@ -205,8 +213,13 @@ def write_twin(
 
 
 def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
-    """Refuse what --plan cannot do: plan where the ledgers are elsewhere, or change
-    a ledger."""
+    """Refuse what --plan cannot do: plan where the ledgers are elsewhere, or change a ledger.
+
+    Raises
+    ------
+    LedgerError
+        With --reset-ledger, or where a Ray cluster's workers hold the lasting ledgers.
+    """
     if args.reset_ledger is not None:
         raise LedgerError("--plan changes nothing: leave out --reset-ledger")
     if cfg.ray_address and lasting:
