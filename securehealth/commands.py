@@ -1,7 +1,9 @@
-"""The commands: the repository's scripts (`python simulation.py`, ...) and the
-installed package's console scripts (`securehealth-simulation`, ...) run these, with
-the same flags and --help. Each imports its machinery only once it runs, so that
---help answers at once."""
+"""The commands that the repository's scripts and the installed console scripts run.
+
+`python simulation.py` and `securehealth-simulation` run `simulation`, and so on, with the
+same flags and --help (docs/reference/cli.md). Each imports its machinery only once it runs,
+so that --help answers at once.
+"""
 
 SIMULATION_USAGE = """\
 Train the diagnosis model across simulated hospitals on this machine:
@@ -106,7 +108,8 @@ clinical: whether the model is one a clinician can use, on every shipped data se
 the real simulation per data set and seed (with its baselines), its ROC-AUC and
 its sensitivity, specificity and Brier score at the operating point it chose, on
 the reference test set, beside FedAvg and pooled training without DP; writes
-clinical.json and clinical.md; exits 1 where a data set misses the README's bars.
+clinical.json and clinical.md; exits 1 where a data set misses a bar of
+docs/results/clinical-benchmark.md.
 """
 
 BENCH_USAGE = """\
@@ -159,35 +162,35 @@ attack near chance shows only that this attack failed.
 
 
 def simulation() -> int:
-    """`python simulation.py`, or the console script `securehealth-simulation`."""
+    """Run `python simulation.py`, or the console script `securehealth-simulation`."""
     from securehealth.deployment.simulation_cli import main
 
     return main(SIMULATION_USAGE)
 
 
 def server() -> int:
-    """`python server.py`, or the console script `securehealth-server`."""
+    """Run `python server.py`, or the console script `securehealth-server`."""
     from securehealth.deployment.server_cli import serve
 
     return serve(SERVER_USAGE)
 
 
 def client() -> int:
-    """`python client.py`, or the console script `securehealth-client`."""
+    """Run `python client.py`, or the console script `securehealth-client`."""
     from securehealth.deployment.client_cli import join
 
     return join(CLIENT_USAGE)
 
 
 def predict() -> int:
-    """`python predict.py`, or the console script `securehealth-predict`."""
+    """Run `python predict.py`, or the console script `securehealth-predict`."""
     from securehealth.tools.predict import main
 
     return main(PREDICT_USAGE)
 
 
 def report() -> int:
-    """`python report.py`, or the console script `securehealth-report`."""
+    """Run `python report.py`, or the console script `securehealth-report`."""
     from securehealth.results import finished_run_argument
 
     run_dir = finished_run_argument(REPORT_USAGE)[0]
@@ -198,28 +201,28 @@ def report() -> int:
 
 
 def sweep() -> int:
-    """`python sweep.py`, or the console script `securehealth-sweep`."""
+    """Run `python sweep.py`, or the console script `securehealth-sweep`."""
     from securehealth.tools.sweep import main
 
     return main(SWEEP_USAGE)
 
 
 def benchmark() -> int:
-    """`python benchmark.py`, or the console script `securehealth-benchmark`."""
+    """Run `python benchmark.py`, or the console script `securehealth-benchmark`."""
     from securehealth.tools.benchmark import main
 
     return main(BENCHMARK_USAGE)
 
 
 def bench() -> int:
-    """`python bench.py`, or the console script `securehealth-bench`."""
+    """Run `python bench.py`, or the console script `securehealth-bench`."""
     from securehealth.tools.bench import main
 
     return main(BENCH_USAGE)
 
 
 def audit() -> int:
-    """`python audit.py`, or the console script `securehealth-audit`."""
+    """Run `python audit.py`, or the console script `securehealth-audit`."""
     from securehealth.tools.audit_cli import main
 
     return main(AUDIT_USAGE)
