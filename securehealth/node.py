@@ -18,10 +18,10 @@ enrolled key before it trains (admission.py).
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from logging import ERROR
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, MessageType
@@ -31,6 +31,7 @@ from flwr.common import Code, GetPropertiesRes, Scalar, Status, log
 from securehealth import data, settings
 from securehealth.admission import NOT_ADMITTED
 from securehealth.authorisation import Unauthorised, first_use, prove_identity, verify_run
+from securehealth.config import Settings
 from securehealth.data import demonstration
 from securehealth.flower import (
     RECORD_KEY_CONFIGS,
@@ -38,7 +39,7 @@ from securehealth.flower import (
     recorddict_to_getpropertiesins,
 )
 from securehealth.privacy.ledger import LedgerError
-from securehealth.privacy.report import REASON_LIMIT
+from securehealth.privacy.report import REASON_LIMIT, Adjacency
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
     DEMO_RUNS_DIR,
@@ -57,17 +58,38 @@ if TYPE_CHECKING:
 # hospitals.
 AUTH_KEY = "hospital.key"
 REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
-# Settings that belong to the hospital, not the server (see the module docstring);
-# the others are the server's to decide for the run.
-HOSPITAL_SETTINGS = (
-    "epsilon",
-    "delta",
-    "adjacency",
-    "test_fraction",
-    "missing_values",
-    "max_weight",
-    "secure_aggregation",
-)
+
+
+@dataclass(frozen=True)
+class HospitalPolicy:
+    """The settings that belong to a hospital, not the server: what it spends and accepts.
+
+    A deployed hospital takes them from its own config.py and client.py's flags (its
+    node config), never from the server; a simulated hospital, run by the operator
+    who also runs the server, takes the run's.
+    """
+
+    epsilon: float  # its total budget over every run on its patients
+    delta: float
+    adjacency: Adjacency
+    test_fraction: float  # which of its patients it holds out
+    missing_values: str  # what it does with gaps (it decides how many patients train)
+    max_weight: float  # its bound on the weights of a global model it accepts
+    secure_aggregation: str  # whether its updates go out only through SecAgg+
+
+    @classmethod
+    def of(cls, context: Context, run: Settings) -> "HospitalPolicy":
+        """This node's policy: its own settings, the run's where it is simulated."""
+        base = vars(run) if is_simulated(context) else settings.DEFAULTS
+        own = {name: context.node_config.get(name, base[name]) for name in HOSPITAL_SETTINGS}
+        return cls(**{name: getattr(settings.resolve(own), name) for name in HOSPITAL_SETTINGS})
+
+    def govern(self, run: Settings) -> Settings:
+        """The run's settings with this hospital's own in place of the server's."""
+        return settings.decide_auto(settings.resolve({**vars(run), **asdict(self)}))
+
+
+HOSPITAL_SETTINGS = tuple(field.name for field in fields(HospitalPolicy))
 
 
 def in_simulation_engine() -> bool:
@@ -86,7 +108,7 @@ def is_simulated(context: Context) -> bool:
     return "state-dir" not in context.node_config and in_simulation_engine()
 
 
-def own_data_file(context: Context, cfg: SimpleNamespace, hospital: int) -> Path | None:
+def own_data_file(context: Context, cfg: Settings, hospital: int) -> Path | None:
     """The file of this hospital's patients: in deployment only the one its own
     client.py named, never a file the server names; None where they are generated."""
     node = context.node_config
@@ -96,7 +118,7 @@ def own_data_file(context: Context, cfg: SimpleNamespace, hospital: int) -> Path
 
 
 def is_demonstration(
-    context: Context, cfg: SimpleNamespace, hospital: int, content: bytes | None = None
+    context: Context, cfg: Settings, hospital: int, content: bytes | None = None
 ) -> bool:
     """Whether this hospital's patients are a demonstration's, from its own data
     alone (data/demonstration.py; `content`: its file's bytes as read for training).
@@ -107,18 +129,15 @@ def is_demonstration(
     return not getattr(data.SOURCES[cfg.dataset], "FILES", False)
 
 
-def hospital_settings(context: Context) -> tuple[int, SimpleNamespace]:
+def hospital_settings(context: Context) -> tuple[int, Settings]:
     """The server's settings for the run, with this hospital's own taking
     precedence: (hospital number, settings). In deployment the hospital's settings
     come from its node config (client.py passes them all), else from its own
     config.py: never from the server. Only simulated hospitals, which simulation.py
     runs for the operator who also runs the server, take them from the run."""
     node = context.node_config
-    run_cfg = settings.from_run_config(context.run_config)
-    defaults = {} if is_simulated(context) else settings.DEFAULTS
-    own = {name: defaults[name] for name in HOSPITAL_SETTINGS if name in defaults}
-    own.update({name: node[name] for name in HOSPITAL_SETTINGS if name in node})
-    cfg = settings.decide_auto(settings.resolve({**vars(run_cfg), **own}))
+    run = settings.from_run_config(context.run_config)
+    cfg = HospitalPolicy.of(context, run).govern(run)
     hospital = int(node["partition-id"])
     if int(node["num-partitions"]) != cfg.num_clients:
         raise ValueError(
@@ -305,7 +324,7 @@ def hospital_mod(
 
 
 def hospital_state_dir(
-    context: Context, cfg: SimpleNamespace, hospital: int, demo: bool | None = None
+    context: Context, cfg: Settings, hospital: int, demo: bool | None = None
 ) -> Path:
     """Where the hospital keeps its status and evaluations: in deployment its own
     directory (client.py's --state-dir); in simulation the one chosen on this
@@ -329,9 +348,7 @@ def hospital_state_dir(
     )
 
 
-def ledger_dir(
-    context: Context, cfg: SimpleNamespace, hospital: int, demo: bool | None = None
-) -> Path:
+def ledger_dir(context: Context, cfg: Settings, hospital: int, demo: bool | None = None) -> Path:
     """Where the privacy ledger this run spends from lives: the state directory, but
     a deployed hospital whose data is a demonstration's keeps a fresh ledger per run
     in demo-runs/<run id>/ inside it, never touching its lasting one. `demo`: whether
