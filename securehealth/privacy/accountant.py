@@ -1,7 +1,10 @@
-"""The epsilon arithmetic of DP-SGD releases: Google's dp-accounting, its privacy
-loss distribution (PLD) accountant, the tight one, and the only one of its accountants
-that handles replace-one adjacency for the Poisson-sampled Gaussian mechanism of
-DP-SGD. See ledger.py for what is accounted and why replace-one is the default."""
+"""The epsilon arithmetic of DP-SGD releases, with dp-accounting's PLD accountant.
+
+The privacy loss distribution (PLD) accountant is the tight one, and the only one of
+dp-accounting's that handles replace-one adjacency for the Poisson-sampled Gaussian
+mechanism of DP-SGD. Entry points: epsilon_spent, calibrate_noise_multiplier. What is
+accounted, and why replace-one: docs/explanation/privacy-guarantee.md.
+"""
 
 import functools
 from collections.abc import Iterable, Sequence
@@ -30,9 +33,12 @@ class BudgetExhausted(Exception):
 
 
 class NoiseBeyondLimit(BudgetExhausted):
-    """The budget holds only with more noise than the limit asked for; with
-    `least_epsilon` (cumulative) the limit itself would do. None: the limit is below
-    the least noise calibration goes down to, so no budget would."""
+    """The budget holds only with more noise than the limit asked for.
+
+    `least_epsilon` (cumulative) is a budget with which the limit itself would do; None
+    where the limit is below the least noise calibration goes down to, so no budget
+    would.
+    """
 
     def __init__(self, least_epsilon: float | None):
         super().__init__(
@@ -59,6 +65,7 @@ def _event(history):
 
 
 def _accountant(adjacency):
+    """dp-accounting's PLD accountant for `adjacency`."""
     from dp_accounting import pld
     from dp_accounting.privacy_accountant import NeighboringRelation
 
@@ -73,14 +80,17 @@ def _accountant(adjacency):
 
 
 def epsilon_spent(history: Iterable[Sequence[float]], delta: float, adjacency: str) -> float:
-    """Cumulative epsilon at `delta` of the (noise_multiplier, sample_rate, steps)
-    releases in `history` under `adjacency`. Remembered per process: each costs
-    10-100 ms, and a round asks the same question several times."""
+    """Cumulative epsilon at `delta` of the releases in `history`, under `adjacency`.
+
+    `history` holds each release's (noise_multiplier, sample_rate, steps). Remembered
+    per process: each costs 10-100 ms, and a round asks the same question several times.
+    """
     return _epsilon(tuple(tuple(entry) for entry in history), delta, adjacency)
 
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon(history, delta, adjacency):
+    """epsilon_spent's computation, remembered (its arguments made hashable)."""
     if not history:
         return 0.0
     accountant = _accountant(adjacency)
@@ -97,26 +107,56 @@ def calibrate_noise_multiplier(
     prior: Iterable[Sequence[float]] = (),
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
 ) -> float:
-    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) for which `steps`
-    more noisy steps at `sample_rate`, on top of the `prior` releases, keep epsilon
-    within `budget`: dp-accounting's own calibration search. NoiseBeyondLimit if
-    it would exceed `max_noise_multiplier`.
+    """The smallest noise multiplier for more noisy steps that keeps epsilon within `budget`.
 
-    Remembered per process: in a simulation many hospitals of the same size ask the
-    same question. A run calibrates once, when it first trains (see PrivacyLedger).
+    dp-accounting's own calibration search, to CALIBRATION_TOLERANCE. Remembered per
+    process: in a simulation many hospitals of the same size ask the same question. A
+    run calibrates once, when it first trains (see PrivacyLedger).
+
+    Parameters
+    ----------
+    budget : float
+        The cumulative epsilon allowed.
+    delta : float
+        The delta at which epsilon is computed.
+    sample_rate : float
+        The Poisson sample rate of the new steps.
+    steps : int
+        The number of new noisy steps.
+    adjacency : str
+        "replace-one" or "add-remove".
+    prior : iterable of (noise_multiplier, sample_rate, steps)
+        The releases already made.
+    max_noise_multiplier : float
+        The most noise allowed.
+
+    Returns
+    -------
+    float
+        The noise multiplier.
+
+    Raises
+    ------
+    BudgetExhausted
+        Where less than MIN_BUDGET_LEFT of the budget is left.
+    NoiseBeyondLimit
+        Where the budget needs more noise than `max_noise_multiplier`.
     """
     prior = tuple(tuple(release) for release in prior)
     return _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_multiplier)
 
 
 def nearly_spent(spent: float, budget: float) -> bool:
-    """Whether an epsilon of `spent` leaves less than MIN_BUDGET_LEFT of `budget`:
-    too little for any further training (calibration refuses it)."""
+    """Whether an epsilon of `spent` leaves less than MIN_BUDGET_LEFT of `budget`.
+
+    That is too little for any further training: calibration refuses it.
+    """
     return spent >= budget * (1 - MIN_BUDGET_LEFT)
 
 
 @functools.lru_cache(maxsize=1024)
 def _calibrate(budget, delta, sample_rate, steps, adjacency, prior, max_noise_multiplier):
+    """calibrate_noise_multiplier's search, remembered (its arguments made hashable)."""
     spent = epsilon_spent(prior, delta, adjacency)
     if nearly_spent(spent, budget):
         raise BudgetExhausted(

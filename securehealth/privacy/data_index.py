@@ -1,18 +1,9 @@
-"""This machine's index of hospitals' lasting privacy ledgers: which have released
-anything, and which data file each accounts for.
+"""This machine's index of lasting privacy ledgers: one set of patients, one budget.
 
-One set of patients has one budget. A simulation on a hospital's CSV file and a
-deployed hospital (client.py) on the same file keep their ledgers in different
-state directories; without this index each would spend a full budget on the same
-patients. The index, in the user's state root (results.default_state_root), names
-the ledger of every data file a hospital has trained on, by the file's path, its
-contents (a copy is the same patients) and its training rows (so is a copy written
-with other line endings): a second ledger is refused, naming the first. It also
-records which ledgers have released anything, so that a lost ledger is told from a
-new one even where its whole state directory is gone (PrivacyLedger's traces).
-
-Lasting ledgers only: those of deployed hospitals and of simulations on your own
-csv data, not the scratch ledgers of the tools or of bundled-data simulations.
+It names the ledger of every data file a hospital has trained on (by path, contents and
+training rows), so that a second ledger for the same patients is refused (claim), and
+records which ledgers have released anything (releasing, traces). Lasting ledgers only:
+not the scratch ledgers of the tools or of bundled-data simulations.
 """
 
 import fcntl
@@ -79,15 +70,33 @@ def _index() -> Iterator[dict[str, Any]]:
 
 
 def _now():
+    """The time, UTC, to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def claim(data_file: str | Path, ledger: Path, rows: str = "", record: bool = True) -> None:
-    """Raise DataClaimed unless `ledger` (a ledger file's path) may account for the
-    patients in `data_file` (whose training rows have the fingerprint `rows`, if
-    given): no other ledger on this machine that exists or has released anything
-    accounts for that file, a copy of it, or the same rows. Records the claim unless
-    `record` is False (a launcher's check before it starts)."""
+    """Claim the patients in `data_file` for `ledger`, unless another ledger accounts for them.
+
+    Parameters
+    ----------
+    data_file : str or Path
+        The hospital's data file.
+    ledger : Path
+        The ledger file's path.
+    rows : str
+        The fingerprint of the file's training rows, if known (a copy written with
+        other line endings holds the same rows).
+    record : bool
+        Whether to record the claim; False for a launcher's check before it starts.
+
+    Raises
+    ------
+    DataClaimed
+        Where another ledger on this machine that exists or has released anything
+        accounts for that file, a copy of it, or the same rows.
+    IndexProblem
+        Where the index cannot be kept.
+    """
     data_file, ledger = Path(data_file).resolve(), Path(ledger).resolve()
     digest = content_digest(data_file)
     with _index() as index:
@@ -113,10 +122,12 @@ def claim(data_file: str | Path, ledger: Path, rows: str = "", record: bool = Tr
 
 
 def _lives(index, ledger):
+    """Whether `ledger` exists, or the index records it releasing."""
     return ledger in index["ledgers"] or Path(ledger).exists()
 
 
 def _how_to_use(ledger):
+    """How to run with `ledger`'s state directory, for a refusal's message."""
     state_dir = Path(ledger).parent
     return (
         f"client.py --state-dir {state_dir}; for simulation.py, "
@@ -132,8 +143,10 @@ def check_writable() -> None:
 
 
 def releasing(ledger: Path) -> None:
-    """Record, before its first release, that `ledger` releases (kept for good: a
-    trace of it, should it be lost)."""
+    """Record, before its first release, that `ledger` releases.
+
+    The record is kept for good: a trace of it, should it be lost.
+    """
     with _index() as index:
         index["ledgers"].setdefault(str(Path(ledger).resolve()), {"first_release": _now()})
 

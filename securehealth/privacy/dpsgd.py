@@ -1,13 +1,9 @@
-"""Local training of the diagnosis model on one hospital's rows: with DP-SGD
-(Opacus), as every hospital trains, or without, for the non-private baselines.
-Training runs on the GPU when there is one (`cuda`), else on the CPU; the model
-comes back on the CPU either way.
+"""Local training of the diagnosis model on one hospital's rows, with DP-SGD or without.
 
-DP-SGD here is Opacus' own pieces (GradSampleModule for per-patient gradients, a
-DPOptimizer to clip them and add the noise) with one change for a hostile server:
-the global model it trains from is the server's, and weights can be chosen so that
-one patient's gradient is NaN or infinite. Clipping does not bound such a gradient
-and noise does not hide it, so FiniteDPOptimizer counts it as zero.
+train_private is Opacus' own DP-SGD, with one change for a hostile server:
+FiniteDPOptimizer counts a NaN or infinite per-patient gradient as zero, since clipping
+does not bound it. train_plain is for the non-private baselines. Training runs on the
+GPU when there is one; the model comes back on the CPU.
 """
 
 import math
@@ -29,15 +25,20 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def secret_seed() -> int:
-    """A seed nobody else can replay: with a seed known to others, they could
-    regenerate the sampling and the noise, and subtract the noise."""
+    """A seed nobody else can replay.
+
+    With a seed known to others, they could regenerate the sampling and the noise, and
+    subtract the noise.
+    """
     return secrets.randbits(63)
 
 
 class Rows(TensorDataset):
-    """The rows as tensors on the training device, handed out a batch at a time:
-    a DataLoader fetching and stacking rows one by one spent a third of a DP-SGD
-    step on it (measured on the default job)."""
+    """The rows as tensors on the training device, handed out a batch at a time.
+
+    A DataLoader fetching and stacking rows one by one spent a third of a DP-SGD step
+    on it (measured on the default job).
+    """
 
     def __getitems__(self, indices):
         index = torch.as_tensor(indices, dtype=torch.long, device=self.tensors[0].device)
@@ -45,12 +46,14 @@ class Rows(TensorDataset):
 
 
 class PoissonBatches(Sampler):
-    """Poisson sampling, as DP-SGD's accounting assumes: in each step every patient
-    is in the batch independently with probability `sample_rate`. Drawn as a batch
-    size from Binomial(n, sample_rate) and then a uniformly random subset of that
-    size, which is the same distribution, in time proportional to the batch rather
-    than to n (Opacus' own sampler draws a number per patient per step: 8.8 ms a
-    step at 1M patients, against 6 us here)."""
+    """Poisson sampling, as DP-SGD's accounting assumes, in time proportional to the batch.
+
+    In each step every patient is in the batch independently with probability
+    `sample_rate`. Drawn as a batch size from Binomial(n, sample_rate) and then a
+    uniformly random subset of that size, which is the same distribution, in time
+    proportional to the batch rather than to n (Opacus' own sampler draws a number per
+    patient per step: 8.8 ms a step at 1M patients, against 6 us here).
+    """
 
     def __init__(self, n, sample_rate, steps):
         self.n, self.sample_rate, self.steps = n, sample_rate, steps
@@ -72,23 +75,27 @@ def data_loader(x: np.ndarray, y: np.ndarray, sampler: Sampler) -> DataLoader:
 
 
 def sample_rate_and_steps(n: int, cfg: SimpleNamespace) -> tuple[float, int]:
-    """The Poisson sample rate (1/ceil(n/batch_size), as Opacus' own loader would
-    use, not batch_size/n) and the noisy steps of one round."""
+    """The Poisson sample rate and the noisy steps of one round, for n training patients.
+
+    The rate is 1/ceil(n/batch_size), as Opacus' own loader would use, not batch_size/n.
+    """
     batches = -(-n // cfg.batch_size)
     return 1 / batches, cfg.local_epochs * batches
 
 
 def noise_limit(n: int, weights: int, cfg: SimpleNamespace) -> float:
-    """The largest noise multiplier with which one round's update of a hospital of n
-    training patients and a model of `weights` weights stays within max_update_norm,
-    counting the noise alone. Beyond it the server rejects every update as corrupt,
-    so a budget that needs more noise cannot train usefully.
+    """The largest noise multiplier with which one round's update stays within max_update_norm.
+
+    For a hospital of n training patients and a model of `weights` weights, counting
+    the noise alone. Beyond it the server rejects every update as corrupt, so a budget
+    that needs more noise cannot train usefully.
 
     Each step adds Gaussian noise of std sigma * max_grad_norm to every weight's
     summed gradient, divided by the expected batch size; SGD with momentum m
     (reset every round) carries step t's noise into the round's change with weight
     lr * (1 - m^(s - t + 1)) / (1 - m) over the round's s steps. The expected squared
-    norm of the change's noise is the sum of those squared, times weights."""
+    norm of the change's noise is the sum of those squared, times weights.
+    """
     sample_rate, steps = sample_rate_and_steps(n, cfg)
     m = cfg.momentum
     carried = [(1 - m**j) / (1 - m) if m else 1.0 for j in range(1, steps + 1)]
@@ -116,17 +123,21 @@ def _epochs(model, loader, optimizer, epochs):
 
 
 def _optimizer(model, cfg):
+    """SGD with the run's learning rate and momentum."""
     return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
 class FiniteDPOptimizer(DPOptimizer):
-    """Opacus' DP-SGD optimizer, for any model a server can send: a patient whose
-    per-patient gradient holds a NaN or an infinite value counts as a zero gradient
-    before clipping. Clipping bounds every finite gradient (one too large for its
-    norm to be finite is scaled to zero), but not NaN or infinity, which would pass
-    through the noise and mark the update exactly when that patient was sampled."""
+    """Opacus' DP-SGD optimizer, for any model a server can send.
+
+    A patient whose per-patient gradient holds a NaN or an infinite value counts as a
+    zero gradient before clipping. Clipping bounds every finite gradient (one too large
+    for its norm to be finite is scaled to zero), but not NaN or infinity, which would
+    pass through the noise and mark the update exactly when that patient was sampled.
+    """
 
     def clip_and_accumulate(self) -> None:
+        """Zero every non-finite per-patient gradient, then clip and accumulate as Opacus does."""
         gradients = self.grad_samples
         if len(gradients[0]):
             finite = torch.stack(
@@ -149,13 +160,36 @@ def train_private(
     optimizer_class: type[DPOptimizer] = FiniteDPOptimizer,
     batches_class: type[PoissonBatches] = PoissonBatches,
 ) -> int:
-    """local_epochs of DP-SGD on (x, y), in place: the round's noisy steps, each on
-    a Poisson sample of the rows, every patient's gradient clipped to max_grad_norm,
-    Gaussian noise of std noise_multiplier * max_grad_norm added. Returns the steps
-    taken. `sampling` (sample rate, steps) defaults to sample_rate_and_steps(len(y));
-    the privacy self-test sets it, and the optimizer and batch classes for its
-    broken variants.
-    The hospital's epsilon comes from its privacy ledger (ledger.py)."""
+    """Train `model` in place with local_epochs of DP-SGD on (x, y).
+
+    Each of the round's noisy steps takes a Poisson sample of the rows, clips every
+    patient's gradient to max_grad_norm and adds Gaussian noise of std
+    noise_multiplier * max_grad_norm. The hospital's epsilon comes from its privacy
+    ledger (ledger.py).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, trained in place and returned on the CPU.
+    x, y : np.ndarray
+        The hospital's training rows and their labels.
+    cfg : SimpleNamespace
+        The run's settings (local_epochs, batch_size, learning_rate, momentum,
+        max_grad_norm).
+    noise_multiplier : float
+        The noise multiplier its privacy ledger planned.
+    sampling : tuple of (float, int), optional
+        (sample rate, steps), by default sample_rate_and_steps(len(y)); the privacy
+        self-test sets it.
+    optimizer_class, batches_class : type
+        The DP optimizer and the batch sampler, replaced by the privacy self-test's
+        broken variants.
+
+    Returns
+    -------
+    int
+        The steps taken.
+    """
     sample_rate, steps = sampling or sample_rate_and_steps(len(y), cfg)
     ModuleValidator.validate(model, strict=True)
     batches = batches_class(len(y), sample_rate, steps // cfg.local_epochs)

@@ -1,19 +1,9 @@
-"""Record-level privacy accounting for one hospital.
+"""Record-level privacy accounting for one hospital: its privacy ledger and budget.
 
-Every noisy DP-SGD step on a hospital's patients is a release of information about
-them. This module decides how much noise a run needs so that ALL releases on the
-hospital's patients, over all rounds, runs and versions of its data, stay within
-its (epsilon, delta) budget, and it keeps the ledger that proves it.
-
-What is guaranteed is stated for what is released. Each hospital's update comes
-with its exact number of training patients (the FedAvg weight; the sample rate and
-step count follow from it), so the neighbouring datasets that matter have the same
-size: one patient's record replaced by any other (`replace-one`). `add-remove` is
-available for a hospital whose patient count is public knowledge anyway.
-
-The epsilon arithmetic is Google's dp-accounting: its privacy loss distribution
-(PLD) accountant, the tight one, and the only one of its accountants that handles
-replace-one adjacency for the Poisson-sampled Gaussian mechanism of DP-SGD.
+Every noisy DP-SGD step on a hospital's patients is a release about them. PrivacyLedger
+sets the noise a run needs so that all releases, over all rounds, runs and versions of
+the data, stay within the hospital's (epsilon, delta) budget, and keeps the proof.
+What is guaranteed, and why replace-one: docs/explanation/privacy-guarantee.md.
 """
 
 import fcntl
@@ -44,7 +34,7 @@ LEDGER_FORMAT = 2
 MAX_RESET_REASON = 300  # characters of an operator's reason for starting a ledger afresh
 # What a release was: a round of DP-SGD, or an operating point's noisy score
 # histograms (operating_point.py). Both are accounted as Poisson-sampled Gaussian
-# mechanisms (the histograms: sample rate 1, one step); earlier releases name none.
+# mechanisms (the histograms: sample rate 1, one step); a release naming none is DP-SGD.
 DP_SGD, OPERATING_POINT = "dp-sgd", "operating-point"
 # The share of what is left of a hospital's budget that an operating point's release
 # would cost alone; training is calibrated for the rest, and the two composed (PLD)
@@ -53,40 +43,37 @@ OPERATING_POINT_SHARE = 0.4
 
 
 class LedgerError(Exception):
-    """The privacy ledger cannot be used (not writable, held by another training,
-    unreadable); the message says how to fix it."""
+    """The privacy ledger cannot be used; the message says how to fix it.
+
+    It is not writable, held by another training, or unreadable.
+    """
 
 
 class PrivacyLedger:
-    """Every DP release a hospital has made from its patients, in one JSON file in the
-    hospital's own state directory, and the budget they are held to.
+    """Every DP release a hospital has made from its patients, and the budget they are held to.
 
-    One budget covers everything the hospital has trained on, across runs and
-    versions of its data: every release composes with every other. Nothing the
-    server sets (seed, test_fraction, a new run) and no change of the data file (a
-    patient more, relabelled identifiers) starts a fresh one, since nothing in the
-    rows can prove that two datasets share no patient. The ledger lists each version
-    of the data it has seen.
-
-    A ledger is never reset. One that is missing where the hospital has left traces
-    of earlier releases (its status file, this machine's ledger index) is refused:
-    the budget already spent is unknown. Its operator may then start a new one
-    deliberately (`reset`, client.py and simulation.py --reset-ledger), which records
-    when and why in the new ledger and in every later report.
-
-    The guarantee it accounts for (delta, adjacency) is fixed by the first release:
-    it may later become stricter (a smaller delta; replace-one instead of
-    add-remove), never looser, which would re-price what was already spent.
-
-    Use it inside `transaction()`: it holds an exclusive lock on the ledger and reads
-    it afresh, so that concurrent trainings on one hospital never lose a release.
+    Kept in one JSON file in the hospital's own state directory. One budget covers
+    everything the hospital has trained on, across runs and versions of its data, since
+    nothing in the rows can prove that two datasets share no patient. A ledger is never
+    reset: one missing where the hospital left traces of earlier releases is refused
+    until its operator starts a new one (`reset`). Its guarantee (delta, adjacency) may
+    become stricter, never looser. Use it inside `transaction()`, which holds it
+    exclusively and reads it afresh. See docs/explanation/privacy-guarantee.md.
     """
 
     def __init__(self, state_dir, budget, delta, adjacency, lasting=False, data_file=None):
-        """A `lasting` ledger (a deployed hospital's, or a simulated one's on your own
+        """A hospital's ledger in `state_dir`, held to `budget` at `delta` under `adjacency`.
+
+        A `lasting` ledger (a deployed hospital's, or a simulated one's on your own
         data; not a tool's scratch ledger) is known to this machine's index
         (data_index.py) once it releases anything, and claims there `data_file`, the
-        file of the hospital's own patients, when it first accounts for it."""
+        file of the hospital's own patients, when it first accounts for it.
+
+        Raises
+        ------
+        LedgerError
+            Where the state directory cannot be written.
+        """
         self.budget, self.delta, self.adjacency = budget, delta, adjacency
         self.lasting, self.data_file = lasting, data_file
         self.directory = Path(state_dir)
@@ -104,8 +91,16 @@ class PrivacyLedger:
 
     @contextmanager
     def transaction(self, timeout: float = 600) -> Iterator[Self]:
-        """Hold the ledger exclusively, read afresh, for a read-check-train-record
-        sequence. Another training on the same hospital waits up to `timeout` s."""
+        """Hold the ledger exclusively, read afresh, for a read-check-train-record sequence.
+
+        Another training on the same hospital waits up to `timeout` s.
+
+        Raises
+        ------
+        LedgerError
+            Where another training holds it longer, it is missing where traces of it
+            remain or is damaged, or the settings' guarantee is looser than its own.
+        """
         with self._locked(timeout):
             try:
                 self.data = self._read()
@@ -116,6 +111,7 @@ class PrivacyLedger:
 
     @contextmanager
     def _locked(self, timeout):
+        """Hold the ledger's lock file exclusively, writing this process's id in it."""
         with open(self.directory / LOCK_FILE, "r+") as lock:
             deadline = time.monotonic() + timeout
             while True:
@@ -141,9 +137,16 @@ class PrivacyLedger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def reset(self, reason: str) -> None:
-        """Start a new, empty ledger where this hospital's ledger is missing, on its
-        operator's word: `reason` and the time go into the new ledger, and into every
-        later report. A ledger that exists is never reset."""
+        """Start a new, empty ledger where this hospital's is missing, on its operator's word.
+
+        `reason` and the time go into the new ledger, and into every later report. A
+        ledger that exists is never reset.
+
+        Raises
+        ------
+        LedgerError
+            Where `reason` is empty or longer than MAX_RESET_REASON, or the ledger exists.
+        """
         if not 0 < len(reason.strip()) <= MAX_RESET_REASON:
             raise LedgerError(
                 f"say why the ledger is started afresh, in 1 to {MAX_RESET_REASON} "
@@ -161,6 +164,7 @@ class PrivacyLedger:
             self.data = None
 
     def _new(self):
+        """An empty ledger, holding the releases of any ledger-*.json files (_earlier_ledgers)."""
         return {
             "format": LEDGER_FORMAT,
             "datasets": [],
@@ -170,8 +174,10 @@ class PrivacyLedger:
         }
 
     def _traces(self) -> list[str]:
-        """What in the state directory and on this machine shows that this hospital
-        has spent from its budget before (empty for a new hospital)."""
+        """What shows that this hospital has spent from its budget before (empty if nothing).
+
+        Its status file in the state directory, and this machine's ledger index.
+        """
         found = []
         status = self.directory / STATUS_FILE
         try:
@@ -201,6 +207,7 @@ class PrivacyLedger:
         )
 
     def _read(self):
+        """The ledger as stored, or a new one where there is none and no trace of one."""
         if not self.path.exists():
             traces = self._traces()
             if traces:
@@ -227,8 +234,7 @@ class PrivacyLedger:
         return data
 
     def _check_guarantee(self):
-        """Refuse a looser guarantee than the one already accounted for; adopt a
-        stricter one."""
+        """Refuse a looser guarantee than the one already accounted for; adopt a stricter one."""
         held = self.data["guarantee"]
         if held and (
             self.delta > held["delta"]
@@ -243,10 +249,12 @@ class PrivacyLedger:
         self.data["guarantee"] = {"delta": self.delta, "adjacency": self.adjacency}
 
     def _earlier_ledgers(self):
-        """The releases recorded by the first version of this product (one
-        ledger-*.json per training split), and the guarantee they were accounted
-        for (add-remove, their smallest delta), which may then only get stricter.
-        Their files are left as they are."""
+        """The releases in ledger files of format 1 (ledger-*.json), and their guarantee.
+
+        Format 1 kept one file per training split; its releases were accounted for
+        add-remove at their smallest delta, a guarantee that may then only get
+        stricter. Those files are left as they are.
+        """
         try:
             earlier = [read_json(path) for path in sorted(self.directory.glob("ledger-*.json"))]
             releases = [
@@ -263,15 +271,33 @@ class PrivacyLedger:
         return {"guarantee": guarantee, "releases": sorted(releases, key=lambda r: r["utc"])}
 
     def _save(self):
+        """Write the ledger."""
         write_json(self.path, self.data)
 
     def note_dataset(self, fingerprint: str, patients: int, everyone: str = "") -> None:
-        """Record a version of the hospital's data (its training rows, `fingerprint`)
-        the first time it is trained on; its releases compose with all earlier ones.
-        Raises data_index.DataClaimed if another ledger on this machine accounts for
-        the hospital's data file or its patients (`everyone`: all of them,
-        data.patients_fingerprint). Claimed once per version (a version noted by an
-        earlier release of the product, before the index, is claimed when next used)."""
+        """Record a version of the hospital's data the first time it is trained on.
+
+        Its releases compose with all earlier ones. The hospital's data file is claimed
+        in this machine's index once per version (a version noted without a claim is
+        claimed when next used).
+
+        Parameters
+        ----------
+        fingerprint : str
+            The fingerprint of its training rows (data.fingerprint).
+        patients : int
+            Its number of training patients.
+        everyone : str
+            The fingerprint of all its patients (data.patients_fingerprint).
+
+        Raises
+        ------
+        data_index.DataClaimed
+            Where another ledger on this machine accounts for the hospital's data file
+            or its patients.
+        LedgerError
+            Where this machine's ledger index cannot be kept.
+        """
         noted = next((d for d in self.data["datasets"] if d["fingerprint"] == fingerprint), None)
         if noted is not None and (self.data_file is None or noted.get("claimed")):
             return
@@ -290,12 +316,15 @@ class PrivacyLedger:
 
     @property
     def releases(self) -> list[dict[str, Any]]:
+        """Every release recorded, in order."""
         return self.data["releases"]
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        """(noise_multiplier, sample_rate, steps) of every release, consecutive equal
-        mechanisms merged (what the accountant composes)."""
+        """Every release's (noise_multiplier, sample_rate, steps), as the accountant composes them.
+
+        Consecutive equal mechanisms are merged.
+        """
         merged = []
         for release in self.releases:
             sigma, sample_rate, steps = _mechanism(release)
@@ -318,8 +347,7 @@ class PrivacyLedger:
         max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
         operating_point: bool = False,
     ) -> float:
-        """The noise multiplier for a round of `steps` noisy steps, or BudgetExhausted
-        (NoiseBeyondLimit if the budget needs more than `max_noise_multiplier`).
+        """The noise multiplier for a round of `steps` noisy steps of run `run_id`.
 
         Calibrated once per run, when it first trains, for all its `planned_steps` on
         top of everything the ledger already holds, and kept in the ledger so that
@@ -330,29 +358,33 @@ class PrivacyLedger:
         (operating_point.py): its noise is calibrated first, so that it alone would
         cost OPERATING_POINT_SHARE of what is left of the budget, and training is
         calibrated for the rest, composed with it; every round keeps room for it.
+
+        Parameters
+        ----------
+        run_id : int or str
+            The run.
+        sample_rate : float
+            The Poisson sample rate of the run's steps.
+        steps : int
+            This round's noisy steps.
+        planned_steps : int
+            All the run's noisy steps, for its calibration.
+        max_noise_multiplier : float
+            The most noise the run may add (dpsgd.noise_limit).
+        operating_point : bool
+            Whether the run reserves an operating point's release.
+
+        Raises
+        ------
+        BudgetExhausted
+            Where the round would take epsilon past the budget (NoiseBeyondLimit: only
+            more noise than `max_noise_multiplier` would keep it within).
+        LedgerError
+            Where a lasting ledger's first plan cannot be noted in this machine's index.
         """
         key = str(run_id)
         if key not in self.data["plans"]:
-            sigma, reserved = self._calibrate_run(
-                sample_rate, planned_steps, max_noise_multiplier, operating_point
-            )
-            self.data["plans"][key] = {
-                "noise_multiplier": sigma,
-                "sample_rate": sample_rate,
-                "planned_steps": planned_steps,
-                "epsilon_budget": self.budget,
-                "delta": self.delta,
-                "adjacency": self.adjacency,
-                "accountant": ACCOUNTANT,
-                "utc": _now(),
-                **({"operating_point_noise": reserved[0][0]} if reserved else {}),
-            }
-            if self.lasting:  # before a run releases: an index that cannot be kept stops it
-                try:
-                    data_index.releasing(self.path)
-                except data_index.IndexProblem as error:
-                    raise LedgerError(str(error)) from None
-            self._save()
+            self._plan_run(key, sample_rate, planned_steps, max_noise_multiplier, operating_point)
         sigma = self.data["plans"][key]["noise_multiplier"]
         after = self.epsilon([(sigma, sample_rate, steps), *self._reserved(key)])
         if after > self.budget:
@@ -361,6 +393,29 @@ class PrivacyLedger:
             )
         return sigma
 
+    def _plan_run(self, key, sample_rate, planned_steps, max_noise_multiplier, operating_point):
+        """Calibrate run `key` and keep its plan in the ledger (see noise_for_round)."""
+        sigma, reserved = self._calibrate_run(
+            sample_rate, planned_steps, max_noise_multiplier, operating_point
+        )
+        self.data["plans"][key] = {
+            "noise_multiplier": sigma,
+            "sample_rate": sample_rate,
+            "planned_steps": planned_steps,
+            "epsilon_budget": self.budget,
+            "delta": self.delta,
+            "adjacency": self.adjacency,
+            "accountant": ACCOUNTANT,
+            "utc": _now(),
+            **({"operating_point_noise": reserved[0][0]} if reserved else {}),
+        }
+        if self.lasting:  # before a run releases: an index that cannot be kept stops it
+            try:
+                data_index.releasing(self.path)
+            except data_index.IndexProblem as error:
+                raise LedgerError(str(error)) from None
+        self._save()
+
     def planned_noise(
         self,
         sample_rate: float,
@@ -368,9 +423,16 @@ class PrivacyLedger:
         max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
         operating_point: bool = False,
     ) -> float:
-        """The noise multiplier a new run would train with (as noise_for_round would
-        plan it), planning nothing: for a forecast before a run. BudgetExhausted
-        (NoiseBeyondLimit) where the hospital could not train in it."""
+        """The noise multiplier a new run would train with, planning nothing: for a forecast.
+
+        As noise_for_round would plan it.
+
+        Raises
+        ------
+        BudgetExhausted
+            Where the hospital could not train in it (NoiseBeyondLimit: not within
+            `max_noise_multiplier`).
+        """
         with self.transaction():
             return self._calibrate_run(
                 sample_rate, planned_steps, max_noise_multiplier, operating_point
@@ -379,9 +441,12 @@ class PrivacyLedger:
     def epsilon_after_run(
         self, noise_multiplier: float, sample_rate: float, planned_steps: int, operating_point: bool
     ) -> float:
-        """The cumulative epsilon after a new run trained with `noise_multiplier` (as
-        planned_noise gave it) and released the operating point it would reserve:
-        the budget, unless the noise had to stop at the least calibration goes to."""
+        """The cumulative epsilon after a new run trained with `noise_multiplier`.
+
+        With `noise_multiplier` as planned_noise gave it, and the operating point's
+        release the run would reserve: the budget, unless the noise had to stop at the
+        least calibration goes to.
+        """
         with self.transaction():
             reserved = []
             if operating_point:
@@ -389,8 +454,10 @@ class PrivacyLedger:
             return self.epsilon([*reserved, (noise_multiplier, sample_rate, planned_steps)])
 
     def _calibrate_run(self, sample_rate, planned_steps, max_noise_multiplier, operating_point):
-        """(noise multiplier, [the operating point's release it reserves]) of a new
-        run, on top of everything the ledger holds (see noise_for_round)."""
+        """(noise multiplier, [the operating point's release it reserves]) of a new run.
+
+        On top of everything the ledger holds (see noise_for_round).
+        """
         reserved = []
         if operating_point:
             left = self.budget - self.epsilon()
@@ -413,9 +480,11 @@ class PrivacyLedger:
         return sigma, reserved
 
     def _operating_point_noise(self, left: float) -> float:
-        """The noise multiplier of an operating point's release that alone would cost
-        OPERATING_POINT_SHARE of `left`, the budget left (accounted as one Gaussian
-        release, sample rate 1)."""
+        """The noise multiplier of an operating point's release, given `left` of the budget.
+
+        The release alone would cost OPERATING_POINT_SHARE of `left` (accounted as one
+        Gaussian release, sample rate 1).
+        """
         if left <= 0:
             raise BudgetExhausted(f"no budget is left (epsilon budget {self.budget:g})")
         return calibrate_noise_multiplier(
@@ -423,9 +492,10 @@ class PrivacyLedger:
         )
 
     def _least_budget(self, training: list[tuple[float, float, int]]) -> float:
-        """The least budget (cumulative, to 1e-3 of it) within which `training` and
-        the operating point's release it would reserve both fit, by bisection from
-        what the training alone needs."""
+        """The least budget within which `training` and its operating point's release fit.
+
+        Cumulative, to 1e-3 of it, by bisection from what the training alone needs.
+        """
         spent = self.epsilon()
 
         def fits(budget):
@@ -449,15 +519,23 @@ class PrivacyLedger:
         return [(noise, 1.0, 1)]
 
     def operating_point_released(self, run_id: int | str) -> bool:
+        """Whether run `run_id` has released its operating point."""
         return any(
             r["run_id"] == str(run_id) and r.get("mechanism") == OPERATING_POINT
             for r in self.releases
         )
 
     def operating_point_noise(self, run_id: int | str) -> float:
-        """The noise multiplier for run `run_id`'s operating point's release, which a
-        run makes once, after it trained with one reserved (noise_for_round); else
-        BudgetExhausted saying why not."""
+        """The noise multiplier for run `run_id`'s operating point's release.
+
+        A run makes it once, after it trained with one reserved (noise_for_round).
+
+        Raises
+        ------
+        BudgetExhausted
+            Where the run reserved none, released it already, or it would take epsilon
+            past the budget.
+        """
         plan = self.data["plans"].get(str(run_id), {})
         if "operating_point_noise" not in plan:
             raise BudgetExhausted(
@@ -484,8 +562,11 @@ class PrivacyLedger:
         steps: int,
         mechanism: str = DP_SGD,
     ) -> None:
-        """Append one release (one round's training, or an operating point's
-        histograms: `mechanism`) and persist it."""
+        """Append one release and persist it.
+
+        `mechanism` says what it is: a round's training (DP_SGD) or an operating
+        point's histograms (OPERATING_POINT).
+        """
         release = {
             "run_id": str(run_id),
             "round": server_round,
@@ -502,10 +583,17 @@ class PrivacyLedger:
 
 
 def lasting_trace(status: dict[str, Any], lasting_ledger: Path) -> dict[str, Any]:
-    """What a hospital's status file says its lasting ledger `lasting_ledger` had spent
-    ({"epsilon", "ledger"}, or {}): the status's own figures, unless they are a
-    demonstration run's (its ledger in demo-runs/), which keeps the lasting ones
-    under "lasting". A trace the ledger relies on if it is lost."""
+    """What a hospital's status file says its lasting ledger `lasting_ledger` had spent.
+
+    A trace the ledger relies on if it is lost.
+
+    Returns
+    -------
+    dict
+        {"epsilon", "ledger"}, or {}: the status's own figures, unless they are a
+        demonstration run's (its ledger in demo-runs/), which keeps the lasting ones
+        under "lasting".
+    """
     if "lasting" in status:
         return dict(status["lasting"])
     if Path(str(status.get("ledger", ""))).is_relative_to(lasting_ledger.parent / DEMO_RUNS_DIR):
@@ -531,13 +619,36 @@ def check_before_start(
     reset_reason: str | None = None,
     everyone: str = "",
 ) -> "PrivacyLedger":
-    """A hospital's ledger, checked before a launcher (client.py, simulation.py)
-    starts anything, so that a problem is one line there rather than a failed round:
-    started afresh first if its operator said so (`reset_reason`), then readable and
-    its guarantee no looser than cfg's, this machine's ledger index writable, and,
-    for a hospital's own `data_file` (whose patients have the fingerprint
-    `everyone`), the only ledger on this machine that accounts for them. Raises
-    LedgerError."""
+    """A hospital's ledger, checked before a launcher (client.py, simulation.py) starts anything.
+
+    A problem is then one line there rather than a failed round. The ledger is started
+    afresh first if its operator said so, then must be readable with a guarantee no
+    looser than cfg's; this machine's ledger index must be writable and, for a
+    hospital's own data file, name no other ledger for its patients.
+
+    Parameters
+    ----------
+    state_dir : str or Path
+        The hospital's state directory.
+    cfg : SimpleNamespace
+        The run's settings (epsilon, delta, adjacency).
+    data_file : str or Path, optional
+        The hospital's own data file.
+    reset_reason : str, optional
+        The operator's reason to start a new ledger (--reset-ledger).
+    everyone : str
+        The fingerprint of all the file's patients (data.patients_fingerprint).
+
+    Returns
+    -------
+    PrivacyLedger
+        The ledger.
+
+    Raises
+    ------
+    LedgerError
+        The first problem found, in one line.
+    """
     ledger = PrivacyLedger(state_dir, cfg.epsilon, cfg.delta, cfg.adjacency)
     if reset_reason is not None:
         ledger.reset(reset_reason)
@@ -561,6 +672,7 @@ def _mechanism(release):
 
 
 def _damaged(ledger, error):
+    """The LedgerError of an unreadable or damaged ledger."""
     return LedgerError(
         f"{ledger} is unreadable or damaged ({error!r}): this hospital does not train "
         f"until it is restored from a backup"
@@ -589,4 +701,5 @@ def _check_structure(data):
 
 
 def _now():
+    """The time, UTC, to the microsecond."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
