@@ -251,26 +251,34 @@ def subgroup_section(final: dict[str, Any]) -> list[str]:
             'The data dictionary marks no feature with "subgroups" (README: Subgroups), '
             "so no subgroup figures are shown."
         ]
+    return lines + [_subgroup_table(final["subgroups"]), *_subgroup_notes(final)]
 
-    def cell(figure):
-        if figure is None:
-            return "n/a"
-        value, (low, high) = figure
-        return f"{value:.3f} ({low:.2f} to {high:.2f})"
 
-    lines.append(
-        _table(
-            ["Subgroup", "Patients (sick)", "AUC (95% CI)", "Sensitivity", "Specificity"],
+def _subgroup_cell(figure):
+    """A subgroup's figure with its 95 % interval, or "n/a" where there is none."""
+    if figure is None:
+        return "n/a"
+    value, (low, high) = figure
+    return f"{value:.3f} ({low:.2f} to {high:.2f})"
+
+
+def _subgroup_table(subgroups):
+    """The table of each subgroup's patients, AUC, sensitivity and specificity."""
+    return _table(
+        ["Subgroup", "Patients (sick)", "AUC (95% CI)", "Sensitivity", "Specificity"],
+        [
             [
-                [
-                    g["subgroup"],
-                    f"{g['patients']} ({g['positives']})",
-                    *(cell(g[name]) for name in ("auc", "sensitivity", "specificity")),
-                ]
-                for g in final["subgroups"]
-            ],
-        )
+                g["subgroup"],
+                f"{g['patients']} ({g['positives']})",
+                *(_subgroup_cell(g[name]) for name in ("auc", "sensitivity", "specificity")),
+            ]
+            for g in subgroups
+        ],
     )
+
+
+def _subgroup_notes(final):
+    """The gaps found, what "n/a" means, the patients in no subgroup, and how to read it."""
     gaps = [f"{g['subgroup']}: {gap}" for g in final["subgroups"] for gap in g["gaps"]]
     rule = (
         f"a figure {clinical.SUBGROUP_GAP:.2f} or more below all reference patients', "
@@ -282,7 +290,7 @@ def subgroup_section(final: dict[str, Any]) -> list[str]:
         for feature, n in final.get("subgroups_unrecorded", {}).items()
         if n
     ]
-    lines += [
+    return [
         f"**Gaps** ({rule}): " + "; ".join(gaps) + "."
         if gaps
         else f"No gap ({rule}). Small subgroups have wide intervals: read them first.",
@@ -302,7 +310,6 @@ def subgroup_section(final: dict[str, Any]) -> list[str]:
         "gap says where the model's calls are weaker; whether that is the case mix or "
         "unfairness needs a clinician's reading.",
     ]
-    return lines
 
 
 def _table(header, rows):
@@ -424,19 +431,40 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
     run_dir = Path(run_dir)
     metrics = metrics or read_json(run_dir / METRICS_FILE)
     cfg = settings.resolve(metrics["config"])
+    _write_plots(run_dir, metrics, cfg)
+    sections = [
+        *_summary_section(run_dir, metrics, cfg),
+        *_privacy_section(metrics["privacy"], cfg),
+        *_performance_section(metrics),
+        *_hospital_section(run_dir, cfg),
+    ]
+    if (run_dir / AUDIT_FILE).exists():
+        sections += _audit_section(read_json(run_dir / AUDIT_FILE))
+    sections += [
+        "## Settings",
+        _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in metrics["config"].items()]),
+    ]
+    path = run_dir / REPORT_FILE
+    write_atomic(path, ("\n\n".join(sections) + "\n").encode())
+    return path
+
+
+def _write_plots(run_dir, metrics, cfg):
+    """Save the four plots into the run directory, scoring the reference set with model.pt."""
     model, _ = load_model(run_dir / MODEL_FILE)
     test_x, test_y, _ = datasets.reference_test_set(cfg)
     risk = predict_risk(model, test_x)
-    final, privacy, data = metrics["final"]["global"], metrics["privacy"], metrics["data"]
-
+    final = metrics["final"]["global"]
     plot_performance(metrics, run_dir / PLOTS["performance"])
     plot_epsilon(metrics, run_dir / PLOTS["epsilon"])
     plot_roc(test_y, risk, final["auc"], final["threshold"], run_dir / PLOTS["roc"])
     plot_calibration(test_y, risk, final["brier"], run_dir / PLOTS["calibration"])
 
-    hospitals = privacy["hospitals"]
-    delta = privacy["delta"]
-    sections = [
+
+def _summary_section(run_dir, metrics, cfg):
+    """The title, the run's status and data, and its warnings."""
+    data = metrics["data"]
+    return [
         f"# SecureHealth-ML run report: {run_dir.name}",
         f"Status: **{metrics['status']}**. Data: {data['name']} ({len(data['inputs'])} model "
         f"inputs, encoded from the data dictionary's declared ranges and categories, never "
@@ -451,11 +479,18 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
             if metrics.get("warnings")
             else []
         ),
+    ]
+
+
+def _privacy_section(privacy, cfg):
+    """The guarantee in words, each hospital's spending, what is not covered, and the plot."""
+    hospitals = privacy["hospitals"]
+    return [
         "## Privacy",
         guarantee_text(privacy).replace("differential privacy", "**differential privacy**")
         + " In words: whatever anyone learns from everything a hospital sent out, the "
         "final model included, would be almost as likely had any one patient's record "
-        f"been different (e^epsilon is 2.72 at epsilon 1; delta is {delta:g}).",
+        f"been different (e^epsilon is 2.72 at epsilon 1; delta is {privacy['delta']:g}).",
         f"**{privacy_title(privacy)}**",
         _table(
             PRIVACY_COLUMNS,
@@ -476,6 +511,13 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
             if p.get("ledger_reset")
         ),
         "![Epsilon per round](" + PLOTS["epsilon"] + ")",
+    ]
+
+
+def _performance_section(metrics):
+    """The final model's figures beside the baselines, its operating point, subgroups and plots."""
+    final, data = metrics["final"]["global"], metrics["data"]
+    sections = [
         "## Model performance",
         f"On the server's reference test set ({data['test_patients']} patients: "
         f"{data['test_set']}), decision threshold {final['threshold']:.3g}:",
@@ -486,6 +528,22 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
         *operating_point_section(metrics),
         "![ROC curve](" + PLOTS["roc"] + ")",
         *subgroup_section(final),
+        *_calibration_section(final),
+        "![AUC and accuracy per round](" + PLOTS["performance"] + ")",
+    ]
+    if metrics.get("baselines"):
+        sections.append(
+            "Baselines, trained in the same process on the same data: *Pooled data, no "
+            "DP* is the upper bound nobody can have in reality; *FedAvg, no DP* the same "
+            "federation without privacy; *Hospital N alone, DP* each hospital on its own "
+            "at its own budget."
+        )
+    return sections
+
+
+def _calibration_section(final):
+    """The Brier score, how calibrated the risks are, and the reliability diagram."""
+    return [
         "### Calibration",
         f"Brier score {final['brier']:.3f} (0 is perfect; "
         f"{final['prevalence'] * (1 - final['prevalence']):.3f} for always predicting the "
@@ -498,40 +556,28 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
             "rather than as probabilities, unless this diagram lies on its diagonal."
         ),
         "![Calibration](" + PLOTS["calibration"] + ")",
-        "![AUC and accuracy per round](" + PLOTS["performance"] + ")",
     ]
-    if metrics.get("baselines"):
-        sections.append(
-            "Baselines, trained in the same process on the same data: *Pooled data, no "
-            "DP* is the upper bound nobody can have in reality; *FedAvg, no DP* the same "
-            "federation without privacy; *Hospital N alone, DP* each hospital on its own "
-            "at its own budget."
-        )
+
+
+def _hospital_section(run_dir, cfg):
+    """Each simulated hospital's own evaluation of the final model (none in deployment)."""
     evaluations = hospital_evaluations(run_dir)
-    if evaluations:
-        sections += [
-            "### At each hospital",
-            "Each hospital evaluated the final model on its own held-out patients. These "
-            "figures are not covered by the DP guarantee, so in deployment they stay at "
-            "the hospital; this simulation holds every hospital, so they are shown here.",
-            _table(
-                ["Hospital", "Held-out patients", *(t for _, t in METRICS)],
+    if not evaluations:
+        return []
+    return [
+        "### At each hospital",
+        "Each hospital evaluated the final model on its own held-out patients. These "
+        "figures are not covered by the DP guarantee, so in deployment they stay at "
+        "the hospital; this simulation holds every hospital, so they are shown here.",
+        _table(
+            ["Hospital", "Held-out patients", *(t for _, t in METRICS)],
+            [
                 [
-                    [
-                        datasets.hospital_name(cfg, h),
-                        e["patients"],
-                        *(fmt(e[k]) for k, _ in METRICS),
-                    ]
-                    for h, e in evaluations.items()
-                ],
-            ),
-        ]
-    if (run_dir / AUDIT_FILE).exists():
-        sections += _audit_section(read_json(run_dir / AUDIT_FILE))
-    sections += [
-        "## Settings",
-        _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in metrics["config"].items()]),
+                    datasets.hospital_name(cfg, h),
+                    e["patients"],
+                    *(fmt(e[k]) for k, _ in METRICS),
+                ]
+                for h, e in evaluations.items()
+            ],
+        ),
     ]
-    path = run_dir / REPORT_FILE
-    write_atomic(path, ("\n\n".join(sections) + "\n").encode())
-    return path
