@@ -1,6 +1,8 @@
-"""The run's report for a privacy officer and a clinician: report.md and three PNG
-plots in the run directory, made from its metrics.json and model.pt. The server
-writes it at the end of every run; report.py writes it again."""
+"""The run's report for a privacy officer and a clinician: report.md and its plots.
+
+`write_report` makes report.md and the PNG plots in a run directory from its metrics.json
+and model.pt. The server writes it at the end of every run; report.py writes it again.
+"""
 
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,13 @@ CALIBRATION_BINS = 10  # of predicted risk, for the reliability diagram
 
 
 def _figure(width, height):
+    """A figure of `width` by `height` inches with one set of axes."""
     figure = Figure(figsize=(width, height), layout="tight")
     return figure, figure.subplots()
 
 
 def plot_performance(metrics: dict[str, Any], path: Path) -> None:
+    """Plot the global model's AUC and accuracy per round (and the pooled baselines) to `path`."""
     rounds = [r["round"] for r in metrics["rounds"]]
     figure, axes = _figure(7, 4.2)
     for key, label in (("auc", "ROC-AUC"), ("accuracy", "Accuracy")):
@@ -61,6 +65,7 @@ def plot_performance(metrics: dict[str, Any], path: Path) -> None:
 
 
 def plot_epsilon(metrics: dict[str, Any], path: Path) -> None:
+    """Plot each hospital's cumulative epsilon per round, with its budget, to `path`."""
     figure, axes = _figure(7, 4.2)
     budgets = set()
     for hospital in metrics["privacy"]["hospitals"]:
@@ -94,6 +99,21 @@ def plot_epsilon(metrics: dict[str, Any], path: Path) -> None:
 def plot_roc(
     y: np.ndarray, risk: np.ndarray, auc: float | None, threshold: float, path: Path
 ) -> None:
+    """Plot the ROC curve of `risk` against labels `y`, marking the operating point.
+
+    Parameters
+    ----------
+    y : np.ndarray
+        The reference test set's labels (0 healthy, 1 sick).
+    risk : np.ndarray
+        The final model's predicted risk for each of those patients.
+    auc : float or None
+        The ROC-AUC shown in the legend.
+    threshold : float
+        The decision threshold; the point it gives is marked in red.
+    path : Path
+        Where the PNG is saved.
+    """
     false_positive, true_positive, _ = roc_curve(y, risk)
     figure, axes = _figure(5, 5)
     axes.plot(false_positive, true_positive, label=f"Final global model (AUC {auc:.3f})")
@@ -118,9 +138,12 @@ def plot_roc(
 
 
 def plot_calibration(y: np.ndarray, risk: np.ndarray, brier: float, path: Path) -> None:
-    """The reliability diagram: the observed share of sick patients against the
-    predicted risk, in CALIBRATION_BINS bins of equal width (scikit-learn's
-    calibration_curve); a calibrated model lies on the diagonal."""
+    """Plot the reliability diagram of `risk` against labels `y` to `path`.
+
+    The observed share of sick patients against the predicted risk, in CALIBRATION_BINS
+    bins of equal width (scikit-learn's calibration_curve); a calibrated model lies on
+    the diagonal. `brier` is the Brier score shown in the legend.
+    """
     from sklearn.calibration import calibration_curve
 
     observed, predicted = calibration_curve(y, risk, n_bins=CALIBRATION_BINS)
@@ -147,9 +170,12 @@ def _save_unit_square(figure, axes, path, *, title, xlabel, ylabel, legend):
 
 
 def operating_point_section(metrics: dict[str, Any]) -> list[str]:
-    """How the decision threshold was chosen and what it does on the reference set:
+    """Return report.md's operating-point section, one paragraph per item.
+
+    How the decision threshold was chosen and what it does on the reference set:
     sensitivity and specificity with 95 % intervals, the confusion counts, the
-    prevalence and the majority-class baseline."""
+    prevalence and the majority-class baseline.
+    """
     final, point = metrics["final"]["global"], metrics.get("operating_point")
     confusion = clinical.Confusion(
         *(final[name] for name in clinical.Confusion.__dataclass_fields__)
@@ -218,8 +244,10 @@ def _predictive_values_text(confusion: clinical.Confusion) -> str:
 
 
 def _fit_against_reference(point, sensitivity, specificity) -> list[str]:
-    """A line where the fit's expectation lies outside the reference set's 95 %
-    interval: the figures a clinician should trust are the reference set's."""
+    """Return a line where the fit's expectation lies outside the reference set's 95 % interval.
+
+    The figures a clinician should trust are the reference set's.
+    """
     outside = [
         f"{name} {expected:.2f}, outside the reference set's 95% CI {low:.2f} to {high:.2f}"
         for name, expected, (low, high) in (
@@ -240,9 +268,23 @@ def _fit_against_reference(point, sensitivity, specificity) -> list[str]:
 
 
 def subgroup_section(final: dict[str, Any]) -> list[str]:
-    """The figures in each subgroup the data dictionary marks, with 95 % intervals,
-    and the gaps found (clinical.subgroup_figures); nothing for a run recorded
-    before subgroups were."""
+    """Return report.md's subgroup section, one paragraph per item.
+
+    The figures in each subgroup the data dictionary marks, with 95 % intervals, and
+    the gaps found (clinical.subgroup_figures).
+
+    Parameters
+    ----------
+    final : dict
+        The final global model's figures on the reference set (metrics.json's
+        `final.global`).
+
+    Returns
+    -------
+    list of str
+        The section's heading and paragraphs; empty for a run whose metrics.json has
+        no subgroup figures.
+    """
     if "subgroups" not in final:
         return []
     lines = ["### Subgroups"]
@@ -313,10 +355,12 @@ def _subgroup_notes(final):
 
 
 def _table(header, rows):
+    """A Markdown table: `header`, then `rows`."""
     return display.markdown_table([header, *rows])
 
 
 def _metric_rows(named):
+    """A table row of clinical metrics for each (name, metrics)."""
     return [[name, *(fmt(values[key]) for key, _ in METRICS)] for name, values in named]
 
 
@@ -331,7 +375,7 @@ def _audit_section(audit):
 
 
 def canary_audit_section(canaries: dict[str, Any]) -> list[str]:
-    """The canary audit's section: what it did, its table, verdict and plot."""
+    """Return the canary audit's section: what it did, its table, verdict and plot."""
     product = canaries["variants"]["product"]
     return [
         "## Privacy audit: canaries in one run",
@@ -354,6 +398,8 @@ def canary_audit_section(canaries: dict[str, Any]) -> list[str]:
 
 
 def _membership_inference_section(audit):
+    """The membership-inference attack's section: what it tried, its table and verdict."""
+
     def interval(summary):
         return f"{summary['mean']:.3f} ({summary['low']:.3f} to {summary['high']:.3f})"
 
@@ -384,7 +430,7 @@ def _membership_inference_section(audit):
 
 
 def audit_table(canaries: dict[str, Any]) -> str:
-    """The canary audit's lower bounds beside each variant's claimed epsilon."""
+    """Return a Markdown table of the canary audit's lower bounds beside each claimed epsilon."""
     rows = []
     for v in canaries["variants"].values():
         used = v["epsilon_of_noise_used"]
@@ -417,8 +463,10 @@ def audit_table(canaries: dict[str, Any]) -> str:
 
 
 def hospital_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The simulated hospitals' own evaluations of the final model (in deployment
-    they stay at the hospitals), {hospital: metrics}."""
+    """Return the simulated hospitals' own evaluations of the final model, {hospital: metrics}.
+
+    In deployment these stay at the hospitals; a simulation's run directory holds them.
+    """
     found = {}
     for path in sorted(Path(run_dir, "hospitals").glob("hospital-*/evaluation.json")):
         found[path.parent.name.split("-")[1]] = read_json(path)[-1]
@@ -426,8 +474,21 @@ def hospital_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write report.md and the plots for a finished run (metrics: its metrics.json,
-    read from the run directory if not given); returns the report's path."""
+    """Write report.md and the plots for a finished run.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run directory, holding metrics.json and model.pt; the report and plots are
+        written there.
+    metrics : dict, optional
+        The run's metrics.json, read from `run_dir` if not given.
+
+    Returns
+    -------
+    Path
+        The path of report.md.
+    """
     run_dir = Path(run_dir)
     metrics = metrics or read_json(run_dir / METRICS_FILE)
     cfg = settings.resolve(metrics["config"])
