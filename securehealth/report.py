@@ -290,8 +290,8 @@ def subgroup_section(final: dict[str, Any]) -> list[str]:
     lines = ["### Subgroups"]
     if not final["subgroups"]:
         return lines + [
-            'The data dictionary marks no feature with "subgroups" (README: Subgroups), '
-            "so no subgroup figures are shown."
+            'The data dictionary marks no feature with "subgroups" '
+            "(docs/how-to/your-own-csv.md, Subgroups), so no subgroup figures are shown."
         ]
     return lines + [_subgroup_table(final["subgroups"]), *_subgroup_notes(final)]
 
