@@ -1,5 +1,9 @@
-"""What a person sees: a line per round while a run trains, and the closing summary
-(global test metrics, and every hospital's privacy spending against its budget)."""
+"""What a person sees: a line per round while a run trains, and the closing summary.
+
+`follow` shows the rounds as the server records them; `print_summary` prints the global
+test metrics and every hospital's privacy spending against its budget; `print_plan`
+prints what a run would spend. report.md shares the text and table helpers.
+"""
 
 import subprocess
 import time
@@ -27,15 +31,17 @@ if TYPE_CHECKING:
 
 
 def markdown_table(rows: list[list[Any]]) -> str:
-    """A Markdown table of `rows`, the header first (report.md, the benchmarks)."""
+    """Return a Markdown table of `rows`, the header first (report.md, the benchmarks)."""
     header, *body = rows
     lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(_cell, row)) + " |" for row in body])
 
 
 def _cell(value: Any) -> str:
-    """A table cell's text, kept to its cell: a "|" escaped, line breaks as spaces
-    (names come from data dictionaries)."""
+    """A table cell's text, kept to its cell: a "|" escaped, line breaks as spaces.
+
+    Names come from data dictionaries, so they may hold either.
+    """
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
@@ -59,8 +65,7 @@ PRIVACY_COLUMNS = (
 
 
 def privacy_title(privacy: dict[str, Any]) -> str:
-    """What the privacy table's epsilons mean: the adjacency they are stated for and
-    the accountant that computed them."""
+    """Return the privacy table's title: the adjacency its epsilons hold for, and the accountant."""
     return (
         f"Privacy spent per hospital ({privacy['adjacency']} adjacency; "
         f"dp-accounting's {str(privacy['accountant']).upper()} accountant)"
@@ -87,8 +92,20 @@ def guarantee_text(privacy: dict[str, Any]) -> str:
 
 
 def privacy_cells(hospital: str, p: dict[str, Any]) -> list[str]:
-    """One hospital's row of the privacy table (summary and report.md), as text;
-    dashes for a hospital that never reported."""
+    """Return one hospital's row of the privacy table (summary and report.md), as text.
+
+    Parameters
+    ----------
+    hospital : str
+        The hospital's name, shown in the first column.
+    p : dict
+        The hospital's entry in metrics.json's `privacy.hospitals`.
+
+    Returns
+    -------
+    list of str
+        One cell per column of PRIVACY_COLUMNS; dashes for a hospital that never reported.
+    """
     if "epsilon" not in p:
         return [hospital, *["-"] * 7, p["status"]]
     return [
@@ -105,8 +122,23 @@ def privacy_cells(hospital: str, p: dict[str, Any]) -> list[str]:
 
 
 def round_line(record: dict[str, Any], cfg: SimpleNamespace) -> str:
-    """One round: global metrics, the largest epsilon spent (against that hospital's
-    own budget), and any hospital that declined or failed, with its reason."""
+    """Return one round's line (Rich markup), for the console while a run trains.
+
+    The global metrics, the largest epsilon spent (against that hospital's own budget),
+    and any hospital that declined or failed, with its reason, on lines of their own.
+
+    Parameters
+    ----------
+    record : dict
+        One entry of metrics.json's `rounds`.
+    cfg : SimpleNamespace
+        The run's settings (`rounds` and `num_clients` are read).
+
+    Returns
+    -------
+    str
+        The line, with Rich markup; data from the hospitals is escaped.
+    """
     g = record["global"]
     line = (
         f"Round {record['round']:>3}/{cfg.rounds}  AUC {g['auc']:.3f}  accuracy {g['accuracy']:.3f}"
@@ -133,8 +165,10 @@ def round_line(record: dict[str, Any], cfg: SimpleNamespace) -> str:
 
 
 def idle_rounds(metrics: dict[str, Any]) -> list[int]:
-    """Rounds in which no hospital trained, so the global model did not change
-    (discarded rounds, in which they did, are reported apart)."""
+    """Return the rounds in which no hospital trained, so the global model did not change.
+
+    Discarded rounds, in which the hospitals did train, are reported apart.
+    """
     return [
         r["round"]
         for r in metrics["rounds"]
@@ -143,7 +177,7 @@ def idle_rounds(metrics: dict[str, Any]) -> list[int]:
 
 
 def shortfalls(metrics: dict[str, Any]) -> list[str]:
-    """What went wrong in a finished run, in words (empty if nothing did)."""
+    """Return what went wrong in a finished run, in words (empty if nothing did)."""
     failed = [r["round"] for r in metrics["rounds"] if r["failures"]]
     rejected = [r["round"] for r in metrics["rounds"] if r.get("rejected")]
     discarded = [r["round"] for r in metrics["rounds"] if r.get("discarded")]
@@ -175,9 +209,27 @@ def shortfalls(metrics: dict[str, Any]) -> list[str]:
 def follow(
     process: subprocess.Popen[bytes], run_dir: Path, cfg: SimpleNamespace, console: Console
 ) -> dict[str, Any] | None:
-    """Show each round as the server records it, until the run has finished (its
-    results are complete; Flower's shutdown need not be waited for) or `process`
-    ended; return the last metrics.json (None if the server never wrote one)."""
+    """Show each round as the server records it, until the run has finished or `process` ended.
+
+    The run has finished once its results are complete; Flower's shutdown need not be
+    waited for.
+
+    Parameters
+    ----------
+    process : subprocess.Popen
+        The running simulation or server.
+    run_dir : Path
+        The run directory, whose metrics.json is read as the server rewrites it.
+    cfg : SimpleNamespace
+        The run's settings (`rounds` and `num_clients` are read).
+    console : Console
+        Where the rounds and the progress bar are shown.
+
+    Returns
+    -------
+    dict or None
+        The last metrics.json read; None if the server never wrote one.
+    """
     path = run_dir / METRICS_FILE
     metrics, shown = None, 0
     columns = (
@@ -218,8 +270,7 @@ METRICS = (
 
 
 def plan_table(outlook: "Forecast") -> Table:
-    """What each hospital would train with in a run, and what it has spent already
-    (simulation.py --plan)."""
+    """Return a table of what each hospital would train with and spend (simulation.py --plan)."""
     table = Table(title="What each hospital would train with and spend (nothing is spent)")
     for column in (
         "Hospital",
@@ -248,9 +299,22 @@ def plan_table(outlook: "Forecast") -> Table:
 def print_plan(
     cfg: SimpleNamespace, outlook: "Forecast", ledgers: Path | None, console: Console
 ) -> None:
-    """What a run would train with and spend per hospital (simulation.py --plan; the
-    forecast's warning, if any, is printed above it): the hospitals' lasting ledgers
-    in `ledgers`, or None where each run starts them afresh (a demonstration)."""
+    """Print what a run would train with and spend per hospital (simulation.py --plan).
+
+    The forecast's warning, if any, is printed above it.
+
+    Parameters
+    ----------
+    cfg : SimpleNamespace
+        The run's settings.
+    outlook : Forecast
+        The forecast of each hospital's training and spending.
+    ledgers : Path or None
+        The folder of the hospitals' lasting ledgers, or None where each run starts
+        them afresh (a demonstration).
+    console : Console
+        Where the plan is printed.
+    """
     from securehealth.forecast import NOISE_TO_SIGNAL_LIMIT, SPENT_BUDGET_ADVICE
 
     console.print(
@@ -289,16 +353,17 @@ def print_plan(
 
 
 def fmt(value: float | None) -> str:
+    """A metric to three decimals, or "n/a" where there is none."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
 def metrics_text(metrics: dict[str, Any]) -> str:
-    """One line of clinical metrics, e.g. for a hospital's own evaluation."""
+    """Return one line of clinical metrics, e.g. for a hospital's own evaluation."""
     return ", ".join(f"{title} {fmt(metrics[key])}" for key, title in METRICS)
 
 
 def metrics_table(title: str, rows: Iterable[tuple[str, dict[str, Any]]]) -> Table:
-    """A table of clinical metrics, one row per (label, metrics)."""
+    """Return a table of clinical metrics, one row per (label, metrics)."""
     table = Table(title=title)
     table.add_column("Model", justify="left")
     for _, name in METRICS:
@@ -309,8 +374,10 @@ def metrics_table(title: str, rows: Iterable[tuple[str, dict[str, Any]]]) -> Tab
 
 
 def operating_point_text(metrics: dict[str, Any]) -> str:
-    """How the run's decision threshold was chosen, and what it does on the reference
-    set: the confusion counts, prevalence and the majority-class baseline."""
+    """Return how the run's decision threshold was chosen, and what it does on the reference set.
+
+    The confusion counts, the prevalence and the majority-class baseline, in words.
+    """
     final, point = metrics["final"]["global"], metrics.get("operating_point")
     if point is None:
         how = "fixed by the decision_threshold setting"
@@ -334,6 +401,17 @@ def operating_point_text(metrics: dict[str, Any]) -> str:
 
 
 def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None = None) -> None:
+    """Print a finished run's closing summary: its metrics, privacy spending and warnings.
+
+    Parameters
+    ----------
+    metrics : dict
+        The run's metrics.json.
+    run_dir : str
+        The run directory, named as where the results and report.md are.
+    console : Console, optional
+        Where to print; a new Console if not given.
+    """
     console = console or Console()
     final, privacy, data = metrics["final"]["global"], metrics["privacy"], metrics["data"]
     console.print(
