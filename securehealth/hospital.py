@@ -113,28 +113,13 @@ class Hospital:
                 return parameters, 0, self._report(ReportStatus.REFUSED, server_round, reason)
         provisional = operating_point.working_threshold(self.cfg.decision_threshold)
         self._evaluate_locally(parameters, server_round - 1, provisional)
-        n, cfg = len(self.y), self.cfg
+        cfg = self.cfg
         sample_rate, steps = self.sampling()
         limit = dpsgd.noise_limit(self.sampled_patients, sum(p.size for p in parameters), cfg)
         # Read, check, train and record under the ledger's lock: a concurrent training
         # on the same patients waits, and sees this one's release.
         with self.ledger.transaction():
-            try:
-                self.ledger.note_dataset(
-                    data.fingerprint(self.x, self.y),
-                    n,
-                    # For the ledger index's claim on the hospital's own data file.
-                    data.patients_fingerprint(((self.x, self.y), self.held_out))
-                    if self.ledger.data_file is not None
-                    else "",
-                )
-            except data_index.DataClaimed as error:
-                log(ERROR, "Hospital %s: %s", self.hospital, error)  # its paths stay here
-                raise LedgerError(
-                    f"hospital {self.hospital}'s data is accounted in another privacy "
-                    f"ledger on its machine, so it does not train with this one (details in "
-                    f"its own log)"
-                ) from None
+            self._note_dataset()
             try:
                 sigma = self.ledger.noise_for_round(
                     self.run_id,
@@ -146,19 +131,7 @@ class Hospital:
                     is not None,
                 )
             except NoiseBeyondLimit as refusal:
-                reason = (
-                    f"epsilon {cfg.epsilon:g} is too small for {cfg.rounds} rounds: the noise "
-                    f"it needs would move the model further than max_update_norm "
-                    f"{cfg.max_update_norm:g} a round, and the server would reject every "
-                    f"update; with {n} training patients this hospital needs a budget of at "
-                    f"least {refusal.least_epsilon:.3g} for {cfg.rounds} rounds (or fewer "
-                    f"rounds)"
-                    if refusal.least_epsilon is not None
-                    else f"max_update_norm {cfg.max_update_norm:g} is too small for any "
-                    f"budget: even the least noise this hospital trains with would move the "
-                    f"model further than that a round, and the server would reject every "
-                    f"update; raise max_update_norm or lower learning_rate"
-                )
+                reason = self._noise_refusal(refusal)
                 return parameters, 0, self._report(ReportStatus.REFUSED, server_round, reason)
             except BudgetExhausted as refusal:
                 return parameters, 0, self._report(ReportStatus.REFUSED, server_round, str(refusal))
@@ -166,6 +139,48 @@ class Hospital:
             steps_taken = self._train(model, sigma, (sample_rate, steps))
             self.ledger.record(self.run_id, server_round, sigma, sample_rate, steps_taken)
             return get_weights(model), len(self.y), self._report(ReportStatus.TRAINED, server_round)
+
+    def _note_dataset(self) -> None:
+        """Record in the ledger which patients this training uses; LedgerError if claimed.
+
+        A ledger index on the machine refuses data already accounted in another
+        ledger; the paths it names stay in this hospital's own log.
+        """
+        try:
+            self.ledger.note_dataset(
+                data.fingerprint(self.x, self.y),
+                len(self.y),
+                # For the ledger index's claim on the hospital's own data file.
+                data.patients_fingerprint(((self.x, self.y), self.held_out))
+                if self.ledger.data_file is not None
+                else "",
+            )
+        except data_index.DataClaimed as error:
+            log(ERROR, "Hospital %s: %s", self.hospital, error)
+            raise LedgerError(
+                f"hospital {self.hospital}'s data is accounted in another privacy "
+                f"ledger on its machine, so it does not train with this one (details in "
+                f"its own log)"
+            ) from None
+
+    def _noise_refusal(self, refusal: NoiseBeyondLimit) -> str:
+        """Why the noise this run needs is more than any update the server accepts."""
+        cfg = self.cfg
+        if refusal.least_epsilon is None:
+            return (
+                f"max_update_norm {cfg.max_update_norm:g} is too small for any "
+                f"budget: even the least noise this hospital trains with would move the "
+                f"model further than that a round, and the server would reject every "
+                f"update; raise max_update_norm or lower learning_rate"
+            )
+        return (
+            f"epsilon {cfg.epsilon:g} is too small for {cfg.rounds} rounds: the noise "
+            f"it needs would move the model further than max_update_norm "
+            f"{cfg.max_update_norm:g} a round, and the server would reject every "
+            f"update; with {len(self.y)} training patients this hospital needs a budget of at "
+            f"least {refusal.least_epsilon:.3g} for {cfg.rounds} rounds (or fewer "
+            f"rounds)"
+        )
 
     @property
     def sampled_patients(self) -> int:

@@ -165,49 +165,21 @@ class HospitalFedAvg(FedAvg):
         results: list[tuple[Any, FitRes]],
         failures: list[tuple[Any, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """The new global model from this round's sound updates, combined (no
-        hospital's FedAvg weight above the rest's together) and stepped to with the
-        server's momentum, unless the round must be thrown away (_discard_reason).
-        Under SecAgg+ every result carries the same, already summed model: it is
-        checked as a whole."""
-        outcome, accepted = RoundOutcome(server_round), []
+        """Combine the round's sound updates into the new global model (None if none may count).
+
+        No hospital's FedAvg weight counts for more than the rest's together, and the
+        server's momentum steps towards the combined model, unless the round must be
+        thrown away (_discard_reason). Under SecAgg+ every result carries the same,
+        already summed model: it is checked as a whole. What became of each reply is
+        kept in `last_round`.
+        """
+        outcome = RoundOutcome(server_round)
         self.last_round = outcome
-        for proxy, fit_res in results:
-            hospital = self.admission.members.get(proxy.node_id)
-            name = str(proxy.node_id if hospital is None else hospital)
-            try:
-                if hospital is None:
-                    raise UnsoundReport(f"node {proxy.node_id} is not an admitted hospital")
-                report = PrivacyReport.read(
-                    dict(fit_res.metrics),
-                    hospital=hospital,
-                    num_examples=fit_res.num_examples,
-                    previous=self.reports.get(name),
-                    max_patients=self.cfg.max_patients,
-                )
-            except UnsoundReport as problem:
-                self._reject(outcome, name, str(problem))
-                continue
-            outcome.reports[name] = report
-            if report.status != ReportStatus.TRAINED:
-                log(
-                    WARNING,
-                    "Hospital %s did not train in round %d: %s",
-                    name,
-                    server_round,
-                    report.reason,
-                )
-                continue
-            try:
-                weights = parameters_to_ndarrays(fit_res.parameters)
-            except (ValueError, OSError, EOFError) as error:  # bytes that are no arrays
-                self._reject(outcome, name, f"its update is not arrays ({error})")
-                continue
-            problem = None if self.secure else self.check_update(weights)
-            if problem:
-                self._reject(outcome, name, problem)
-            else:
-                accepted.append((name, weights, fit_res.num_examples))
+        accepted = []
+        for reply in results:
+            update = self._read_reply(outcome, reply)
+            if update:
+                accepted.append(update)
         outcome.failures = [failure_reason(f) for f in failures]
         for reason in outcome.failures:
             log(WARNING, "A hospital failed in round %d: %s", server_round, reason)
@@ -219,17 +191,63 @@ class HospitalFedAvg(FedAvg):
         outcome.accepted = len(accepted)
         if not accepted:
             return None, {}
-        if self.secure:
-            combined = accepted[0][1]
-        else:
-            updates = bounded_weights(accepted)
-            outcome.weights_capped = {
-                name: [claimed, used]
-                for (name, _, claimed), (_, _, used) in zip(accepted, updates, strict=True)
-                if used < claimed
-            }
-            combined = combine(self.cfg.aggregation, [(w, p) for _, w, p in updates])
+        combined = accepted[0][1] if self.secure else self._combine(outcome, accepted)
         return ndarrays_to_parameters(self.server_momentum.step(self.global_weights, combined)), {}
+
+    def _read_reply(
+        self, outcome: RoundOutcome, reply: tuple[Any, FitRes]
+    ) -> tuple[str, list[np.ndarray], int] | None:
+        """One hospital's training reply: (hospital, weights, patients) if it may count, else None.
+
+        Its report goes into `outcome` if it is sound; an unsound report or update is
+        rejected there, by hospital, with why.
+        """
+        proxy, fit_res = reply
+        hospital = self.admission.members.get(proxy.node_id)
+        name = str(proxy.node_id if hospital is None else hospital)
+        try:
+            if hospital is None:
+                raise UnsoundReport(f"node {proxy.node_id} is not an admitted hospital")
+            report = PrivacyReport.read(
+                dict(fit_res.metrics),
+                hospital=hospital,
+                num_examples=fit_res.num_examples,
+                previous=self.reports.get(name),
+                max_patients=self.cfg.max_patients,
+            )
+            outcome.reports[name] = report
+            if report.status != ReportStatus.TRAINED:
+                log(
+                    WARNING,
+                    "Hospital %s did not train in round %d: %s",
+                    name,
+                    outcome.server_round,
+                    report.reason,
+                )
+                return None
+            try:
+                weights = parameters_to_ndarrays(fit_res.parameters)
+            except (ValueError, OSError, EOFError) as error:  # bytes that are no arrays
+                raise UnsoundReport(f"its update is not arrays ({error})") from None
+            problem = None if self.secure else self.check_update(weights)
+            if problem:
+                raise UnsoundReport(problem)
+        except UnsoundReport as problem:
+            self._reject(outcome, name, str(problem))
+            return None
+        return name, weights, fit_res.num_examples
+
+    def _combine(
+        self, outcome: RoundOutcome, accepted: list[tuple[str, list[np.ndarray], int]]
+    ) -> list[np.ndarray]:
+        """The accepted updates combined by the run's aggregation, each weight bounded."""
+        updates = bounded_weights(accepted)
+        outcome.weights_capped = {
+            name: [claimed, used]
+            for (name, _, claimed), (_, _, used) in zip(accepted, updates, strict=True)
+            if used < claimed
+        }
+        return combine(self.cfg.aggregation, [(w, p) for _, w, p in updates])
 
     def _discard_reason(
         self, outcome: RoundOutcome, accepted: list[tuple[str, list[np.ndarray], int]]
