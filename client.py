@@ -1,6 +1,8 @@
-"""A hospital in a deployment: `python client.py --client-id N` (usage:
-securehealth/commands.py; the installed console script `securehealth-client` is the
-same command). Its Flower ClientApp is securehealth/clientapp.py.
+"""A hospital in a deployment: `python client.py --client-id N`.
+
+`python client.py --help` gives its usage (kept in securehealth/commands.py); the
+installed console script `securehealth-client` is the same command. Its Flower
+ClientApp is securehealth/clientapp.py.
 """
 
 import sys

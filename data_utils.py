@@ -1,12 +1,9 @@
-"""The patients a federation trains on, for scripts and notebooks: a facade over
-securehealth.data, where each data source is a module in one registry (SOURCES).
+"""The patients a federation trains on, for scripts and notebooks: securehealth.data's names.
 
-    import data_utils
     cfg = securehealth.settings.resolve({"dataset": "breast-cancer"})
     (train_x, train_y), (test_x, test_y) = data_utils.hospital_data(cfg, 0)
 
-To add a data source, write a module like securehealth/data/synthetic.py and add it
-to securehealth.data.SOURCES: the `dataset` setting then accepts its name.
+A data source is a module (like securehealth/data/synthetic.py) in securehealth.data.SOURCES.
 """
 
 from securehealth.data import *  # noqa: F403 (the facade: every public name)
