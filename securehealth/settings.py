@@ -99,7 +99,24 @@ def _convert(name, raw):
 
 
 def resolve(overrides: dict[str, Any] | None = None) -> Settings:
-    """Defaults updated with `overrides` (a dict), converted and validated."""
+    """Return config.py's defaults updated with `overrides`, converted and validated.
+
+    Parameters
+    ----------
+    overrides : dict, optional
+        Settings by name; values may be text (a flag) or JSON/run-config values.
+
+    Returns
+    -------
+    Settings
+        The run's settings.
+
+    Raises
+    ------
+    SettingsError
+        On an unknown name, a value of the wrong type, a value outside its range, or
+        settings that cannot go together; the message names the setting.
+    """
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
@@ -138,9 +155,11 @@ def resolve(overrides: dict[str, Any] | None = None) -> Settings:
 
 
 def decide_auto(cfg: Settings, simulation: bool = False) -> Settings:
-    """Settings with secure_aggregation "auto" decided: on between machines, off in
-    a simulation (one machine holds every hospital's data: there is nothing to hide
-    from the server, and the protocol costs three more exchanges a round)."""
+    """Return `cfg` with secure_aggregation "auto" decided: on between machines, off in simulation.
+
+    A simulation's machine holds every hospital's data, so there is nothing to hide from
+    the server, and the protocol costs three more exchanges a round.
+    """
     if cfg.secure_aggregation != "auto":
         return cfg
     return resolve({**vars(cfg), "secure_aggregation": "off" if simulation else "on"})
@@ -150,8 +169,7 @@ UNACCOUNTED_FLAG = "--unaccounted-privacy-spend"
 
 
 def add_unaccounted_flag(parser: argparse.ArgumentParser) -> None:
-    """The flag with which an operator runs a tool that trains outside the
-    hospitals' privacy ledgers on their own (csv) patients."""
+    """Add the flag that lets a tool train on real (csv) patients outside their privacy ledgers."""
     parser.add_argument(
         UNACCOUNTED_FLAG,
         dest="unaccounted_privacy_spend",
@@ -162,9 +180,25 @@ def add_unaccounted_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def check_accounted(cfg: Settings, allowed: bool, what: str) -> None:
-    """Refuse `what` on real patients unless the operator said, with the flag, that
-    its privacy spend goes unaccounted. A demonstration's data (generated, or shipped
-    with this code: securehealth/data/demonstration.py) is free to use."""
+    """Refuse `what` on real patients unless the operator accepted its unaccounted privacy spend.
+
+    A demonstration's data (generated, or shipped with this code:
+    securehealth/data/demonstration.py) is free to use.
+
+    Parameters
+    ----------
+    cfg : Settings
+        The run's settings (its data sets are checked).
+    allowed : bool
+        Whether the operator passed --unaccounted-privacy-spend.
+    what : str
+        The tool, as the error message names it.
+
+    Raises
+    ------
+    SettingsError
+        If the data are real patients' and `allowed` is false.
+    """
     from securehealth.data.demonstration import all_demonstration
 
     if not allowed and not all_demonstration(cfg):
@@ -184,8 +218,10 @@ def _unknown_message(name):
 
 
 def _run_config_value(value):
-    """A setting as a Flower run config value (bool, int, float or str): a tuple of
-    layer widths becomes "32,16"."""
+    """Return a setting as a Flower run config value (bool, int, float or str).
+
+    A tuple of layer widths becomes "32,16".
+    """
     if isinstance(value, StrEnum):
         return str(value)
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
@@ -197,22 +233,39 @@ def as_text(value: Any) -> str:
 
 
 def to_run_config(cfg: Settings) -> dict:
-    """The settings as Flower's typed run config (one key per setting, as in
-    pyproject.toml's [tool.flwr.app.config])."""
+    """Return the settings as Flower's typed run config.
+
+    One key per setting, as in pyproject.toml's [tool.flwr.app.config].
+    """
     return {name: _run_config_value(value) for name, value in vars(cfg).items()}
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> Settings:
-    """The settings a Flower app was started with: its run config's keys (those of
-    pyproject.toml, with `flwr run --run-config` overrides), converted and validated."""
+    """Return the settings a Flower app was started with, converted and validated.
+
+    They are its run config's keys: those of pyproject.toml, with
+    `flwr run --run-config` overrides. Raises SettingsError as `resolve` does.
+    """
     return resolve({name: run_config[name] for name in DEFAULTS if name in run_config})
 
 
 def check_defaults(run_config: Mapping[str, Any], overridden: Collection[str]) -> None:
-    """Raise SettingsError where a run takes a setting from pyproject.toml's
-    [tool.flwr.app.config] (`overridden` holds the keys `flwr run --run-config`, or
-    simulation.py and server.py, set) that differs from config.py: config.py is
-    where defaults live, and a bare `flwr run` must not train with others."""
+    """Refuse a default from pyproject.toml's [tool.flwr.app.config] that differs from config.py.
+
+    config.py is where defaults live, and a bare `flwr run` must not train with others.
+
+    Parameters
+    ----------
+    run_config : Mapping
+        The Flower run config the app was started with.
+    overridden : Collection of str
+        The keys that `flwr run --run-config`, or simulation.py and server.py, set.
+
+    Raises
+    ------
+    SettingsError
+        If a key not in `overridden` has a value other than config.py's default.
+    """
     for name, default in DEFAULTS.items():
         if name in run_config and name not in overridden:
             if _convert(name, run_config[name]) != default:
@@ -256,16 +309,33 @@ def positive_float(text: str) -> float:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        """One line on stderr and exit code 2, never a usage dump or traceback, nor a
-        huge value echoed back (text.shortened)."""
+        """Exit with code 2 and one line on stderr.
+
+        Never a usage dump or traceback, nor a huge value echoed back (text.shortened).
+        """
         self.exit(2, f"{self.prog}: error: {shortened(message)}\n")
 
 
 def make_parser(
     description: str | None, names: Sequence[str] = tuple(DEFAULTS)
 ) -> argparse.ArgumentParser:
-    """An argparse parser with a --name (or --name-with-dashes) flag for each setting
-    in `names`: a script offers only the settings it really uses."""
+    """Return an argparse parser with a flag for each setting in `names`.
+
+    Each setting is --name or --name-with-dashes; a script offers only the settings it
+    really uses, and --overwrite with run_dir.
+
+    Parameters
+    ----------
+    description : str or None
+        The script's --help text.
+    names : Sequence of str
+        The settings the script takes (by default, all of them).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        A parser whose errors are one line and exit code 2; pass it to `parse`.
+    """
     parser = _Parser(
         description=description,
         allow_abbrev=False,
@@ -276,7 +346,7 @@ def make_parser(
     for name in names:
         default = DEFAULTS[name]
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = as_text(default) if isinstance(default, tuple | StrEnum) else default
         group.add_argument(
             *flags,
             dest=name,
@@ -296,8 +366,25 @@ def make_parser(
 def parse(
     parser: argparse.ArgumentParser, argv: list[str] | None = None, simulation: bool = False
 ) -> tuple[Settings, argparse.Namespace]:
-    """Parse the command line into (settings, the parsed arguments), with "auto"
-    decided for a simulation or a deployment; exit 2 on error."""
+    """Parse the command line into the run's settings and the parsed arguments.
+
+    On an unknown flag or an invalid value, exit with code 2 and one line on stderr.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        A parser from `make_parser`, to which the script may have added its own flags.
+    argv : list of str, optional
+        The arguments; None reads sys.argv.
+    simulation : bool
+        Whether secure_aggregation "auto" is decided for a simulation (off) or a
+        deployment (on).
+
+    Returns
+    -------
+    tuple of (Settings, argparse.Namespace)
+        The validated settings, and every parsed argument (the script's own flags too).
+    """
     args, unknown = parser.parse_known_args(argv)
     try:
         if unknown:
