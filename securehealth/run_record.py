@@ -1,6 +1,8 @@
-"""The run's record, metrics.json: the settings, each round's global metrics and the
-hospitals' privacy reports, the final figures and the privacy summary. Written after
-every change (see results.py), so that a reader always sees the run as it stands."""
+"""The run's record, metrics.json: settings, rounds, final figures and the privacy summary.
+
+`RunRecord` rewrites the file after every change (see results.py), so that a reader
+always sees the run as it stands.
+"""
 
 import os
 import socket
@@ -9,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from securehealth.privacy.report import PrivacyReport
-from securehealth.results import METRICS_FILE, started_at, write_json
+from securehealth.results import METRICS_FILE, RunStatus, started_at, write_json
 
 # What a hospital reports about its own privacy spending, as metrics.json records it:
 # epsilon is cumulative over every release on its patients (all listed in
@@ -36,7 +38,7 @@ class RunRecord:
         self.cfg, self.path = cfg, Path(run_dir) / METRICS_FILE
         self.started = time.monotonic()
         self.results = {
-            "status": "running",
+            "status": RunStatus.RUNNING,
             # Who records it: while it says "running", a reader that finds this
             # process gone marks the run interrupted (current_status).
             "recorder": {
@@ -55,14 +57,24 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
+        """Write `results` to metrics.json."""
         write_json(self.path, self.results)
 
     def add_round(
         self, server_round: int, metrics: dict[str, Any], outcome: dict[str, Any]
     ) -> None:
-        """A finished round: the global model's metrics and what happened to each
-        hospital's update (`outcome`: hospitals_trained, failures, rejected, hospitals
-        and, if so, why the round's sum was discarded)."""
+        """Record a finished round and save.
+
+        Parameters
+        ----------
+        server_round : int
+            The round's number, from 1.
+        metrics : dict
+            The global model's metrics after the round.
+        outcome : dict
+            What happened to each hospital's update: hospitals_trained, failures,
+            rejected, hospitals and, if so, why the round's sum was discarded.
+        """
         self.results["rounds"].append(
             {
                 "round": server_round,
@@ -74,6 +86,7 @@ class RunRecord:
         self.save()
 
     def discard_round(self, server_round: int, reason: str) -> None:
+        """Note that the round's combined update was discarded, and why; saved with the round."""
         self.results.setdefault("discarded_rounds", []).append(
             {"round": server_round, "reason": reason}
         )
@@ -112,12 +125,12 @@ class RunRecord:
 
 
 def _privacy_summary(report: PrivacyReport) -> dict[str, Any]:
-    """A hospital's privacy as the run's summary records it: its report without its reason."""
+    """Return a hospital's privacy as the run's summary records it: its report, less its reason."""
     record = report.as_record()
     return {key: record[key] for key in (*PRIVACY_KEYS, "patients", "status")}
 
 
 def common_value(values: list[Any]) -> Any:
-    """The value all hospitals reported, "per hospital" if they differ (None without any)."""
+    """Return the value all hospitals reported, "per hospital" if they differ (None without any)."""
     distinct = set(values)
     return distinct.pop() if len(distinct) == 1 else ("per hospital" if distinct else None)
