@@ -1,13 +1,9 @@
-"""Who counts in a deployed run, and what the server accepts from them.
+"""Who counts in a deployed run: the server admits each connected node as a hospital, or not.
 
-Before any hospital trains, the server asks every connected node to be admitted:
-the node answers with its hospital number, whether it agrees with the settings that
-can void a round (secure aggregation), and, where the operator enrolled hospital
-keys, its signature of the server's challenge with its key (authorisation.py). A
-node joins the run only as a hospital it has proven to be, once per number; all
-others are refused and named, and never receive a training message. Every report a
-hospital sends afterwards is checked against its admitted number, the operator's
-patient cap and its own earlier reports (privacy/report.py's `PrivacyReport.read`).
+`Admission.refresh` asks every new node for its hospital number, its agreement with the
+settings and, where hospital keys are enrolled, proof of its key (authorisation.py).
+A node joins only as a hospital it has proven to be, once per number; the others are
+refused, named, and never sent a training message (docs/explanation/threat-model.md).
 """
 
 import secrets
@@ -27,7 +23,19 @@ ADMISSION_TIMEOUT = 120  # seconds for a node to answer (it starts a ClientApp p
 
 
 class Admission:
-    """The run's members: connected nodes admitted as hospitals 0..num_clients-1."""
+    """The run's members: connected nodes admitted as hospitals 0..num_clients-1.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The run's grid, through which nodes are asked and told.
+    cfg : Settings
+        The run's settings (num_clients and secure_aggregation are read).
+    run_id : int
+        The run's id, part of what an enrolled hospital signs.
+    enrolled_keys : dict, optional
+        Hospital number to its enrolled public key; without it, no proof is asked for.
+    """
 
     def __init__(self, grid, cfg, run_id, enrolled_keys=None):
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
@@ -40,7 +48,12 @@ class Admission:
         self.waiting = {}
 
     def refresh(self) -> None:
-        """Ask every connected node not yet judged to be admitted, and judge it."""
+        """Ask every connected node not yet judged to be admitted, and judge it.
+
+        A node that has gone is forgotten (a restarted hospital is asked again); a node
+        that does not answer in time is asked at the next refresh; a refused node is
+        told why.
+        """
         connected = set(self.grid.get_node_ids())
         for judged in (self.members, self.waiting):
             for node in [n for n in judged if n not in connected]:
@@ -79,8 +92,10 @@ class Admission:
         self._tell_refused([node for node in sorted(new) if node in self.refused])
 
     def _tell_refused(self, nodes: list[int]) -> None:
-        """Tell each refused node why, so that its client.py stops instead of waiting
-        for a run it is not part of (node.hospital_mod); no answer is awaited."""
+        """Tell each refused node why, so that its client.py stops; no answer is awaited.
+
+        Without the notice, it would wait for a run it is not part of (node.hospital_mod).
+        """
         notices = [
             Message(
                 getpropertiesins_to_recorddict(
@@ -95,6 +110,7 @@ class Admission:
             self.grid.push_messages(notices)
 
     def _judge(self, node, answer, challenge):
+        """Admit `node`, refuse it, or hold it back while another node has its number."""
         hospital = answer.get("hospital")
         if not isinstance(hospital, int) or not 0 <= hospital < self.cfg.num_clients:
             return self._refuse(
@@ -129,14 +145,23 @@ class Admission:
             self.members[node] = hospital
 
     def _refuse(self, node, reason):
+        """Refuse `node` for this run, and log why."""
         self.refused[node] = reason
         log(WARNING, "Refused node %d: %s", node, reason)
 
     def complete(self) -> bool:
+        """Return whether every hospital 0..num_clients-1 has been admitted."""
         return sorted(self.members.values()) == list(range(self.cfg.num_clients))
 
     def refusals(self) -> list[dict[str, Any]]:
-        """For metrics.json: every node that was not admitted, and why."""
+        """Return every node that was not admitted, and why, as metrics.json records it.
+
+        Returns
+        -------
+        list of dict
+            One entry per node: "node" and "reason", and "hospital" for a hospital
+            that answered it cannot take part (the reason is its own).
+        """
         refused = sorted({**self.refused, **self.waiting}.items())
         return [{"node": str(n), "reason": r} for n, r in refused] + [
             {"node": str(n), "hospital": h, "reason": r}
@@ -144,6 +169,8 @@ class Admission:
         ]
 
     def hospitals(self) -> list[int]:
-        """The nodes known to be this run's hospitals, admitted or not (they are told
-        when the run ends)."""
+        """Return the nodes known to be this run's hospitals, admitted or not.
+
+        They are told when the run ends.
+        """
         return sorted({*self.members, *self.disagreeing})
