@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from securehealth.results import METRICS_FILE, read_json
+from securehealth.results import METRICS_FILE, RunStatus, read_json
 
 if TYPE_CHECKING:
     from securehealth.forecast import Forecast
@@ -252,7 +252,7 @@ def follow(
                 waiting = f"Waiting for hospitals: {connected}/{cfg.num_clients} admitted"
                 description = "Federated training" if connected == cfg.num_clients else waiting
                 progress.update(task, completed=shown, description=description)
-            if finished or (metrics and metrics["status"] != "running"):
+            if finished or (metrics and metrics["status"] != RunStatus.RUNNING):
                 return metrics
             time.sleep(0.2)
 

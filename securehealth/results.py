@@ -21,23 +21,32 @@ import socket
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
-# How a run that ran to its end finished: its model may be unusable, or trained by
-# fewer hospitals than it started with (clinical.usefulness_warnings, metrics.json's
-# "warnings"); the launchers then exit with EXIT_WARNINGS.
-FINISHED, FINISHED_WITH_WARNINGS = "finished", "finished with warnings"
-INTERRUPTED = "interrupted"  # stopped before its end: Ctrl-C, SIGTERM, or found so later
-EXIT_WARNINGS = 3
+EXIT_WARNINGS = 3  # a launcher's exit code for a run that finished with warnings
+
+
+class RunStatus(StrEnum):
+    """Where a run stands: metrics.json's "status"."""
+
+    RUNNING = "running"
+    # Ran to its end; "with warnings" where its model may be unusable, or was trained
+    # by fewer hospitals than it started with (clinical.usefulness_warnings).
+    FINISHED = "finished"
+    FINISHED_WITH_WARNINGS = "finished with warnings"
+    FAILED = "failed"
+    STOPPED = "stopped"  # through Flower's Control API (`flwr stop`)
+    INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM, or its process found gone later
 
 
 def has_finished(status: str) -> bool:
-    """Whether a run with this status ran to its end (with warnings or without)."""
-    return status in (FINISHED, FINISHED_WITH_WARNINGS)
+    """Whether a run with this status (any text) ran to its end, with warnings or without."""
+    return status in (RunStatus.FINISHED, RunStatus.FINISHED_WITH_WARNINGS)
 
 
 # In a hospital's state directory, beside its privacy ledger: what it did last, and
@@ -202,7 +211,10 @@ def _delete_contents(folder: Path) -> None:
 
 
 def mark_stopped(
-    run_dir: Path, status: str, reason: str | None = None, replacing: tuple[str, ...] = ("running",)
+    run_dir: Path,
+    status: RunStatus,
+    reason: str | None = None,
+    replacing: tuple[RunStatus, ...] = (RunStatus.RUNNING,),
 ) -> None:
     """Leave a clear status (and why, if known) in metrics.json when the server
     could not, or in place of a status in `replacing` that the real cause explains."""
@@ -291,15 +303,15 @@ def current_status(run_dir: Path) -> str:
     tell, is taken at its word."""
     metrics = read_json(Path(run_dir) / METRICS_FILE)
     recorder = metrics.get("recorder")
-    if metrics["status"] != "running" or not recorder or recorder["started_at"] is None:
+    if metrics["status"] != RunStatus.RUNNING or not recorder or recorder["started_at"] is None:
         return metrics["status"]
     pid = recorder["pid"]
     if recorder["host"] != socket.gethostname() or started_at(pid) == recorder["started_at"]:
         return metrics["status"]
     mark_stopped(
         run_dir,
-        INTERRUPTED,
+        RunStatus.INTERRUPTED,
         f"the process that ran it (pid {pid}) ended without recording how (it was killed, "
         f"or its machine stopped)",
     )
-    return INTERRUPTED
+    return RunStatus.INTERRUPTED

@@ -43,7 +43,7 @@ from securehealth.flower import (
 )
 from securehealth.model import get_weights
 from securehealth.privacy.report import REASON_LIMIT
-from securehealth.results import FINISHED, FINISHED_WITH_WARNINGS, has_finished, run_directory
+from securehealth.results import RunStatus, has_finished, run_directory
 from securehealth.strategy import HospitalFedAvg
 from securehealth.text import untrusted
 
@@ -58,8 +58,16 @@ SECAGG_TIMEOUT = 300  # seconds; a hospital silent this long in a SecAgg+ step h
 
 
 def check_authorised(context: Context, run_dir: Path) -> None:
-    """In deployment (server.py set the operator's key), refuse a run its operator did
-    not sign, or one whose signature another run used, before anything is written."""
+    """Refuse a run its operator did not sign, or one whose signature another run used.
+
+    Checked in deployment only (server.py sets the operator's key), before anything is
+    written; the run claims its signature in `run_dir`.
+
+    Raises
+    ------
+    Unauthorised
+        If the run config's signature is missing, invalid or already used.
+    """
     operator_pub = os.environ.get(OPERATOR_PUB_VARIABLE)
     if operator_pub:
         try:
@@ -69,10 +77,12 @@ def check_authorised(context: Context, run_dir: Path) -> None:
 
 
 class HaltingSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ round, which halts (rather than ending the run with a bare
-    error) where the masked vectors cannot be summed: a hostile hospital may send
-    one of another shape. The round is then reported as halted, like one that too
-    few hospitals finished (strategy._check_round_applied)."""
+    """Flower's SecAgg+ round, which halts, rather than ending the run, where it cannot sum.
+
+    A hostile hospital may send a masked vector of another shape. The round is then
+    reported as halted, like one that too few hospitals finished
+    (strategy._check_round_applied).
+    """
 
     def __call__(self, grid: Grid, context: Context) -> None:
         try:
@@ -82,7 +92,7 @@ class HaltingSecAggPlus(SecAggPlusWorkflow):
 
 
 def workflow(cfg: SimpleNamespace) -> DefaultWorkflow:
-    """Flower's FedAvg workflow, its training through SecAgg+ where it is on."""
+    """Return Flower's FedAvg workflow, its training through SecAgg+ where it is on."""
     secure = HaltingSecAggPlus(
         SECAGG_SHARES, SECAGG_THRESHOLD, max_weight=cfg.max_patients, timeout=SECAGG_TIMEOUT
     )
@@ -93,15 +103,31 @@ def workflow(cfg: SimpleNamespace) -> DefaultWorkflow:
 def recorded_outcome(
     grid: Grid, strategy: HospitalFedAvg, admission: Admission, run_dir: Path
 ) -> Iterator[None]:
-    """Around the run: afterwards, tell the hospitals how it ended (with the final
-    model), write the report if it finished, and save its status in metrics.json."""
+    """Record the run's outcome, whatever happens inside the `with` block.
+
+    Afterwards, tell the hospitals how the run ended (with the final model), write the
+    report if it finished, and save its status in metrics.json; an error is recorded
+    and raised again.
+
+    Parameters
+    ----------
+    grid : Grid
+        The run's grid, through which the hospitals are told.
+    strategy : HospitalFedAvg
+        The run's strategy: its model, threshold and record.
+    admission : Admission
+        The run's members, who are told.
+    run_dir : Path
+        The run directory, where the report is written.
+    """
     results = strategy.record.results
     try:
         yield
-        status = FINISHED_WITH_WARNINGS if results.get("warnings") else FINISHED
+        warned = results.get("warnings")
+        status = RunStatus.FINISHED_WITH_WARNINGS if warned else RunStatus.FINISHED
     except BaseException as error:
         results["error"] = f"{type(error).__name__}: {error}"
-        status = "failed"
+        status = RunStatus.FAILED
         raise
     finally:
         try:
@@ -134,10 +160,24 @@ def recorded_outcome(
 def wait_for_hospitals(
     admission: Admission, cfg: SimpleNamespace, strategy: HospitalFedAvg
 ) -> None:
-    """Start only when every hospital 0..num_clients-1 has been admitted, and before
-    anyone trains, stop if one of them cannot take part (it disagrees on a setting
-    that would void the round, or refused the run); otherwise stop with a message
-    that says what to change, instead of waiting for a day."""
+    """Return once every hospital 0..num_clients-1 has been admitted, recording who joined.
+
+    Parameters
+    ----------
+    admission : Admission
+        The run's members, refreshed every second.
+    cfg : SimpleNamespace
+        The run's settings (num_clients and join_timeout are read).
+    strategy : HospitalFedAvg
+        The strategy whose record notes the connected and refused nodes.
+
+    Raises
+    ------
+    RuntimeError
+        Before anyone trains, if a hospital cannot take part (it disagrees on a setting
+        that would void the round, or refused the run), or if not every hospital was
+        admitted within join_timeout; the message says what to change.
+    """
     deadline = time.monotonic() + cfg.join_timeout
     while True:
         admission.refresh()
@@ -171,10 +211,23 @@ def wait_for_hospitals(
 def ask_operating_point(
     grid: Grid, strategy: HospitalFedAvg, admission: Admission, rounds: int
 ) -> None:
-    """Ask every admitted hospital for its operating point's histograms of the final
-    model (Hospital.release_operating_point), and have the strategy choose the
-    threshold from the replies that came within OPERATING_POINT_TIMEOUT. Not asked
-    where the run's decision threshold is fixed."""
+    """Have the strategy choose the decision threshold from the hospitals' histograms.
+
+    Every hospital is asked for its operating point's histograms of the final model
+    (Hospital.release_operating_point); the replies that come within
+    OPERATING_POINT_TIMEOUT are used. Nothing is asked where the threshold is fixed.
+
+    Parameters
+    ----------
+    grid : Grid
+        The run's grid.
+    strategy : HospitalFedAvg
+        The strategy, which holds the final model and chooses the threshold.
+    admission : Admission
+        The run's members, who are asked.
+    rounds : int
+        The number of rounds trained, sent with the request.
+    """
     if not strategy.chooses_threshold:
         return
     instruction = EvaluateIns(
@@ -211,14 +264,31 @@ def tell_hospitals(
     rounds: int,
     threshold: float,
 ) -> None:
-    """Tell the run's hospitals (`nodes`) that the run has ended, so that its launcher can
-    stop (a SuperNode never exits by itself), and give it the final model and its
-    decision threshold to evaluate on its own held-out patients. The NumPyClient API
-    has no message for this; an evaluate request carries it, and its reply is only
-    an acknowledgement.
+    """Tell the run's hospitals that the run has ended, with the final model and threshold.
 
-    Waiting for the acknowledgements is bounded: a hospital that vanishes midway
-    must not hold the server (Flower may retry pulling a half-sent reply for hours).
+    Each hospital's launcher can then stop (a SuperNode never exits by itself), and the
+    hospital evaluates the final model on its own held-out patients. The NumPyClient
+    API has no message for this; an evaluate request carries it, and its reply is only
+    an acknowledgement. Waiting for the acknowledgements is bounded by
+    END_NOTICE_TIMEOUT: a hospital that vanishes midway must not hold the server
+    (Flower may retry pulling a half-sent reply for hours).
+
+    Parameters
+    ----------
+    grid : Grid
+        The run's grid.
+    nodes : Iterable of int
+        The node ids of the run's hospitals.
+    status : str
+        The run's status (a RunStatus).
+    reason : str
+        Why the run failed; empty if it did not.
+    final_weights : list of np.ndarray
+        The final model's weights.
+    rounds : int
+        The number of rounds recorded.
+    threshold : float
+        The run's decision threshold.
     """
     instruction = evaluateins_to_recorddict(
         EvaluateIns(
@@ -243,9 +313,12 @@ def tell_hospitals(
 
 
 class PromptGrid(Grid):
-    """The run's Grid, collecting replies every 0.2 s where Flower's deployment Grid
-    waits 3 s between polls (measured: 1.5 s saved per round), and handing Flower's
-    workflows only replies they can read (`readable`)."""
+    """The run's Grid: prompter replies, and only replies Flower's workflows can read.
+
+    It collects replies every 0.2 s where Flower's deployment Grid waits 3 s between
+    polls (measured: 1.5 s saved per round), and hands the workflows each reply through
+    `readable`. The other methods delegate to the wrapped grid.
+    """
 
     def __init__(self, grid):
         self.grid = grid
@@ -274,6 +347,7 @@ class PromptGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Send `messages` and return the replies that came within `timeout` seconds (None: all)."""
         asked = dict(zip(self.push_messages(messages), messages, strict=True))
         waiting = set(asked)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -289,9 +363,23 @@ class PromptGrid(Grid):
 
 
 def readable(question: Message, reply: Message) -> Message:
-    """The reply, or an error reply from its node in its place if Flower's workflows
-    could not decode it (they would raise and end the run): whatever one node
-    sends fails that node, never the run."""
+    """Return the reply, or an error reply from its node if Flower's workflows could not decode it.
+
+    They would raise and end the run: whatever one node sends fails that node, never the
+    run.
+
+    Parameters
+    ----------
+    question : Message
+        The message the node answers, which says what its reply must hold.
+    reply : Message
+        The node's reply.
+
+    Returns
+    -------
+    Message
+        `reply`, or an error reply in its place.
+    """
     if reply.has_error():
         return reply
     try:
@@ -309,8 +397,11 @@ def readable(question: Message, reply: Message) -> Message:
 
 
 def enrolled_keys(cfg: SimpleNamespace) -> dict[int, ec.EllipticCurvePublicKey]:
-    """{hospital number: public key} of the hospitals the operator enrolled for this
-    server (server.py --hospital-keys), or {} where any hospital may join."""
+    """Return the public keys the operator enrolled for this server, by hospital number.
+
+    They come from server.py --hospital-keys; {} where any hospital may join. Raises
+    where the enrolled keys do not fit the run (certificates.check_hospital_keys).
+    """
     folder = os.environ.get(ENROLLED_KEYS_VARIABLE)
     if not folder:
         return {}

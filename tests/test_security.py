@@ -67,7 +67,7 @@ from securehealth.deployment import pinning, runtime, superlink_gate
 from securehealth.flower import APP_LAUNCHERS
 from securehealth.model import get_weights, load_model
 from securehealth.privacy.report import PrivacyReport, UnsoundReport
-from securehealth.results import EXIT_WARNINGS, FINISHED_WITH_WARNINGS, write_json
+from securehealth.results import EXIT_WARNINGS, RunStatus, write_json
 from securehealth.serverapp import readable
 from securehealth.strategy import AggregationError, HospitalFedAvg, failure_reason
 
@@ -154,7 +154,9 @@ def tampered_run(tmp_path, tampering, *args):
     app = app_copy(tmp_path / "app", TAMPERING_CLIENT.format(tampering=repr(tampering)))
     result = simulate(app, *args, "--run-dir", str(tmp_path / "run"))
     metrics = read_metrics(tmp_path / "run")
-    exit_code = {"finished": 0, FINISHED_WITH_WARNINGS: EXIT_WARNINGS}.get(metrics["status"])
+    exit_code = {"finished": 0, RunStatus.FINISHED_WITH_WARNINGS: EXIT_WARNINGS}.get(
+        metrics["status"]
+    )
     assert result.returncode == exit_code, result.stdout + result.stderr
     return " ".join(result.stdout.split()), metrics
 
@@ -164,7 +166,7 @@ def assert_last_round_short_of_one(metrics, run_dir):
 
     The report states the warning first.
     """
-    assert metrics["status"] == FINISHED_WITH_WARNINGS
+    assert metrics["status"] == RunStatus.FINISHED_WITH_WARNINGS
     warning = "only 2 of the 3 hospitals trained in the last round"
     assert warning in metrics["warnings"]
     report = (run_dir / "report.md").read_text()

@@ -36,8 +36,7 @@ from securehealth.deployment.processes import (
 )
 from securehealth.results import (
     EXIT_WARNINGS,
-    FINISHED_WITH_WARNINGS,
-    INTERRUPTED,
+    RunStatus,
     has_finished,
     mark_stopped,
 )
@@ -516,14 +515,14 @@ def run_federation(
             with flwr_run(flwr_home, address, cfg, federation_config, operator_key) as process:
                 metrics = display.follow(process, run_dir, cfg, console)
             # A stopped run's ServerApp may record the stop as its own failure first.
-            ended = (metrics or {}).get("status") in ("running", "failed")
+            ended = (metrics or {}).get("status") in (RunStatus.RUNNING, RunStatus.FAILED)
             stopped = ended and stopped_by_flower(flwr_home)
     except KeyboardInterrupt:
-        mark_stopped(run_dir, INTERRUPTED)
+        mark_stopped(run_dir, RunStatus.INTERRUPTED)
         console.print(f"[red]Interrupted.[/] Flower was stopped; partial results in {run_dir}")
         return 130, None
     except FlowerError as error:
-        mark_stopped(run_dir, "failed")
+        mark_stopped(run_dir, RunStatus.FAILED)
         console.print(f"[red]Flower failed:[/] {error}")
         return 1, None
     return _outcome(run_dir, metrics, stopped, console)
@@ -550,11 +549,12 @@ def _outcome(
             "stopped it. Hospitals that trained in the unfinished round have recorded it "
             "as spent; they leave once they lose the server (client.py --connect-timeout)"
         )
-        mark_stopped(run_dir, "stopped", reason, replacing=("running", "failed"))
+        replacing = (RunStatus.RUNNING, RunStatus.FAILED)
+        mark_stopped(run_dir, RunStatus.STOPPED, reason, replacing=replacing)
         console.print(f"[red]The run was stopped:[/] {reason}. Partial results in {run_dir}")
         return 1, None
     if not metrics or not has_finished(metrics["status"]):
-        mark_stopped(run_dir, "failed")
+        mark_stopped(run_dir, RunStatus.FAILED)
         error = (metrics or {}).get("error", "the server stopped without a result")
         log = run_dir / "flower" / "flwr-run.log"
         console.print(
@@ -566,4 +566,5 @@ def _outcome(
     # Dropouts are tolerated (min_fit_clients); a round that trained nobody is not.
     if display.idle_rounds(metrics):
         return 1, metrics
-    return (EXIT_WARNINGS if metrics["status"] == FINISHED_WITH_WARNINGS else 0), metrics
+    warned = metrics["status"] == RunStatus.FINISHED_WITH_WARNINGS
+    return (EXIT_WARNINGS if warned else 0), metrics
