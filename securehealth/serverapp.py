@@ -66,7 +66,8 @@ def check_authorised(context: Context, run_dir: Path) -> None:
     Raises
     ------
     Unauthorised
-        If the run config's signature is missing, invalid or already used.
+        If the run carries no valid signature of the operator, its settings or code
+        differ from the ones signed, or another run used its signature (a replay).
     """
     operator_pub = os.environ.get(OPERATOR_PUB_VARIABLE)
     if operator_pub:
@@ -399,8 +400,12 @@ def readable(question: Message, reply: Message) -> Message:
 def enrolled_keys(cfg: SimpleNamespace) -> dict[int, ec.EllipticCurvePublicKey]:
     """Return the public keys the operator enrolled for this server, by hospital number.
 
-    They come from server.py --hospital-keys; {} where any hospital may join. Raises
-    where the enrolled keys do not fit the run (certificates.check_hospital_keys).
+    They come from server.py --hospital-keys; {} where any hospital may join.
+
+    Raises
+    ------
+    ValueError
+        If the enrolled keys do not fit the run (certificates.check_hospital_keys).
     """
     folder = os.environ.get(ENROLLED_KEYS_VARIABLE)
     if not folder:
