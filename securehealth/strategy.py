@@ -1,10 +1,9 @@
-"""The server's strategy: FedAvg over the admitted hospitals (admission.py), each
-update checked before it counts, the global model evaluated on the server's own
-reference test set after every round, and every round recorded in the run's
-record (run_record.py).
+"""The server's strategy, `HospitalFedAvg`: FedAvg over the admitted hospitals (admission.py).
 
-It never computes a hospital's epsilon itself: each hospital accounts for its own
-data and reports what it has spent; the strategy checks and records those reports.
+Each update is checked before it counts, the global model is evaluated on the server's
+own reference test set after every round, and every round is recorded (run_record.py).
+It never computes a hospital's epsilon: each hospital accounts for its own data and
+reports what it has spent; the strategy checks and records those reports.
 """
 
 import math
@@ -86,7 +85,7 @@ class RoundOutcome:
         )
 
     def as_record(self) -> dict[str, Any]:
-        """The round's outcome as metrics.json records it beside the global metrics."""
+        """Return the round's outcome as metrics.json records it beside the global metrics."""
         return {
             "hospitals_trained": self.accepted,
             "failures": self.failures,
@@ -98,10 +97,21 @@ class RoundOutcome:
 
 
 class HospitalFedAvg(FedAvg):
-    """FedAvg over the admitted hospitals each round, recording each hospital's
-    privacy report, leaving out any hospital that refused to train, and rejecting
-    (by hospital) any update that is not a sound model of the right shape or comes
-    with an unsound report."""
+    """FedAvg over the admitted hospitals, each update and privacy report checked before it counts.
+
+    Each round it records every hospital's privacy report, leaves out any hospital that
+    declined to train, and rejects (by hospital) any update that is not a sound model of
+    the right shape or comes with an unsound report.
+
+    Parameters
+    ----------
+    cfg : Settings
+        The run's settings.
+    run_dir : Path
+        The run directory, where metrics.json and model.pt are written.
+    admission : Admission
+        The run's members: only admitted hospitals train, and their numbers name them.
+    """
 
     def __init__(self, cfg, run_dir, admission):
         self.schema = data.load_schema(cfg)
@@ -143,7 +153,27 @@ class HospitalFedAvg(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[Any, FitIns]]:
-        """Train every admitted hospital that is connected, and no other node."""
+        """Train every admitted hospital that is connected, and no other node.
+
+        Parameters
+        ----------
+        server_round : int
+            The round about to start, from 1.
+        parameters : Parameters
+            The global model that the hospitals start from.
+        client_manager : ClientManager
+            Flower's connected nodes.
+
+        Returns
+        -------
+        list of (ClientProxy, FitIns)
+            One training instruction per admitted, connected hospital.
+
+        Raises
+        ------
+        AggregationError
+            If fewer than min_fit_clients admitted hospitals are connected.
+        """
         self.admission.refresh()  # a hospital that restarted asks to be admitted again
         self.record.results["refused_nodes"] = self.admission.refusals()
         members = [
@@ -172,6 +202,20 @@ class HospitalFedAvg(FedAvg):
         thrown away (_discard_reason). Under SecAgg+ every result carries the same,
         already summed model: it is checked as a whole. What became of each reply is
         kept in `last_round`.
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        results : list of (ClientProxy, FitRes)
+            The hospitals' replies: an update with its privacy report, or a report only.
+        failures : list
+            The replies that failed, or their exceptions.
+
+        Returns
+        -------
+        tuple of (Parameters or None, dict)
+            The new global model (None keeps the old one), and no metrics.
         """
         outcome = RoundOutcome(server_round)
         self.last_round = outcome
@@ -252,14 +296,15 @@ class HospitalFedAvg(FedAvg):
     def _discard_reason(
         self, outcome: RoundOutcome, accepted: list[tuple[str, list[np.ndarray], int]]
     ) -> str | None:
-        """Why the round's accepted updates must not become the global model (None
-        if they may). Under SecAgg+ the sum is one update whose senders cannot be
-        told apart: it is thrown away whole if a hospital in it sent an unsound
-        report, or if it moves the model further than any honest round can
-        (max_update_norm: each honest hospital keeps its DP noise within it before it
-        trains, and a weighted mean of updates within it stays within it). With
-        SecAgg+ or without, fewer sound updates than min_fit_clients would be one
-        hospital's update presented as the federation's."""
+        """Return why the round's updates must not become the global model (None if they may).
+
+        Under SecAgg+ the sum is one update whose senders cannot be told apart: it is
+        thrown away whole if a hospital in it sent an unsound report, or if it moves the
+        model further than any honest round can (max_update_norm: each honest hospital
+        keeps its DP noise within it before it trains, and a weighted mean of updates
+        within it stays within it). With SecAgg+ or without, fewer sound updates than
+        min_fit_clients would be one hospital's update presented as the federation's.
+        """
         if self.secure and outcome.rejections:
             return (
                 "secure aggregation summed an update whose hospital sent an unsound report; "
@@ -291,12 +336,24 @@ class HospitalFedAvg(FedAvg):
 
     @property
     def secure(self) -> bool:
+        """Whether the round's training goes through SecAgg+ (the server sees only the sum)."""
         return self.cfg.secure_aggregation == "on"
 
     def check_update(self, weights: list[np.ndarray]) -> str | None:
-        """Why an update cannot go into the average (None if it can): a wrong
-        number or shape of arrays, NaN or infinite values, or a change larger than
-        max_update_norm, which honest DP-SGD training never makes."""
+        """Return why an update cannot go into the average (None if it can).
+
+        Parameters
+        ----------
+        weights : list of np.ndarray
+            A hospital's model after its round (or, under SecAgg+, the summed model).
+
+        Returns
+        -------
+        str or None
+            The problem: a wrong number or shape of arrays, NaN or infinite values, or
+            a change larger than max_update_norm, which honest DP-SGD training never
+            makes.
+        """
         expected = self.global_weights
         problem = weights_problem(weights, expected)
         if problem:
@@ -312,6 +369,7 @@ class HospitalFedAvg(FedAvg):
         return None
 
     def _evaluate_global(self, server_round, weights, config):
+        """Evaluate the global model on the reference test set; check and record a trained round."""
         if server_round > 0:
             self._check_round_applied(server_round)
         self.global_weights = weights
@@ -325,8 +383,10 @@ class HospitalFedAvg(FedAvg):
         return metrics["loss"], metrics
 
     def _stop_if_all_declined(self, server_round):
-        """Stop the run when every hospital declined a round (recorded as such): their
-        budgets do not come back, so every later round would be the same."""
+        """Stop the run when every hospital declined a round (recorded as such).
+
+        Their budgets do not come back, so every later round would be the same.
+        """
         if not self.last_round.all_declined:
             return
         raise AggregationError(
@@ -335,9 +395,11 @@ class HospitalFedAvg(FedAvg):
         )
 
     def _stop_after_discards(self):
-        """Stop the run once DISCARDS_BEFORE_STOP rounds were thrown away: whoever
-        sends what no honest hospital does would otherwise spend every hospital's
-        budget round after round."""
+        """Stop the run once DISCARDS_BEFORE_STOP rounds were thrown away.
+
+        Whoever sends what no honest hospital does would otherwise spend every
+        hospital's budget round after round.
+        """
         discarded = [r["round"] for r in self.record.results.get("discarded_rounds", [])]
         last = self.last_round.discarded
         if last and len(discarded) >= DISCARDS_BEFORE_STOP:
@@ -350,10 +412,13 @@ class HospitalFedAvg(FedAvg):
             )
 
     def _check_round_applied(self, server_round):
-        """Stop the run when a round's updates never reached the global model for a
-        reason other than spent budgets or a discarded sum, instead of carrying on
-        with a stale model. The hospitals that trained have recorded the round as
-        spent in their ledgers either way: their updates were released."""
+        """Stop the run when a round's updates were lost: SecAgg+ halted, or none could be used.
+
+        Carrying on would train from a stale model. A discarded round is only recorded
+        (_stop_after_discards counts them), and one that every hospital declined is
+        left to _stop_if_all_declined. The hospitals that trained have recorded the
+        round as spent in their ledgers either way: their updates were released.
+        """
         spent = (
             "the hospitals that trained in it have recorded it as spent in their privacy ledgers"
         )
@@ -378,6 +443,7 @@ class HospitalFedAvg(FedAvg):
         )
 
     def _record_round(self, server_round, metrics):
+        """Record the round in metrics.json and log its line."""
         self.record.add_round(server_round, metrics, self.last_round.as_record())
         max_epsilon = max((r.epsilon for r in self.reports.values()), default=0.0)
         log(
@@ -397,10 +463,17 @@ class HospitalFedAvg(FedAvg):
         return self.target is not None
 
     def choose_operating_point(self, replies: dict[int, EvaluateRes | str]) -> None:
-        """The decision threshold for the run's target, from the histograms of the
-        hospitals that released them ({node id: its reply, or why it has none}),
-        recorded in metrics.json with what each hospital did. Where no threshold can
-        be chosen the provisional one stays, and the run says so."""
+        """Choose the decision threshold for the run's target from the hospitals' histograms.
+
+        The choice is recorded in metrics.json with what each hospital did. Where no
+        threshold can be chosen the provisional one stays, and the run says so.
+
+        Parameters
+        ----------
+        replies : dict
+            Node id to its reply (an EvaluateRes with its report and histograms), or to
+            why it has none (str).
+        """
         released, outcome = [], {}
         for node, reply in replies.items():
             hospital = self.admission.members.get(node)
@@ -484,8 +557,11 @@ class HospitalFedAvg(FedAvg):
             raise UnsoundReport(str(problem)) from None
 
     def finish(self) -> None:
-        """Write model.pt with the run's decision threshold, and the final figures at
-        it, overall and per subgroup (the status is set by the caller)."""
+        """Write model.pt with the run's decision threshold, and record the final figures at it.
+
+        The figures are overall and per subgroup, with the usefulness warnings; the
+        caller sets the run's status.
+        """
         save_model(
             self.run_dir / MODEL_FILE,
             self.model,
@@ -520,9 +596,21 @@ class HospitalFedAvg(FedAvg):
 def bounded_weights(
     updates: list[tuple[str, list[np.ndarray], int]],
 ) -> list[tuple[str, list[np.ndarray], int]]:
-    """The updates (hospital, weights, patients claimed) with each FedAvg weight capped
-    at the sum of the others' (where there are others), so that no hospital, whatever
-    patient count it claims, outweighs the rest of the round together."""
+    """Return the updates with each FedAvg weight capped at the sum of the others'.
+
+    No hospital, whatever patient count it claims, then outweighs the rest of the round
+    together; a lone update is left as it is.
+
+    Parameters
+    ----------
+    updates : list of (str, list of np.ndarray, int)
+        Each update's hospital, weights and claimed patient count.
+
+    Returns
+    -------
+    list of (str, list of np.ndarray, int)
+        The same updates, each with the patient count it is weighted by.
+    """
     if len(updates) < 2:
         return updates
     total = sum(patients for _, _, patients in updates)
@@ -530,9 +618,11 @@ def bounded_weights(
 
 
 def failure_reason(failure: tuple[Any, FitRes] | BaseException) -> str:
-    """What a failed hospital's exception said (its start, without control
-    characters: the hospital chose it). Flower reports it as
-    "<class '...'>:<'Exception ClientAppException occurred. Message: what it said'>"."""
+    """Return what a failed hospital's exception said: its start, without control characters.
+
+    The hospital chose the text. Flower reports it as
+    "<class '...'>:<'Exception ClientAppException occurred. Message: what it said'>".
+    """
     if isinstance(failure, tuple):  # (client, FitRes) with an error status
         return untrusted(failure[1].status.message, REASON_LIMIT)
     error = failure.args[0] if failure.args else failure
