@@ -1,6 +1,9 @@
-"""The package's shape: Flower internals only behind securehealth/flower.py, the
-app bundle holding only what the hospitals and the ServerApp run, the apps never
-loading the tools or launchers, and one aggregation registry and FedAvg loop."""
+"""The package's shape, as docs/explanation/architecture.md describes it.
+
+Flower internals only behind securehealth/flower.py, the app bundle holding only what
+the hospitals and the ServerApp run, the apps never loading the tools or launchers,
+no import circles, and one aggregation registry and FedAvg loop.
+"""
 
 import ast
 import inspect
@@ -244,8 +247,10 @@ def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
 
 
 def test_pyproject_declares_every_setting_with_config_pys_default():
-    """`flwr run . --run-config "rounds=2"` needs each key declared; config.py is the
-    source of the values."""
+    """`flwr run . --run-config "rounds=2"` needs each key declared in pyproject.toml.
+
+    config.py is the source of the values.
+    """
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert {k: declared["config"][k] for k in settings.DEFAULTS} == settings.to_run_config(
         settings.resolve()
