@@ -14,7 +14,10 @@ from securehealth.privacy.report import Adjacency
 
 
 def setting(default: Any, description: str) -> Any:
-    """A setting's default and its one-line description (the scripts' --help, the reference)."""
+    """Return a dataclass field: a setting's default and its one-line description.
+
+    The description is the scripts' --help text and docs/reference/settings.md's.
+    """
     return field(default=default, metadata={"help": description})
 
 
