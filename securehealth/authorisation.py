@@ -23,11 +23,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from securehealth.state_directory import StateDirectory
+
 APP_DIR = Path(__file__).resolve().parents[1]
 SIGNED_RUN_KEYS = ("authorisation", "signature")  # run config keys the signature adds
 CLAIM_FILE = "authorisation.json"  # in a run's results folder: the run that used it
 # In a hospital's state directory: which run used each of the operator's authorisations.
-REGISTER_FILE = "authorisations.json"
 SIGNATURE = ec.ECDSA(hashes.SHA256())
 
 
@@ -227,7 +228,7 @@ def first_use(state_dir: Path, nonce: str, run_id: int | str) -> bool:
 
     The first run that presents it may, and no other, so a replayed authorisation spends
     nothing. The use is recorded at once, under a lock, in the register in the hospital's state
-    directory (REGISTER_FILE), for every run, a demonstration's too, so an authorisation used on
+    directory (its register_file), for every run, a demonstration's too, so an authorisation used on
     one is never good for a run on its own patients. The register is apart from the privacy
     ledger, whose guarantee a demonstration must not touch; authorisations listed in the ledger's
     own `authorisations` entry count as used too.
@@ -237,13 +238,13 @@ def first_use(state_dir: Path, nonce: str, run_id: int | str) -> bool:
     Unauthorised
         The register cannot be read or written.
     """
-    from securehealth.privacy.ledger import LEDGER_FILE
     from securehealth.results import read_json, write_json
 
-    path, ledger = state_dir / REGISTER_FILE, state_dir / LEDGER_FILE
+    state = StateDirectory(Path(state_dir))
+    path, ledger = state.register_file, state.ledger_file
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        with open(state_dir / f".{REGISTER_FILE}.lock", "a") as lock:
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             runs = read_json(path) if path.exists() else {}
             earlier = read_json(ledger).get("authorisations", {}) if ledger.exists() else {}

@@ -32,20 +32,14 @@ from securehealth.privacy import data_index, dpsgd
 from securehealth.privacy.accountant import ACCOUNTANT, BudgetExhausted, NoiseBeyondLimit
 from securehealth.privacy.ledger import (
     DP_SGD,
-    LEDGER_FILE,
     OPERATING_POINT,
     LedgerError,
     PrivacyLedger,
     lasting_trace,
 )
 from securehealth.privacy.report import Adjacency, PrivacyReport, ReportedRelease, ReportStatus
-from securehealth.results import (
-    EVALUATION_FILE,
-    STATUS_FILE,
-    has_finished,
-    read_json,
-    write_json,
-)
+from securehealth.results import has_finished, read_json, write_json
+from securehealth.state_directory import EVALUATION_FILE, StateDirectory
 
 # What a release in the report to the server says: enough to recompute epsilon, and
 # no run ids of other federations (they would link this hospital's participation).
@@ -344,9 +338,10 @@ class Hospital:
         ).to_metrics()
         now = datetime.now(UTC).isoformat(timespec="seconds")
         status = {**report, "round": server_round, "utc": now, "ledger": str(self.ledger.path)}
-        path = self.state_dir / STATUS_FILE
+        state = StateDirectory(self.state_dir)
+        path = state.status_file
         if self.ledger.directory != self.state_dir and path.exists():  # a demonstration's run
-            lasting = lasting_trace(read_json(path), self.state_dir / LEDGER_FILE)
+            lasting = lasting_trace(read_json(path), state.ledger_file)
             status |= {"lasting": lasting} if lasting else {}
         write_json(path, status)
         return report

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from logging import ERROR
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
@@ -42,13 +42,10 @@ from securehealth.privacy.ledger import LedgerError
 from securehealth.privacy.report import REASON_LIMIT, Adjacency
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
-    DEMO_RUNS_DIR,
-    STATUS_FILE,
     default_state_root,
     lasting_hospitals_dir,
-    read_json,
-    write_json,
 )
+from securehealth.state_directory import StateDirectory
 from securehealth.text import untrusted
 
 if TYPE_CHECKING:
@@ -56,7 +53,6 @@ if TYPE_CHECKING:
 
 # In a hospital's state directory: its identity for servers that admit only enrolled
 # hospitals.
-AUTH_KEY = "hospital.key"
 REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
 
 
@@ -220,23 +216,11 @@ def check_run(context: Context, state_dir: Path) -> None:
         raise
 
 
-def _refuse_run(state_dir, run_id, reason):
-    """Tell this hospital's operator (client.py watches the status file), keeping
-    what the file says was spent: it is a trace the ledger relies on if it is lost."""
+def _refuse_run(state_dir: Path, run_id: int, reason: str) -> None:
+    """Tell this hospital's operator that it refused the run (client.py watches its status)."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
-    write_json(Path(state_dir) / STATUS_FILE, {**_spent_trace(state_dir), **status})
-
-
-def _spent_trace(state_dir) -> dict[str, Any]:
-    """What the status file says this hospital spent (and where its ledger is), to
-    keep when another status replaces it: a trace the ledger relies on if it is lost."""
-    path = Path(state_dir) / STATUS_FILE
-    try:
-        before = read_json(path) if path.exists() else {}
-        return {k: before[k] for k in ("epsilon", "ledger", "lasting") if k in before}
-    except (OSError, ValueError, TypeError):
-        return {}
+    StateDirectory(Path(state_dir)).write_status(status)
 
 
 def _record_not_admitted(context: Context, reason: str) -> None:
@@ -250,8 +234,8 @@ def _record_not_admitted(context: Context, reason: str) -> None:
         if not state_dir:
             return  # no state directory of its own: nobody to tell
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    status = {"status": NOT_ADMITTED, "run_id": str(context.run_id), "reason": reason}
-    write_json(Path(state_dir) / STATUS_FILE, {**_spent_trace(state_dir), **status, "utc": now})
+    status = {"status": NOT_ADMITTED, "run_id": str(context.run_id), "reason": reason, "utc": now}
+    StateDirectory(Path(state_dir)).write_status(status)
 
 
 def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str, Scalar]:
@@ -283,7 +267,7 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
                 f"--{name.replace('_', '-')} {value}, or ask the server's operator)"
             )
             _refuse_run(state_dir, context.run_id, problem)
-    key = state_dir / AUTH_KEY
+    key = StateDirectory(state_dir).key_file
     proof = ""
     if not is_simulated(context) and key.exists():
         proof = prove_identity(
@@ -337,7 +321,7 @@ def hospital_state_dir(
         if not (is_demonstration(context, cfg, hospital) if demo is None else demo):
             return lasting_hospitals_dir() / f"hospital-{hospital}"
         demonstrations = os.environ.get(DEMO_HOSPITALS_DIR_VARIABLE)
-        runs = default_state_root() / DEMO_RUNS_DIR / str(int(context.run_id))
+        runs = StateDirectory(default_state_root()).demo_run(context.run_id)
         return Path(demonstrations or runs) / f"hospital-{hospital}"
     if context.node_config.get("state-dir"):
         return Path(context.node_config["state-dir"])
@@ -357,4 +341,4 @@ def ledger_dir(context: Context, cfg: Settings, hospital: int, demo: bool | None
     state_dir = hospital_state_dir(context, cfg, hospital, demo)
     if is_simulated(context) or not demo:
         return state_dir
-    return state_dir / DEMO_RUNS_DIR / str(int(context.run_id))
+    return StateDirectory(state_dir).demo_run(context.run_id)

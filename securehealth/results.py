@@ -49,14 +49,6 @@ def has_finished(status: str) -> bool:
     return status in (RunStatus.FINISHED, RunStatus.FINISHED_WITH_WARNINGS)
 
 
-# In a hospital's state directory, beside its privacy ledger: what it did last, and
-# how each global model did on its held-out patients (both stay there).
-STATUS_FILE = "status.json"
-EVALUATION_FILE = "evaluation.json"
-# Where a deployed hospital on a demonstration's data keeps each run's ledger and
-# evaluations: demo-runs/<run id>/ in its state directory (data/demonstration.py).
-DEMO_RUNS_DIR = "demo-runs"
-
 # Where simulated hospitals keep their state (hospital-<i>/ inside it): set on the
 # machine that runs them (simulation.py does), never by the server; optional.
 HOSPITALS_DIR_VARIABLE = "SECUREHEALTH_HOSPITALS_DIR"

@@ -9,8 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from securehealth import data
-from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
+from securehealth.privacy.ledger import LedgerError, check_before_start
 from securehealth.results import lasting_hospitals_dir
+from securehealth.state_directory import LEDGER_FILE
 
 
 def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | None]:

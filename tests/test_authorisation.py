@@ -22,8 +22,7 @@ from securehealth import clientapp as client
 from securehealth import node as hospital_node
 from securehealth.certificates import load_hospital_key, make_hospital_key, make_operator_key
 from securehealth.model import build_model, get_weights
-from securehealth.privacy.ledger import LEDGER_FILE
-from securehealth.results import STATUS_FILE
+from securehealth.state_directory import LEDGER_FILE, STATUS_FILE, StateDirectory
 
 SETTINGS = {"rounds": 1, "secure_aggregation": "off"}
 
@@ -45,7 +44,7 @@ def deployed(tmp_path):
     operator.mkdir()
     make_operator_key(operator)
     state_dir = tmp_path / "hospital-0"
-    make_hospital_key(state_dir / hospital_node.AUTH_KEY)
+    make_hospital_key(StateDirectory(state_dir).key_file)
     own = own_data_copy(EXAMPLE, tmp_path / "own")
     cfg = settings.resolve({**SETTINGS, "dataset": "csv", "data_dir": str(own)})
     node_config = {
@@ -218,5 +217,5 @@ def test_a_demonstration_run_leaves_the_lasting_ledgers_guarantee_alone(deployed
     assert ask_to_join(node_config, next_run, run_id=9)["problem"] == ""
     train(node_config, next_run, cfg, run_id=9)
     assert len(releases(state_dir)) == 2
-    register = json.loads((state_dir / authorisation.REGISTER_FILE).read_text())
+    register = json.loads(StateDirectory(state_dir).register_file.read_text())
     assert sorted(register.values()) == ["7", "8", "9"]

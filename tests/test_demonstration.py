@@ -24,13 +24,13 @@ from securehealth.data import demonstration, heart_disease
 from securehealth.data.demonstration import SHIPPED_FILES, all_demonstration
 from securehealth.data.twin import make_twin
 from securehealth.model import build_model, get_weights
-from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
+from securehealth.privacy.ledger import LedgerError, check_before_start
 from securehealth.results import (
     DEMO_HOSPITALS_DIR_VARIABLE,
-    DEMO_RUNS_DIR,
     HOSPITALS_DIR_VARIABLE,
     default_state_root,
 )
+from securehealth.state_directory import DEMO_RUNS_DIR, LEDGER_FILE
 
 
 def test_every_shipped_patient_file_has_its_fingerprint():

@@ -13,8 +13,9 @@ from conftest import EXAMPLE, ROOT, own_data_copy
 
 from securehealth import data, forecast, settings
 from securehealth.forecast import HospitalPlan
-from securehealth.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from securehealth.privacy.ledger import PrivacyLedger
 from securehealth.results import default_state_root
+from securehealth.state_directory import LEDGER_FILE
 
 
 def settings_for(*flags):

@@ -18,7 +18,8 @@ import data_utils
 from securehealth import clientapp as client
 from securehealth import settings
 from securehealth.model import build_model, get_weights
-from securehealth.results import EVALUATION_FILE, read_json
+from securehealth.results import read_json
+from securehealth.state_directory import EVALUATION_FILE
 
 HOSPITAL = 2  # the example's smallest hospital: 120 patients
 OLDEST = 95  # the data dictionary's largest age: one patient is given it

@@ -17,12 +17,13 @@ from securehealth import node, settings
 from securehealth.data import heart_disease
 from securehealth.hospital import Hospital
 from securehealth.model import build_model, get_weights
-from securehealth.privacy.ledger import LEDGER_FILE, LedgerError, check_before_start
+from securehealth.privacy.ledger import LedgerError, check_before_start
 from securehealth.results import (
     HOSPITALS_DIR_VARIABLE,
     default_state_root,
     simulated_hospitals_dir,
 )
+from securehealth.state_directory import LEDGER_FILE
 
 
 def run_script(script, *args, cwd):

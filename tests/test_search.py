@@ -12,8 +12,8 @@ from conftest import EXAMPLE, own_data_copy, run_script
 from test_privacy import independent_epsilon
 
 from securehealth import settings
-from securehealth.privacy.ledger import LEDGER_FILE
 from securehealth.results import default_state_root
+from securehealth.state_directory import LEDGER_FILE
 from securehealth.tools import search
 
 

@@ -58,8 +58,8 @@ from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import read_metrics
 
-from securehealth import authorisation, settings
 from securehealth import node as hospital_node
+from securehealth import settings
 from securehealth.admission import NOT_ADMITTED, Admission
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
@@ -69,6 +69,7 @@ from securehealth.model import get_weights, load_model
 from securehealth.privacy.report import PrivacyReport, UnsoundReport
 from securehealth.results import EXIT_WARNINGS, RunStatus, write_json
 from securehealth.serverapp import readable
+from securehealth.state_directory import StateDirectory
 from securehealth.strategy import AggregationError, HospitalFedAvg, failure_reason
 
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
@@ -972,7 +973,7 @@ def test_only_the_operator_can_start_or_see_runs(federation):
     for number in (0, 1):  # and spent nothing: every release is the operator's run's
         ledger = json.loads(demo_ledger(hospital_state(workdir, number)).read_text())
         assert {r["run_id"] for r in ledger["releases"]} == {real_run}
-        register = hospital_state(workdir, number) / authorisation.REGISTER_FILE
+        register = StateDirectory(hospital_state(workdir, number)).register_file
         assert list(json.loads(register.read_text()).values()) == [real_run]
     for member in members:
         assert member.wait(timeout=60) == 1

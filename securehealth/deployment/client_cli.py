@@ -29,25 +29,18 @@ from securehealth.data.demonstration import is_demonstration
 from securehealth.deployment import pinning, runtime
 from securehealth.deployment.subcommands import CommandLine
 from securehealth.deployment.worker import warm_worker
-from securehealth.node import AUTH_KEY, HOSPITAL_SETTINGS, REFUSED_RUN
+from securehealth.node import HOSPITAL_SETTINGS, REFUSED_RUN
 from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.accountant import MIN_BUDGET_LEFT, nearly_spent
 from securehealth.privacy.ledger import (
-    LEDGER_FILE,
     LedgerError,
     PrivacyLedger,
     add_reset_flag,
     check_before_start,
 )
 from securehealth.relay import NODE_CONFIG_KEY
-from securehealth.results import (
-    DEMO_RUNS_DIR,
-    EVALUATION_FILE,
-    STATUS_FILE,
-    default_state_root,
-    has_finished,
-    read_json,
-)
+from securehealth.results import default_state_root, has_finished, read_json
+from securehealth.state_directory import EVALUATION_FILE, StateDirectory
 from securehealth.text import quoted
 
 END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
@@ -108,7 +101,7 @@ def join(description: str, argv: list[str] | None = None) -> int:
     state_dir = Path(args.state_dir or default_state_root() / f"hospital-{args.client_id}")
     state_dir = state_dir.resolve()
     if args.make_key:
-        return make_key(parser, state_dir / AUTH_KEY)
+        return make_key(parser, StateDirectory(state_dir).key_file)
     console = display.make_console()
     hospital = check_hospital(parser, cfg, args, state_dir, console)
     warn(hospital, console)
@@ -351,7 +344,7 @@ def take_part(hospital: Hospital, console: Console) -> int:
     args, state_dir = hospital.args, hospital.state_dir
     config = node_config(hospital)
     flwr_home = state_dir / "flower"
-    status_file, pinned = state_dir / STATUS_FILE, not args.trust_server_app
+    status_file, pinned = StateDirectory(state_dir).status_file, not args.trust_server_app
     launcher = pinning.install_launcher(flwr_home / "bin", status_file, pinned)
     try:
         # The warm worker runs this copy's code: not for a hospital that runs the server's.
@@ -367,25 +360,25 @@ def take_part(hospital: Hospital, console: Console) -> int:
 
 def joining_line(hospital: Hospital) -> str:
     """The line that says which server this hospital joins, with what budget and trust."""
-    cfg, args, state_dir = hospital.cfg, hospital.args, hospital.state_dir
+    cfg, args, state = hospital.cfg, hospital.args, StateDirectory(hospital.state_dir)
     return (
         f"Hospital {args.client_id} joining the server at {args.server_address}; "
         f"its budget: "
         f"epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, {cfg.adjacency} adjacency, "
         + (
-            f"for each run on its demonstration data (ledgers in {state_dir / DEMO_RUNS_DIR}); "
+            f"for each run on its demonstration data (ledgers in {state.demo_runs}); "
             if hospital.demonstration
-            else f"over all runs on its patients (privacy ledger: {state_dir / LEDGER_FILE}); "
+            else f"over all runs on its patients (privacy ledger: {state.ledger_file}); "
         )
         + f"secure aggregation "
         f"{cfg.secure_aggregation}; "
-        + ("identified by its key; " if (state_dir / AUTH_KEY).exists() else "")
+        + ("identified by its key; " if state.key_file.exists() else "")
         + (
             "runs any app the server ships. "
             if args.trust_server_app
             else "runs only an app identical to this copy. "
         )
-        + f"State and logs: {state_dir}"
+        + f"State and logs: {state.path}"
     )
 
 
@@ -411,7 +404,7 @@ def run_supernode(
         The exit code: how the run ended for this hospital.
     """
     args, state_dir, flwr_home = hospital.args, hospital.state_dir, hospital.state_dir / "flower"
-    auth_key = state_dir / AUTH_KEY
+    auth_key = StateDirectory(state_dir).key_file
     identity = auth_key if auth_key.exists() and hospital.ca_cert else None
     deadline = time.monotonic() + args.connect_timeout
     while True:
@@ -451,8 +444,8 @@ def demonstration_budget(state_dir: Path, cfg: SimpleNamespace, args: argparse.N
     return (
         f"data is a demonstration's (generated, or shipped with this code, by its "
         f"fingerprint): each run spends epsilon {cfg.epsilon:g} from a fresh ledger in "
-        f"{escape(str(state_dir / DEMO_RUNS_DIR))}/<run id>, never from the lasting budget "
-        f"of the patients of its own"
+        f"{escape(str(StateDirectory(state_dir).demo_runs))}/<run id>, never from the "
+        f"lasting budget of the patients of its own"
     )
 
 
@@ -680,7 +673,7 @@ def follow_rounds(
         the SuperNode away (what it logged after `log_start` says so): its key is not
         enrolled there, or not yet.
     """
-    status_path = state_dir / STATUS_FILE
+    status_path = StateDirectory(state_dir).status_file
     last = status_path.read_text() if status_path.exists() else None
     unreachable_since = None
     while node.poll() is None:
@@ -715,7 +708,7 @@ def follow_rounds(
 
 def refused(state_dir: Path, console: Console) -> int:
     """Say that the server admits only enrolled hospitals and this is not one; exit 1."""
-    key = state_dir / AUTH_KEY
+    key = StateDirectory(state_dir).key_file
     console.print(
         "[red]The server refused this hospital: it admits only enrolled hospitals.[/] "
         + (

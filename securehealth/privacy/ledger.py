@@ -26,9 +26,9 @@ from securehealth.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
-from securehealth.results import DEMO_RUNS_DIR, STATUS_FILE, read_json, write_json
+from securehealth.results import read_json, write_json
+from securehealth.state_directory import DEMO_RUNS_DIR, LEDGER_FILE, StateDirectory
 
-LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
 LEDGER_FORMAT = 2
 MAX_RESET_REASON = 300  # characters of an operator's reason for starting a ledger afresh
@@ -179,7 +179,7 @@ class PrivacyLedger:
         Its status file in the state directory, and this machine's ledger index.
         """
         found = []
-        status = self.directory / STATUS_FILE
+        status = StateDirectory(self.directory).status_file
         try:
             spent = lasting_trace(read_json(status), self.path) if status.exists() else {}
             spent = spent.get("epsilon", 0)
