@@ -1,18 +1,9 @@
-"""A hospital's Flower node, as its ClientApp (client.py) runs it: its own settings,
-its state directory, the run's authorisation, its answer to admission and the
-SecAgg+ check, all without loading patient data or the training stack; the
-Hospital itself (hospital.py) is loaded only by a message that trains.
+"""A hospital's Flower node: its own settings, state directory, run authorisation and admission.
 
-The hospital owns its privacy budget: epsilon, delta, adjacency, which of its
-patients it holds out (test_fraction), what it does with gaps in its data
-(missing_values, which decides how many patients it trains on) and its bound on
-the weights of a global model it accepts (max_weight) come from its own settings,
-whatever the server asks for, and its privacy ledger lives in its own state
-directory, so that every run on its patients spends from the same budget. It never
-trains without that ledger. It also decides whether its updates go out only through
-secure aggregation. A deployed hospital takes part only in runs its server's
-operator signed, each run once (authorisation.py), and proves its identity with its
-enrolled key before it trains (admission.py).
+The ClientApp (client.py) runs these without loading patient data or the training stack;
+`open_hospital` loads the Hospital (hospital.py) only for a message that trains. The hospital
+owns its privacy budget and the settings in `HospitalPolicy`, whatever the server asks: see
+docs/explanation/privacy-guarantee.md and docs/explanation/threat-model.md.
 """
 
 import os
@@ -51,8 +42,6 @@ from securehealth.text import untrusted
 if TYPE_CHECKING:
     from securehealth.hospital import Hospital
 
-# In a hospital's state directory: its identity for servers that admit only enrolled
-# hospitals.
 REFUSED_RUN = "refused-run"  # the status of a run this hospital did not take part in
 
 
@@ -89,24 +78,30 @@ HOSPITAL_SETTINGS = tuple(field.name for field in fields(HospitalPolicy))
 
 
 def in_simulation_engine() -> bool:
-    """Whether this ClientApp runs in Flower's simulation engine: in a Ray worker,
-    where simulation.py's hospitals run and a deployed SuperNode's never do."""
+    """Whether this ClientApp runs in Flower's simulation engine, in a Ray worker.
+
+    simulation.py's hospitals run there; a deployed SuperNode's never do.
+    """
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
 
 
 def is_simulated(context: Context) -> bool:
-    """A hospital that the operator simulates on this machine (simulation.py, or
-    `flwr run .` on Flower's local simulation): in Flower's simulation engine, with
-    no state directory of its own. Nothing a server or a run config sends decides
-    it: a deployed SuperNode runs its ClientApps outside Ray, and client.py always
-    gives it its state directory."""
+    """Whether the operator simulates this hospital on this machine.
+
+    Simulated means simulation.py, or `flwr run .` on Flower's local simulation: in
+    Flower's simulation engine, with no state directory of its own. Nothing a server or
+    a run config sends decides it: a deployed SuperNode runs its ClientApps outside Ray,
+    and client.py always gives it its state directory.
+    """
     return "state-dir" not in context.node_config and in_simulation_engine()
 
 
 def own_data_file(context: Context, cfg: Settings, hospital: int) -> Path | None:
-    """The file of this hospital's patients: in deployment only the one its own
-    client.py named, never a file the server names; None where they are generated."""
+    """The file of this hospital's patients; None where they are generated.
+
+    In deployment only the file its own client.py named, never one the server names.
+    """
     node = context.node_config
     if is_simulated(context) or "data-file" in node:
         return data.own_file(cfg, hospital, node.get("data-file"))
@@ -116,21 +111,56 @@ def own_data_file(context: Context, cfg: Settings, hospital: int) -> Path | None
 def is_demonstration(
     context: Context, cfg: Settings, hospital: int, content: bytes | None = None
 ) -> bool:
-    """Whether this hospital's patients are a demonstration's, from its own data
-    alone (data/demonstration.py; `content`: its file's bytes as read for training).
-    A deployed hospital that brought no file trains on generated patients only if
-    the run's data set generates them; else it does not train at all (open_hospital)."""
+    """Whether this hospital's patients are a demonstration's, judged from its own data alone.
+
+    See data/demonstration.py. A deployed hospital that brought no file trains on
+    generated patients only if the run's data set generates them; else it does not
+    train at all (open_hospital).
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context.
+    cfg : Settings
+        The run's settings, with this hospital's own in place of the server's.
+    hospital : int
+        This hospital's number.
+    content : bytes, optional
+        Its file's bytes as read for training (data.read_once), else read here.
+
+    Returns
+    -------
+    bool
+        Whether its patients are a demonstration's.
+    """
     if is_simulated(context) or "data-file" in context.node_config:
         return demonstration.is_demonstration(own_data_file(context, cfg, hospital), content)
     return not getattr(data.SOURCES[cfg.dataset], "FILES", False)
 
 
 def hospital_settings(context: Context) -> tuple[int, Settings]:
-    """The server's settings for the run, with this hospital's own taking
-    precedence: (hospital number, settings). In deployment the hospital's settings
-    come from its node config (client.py passes them all), else from its own
-    config.py: never from the server. Only simulated hospitals, which simulation.py
-    runs for the operator who also runs the server, take them from the run."""
+    """The server's settings for the run, with this hospital's own taking precedence.
+
+    In deployment the hospital's settings come from its node config (client.py passes
+    them all), else from its own config.py: never from the server. Only simulated
+    hospitals, which simulation.py runs for the operator who also runs the server, take
+    them from the run.
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context: its node config and the run's config.
+
+    Returns
+    -------
+    tuple[int, Settings]
+        This hospital's number (its partition id) and the settings it trains with.
+
+    Raises
+    ------
+    ValueError
+        When the federation's number of hospitals differs from the run's num_clients.
+    """
     node = context.node_config
     run = settings.from_run_config(context.run_config)
     cfg = HospitalPolicy.of(context, run).govern(run)
@@ -145,8 +175,30 @@ def hospital_settings(context: Context) -> tuple[int, Settings]:
 
 
 def open_hospital(context: Context) -> "Hospital":
-    """The hospital this node is, for this run (a hospital.Hospital): its own
-    settings, data and ledger, once the run is checked (check_run)."""
+    """The hospital this node is, for this run, once the run is checked (check_run).
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context.
+
+    Returns
+    -------
+    Hospital
+        A hospital.Hospital with its own settings, data and privacy ledger.
+
+    Raises
+    ------
+    ValueError
+        When the federation disagrees with the run (hospital_settings), the data it
+        brought is of another data set than the run's, the run's data set needs a file
+        and it brought none, or its data does not match the data dictionary (the
+        details, which quote patients' values, stay in its own log).
+    Unauthorised
+        When the run may not spend this hospital's budget (check_run).
+    LedgerError
+        When it has no state directory for its privacy ledger (hospital_state_dir).
+    """
     from securehealth.hospital import Hospital  # the training stack, when it trains
 
     node = context.node_config
@@ -192,11 +244,27 @@ def open_hospital(context: Context) -> "Hospital":
 
 
 def check_run(context: Context, state_dir: Path) -> None:
-    """Raise Unauthorised unless this run may spend this hospital's budget: in
-    deployment, its server's operator signed it (checked against the operator's
-    public key the hospital was given) and no other run used that signature before.
-    Simulated hospitals belong to the operator who runs simulation.py; a hospital
-    started with --insecure has no operator key and was warned so."""
+    """Raise Unauthorised unless this run may spend this hospital's budget.
+
+    In deployment, its server's operator must have signed the run (checked against the
+    operator's public key the hospital was given), and no other run may have used that
+    signature before; a refusal goes to the hospital's status file. Simulated hospitals
+    belong to the operator who runs simulation.py; a hospital started with --insecure
+    has no operator key and was warned so.
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context: the run's config and its authorisation.
+    state_dir : Path
+        This hospital's state directory, with its register of authorisations used.
+
+    Raises
+    ------
+    Unauthorised
+        When the hospital has no operator key to check runs against, the run is not
+        signed by its operator, or the run's signature was used by another run.
+    """
     if is_simulated(context):
         return
     operator_pub = context.node_config.get("operator-key")
@@ -224,8 +292,10 @@ def _refuse_run(state_dir: Path, run_id: int, reason: str) -> None:
 
 
 def _record_not_admitted(context: Context, reason: str) -> None:
-    """The server's notice that it did not admit this node to the run, and why, in
-    the hospital's status file, for client.py to say and stop (nothing was spent)."""
+    """Record in the hospital's status file that the server did not admit it, and why.
+
+    client.py says so and stops; nothing was spent.
+    """
     try:
         hospital, cfg = hospital_settings(context)
         state_dir = hospital_state_dir(context, cfg, hospital)
@@ -239,10 +309,23 @@ def _record_not_admitted(context: Context, reason: str) -> None:
 
 
 def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str, Scalar]:
-    """This hospital's answer to the server's admission question (admission.py): its
-    number, why it cannot take part in this run if it cannot (the run is not
-    authorised, or the server's secure_aggregation differs from its own), and its
-    signature of the server's challenge with its enrolled key, if it has one."""
+    """This hospital's answer to the server's admission question (admission.py).
+
+    Parameters
+    ----------
+    question : dict[str, Scalar]
+        The server's question: its secure_aggregation setting and a challenge to sign.
+    context : Context
+        The node's Flower context.
+
+    Returns
+    -------
+    dict[str, Scalar]
+        "hospital": its number; "problem": why it cannot take part in this run, "" if
+        it can (its own set-up is unusable, the run is not authorised, or the server's
+        secure_aggregation or missing_values differs from its own); "proof": its
+        signature of the server's challenge with its enrolled key, "" without one.
+    """
     try:
         hospital, cfg = hospital_settings(context)
         state_dir = hospital_state_dir(context, cfg, hospital)
@@ -279,10 +362,18 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
 def hospital_mod(
     message: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
-    """Answer the server's admission question (without loading any data), and take
-    part in SecAgg+ (Flower's secaggplus_mod) exactly when this hospital's
-    secure_aggregation setting says so. A hospital that expects it never sends its
-    update in the clear."""
+    """Answer admission questions, and take part in SecAgg+ exactly when this hospital says so.
+
+    Admission is answered without loading any data. A training message goes through
+    Flower's secaggplus_mod when this hospital's secure_aggregation is on: a hospital
+    that expects it never sends its update in the clear.
+
+    Raises
+    ------
+    ValueError
+        When the server asks for a secure update and this hospital's
+        secure_aggregation is off, or for a plain one and it is on.
+    """
     kind = message.metadata.message_type
     if kind == MessageType.QUERY:
         question = recorddict_to_getpropertiesins(message.content).config
@@ -310,13 +401,35 @@ def hospital_mod(
 def hospital_state_dir(
     context: Context, cfg: Settings, hospital: int, demo: bool | None = None
 ) -> Path:
-    """Where the hospital keeps its status and evaluations: in deployment its own
-    directory (client.py's --state-dir); in simulation the one chosen on this
-    machine: results.lasting_hospitals_dir for its own patients, and for a
-    demonstration a fresh folder of the run (DEMO_HOSPITALS_DIR_VARIABLE, which
-    simulation.py sets, else demo-runs/<run id>/ in the state root), never the
-    lasting one. Never a place the server names: without one, the hospital does not
-    train. `demo`: whether it is a demonstration, where known already."""
+    """Where the hospital keeps its status and evaluations; never a place the server names.
+
+    In deployment its own directory (client.py's --state-dir). In simulation the one
+    chosen on this machine: results.lasting_hospitals_dir for its own patients, and for
+    a demonstration a fresh folder of the run (DEMO_HOSPITALS_DIR_VARIABLE, which
+    simulation.py sets, else demo-runs/<run id>/ in the state root), never the lasting
+    one.
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context.
+    cfg : Settings
+        The run's settings, with this hospital's own in place of the server's.
+    hospital : int
+        This hospital's number.
+    demo : bool, optional
+        Whether its data is a demonstration's, where known already; else judged here.
+
+    Returns
+    -------
+    Path
+        The hospital's state directory.
+
+    Raises
+    ------
+    LedgerError
+        When a deployed hospital has no state directory: without one it does not train.
+    """
     if is_simulated(context):
         if not (is_demonstration(context, cfg, hospital) if demo is None else demo):
             return lasting_hospitals_dir() / f"hospital-{hospital}"
@@ -333,10 +446,27 @@ def hospital_state_dir(
 
 
 def ledger_dir(context: Context, cfg: Settings, hospital: int, demo: bool | None = None) -> Path:
-    """Where the privacy ledger this run spends from lives: the state directory, but
-    a deployed hospital whose data is a demonstration's keeps a fresh ledger per run
-    in demo-runs/<run id>/ inside it, never touching its lasting one. `demo`: whether
-    it is a demonstration, where known already."""
+    """Where the privacy ledger this run spends from lives.
+
+    It is the state directory, except that a deployed hospital whose data is a
+    demonstration's keeps a fresh ledger per run in demo-runs/<run id>/ inside it,
+    never touching its lasting one.
+
+    Parameters
+    ----------
+    context, cfg, hospital, demo
+        As for hospital_state_dir.
+
+    Returns
+    -------
+    Path
+        The folder of the ledger this run spends from.
+
+    Raises
+    ------
+    LedgerError
+        When a deployed hospital has no state directory (hospital_state_dir).
+    """
     demo = is_demonstration(context, cfg, hospital) if demo is None else demo
     state_dir = hospital_state_dir(context, cfg, hospital, demo)
     if is_simulated(context) or not demo:
