@@ -9,7 +9,6 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -24,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from securehealth.config import Settings
 from securehealth.results import METRICS_FILE, RunStatus, read_json
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def privacy_cells(hospital: str, p: dict[str, Any]) -> list[str]:
     ]
 
 
-def round_line(record: dict[str, Any], cfg: SimpleNamespace) -> str:
+def round_line(record: dict[str, Any], cfg: Settings) -> str:
     """Return one round's line (Rich markup), for the console while a run trains.
 
     The global metrics, the largest epsilon spent (against that hospital's own budget),
@@ -131,7 +131,7 @@ def round_line(record: dict[str, Any], cfg: SimpleNamespace) -> str:
     ----------
     record : dict
         One entry of metrics.json's `rounds`.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (`rounds` and `num_clients` are read).
 
     Returns
@@ -207,7 +207,7 @@ def shortfalls(metrics: dict[str, Any]) -> list[str]:
 
 
 def follow(
-    process: subprocess.Popen[bytes], run_dir: Path, cfg: SimpleNamespace, console: Console
+    process: subprocess.Popen[bytes], run_dir: Path, cfg: Settings, console: Console
 ) -> dict[str, Any] | None:
     """Show each round as the server records it, until the run has finished or `process` ended.
 
@@ -220,7 +220,7 @@ def follow(
         The running simulation or server.
     run_dir : Path
         The run directory, whose metrics.json is read as the server rewrites it.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (`rounds` and `num_clients` are read).
     console : Console
         Where the rounds and the progress bar are shown.
@@ -296,16 +296,14 @@ def plan_table(outlook: "Forecast") -> Table:
     return table
 
 
-def print_plan(
-    cfg: SimpleNamespace, outlook: "Forecast", ledgers: Path | None, console: Console
-) -> None:
+def print_plan(cfg: Settings, outlook: "Forecast", ledgers: Path | None, console: Console) -> None:
     """Print what a run would train with and spend per hospital (simulation.py --plan).
 
     The forecast's warning, if any, is printed above it.
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings.
     outlook : Forecast
         The forecast of each hospital's training and spending.

@@ -13,9 +13,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from securehealth import data, operating_point
+from securehealth.config import Settings
 from securehealth.privacy.accountant import BudgetExhausted, NoiseBeyondLimit, nearly_spent
 from securehealth.privacy.ledger import PrivacyLedger
 from securehealth.results import HOSPITALS_DIR_VARIABLE
@@ -158,7 +158,7 @@ def noise_to_signal(plans: Sequence[HospitalPlan], rounds: int, weights: int) ->
 
 
 def plan_hospital(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     hospital: int,
     patients: int,
     weights: int,
@@ -169,7 +169,7 @@ def plan_hospital(
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings.
     hospital : int
         The hospital's number.
@@ -231,19 +231,19 @@ def _planned_noise(cfg, ledger, sample_rate, steps, limit, releases_threshold):
     return sigma, ""
 
 
-def forecast(cfg: SimpleNamespace, plans: Sequence[HospitalPlan], weights: int) -> Forecast:
+def forecast(cfg: Settings, plans: Sequence[HospitalPlan], weights: int) -> Forecast:
     """The run's forecast from its hospitals' plans."""
     return Forecast(noise_to_signal(plans, cfg.rounds, weights), tuple(plans))
 
 
 def forecast_here(
-    cfg: SimpleNamespace, state_dirs: Sequence[Path | None] | None, spend: bool = False
+    cfg: Settings, state_dirs: Sequence[Path | None] | None, spend: bool = False
 ) -> Forecast:
     """The forecast for a federation whose hospitals' data this machine holds, as in simulation.py.
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings.
     state_dirs : Sequence[Path | None] or None
         The hospitals' state directories, homes of their ledgers, one per hospital: None for

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,7 @@ from securehealth.certificates import (
     check_hospital_keys,
     load_hospital_key,
 )
+from securehealth.config import Settings
 from securehealth.flower import (
     RECORD_KEY_CONFIGS,
     ErrorCode,
@@ -92,7 +92,7 @@ class HaltingSecAggPlus(SecAggPlusWorkflow):
             log(WARNING, "Secure aggregation halted: %s: %s", type(error).__name__, error)
 
 
-def workflow(cfg: SimpleNamespace) -> DefaultWorkflow:
+def workflow(cfg: Settings) -> DefaultWorkflow:
     """Return Flower's FedAvg workflow, its training through SecAgg+ where it is on."""
     secure = HaltingSecAggPlus(
         SECAGG_SHARES, SECAGG_THRESHOLD, max_weight=cfg.max_patients, timeout=SECAGG_TIMEOUT
@@ -158,16 +158,14 @@ def recorded_outcome(
         strategy.record.save()
 
 
-def wait_for_hospitals(
-    admission: Admission, cfg: SimpleNamespace, strategy: HospitalFedAvg
-) -> None:
+def wait_for_hospitals(admission: Admission, cfg: Settings, strategy: HospitalFedAvg) -> None:
     """Return once every hospital 0..num_clients-1 has been admitted, recording who joined.
 
     Parameters
     ----------
     admission : Admission
         The run's members, refreshed every second.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (num_clients and join_timeout are read).
     strategy : HospitalFedAvg
         The strategy whose record notes the connected and refused nodes.
@@ -397,7 +395,7 @@ def readable(question: Message, reply: Message) -> Message:
     return reply
 
 
-def enrolled_keys(cfg: SimpleNamespace) -> dict[int, ec.EllipticCurvePublicKey]:
+def enrolled_keys(cfg: Settings) -> dict[int, ec.EllipticCurvePublicKey]:
     """Return the public keys the operator enrolled for this server, by hospital number.
 
     They come from server.py --hospital-keys; {} where any hospital may join.

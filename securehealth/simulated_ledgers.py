@@ -6,20 +6,20 @@ accounted search).
 """
 
 from pathlib import Path
-from types import SimpleNamespace
 
 from securehealth import data
+from securehealth.config import Settings
 from securehealth.privacy.ledger import LedgerError, check_before_start
 from securehealth.results import lasting_hospitals_dir
 from securehealth.state_directory import LEDGER_FILE
 
 
-def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | None]:
+def state_dirs(cfg: Settings, demonstrations: list[bool]) -> list[Path | None]:
     """The simulated hospitals' lasting state directories, their privacy ledgers' homes.
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings.
     demonstrations : list[bool]
         For each hospital, whether its data is a demonstration's (generated or shipped).
@@ -37,7 +37,7 @@ def state_dirs(cfg: SimpleNamespace, demonstrations: list[bool]) -> list[Path | 
 
 
 def check_lasting_ledgers(
-    cfg: SimpleNamespace, reset_reason: str | None, demonstrations: list[bool]
+    cfg: Settings, reset_reason: str | None, demonstrations: list[bool]
 ) -> None:
     """Check the simulated hospitals' lasting ledgers (your own data) before anything starts.
 
@@ -46,7 +46,7 @@ def check_lasting_ledgers(
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings.
     reset_reason : str or None
         Given, missing ledgers are started afresh with this reason recorded (see

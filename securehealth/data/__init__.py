@@ -11,10 +11,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from securehealth.config import Settings
 from securehealth.data import breast_cancer, csv_files, heart_disease, synthetic
 from securehealth.data.schema import DataError, Schema
 from securehealth.data.split import held_out_split
@@ -45,12 +45,12 @@ __all__ = [
 ]
 
 
-def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+def load_schema(cfg: Settings, schema_file: str | None = None) -> Schema:
     """The data dictionary of the `dataset` setting's source."""
     return SOURCES[cfg.dataset].load_schema(cfg, schema_file)
 
 
-def locate(cfg: SimpleNamespace) -> None:
+def locate(cfg: Settings) -> None:
     """Make data_dir an absolute path, for Flower's processes.
 
     The path is the one given, or the folder a bundled data set ships in: Flower's
@@ -62,7 +62,7 @@ def locate(cfg: SimpleNamespace) -> None:
 
 
 def hospital_data(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     hospital: int,
     data_file: str | None = None,
     schema_file: str | None = None,
@@ -71,7 +71,7 @@ def hospital_data(
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (dataset, test_fraction, adjacency, ...).
     hospital : int
         The hospital's number.
@@ -103,7 +103,7 @@ def hospital_data(
     return (x[train], y[train]), (x[test], y[test])
 
 
-def hospital_name(cfg: SimpleNamespace, hospital: int | str) -> str:
+def hospital_name(cfg: Settings, hospital: int | str) -> str:
     """A hospital's number, with its site's name where the data set has real sites.
 
     E.g. "0 (Cleveland)", from the source's SITE_NAMES.
@@ -112,7 +112,7 @@ def hospital_name(cfg: SimpleNamespace, hospital: int | str) -> str:
     return f"{hospital} ({names[int(hospital)]})" if names else str(hospital)
 
 
-def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) -> Path | None:
+def own_file(cfg: Settings, hospital: int, data_file: str | None = None) -> Path | None:
     """The file a hospital's patients are read from, or None where there is none.
 
     That is the file its client.py names, else its source's file for it (data_dir's
@@ -128,9 +128,7 @@ def own_file(cfg: SimpleNamespace, hospital: int, data_file: str | None = None) 
 
 
 @contextmanager
-def read_once(
-    path: Path | None, cfg: SimpleNamespace
-) -> Iterator[tuple[Path | None, bytes | None]]:
+def read_once(path: Path | None, cfg: Settings) -> Iterator[tuple[Path | None, bytes | None]]:
     """Read a hospital's data file once, so that what is judged a demonstration trains.
 
     What demonstration.py judges is then exactly what trains, whatever happens to the
@@ -140,7 +138,7 @@ def read_once(
     ----------
     path : Path or None
         The hospital's own file (own_file), None where it has none.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (for csv_files.check_size).
 
     Yields
@@ -171,7 +169,7 @@ def read_once(
         yield copy, content
 
 
-def reference_test_set(cfg: SimpleNamespace) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_test_set(cfg: Settings) -> tuple[np.ndarray, np.ndarray, str]:
     """The server's own test set, (x, y, what it is): the model is judged on it."""
     reference = SOURCES[cfg.dataset].reference_set(cfg, load_schema(cfg))
     if reference is not None:
@@ -205,14 +203,14 @@ def single_class(y: np.ndarray, hospital: int | str) -> str | None:
     )
 
 
-def check_all(cfg: SimpleNamespace, pool_held_out: bool = True) -> list[str]:
+def check_all(cfg: Settings, pool_held_out: bool = True) -> list[str]:
     """Load every hospital's data and the server's reference set once, before anything starts.
 
     Bad data then stops a launcher with one line rather than a failed run.
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings.
     pool_held_out : bool
         True in simulation (this machine holds every hospital's data); False for a

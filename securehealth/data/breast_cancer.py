@@ -5,10 +5,10 @@ and a reference test set for the server.
 """
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from securehealth.config import Settings
 from securehealth.data.schema import Schema
 from securehealth.data.split import SERVER_STREAM, SIZE_PATTERN, stratified_parts, test_size
 
@@ -36,20 +36,20 @@ def _split(cfg, schema):
     return (x[reference], y[reference]), [(x[rows], y[rows]) for rows in hospitals]
 
 
-def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+def load_schema(cfg: Settings, schema_file: str | None = None) -> Schema:
     """The data set's own data dictionary (schemas/breast_cancer.json)."""
     return Schema.load(SCHEMA_FILE)
 
 
 def hospital_rows(
-    cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
+    cfg: Settings, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, None, str]:
     """(x, y, patient ids, where they come from) of one hospital's patients."""
     x, y = _split(cfg, schema)[1][hospital]
     return x, y, None, f"breast-cancer hospital {hospital}"
 
 
-def reference_set(cfg: SimpleNamespace, schema: Schema) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_set(cfg: Settings, schema: Schema) -> tuple[np.ndarray, np.ndarray, str]:
     """The server's reference test set: patients held out before the hospitals' split."""
     x, y = _split(cfg, schema)[0]
     return x, y, f"{len(y)} patients held out of the data set before the split"

@@ -8,11 +8,11 @@ checks every cell against the dictionary; check_size refuses an oversized file u
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, NoReturn
 
 import numpy as np
 
+from securehealth.config import Settings
 from securehealth.data.schema import DataError, Schema
 from securehealth.text import quoted
 
@@ -24,7 +24,7 @@ FILES = True  # each hospital reads its own file
 MAX_ROW_BYTES = 16384
 
 
-def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
+def csv_paths(cfg: Settings) -> tuple[Path, list[Path], Path]:
     """(schema file, hospital files, reference test file) of a csv data directory.
 
     Raises
@@ -43,7 +43,7 @@ def csv_paths(cfg: SimpleNamespace) -> tuple[Path, list[Path], Path]:
     return schema, hospitals, directory / "test.csv"
 
 
-def check_size(path: Path, cfg: SimpleNamespace) -> None:
+def check_size(path: Path, cfg: Settings) -> None:
     """Refuse a hospital's file that is not a regular file or holds more than a hospital may.
 
     Checked before anything is parsed and in bounded memory: the file's size against
@@ -54,7 +54,7 @@ def check_size(path: Path, cfg: SimpleNamespace) -> None:
     ----------
     path : Path
         The hospital's file.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings: a hospital holds at most max_patients training patients
         once test_fraction of them are held out.
 
@@ -339,18 +339,18 @@ def _label_values(table: _Table, schema: Schema) -> np.ndarray:
     return schema.labels(label.to_numpy())
 
 
-def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+def load_schema(cfg: Settings, schema_file: str | None = None) -> Schema:
     """The federation's data dictionary: a hospital's own --schema file, else data_dir's."""
     return Schema.load(schema_file or csv_paths(cfg)[0], cfg.missing_values)
 
 
-def hospital_file(cfg: SimpleNamespace, hospital: int) -> Path:
+def hospital_file(cfg: Settings, hospital: int) -> Path:
     """data_dir's hospital_<i>.csv: a simulated hospital's file."""
     return csv_paths(cfg)[1][hospital]
 
 
 def hospital_rows(
-    cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
+    cfg: Settings, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | Path]:
     """A hospital's patients, (x, y, keys, the file they come from).
 
@@ -363,9 +363,7 @@ def hospital_rows(
     return (*read_csv(source, schema), source)
 
 
-def reference_set(
-    cfg: SimpleNamespace, schema: Schema
-) -> tuple[np.ndarray, np.ndarray, str] | None:
+def reference_set(cfg: Settings, schema: Schema) -> tuple[np.ndarray, np.ndarray, str] | None:
     """The server's test.csv, or None where there is none (see data.reference_test_set)."""
     test_file = csv_paths(cfg)[2]
     if not test_file.exists():

@@ -8,7 +8,8 @@ Entry points: is_demonstration, all_demonstration.
 
 import hashlib
 from pathlib import Path
-from types import SimpleNamespace
+
+from securehealth.config import Settings
 
 # SHA-256 of every patient file shipped in this repository (.gitattributes keeps
 # git from converting their line endings): tests/test_demonstration.py checks each
@@ -70,14 +71,14 @@ def is_demonstration(own_file: Path | None, content: bytes | None = None) -> boo
     return is_twin(own_file, content)
 
 
-def hospitals_demonstrating(cfg: SimpleNamespace) -> list[bool]:
+def hospitals_demonstrating(cfg: Settings) -> list[bool]:
     """For each hospital of a simulation on this machine, whether its data is a demonstration's."""
     from securehealth.data import own_file
 
     return [is_demonstration(own_file(cfg, h)) for h in range(cfg.num_clients)]
 
 
-def all_demonstration(cfg: SimpleNamespace) -> bool:
+def all_demonstration(cfg: Settings) -> bool:
     """Whether every hospital of a simulation on this machine is a demonstration.
 
     Only then may a tool train on their rows outside any ledger (settings.check_accounted).

@@ -6,10 +6,10 @@ app bundle carries no data files, so launchers pass the folder's path (data_dir)
 """
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from securehealth.config import Settings
 from securehealth.data.csv_files import read_csv
 from securehealth.data.schema import Schema
 
@@ -31,7 +31,7 @@ def site_file(hospital: int, data_dir: str | Path = "") -> Path:
     return Path(data_dir or SHIPPED_DIR) / f"processed.{SITES[hospital]}.data"
 
 
-def hospital_file(cfg: SimpleNamespace, hospital: int) -> Path:
+def hospital_file(cfg: Settings, hospital: int) -> Path:
     """Site `hospital`'s file in data_dir (the shipped folder unless another is given)."""
     return site_file(hospital, cfg.data_dir)
 
@@ -41,20 +41,20 @@ def read_site(path: str | Path, schema: Schema) -> tuple[np.ndarray, np.ndarray,
     return read_csv(path, schema, header=COLUMNS)
 
 
-def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+def load_schema(cfg: Settings, schema_file: str | None = None) -> Schema:
     """A hospital's own data dictionary, else the shipped one (schemas/heart_disease.json)."""
     return Schema.load(schema_file or SCHEMA_FILE, cfg.missing_values)
 
 
 def hospital_rows(
-    cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
+    cfg: Settings, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
     """A deployed hospital's own file (client.py passes it), else its site's file."""
     source = Path(data_file or hospital_file(cfg, hospital))
     return (*read_site(source, schema), source)
 
 
-def reference_set(cfg: SimpleNamespace, schema: Schema) -> None:
+def reference_set(cfg: Settings, schema: Schema) -> None:
     """None: the server judges the model on the four sites' held-out patients.
 
     They are a public data set, shipped in every copy (see data.reference_test_set).

@@ -4,10 +4,9 @@ The hospitals are non-IID, each with its own case mix, and the server has its ow
 reference population.
 """
 
-from types import SimpleNamespace
-
 import numpy as np
 
+from securehealth.config import Settings
 from securehealth.data.schema import Schema
 from securehealth.data.split import SERVER_STREAM, hospital_sizes
 
@@ -91,7 +90,7 @@ def _patients(rng, profile, n):
 
 
 def hospital_rows(
-    cfg: SimpleNamespace, hospital: int, schema: Schema, data_file: str | None = None
+    cfg: Settings, hospital: int, schema: Schema, data_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, None, str]:
     """(x, y, patient ids, where they come from) of one hospital's patients."""
     n = hospital_sizes(cfg.num_patients, cfg.num_clients)[hospital]
@@ -100,7 +99,7 @@ def hospital_rows(
     return schema.encode(columns), y.astype(np.float32), None, f"synthetic hospital {hospital}"
 
 
-def reference_set(cfg: SimpleNamespace, schema: Schema) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_set(cfg: Settings, schema: Schema) -> tuple[np.ndarray, np.ndarray, str]:
     """New patients from every hospital's case mix, in proportion to hospital size."""
     parts = []
     for h, n in enumerate(hospital_sizes(cfg.global_test_patients, cfg.num_clients)):
@@ -111,6 +110,6 @@ def reference_set(cfg: SimpleNamespace, schema: Schema) -> tuple[np.ndarray, np.
     return x, y, "new synthetic patients"
 
 
-def load_schema(cfg: SimpleNamespace, schema_file: str | None = None) -> Schema:
+def load_schema(cfg: Settings, schema_file: str | None = None) -> Schema:
     """The generated patients' own data dictionary (SYNTHETIC_SCHEMA)."""
     return Schema(SYNTHETIC_SCHEMA, "synthetic data")

@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -24,6 +23,7 @@ from rich.markup import escape
 from securehealth import data, display, settings
 from securehealth.admission import NOT_ADMITTED
 from securehealth.certificates import OPERATOR_PUB, make_hospital_key
+from securehealth.config import Settings
 from securehealth.data import heart_disease
 from securehealth.data.demonstration import is_demonstration
 from securehealth.deployment import pinning, runtime
@@ -65,7 +65,7 @@ MAKE_KEY_HELP = (
 class Hospital:
     """This hospital, checked and ready to join: what the steps of `join` pass on."""
 
-    cfg: SimpleNamespace
+    cfg: Settings
     args: argparse.Namespace
     state_dir: Path
     lock: TextIO  # held until join returns (or the process ends): see hold
@@ -210,7 +210,7 @@ def _add_own_flags(group: argparse._ArgumentGroup, subcommand: bool) -> None:
 
 
 def check_client_id(
-    parser: argparse.ArgumentParser, cfg: SimpleNamespace, args: argparse.Namespace
+    parser: argparse.ArgumentParser, cfg: Settings, args: argparse.Namespace
 ) -> None:
     """Exit 2 with one line where --client-id is not one of the federation's hospitals."""
     if not 0 <= args.client_id < cfg.num_clients:
@@ -240,7 +240,7 @@ def make_key(parser: argparse.ArgumentParser, auth_key: Path) -> int:
 
 def check_hospital(
     parser: argparse.ArgumentParser,
-    cfg: SimpleNamespace,
+    cfg: Settings,
     args: argparse.Namespace,
     state_dir: Path,
     console: Console,
@@ -425,7 +425,7 @@ def run_supernode(
         time.sleep(JOIN_RETRY_S)
 
 
-def demonstration_budget(state_dir: Path, cfg: SimpleNamespace, args: argparse.Namespace) -> str:
+def demonstration_budget(state_dir: Path, cfg: Settings, args: argparse.Namespace) -> str:
     """Say what a hospital on demonstration data (data/demonstration.py) spends, in words.
 
     A fresh budget per run, in a ledger of the run's own beside (never in) its lasting one.
@@ -451,7 +451,7 @@ def demonstration_budget(state_dir: Path, cfg: SimpleNamespace, args: argparse.N
 
 def lasting_budget(
     state_dir: Path,
-    cfg: SimpleNamespace,
+    cfg: Settings,
     args: argparse.Namespace,
     own_data: dict[str, str],
     console: Console,
@@ -480,7 +480,7 @@ def lasting_budget(
     )
 
 
-def budget_spent_before(ledger: PrivacyLedger, cfg: SimpleNamespace) -> float:
+def budget_spent_before(ledger: PrivacyLedger, cfg: Settings) -> float:
     """Return the epsilon this hospital's ledger holds.
 
     Raises
@@ -583,9 +583,7 @@ def hold(state_dir: Path) -> TextIO:
     return lock
 
 
-def own_data_files(
-    cfg: SimpleNamespace, args: argparse.Namespace, console: Console
-) -> dict[str, str]:
+def own_data_files(cfg: Settings, args: argparse.Namespace, console: Console) -> dict[str, str]:
     """Return the node config naming this hospital's own data, checked before it joins.
 
     Checking it here rather than in the middle of round 1 also warns on the console where
@@ -623,9 +621,7 @@ def own_data_files(
     return {"dataset": cfg.dataset, "data-file": str(files[0]), "schema-file": str(files[1])}
 
 
-def own_patients(
-    cfg: SimpleNamespace, client_id: int, own_data: dict[str, str]
-) -> tuple[str | None, str]:
+def own_patients(cfg: Settings, client_id: int, own_data: dict[str, str]) -> tuple[str | None, str]:
     """Return (the file of this hospital's own patients, their fingerprint), for the ledger index.
 
     (None, "") where it reads no file.

@@ -18,13 +18,13 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import tomli_w
 from rich.console import Console
 
 from securehealth import authorisation, display, settings
+from securehealth.config import Settings
 from securehealth.deployment import pinning
 from securehealth.deployment.processes import (
     adopt_orphans,
@@ -325,7 +325,7 @@ def stopped_by_flower(flwr_home: Path) -> bool:
 def flwr_run(
     flwr_home: Path,
     address: str,
-    cfg: SimpleNamespace,
+    cfg: Settings,
     federation_config: Sequence[str] = (),
     operator_key: Path | None = None,
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
@@ -467,7 +467,7 @@ def start_launcher() -> None:
 
 
 def run_federation(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     console: Console,
     superlink_args: Sequence[str],
     federation_config: Sequence[str] = (),
@@ -481,7 +481,7 @@ def run_federation(
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings; its run_dir holds the results and Flower's state and logs.
     superlink_args : Sequence[str]
         More arguments for `flower-superlink` (TLS files, --simulation, ...).
@@ -528,7 +528,7 @@ def run_federation(
     return _outcome(run_dir, metrics, stopped, console)
 
 
-def _with_body_limit(cfg: SimpleNamespace, environment: dict[str, str] | None) -> dict[str, str]:
+def _with_body_limit(cfg: Settings, environment: dict[str, str] | None) -> dict[str, str]:
     """`environment` with the bound on a Fleet API body for this run's model (superlink_gate)."""
     from securehealth import data  # the data dictionary and the model: loaded by now
     from securehealth.deployment.superlink_gate import BODY_LIMIT_VARIABLE, fleet_body_limit

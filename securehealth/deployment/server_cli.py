@@ -8,7 +8,6 @@ training run on it, signed with the operator's key (`serve`); or, with the subco
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -25,6 +24,7 @@ from securehealth.certificates import (
     make_certificates,
     make_operator_key,
 )
+from securehealth.config import Settings
 from securehealth.deployment import runtime
 from securehealth.deployment.subcommands import CommandLine
 from securehealth.results import RunDirError, new_run_dir
@@ -37,7 +37,7 @@ MAKE_CERTS_HELP = "create a CA and a server certificate in --certs-dir, then exi
 class Deployment:
     """A checked deployment server, ready to start: what `serve` hands to its last step."""
 
-    cfg: SimpleNamespace
+    cfg: Settings
     host: str
     port: int
     tls_args: list[str]
@@ -171,7 +171,7 @@ def make_certs(
 
 def check_deployment(
     parser: argparse.ArgumentParser,
-    cfg: SimpleNamespace,
+    cfg: Settings,
     args: argparse.Namespace,
     certs: Path,
     console: Console,

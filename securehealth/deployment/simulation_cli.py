@@ -6,13 +6,13 @@ Its entry point is `main` (usage: securehealth/commands.py; docs/tutorial/first-
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from securehealth import data, display, forecast, settings
+from securehealth.config import Settings
 from securehealth.data import demonstration
 from securehealth.deployment import runtime
 from securehealth.privacy.ledger import LedgerError, add_reset_flag
@@ -103,7 +103,7 @@ def simulation_parser(description: str) -> argparse.ArgumentParser:
 
 
 def check_simulation(
-    parser: argparse.ArgumentParser, cfg: SimpleNamespace, args: argparse.Namespace
+    parser: argparse.ArgumentParser, cfg: Settings, args: argparse.Namespace
 ) -> Checked:
     """Check the data, the hospitals' ledgers and the forecast, and make the run directory.
 
@@ -133,7 +133,7 @@ def check_simulation(
 
 
 def run_simulation(
-    cfg: SimpleNamespace, lasting: bool, console: Console
+    cfg: Settings, lasting: bool, console: Console
 ) -> tuple[int, dict[str, Any] | None]:
     """Say what will run, and run it on Flower's simulation runtime.
 
@@ -178,7 +178,7 @@ def run_simulation(
 
 
 def write_twin(
-    cfg: SimpleNamespace, folder: Path, parser: argparse.ArgumentParser, console: Console
+    cfg: Settings, folder: Path, parser: argparse.ArgumentParser, console: Console
 ) -> int:
     """Write a synthetic twin of the csv data dictionary into `folder` (--make-twin; twin.py).
 
@@ -212,7 +212,7 @@ def write_twin(
     return 0
 
 
-def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
+def check_plan(cfg: Settings, args: Any, lasting: bool) -> None:
     """Refuse what --plan cannot do: plan where the ledgers are elsewhere, or change a ledger.
 
     Raises
@@ -230,7 +230,7 @@ def check_plan(cfg: SimpleNamespace, args: Any, lasting: bool) -> None:
         )
 
 
-def add_baselines(cfg: SimpleNamespace, metrics: dict[str, Any], console: Console) -> None:
+def add_baselines(cfg: Settings, metrics: dict[str, Any], console: Console) -> None:
     """Train the baselines, add them to metrics.json and write the report again."""
     from securehealth.report import write_report  # loaded only when asked for, after the run
     from securehealth.tools import baselines

@@ -11,9 +11,9 @@ import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from securehealth import settings
+from securehealth.config import Settings
 
 LISTING_INDENT = 24  # where a subcommand's summary starts in --help, as argparse's own help
 
@@ -60,7 +60,7 @@ class CommandLine:
         )
         parser.epilog = f"{parser.epilog or 'subcommands:'}\n{listing}"
 
-    def parse(self, argv: list[str] | None = None) -> tuple[SimpleNamespace, argparse.Namespace]:
+    def parse(self, argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         """Parse the command line as settings.parse does, by its subcommand's parser if it has one.
 
         Parameters
@@ -70,7 +70,7 @@ class CommandLine:
 
         Returns
         -------
-        tuple[SimpleNamespace, argparse.Namespace]
+        tuple[Settings, argparse.Namespace]
             The settings and the parsed arguments (exit 2 with one line where they are bad).
         """
         argv = sys.argv[1:] if argv is None else list(argv)

@@ -9,7 +9,6 @@ GPU when there is one; the model comes back on the CPU.
 import math
 import secrets
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -17,6 +16,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
+
+from securehealth.config import Settings
 
 # Harmless for Opacus' per-sample gradient hooks, which need no input gradients.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -74,7 +75,7 @@ def data_loader(x: np.ndarray, y: np.ndarray, sampler: Sampler) -> DataLoader:
     return DataLoader(rows, batch_sampler=sampler, collate_fn=lambda batch: batch)
 
 
-def sample_rate_and_steps(n: int, cfg: SimpleNamespace) -> tuple[float, int]:
+def sample_rate_and_steps(n: int, cfg: Settings) -> tuple[float, int]:
     """The Poisson sample rate and the noisy steps of one round, for n training patients.
 
     The rate is 1/ceil(n/batch_size), as Opacus' own loader would use, not batch_size/n.
@@ -83,7 +84,7 @@ def sample_rate_and_steps(n: int, cfg: SimpleNamespace) -> tuple[float, int]:
     return 1 / batches, cfg.local_epochs * batches
 
 
-def noise_limit(n: int, weights: int, cfg: SimpleNamespace) -> float:
+def noise_limit(n: int, weights: int, cfg: Settings) -> float:
     """The largest noise multiplier with which one round's update stays within max_update_norm.
 
     For a hospital of n training patients and a model of `weights` weights, counting
@@ -153,7 +154,7 @@ def train_private(
     model: torch.nn.Module,
     x: np.ndarray,
     y: np.ndarray,
-    cfg: SimpleNamespace,
+    cfg: Settings,
     noise_multiplier: float,
     *,
     sampling: tuple[float, int] | None = None,
@@ -173,7 +174,7 @@ def train_private(
         The model, trained in place and returned on the CPU.
     x, y : np.ndarray
         The hospital's training rows and their labels.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (local_epochs, batch_size, learning_rate, momentum,
         max_grad_norm).
     noise_multiplier : float
@@ -210,7 +211,7 @@ def train_private(
 
 
 def train_plain(
-    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, cfg: SimpleNamespace, epochs: int
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, cfg: Settings, epochs: int
 ) -> None:
     """Ordinary mini-batch SGD, no clipping or noise: only for the baselines."""
     order = RandomSampler(range(len(y)), generator=torch.Generator().manual_seed(secret_seed()))

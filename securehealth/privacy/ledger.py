@@ -630,7 +630,7 @@ def check_before_start(
     ----------
     state_dir : str or Path
         The hospital's state directory.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings (epsilon, delta, adjacency).
     data_file : str or Path, optional
         The hospital's own data file.
