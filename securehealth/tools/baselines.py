@@ -6,12 +6,12 @@ judged on the same reference test set. Entry point: `run_baselines`.
 """
 
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from securehealth import data, operating_point
+from securehealth.config import Settings
 from securehealth.model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from securehealth.privacy import dpsgd
 from securehealth.privacy.accountant import calibrate_noise_multiplier
@@ -28,7 +28,7 @@ Rows = tuple[np.ndarray, np.ndarray]
 
 
 def training_rows_and_judge(
-    cfg: SimpleNamespace,
+    cfg: Settings,
 ) -> tuple[list[Rows], Callable[[torch.nn.Module], dict[str, float | None]]]:
     """Every hospital's training rows, and a judge that scores a model on the reference test set.
 
@@ -59,7 +59,7 @@ def training_rows_and_judge(
     return hospitals, judge
 
 
-def pooled_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Module:
+def pooled_no_dp(cfg: Settings, hospitals: Sequence[Rows]) -> torch.nn.Module:
     """Every hospital's training rows in one place, trained without DP.
 
     The upper bound nobody can have in reality.
@@ -86,7 +86,7 @@ def _local_round(cfg, inputs, x, y, train):
     return train_round
 
 
-def fedavg_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Module:
+def fedavg_no_dp(cfg: Settings, hospitals: Sequence[Rows]) -> torch.nn.Module:
     """The same federation without clipping or noise."""
     inputs = hospitals[0][0].shape[1]
     model = _initial_model(cfg, inputs)
@@ -100,9 +100,7 @@ def fedavg_no_dp(cfg: SimpleNamespace, hospitals: Sequence[Rows]) -> torch.nn.Mo
     return model
 
 
-def hospital_alone(
-    cfg: SimpleNamespace, x: np.ndarray, y: np.ndarray, private: bool
-) -> torch.nn.Module:
+def hospital_alone(cfg: Settings, x: np.ndarray, y: np.ndarray, private: bool) -> torch.nn.Module:
     """One hospital training only on its own rows, for the federation's rounds.
 
     With DP at its own budget where `private` (what it would get without the federation),
@@ -127,7 +125,7 @@ def hospital_alone(
     return model
 
 
-def run_baselines(cfg: SimpleNamespace) -> dict[str, dict[str, float | None]]:
+def run_baselines(cfg: Settings) -> dict[str, dict[str, float | None]]:
     """{name: clinical metrics on the reference test set} for each baseline."""
     hospitals, judge = training_rows_and_judge(cfg)
     results = {

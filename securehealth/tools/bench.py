@@ -43,12 +43,12 @@ GOALS = {"simulation": 12.0, "deployment off": 45.0, "deployment on": 90.0}
 # flwr-clientapp (or flwr-serverapp) process per message.
 IMPORTS = {
     "ClientApp, a message that does not train (admission, SecAgg+ stages)": (
-        "flwr.supernode.cli.flwr_clientapp, client"
+        "flwr.supernode.cli.flwr_clientapp, securehealth.clientapp"
     ),
     "ClientApp, a training message": (
-        "flwr.supernode.cli.flwr_clientapp, client, securehealth.hospital"
+        "flwr.supernode.cli.flwr_clientapp, securehealth.clientapp, securehealth.hospital"
     ),
-    "ServerApp, once per run": "flwr.superlink.cli.flwr_serverapp, server",
+    "ServerApp, once per run": "flwr.superlink.cli.flwr_serverapp, securehealth.serverapp",
 }
 
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from itertools import product
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from securehealth import display, settings
+from securehealth.config import Settings
 from securehealth.data import demonstration, heart_disease
 from securehealth.data.schema import Schema
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
@@ -168,7 +168,7 @@ def cross_validation_folds(patients: Patients) -> list[Patients]:
 
 
 def choose_by_cross_validation(
-    cfg: SimpleNamespace, patients: Patients, scratch: Path, progress: Progress
+    cfg: Settings, patients: Patients, scratch: Path, progress: Progress
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The CV_GRID settings with the best mean validation accuracy of the DP federation.
 
@@ -195,8 +195,8 @@ def choose_by_cross_validation(
 
 
 def methods(
-    tuned: SimpleNamespace,
-    defaults: SimpleNamespace,
+    tuned: Settings,
+    defaults: Settings,
     epsilons: list[float],
     scratch: Path,
     flamby: Patients,
@@ -257,7 +257,7 @@ def methods(
 
 
 def run(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     epsilons: list[float],
     seeds: int,
     cross_validate: bool,
@@ -429,7 +429,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _clinical(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
+def _clinical(cfg: Settings, args: Any, parser: argparse.ArgumentParser) -> int:
     """`benchmark.py clinical`, the settings changed from the defaults passed on as flags."""
     changed = [
         name
@@ -448,7 +448,7 @@ def _clinical(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) 
     return clinical_benchmark.main(run_dir, changes, args.seeds)
 
 
-def _flamby_settings(cfg: SimpleNamespace, parser: argparse.ArgumentParser) -> SimpleNamespace:
+def _flamby_settings(cfg: Settings, parser: argparse.ArgumentParser) -> Settings:
     """FLamby's data set and threshold; a usage error unless the shipped files are intact."""
     # FLamby judges accuracy at its fixed threshold: no operating point is chosen, so
     # none is reserved or released, and training spends the whole budget.

@@ -12,7 +12,6 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from securehealth import data, settings
+from securehealth.config import Settings
 from securehealth.hospital import Hospital
 from securehealth.model import build_model, get_weights, set_weights
 from securehealth.privacy import dpsgd
@@ -322,7 +322,7 @@ Patients = list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarra
 
 
 def train_variant(
-    cfg: SimpleNamespace, name: str, canaries: Canaries, patients: Patients, state_root: Path
+    cfg: Settings, name: str, canaries: Canaries, patients: Patients, state_root: Path
 ) -> tuple[dict[str, Any], list[np.ndarray], CanaryModel]:
     """Train the audit's federation as variant `name`.
 
@@ -416,7 +416,7 @@ def _facts(cfg, name, variant, audited, trained):
 
 
 def audit_variant(
-    cfg: SimpleNamespace, name: str, canaries: Canaries, patients: Patients, state_root: Path
+    cfg: Settings, name: str, canaries: Canaries, patients: Patients, state_root: Path
 ) -> dict[str, Any]:
     """Train variant `name` and audit it: its claim, each threat model's bounds, its verdict.
 
@@ -463,7 +463,7 @@ def audit_variant(
     return facts
 
 
-def check_settings(cfg: SimpleNamespace, white: int) -> None:
+def check_settings(cfg: Settings, white: int) -> None:
     """Check that the audit can run with these settings and `white` white-box canaries.
 
     Raises
@@ -480,14 +480,12 @@ def check_settings(cfg: SimpleNamespace, white: int) -> None:
         raise AuditError(f"canaries must be {MIN_CANARIES} to {MAX_CANARIES}, got {white}")
 
 
-def run(
-    cfg: SimpleNamespace, white: int = CANARIES, black: int = BLACK_BOX_CANARIES
-) -> dict[str, Any]:
+def run(cfg: Settings, white: int = CANARIES, black: int = BLACK_BOX_CANARIES) -> dict[str, Any]:
     """The audit of every variant on the data `cfg` names, with its verdict.
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The settings audited: the run's, or the command's.
     white, black : int
         White-box and black-box canaries in the audited hospital.

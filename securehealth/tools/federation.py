@@ -9,13 +9,13 @@ aggregation combines the updates), for the tools that train many federations in 
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from securehealth import operating_point
 from securehealth.aggregation import ServerMomentum, combine
+from securehealth.config import Settings
 from securehealth.model import build_model, get_weights, set_weights
 
 Weights = list[np.ndarray]
@@ -24,7 +24,7 @@ Weights = list[np.ndarray]
 TrainRound = Callable[[Weights, int], tuple[Weights, int]]
 
 
-def federate(weights: Weights, hospitals: Sequence[TrainRound], cfg: SimpleNamespace) -> Weights:
+def federate(weights: Weights, hospitals: Sequence[TrainRound], cfg: Settings) -> Weights:
     """The global weights after cfg.rounds rounds of the hospitals' training.
 
     Each round's updates are combined by the run's aggregation and stepped to with its server
@@ -36,7 +36,7 @@ def federate(weights: Weights, hospitals: Sequence[TrainRound], cfg: SimpleNames
         The initial global weights.
     hospitals : sequence of TrainRound
         Each hospital's round: (global weights, round number) -> (new weights, patients).
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings: rounds, aggregation, server_momentum.
     """
     server = ServerMomentum(cfg.server_momentum)
@@ -49,7 +49,7 @@ def federate(weights: Weights, hospitals: Sequence[TrainRound], cfg: SimpleNames
 
 
 def dp_federation(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     state_root: Path,
     patients: Sequence[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
     | None = None,

@@ -80,7 +80,7 @@ def cli_page() -> str:
 
 
 def drifted(root: Path = ROOT) -> list[Path]:
-    """The reference pages under `root` that differ from what the code says now."""
+    """The reference pages under `root` that differ from what the code says."""
     pages = {SETTINGS_PAGE: settings_page(), CLI_PAGE: cli_page()}
     return [
         page

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from securehealth import data, operating_point, settings
+from securehealth.config import Settings
 from securehealth.privacy.accountant import epsilon_spent, nearly_spent
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
 
@@ -64,7 +64,7 @@ class Trial:
     unscored: str = ""  # why there is no score
 
 
-def parse_grid(text: str, cfg: SimpleNamespace) -> list[dict[str, Any]]:
+def parse_grid(text: str, cfg: Settings) -> list[dict[str, Any]]:
     """The candidates of a grid such as "learning_rate=0.1,0.3 hidden_layers=,16".
 
     Parameters
@@ -72,7 +72,7 @@ def parse_grid(text: str, cfg: SimpleNamespace) -> list[dict[str, Any]]:
     text : str
         NAME=V1,V2 parts separated by spaces, NAME one of SEARCHABLE; an empty value is the
         setting's empty value.
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings, which each candidate changes.
 
     Returns
@@ -102,13 +102,13 @@ def parse_grid(text: str, cfg: SimpleNamespace) -> list[dict[str, Any]]:
     return candidates
 
 
-def _trial_settings(cfg: SimpleNamespace, changes: dict[str, Any], epsilon: float):
+def _trial_settings(cfg: Settings, changes: dict[str, Any], epsilon: float):
     """A trial's settings: the run's, the candidate's changes, its ledger target."""
     trial = {**vars(cfg), **changes, "decision_threshold": SCORED_TARGET, "epsilon": epsilon}
     return settings.resolve(trial)
 
 
-def spent_before(homes: list[Path], cfg: SimpleNamespace) -> list[float]:
+def spent_before(homes: list[Path], cfg: Settings) -> list[float]:
     """Each hospital's epsilon in its ledger before the search."""
     spent = []
     for home in homes:
@@ -119,13 +119,13 @@ def spent_before(homes: list[Path], cfg: SimpleNamespace) -> list[float]:
 
 
 def check_affordable(
-    cfg: SimpleNamespace, before: list[float], search_budget: float, candidates: int
+    cfg: Settings, before: list[float], search_budget: float, candidates: int
 ) -> None:
     """Check that every hospital can afford the search, and each candidate can train.
 
     Parameters
     ----------
-    cfg : SimpleNamespace
+    cfg : Settings
         The run's settings; cfg.epsilon is each hospital's lifetime budget.
     before : list of float
         Each hospital's epsilon before the search.
@@ -169,7 +169,7 @@ def check_affordable(
 
 
 def run_search(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     candidates: list[dict[str, Any]],
     search_budget: float,
     homes: list[Path],
@@ -263,7 +263,7 @@ def _epsilon_alone(ledger: PrivacyLedger, search_id: str) -> float:
 
 
 def _score(
-    hospitals: list[Any], weights: list[Any], trial_cfg: SimpleNamespace
+    hospitals: list[Any], weights: list[Any], trial_cfg: Settings
 ) -> tuple[float | None, str]:
     """The trial's score, the binormal ROC-AUC of the hospitals' DP histograms, and why not.
 

@@ -9,13 +9,13 @@ import argparse
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from rich.progress import Progress
 
 from securehealth import data, display, settings
+from securehealth.config import Settings
 from securehealth.results import RunDirError, new_run_dir, write_atomic, write_json
 from securehealth.tools.search import DEFAULT_GRID
 
@@ -23,7 +23,7 @@ from securehealth.tools.search import DEFAULT_GRID
 # used, so that --help and a refused command answer at once.
 
 
-def dp_federation_metrics(cfg: SimpleNamespace, state_root: Path) -> dict[str, float | None]:
+def dp_federation_metrics(cfg: Settings, state_root: Path) -> dict[str, float | None]:
     """The federated DP model's metrics on the reference test set, trained here.
 
     The hospitals' ledgers go under `state_root`.
@@ -145,7 +145,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_sweep(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> Path:
+def _check_sweep(cfg: Settings, args: Any, parser: argparse.ArgumentParser) -> Path:
     """The sweep's new run directory, once its settings and data pass (else a usage error)."""
     try:
         settings.check_accounted(
@@ -216,7 +216,7 @@ def _write_sweep(cfg, seeds, sweep, run_dir, console):
     console.print(f"Table and plot: {run_dir / 'sweep.md'}, {run_dir / 'sweep.png'}")
 
 
-def search_command(cfg: SimpleNamespace, args: Any, parser: argparse.ArgumentParser) -> int:
+def search_command(cfg: Settings, args: Any, parser: argparse.ArgumentParser) -> int:
     """`--search-budget`: the accounted hyper-parameter search (search.py).
 
     It pays from the lasting ledgers of your own patients' hospitals (scratch ones for a
@@ -303,7 +303,7 @@ def _write_search(cfg, args, before, lasting, outcome, run_dir, console):
 
 
 def search_cost(
-    cfg: SimpleNamespace,
+    cfg: Settings,
     candidates: list[dict[str, Any]],
     budget: float,
     before: list[float],
