@@ -1,13 +1,9 @@
-"""A hospital's training and its own records: DP-SGD (Opacus) on its training
-patients against its privacy ledger, a privacy report (scalars) for the server, and
-its evaluation of every global model on its held-out patients, which stays here.
-Loaded only by a message that trains or ends the run (node.open_hospital).
+"""A hospital's training and its own records, `Hospital`: loaded only to train or end a run.
 
-The global model is the server's, and a server may send anything: the hospital
-checks it before it uses it (its own bound on weights, max_weight) and trains so
-that no patient can make the update non-finite (dpsgd.FiniteDPOptimizer). What it
-sends back is then differentially private whatever model it was sent; its local
-evaluation, which is not, can neither fail nor say anything to the server.
+DP-SGD against its privacy ledger, a privacy report for the server, and its evaluation of
+every global model on its held-out patients, which stays here (node.open_hospital loads it).
+A server may send any global model: the hospital checks it first (max_weight) and trains so
+that what it sends back is private whatever it was sent (docs/explanation/threat-model.md).
 """
 
 from datetime import UTC, datetime
@@ -47,10 +43,12 @@ RELEASE_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "adjacency"
 
 
 class Hospital:
-    """A hospital: trains a round with DP-SGD, accounted in its privacy ledger, and
-    evaluates every global model it receives on its own held-out patients. That
-    evaluation stays in its state directory: it is not covered by the DP guarantee,
-    so it is never sent."""
+    """A hospital: DP-SGD rounds accounted in its privacy ledger, and its own evaluations.
+
+    It evaluates every global model it receives on its own held-out patients. That
+    evaluation stays in its state directory: it is not covered by the DP guarantee, so
+    it is never sent.
+    """
 
     def __init__(
         self,
@@ -66,14 +64,45 @@ class Hospital:
         own_file=None,
         evaluates=True,
     ):
-        """`patients`, ((x, y), (held-out x, y)), replaces the hospital's own data and
-        held-out rule: for a benchmark's published split of public data only. Its
-        privacy ledger is in `ledger_dir` (node.ledger_dir), else in `state_dir`.
-        `lasting` and `own_file` (node.open_hospital) make its ledger known to this
-        machine's index, with the file of its own patients (privacy/data_index.py);
-        the tools' scratch ledgers and demonstrations' are not. Unless `evaluates`,
-        it keeps no evaluation of the models on its held-out patients (a search's
-        trials compare DP figures only)."""
+        """Load the hospital's patients and open its privacy ledger.
+
+        Parameters
+        ----------
+        hospital : int
+            This hospital's number.
+        cfg : Settings
+            The run's settings, with this hospital's own in place of the server's.
+        run_id : int
+            The Flower run it trains in.
+        state_dir : str or Path
+            Its state directory (node.hospital_state_dir), for its status file.
+        data_file : str, optional
+            The file of its patients; None where they are generated or bundled.
+        schema_file : str, optional
+            The data dictionary of its own CSV file.
+        patients : tuple, optional
+            ((x, y), (held-out x, y)) in place of the hospital's own data and held-out
+            rule: for a benchmark's published split of public data only.
+        ledger_dir : Path, optional
+            Where its privacy ledger lives (node.ledger_dir); else in `state_dir`.
+        lasting : bool
+            Whether its ledger is made known to this machine's index, with `own_file`
+            (privacy/data_index.py): node.open_hospital's are; the tools' scratch
+            ledgers and demonstrations' are not.
+        own_file : Path, optional
+            The file of its own patients, for that index to claim.
+        evaluates : bool
+            Whether it keeps an evaluation of the models on its held-out patients (a
+            search's trials compare DP figures only, and keep none).
+
+        Raises
+        ------
+        data.DataError
+            When its data cannot be read, fails its dictionary or is too small
+            (data.hospital_data).
+        LedgerError
+            When its ledger's directory cannot be written.
+        """
         torch.set_num_threads(1)  # a tiny model: threads cost more than they give
         self.hospital, self.cfg, self.run_id = hospital, cfg, run_id
         self.state_dir, self.evaluates = Path(state_dir), evaluates
@@ -87,9 +116,33 @@ class Hospital:
     def train_round(
         self, parameters: list[np.ndarray], server_round: int
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """One round of DP-SGD from the global weights: (new weights, training
-        patients, privacy report), or the weights unchanged, 0 and a report saying
-        why it declined (the budget)."""
+        """One round of DP-SGD from the server's global weights, accounted in the ledger.
+
+        The global model is checked before any patient is touched. The hospital declines
+        the round for a malformed model, for noise beyond what the server's
+        max_update_norm allows, or for a budget that cannot pay for it.
+
+        Parameters
+        ----------
+        parameters : list[np.ndarray]
+            The global model's weights, as the server sent them.
+        server_round : int
+            The round, as the server numbers it.
+
+        Returns
+        -------
+        tuple[list[np.ndarray], int, dict[str, Any]]
+            The new weights, the number of training patients and the privacy report
+            (Flower metrics); where it declines, the weights unchanged, 0 and a report
+            saying why.
+
+        Raises
+        ------
+        ValueError
+            When it trains on more patients than the server's max_patients allows.
+        LedgerError
+            When its data is accounted in another privacy ledger on this machine.
+        """
         if len(self.y) > self.cfg.max_patients:  # the server would reject the update
             raise ValueError(
                 f"hospital {self.hospital} trains on {len(self.y)} patients, more than "
@@ -192,10 +245,25 @@ class Hospital:
     def release_operating_point(
         self, parameters: list[np.ndarray], server_round: int
     ) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """This run's one release for its operating point (operating_point.py): the
-        final model's scores of the training patients as per-class histograms with
-        Gaussian noise, recorded in the ledger first; or None and a report saying why
-        not (no operating point reserved, already released, a malformed model)."""
+        """Release this run's noisy score histograms for its operating point (operating_point.py).
+
+        This is the run's one release of it: the final model's scores of the training
+        patients as per-class histograms with Gaussian noise, recorded in the ledger first.
+
+        Parameters
+        ----------
+        parameters : list[np.ndarray]
+            The final model's weights, as the server sent them.
+        server_round : int
+            The round, as the server numbers it.
+
+        Returns
+        -------
+        tuple[np.ndarray or None, dict[str, Any]]
+            The noisy histograms and the privacy report; or None and a report saying
+            why not (no operating point reserved, already released, noise that would
+            drown its patients, a malformed model).
+        """
         with self.ledger.transaction():
             problem = self._model_problem(parameters)
             if problem:
@@ -220,10 +288,12 @@ class Hospital:
 
     @torch.no_grad()
     def _logits(self, parameters: list[np.ndarray]) -> np.ndarray:
-        """The model's risk logit of every training patient, each scored on its own: in
-        a batch, a float32 matrix product may compute a row differently by its
-        position, and a crafted model can magnify that until one patient's record
-        moves the others' scores."""
+        """The model's risk logit of every training patient, each scored on its own.
+
+        In a batch, a float32 matrix product may compute a row differently by its
+        position, and a crafted model can magnify that until one patient's record moves
+        the others' scores.
+        """
         model = self._model(parameters).eval()
         return np.array([model(row[None]).item() for row in torch.as_tensor(self.x)])
 
@@ -235,9 +305,24 @@ class Hospital:
         reason: str,
         threshold: float,
     ) -> None:
-        """The server's notice that the run has ended, with the final model and its
-        decision threshold (see serverapp.tell_hospitals): evaluated here, for this
-        hospital alone."""
+        """Take the server's notice that the run has ended (serverapp.tell_hospitals).
+
+        A finished run's final model is evaluated here, for this hospital alone, and the
+        hospital's status file records how the run ended.
+
+        Parameters
+        ----------
+        parameters : list[np.ndarray]
+            The final model's weights.
+        status : str
+            The run's status (a results.RunStatus).
+        rounds : int
+            The number of rounds the server recorded.
+        reason : str
+            Why the run failed, in the server's words; empty if it did not.
+        threshold : float
+            The final model's decision threshold.
+        """
         if has_finished(status):
             self._evaluate_locally(parameters, rounds, threshold)
         with self.ledger.transaction():
@@ -248,8 +333,11 @@ class Hospital:
         return build_model(self.x.shape[1], self.cfg.hidden_layers)
 
     def _model_problem(self, parameters: list[np.ndarray]) -> str | None:
-        """Why the server's global model cannot be used (None if it can): not shaped
-        as the run's model, or a weight beyond this hospital's max_weight."""
+        """Why the server's global model cannot be used (None if it can).
+
+        It is not shaped as the run's model, or a weight is beyond this hospital's
+        max_weight.
+        """
         return weights_problem(parameters, get_weights(self._new_model()), self.cfg.max_weight)
 
     def _model(self, parameters):
@@ -259,11 +347,12 @@ class Hospital:
         return model
 
     def _evaluate_locally(self, parameters, after_round, threshold):
-        """Clinical metrics of the global model after `after_round` on the held-out
-        patients at `threshold`, appended to this hospital's evaluation file. Nothing
-        of it reaches the server, not even whether it worked: a model whose scores are
-        not finite is scored 0.5 there (and counted), and any failure goes to this
-        hospital's own log."""
+        """Append the global model's clinical metrics on the held-out patients to its file.
+
+        The model is the one after `after_round`, scored at `threshold`. Nothing of it
+        reaches the server, not even whether it worked: a score that is not finite is
+        taken as 0.5 (and counted), and any failure goes to this hospital's own log.
+        """
         if not self.evaluates:
             return
         try:
