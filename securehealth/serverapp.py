@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, Error, Message, MessageType
-from flwr.common import EvaluateIns, log, ndarrays_to_parameters
+from flwr.common import EvaluateIns, EvaluateRes, log, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
@@ -241,11 +241,11 @@ def ask_operating_point(
         )
         for node in admission.hospitals()
     ]
-    replies = {}
+    replies: dict[int, EvaluateRes | str] = {}
     for reply in grid.send_and_receive(messages, timeout=OPERATING_POINT_TIMEOUT):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            replies[node] = f"it failed: {untrusted(reply.error.reason, REASON_LIMIT)}"
+            replies[node] = f"it failed: {untrusted(str(reply.error.reason), REASON_LIMIT)}"
             continue
         try:
             replies[node] = recorddict_to_evaluateres(reply.content)

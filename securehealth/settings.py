@@ -21,7 +21,7 @@ from securehealth.data.schema import MISSING_MODES
 from securehealth.privacy.report import Adjacency
 from securehealth.text import quoted, shortened
 
-DEFAULTS = {setting.name: setting.default for setting in fields(Settings)}
+DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in fields(Settings)}
 HELP = {setting.name: setting.metadata["help"] for setting in fields(Settings)}
 
 SWITCH = ("on", "off", "auto")
@@ -307,7 +307,11 @@ def positive_float(text: str) -> float:
     raise argparse.ArgumentTypeError(f"needs a number > 0; got {quoted(text)}")
 
 
-class _Parser(argparse.ArgumentParser):
+class SettingsParser(argparse.ArgumentParser):
+    """A script's command line: a flag per setting it takes, and one-line errors."""
+
+    settings_names: Sequence[str] = ()  # the settings the script takes
+
     def error(self, message: str) -> NoReturn:
         """Exit with code 2 and one line on stderr.
 
@@ -316,9 +320,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {shortened(message)}\n")
 
 
-def make_parser(
-    description: str | None, names: Sequence[str] = tuple(DEFAULTS)
-) -> argparse.ArgumentParser:
+def make_parser(description: str | None, names: Sequence[str] = tuple(DEFAULTS)) -> SettingsParser:
     """Return an argparse parser with a flag for each setting in `names`.
 
     Each setting is --name or --name-with-dashes; a script offers only the settings it
@@ -333,10 +335,10 @@ def make_parser(
 
     Returns
     -------
-    argparse.ArgumentParser
+    SettingsParser
         A parser whose errors are one line and exit code 2; pass it to `parse`.
     """
-    parser = _Parser(
+    parser = SettingsParser(
         description=description,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -364,7 +366,7 @@ def make_parser(
 
 
 def parse(
-    parser: argparse.ArgumentParser, argv: list[str] | None = None, simulation: bool = False
+    parser: SettingsParser, argv: list[str] | None = None, simulation: bool = False
 ) -> tuple[Settings, argparse.Namespace]:
     """Parse the command line into the run's settings and the parsed arguments.
 

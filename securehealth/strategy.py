@@ -570,7 +570,7 @@ class HospitalFedAvg(FedAvg):
             self.threshold,
         )
         risk = predict_risk(self.model, self.test_x)
-        final = clinical_metrics(self.test_y, risk, self.threshold)
+        final: dict[str, Any] = clinical_metrics(self.test_y, risk, self.threshold)
         confusion = clinical.Confusion.at(self.test_y, risk, self.threshold)
         final.update(asdict(confusion), prevalence=confusion.prevalence)
         final["calibration"] = asdict(clinical.Calibration.of(self.test_y, risk))

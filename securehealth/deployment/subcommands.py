@@ -22,8 +22,8 @@ LISTING_INDENT = 24  # where a subcommand's summary starts in --help, as argpars
 class CommandLine:
     """A command's argparse parser (from settings.make_parser) and its subcommands' parsers."""
 
-    parser: argparse.ArgumentParser
-    subcommands: dict[str, argparse.ArgumentParser] = field(default_factory=dict)
+    parser: settings.SettingsParser
+    subcommands: dict[str, settings.SettingsParser] = field(default_factory=dict)
 
     def add_subcommand(
         self,

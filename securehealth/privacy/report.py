@@ -237,10 +237,10 @@ def _typed_value(field: str, value: Any, kind: type) -> Any:
     base = str if issubclass(kind, StrEnum) else kind
     if not isinstance(value, base) or isinstance(value, bool) != (kind is bool):
         raise UnsoundReport(f"{field} is {type(value).__name__}, not {base.__name__}")
-    if kind is float and not math.isfinite(value):
+    if kind is float and not math.isfinite(float(value)):
         raise UnsoundReport(f"{field} is not a finite number")
     if issubclass(kind, StrEnum):
         if value not in set(kind):
             raise UnsoundReport(f"{field} {quoted(value)} is not one of {', '.join(kind)}")
-        return kind(value)
+        return kind(str(value))
     return value
