@@ -86,9 +86,8 @@ class Hospital:
         ledger_dir : Path, optional
             Where its privacy ledger lives (node.ledger_dir); else in `state_dir`.
         lasting : bool
-            Whether its ledger is made known to this machine's index, with `own_file`
-            (privacy/data_index.py): node.open_hospital's are; the tools' scratch
-            ledgers and demonstrations' are not.
+            Whether its ledger is known to this machine's index (privacy/data_index.py):
+            node.open_hospital's are; tools' scratch ledgers and demonstrations' are not.
         own_file : Path, optional
             The file of its own patients, for that index to claim.
         evaluates : bool
@@ -98,8 +97,7 @@ class Hospital:
         Raises
         ------
         data.DataError
-            When its data cannot be read, fails its dictionary or is too small
-            (data.hospital_data).
+            When its data cannot be read, fails its dictionary or is too small.
         LedgerError
             When its ledger's directory cannot be written.
         """
@@ -160,6 +158,12 @@ class Hospital:
                 return parameters, 0, self._report(ReportStatus.REFUSED, server_round, reason)
         provisional = operating_point.working_threshold(self.cfg.decision_threshold)
         self._evaluate_locally(parameters, server_round - 1, provisional)
+        return self._private_round(parameters, server_round)
+
+    def _private_round(
+        self, parameters: list[np.ndarray], server_round: int
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Train a round on a checked global model, unless the ledger refuses it (train_round)."""
         cfg = self.cfg
         sample_rate, steps = self.sampling()
         limit = dpsgd.noise_limit(self.sampled_patients, sum(p.size for p in parameters), cfg)
