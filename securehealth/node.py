@@ -203,19 +203,7 @@ def open_hospital(context: Context) -> "Hospital":
 
     node = context.node_config
     hospital, cfg = hospital_settings(context)
-    # The data set whose file client.py named (its --data is a CSV file).
-    brought = node.get("dataset", "csv" if "data-file" in node else None)
-    if brought and brought != cfg.dataset:
-        raise ValueError(
-            f"this hospital brought its own {brought} data but the server's run uses "
-            f"dataset {cfg.dataset!r}: start the server with --dataset {brought}"
-        )
-    if getattr(data.SOURCES[cfg.dataset], "FILES", False) and "state-dir" in node and not brought:
-        own = "--data FILE --schema FILE" if cfg.dataset == "csv" else f"--dataset {cfg.dataset}"
-        raise ValueError(  # a deployed hospital never reads a file the server names
-            f"the server's run uses dataset {cfg.dataset} but this hospital brought no "
-            f"data of its own: start it with client.py {own}"
-        )
+    _check_brought_data(node, cfg)
     own = own_data_file(context, cfg, hospital)
     try:
         # Judged and trained on the same bytes, whatever happens to the file meanwhile.
@@ -241,6 +229,27 @@ def open_hospital(context: Context) -> "Hospital":
             f"hospital {hospital}'s data does not match the data dictionary (details in "
             f"its own log)"
         ) from None
+
+
+def _check_brought_data(node: dict, cfg: Settings) -> None:
+    """Raise ValueError unless this hospital's own data fits the run's data set.
+
+    Its data must be of the run's data set, and a deployed hospital must bring its own
+    file where the run's data set reads files.
+    """
+    # The data set whose file client.py named (its --data is a CSV file).
+    brought = node.get("dataset", "csv" if "data-file" in node else None)
+    if brought and brought != cfg.dataset:
+        raise ValueError(
+            f"this hospital brought its own {brought} data but the server's run uses "
+            f"dataset {cfg.dataset!r}: start the server with --dataset {brought}"
+        )
+    if getattr(data.SOURCES[cfg.dataset], "FILES", False) and "state-dir" in node and not brought:
+        own = "--data FILE --schema FILE" if cfg.dataset == "csv" else f"--dataset {cfg.dataset}"
+        raise ValueError(  # a deployed hospital never reads a file the server names
+            f"the server's run uses dataset {cfg.dataset} but this hospital brought no "
+            f"data of its own: start it with client.py {own}"
+        )
 
 
 def check_run(context: Context, state_dir: Path) -> None:
