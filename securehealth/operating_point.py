@@ -148,8 +148,6 @@ class Target:
 
 
 TASK = "operating-point"  # the server's request for a hospital's histograms
-# What a hospital's reply to that request may say it did.
-RELEASED, DECLINED = "released", "declined"
 PROVISIONAL_THRESHOLD = 0.5  # figures of a round's model before its point is chosen
 
 

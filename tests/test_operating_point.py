@@ -21,7 +21,6 @@ from securehealth import clinical, operating_point, settings
 from securehealth.admission import Admission
 from securehealth.hospital import Hospital
 from securehealth.model import build_model, get_weights
-from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.accountant import epsilon_spent
 from securehealth.privacy.ledger import OPERATING_POINT_SHARE
 from securehealth.privacy.report import OPERATING_POINT_STATUSES, PrivacyReport, ReportStatus
@@ -152,13 +151,16 @@ def test_a_hospital_releases_its_operating_point_once_within_its_budget(tmp_path
     hospital = csv_hospital(tmp_path)
     weights = get_weights(build_model(hospital.x.shape[1], hospital.cfg.hidden_layers))
     histograms, report = hospital.release_operating_point(weights, 0)
-    assert histograms is None and report["status"] == DECLINED  # nothing trained yet
+    assert histograms is None and report["status"] == ReportStatus.DECLINED  # nothing trained yet
     assert "reserved no operating point" in report["reason"]
 
     trained = train_rounds(hospital, 2)
     assert trained[-1]["epsilon"] < hospital.cfg.epsilon  # room kept for the release
     histograms, report = hospital.release_operating_point(weights, 2)
-    assert report["status"] == RELEASED and histograms.shape == (2, operating_point.BINS)
+    assert report["status"] == ReportStatus.RELEASED and histograms.shape == (
+        2,
+        operating_point.BINS,
+    )
     assert histograms.sum() == pytest.approx(len(hospital.y), abs=400)  # noisy counts
     ledger = json.loads(hospital.ledger.path.read_text())
     last = ledger["releases"][-1]
@@ -174,7 +176,7 @@ def test_a_hospital_releases_its_operating_point_once_within_its_budget(tmp_path
 
     # A server asking again learns nothing more: the noise cannot be averaged away.
     again, report = hospital.release_operating_point(weights, 2)
-    assert again is None and report["status"] == DECLINED
+    assert again is None and report["status"] == ReportStatus.DECLINED
     assert "released already" in report["reason"]
     assert len(json.loads(hospital.ledger.path.read_text())["releases"]) == len(released)
 
@@ -185,7 +187,7 @@ def test_a_fixed_threshold_reserves_and_releases_nothing(tmp_path):
     assert trained[-1]["epsilon"] == pytest.approx(hospital.cfg.epsilon, abs=0.01)
     weights = get_weights(build_model(hospital.x.shape[1], hospital.cfg.hidden_layers))
     histograms, report = hospital.release_operating_point(weights, 2)
-    assert histograms is None and report["status"] == DECLINED
+    assert histograms is None and report["status"] == ReportStatus.DECLINED
 
 
 def test_a_crafted_final_model_is_refused_before_anything_is_released(tmp_path):

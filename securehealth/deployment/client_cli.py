@@ -30,7 +30,6 @@ from securehealth.deployment import pinning, runtime
 from securehealth.deployment.subcommands import CommandLine
 from securehealth.deployment.worker import warm_worker
 from securehealth.node import HOSPITAL_SETTINGS, REFUSED_RUN
-from securehealth.operating_point import DECLINED, RELEASED
 from securehealth.privacy.accountant import MIN_BUDGET_LEFT, nearly_spent
 from securehealth.privacy.ledger import (
     LedgerError,
@@ -38,6 +37,7 @@ from securehealth.privacy.ledger import (
     add_reset_flag,
     check_before_start,
 )
+from securehealth.privacy.report import OPERATING_POINT_STATUSES, ReportStatus
 from securehealth.relay import NODE_CONFIG_KEY
 from securehealth.results import default_state_root, has_finished, read_json
 from securehealth.state_directory import EVALUATION_FILE, StateDirectory
@@ -735,12 +735,13 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
         )
         return None
     spent = f"epsilon spent {status['epsilon']:.3f} of {status['epsilon_budget']:g}"
-    if status["status"] == "trained":
+    if status["status"] == ReportStatus.TRAINED:
         console.print(f"Round {status['round']}: trained; {spent}")
-    elif status["status"] in (RELEASED, DECLINED):
-        said = "released" if status["status"] == RELEASED else f"declined ({status['reason']})"
+    elif status["status"] in OPERATING_POINT_STATUSES:
+        released = status["status"] == ReportStatus.RELEASED
+        said = "released" if released else f"declined ({status['reason']})"
         console.print(f"Operating point's histograms {escape(said)}; {spent}")
-    elif status["status"] == "refused":
+    elif status["status"] == ReportStatus.REFUSED:
         console.print(
             f"[yellow]Round {status['round']}: declined to train: "
             f"{escape(status['reason'])}. Raise --epsilon deliberately to continue.[/]"
