@@ -64,7 +64,10 @@ def cli_page() -> str:
         "from the scripts themselves: do not edit by hand. Every script also installs as a",
         "console command (`python simulation.py` is `securehealth-simulation`, and so on).",
     ]
-    environment = {**os.environ, "COLUMNS": HELP_COLUMNS}
+    # Fixed width, and a home that is nobody's: defaults such as --state-dir's show
+    # where they lie by default, not where they lie for whoever generated the page.
+    environment = {**os.environ, "COLUMNS": HELP_COLUMNS, "HOME": "/home/you"}
+    environment.pop("XDG_STATE_HOME", None)
     for script in SCRIPTS:
         shown = subprocess.run(
             [sys.executable, script, "--help"],
