@@ -435,7 +435,7 @@ def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None
         privacy_table.add_row(*privacy_cells(hospital, p), style="red" if overspent else None)
     console.print(privacy_table)
     for problem in shortfalls(metrics):
-        console.print(f"[red]Warning:[/] {problem} (reasons above and in metrics.json).")
+        console.print(f"[red]Warning:[/] {escape(problem)} (reasons above and in metrics.json).")
     console.print(
         f"{guarantee_text(privacy)} Results, with the report for the privacy officer "
         f"and the clinicians (report.md): {run_dir}"

@@ -71,6 +71,46 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     model.load_state_dict({k: torch.as_tensor(w) for k, w in zip(state, weights, strict=True)})
 
 
+def arrays_like(tensors: Sequence[bytes], expected: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Decode a model sent as .npy bytes, each array's header checked before it is read.
+
+    Whoever sent the bytes chose the header: an array is decoded only if its header
+    names the shape of `expected`'s array, a floating-point type and exactly the bytes
+    that follow, so that a header cannot make the reader allocate more than was sent.
+
+    Raises
+    ------
+    ValueError
+        The bytes are not arrays shaped like `expected`; the message says how.
+    """
+    if len(tensors) != len(expected):
+        raise ValueError(f"{len(tensors)} weight arrays where the model has {len(expected)}")
+    pairs = enumerate(zip(tensors, expected, strict=True))
+    return [_array_like(index, tensor, want) for index, (tensor, want) in pairs]
+
+
+def _array_like(index: int, tensor: bytes, want: np.ndarray) -> np.ndarray:
+    """One array of `arrays_like`, from its bytes."""
+    stream = io.BytesIO(tensor)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }[version]
+        shape, fortran_order, dtype = read_header(stream)
+    except Exception:  # the sender chose the bytes: any failure to read them is theirs
+        raise ValueError(f"weight array {index} is not a .npy array") from None
+    if shape != want.shape:
+        raise ValueError(f"weight array {index} has shape {shape}, the model's is {want.shape}")
+    if dtype.kind != "f":
+        raise ValueError(f"weight array {index} holds {dtype}, not floating-point numbers")
+    if len(tensor) - stream.tell() != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"weight array {index} does not hold the bytes its header says")
+    flat = np.frombuffer(tensor, dtype=dtype, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C").copy()
+
+
 def weights_problem(
     weights: list[np.ndarray], expected: list[np.ndarray], max_magnitude: float = math.inf
 ) -> str | None:

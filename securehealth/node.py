@@ -37,7 +37,7 @@ from securehealth.results import (
     lasting_hospitals_dir,
 )
 from securehealth.state_directory import StateDirectory
-from securehealth.text import untrusted
+from securehealth.text import quoted, untrusted
 
 if TYPE_CHECKING:
     from securehealth.hospital import Hospital
@@ -296,6 +296,7 @@ def check_run(context: Context, state_dir: Path) -> None:
 def _refuse_run(state_dir: Path, run_id: int, reason: str) -> None:
     """Tell this hospital's operator that it refused the run (client.py watches its status)."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
+    reason = untrusted(reason, REASON_LIMIT)  # it may quote the server
     status = {"status": REFUSED_RUN, "run_id": str(run_id), "reason": reason, "utc": now}
     StateDirectory(Path(state_dir)).write_status(status)
 
@@ -353,10 +354,11 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
     }
     for name, value in asked.items():
         if not problem and value != getattr(cfg, name):
+            shown = quoted(value)  # the server's words: their start, escapes shown
             problem = (
-                f"the server's {name} is {value} but this hospital's is "
+                f"the server's {name} is {shown} but this hospital's is "
                 f"{getattr(cfg, name)}: both sides must agree (client.py "
-                f"--{name.replace('_', '-')} {value}, or ask the server's operator)"
+                f"--{name.replace('_', '-')} {shown}, or ask the server's operator)"
             )
             _refuse_run(state_dir, context.run_id, problem)
     key = StateDirectory(state_dir).key_file

@@ -567,7 +567,8 @@ def _privacy_section(privacy, cfg):
         f"operating system, not a cryptographically secure one (secure_rng: "
         f"{privacy['secure_rng']}).",
         *(
-            f"**Hospital {h}: {p['ledger_reset']}.**"
+            # The hospital's own words, as code: no Markdown or HTML of theirs is rendered.
+            f"**Hospital {h}:** `{p['ledger_reset'].replace('`', chr(39))}`"
             for h, p in hospitals.items()
             if p.get("ledger_reset")
         ),

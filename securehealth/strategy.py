@@ -22,7 +22,6 @@ from flwr.common import (
     Scalar,
     log,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
@@ -30,6 +29,7 @@ from flwr.server.strategy import FedAvg
 from securehealth import clinical, data, operating_point
 from securehealth.aggregation import ServerMomentum, combine
 from securehealth.model import (
+    arrays_like,
     build_model,
     clinical_metrics,
     get_weights,
@@ -134,6 +134,7 @@ class HospitalFedAvg(FedAvg):
         self.test_x, self.test_y, reference = data.reference_test_set(cfg)
         self.server_momentum = ServerMomentum(cfg.server_momentum)
         self.reports: dict[str, PrivacyReport] = {}  # hospital -> its latest report
+        self.trained: dict[str, PrivacyReport] = {}  # hospital -> its latest report of training
         self.last_round = RoundOutcome(0)  # the last round whose replies reached aggregate_fit
         # The decision threshold: fixed, or chosen after the last round
         # (choose_operating_point); until then the figures use a provisional one.
@@ -269,16 +270,23 @@ class HospitalFedAvg(FedAvg):
                     report.reason,
                 )
                 return None
+            before = self.trained.get(name)
+            if before is not None and before.patients != report.patients:
+                raise UnsoundReport(
+                    f"it trained with {before.patients} patients before in this run, and "
+                    f"claims {report.patients} now"
+                )
             try:
-                weights = parameters_to_ndarrays(fit_res.parameters)
-            except (ValueError, OSError, EOFError) as error:  # bytes that are no arrays
-                raise UnsoundReport(f"its update is not arrays ({error})") from None
+                weights = arrays_like(fit_res.parameters.tensors, self.global_weights)
+            except ValueError as error:  # its header decides nothing before it is checked
+                raise UnsoundReport(f"its update is not the model's arrays ({error})") from None
             problem = None if self.secure else self.check_update(weights)
             if problem:
                 raise UnsoundReport(problem)
         except UnsoundReport as problem:
             self._reject(outcome, name, str(problem))
             return None
+        self.trained[name] = report
         return name, weights, fit_res.num_examples
 
     def _combine(
@@ -544,7 +552,7 @@ class HospitalFedAvg(FedAvg):
         )
         if report.status != ReportStatus.RELEASED:
             return report, None
-        trained = self.reports.get(str(hospital))
+        trained = self.trained.get(str(hospital))
         if trained is None or trained.patients != report.patients:  # its FedAvg weight
             raise UnsoundReport(
                 f"it reports {report.patients} patients, where its training reports "

@@ -23,7 +23,7 @@ from securehealth.results import (
     default_state_root,
     simulated_hospitals_dir,
 )
-from securehealth.state_directory import LEDGER_FILE
+from securehealth.state_directory import LEDGER_FILE, STATUS_FILE
 
 
 def run_script(script, *args, cwd):
@@ -294,6 +294,20 @@ def test_a_server_cannot_erase_the_trace_of_a_lost_ledger(tmp_path):
     (state_dir / LEDGER_FILE).unlink()
     with pytest.raises(LedgerError, match="records epsilon"):
         check_before_start(state_dir, cfg)
+
+
+def test_a_servers_words_reach_the_status_file_quoted_and_cut(tmp_path):
+    # A hostile server's secure_aggregation value is quoted in the hospital's refusal:
+    # its start only, its terminal escapes shown, never obeyed on the hospital's console.
+    cfg = settings.resolve({"dataset": "heart-disease", "num_clients": 4, "rounds": 2})
+    state_dir = tmp_path / "hospital-1"
+    sites = own_data_copy(heart_disease.SHIPPED_DIR, tmp_path / "sites")
+    context = heart_disease_hospital(1, state_dir, cfg, sites)
+    hostile = "\x1bc" + "x" * 5_000_000  # a terminal reset, then 5 MB
+    answer = node.admission_answer({"secure_aggregation": hostile, "challenge": ""}, context)
+    status = json.loads((state_dir / STATUS_FILE).read_text())
+    assert "\x1b" not in status["reason"] and "\\x1b" in status["reason"]
+    assert len(status["reason"]) < 1000 and status["reason"] == answer["problem"]
 
 
 def test_the_machine_remembers_a_ledger_whose_whole_state_directory_is_gone(tmp_path):

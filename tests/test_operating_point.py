@@ -272,7 +272,8 @@ def test_a_hostile_hospitals_operating_point_is_refused_and_the_others_choose_it
     admission.members = {10 + hospital: hospital for hospital in range(3)}
     strategy = HospitalFedAvg(cfg, tmp_path, admission)
     # Each trained in this run as a hospital of 300 patients (its FedAvg weight).
-    strategy.reports = {str(h): trained_report(h) for h in range(3)}
+    strategy.trained = {str(h): trained_report(h) for h in range(3)}
+    strategy.reports = dict(strategy.trained)
     random = np.random.default_rng(3)
     std = operating_point.histogram_noise_std(17.3, "replace-one")
     honest = [

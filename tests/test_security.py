@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -56,10 +57,12 @@ from flwr.compat.common.recorddict_compat import (
 )
 from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore.task_identity import TaskIdentity
+from rich.console import Console
+from rich.markup import escape
 from test_deployment import read_metrics
 
+from securehealth import display, settings
 from securehealth import node as hospital_node
-from securehealth import settings
 from securehealth.admission import NOT_ADMITTED, Admission
 from securehealth.authorisation import prove_identity
 from securehealth.certificates import load_hospital_key, make_certificates, make_hospital_key
@@ -488,6 +491,74 @@ def plain_strategy(tmp_path, **settings_changes):
     return HospitalFedAvg(cfg, tmp_path, admission)
 
 
+def npy_bytes(header):
+    """A .npy array's bytes with the header a hostile hospital chose, and no data."""
+    text = header.encode("latin1")
+    text += b" " * (64 - (10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
+
+
+@pytest.mark.parametrize(
+    "first_array, problem",
+    [
+        (
+            npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (1099511627776,), }"),
+            "weight array 0 has shape (1099511627776,)",  # 8 TiB, were it allocated
+        ),
+        (npy_bytes("{'descr': "), "weight array 0 is not a .npy array"),
+        (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 9), }"), "the bytes"),
+    ],
+    ids=["8 TiB shape", "truncated header", "no data"],
+)
+def test_an_update_whose_header_lies_is_rejected_before_it_is_read(tmp_path, first_array, problem):
+    strategy = plain_strategy(tmp_path)
+    results = hospitals_round(strategy, (0.1, 0.1, 0.1))
+    hostile = results[0][1].parameters
+    hostile.tensors = [first_array, *hostile.tensors[1:]]
+    parameters, _ = strategy.aggregate_fit(1, results, [])  # the others' round goes on
+    (rejection,) = strategy.last_round.rejections
+    assert parameters is not None and rejection["hospital"] == "0"
+    assert "its update is not the model's arrays" in rejection["reason"]
+    assert problem in rejection["reason"]
+
+
+def test_a_hospital_cannot_weigh_more_in_the_operating_point_than_it_trained_with(tmp_path):
+    strategy = plain_strategy(tmp_path)
+    strategy.aggregate_fit(1, hospitals_round(strategy, (0.1, 0.1, 0.1)), [])
+    # Round 2: hospital 0 declines, claiming 10,000 patients (a weight of 0 is accepted) ...
+    declined = sound_report(0, status="refused", patients=10000)
+    second = hospitals_round(strategy, (0.1, 0.1, 0.1))
+    second[0] = (second[0][0], FitRes(Status(Code.OK, ""), second[0][1].parameters, 0, declined))
+    strategy.aggregate_fit(2, second, [])
+    assert strategy.reports["0"].patients == 10000
+    # ... and its training patient count, 100, stays what its operating point is held to.
+    assert strategy.trained["0"].patients == 100
+    more = hospitals_round(strategy, (0.1, 0.1, 0.1), patients=(5000, 100, 100))
+    strategy.aggregate_fit(3, more, [])
+    assert (
+        "trained with 100 patients before in this run, and claims 5000"
+        in (strategy.last_round.rejections[0]["reason"])
+    )
+
+
+def test_a_hospitals_words_reach_no_console_or_report_as_escapes_or_markup(tmp_path):
+    strategy = plain_strategy(tmp_path)
+    results = hospitals_round(strategy, (0.1, 0.1, 0.1))
+    results[0][1].metrics = sound_report(
+        0, ledger_reset="\x1b]0;PWNED\x07\x1b[2J[/nope] ![](https://evil.example/b.png)"
+    )
+    results[1][1].metrics = {**sound_report(1), "\x1b[2Jnote": "x"}
+    strategy.aggregate_fit(1, results, [])
+    assert "'\\x1b[2Jnote'" in strategy.last_round.rejections[0]["reason"]  # quoted, not obeyed
+    assert "\x1b" not in strategy.reports["0"].ledger_reset
+    reset = strategy.reports["0"].ledger_reset
+    metrics = {"rounds": [], "privacy": {"hospitals": {"0": {"ledger_reset": reset}}}}
+    shown = io.StringIO()
+    for problem in display.shortfalls(metrics):  # as print_summary prints them
+        Console(file=shown).print(f"[red]Warning:[/] {escape(problem)}")
+    assert "[/nope]" in shown.getvalue() and "\x1b" not in shown.getvalue()
+
+
 def test_no_hospital_outweighs_the_rest_whatever_patient_count_it_claims(tmp_path):
     # Hospital 2 claims 9999 patients (under max_patients) and pulls the other way;
     # uncapped it would hold 98 % of the FedAvg weight. Capped at the others'
@@ -668,7 +739,7 @@ def report_problem(metrics, num_examples, hospital, previous, max_patients):
         ({"releases": "[" * 100_000 + "]" * 100_000}, "releases are not valid JSON"),
         ({"releases": "[" + ", ".join(["{}"] * 400_000) + "]"}, "releases are over"),
         ({"epsilon": 0.0}, "it trained, yet its report says it spent no epsilon"),
-        ({"note": "hello"}, "its report has fields no hospital sends: note"),
+        ({"note": "hello"}, "its report has fields no hospital sends: 'note'"),
         ({"releases": '[{"round": 1}]'}, "release noise_multiplier is NoneType, not float"),
         ({"adjacency": "anyone"}, "adjacency 'anyone' is not one of replace-one, add-remove"),
     ],

@@ -15,6 +15,7 @@ from securehealth.text import quoted, untrusted
 
 REASON_LIMIT = 1000  # characters of a hospital's stated reason kept
 RELEASES_LIMIT = 1_000_000  # characters of a report's list of releases (~10,000 of them)
+ACCOUNTANT_LIMIT = 40  # characters of an accountant's name ("pld")
 
 
 class Adjacency(StrEnum):
@@ -62,6 +63,16 @@ class ReportedRelease:
     adjacency: Adjacency
     mechanism: str
     this_run: bool
+
+    @property
+    def sound(self) -> bool:
+        """Whether its figures are in range (a release anyone could account for)."""
+        return (
+            self.round >= 0
+            and self.noise_multiplier >= 0
+            and 0 <= self.sample_rate <= 1
+            and self.steps >= 0
+        )
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,13 @@ class PrivacyReport:
         values["releases"] = _read_releases(values["releases"])
         report = cls(**values)
         report._check(hospital, num_examples, previous, max_patients, statuses)
-        return replace(report, reason=untrusted(report.reason, REASON_LIMIT))
+        # Shown on consoles and in report.md: without the control characters it may hold.
+        return replace(
+            report,
+            reason=untrusted(report.reason, REASON_LIMIT),
+            ledger_reset=untrusted(report.ledger_reset, REASON_LIMIT),
+            accountant=untrusted(report.accountant, REASON_LIMIT),
+        )
 
     def _check(self, hospital, num_examples, previous, max_patients, statuses) -> None:
         """Raise UnsoundReport where the report disagrees with the server's knowledge."""
@@ -172,6 +189,12 @@ class PrivacyReport:
             (
                 len(self.ledger_reset) <= REASON_LIMIT,
                 f"ledger_reset is over {REASON_LIMIT} characters",
+            ),
+            (len(self.accountant) <= ACCOUNTANT_LIMIT, "accountant is not an accountant's name"),
+            (
+                all(release.sound for release in self.releases),
+                "releases hold a negative noise multiplier, steps or round, or a sample "
+                "rate outside 0..1",
             ),
         ]
         for sound, problem in checks:
@@ -221,7 +244,8 @@ def _typed_fields(cls: type, given: dict[str, Any], what: str, field: str) -> di
     names = [field.name for field in fields(cls)]
     unexpected = sorted(map(str, set(given) - set(names)))
     if unexpected:
-        raise UnsoundReport(f"{what} has fields no hospital sends: {', '.join(unexpected)[:200]}")
+        named = ", ".join(map(quoted, unexpected))[:200]
+        raise UnsoundReport(f"{what} has fields no hospital sends: {named}")
     values = {}
     for name in names:
         kind = types[name]
