@@ -15,6 +15,7 @@ from securehealth import operating_point
 from securehealth.node import hospital_mod, open_hospital
 from securehealth.privacy.report import REASON_LIMIT
 from securehealth.relay import NODE_CONFIG_KEY, RelayClient
+from securehealth.results import RunStatus
 from securehealth.text import untrusted
 
 
@@ -46,7 +47,9 @@ class HospitalClient(NumPyClient):
             return 0.0, 0, report
         threshold = float(config["threshold"])
         reason = untrusted(config.get("reason", ""), REASON_LIMIT)  # the server's words
-        self.hospital.end_of_run(parameters, config["run-status"], rounds, reason, threshold)
+        said = config["run-status"]  # the server's word: only a status it may send
+        status = RunStatus(said) if said in set(RunStatus) else RunStatus.FAILED
+        self.hospital.end_of_run(parameters, status, rounds, reason, threshold)
         return 0.0, 0, {}
 
 

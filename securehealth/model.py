@@ -91,8 +91,8 @@ def arrays_like(tensors: Sequence[bytes], expected: Sequence[np.ndarray]) -> lis
 
 def _array_like(index: int, tensor: bytes, want: np.ndarray) -> np.ndarray:
     """One array of `arrays_like`, from its bytes."""
-    stream = io.BytesIO(tensor)
     try:
+        stream = io.BytesIO(tensor)
         version = np.lib.format.read_magic(stream)
         read_header = {
             (1, 0): np.lib.format.read_array_header_1_0,
@@ -101,14 +101,14 @@ def _array_like(index: int, tensor: bytes, want: np.ndarray) -> np.ndarray:
         shape, fortran_order, dtype = read_header(stream)
     except Exception:  # the sender chose the bytes: any failure to read them is theirs
         raise ValueError(f"weight array {index} is not a .npy array") from None
-    if shape != want.shape:
+    if not all(type(length) is int for length in shape) or shape != want.shape:
         raise ValueError(f"weight array {index} has shape {shape}, the model's is {want.shape}")
     if dtype.kind != "f":
         raise ValueError(f"weight array {index} holds {dtype}, not floating-point numbers")
     if len(tensor) - stream.tell() != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"weight array {index} does not hold the bytes its header says")
     flat = np.frombuffer(tensor, dtype=dtype, offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C").copy()
+    return flat.reshape(want.shape, order="F" if fortran_order else "C").copy()
 
 
 def weights_problem(

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -351,6 +351,8 @@ class Release:
             raise ReleaseProblem("its histograms hold counts its patients cannot give")
         if abs(histograms.sum() - patients) > margin * math.sqrt(histograms.size) + patients * 0.01:
             raise ReleaseProblem(f"its histograms do not add up to its {patients} patients")
+        if histograms.sum() > patients:  # no more weight than its patients (post-processing)
+            return replace(release, histograms=histograms * (patients / histograms.sum()))
         return release
 
 

@@ -260,6 +260,16 @@ class HospitalFedAvg(FedAvg):
                 previous=self.reports.get(name),
                 max_patients=self.cfg.max_patients,
             )
+            before = self.trained.get(name)
+            if (
+                report.status == ReportStatus.TRAINED
+                and before
+                and before.patients != report.patients
+            ):
+                raise UnsoundReport(
+                    f"it trained with {before.patients} patients before in this run, and "
+                    f"claims {report.patients} now"
+                )
             outcome.reports[name] = report
             if report.status != ReportStatus.TRAINED:
                 log(
@@ -270,12 +280,6 @@ class HospitalFedAvg(FedAvg):
                     report.reason,
                 )
                 return None
-            before = self.trained.get(name)
-            if before is not None and before.patients != report.patients:
-                raise UnsoundReport(
-                    f"it trained with {before.patients} patients before in this run, and "
-                    f"claims {report.patients} now"
-                )
             try:
                 weights = arrays_like(fit_res.parameters.tensors, self.global_weights)
             except ValueError as error:  # its header decides nothing before it is checked

@@ -26,11 +26,13 @@ def quoted(value: object) -> str:
 def untrusted(text: str, limit: int) -> str:
     """Text another machine sent (a reason, an error), made safe for a console and a record.
 
-    Its control characters (terminal escapes among them) are shown as spaces, and no more than
-    its first `limit` characters are kept (its length said when it was longer).
+    Every character a terminal does not print as itself (controls and terminal escapes,
+    bidi overrides, zero-width characters, line separators) is shown as a space, runs of
+    spaces as one (none can forge a line of its own), and no more than its first `limit`
+    characters are kept (its length said when it was longer).
     """
     text = str(text)
-    shown = CONTROL.sub(" ", text[:limit])
+    shown = " ".join("".join(c if c.isprintable() else " " for c in text[:limit]).split())
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 

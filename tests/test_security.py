@@ -69,11 +69,12 @@ from securehealth.certificates import load_hospital_key, make_certificates, make
 from securehealth.deployment import pinning, runtime, superlink_gate
 from securehealth.flower import APP_LAUNCHERS
 from securehealth.model import get_weights, load_model
-from securehealth.privacy.report import PrivacyReport, UnsoundReport
+from securehealth.privacy.report import REASON_LIMIT, PrivacyReport, UnsoundReport
 from securehealth.results import EXIT_WARNINGS, RunStatus, write_json
 from securehealth.serverapp import readable
 from securehealth.state_directory import StateDirectory
 from securehealth.strategy import AggregationError, HospitalFedAvg, failure_reason
+from securehealth.text import untrusted
 
 # A ClientApp that saves each plain update the hospital computes (before SecAgg+
 # masks it), so that a test can recompute the plain FedAvg of the round.
@@ -507,8 +508,13 @@ def npy_bytes(header):
         ),
         (npy_bytes("{'descr': "), "weight array 0 is not a .npy array"),
         (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 9), }"), "the bytes"),
+        (
+            npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (True, 9), }")
+            + bytes(36),  # True == 1: a shape that compares equal, and would not reshape
+            "has shape (True, 9)",
+        ),
     ],
-    ids=["8 TiB shape", "truncated header", "no data"],
+    ids=["8 TiB shape", "truncated header", "no data", "a bool for a length"],
 )
 def test_an_update_whose_header_lies_is_rejected_before_it_is_read(tmp_path, first_array, problem):
     strategy = plain_strategy(tmp_path)
@@ -651,7 +657,7 @@ def test_a_refused_node_is_told_even_where_its_settings_disagree_with_the_run(
     hospital_node.hospital_mod(message, context, lambda m, c: None)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == NOT_ADMITTED
-    assert status["reason"] == " [2Jit claims hospital 4, not one of this run's"
+    assert status["reason"] == "[2Jit claims hospital 4, not one of this run's"
 
 
 def test_the_server_steps_with_momentum_from_the_global_model(tmp_path):
@@ -742,6 +748,11 @@ def report_problem(metrics, num_examples, hospital, previous, max_patients):
         ({"note": "hello"}, "its report has fields no hospital sends: 'note'"),
         ({"releases": '[{"round": 1}]'}, "release noise_multiplier is NoneType, not float"),
         ({"adjacency": "anyone"}, "adjacency 'anyone' is not one of replace-one, add-remove"),
+        ({"accountant": "pld[/]"}, "accountant 'pld[/]' is not one of pld"),
+        (
+            {"releases": json.dumps([{**json.loads(sound_report(0)["releases"])[0], "steps": -3}])},
+            "releases hold a negative noise multiplier, steps or round",
+        ),
     ],
 )
 def test_a_report_is_checked_field_by_field(changes, problem):
@@ -1247,3 +1258,9 @@ def test_a_hospital_keeps_the_details_of_a_refusal_to_itself(monkeypatch, this_b
     status = json.loads(status_file.read_text())  # the hospital's own console shows it
     assert status["status"] == pinning.REFUSED
     assert str(ROOT) in status["reason"] and "server.py" in status["reason"]
+
+
+def test_a_hospitals_words_cannot_reverse_hide_or_start_a_line():
+    said = "ledger lost \u202e.tegdub sti nihtiw\u200b" + " " * 118 + "All is well.\u2028x\ty"
+    shown = untrusted(said, REASON_LIMIT)
+    assert shown == "ledger lost .tegdub sti nihtiw All is well. x y"

@@ -4,6 +4,7 @@ Real training through a real Unix socket, with the hospital's own node config
 whatever the message says, answering only the hospital's own user.
 """
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -18,6 +19,7 @@ from securehealth import relay, settings
 from securehealth.deployment import worker
 from securehealth.deployment.worker import warm_worker
 from securehealth.model import build_model, get_weights
+from securehealth.state_directory import STATUS_FILE
 
 RUN = settings.to_run_config(
     settings.resolve(
@@ -60,6 +62,12 @@ def test_the_clientapp_relays_training_to_the_hospitals_worker(hospital, tmp_pat
     assert relayed.evaluate(
         new, {"server_round": 1, "run-status": "finished", "threshold": 0.5}
     ) == (0.0, 0, {})
+    # A hostile server's run status reaches the hospital's status file as a status it may
+    # send, never as its own text (client.py prints that file on the operator's console).
+    hostile = "\x1b]0;pwned\x07[link=https://evil.example]re-verify[/link]"
+    relayed.evaluate(new, {"server_round": 1, "run-status": hostile, "threshold": 0.5})
+    status = json.loads((Path(own["state-dir"]) / STATUS_FILE).read_text())
+    assert status["status"] == "failed"
     # An error at the hospital reaches the ClientApp (and so the server) as one line.
     csv_run = {**RUN, "dataset": "csv"}
     with pytest.raises(ValueError, match="brought no data of its own"):

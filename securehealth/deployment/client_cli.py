@@ -748,7 +748,7 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
         )
     else:
         reason = f": {escape(status['reason'])}" if status["reason"] else ""
-        console.print(f"The server ended the run ({status['status']}{reason}); {spent}.")
+        console.print(f"The server ended the run ({escape(status['status'])}{reason}); {spent}.")
         evaluation = Path(status.get("ledger", state_dir / "-")).parent / EVALUATION_FILE
         if has_finished(status["status"]) and evaluation.exists():
             final = read_json(evaluation)[-1]

@@ -9,11 +9,13 @@ accounted, and why replace-one: docs/explanation/privacy-guarantee.md.
 import functools
 from collections.abc import Iterable, Sequence
 
+from securehealth.privacy.report import Accountant
+
 # dp-accounting is imported where an epsilon is computed, not here: it pulls in
 # scipy.signal (0.8 s), and most of a hospital's Flower messages (the SecAgg+ stages,
 # each a fresh process) compute none.
 ADJACENCIES = ("replace-one", "add-remove")  # dp-accounting's REPLACE_ONE, ADD_OR_REMOVE_ONE
-ACCOUNTANT = "pld"  # dp-accounting's privacy loss distribution accountant
+ACCOUNTANT = Accountant.PLD  # dp-accounting's privacy loss distribution accountant
 # PLD's grid for privacy-loss values. Its estimate is pessimistic (an upper bound) at
 # any grid; 1e-3 is 7x faster than the default 1e-4 and adds about 1e-4 to epsilon.
 PLD_DISCRETIZATION = 1e-3

@@ -15,7 +15,7 @@ from securehealth.text import quoted, untrusted
 
 REASON_LIMIT = 1000  # characters of a hospital's stated reason kept
 RELEASES_LIMIT = 1_000_000  # characters of a report's list of releases (~10,000 of them)
-ACCOUNTANT_LIMIT = 40  # characters of an accountant's name ("pld")
+NAME_LIMIT = 40  # characters of a release's mechanism ("dp-sgd", "operating-point")
 
 
 class Adjacency(StrEnum):
@@ -28,6 +28,12 @@ class Adjacency(StrEnum):
 
     REPLACE_ONE = "replace-one"
     ADD_REMOVE = "add-remove"
+
+
+class Accountant(StrEnum):
+    """Which accountant computed a hospital's epsilon."""
+
+    PLD = "pld"  # dp-accounting's privacy loss distribution accountant
 
 
 class ReportStatus(StrEnum):
@@ -72,6 +78,7 @@ class ReportedRelease:
             and self.noise_multiplier >= 0
             and 0 <= self.sample_rate <= 1
             and self.steps >= 0
+            and len(self.mechanism) <= NAME_LIMIT
         )
 
 
@@ -93,7 +100,7 @@ class PrivacyReport:
     epsilon_budget: float
     delta: float
     adjacency: Adjacency
-    accountant: str
+    accountant: Accountant
     noise_multiplier: float
     sample_rate: float
     steps: int
@@ -160,7 +167,6 @@ class PrivacyReport:
             report,
             reason=untrusted(report.reason, REASON_LIMIT),
             ledger_reset=untrusted(report.ledger_reset, REASON_LIMIT),
-            accountant=untrusted(report.accountant, REASON_LIMIT),
         )
 
     def _check(self, hospital, num_examples, previous, max_patients, statuses) -> None:
@@ -190,11 +196,10 @@ class PrivacyReport:
                 len(self.ledger_reset) <= REASON_LIMIT,
                 f"ledger_reset is over {REASON_LIMIT} characters",
             ),
-            (len(self.accountant) <= ACCOUNTANT_LIMIT, "accountant is not an accountant's name"),
             (
                 all(release.sound for release in self.releases),
-                "releases hold a negative noise multiplier, steps or round, or a sample "
-                "rate outside 0..1",
+                "releases hold a negative noise multiplier, steps or round, a sample "
+                "rate outside 0..1, or a mechanism's name that is no name",
             ),
         ]
         for sound, problem in checks:
