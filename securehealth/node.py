@@ -354,7 +354,8 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
     }
     for name, value in asked.items():
         if not problem and value != getattr(cfg, name):
-            shown = quoted(value)  # the server's words: their start, escapes shown
+            plain = isinstance(value, str) and value.replace("-", "").isalnum()
+            shown = value if plain and len(value) <= 40 else quoted(value)  # the server's words
             problem = (
                 f"the server's {name} is {shown} but this hospital's is "
                 f"{getattr(cfg, name)}: both sides must agree (client.py "
