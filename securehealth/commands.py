@@ -10,7 +10,7 @@ Train the diagnosis model across simulated hospitals on this machine:
 
     python simulation.py [--name value ...]   (names and defaults: config.py)
 
-It runs the same ServerApp (server.py) and ClientApp (client.py) as a real
+It runs the same ServerApp and ClientApp (securehealth/serverapp.py, clientapp.py) as a real
 deployment, on Flower's simulation runtime: a local SuperLink in simulation mode
 with one simulated SuperNode per hospital on Ray, submitted with `flwr run`.
 Results land in the run directory (see securehealth/results.py); Flower's own
