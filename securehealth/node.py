@@ -354,8 +354,9 @@ def admission_answer(question: dict[str, Scalar], context: Context) -> dict[str,
     }
     for name, value in asked.items():
         if not problem and value != getattr(cfg, name):
-            plain = isinstance(value, str) and value.replace("-", "").isalnum()
-            shown = value if plain and len(value) <= 40 else quoted(value)  # the server's words
+            shown = quoted(value)  # the server's words: as it is only where plain
+            if isinstance(value, str) and len(value) <= 40 and value.replace("-", "").isalnum():
+                shown = value
             problem = (
                 f"the server's {name} is {shown} but this hospital's is "
                 f"{getattr(cfg, name)}: both sides must agree (client.py "
