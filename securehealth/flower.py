@@ -73,6 +73,7 @@ __all__ = [
     "getpropertiesres_to_recorddict",
     "check_loaded_as_shipped",
     "install_app_check",
+    "load_flower_command",
     "recorddict_to_evaluateres",
     "recorddict_to_fitres",
     "recorddict_to_getpropertiesins",
@@ -137,9 +138,14 @@ def check_loaded_as_shipped(fab_id: str, fab_version: str, fab_hash: str, conten
         )
 
 
+def load_flower_command(command: str) -> Callable[[], None]:
+    """Import Flower's `command` (flwr-clientapp or flwr-serverapp); return its entry point."""
+    return getattr(import_module(APP_LAUNCHERS[command][1]), command.replace("-", "_"))
+
+
 def run_flower_command(command: str) -> None:
     """Run Flower's `command` (flwr-clientapp or flwr-serverapp) in this process."""
-    import_module(APP_LAUNCHERS[command][1]).__dict__[command.replace("-", "_")]()
+    load_flower_command(command)()
 
 
 def wrap_superlink_app(wrap: Callable[[Any], Any]) -> None:

@@ -19,28 +19,11 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from securehealth.local_socket import peer_uid, socket_address
+
 NODE_CONFIG_KEY = "worker-socket"  # client.py names the socket in the node config
-ABSTRACT = "@"  # a socket name starting so is in Linux's abstract namespace (no file)
 LENGTH = struct.Struct("!Q")
 MAX_PART = 64 << 20  # bytes: a header or a model's weights larger than this is refused
-PEER_CREDENTIALS = struct.Struct("3i")  # Linux SO_PEERCRED: pid, uid, gid
-
-
-def socket_address(name: str) -> str:
-    """The address to bind or connect to for a worker's socket name.
-
-    A name starting with ABSTRACT is in Linux's abstract namespace (a leading NUL byte, which a
-    node config cannot carry), which leaves no file behind whatever ends the worker.
-    """
-    return "\0" + name[len(ABSTRACT) :] if name.startswith(ABSTRACT) else name
-
-
-def peer_uid(connection: socket.socket) -> int:
-    """The user id of the process at the other end of a Unix socket (Linux)."""
-    credentials = connection.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size
-    )
-    return PEER_CREDENTIALS.unpack(credentials)[1]
 
 
 def send(connection: socket.socket, header: dict, arrays: NDArrays = ()) -> None:

@@ -32,11 +32,13 @@ PUBLIC_FLOWER = {
     "flwr.app",
     "flwr.client",
     "flwr.client.mod",
+    "flwr.clientapp",
     "flwr.common",
     "flwr.server",
     "flwr.server.strategy",
     "flwr.server.workflow",
     "flwr.serverapp",
+    "flwr.serverapp.strategy",
 }
 
 

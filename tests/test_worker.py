@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY, demo_ledger, flower_context
 
 from securehealth import clientapp as client
-from securehealth import relay, settings
+from securehealth import local_socket, relay, settings
 from securehealth.deployment import worker
 from securehealth.deployment.worker import warm_worker
 from securehealth.model import build_model, get_weights
@@ -45,7 +45,7 @@ def test_the_clientapp_relays_training_to_the_hospitals_worker(hospital, tmp_pat
     own, socket_path = hospital
     # Its socket has no file, so kill -9 of client.py leaves nothing behind in /tmp:
     # it is a random name in Linux's abstract namespace.
-    assert socket_path.startswith(relay.ABSTRACT) and not Path(socket_path).exists()
+    assert socket_path.startswith(local_socket.ABSTRACT) and not Path(socket_path).exists()
     assert f"@{socket_path[1:]}" in Path("/proc/net/unix").read_text()
     # The message's node config cannot move the hospital: only the socket is read.
     elsewhere = {relay.NODE_CONFIG_KEY: socket_path, "state-dir": str(tmp_path / "server's")}
@@ -79,7 +79,7 @@ def test_the_clientapp_relays_training_to_the_hospitals_worker(hospital, tmp_pat
 def test_worker_and_clientapp_talk_only_to_their_own_user(hospital, monkeypatch):
     _, socket_path = hospital
     left, right = socket.socketpair(socket.AF_UNIX)
-    assert relay.peer_uid(left) == os.getuid()
+    assert local_socket.peer_uid(left) == os.getuid()
     left.close(), right.close()
     me, weights = os.getuid(), get_weights(build_model(9, settings.DEFAULTS["hidden_layers"]))
     relayed = relay.RelayClient(socket_path, flower_context({}, RUN))
@@ -104,9 +104,9 @@ def test_a_silent_or_garbled_caller_does_not_block_the_worker(hospital, monkeypa
     _, socket_path = hospital
     monkeypatch.setattr(worker, "REQUEST_TIMEOUT", 0.5)
     silent = socket.socket(socket.AF_UNIX)
-    silent.connect(relay.socket_address(socket_path))  # connects, never sends
+    silent.connect(local_socket.socket_address(socket_path))  # connects, never sends
     garbled = socket.socket(socket.AF_UNIX)
-    garbled.connect(relay.socket_address(socket_path))
+    garbled.connect(local_socket.socket_address(socket_path))
     garbled.sendall(relay.LENGTH.pack(1 << 62))  # claims an absurd size
     weights = get_weights(build_model(9, settings.DEFAULTS["hidden_layers"]))
     relayed = relay.RelayClient(socket_path, flower_context({}, RUN, run_id=9))

@@ -345,11 +345,14 @@ def take_part(hospital: Hospital, console: Console) -> int:
     config = node_config(hospital)
     flwr_home = state_dir / "flower"
     status_file, pinned = StateDirectory(state_dir).status_file, not args.trust_server_app
-    launcher = pinning.install_launcher(flwr_home / "bin", status_file, pinned)
     try:
         # The warm worker runs this copy's code: not for a hospital that runs the server's.
         worker = nullcontext() if args.trust_server_app else warm_worker(dict(config))
-        with worker as worker_socket:
+        clientapps = runtime.zygote(flwr_home, "flwr-clientapp", status_file, pinned)
+        with worker as worker_socket, clientapps as zygote:
+            launcher = pinning.install_launcher(
+                flwr_home / "bin", status_file, pinned, zygote=zygote
+            )
             console.print(joining_line(hospital))
             config |= {NODE_CONFIG_KEY: worker_socket} if worker_socket else {}
             return run_supernode(hospital, config, launcher, console)

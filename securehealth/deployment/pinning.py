@@ -3,7 +3,8 @@
 Before Flower installs a shipped app, every file in it must be identical to this copy of
 the code (`differences`); anything else is refused and never runs. `install_launcher`
 writes the `flwr-clientapp` (or `flwr-serverapp`) that Flower starts and that checks the
-app first (`run_pinned`). Why and how: docs/explanation/threat-model.md.
+app first (`run_pinned`), in a child of the command's zygote where one runs (zygote.py,
+which imports what `preload` names once). Why and how: docs/explanation/threat-model.md.
 """
 
 import io
@@ -13,12 +14,15 @@ import sys
 import tomllib
 import zipfile
 from datetime import UTC, datetime
+from importlib import import_module
 from pathlib import Path, PurePosixPath
 
 from securehealth.authorisation import shipped_files
-from securehealth.flower import install_app_check, run_flower_command
+from securehealth.flower import install_app_check, load_flower_command, run_flower_command
 
 APP_DIR = Path(__file__).resolve().parents[2]
+# Flower's command -> the component of the app it runs ([tool.flwr.app.components]).
+COMPONENTS = {"flwr-clientapp": "clientapp", "flwr-serverapp": "serverapp"}
 REFUSED = "untrusted-app"  # the status a refused app leaves in the hospital's status file
 
 
@@ -65,6 +69,7 @@ def install_launcher(
     status_file: Path | None = None,
     pinned: bool = True,
     command: str = "flwr-clientapp",
+    zygote: str | None = None,
 ) -> Path:
     """Write a launcher for Flower's `command` that runs only this copy of the app.
 
@@ -80,6 +85,9 @@ def install_launcher(
         False: the launcher runs whatever app is shipped (client.py --trust-server-app).
     command : str
         flwr-clientapp for a hospital's SuperNode, flwr-serverapp for the server's SuperLink.
+    zygote : str | None
+        The socket name of the command's zygote (zygote.py), which runs each message in a
+        child it forks; None, or where it does not answer: the launcher runs it itself.
 
     Returns
     -------
@@ -93,6 +101,10 @@ def install_launcher(
         f"#!{sys.executable}\n"
         "import sys\n"
         f"sys.path.append({str(APP_DIR)!r})  # last: nothing in it shadows a library\n"
+        "from securehealth.deployment import zygote\n"
+        f"code = zygote.hand_over({zygote!r}, sys.argv) if {zygote!r} else None\n"
+        "if code is not None:\n"
+        "    sys.exit(code)\n"
         "from securehealth.deployment import pinning\n"
         "sys.path.pop()\n"
         "pinning.forget_this_copy()\n"
@@ -130,6 +142,18 @@ def run_pinned(command: str, status_file: str | None = None, pinned: bool = True
 
         install_app_check(command, approve)
     run_flower_command(command)
+
+
+def preload(command: str) -> None:
+    """Import Flower's `command` and everything this copy's app for it imports.
+
+    What a zygote does once, before it forgets this copy (`forget_this_copy`): the libraries
+    stay loaded for its children, the app's own modules do not.
+    """
+    load_flower_command(command)
+    pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
+    component = pyproject["tool"]["flwr"]["app"]["components"][COMPONENTS[command]]
+    import_module(component.partition(":")[0])
 
 
 def forget_this_copy() -> None:

@@ -7,7 +7,6 @@ random name in Linux's abstract namespace, to processes of the hospital's own us
 """
 
 import os
-import secrets
 import socket
 import socketserver
 import threading
@@ -22,6 +21,7 @@ from flwr.common import log
 
 from securehealth import relay
 from securehealth.authorisation import app_digest
+from securehealth.local_socket import peer_uid, random_name, socket_address
 
 REQUEST_TIMEOUT = 60  # seconds a caller has to send its request (training may take longer)
 
@@ -31,7 +31,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self):
         """Receive the request, answer it, and send back the result or the error."""
-        if relay.peer_uid(self.request) != os.getuid():
+        if peer_uid(self.request) != os.getuid():
             return  # not the hospital's own user: no answer
         try:  # a silent, slow or garbled caller does not hold up the next one
             request, parameters = relay.receive(self.request, time.monotonic() + REQUEST_TIMEOUT)
@@ -121,9 +121,9 @@ def warm_worker(node_config: dict[str, Any]) -> Iterator[str | None]:
     if not hasattr(socket, "SO_PEERCRED"):
         yield None
         return
-    name = f"{relay.ABSTRACT}securehealth-worker-{secrets.token_hex(16)}"
+    name = random_name("worker")
     try:
-        worker = Worker(relay.socket_address(name), node_config)
+        worker = Worker(socket_address(name), node_config)
     except OSError:
         yield None
         return
