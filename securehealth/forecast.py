@@ -18,6 +18,7 @@ from securehealth import data, operating_point
 from securehealth.config import Settings
 from securehealth.privacy.accountant import BudgetExhausted, NoiseBeyondLimit, nearly_spent
 from securehealth.privacy.ledger import PrivacyLedger
+from securehealth.privacy.schedule import noise_limit, sample_rate_and_steps, weight_count
 from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 # What to do when the simulated hospitals' lasting budgets are spent.
@@ -188,9 +189,7 @@ def plan_hospital(
     HospitalPlan
         Its plan; without a noise multiplier, and with the reason, where it cannot train.
     """
-    from securehealth.privacy import dpsgd  # torch and Opacus: loaded when planning, not for --help
-
-    sample_rate, steps = dpsgd.sample_rate_and_steps(patients, cfg)
+    sample_rate, steps = sample_rate_and_steps(patients, cfg)
     with ledger.transaction():
         spent = ledger.epsilon()
     planned = functools.partial(
@@ -203,7 +202,7 @@ def plan_hospital(
         budget=cfg.epsilon,
     )
     releases_threshold = operating_point.Target.parse(cfg.decision_threshold) is not None
-    limit = dpsgd.noise_limit(patients, weights, cfg)
+    limit = noise_limit(patients, weights, cfg)
     sigma, reason = _planned_noise(cfg, ledger, sample_rate, steps, limit, releases_threshold)
     if sigma is None:
         return planned(None, reason)
@@ -251,8 +250,6 @@ def forecast_here(
     spend : bool
         Each plan also says what the run would spend (plan_hospital).
     """
-    from securehealth.model import weight_count  # the training stack: simulation.py has it loaded
-
     weights = weight_count(len(data.load_schema(cfg).input_names), cfg.hidden_layers)
     with tempfile.TemporaryDirectory() as fresh:
         given = state_dirs or [None] * cfg.num_clients

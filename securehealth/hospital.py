@@ -34,6 +34,7 @@ from securehealth.privacy.ledger import (
     lasting_trace,
 )
 from securehealth.privacy.report import Adjacency, PrivacyReport, ReportedRelease, ReportStatus
+from securehealth.privacy.schedule import noise_limit, sample_rate_and_steps
 from securehealth.results import has_finished, read_json, write_json
 from securehealth.state_directory import EVALUATION_FILE, StateDirectory
 
@@ -166,7 +167,7 @@ class Hospital:
         """Train a round on a checked global model, unless the ledger refuses it (train_round)."""
         cfg = self.cfg
         sample_rate, steps = self.sampling()
-        limit = dpsgd.noise_limit(self.sampled_patients, sum(p.size for p in parameters), cfg)
+        limit = noise_limit(self.sampled_patients, sum(p.size for p in parameters), cfg)
         # Read, check, train and record under the ledger's lock: a concurrent training
         # on the same patients waits, and sees this one's release.
         with self.ledger.transaction():
@@ -240,7 +241,7 @@ class Hospital:
 
     def sampling(self) -> tuple[float, int]:
         """(Poisson sample rate, noisy steps) of one round."""
-        return dpsgd.sample_rate_and_steps(self.sampled_patients, self.cfg)
+        return sample_rate_and_steps(self.sampled_patients, self.cfg)
 
     def _train(self, model: torch.nn.Module, sigma: float, sampling: tuple[float, int]) -> int:
         """One round of DP-SGD on the training patients; returns the steps taken."""
@@ -309,7 +310,7 @@ class Hospital:
         reason: str,
         threshold: float,
     ) -> None:
-        """Take the server's notice that the run has ended (serverapp.tell_hospitals).
+        """Take the server's notice that the run has ended (serverapp.telling_hospitals).
 
         A finished run's final model is evaluated here, for this hospital alone, and the
         hospital's status file records how the run ended.

@@ -8,7 +8,6 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +41,6 @@ def build_model(in_features: int, hidden_layers: Sequence[int]) -> nn.Sequential
         width = hidden
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
-
-
-def weight_count(in_features: int, hidden_layers: Sequence[int]) -> int:
-    """How many weights build_model's model has (each layer's matrix and bias)."""
-    widths = [in_features, *hidden_layers, 1]
-    return sum((width + 1) * following for width, following in pairwise(widths))
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:

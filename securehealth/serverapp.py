@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -131,30 +131,31 @@ def recorded_outcome(
         status = RunStatus.FAILED
         raise
     finally:
-        try:
-            final = get_weights(strategy.model)
-            rounds_done = len(results["rounds"])
-            reason = results.get("error", "")
-            tell_hospitals(
-                grid,
-                admission.hospitals(),
-                status,
-                reason,
-                final,
-                rounds_done,
-                strategy.threshold,
-            )
-        except Exception as error:  # the run's own outcome is what must be saved
-            log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
         results["status"] = status
-        if has_finished(status):  # before metrics.json says so: readers may then stop us
-            from securehealth import report  # matplotlib: loaded at the end, not before round 1
+        with ExitStack() as notice:
+            try:  # the report is written while the hospitals evaluate the final model
+                final = get_weights(strategy.model)
+                notice.enter_context(
+                    telling_hospitals(
+                        grid,
+                        admission.hospitals(),
+                        status,
+                        results.get("error", ""),
+                        final,
+                        len(results["rounds"]),
+                        strategy.threshold,
+                    )
+                )
+            except Exception as error:  # the run's own outcome is what must be saved
+                log(WARNING, "Could not tell the hospitals that the run ended: %s", error)
+            if has_finished(status):  # before metrics.json says so: readers may then stop us
+                from securehealth import report  # matplotlib: loaded at the end, not before round 1
 
-            try:
-                report.write_report(run_dir, results)
-            except Exception as error:  # the model and metrics stand without it
-                results["report_error"] = f"{type(error).__name__}: {error}"
-                log(WARNING, "Could not write the report: %s", error)
+                try:
+                    report.write_report(run_dir, results)
+                except Exception as error:  # the model and metrics stand without it
+                    results["report_error"] = f"{type(error).__name__}: {error}"
+                    log(WARNING, "Could not write the report: %s", error)
         strategy.record.save()
 
 
@@ -254,7 +255,8 @@ def ask_operating_point(
     strategy.choose_operating_point(replies)
 
 
-def tell_hospitals(
+@contextmanager
+def telling_hospitals(
     grid: Grid,
     nodes: Iterable[int],
     status: str,
@@ -262,15 +264,15 @@ def tell_hospitals(
     final_weights: list[np.ndarray],
     rounds: int,
     threshold: float,
-) -> None:
+) -> Iterator[None]:
     """Tell the run's hospitals that the run has ended, with the final model and threshold.
 
     Each hospital's launcher can then stop (a SuperNode never exits by itself), and the
     hospital evaluates the final model on its own held-out patients. The NumPyClient
     API has no message for this; an evaluate request carries it, and its reply is only
-    an acknowledgement. Waiting for the acknowledgements is bounded by
-    END_NOTICE_TIMEOUT: a hospital that vanishes midway must not hold the server
-    (Flower may retry pulling a half-sent reply for hours).
+    an acknowledgement. The `with` block runs while the notice is under way; leaving it
+    waits for the acknowledgements, at most END_NOTICE_TIMEOUT: a hospital that vanishes
+    midway must not hold the server (Flower may retry pulling a half-sent reply for hours).
 
     Parameters
     ----------
@@ -306,9 +308,12 @@ def tell_hospitals(
     ]
     notice = threading.Thread(target=grid.send_and_receive, args=(messages,), daemon=True)
     notice.start()
-    notice.join(END_NOTICE_TIMEOUT)
-    if notice.is_alive():
-        log(WARNING, "Not every hospital acknowledged the end of the run")
+    try:
+        yield
+    finally:
+        notice.join(END_NOTICE_TIMEOUT)
+        if notice.is_alive():
+            log(WARNING, "Not every hospital acknowledged the end of the run")
 
 
 class PromptGrid(Grid):

@@ -201,21 +201,21 @@ def test_the_apps_load_neither_tools_nor_launchers():
 def test_a_message_that_does_not_train_loads_no_training_stack():
     # Flower starts a process per message; admission and the SecAgg+ stages (three of
     # a hospital's four messages a round) need neither the model nor the accountant.
-    heavy = ("torch", "opacus", "sklearn", "pandas", "matplotlib", "dp_accounting", "scipy")
+    heavy = {"torch", "opacus", "sklearn", "pandas", "matplotlib", "dp_accounting", "scipy"}
+    assert libraries_loaded_by("import securehealth.clientapp") & heavy == set()
+
+
+def libraries_loaded_by(code):
+    """The top-level packages a fresh Python has loaded after running `code` in ROOT."""
     loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, securehealth.clientapp; "
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))",
-        ],
+        [sys.executable, "-c", f"{code}; import sys; print(' '.join(sys.modules))"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
-    assert set(loaded.stdout.split()) & set(heavy) == set()
+    assert loaded.returncode == 0, loaded.stderr
+    return {name.split(".")[0] for name in loaded.stdout.split()}
 
 
 def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
@@ -246,6 +246,28 @@ def test_the_app_bundle_ships_what_hospitals_run_and_nothing_else(tmp_path):
     tools.add("data_utils.py")
     assert not names & tools
     assert pinning.differences(bundle.read_bytes()) == []  # a hospital would run it
+    # runtime.flwr_run bundles a copy of the shipped files (Flower's bundler reads every
+    # file under the folder first): the same files, byte for byte.
+    copied = subprocess.run(
+        [runtime.executable("flwr"), "build", "--app", str(runtime.shipped_copy(tmp_path / "c"))],
+        cwd=tmp_path / "c",
+        capture_output=True,
+    )
+    assert copied.returncode == 0, copied.stdout + copied.stderr
+    (from_copy,) = (tmp_path / "c").glob("*.fab")
+    with zipfile.ZipFile(bundle) as original, zipfile.ZipFile(from_copy) as copy:
+        assert sorted(copy.namelist()) == sorted(original.namelist())
+        assert all(copy.read(n) == original.read(n) for n in names if not n.endswith("/"))
+
+
+def test_a_forecast_loads_no_training_stack():
+    # simulation.py forecasts every run before Flower starts: PyTorch, Opacus and
+    # scikit-learn would hold up its start by seconds.
+    loaded = libraries_loaded_by(
+        "from securehealth import forecast, settings; "
+        "forecast.forecast_here(settings.resolve({}), None)"
+    )
+    assert loaded & {"torch", "opacus", "sklearn", "matplotlib"} == set()
 
 
 def test_pyproject_declares_every_setting_with_config_pys_default():

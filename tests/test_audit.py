@@ -17,6 +17,7 @@ from PIL import Image
 from securehealth import data, settings
 from securehealth.model import build_model
 from securehealth.privacy import dpsgd
+from securehealth.privacy.schedule import sample_rate_and_steps
 from securehealth.tools import audit, canary_audit, lower_bounds
 
 
@@ -182,7 +183,7 @@ def test_white_box_scores_are_the_canaries_clipped_gradients(tmp_path):
     moved = scores != 0
     assert moved.mean() > 0.8  # most canaries were sampled in 3 rounds
     assert np.all((scores[moved] > 0) == (canaries.white_coins[moved] == 1))
-    sample_rate, steps = dpsgd.sample_rate_and_steps(facts["patients"], cfg)
+    sample_rate, steps = sample_rate_and_steps(facts["patients"], cfg)
     rows = facts["patients"] + 300 + 20  # Opacus divides by the expected batch of all rows
     # Each step moves a weight by at most lr * C / (expected batch), carried by momentum.
     carried = sum((1 - cfg.momentum**j) / (1 - cfg.momentum) for j in range(1, steps + 1))
@@ -199,7 +200,7 @@ def test_the_audited_hospital_samples_at_its_patients_rate(tmp_path):
     canaries = canary_audit.Canaries.draw(2000, 20, patients[0][0][0], cfg.adjacency)
     facts, _, _ = canary_audit.train_variant(cfg, "product", canaries, patients, tmp_path)
     n = len(patients[0][0][1])
-    sample_rate, steps = dpsgd.sample_rate_and_steps(n, cfg)
+    sample_rate, steps = sample_rate_and_steps(n, cfg)
     assert (facts["patients"], facts["sample_rate"]) == (n, sample_rate)
     assert facts["steps"] == cfg.rounds * steps
     assert facts["claimed_epsilon"] == pytest.approx(cfg.epsilon, rel=1e-3)
@@ -381,7 +382,7 @@ def test_the_gaussian_premise_is_checked_at_the_audited_settings(rounds, holds):
     from securehealth.privacy.accountant import calibrate_noise_multiplier
 
     cfg = settings.resolve({})
-    sample_rate, steps = dpsgd.sample_rate_and_steps(1600, cfg)
+    sample_rate, steps = sample_rate_and_steps(1600, cfg)
     sigma = calibrate_noise_multiplier(1.0, 1e-5, sample_rate, rounds * steps, "replace-one")
     pld = canary_audit.independent_pld([(sigma, sample_rate, rounds * steps)], "replace-one")
     assert lower_bounds.gaussian_premise_holds(pld.get_delta_for_epsilon, 1.0, 1e-5) == holds

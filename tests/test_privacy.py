@@ -22,8 +22,9 @@ from securehealth.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon_spent,
 )
-from securehealth.privacy.dpsgd import noise_limit, train_private
+from securehealth.privacy.dpsgd import train_private
 from securehealth.privacy.ledger import LedgerError, PrivacyLedger
+from securehealth.privacy.schedule import noise_limit
 from securehealth.results import HOSPITALS_DIR_VARIABLE
 
 

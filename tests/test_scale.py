@@ -114,3 +114,32 @@ def test_bench_growth_rates_are_the_slopes_of_each_series():
     growth = bench.growth_rates(points)
     assert growth["per_hospital_s"] == pytest.approx(0.1)
     assert growth["per_patient_s"] == pytest.approx(2e-6)
+
+
+def test_bench_sets_the_best_runs_against_issue_30s_goals():
+    from rich.console import Console
+
+    from securehealth.tools import bench
+
+    figures = {
+        "simulation": {"best_s": 30.0},
+        "minimal_app": {"best_s": 25.0},
+        "deployment": {"off": {"best_s": 50.0}, "on": {"best_s": 80.0}},
+    }
+    console = Console(record=True, width=200)
+    console.print(bench.against_before(figures))
+    lines = [line for line in console.export_text().splitlines() if line.startswith("│")]
+    rows = {line.split("│")[1].strip(): line for line in lines}
+    simulation = rows["python simulation.py / the minimal Flower app"]
+    assert "1.60x" in simulation and "1.20x" in simulation  # 20.3 / 12.7; 30 / 25
+    assert simulation.rstrip(" │").endswith("yes")
+    assert rows["server.py + 3 client.py, TLS, no SecAgg+"].rstrip(" │").endswith("no")  # 50 > 45
+    assert " 80 s" in rows["server.py + 3 client.py, TLS, SecAgg+"]
+
+
+@pytest.mark.e2e
+def test_the_minimal_flower_app_runs_on_flowers_simulation_runtime(tmp_path):
+    """bench.py's floor for the simulation: Flower's own app, still running on this Flower."""
+    from securehealth.tools import bench
+
+    assert bench.minimal_flower_app(str(tmp_path), supernodes=2) > 0

@@ -370,7 +370,7 @@ class PrivacyLedger:
         planned_steps : int
             All the run's noisy steps, for its calibration.
         max_noise_multiplier : float
-            The most noise the run may add (dpsgd.noise_limit).
+            The most noise the run may add (schedule.noise_limit).
         operating_point : bool
             Whether the run reserves an operating point's release.
 

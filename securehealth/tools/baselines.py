@@ -15,6 +15,7 @@ from securehealth.config import Settings
 from securehealth.model import build_model, clinical_metrics, get_weights, predict_risk, set_weights
 from securehealth.privacy import dpsgd
 from securehealth.privacy.accountant import calibrate_noise_multiplier
+from securehealth.privacy.schedule import sample_rate_and_steps
 from securehealth.tools.federation import federate
 
 
@@ -108,7 +109,7 @@ def hospital_alone(cfg: Settings, x: np.ndarray, y: np.ndarray, private: bool) -
     """
     inputs = x.shape[1]
     if private:
-        sample_rate, steps = dpsgd.sample_rate_and_steps(len(y), cfg)
+        sample_rate, steps = sample_rate_and_steps(len(y), cfg)
         sigma = calibrate_noise_multiplier(
             cfg.epsilon, cfg.delta, sample_rate, cfg.rounds * steps, cfg.adjacency
         )
