@@ -93,6 +93,11 @@ def test_server_and_three_hospitals_over_tls_with_their_own_csv_files(federation
     outputs = [p.read_text() for p in workdir.glob("*.out")]
     outputs += [p.read_text() for p in workdir.glob("**/flower/*.log")]
     assert not any("DEPRECATED" in text or "Traceback" in text for text in outputs)
+    # Each message's ClientApp, and the run's ServerApp, was forked from a zygote.
+    for hospital in range(3):
+        forks = (hospital_state(workdir, hospital) / "flower" / "zygote.log").read_text()
+        assert forks.count("Forked") >= 5  # admission, 2 rounds, operating point, the end
+    assert (workdir / "run" / "flower" / "zygote.log").read_text().count("Forked") == 1
 
     metrics = read_metrics(workdir / "run")
     assert metrics["data"]["test_set"] == str(workdir / "server-data" / "test.csv")

@@ -5,13 +5,16 @@ PyTorch, NumPy and Flower are loaded before every fork. Each message then prints
 its standard output: its pid, what an earlier message could have left behind, draws from
 Python's, NumPy's and PyTorch's global generators, and the weights DP-SGD trains from the
 same start on the same rows (the product's own noise and Poisson batches). Then it leaves
-marks of its own for the next message to find.
+marks of its own for the next message to find. A message asked to "wait" says its pid and
+waits, to be killed.
 """
 
 import json
 import os
 import random
+import socket
 import sys
+import time
 
 from securehealth.deployment import zygote
 
@@ -31,6 +34,10 @@ def report():
     """Print what this message finds and draws, then leave marks behind."""
     import numpy as np
     import torch
+
+    if sys.argv[1:] == ["wait"]:
+        print(json.dumps({"pid": os.getpid()}), flush=True)
+        time.sleep(300)
 
     found = {
         "pid": os.getpid(),
@@ -72,5 +79,5 @@ def trained_weights():
     return [float(value) for value in torch.cat([p.flatten() for p in model.parameters()])]
 
 
-if __name__ == "__main__":
-    zygote.serve(sys.argv[1], int(sys.argv[2]), prepare)
+if __name__ == "__main__":  # the listening socket's fd, the pid of the process to end with
+    zygote.serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]), prepare)

@@ -180,11 +180,13 @@ def flower_process(
     log_name: str,
     bin_dir: Path | None = None,
     environment: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a Flower command with its output in flwr_home/log_name; stop it on leaving the block.
 
-    bin_dir (if given) comes first on its PATH, and `environment` is added to its own.
-    Leaving the block stops it and all it started.
+    bin_dir (if given) comes first on its PATH, `environment` is added to its own, and the
+    file descriptors `pass_fds` stay open in it. Leaving the block stops it and all it
+    started.
     """
     env = flower_env(flwr_home, environment)
     if bin_dir:
@@ -198,6 +200,7 @@ def flower_process(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
+            pass_fds=pass_fds,
         )
     _started.add(process.pid)
     try:
@@ -242,11 +245,13 @@ def zygote(
     flwr_home.mkdir(parents=True, exist_ok=True)
     arguments = [command, str(status_file or ""), "1" if pinned else "0"]
 
-    def start(name: list[str]) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    def start(listener: int) -> AbstractContextManager[subprocess.Popen[bytes]]:
         code = "from securehealth.deployment.zygote import main; main(*sys.argv[1:])"
-        launcher = str(os.getpid())
-        process = [*this_copy_runs(code, follow=False), *arguments, *name, launcher]
-        return flower_process(process, flwr_home, "zygote.log", environment=environment)
+        process = [*this_copy_runs(code, follow=False), *arguments, str(listener)]
+        process.append(str(os.getpid()))  # the zygote ends with this process
+        return flower_process(
+            process, flwr_home, "zygote.log", environment=environment, pass_fds=[listener]
+        )
 
     with preloaded(start) as name:
         yield name

@@ -17,12 +17,18 @@ What a child may not inherit (tests/test_zygote.py proves each):
   from what was shipped, after pinning.py has checked it, exactly as a fresh process does;
 - randomness: every generator is seeded from `secrets` in the child, after the fork (the
   product's own are made per use from `secrets`; Python's, NumPy's and PyTorch's global
-  ones are re-seeded here), so two messages never draw the same noise.
+  ones are re-seeded here), so two messages never draw the same noise. Python's string
+  hashing (PYTHONHASHSEED) is the zygote's in every child: it decides no draw.
 
-The zygote is single-threaded (a fork copies only the calling thread), answers processes of
-the hospital's own user only, on a socket with a random name in Linux's abstract
-namespace, and ends with the launcher that started it. Where it cannot run (not Linux), or
-does not answer, the launcher runs the command in its own process, as before.
+Who may use it, and for how long:
+- The launcher of client.py or server.py binds the socket (a random name in Linux's
+  abstract namespace) before the zygote starts and hands it over, so no one can take the
+  name first; the zygote forks only for processes of the hospital's own user. A launcher
+  that finds another user's socket, or none, or one that does not take its call within
+  CONNECT_TIMEOUT, runs the command in its own process, as before.
+- A child ends with its launcher (the connection closes) and with the zygote
+  (PR_SET_PDEATHSIG), the zygote with the launcher that started it (WATCH_S): after kill -9
+  of client.py nothing of it trains on.
 """
 
 import json
@@ -33,9 +39,8 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import time
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -46,11 +51,13 @@ from securehealth.local_socket import peer_uid, random_name, socket_address
 
 LENGTH = struct.Struct("!I")
 MAX_REQUEST = 1 << 20  # bytes: a launcher's arguments and environment
-REQUEST_TIMEOUT = 10  # seconds a launcher has to send its request
-START_TIMEOUT = 30  # seconds a zygote has to start listening
+BACKLOG = 64  # launchers whose calls wait to be taken
+CONNECT_TIMEOUT = 5  # seconds a launcher waits for its call to be taken before it runs alone
+REQUEST_TIMEOUT = 10  # seconds a child waits for its launcher's request
 WATCH_S = 0.2  # how often the zygote checks that its launcher (client.py, server.py) lives
 STREAMS = 3  # stdin, stdout and stderr travel with the request
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 # The launcher's side: what Flower starts for each message.
@@ -61,20 +68,22 @@ def hand_over(name: str, argv: list[str]) -> int | None:
 
     The child gets `argv` (as sys.argv, the command's name first), this process'
     environment, working folder and standard streams; signals this process receives are
-    passed on to it. None where no zygote of this user answers: the caller then runs the
-    command itself.
+    passed on to it. None where no zygote of this user takes the call: the caller then runs
+    the command itself.
     """
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        connection.settimeout(CONNECT_TIMEOUT)  # a full backlog: a socket nobody serves
         connection.connect(socket_address(name))
         if peer_uid(connection) != os.getuid():
-            return None
+            raise ConnectionError("another user's socket")
+        connection.settimeout(None)
         request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)})
         payload = request.encode()
         socket.send_fds(connection, [LENGTH.pack(len(payload))], list(range(STREAMS)))
         connection.sendall(payload)
         replies = connection.makefile("r")
-        child = int(json.loads(replies.readline())["pid"])
+        child = int(json.loads(replies.readline())["pid"])  # no child forked: run alone
     except (OSError, ValueError, KeyError):
         connection.close()
         return None
@@ -100,89 +109,132 @@ def _signal(pid: int, signal_number: int) -> None:
 
 @contextmanager
 def preloaded(
-    start: Callable[[list[str]], AbstractContextManager[subprocess.Popen[bytes]]],
+    start: Callable[[int], AbstractContextManager[object]],
 ) -> Iterator[str | None]:
     """Start a zygote for the duration; yield its socket's name, for the launcher.
 
     Parameters
     ----------
-    start : Callable[[list[str]], AbstractContextManager[subprocess.Popen[bytes]]]
-        Starts the zygote's process, with the socket's name as its last argument (see
-        `main`), as a context manager that stops it on leaving: runtime.flower_process.
+    start : Callable[[int], AbstractContextManager[object]]
+        Starts the zygote's process with the listening socket's file descriptor, which it
+        must pass on (see `main`), as a context manager that stops it on leaving:
+        runtime.zygote.
 
     Yields
     ------
     str | None
-        The zygote's socket name, once it listens; None where a zygote cannot run here
-        (not Linux) or did not start.
+        The zygote's socket name; None where a zygote cannot run here (not Linux).
     """
     if not hasattr(socket, "SO_PEERCRED") or not hasattr(os, "fork"):
         yield None
         return
     name = random_name("zygote")
-    with start([name]) as process:
-        yield name if _listening(name, process) else None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(socket_address(name))  # before anyone can learn the name
+        listener.listen(BACKLOG)
+        with start(listener.fileno()):
+            listener.close()  # the zygote's alone: when it ends, calls are refused
+            yield name
 
 
-def _listening(name: str, process: subprocess.Popen[bytes]) -> bool:
-    """Wait until the zygote `process` listens on `name`; False if it ends or takes too long.
-
-    Its first message may come at once; one sent meanwhile would find no zygote.
-    """
-    deadline = time.monotonic() + START_TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(socket_address(name))  # the zygote ignores an empty request
-                return True
-            except OSError:
-                time.sleep(0.02)
-    return False
-
-
-def serve(name: str, launcher: int, prepare: Callable[[], Callable[[], None]]) -> None:
-    """Be a zygote: listen on `name`, `prepare`, then fork a child per request.
+def serve(
+    listener: socket.socket, launcher: int, prepare: Callable[[], Callable[[], None]]
+) -> None:
+    """Be a zygote: `prepare`, then fork a child per call on `listener`.
 
     Parameters
     ----------
-    name : str
-        The socket's name (see `preloaded`).
+    listener : socket.socket
+        The listening socket (see `preloaded`); calls that come meanwhile wait.
     launcher : int
         The pid of the process that started this one: the zygote ends when it does.
     prepare : Callable[[], Callable[[], None]]
-        Imports what every child needs (requests that arrive meanwhile wait for it) and
-        returns what a child runs, with the request's arguments in sys.argv; the child's
-        exit code is that of the SystemExit this raises (0 if it returns).
+        Imports what every child needs and returns what a child runs, with the request's
+        arguments in sys.argv; the child's exit code is that of the SystemExit this raises
+        (0 if it returns).
     """
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(socket_address(name))
-    listener.listen(64)
     run = prepare()
+    zygote = os.getpid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while os.getppid() == launcher:
         if not select.select([listener], [], [], WATCH_S)[0]:
             continue
-        connection, _ = listener.accept()
-        with connection:
-            request, streams = _receive(connection)
-            if request is None:
-                continue
-            child = os.fork()
-            if child == 0:
-                listener.close()
-                _child(connection, request, streams, run)
-            print(f"Forked {child} for a message", file=sys.stderr, flush=True)
-            for stream in streams:
-                os.close(stream)
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                if peer_uid(connection) != os.getuid():
+                    continue  # another user's call: no child, no answer
+                child = os.fork()
+                if child == 0:
+                    listener.close()
+                    _child(connection, zygote, run)
+                print(f"Forked {child} for a message", file=sys.stderr, flush=True)
+        except OSError as error:  # no process left to fork (a limit), a call gone at once
+            print(f"No child for a message: {error}", file=sys.stderr, flush=True)
 
 
-def _receive(connection: socket.socket) -> tuple[dict | None, list[int]]:
-    """A launcher's request and standard streams; (None, []) if it is not a valid one."""
-    connection.settimeout(REQUEST_TIMEOUT)
-    streams: list[int] = []
+def _child(connection: socket.socket, zygote: int, run: Callable[[], None]) -> NoReturn:
+    """Take one request in this forked child, run it, report its exit code, and end."""
+    code = 1
     try:
-        if peer_uid(connection) != os.getuid():
-            return None, []
+        _end_with(zygote)
+        request, streams = _receive(connection)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for standard, received in enumerate(streams):  # stdin, stdout, stderr
+            os.dup2(received, standard)
+            os.close(received)
+        threading.Thread(target=_end_with_launcher, args=(connection,), daemon=True).start()
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv[:] = request["argv"]
+        reseed_generators()
+        connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        code = _exit_code(run)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for output in (sys.stdout, sys.stderr):  # before the launcher can end, and this with it
+            try:
+                output.flush()
+            except (OSError, ValueError):
+                pass
+        try:
+            connection.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        except OSError:
+            pass
+        os._exit(code)
+
+
+def _end_with(zygote: int) -> None:
+    """Have the kernel kill this child when the zygote ends; end now if it already has."""
+    import ctypes  # the zygote's side only: a launcher imports this module first
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote:
+        os._exit(1)
+
+
+def _end_with_launcher(connection: socket.socket) -> None:
+    """End this child once its launcher is gone: the launcher sends nothing after its request."""
+    try:
+        connection.recv(1)
+    except OSError:
+        pass
+    os._exit(1)
+
+
+def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    """A launcher's request and its standard streams.
+
+    Raises
+    ------
+    ValueError
+        Where it is not a launcher's request, or came too slowly.
+    """
+    connection.settimeout(REQUEST_TIMEOUT)
+    try:
         header, streams, _, _ = socket.recv_fds(connection, LENGTH.size, STREAMS)
         (size,) = LENGTH.unpack(header)
         if len(streams) != STREAMS or size > MAX_REQUEST:
@@ -194,47 +246,14 @@ def _receive(connection: socket.socket) -> tuple[dict | None, list[int]]:
                 raise ValueError("cut short")
             payload += chunk
         request = json.loads(payload)
-        if not isinstance(request.get("argv"), list) or not isinstance(request.get("env"), dict):
-            raise ValueError("not a launcher's request")
-    except (OSError, ValueError, struct.error):
-        for stream in streams:
-            os.close(stream)
-        return None, []
+    except (OSError, struct.error) as error:
+        raise ValueError(f"not a launcher's request ({error})") from None
+    if not isinstance(request, dict) or not isinstance(request.get("argv"), list):
+        raise ValueError("not a launcher's request")
+    if not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
+        raise ValueError("not a launcher's request")
     connection.settimeout(None)
     return request, streams
-
-
-def _child(
-    connection: socket.socket, request: dict, streams: list[int], run: Callable[[], None]
-) -> NoReturn:
-    """Run one request in this forked child, report its exit code, and end (never returns)."""
-    code = 1
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for standard, received in enumerate(streams):  # stdin, stdout, stderr
-            os.dup2(received, standard)
-            os.close(received)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        sys.argv[:] = request["argv"]
-        reseed_generators()
-        connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-        code = _exit_code(run)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            connection.sendall(json.dumps({"exit": code}).encode() + b"\n")
-        except OSError:
-            pass
-        for output in (sys.stdout, sys.stderr):
-            try:
-                output.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
 
 
 def _exit_code(run: Callable[[], None]) -> int:
@@ -253,17 +272,17 @@ def reseed_generators() -> None:
     """Seed every global random generator afresh from `secrets`: called in a child, after the fork.
 
     The product makes its own generators per use from `secrets` (privacy/dpsgd.py); the
-    global ones of Python, NumPy and PyTorch would otherwise be the zygote's, the same in
-    every child.
+    global ones of Python, NumPy (Flower's SecAgg+ rounds with it) and PyTorch would
+    otherwise be the zygote's, the same in every child. 256 bits each where they take it.
     """
-    random.seed(secrets.randbits(128))
+    random.seed(secrets.randbits(256))
     if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(secrets.randbits(32))
+        sys.modules["numpy"].random.seed([secrets.randbits(32) for _ in range(8)])
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(secrets.randbits(63))
 
 
-def main(command: str, status_file: str, pinned: str, name: str, launcher: str) -> None:
+def main(command: str, status_file: str, pinned: str, listener: str, launcher: str) -> None:
     """Be the zygote of a pinned Flower command (started by runtime.zygote).
 
     Parameters
@@ -274,17 +293,17 @@ def main(command: str, status_file: str, pinned: str, name: str, launcher: str) 
         The hospital's status file ("" on the server), for pinning.run_pinned.
     pinned : str
         "1" to run only an app identical to this copy, "0" for any (--trust-server-app).
-    name : str
-        The socket's name.
+    listener : str
+        The file descriptor of the listening socket it was handed.
     launcher : str
         The pid of the process that started the zygote.
     """
 
     def prepare() -> Callable[[], None]:
-        from securehealth.deployment import pinning  # imports Flower: after the socket is up
+        from securehealth.deployment import pinning
 
         pinning.preload(command)
         pinning.forget_this_copy()
         return partial(pinning.run_pinned, command, status_file or None, pinned=pinned == "1")
 
-    serve(name, int(launcher), prepare)
+    serve(socket.socket(fileno=int(listener)), int(launcher), prepare)
