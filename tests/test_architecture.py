@@ -24,7 +24,7 @@ from scipy.stats import trim_mean
 
 from securehealth import flower, settings
 from securehealth.aggregation import AGGREGATIONS, ServerMomentum, combine
-from securehealth.deployment import pinning, runtime
+from securehealth.deployment import client_cli, pinning, runtime
 from securehealth.tools.federation import federate
 
 # Flower's public API: what any module may import (securehealth/flower.py aside).
@@ -86,6 +86,9 @@ def test_every_flower_internal_still_exists():
         "sleep"
     }
     assert callable(import_module(cli_module).flower_supernode)
+    # client.py reads the SuperNode's log: the end-of-run notice's reply is sent.
+    logged = inspect.getsource(import_module(pull_loop))
+    assert f'"{client_cli.RECEIVED}%s' in logged and f'"{client_cli.SENT}"' in logged
 
 
 def test_another_flower_version_fails_closed_in_one_line():

@@ -43,7 +43,10 @@ from securehealth.results import default_state_root, has_finished, read_json
 from securehealth.state_directory import EVALUATION_FILE, StateDirectory
 from securehealth.text import quoted
 
-END_GRACE = 3  # seconds between the server's end-of-run notice and leaving
+END_GRACE = 3  # seconds at most between the server's end-of-run notice and leaving
+# What Flower 1.42's SuperNode logs as it receives a message, and once it sent a reply.
+RECEIVED, SENT = "Receiving: ", "Sent successfully"
+STATUS_POLL_S = 0.2  # how often client.py looks at what its hospital did
 # What Flower 1.42's SuperNode logs when a server with --hospital-keys turns it away:
 # its key is not enrolled there, or it has no key.
 KEY_NOT_REGISTERED = ("Failed to activate SuperNode", "All SuperNodes must be registered")
@@ -674,7 +677,7 @@ def follow_rounds(
     """
     status_path = StateDirectory(state_dir).status_file
     last = status_path.read_text() if status_path.exists() else None
-    unreachable_since = None
+    unreachable_since, next_reach = None, time.monotonic()
     while node.poll() is None:
         text = status_path.read_text() if status_path.exists() else None
         if text != last:
@@ -687,22 +690,39 @@ def follow_rounds(
         except StateDirError as full:
             console.print(f"[red]Leaving the run:[/] {escape(str(full))}")
             return 1
-        if runtime.server_reachable(args.server_address):
-            unreachable_since = None
-        else:
-            unreachable_since = unreachable_since or time.monotonic()
-            if time.monotonic() - unreachable_since > args.connect_timeout:
-                console.print(
-                    f"[red]Lost the server at {args.server_address} for "
-                    f"{args.connect_timeout:g} s; leaving.[/]"
-                )
-                return 1
-        time.sleep(1)
+        if time.monotonic() >= next_reach:  # once a second
+            next_reach = time.monotonic() + 1
+            if runtime.server_reachable(args.server_address):
+                unreachable_since = None
+            else:
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > args.connect_timeout:
+                    console.print(
+                        f"[red]Lost the server at {args.server_address} for "
+                        f"{args.connect_timeout:g} s; leaving.[/]"
+                    )
+                    return 1
+        time.sleep(STATUS_POLL_S)
     said = runtime.log_tail(state_dir / "flower" / runtime.SUPERNODE_LOG, since=log_start)
     if any(refusal in said for refusal in KEY_NOT_REGISTERED):
         return None
     console.print(f"[red]The SuperNode stopped unexpectedly:[/]\n{said}")
     return 1
+
+
+def wait_for_acknowledgement(supernode_log: Path) -> None:
+    """Wait until the SuperNode has sent its reply to the end-of-run notice, at most END_GRACE s.
+
+    The notice is the last message it received; Flower 1.42's SuperNode logs "Sent
+    successfully" once a reply is sent. A hospital that left before would hold the server
+    for END_NOTICE_TIMEOUT.
+    """
+    deadline = time.monotonic() + END_GRACE
+    while time.monotonic() < deadline:
+        since_last_message = runtime.log_tail(supernode_log, lines=40).rpartition(RECEIVED)[2]
+        if SENT in since_last_message:
+            return
+        time.sleep(0.05)
 
 
 def refused(state_dir: Path, console: Console) -> int:
@@ -759,6 +779,6 @@ def show_status(status: dict[str, Any], state_dir: Path, console: Console) -> in
                 f"Final model on this hospital's {final['patients']} held-out patients "
                 f"(kept here): {display.metrics_text(final)}"
             )
-        time.sleep(END_GRACE)  # for the SuperNode to send our acknowledgement
+        wait_for_acknowledgement(state_dir / "flower" / runtime.SUPERNODE_LOG)
         return 0 if has_finished(status["status"]) else 1
     return None
