@@ -416,6 +416,8 @@ def test_a_hospital_runs_only_an_app_identical_to_its_own_copy(federation):
     # No round of the tampered code ran at the hospital: nothing was trained there.
     status = json.loads((hospital_state(workdir, 0) / "status.json").read_text())
     assert status["status"] == "untrusted-app"
+    # The refusal came from a ClientApp forked from the hospital's zygote (issue 30).
+    assert "Forked" in (hospital_state(workdir, 0) / "flower" / "zygote.log").read_text()
 
 
 def test_no_partial_file_is_ever_left(tmp_path, monkeypatch):

@@ -43,7 +43,26 @@ def probe(tmp_path):
 
     with zygote.preloaded(start) as name:
         bin_dir = pinning.install_launcher(tmp_path / "bin", command="flwr-serverapp", zygote=name)
+        wait_until_listening(name)
         yield bin_dir / "flwr-serverapp", started[0], name
+
+
+def listening(name):
+    """Whether a socket listens on `name` (Linux /proc/net/unix)."""
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Flags 00010000: a listening socket; its path, "@" for the abstract namespace.
+        if fields[-1] == f"@{socket_address(name)[1:]}" and fields[3] == "00010000":
+            return True
+    return False
+
+
+def wait_until_listening(name, within=60.0):
+    """Wait until the zygote listens on `name`, once it has imported."""
+    deadline = time.monotonic() + within
+    while not listening(name):
+        assert time.monotonic() < deadline, f"the zygote never listened on {name}"
+        time.sleep(0.05)
 
 
 def message(launcher, *argv, env=None, cwd=None):
@@ -181,7 +200,7 @@ def test_a_garbled_call_costs_its_own_child_and_not_the_zygote(probe):
     launcher, process, name = probe
     with socket.socket(socket.AF_UNIX) as garbled:
         garbled.connect(socket_address(name))
-        garbled.sendall(b"\0\0\0\2[]")  # no streams, and not a request
+        garbled.sendall(b"\0\0\0\2[]")  # a list, not a request
     with socket.socket(socket.AF_UNIX) as silent:  # calls, and never says anything
         silent.connect(socket_address(name))
         start = time.monotonic()
@@ -201,6 +220,27 @@ def test_a_message_ends_with_its_launcher_and_with_its_zygote(probe):
         waiting.wait()
 
 
+def test_a_stopped_zygote_costs_a_launcher_seconds_and_the_message_runs_once(probe, tmp_path):
+    """A zygote that takes no call (stopped, stuck): the launcher runs the message itself.
+
+    The child the zygote forks once it resumes finds its launcher gone and never runs it.
+    """
+    launcher, process, _ = probe
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        alone = subprocess.run(
+            [str(launcher), "mark"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        waited = time.monotonic() - start
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    assert alone.returncode == 2 and "usage: flwr-serverapp" in alone.stderr  # Flower's own
+    assert zygote.HANDOVER_TIMEOUT <= waited < zygote.HANDOVER_TIMEOUT + 30
+    assert message(launcher)["pid"]  # served again, and the stale call ran nothing
+    assert not (tmp_path / "marked").exists()
+
+
 def test_without_a_zygote_the_launcher_runs_the_command_itself(tmp_path):
     bin_dir = pinning.install_launcher(tmp_path / "bin", zygote=random_name("zygote"))
     done = subprocess.run([str(bin_dir / "flwr-clientapp"), "--help"], capture_output=True)
@@ -211,6 +251,7 @@ def test_a_hospitals_zygote_preloads_flower_and_forks_its_clientapps(tmp_path):
     """The real zygote of flwr-clientapp: a message's child runs Flower's own command."""
     with runtime.zygote(tmp_path, "flwr-clientapp", tmp_path / "status.json") as name:
         bin_dir = pinning.install_launcher(tmp_path / "bin", tmp_path / "status.json", zygote=name)
+        wait_until_listening(name)
         for _ in range(2):
             done = subprocess.run(
                 [str(bin_dir / "flwr-clientapp"), "--no-such-flag"], capture_output=True
@@ -227,7 +268,7 @@ def test_a_zygote_and_its_message_end_with_the_process_that_started_it(tmp_path)
         "from securehealth.deployment import zygote\n"
         "from securehealth.local_socket import socket_address\n"
         "listener = socket.socket(socket.AF_UNIX)\n"
-        "listener.bind(socket_address(sys.argv[1])); listener.listen(8)\n"
+        "listener.bind(socket_address(sys.argv[1]))\n"
         "command = [sys.executable, '-m', 'tests.zygote_probe', str(listener.fileno())]\n"
         "zygote_process = subprocess.Popen(\n"
         "    [*command, str(os.getpid())], pass_fds=[listener.fileno()])\n"
@@ -243,6 +284,7 @@ def test_a_zygote_and_its_message_end_with_the_process_that_started_it(tmp_path)
     )
     zygote_pid = int(starter.stdout.readline())
     launcher = pinning.install_launcher(tmp_path / "bin", command="flwr-serverapp", zygote=name)
+    wait_until_listening(name)
     waiting = subprocess.Popen(
         [str(launcher / "flwr-serverapp"), "wait"], stdout=subprocess.PIPE, text=True
     )
@@ -250,7 +292,7 @@ def test_a_zygote_and_its_message_end_with_the_process_that_started_it(tmp_path)
     starter.kill()  # kill -9 of client.py
     try:
         assert gone(zygote_pid) and gone(child)
-        assert f"@{socket_address(name)[1:]}" not in Path("/proc/net/unix").read_text()
+        assert not listening(name)  # nobody serves the name any more
     finally:
         waiting.kill()
         waiting.wait()

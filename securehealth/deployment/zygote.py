@@ -23,12 +23,15 @@ What a child may not inherit (tests/test_zygote.py proves each):
 Who may use it, and for how long:
 - The launcher of client.py or server.py binds the socket (a random name in Linux's
   abstract namespace) before the zygote starts and hands it over, so no one can take the
-  name first; the zygote forks only for processes of the hospital's own user. A launcher
-  that finds another user's socket, or none, or one that does not take its call within
-  CONNECT_TIMEOUT, runs the command in its own process, as before.
-- A child ends with its launcher (the connection closes) and with the zygote
-  (PR_SET_PDEATHSIG), the zygote with the launcher that started it (WATCH_S): after kill -9
-  of client.py nothing of it trains on.
+  name first; the zygote listens once it has imported, and forks only for processes of
+  the hospital's own user. A launcher that finds another user's socket, or none, or one
+  that does not take its call within CONNECT_TIMEOUT, or no child within
+  HANDOVER_TIMEOUT, runs the command in its own process, as before; a child runs only
+  once its launcher has said GO, so a message never runs twice.
+- A child ends with its launcher (the connection closes: it and all it started) and
+  with the zygote (PR_SET_PDEATHSIG), the zygote with the launcher that started it
+  (WATCH_S): after kill -9 of client.py nothing of it trains on. Another user can still
+  connect, and slow the zygote by calling in a loop (nothing is forked for them).
 """
 
 import json
@@ -53,9 +56,11 @@ LENGTH = struct.Struct("!I")
 MAX_REQUEST = 1 << 20  # bytes: a launcher's arguments and environment
 BACKLOG = 64  # launchers whose calls wait to be taken
 CONNECT_TIMEOUT = 5  # seconds a launcher waits for its call to be taken before it runs alone
+HANDOVER_TIMEOUT = 10  # seconds it waits for the child's pid before it runs alone
+GO = b"g"  # the launcher's word that the child may run: it will not run the message itself
 REQUEST_TIMEOUT = 10  # seconds a child waits for its launcher's request
 WATCH_S = 0.2  # how often the zygote checks that its launcher (client.py, server.py) lives
-STREAMS = 3  # stdin, stdout and stderr travel with the request
+STREAMS = 3  # stdin, stdout and stderr travel with the launcher's GO
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
@@ -77,23 +82,39 @@ def hand_over(name: str, argv: list[str]) -> int | None:
         connection.connect(socket_address(name))
         if peer_uid(connection) != os.getuid():
             raise ConnectionError("another user's socket")
-        connection.settimeout(None)
         request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)})
         payload = request.encode()
-        socket.send_fds(connection, [LENGTH.pack(len(payload))], list(range(STREAMS)))
-        connection.sendall(payload)
-        replies = connection.makefile("r")
-        child = int(json.loads(replies.readline())["pid"])  # no child forked: run alone
+        connection.sendall(LENGTH.pack(len(payload)) + payload)
+        connection.settimeout(HANDOVER_TIMEOUT)  # a zygote stopped or stuck: run alone
+        replies = connection.makefile("rb")
+        child = int(json.loads(replies.readline())["pid"])
+        # Only now does the child run (and get the streams): never both it and this process.
+        socket.send_fds(connection, [GO], list(range(STREAMS)))
+        connection.settimeout(None)
     except (OSError, ValueError, KeyError):
         connection.close()
         return None
+    forwarded: list[int] = []
+
+    def forward(signal_number: int, frame: object) -> None:
+        forwarded.append(signal_number)
+        _signal(child, signal_number)
+
     for signal_number in FORWARDED_SIGNALS:
-        signal.signal(signal_number, lambda number, frame: _signal(child, number))
+        signal.signal(signal_number, forward)
     with connection:
         try:
             return int(json.loads(replies.readline())["exit"])
         except (OSError, ValueError, KeyError):  # the child died without saying how
+            _end_as(forwarded[-1] if forwarded else None)
             return 1
+
+
+def _end_as(signal_number: int | None) -> None:
+    """End this launcher by the signal it passed on to the child, as the child was ended."""
+    if signal_number is not None:
+        signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
 
 
 def _signal(pid: int, signal_number: int) -> None:
@@ -131,8 +152,7 @@ def preloaded(
     name = random_name("zygote")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(socket_address(name))  # before anyone can learn the name
-        listener.listen(BACKLOG)
-        with start(listener.fileno()):
+        with start(listener.fileno()):  # it listens once it has imported
             listener.close()  # the zygote's alone: when it ends, calls are refused
             yield name
 
@@ -145,7 +165,7 @@ def serve(
     Parameters
     ----------
     listener : socket.socket
-        The listening socket (see `preloaded`); calls that come meanwhile wait.
+        The bound socket (see `preloaded`); it listens once `prepare` has returned.
     launcher : int
         The pid of the process that started this one: the zygote ends when it does.
     prepare : Callable[[], Callable[[], None]]
@@ -154,6 +174,7 @@ def serve(
         (0 if it returns).
     """
     run = prepare()
+    listener.listen(BACKLOG)  # until now calls were refused: their launchers ran alone
     zygote = os.getpid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while os.getppid() == launcher:
@@ -178,19 +199,23 @@ def _child(connection: socket.socket, zygote: int, run: Callable[[], None]) -> N
     code = 1
     try:
         _end_with(zygote)
-        request, streams = _receive(connection)
+        os.setpgid(0, 0)  # what the message starts ends with it (_end_with_launcher)
+        request = _receive(connection)
+        connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        go, streams, _, _ = socket.recv_fds(connection, len(GO), STREAMS)
+        if go != GO or len(streams) != STREAMS:  # the launcher gave up waiting and runs it
+            os._exit(1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for standard, received in enumerate(streams):  # stdin, stdout, stderr
             os.dup2(received, standard)
             os.close(received)
-        threading.Thread(target=_end_with_launcher, args=(connection,), daemon=True).start()
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv[:] = request["argv"]
         reseed_generators()
-        connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        threading.Thread(target=_end_with_launcher, args=(connection,), daemon=True).start()
         code = _exit_code(run)
     except BaseException:
         traceback.print_exc()
@@ -217,16 +242,19 @@ def _end_with(zygote: int) -> None:
 
 
 def _end_with_launcher(connection: socket.socket) -> None:
-    """End this child once its launcher is gone: the launcher sends nothing after its request."""
+    """End this child, and what it started, once its launcher is gone.
+
+    The launcher sends nothing after GO: the connection's end is the launcher's.
+    """
     try:
         connection.recv(1)
     except OSError:
         pass
-    os._exit(1)
+    os.killpg(0, signal.SIGKILL)
 
 
-def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
-    """A launcher's request and its standard streams.
+def _receive(connection: socket.socket) -> dict:
+    """A launcher's request: its arguments, working folder and environment.
 
     Raises
     ------
@@ -235,17 +263,10 @@ def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
     """
     connection.settimeout(REQUEST_TIMEOUT)
     try:
-        header, streams, _, _ = socket.recv_fds(connection, LENGTH.size, STREAMS)
-        (size,) = LENGTH.unpack(header)
-        if len(streams) != STREAMS or size > MAX_REQUEST:
+        (size,) = LENGTH.unpack(_read(connection, LENGTH.size))
+        if size > MAX_REQUEST:
             raise ValueError("not a launcher's request")
-        payload = bytearray()
-        while len(payload) < size:
-            chunk = connection.recv(size - len(payload))
-            if not chunk:
-                raise ValueError("cut short")
-            payload += chunk
-        request = json.loads(payload)
+        request = json.loads(_read(connection, size))
     except (OSError, struct.error) as error:
         raise ValueError(f"not a launcher's request ({error})") from None
     if not isinstance(request, dict) or not isinstance(request.get("argv"), list):
@@ -253,7 +274,18 @@ def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
     if not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
         raise ValueError("not a launcher's request")
     connection.settimeout(None)
-    return request, streams
+    return request
+
+
+def _read(connection: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from `connection`; ValueError where it ends sooner."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            raise ValueError("cut short")
+        data += chunk
+    return bytes(data)
 
 
 def _exit_code(run: Callable[[], None]) -> int:
@@ -306,4 +338,6 @@ def main(command: str, status_file: str, pinned: str, listener: str, launcher: s
         pinning.forget_this_copy()
         return partial(pinning.run_pinned, command, status_file or None, pinned=pinned == "1")
 
-    serve(socket.socket(fileno=int(listener)), int(launcher), prepare)
+    bound = socket.socket(fileno=int(listener))
+    bound.set_inheritable(False)  # nothing this process starts holds the name
+    serve(bound, int(launcher), prepare)
