@@ -36,14 +36,16 @@ def probe(tmp_path):
     @contextmanager
     def start(listener):
         command = [sys.executable, "-m", "tests.zygote_probe", str(listener), str(os.getpid())]
-        started.append(subprocess.Popen(command, cwd=ROOT, pass_fds=[listener]))
+        log = open(tmp_path / "zygote.log", "w")
+        started.append(subprocess.Popen(command, cwd=ROOT, pass_fds=[listener], stderr=log))
         yield started[0]
         started[0].kill()
         started[0].wait()
+        log.close()
 
     with zygote.preloaded(start) as name:
         bin_dir = pinning.install_launcher(tmp_path / "bin", command="flwr-serverapp", zygote=name)
-        wait_until_listening(name)
+        wait_until_ready(tmp_path / "zygote.log")
         yield bin_dir / "flwr-serverapp", started[0], name
 
 
@@ -57,11 +59,15 @@ def listening(name):
     return False
 
 
-def wait_until_listening(name, within=60.0):
-    """Wait until the zygote listens on `name`, once it has imported."""
+def wait_until_ready(log, within=120.0):
+    """Wait until the zygote's log says it has imported and serves.
+
+    A call that came sooner would wait for its imports, and run alone after
+    HANDOVER_TIMEOUT on a machine loaded enough.
+    """
     deadline = time.monotonic() + within
-    while not listening(name):
-        assert time.monotonic() < deadline, f"the zygote never listened on {name}"
+    while not (log.exists() and zygote.READY in log.read_text()):
+        assert time.monotonic() < deadline, f"the zygote never said it was ready in {log}"
         time.sleep(0.05)
 
 
@@ -251,7 +257,7 @@ def test_a_hospitals_zygote_preloads_flower_and_forks_its_clientapps(tmp_path):
     """The real zygote of flwr-clientapp: a message's child runs Flower's own command."""
     with runtime.zygote(tmp_path, "flwr-clientapp", tmp_path / "status.json") as name:
         bin_dir = pinning.install_launcher(tmp_path / "bin", tmp_path / "status.json", zygote=name)
-        wait_until_listening(name)
+        wait_until_ready(tmp_path / "zygote.log")
         for _ in range(2):
             done = subprocess.run(
                 [str(bin_dir / "flwr-clientapp"), "--no-such-flag"], capture_output=True
@@ -268,10 +274,10 @@ def test_a_zygote_and_its_message_end_with_the_process_that_started_it(tmp_path)
         "from securehealth.deployment import zygote\n"
         "from securehealth.local_socket import socket_address\n"
         "listener = socket.socket(socket.AF_UNIX)\n"
-        "listener.bind(socket_address(sys.argv[1]))\n"
+        "listener.bind(socket_address(sys.argv[1])); listener.listen(8)\n"
         "command = [sys.executable, '-m', 'tests.zygote_probe', str(listener.fileno())]\n"
         "zygote_process = subprocess.Popen(\n"
-        "    [*command, str(os.getpid())], pass_fds=[listener.fileno()])\n"
+        "    [*command, str(os.getpid())], pass_fds=[listener.fileno()], stderr=sys.stdout)\n"
         "print(zygote_process.pid, flush=True); sys.stdin.read()"
     )
     name = random_name("zygote")
@@ -283,8 +289,8 @@ def test_a_zygote_and_its_message_end_with_the_process_that_started_it(tmp_path)
         text=True,
     )
     zygote_pid = int(starter.stdout.readline())
+    assert starter.stdout.readline().strip() == zygote.READY  # the zygote's log
     launcher = pinning.install_launcher(tmp_path / "bin", command="flwr-serverapp", zygote=name)
-    wait_until_listening(name)
     waiting = subprocess.Popen(
         [str(launcher / "flwr-serverapp"), "wait"], stdout=subprocess.PIPE, text=True
     )

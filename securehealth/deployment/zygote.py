@@ -23,7 +23,7 @@ What a child may not inherit (tests/test_zygote.py proves each):
 Who may use it, and for how long:
 - The launcher of client.py or server.py binds the socket (a random name in Linux's
   abstract namespace) before the zygote starts and hands it over, so no one can take the
-  name first; the zygote listens once it has imported, and forks only for processes of
+  name first; calls wait while the zygote imports, and it forks only for processes of
   the hospital's own user. A launcher that finds another user's socket, or none, or one
   that does not take its call within CONNECT_TIMEOUT, or no child within
   HANDOVER_TIMEOUT, runs the command in its own process, as before; a child runs only
@@ -58,6 +58,7 @@ BACKLOG = 64  # launchers whose calls wait to be taken
 CONNECT_TIMEOUT = 5  # seconds a launcher waits for its call to be taken before it runs alone
 HANDOVER_TIMEOUT = 10  # seconds it waits for the child's pid before it runs alone
 GO = b"g"  # the launcher's word that the child may run: it will not run the message itself
+READY = "Ready: imported, forking a child per message"  # the zygote's log, once it serves
 REQUEST_TIMEOUT = 10  # seconds a child waits for its launcher's request
 WATCH_S = 0.2  # how often the zygote checks that its launcher (client.py, server.py) lives
 STREAMS = 3  # stdin, stdout and stderr travel with the launcher's GO
@@ -152,7 +153,8 @@ def preloaded(
     name = random_name("zygote")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(socket_address(name))  # before anyone can learn the name
-        with start(listener.fileno()):  # it listens once it has imported
+        listener.listen(BACKLOG)  # calls wait while the zygote imports (HANDOVER_TIMEOUT)
+        with start(listener.fileno()):
             listener.close()  # the zygote's alone: when it ends, calls are refused
             yield name
 
@@ -165,7 +167,7 @@ def serve(
     Parameters
     ----------
     listener : socket.socket
-        The bound socket (see `preloaded`); it listens once `prepare` has returned.
+        The listening socket (see `preloaded`); calls that come meanwhile wait.
     launcher : int
         The pid of the process that started this one: the zygote ends when it does.
     prepare : Callable[[], Callable[[], None]]
@@ -174,7 +176,7 @@ def serve(
         (0 if it returns).
     """
     run = prepare()
-    listener.listen(BACKLOG)  # until now calls were refused: their launchers ran alone
+    print(READY, file=sys.stderr, flush=True)
     zygote = os.getpid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while os.getppid() == launcher:
