@@ -59,7 +59,7 @@ CONNECT_TIMEOUT = 5  # seconds a launcher waits for its call to be taken before 
 HANDOVER_TIMEOUT = 10  # seconds it waits for the child's pid before it runs alone
 GO = b"g"  # the launcher's word that the child may run: it will not run the message itself
 READY = "Ready: imported, forking a child per message"  # the zygote's log, once it serves
-REQUEST_TIMEOUT = 10  # seconds a child waits for its launcher's request
+REQUEST_TIMEOUT = 10  # seconds a child waits for its launcher's request, then its GO
 WATCH_S = 0.2  # how often the zygote checks that its launcher (client.py, server.py) lives
 STREAMS = 3  # stdin, stdout and stderr travel with the launcher's GO
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
@@ -202,11 +202,13 @@ def _child(connection: socket.socket, zygote: int, run: Callable[[], None]) -> N
     try:
         _end_with(zygote)
         os.setpgid(0, 0)  # what the message starts ends with it (_end_with_launcher)
+        connection.settimeout(REQUEST_TIMEOUT)  # a caller that stops talking costs nothing
         request = _receive(connection)
         connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
         go, streams, _, _ = socket.recv_fds(connection, len(GO), STREAMS)
         if go != GO or len(streams) != STREAMS:  # the launcher gave up waiting and runs it
             os._exit(1)
+        connection.settimeout(None)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for standard, received in enumerate(streams):  # stdin, stdout, stderr
@@ -261,9 +263,8 @@ def _receive(connection: socket.socket) -> dict:
     Raises
     ------
     ValueError
-        Where it is not a launcher's request, or came too slowly.
+        Where it is not a launcher's request, or came slower than the connection's timeout.
     """
-    connection.settimeout(REQUEST_TIMEOUT)
     try:
         (size,) = LENGTH.unpack(_read(connection, LENGTH.size))
         if size > MAX_REQUEST:
@@ -275,7 +276,6 @@ def _receive(connection: socket.socket) -> dict:
         raise ValueError("not a launcher's request")
     if not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
         raise ValueError("not a launcher's request")
-    connection.settimeout(None)
     return request
 
 
