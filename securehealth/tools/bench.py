@@ -40,13 +40,18 @@ MINIMAL_APP = APP_DIR / "benchmarks" / "minimal_flower_app"  # the floor of the 
 # (a ratio), the default deployment with TLS on loopback with and without SecAgg+ (seconds),
 # each DEFAULT_ROUNDS rounds, 3 hospitals, timed until every process exits with every run
 # file written, best of --repeats. "Before": issue 30's figures on this project's 2-core
-# machine (the simulation: 20.3 s against 12.7 s); "Goal": what issue 30 set.
+# machine; "Goal": what issue 30 set.
 JOBS = {
     "simulation": "python simulation.py / the minimal Flower app",
     "deployment off": "server.py + 3 client.py, TLS, no SecAgg+",
     "deployment on": "server.py + 3 client.py, TLS, SecAgg+",
 }
-BEFORE = {"simulation": 20.3 / 12.7, "deployment off": 61.0, "deployment on": 139.0}
+BEFORE_SIMULATION_S = (20.3, 12.7)  # python simulation.py, the minimal Flower app
+BEFORE = {
+    "simulation": BEFORE_SIMULATION_S[0] / BEFORE_SIMULATION_S[1],
+    "deployment off": 61.0,
+    "deployment on": 139.0,
+}
 GOALS = {"simulation": 1.2, "deployment off": 45.0, "deployment on": 90.0}
 # What a process imports once, by kind: a hospital's zygote of Flower's flwr-clientapp
 # (each message's process is forked from it), its warm worker, and the server's zygote of
@@ -410,7 +415,8 @@ def against_before(figures: dict[str, Any]) -> Table:
     rows = Table(
         title=f"{DEFAULT_ROUNDS} rounds of the defaults, 3 hospitals: before, now, goal",
         caption=f"the simulation: {simulation:.1f} s against {minimal:.1f} s for the minimal "
-        f"Flower app; best of the runs; before: 20.3 s against 12.7 s",
+        f"Flower app; best of the runs; before: {BEFORE_SIMULATION_S[0]} s against "
+        f"{BEFORE_SIMULATION_S[1]} s",
     )
     for column in ("Job", "Before", "Now", "Goal", "Reached"):
         rows.add_column(column, justify="left" if column == "Job" else "right")
